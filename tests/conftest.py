@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parent
+for _p in (ROOT, TESTS):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +20,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from deepseek_ocr import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-ckpt"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def base_url(tiny_checkpoint: Path):
+    """One real uvicorn server on the tiny checkpoint for the whole session (default test settings)."""
+    from server import make_settings, serve_app
+
+    from serve_ocr import create_app
+
+    with serve_app(create_app(make_settings(tiny_checkpoint))) as url:
+        yield url

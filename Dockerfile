@@ -1,0 +1,42 @@
+# DeepSeek-OCR API on NVIDIA GPUs (vLLM engine; the PyTorch engine is in the image too).
+# vllm 0.26.0 pins torch 2.11.0 built for CUDA 13: the host needs an NVIDIA driver >= 580 and the
+# NVIDIA Container Toolkit (`docker run --gpus all`). Weights are mounted, never downloaded.
+FROM nvidia/cuda:13.0.1-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    VLLM_USE_FLASHINFER_SAMPLER=0 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv
+
+WORKDIR /app
+COPY requirements.txt requirements-gpu.txt ./
+RUN pip install --upgrade pip && pip install -r requirements-gpu.txt
+
+COPY *.py ./
+COPY process/ ./process/
+
+RUN useradd --create-home --uid 1000 ocr && mkdir -p /app/models && chown -R ocr /app
+USER ocr
+
+ENV MODEL_PATH=/app/models/deepseek-ocr \
+    ENGINE=auto \
+    GPU_MEM_UTILIZATION=0.75 \
+    HOST=0.0.0.0 \
+    PORT=8000
+
+EXPOSE 8000
+# /ready is 200 once the model serves; loading the weights and compiling take a few minutes.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
+
+CMD ["uvicorn", "serve_ocr:app", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,48 @@
+# Two commands on a fresh machine:  `make serve` (set up + start)  and  `make test` (set up + run the tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 0.0.0.0
+PORT ?= 8000
+DEMO_DIR ?= models/demo-tiny-random
+
+.PHONY: setup setup-dev serve test lint fuzz demo-model clean
+
+$(VENV)/.setup: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: a CPU build when none is there; requirements.txt then accepts it as it is.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.setup-dev: $(VENV)/.setup requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.setup
+setup-dev: $(VENV)/.setup-dev
+
+$(DEMO_DIR)/config.json: | setup
+	$(PY) deepseek_ocr.py make-tiny $(DEMO_DIR) --seed 0
+
+demo-model: $(DEMO_DIR)/config.json
+
+# With MODEL_PATH set, serve those weights; without it, serve the tiny random-weights demo checkpoint.
+serve: setup
+	@if [ -z "$$MODEL_PATH" ]; then \
+	  $(MAKE) --no-print-directory demo-model; \
+	  echo "MODEL_PATH is not set: serving the RANDOM-WEIGHTS DEMO checkpoint $(DEMO_DIR); its text is meaningless."; \
+	  export MODEL_PATH=$(DEMO_DIR) DEFAULT_MAX_TOKENS=$${DEFAULT_MAX_TOKENS:-64}; \
+	fi; \
+	exec $(VENV)/bin/uvicorn serve_ocr:app --host $(HOST) --port $(PORT)
+
+test: setup-dev
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+fuzz: setup-dev
+	$(PY) -m pytest -q tests/test_fuzz.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR)

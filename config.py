@@ -1,0 +1,207 @@
+"""Service settings, resolution modes and prompt presets.
+
+`Settings` reads the environment variables documented in the README (the seed's `MODEL_PATH`,
+`GPU_MEM_UTILIZATION`, `CROP_MODE`, `BASE_SIZE`, `IMAGE_SIZE`, `MAX_CONCURRENCY`, `NUM_WORKERS` keep
+their meaning). Nothing happens at import: settings are built by `load_settings()` or by tests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """One resolution preset of DeepSeek-OCR (FACTS section 3)."""
+
+    name: str
+    base_size: int
+    image_size: int
+    crop: bool
+    description: str
+
+
+MODES: dict[str, ModeSpec] = {
+    m.name: m
+    for m in (
+        ModeSpec("tiny", 512, 512, False, "512x512 global view only: 73 image tokens"),
+        ModeSpec("small", 640, 640, False, "640x640 global view only: 111 image tokens"),
+        ModeSpec("base", 1024, 1024, False, "1024x1024 padded global view: 273 image tokens"),
+        ModeSpec("large", 1280, 1280, False, "1280x1280 padded global view: 421 image tokens"),
+        ModeSpec(
+            "gundam",
+            1024,
+            640,
+            True,
+            "1024 global view + 2..6 tiles of 640 for images over 640 px: 273 to 933 image tokens",
+        ),
+    )
+}
+DEFAULT_MODE = "gundam"
+
+
+@dataclass(frozen=True)
+class PromptPreset:
+    name: str
+    prompt: str
+    description: str
+
+
+PROMPTS: dict[str, PromptPreset] = {
+    p.name: p
+    for p in (
+        PromptPreset(
+            "document",
+            "<image>\n<|grounding|>Convert the document to markdown.",
+            "Documents to markdown with layout boxes (default for PDFs and batches)",
+        ),
+        PromptPreset("ocr", "<image>\n<|grounding|>OCR this image.", "Any image: text with boxes"),
+        PromptPreset("free", "<image>\nFree OCR.", "Plain text, no layout"),
+        PromptPreset("figure", "<image>\nParse the figure.", "Charts and figures"),
+        PromptPreset("describe", "<image>\nDescribe this image in detail.", "A description"),
+        PromptPreset(
+            "locate",
+            "<image>\nLocate <|ref|>xxxx<|/ref|> in the image.",
+            "Find a phrase: replace xxxx with the text to find",
+        ),
+    )
+}
+DOCUMENT_PROMPT = PROMPTS["document"].prompt
+IMAGE_PROMPT = PROMPTS["ocr"].prompt
+FREE_PROMPT = PROMPTS["free"].prompt
+
+# n-gram guard defaults of the reference scripts (FACTS section 6).
+NGRAM_IMAGE = (30, 90)
+NGRAM_PDF = (20, 50)
+NGRAM_BATCH = (40, 90)
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; each field is read from the env variable of the same name in capitals."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_ignore_empty=True)
+
+    model_path: str | None = Field(None, description="Checkpoint directory (config.json, weights, tokenizer)")
+    engine: Literal["auto", "vllm", "torch"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (PyTorch engine)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpu_mem_utilization: float = Field(0.75, gt=0.0, le=1.0)
+
+    mode: str | None = Field(None, description="Default mode; derived from BASE_SIZE/IMAGE_SIZE/CROP_MODE")
+    crop_mode: bool | None = None
+    base_size: int | None = Field(None, ge=64, le=4096)
+    image_size: int | None = Field(None, ge=64, le=4096)
+    min_crops: int = Field(2, ge=1, le=64)
+    max_crops: int = Field(6, ge=1, le=64)
+
+    max_concurrency: int = Field(100, ge=1, le=4096, description="Engine sequences in flight at once")
+    max_queue: int = Field(512, ge=0, le=100_000, description="Sequences waiting beyond those in flight")
+    num_workers: int = Field(64, ge=1, le=1024, description="Threads for decoding, rendering and drawing")
+    max_model_len: int = Field(8192, ge=512, le=131072)
+    default_max_tokens: int = Field(8192, ge=1, le=131072)
+
+    max_upload_mb: float = Field(50.0, gt=0, le=16384)
+    max_image_pixels: int = Field(40_000_000, ge=1, le=2_000_000_000)
+    max_pdf_pages: int = Field(500, ge=1, le=100_000)
+    max_batch_files: int = Field(100, ge=1, le=100_000)
+    max_batch_mb: float = Field(500.0, gt=0, le=65536, description="Largest batch request body, all files")
+
+    generate_timeout_s: float = Field(60.0, gt=0, le=86_400)
+    pdf_timeout_s: float = Field(300.0, gt=0, le=86_400)
+    batch_timeout_s: float = Field(600.0, gt=0, le=86_400)
+
+    api_key: SecretStr | None = Field(None, description="One key or several, comma-separated")
+    log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
+
+    # vLLM engine only.
+    tensor_parallel_size: int = Field(1, ge=1, le=64)
+    enforce_eager: bool = False
+    quantization: str | None = None
+    load_format: str = Field("auto", description="'dummy' = random weights from config.json (tests only)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _resolve_mode(self) -> Settings:
+        if self.max_crops < self.min_crops:
+            raise ValueError(f"MAX_CROPS ({self.max_crops}) must be >= MIN_CROPS ({self.min_crops})")
+        if self.mode is not None:
+            self.mode = self.mode.strip().lower()
+            if self.mode not in MODES:
+                raise ValueError(f"MODE={self.mode!r} is not a mode; allowed: {', '.join(MODES)}")
+        if self.crop_mode is None and self.base_size is None and self.image_size is None:
+            self.mode = self.mode or DEFAULT_MODE
+            return self
+        crop = True if self.crop_mode is None else self.crop_mode
+        base = self.base_size if self.base_size is not None else 1024
+        size = self.image_size if self.image_size is not None else (640 if crop else base)
+        matches = [m for m in MODES.values() if (m.base_size, m.image_size, m.crop) == (base, size, crop)]
+        if not matches:
+            allowed = "; ".join(
+                f"{m.name}: BASE_SIZE={m.base_size} IMAGE_SIZE={m.image_size} CROP_MODE={str(m.crop).lower()}"
+                for m in MODES.values()
+            )
+            raise ValueError(
+                f"BASE_SIZE={base}, IMAGE_SIZE={size}, CROP_MODE={str(crop).lower()} match no mode; "
+                f"allowed combinations: {allowed}"
+            )
+        if self.mode is not None and self.mode != matches[0].name:
+            raise ValueError(
+                f"MODE={self.mode} contradicts BASE_SIZE/IMAGE_SIZE/CROP_MODE, which give {matches[0].name}"
+            )
+        self.mode = matches[0].name
+        return self
+
+    @property
+    def default_mode(self) -> ModeSpec:
+        return MODES[self.mode or DEFAULT_MODE]
+
+    @property
+    def workers(self) -> int:
+        """NUM_WORKERS capped to what this machine can use (threads beyond 4 per core only queue)."""
+        return max(1, min(self.num_workers, 4 * (os.cpu_count() or 1)))
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_batch_bytes(self) -> int:
+        return int(self.max_batch_mb * 1024 * 1024)
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        if self.api_key is None:
+            return ()
+        return tuple(k.strip() for k in self.api_key.get_secret_value().split(",") if k.strip())
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per bad variable, naming it in capitals with what is allowed."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) or value is None else f"={value!r}"
+        message = err.get("msg", "invalid").removeprefix("Value error, ")
+        lines.append(f"{field.upper()}{shown}: {message}" if field != "settings" else message)
+    return "invalid settings: " + "; ".join(lines)
+
+
+class SettingsError(SystemExit):
+    """Raised at start-up for invalid settings; SystemExit so uvicorn stops with the message."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None

@@ -1,0 +1,172 @@
+"""ASGI guard in front of every route: API keys, request-body limits while reading, disconnect = cancel.
+
+It is plain ASGI (no BaseHTTPMiddleware) so that it sees the body as it arrives: a 2 GB upload is refused
+once it passes its limit, not after it was read; and it notices a client that went away while its
+request is being processed, cancelling the handler so the engine work it started is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from fastapi import FastAPI
+
+from config import Settings
+from errors import PROBLEM_MEDIA_TYPE, OcrError, PayloadTooLarge, Unauthorized
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Reachable without a key: liveness for orchestrators, and the API docs pages (they hold no data;
+# Swagger UI's Authorize button then sends the key with every call).
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+_FORM_MARGIN = 1 << 20  # room for the form fields beside the file
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.keys = [k.encode() for k in settings.api_keys]
+
+    def body_limit(self, path: str) -> int:
+        s = self.settings
+        if path.startswith("/batch"):
+            return s.max_batch_bytes + _FORM_MARGIN
+        if path == "/generate":
+            return s.max_upload_bytes * 4 // 3 + _FORM_MARGIN  # base64 grows data by a third
+        return s.max_upload_bytes + _FORM_MARGIN
+
+    def authorised(self, scope: Scope) -> bool:
+        if not self.keys or scope["path"] in OPEN_PATHS:
+            return True
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-api-key", b"")
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            given = auth[7:].strip()
+        # Compare with every key (no early exit) so timing does not tell which one nearly matched.
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self.authorised(scope):
+            await send_problem(
+                send,
+                scope,
+                Unauthorized(
+                    "send the API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+                    headers={"WWW-Authenticate": "Bearer"},
+                ),
+            )
+            return
+        limit = self.body_limit(scope["path"])
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await send_problem(send, scope, _too_large(int(declared), limit, declared=True))
+            return
+        await _Exchange(self.app, scope, receive, send, limit).run()
+
+
+class _Exchange:
+    """One request: counts body bytes, watches for the client going away, guards the response."""
+
+    def __init__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        self.app, self.scope, self.receive, self.send, self.limit = app, scope, receive, send, limit
+        self.received = 0
+        self.body_done = asyncio.Event()
+        self.disconnected = asyncio.Event()
+        self.started = False
+        self.finished = False
+        self.refused = False
+
+    async def app_receive(self) -> Message:
+        if self.body_done.is_set():
+            await self.disconnected.wait()
+            return {"type": "http.disconnect"}
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit:
+                self.refused = True
+                await send_problem(self.send, self.scope, _too_large(self.received, self.limit))
+                self.started = self.finished = True
+                raise _BodyTooLarge()
+            if not message.get("more_body", False):
+                self.body_done.set()
+        elif message["type"] == "http.disconnect":
+            self.disconnected.set()
+        return message
+
+    async def app_send(self, message: Message) -> None:
+        if self.refused:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        await self.send(message)
+
+    async def watch(self, task: asyncio.Task[None]) -> None:
+        await self.body_done.wait()
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected.set()
+            if not self.finished:
+                task.cancel()
+
+    async def run(self) -> None:
+        task = asyncio.ensure_future(self.app(self.scope, self.app_receive, self.app_send))
+        watcher = asyncio.ensure_future(self.watch(task))
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not self.disconnected.is_set():
+                raise
+        except Exception:
+            if not self.refused:
+                raise
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watcher
+
+
+def _too_large(size: int, limit: int, *, declared: bool = False) -> PayloadTooLarge:
+    what = "declares" if declared else "sent more than"
+    return PayloadTooLarge(
+        f"the request body {what} {size / 1048576:.1f} MB; this route accepts at most "
+        f"{limit / 1048576:.1f} MB (MAX_UPLOAD_MB per file, MAX_BATCH_MB for /batch)",
+        limit_bytes=limit,
+    )
+
+
+async def send_problem(send: Send, scope: Scope, exc: OcrError) -> None:
+    body = json.dumps(exc.to_problem(scope.get("path"))).encode()
+    headers = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+    if exc.status == 413:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def install_middleware(app: FastAPI, settings: Settings) -> None:
+    app.add_middleware(GuardMiddleware, settings=settings)  # type: ignore[arg-type]

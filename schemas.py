@@ -1,0 +1,143 @@
+"""Pydantic models of the API: request bodies, responses and the problem document.
+
+They are the `/docs` contract: every field has a description and the models carry examples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ModeName = Literal["tiny", "small", "base", "large", "gundam"]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem document: every error of this API has this shape."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="URI identifying the kind of problem")
+    title: str = Field(description="Short summary of the kind of problem")
+    status: int = Field(description="HTTP status code")
+    detail: str = Field(description="What was wrong with this request and what is allowed")
+    instance: str | None = Field(None, description="The request path")
+
+
+class UsageModel(BaseModel):
+    prompt_tokens: int = Field(description="Tokens of the prompt, image tokens included", examples=[912])
+    image_tokens: int = Field(description="Vision tokens the image became (FACTS table)", examples=[903])
+    completion_tokens: int = Field(description="Tokens generated", examples=[512])
+
+
+class GenerateRequest(BaseModel):
+    """JSON body of `POST /generate`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "prompt": "<image>\nFree OCR.",
+                    "image_base64": "<base64 PNG or data URL>",
+                    "max_tokens": 512,
+                }
+            ]
+        }
+    )
+    prompt: str = Field(
+        min_length=1,
+        max_length=100_000,
+        description="Prompt text. With an image and no `<image>` tag, `<image>\\n` is put in front.",
+    )
+    image_base64: str | None = Field(
+        None,
+        description="Image as raw base64 or a data URL (`data:image/png;base64,...`); omit for text only",
+    )
+    max_tokens: int | None = Field(None, ge=1, le=131072, description="Most tokens to generate")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (recommended for OCR)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0")
+    mode: ModeName | None = Field(None, description="Resolution mode; default from the server's settings")
+    ngram_size: int = Field(30, ge=0, le=512, description="No-repeat n-gram size; 0 turns the guard off")
+    ngram_window: int = Field(90, ge=0, le=8192, description="How many recent tokens the guard looks at")
+
+
+class GenerateResponse(BaseModel):
+    """Answer of `/generate` and `/generate_with_file`."""
+
+    result: str = Field(description="The generated text, special tags kept", examples=["# Invoice\n..."])
+    finish_reason: FinishReason = Field(description="`stop` at end of text, `length` at max_tokens")
+    mode: ModeName = Field(description="Resolution mode used")
+    usage: UsageModel
+    elapsed_s: float = Field(description="Server time spent on this request, seconds", examples=[1.42])
+
+
+class RouterState(BaseModel):
+    available: bool = Field(description="Whether the router is loaded")
+    reason: str | None = Field(None, description="Why not, when unavailable")
+    prefix: str = Field(description="URL prefix of its endpoints", examples=["/ocr"])
+
+
+class RootResponse(BaseModel):
+    name: str = Field(examples=["DeepSeek-OCR API"])
+    version: str = Field(examples=["1.0.0"])
+    engine: str = Field(description="torch, vllm, or none when the model is not loaded", examples=["vllm"])
+    model: str | None = Field(description="MODEL_PATH in use")
+    ready: bool = Field(description="Whether OCR requests can be served")
+    demo: bool = Field(description="True when serving the tiny random-weights demo checkpoint")
+    notice: str | None = Field(None, description="Anything the operator must know (demo, not ready)")
+    default_mode: ModeName
+    modes: list[str] = Field(description="Modes the running engine serves")
+    routers: dict[str, RouterState]
+    endpoints: list[str] = Field(description="`METHOD /path` of every endpoint")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "not_ready"] = Field(description="`ok` when OCR requests can be served")
+    ready: bool
+    engine: str
+    model: str | None = Field(description="MODEL_PATH in use")
+    model_loaded: bool
+    reason: str | None = Field(None, description="Why the model is not loaded, and what to set")
+    demo: bool = Field(description="True when serving the tiny random-weights demo checkpoint")
+    notice: str | None = None
+    in_flight: int = Field(description="Engine sequences running now")
+    waiting: int = Field(description="Engine sequences waiting for a slot")
+    uptime_s: float
+    detail: dict[str, Any] = Field(default_factory=dict, description="Engine specifics (device, dtype, ...)")
+
+
+class LimitsModel(BaseModel):
+    max_upload_mb: float
+    max_image_pixels: int
+    max_pdf_pages: int
+    max_batch_files: int
+    max_model_len: int
+    max_concurrency: int
+    max_queue: int
+
+
+class RouteStatus(BaseModel):
+    """Answer of `/ocr/status`, `/pdf/status`, `/batch/status`."""
+
+    router: str = Field(examples=["ocr"])
+    available: bool = Field(description="Whether this router loaded")
+    reason: str | None = Field(None, description="Why the router or the engine is unavailable")
+    ready: bool = Field(description="Router loaded and engine ready")
+    engine: str
+    modes: list[str] = Field(description="Modes the running engine serves")
+    default_mode: str
+    limits: LimitsModel
+    features: dict[str, bool] = Field(default_factory=dict)
+
+
+class RouteInfo(BaseModel):
+    """Answer of `/ocr/info`, `/pdf/info`, `/batch/info`: how to use the routes."""
+
+    router: str
+    description: str
+    endpoints: dict[str, str] = Field(description="`METHOD /path` -> what it does")
+    parameters: dict[str, str] = Field(description="Form field -> meaning, default and range")
+    prompts: dict[str, str] = Field(description="Prompt presets")
+    modes: dict[str, str] = Field(description="Mode -> sizes and image tokens")
+    limits: LimitsModel
+    examples: list[str] = Field(description="curl examples")

@@ -1,0 +1,112 @@
+"""Real HTTP servers for the tests: the app in a uvicorn thread, or `uvicorn serve_ocr:app` as a process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def serve_app(app, *, timeout: float = 60.0) -> Iterator[str]:
+    """Run `app` with uvicorn on a free port in a thread; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@contextlib.contextmanager
+def serve_process(env: dict[str, str], *, port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """`uvicorn serve_ocr:app` as a child process, the README way; yields the base URL once /ready."""
+    port = port or free_port()
+    full_env = {**os.environ, **env}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not come up")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def show(response: httpx.Response | object) -> str:
+    """The response as a failing assertion should print it."""
+    status = getattr(response, "status_code", "?")
+    headers = dict(getattr(response, "headers", {}))
+    text = getattr(response, "text", "")
+    return f"HTTP {status} {headers.get('content-type')}\n{text[:3000]}"
+
+
+def make_settings(model_path: Path | str | None, **overrides: object):
+    """Settings for a test app: the tiny checkpoint, short generations, small limits."""
+    from config import Settings
+
+    values: dict[str, object] = {
+        "model_path": str(model_path) if model_path is not None else None,
+        "engine": "torch",
+        "device": "cpu",
+        "default_max_tokens": 8,
+        "max_concurrency": 8,
+        "num_workers": 4,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]

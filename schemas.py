@@ -141,3 +141,54 @@ class RouteInfo(BaseModel):
     modes: dict[str, str] = Field(description="Mode -> sizes and image tokens")
     limits: LimitsModel
     examples: list[str] = Field(description="curl examples")
+
+
+class BoxModel(BaseModel):
+    grid: list[int] = Field(description="[x1, y1, x2, y2] on the model's 0..999 grid", examples=[[61, 40, 938, 97]])
+    pixels: list[int] = Field(
+        description="[x1, y1, x2, y2] in pixels of the image as the user sees it (EXIF applied)",
+        examples=[[49, 48, 751, 116]],
+    )
+
+
+class BlockModel(BaseModel):
+    index: int = Field(description="Position in the output, from 0")
+    label: str = Field(description="Region type: title, text, table, image, formula, ...", examples=["title"])
+    text: str = Field(description="The content the model wrote for this region", examples=["# Annual report"])
+    boxes: list[BoxModel]
+
+
+class CropModel(BaseModel):
+    name: str = Field(description="File name used by the markdown links", examples=["images/0.jpg"])
+    label: str = Field(examples=["image"])
+    box: list[int] = Field(description="[x1, y1, x2, y2] in pixels")
+    width: int
+    height: int
+    image_base64: str = Field(description="The cropped region as base64 JPEG")
+
+
+class ImageOcrResponse(BaseModel):
+    """Answer of `/ocr/image/advanced`."""
+
+    text: str = Field(description="Raw model output, grounding tags kept")
+    markdown: str = Field(description="Cleaned markdown: image regions linked to their crops, tags removed")
+    blocks: list[BlockModel] = Field(description="One per ref/det pair, in output order")
+    warnings: list[str] = Field(description="Repairs made to malformed model output (never fatal)")
+    annotated_image: str | None = Field(None, description="Base64 PNG with boxes and labels drawn (draw_boxes)")
+    crops: list[CropModel] = Field(description="Regions labelled `image` (crop_regions)")
+    width: int = Field(description="Image width as the user sees it (EXIF applied)")
+    height: int = Field(description="Image height as the user sees it (EXIF applied)")
+    finish_reason: FinishReason
+    mode: ModeName
+    usage: UsageModel
+    elapsed_s: float
+
+
+class SimpleTextResponse(BaseModel):
+    """Answer of `/ocr/image/simple`: plain text, no tags."""
+
+    text: str = Field(description="Text without grounding tags", examples=["Invoice 2024-001\nTotal: 120.00"])
+    finish_reason: FinishReason
+    mode: ModeName
+    usage: UsageModel
+    elapsed_s: float

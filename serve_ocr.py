@@ -75,14 +75,15 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def is_demo_checkpoint(path: str | None) -> bool:
-    if not path:
-        return False
+def is_random_weights(settings: Settings) -> bool:
+    """True for the checkpoints `deepseek_ocr.py make-tiny` writes, and for vLLM's dummy weights."""
+    if settings.load_format == "dummy":
+        return True
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = json.loads((Path(settings.model_path or "") / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return bool(config.get("random_weights_demo"))
+    return str(config.get("_name_or_path", "")).startswith("deepseek-ocr-random")
 
 
 async def start_engine(settings: Settings) -> BaseEngine:
@@ -102,7 +103,7 @@ async def start_engine(settings: Settings) -> BaseEngine:
         reason = f"could not load the model from MODEL_PATH={settings.model_path}: {exc}; {NO_MODEL_HINT}"
         log.exception("model load failed")
         return UnavailableEngine(settings, reason)
-    engine.demo = is_demo_checkpoint(settings.model_path)
+    engine.demo = is_random_weights(settings)
     if engine.demo:
         log.warning("%s", DEMO_NOTICE)
     log.info("engine %s ready: %s", engine.name, settings.model_path)
@@ -230,13 +231,8 @@ def base_router() -> Any:
         engine: BaseEngine = request.app.state.engine
         s: Settings = request.app.state.settings
         h = engine.health()
-        endpoints = sorted(
-            f"{m} {r.path}"
-            for r in request.app.routes
-            if getattr(r, "include_in_schema", False)
-            for m in getattr(r, "methods", ())
-            if m != "HEAD"
-        )
+        paths = request.app.openapi()["paths"]
+        endpoints = sorted(f"{method.upper()} {path}" for path, item in paths.items() for method in item)
         return RootResponse(
             name="DeepSeek-OCR API",
             version=__version__,

@@ -110,3 +110,12 @@ def make_settings(model_path: Path | str | None, **overrides: object):
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+def curl_form_string(command: str) -> str:
+    """The seed's curl command with its `-F "prompt=<..."` sent as `--form-string`.
+
+    curl reads `-F name=<file` as "the value is the content of `file`", so `-F "prompt=<image>..."` makes
+    curl itself fail (exit 26, no request sent) on any server; `--form-string` sends the text as typed.
+    """
+    return command.replace('-F "prompt=<', '--form-string "prompt=<')

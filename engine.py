@@ -242,9 +242,12 @@ class TorchEngine(BaseEngine):
         self._worker: threading.Thread | None = None
         self.device = "cpu"
         self.dtype = "float32"
+        self.decoding = 0  # rows the worker is decoding now; an aborted row leaves within one step
+        self.batches = 0
 
     async def start(self) -> None:
         import torch
+
         from deepseek_ocr import DeepseekOCR
 
         device = self.settings.device
@@ -272,7 +275,7 @@ class TorchEngine(BaseEngine):
         if self._worker is not None and not self._worker.is_alive() and self._ready:
             self._ready, self._reason = False, "the engine worker thread died; restart the service"
             h = super().health()
-        h.detail = {"device": self.device, "dtype": self.dtype}
+        h.detail = {"device": self.device, "dtype": self.dtype, "decoding": self.decoding, "batches": self.batches}
         return h
 
     async def close(self) -> None:
@@ -365,14 +368,19 @@ class TorchEngine(BaseEngine):
         if not prepared:
             return
         usage = [Usage(len(p.input_ids), p.image_tokens, 0) for p in prepared]
-        for events in self.runtime.stream(prepared):
-            for ev in events:
-                u = usage[ev.index]
-                u.completion_tokens += 1 if ev.finish_reason != "abort" else 0
-                if ev.finish_reason == "stop":
-                    u.completion_tokens -= 1  # EOS is not part of the answer
-                done = ev.finish_reason is not None
-                self._deliver(jobs[ev.index], EngineChunk(ev.text, ev.finish_reason, u if done else None))
+        self.batches += 1
+        self.decoding = len(prepared)
+        try:
+            for events in self.runtime.stream(prepared):
+                for ev in events:
+                    u = usage[ev.index]
+                    if ev.finish_reason != "abort":
+                        u.completion_tokens += 1
+                    done = ev.finish_reason is not None
+                    self.decoding -= done
+                    self._deliver(jobs[ev.index], EngineChunk(ev.text, ev.finish_reason, u if done else None))
+        finally:
+            self.decoding = 0
 
     @staticmethod
     def _deliver(job: _Job, item: Any) -> None:

@@ -218,7 +218,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_middleware(app, settings)
     app.include_router(base_router())
     app.state.routers = include_routers(app)
+    install_security_schemes(app, settings)
     return app
+
+
+def install_security_schemes(app: FastAPI, settings: Settings) -> None:
+    """Declare the API-key schemes so Swagger UI's Authorize button works; required only with API_KEY."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = build()
+        spec.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API_KEY>"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        }
+        if settings.api_keys:
+            spec["security"] = [{"bearer": []}, {"apiKey": []}]
+            for path in ("/health",):
+                for op in spec["paths"].get(path, {}).values():
+                    op["security"] = []
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def base_router() -> Any:

@@ -20,6 +20,7 @@ from errors import BadRequest, DeadlineExceeded, PayloadTooLarge, ValidationFail
 
 T = TypeVar("T")
 _CHUNK = 1 << 20
+SAMPLING_EPS = 1e-5
 
 
 def get_settings(request: Request) -> Settings:
@@ -115,7 +116,8 @@ def make_request(
         )
     sampling = Sampling(
         max_tokens=min(max_tokens or settings.default_max_tokens, limit),
-        temperature=temperature,
+        # Below vLLM's sampling epsilon a temperature means greedy; dividing logits by 1e-148 overflows.
+        temperature=temperature if temperature >= SAMPLING_EPS else 0.0,
         top_p=top_p,
         ngram_size=size,
         ngram_window=window if size else 0,

@@ -297,7 +297,7 @@ def parse_grounding(text: str) -> ParsedOutput:
     return ParsedOutput(blocks, warn.finish(), "".join(preamble).strip())
 
 
-def image_name(n: int, page: int | None = None) -> str:
+def image_name(n: int, page: int | str | None = None) -> str:
     """Name of the n-th image crop: ``images/{n}.jpg``, or ``images/{page}_{n}.jpg`` for a PDF page."""
     return f"images/{n}.jpg" if page is None else f"images/{page}_{n}.jpg"
 
@@ -318,7 +318,7 @@ def _render(text: str, image_link: Callable[[int], str] | None) -> str:
     return _BLANK_LINES_RE.sub("\n\n", result).strip()
 
 
-def to_markdown(text: str, *, page: int | None = None) -> str:
+def to_markdown(text: str, *, page: int | str | None = None) -> str:
     """Markdown as the reference scripts make it, from raw grounded output.
 
     Each box of an ``image`` region becomes ``![](images/{n}.jpg)`` plus a newline (named by
@@ -453,7 +453,7 @@ def _draw_label(draw: ImageDraw.ImageDraw, label: str, x1: int, y1: int, width: 
 
 
 def crop_images(
-    image: Image.Image, parsed: ParsedOutput, *, page: int | None = None, jpeg_quality: int = 95
+    image: Image.Image, parsed: ParsedOutput, *, page: int | str | None = None, jpeg_quality: int = 95
 ) -> list[Crop]:
     """Crop every box of the ``image`` regions, named as `to_markdown` links them.
 

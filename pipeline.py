@@ -35,7 +35,7 @@ def postprocess(
     text: str,
     image: Image.Image,
     *,
-    page: int | None = None,
+    page: int | str | None = None,
     draw: bool = False,
     crop: bool = False,
     annotated_format: str = "png",

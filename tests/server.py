@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -54,28 +55,30 @@ def serve_app(app, *, timeout: float = 60.0) -> Iterator[str]:
 
 @contextlib.contextmanager
 def serve_process(env: dict[str, str], *, port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
-    """`uvicorn serve_ocr:app` as a child process, the README way; yields the base URL once /ready."""
+    """`uvicorn serve_ocr:app` as a child process, the README way; yields the base URL once /health answers.
+
+    Its output goes to a file, not a pipe: an unread pipe fills up and blocks the server's logging.
+    """
     port = port or free_port()
-    full_env = {**os.environ, **env}
+    log = tempfile.NamedTemporaryFile("w+", prefix="uvicorn-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
+        env={**os.environ, **env},
+        stdout=log,
         stderr=subprocess.STDOUT,
-        text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log.name).read_text()[-5000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError("server did not come up")
+                raise RuntimeError(f"server did not come up:\n{Path(log.name).read_text()[-5000:]}")
             time.sleep(0.2)
         yield url
     finally:
@@ -84,8 +87,8 @@ def serve_process(env: dict[str, str], *, port: int | None = None, timeout: floa
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
-        if proc.stdout:
-            proc.stdout.close()
+        log.close()
+        os.unlink(log.name)
 
 
 def show(response: httpx.Response | object) -> str:

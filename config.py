@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     generate_timeout_s: float = Field(60.0, gt=0, le=86_400)
     pdf_timeout_s: float = Field(300.0, gt=0, le=86_400)
     batch_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    pdf_render_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest one PDF page may take to render")
 
     api_key: SecretStr | None = Field(None, description="One key or several, comma-separated")
     log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
@@ -168,6 +169,11 @@ class Settings(BaseSettings):
     def workers(self) -> int:
         """NUM_WORKERS capped to what this machine can use (threads beyond 4 per core only queue)."""
         return max(1, min(self.num_workers, 4 * (os.cpu_count() or 1)))
+
+    @property
+    def render_processes(self) -> int:
+        """Processes that render PDF pages: NUM_WORKERS, at most one per core (rendering is CPU-bound)."""
+        return max(1, min(self.num_workers, os.cpu_count() or 1))
 
     @property
     def max_upload_bytes(self) -> int:

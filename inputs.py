@@ -13,14 +13,22 @@ module runs under `MUPDF_LOCK` (see its comment for why a lock and not per-threa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import io
 import logging
 import math
+import multiprocessing
+import os
 import re
+import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -426,6 +434,7 @@ class PdfSource:
     repaired: bool  # MuPDF had to rebuild the cross-reference table (damaged but complete file)
     warnings: tuple[str, ...]  # MuPDF warnings while opening
     _doc: pymupdf.Document | None = field(repr=False)
+    _spill_path: str | None = field(default=None, repr=False)  # the bytes on disk, for RenderPool children
 
     @property
     def title(self) -> str | None:
@@ -440,6 +449,10 @@ class PdfSource:
             if self._doc is not None:
                 self._doc.close()
                 self._doc = None
+        if self._spill_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._spill_path)
+            self._spill_path = None
 
     def __enter__(self) -> PdfSource:
         return self
@@ -641,3 +654,114 @@ def _largest_fitting_dpi(rect: pymupdf.Rect, dpi: int, max_pixels: int, page: in
             max_pixels=max_pixels,
         )
     return guess
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering in worker processes
+# --------------------------------------------------------------------------------------------
+
+
+class RenderPool:
+    """Renders PDF pages in child processes, each page under a deadline.
+
+    PyMuPDF holds the GIL for a whole render and threads cannot render in parallel (see MUPDF_LOCK),
+    so in a thread one page with 20,000 lines of text freezes the event loop, health checks included,
+    for tens of seconds. Child processes render in parallel, leave the server's loop alone, and can be
+    killed: a page past `timeout_s` is refused (413) and the pool restarts. Each child keeps the few
+    documents it rendered last open, so pages of one PDF do not reparse it.
+    """
+
+    def __init__(self, workers: int, timeout_s: float = 60.0) -> None:
+        if workers < 1 or timeout_s <= 0:
+            raise ValueError(f"workers must be >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
+        self.workers = workers
+        self.timeout_s = timeout_s
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._spill_dir = tempfile.TemporaryDirectory(prefix="ocr-pdf-")
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                # spawn, not fork: the server process has threads (and maybe CUDA) that must not be forked.
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is not broken:
+                return
+            self._pool = None
+        for process in list(getattr(broken, "_processes", {}).values()):  # no public kill before 3.14
+            with contextlib.suppress(Exception):
+                process.kill()
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def spill(self, source: PdfSource) -> str:
+        """The PDF's bytes in a private file the children open by name (written once per document)."""
+        if source._spill_path is None:
+            fd, path = tempfile.mkstemp(suffix=".pdf", dir=self._spill_dir.name)
+            with os.fdopen(fd, "wb") as f:
+                f.write(source.data)
+            source._spill_path = path
+        return source._spill_path
+
+    async def render(self, source: PdfSource, page: int, *, dpi: int, max_pixels: int) -> RenderedPage:
+        path = self.spill(source)
+        for attempt in (1, 2):
+            pool = self._executor()
+            future = asyncio.wrap_future(pool.submit(_render_in_child, path, source.password, page, dpi, max_pixels))
+            try:
+                result = await asyncio.wait_for(future, self.timeout_s)
+            except TimeoutError:
+                self._restart(pool)
+                raise PayloadTooLarge(
+                    f"Page {page} did not render within {self.timeout_s:g} s (PDF_RENDER_TIMEOUT_S); its content "
+                    "is too complex. Try a lower dpi or leave the page out with `pages`.",
+                    page=page,
+                ) from None
+            except BrokenProcessPool:
+                self._restart(pool)  # another page's deadline killed the pool under this one: once more
+                if attempt == 2:
+                    raise
+                continue
+            return _rendered_from_child(result)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._spill_dir.cleanup()
+
+
+_CHILD_DOCS: OrderedDict[tuple[str, str | None], PdfSource] = OrderedDict()
+_CHILD_KEEP = 4
+
+
+def _render_in_child(path: str, password: str | None, page: int, dpi: int, max_pixels: int) -> tuple:
+    """Runs in a pool process. Errors come back as data: OcrError subclasses do not survive pickling."""
+    try:
+        key = (path, password)
+        source = _CHILD_DOCS.pop(key, None)
+        if source is None:
+            with open(path, "rb") as f:
+                source = open_pdf(f.read(), password=password, max_pages=10**9)
+        _CHILD_DOCS[key] = source
+        while len(_CHILD_DOCS) > _CHILD_KEEP:
+            _CHILD_DOCS.popitem(last=False)[1].close()
+        r = render_page(source, page, dpi=dpi, max_pixels=max_pixels)
+        return ("ok", r.image.size, r.image.tobytes(), r.page, r.dpi, r.requested_dpi, r.reduced, r.note, r.warnings)
+    except OcrError as exc:
+        return ("error", type(exc).__name__, exc.detail, exc.extra)
+
+
+def _rendered_from_child(result: tuple) -> RenderedPage:
+    if result[0] == "error":
+        _, name, detail, extra = result
+        cls = {c.__name__: c for c in (PayloadTooLarge, InvalidPdf, PdfPasswordRequired, InvalidPageRange)}
+        raise cls.get(name, InvalidPdf)(detail, **extra)
+    _, size, pixels, page, dpi, requested, reduced, note, warnings = result
+    image = Image.frombytes("RGB", size, pixels)
+    return RenderedPage(image, page, dpi, requested, reduced, note, warnings)

@@ -114,12 +114,15 @@ async def start_engine(settings: Settings) -> BaseEngine:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     app.state.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="ocr-worker")
+    # Processes start on the first PDF page, not here.
+    app.state.render_pool = inputs.RenderPool(settings.render_processes, settings.pdf_render_timeout_s)
     app.state.engine = await start_engine(settings)
     try:
         yield
     finally:
         await app.state.engine.close()
         app.state.pool.shutdown(wait=False, cancel_futures=True)
+        app.state.render_pool.close()
 
 
 def problem_response(request: Request, exc: OcrError) -> JSONResponse:

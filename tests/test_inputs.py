@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import random
@@ -620,3 +621,83 @@ def test_image_functions_work_without_pymupdf() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# --- rendering in worker processes -------------------------------------------------------------------
+
+
+def _text_pdf(pages: int, lines: int) -> bytes:
+    import pymupdf
+
+    doc = pymupdf.open()
+    for i in range(pages):
+        page = doc.new_page(width=595, height=842)
+        page.insert_text((50, 60), f"Page {i + 1}", fontsize=14)
+        for line in range(lines):
+            page.insert_text((50, 80 + (line % 700)), f"line {line} " * 8, fontsize=6)
+    return doc.tobytes()
+
+
+def _heavy_pdf() -> bytes:
+    """One page drawing 800,000 small filled rectangles: slow to render, quick to build."""
+    import pymupdf
+
+    doc = pymupdf.open()
+    page = doc.new_page(width=595, height=842)
+    page.draw_rect((0, 0, 1, 1))
+    ops = b"".join(b"%d %d 3 3 re f\n" % (i % 590, (i // 590) % 840) for i in range(800_000))
+    doc.update_stream(page.get_contents()[0], ops, compress=False)
+    return doc.tobytes()
+
+
+def test_render_pool_matches_direct_render_pixel_for_pixel() -> None:
+    source = inputs.open_pdf(_text_pdf(3, 20), max_pages=10)
+    pool = inputs.RenderPool(workers=2, timeout_s=60)
+    try:
+        for page in (1, 3):
+            via_pool = asyncio.run(pool.render(source, page, dpi=100, max_pixels=10**8))
+            direct = inputs.render_page(source, page, dpi=100, max_pixels=10**8)
+            assert via_pool.image.size == direct.image.size and via_pool.dpi == direct.dpi == 100
+            assert via_pool.image.tobytes() == direct.image.tobytes()
+        with pytest.raises(inputs.PayloadTooLarge):
+            asyncio.run(pool.render(source, 1, dpi=100, max_pixels=1))  # not even 1 dpi fits: the child's 413
+    finally:
+        pool.close()
+        source.close()
+
+
+@pytest.mark.timeout(300)
+def test_render_pool_deadline_kills_a_runaway_page_and_keeps_the_loop_free() -> None:
+    heavy = inputs.open_pdf(_heavy_pdf(), max_pages=10)  # about a second of MuPDF work holding the GIL
+    light = inputs.open_pdf(_text_pdf(1, 5), max_pages=10)
+    pool = inputs.RenderPool(workers=1, timeout_s=0.2)
+
+    async def scenario() -> tuple[int, BaseException | None]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        error: BaseException | None = None
+        try:
+            await pool.render(heavy, 1, dpi=300, max_pixels=10**8)
+        except inputs.PayloadTooLarge as exc:
+            error = exc
+        task.cancel()
+        return ticks, error
+
+    try:
+        ticks, error = asyncio.run(scenario())
+        assert isinstance(error, inputs.PayloadTooLarge) and "PDF_RENDER_TIMEOUT_S" in error.detail
+        assert ticks >= 10  # the event loop kept running while the page rendered elsewhere
+        pool.timeout_s = 60
+        after = asyncio.run(pool.render(light, 1, dpi=72, max_pixels=10**8))  # the restarted pool works
+        assert after.image.size == (595, 842)
+    finally:
+        pool.close()
+        heavy.close()
+        light.close()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
 import queue
 import threading
 import time
@@ -46,6 +47,8 @@ class EngineRequest:
     mode: ModeSpec
     sampling: Sampling
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # False when the caller only wants the end result: vLLM then sends no per-step deltas.
+    stream: bool = False
 
 
 @dataclass
@@ -374,7 +377,7 @@ class TorchEngine(BaseEngine):
             for events in self.runtime.stream(prepared):
                 for ev in events:
                     u = usage[ev.index]
-                    if ev.finish_reason != "abort":
+                    if ev.finish_reason not in ("abort", "stop"):  # the EOS is not part of the answer
                         u.completion_tokens += 1
                     done = ev.finish_reason is not None
                     self.decoding -= done
@@ -407,6 +410,8 @@ def _vllm_usable() -> bool:
 
     if importlib.util.find_spec("vllm") is None:
         return False
+    # NVML answers without initialising CUDA here; a CUDA init now would break vLLM's forked workers.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:
         import torch
 

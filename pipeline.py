@@ -39,6 +39,7 @@ def postprocess(
     draw: bool = False,
     crop: bool = False,
     annotated_format: str = "png",
+    dpi: int | None = None,
 ) -> PagePost:
     """Parse grounded `text` against `image`: markdown, blocks with pixel boxes, drawing and crops."""
     parsed = ocr_utils.parse_grounding(text)
@@ -67,7 +68,8 @@ def postprocess(
         if annotated_format == "png":
             post.annotated_png = ocr_utils.encode_png(annotated)
         else:
-            post.annotated_jpeg = ocr_utils.encode_jpeg(annotated, quality=95)
+            # The dpi makes img2pdf size the layout PDF's page like the original page.
+            post.annotated_jpeg = ocr_utils.encode_jpeg(annotated, quality=95, dpi=dpi)
     if crop:
         post.crops = ocr_utils.crop_images(image, parsed, page=page)
     return post

@@ -1,0 +1,267 @@
+"""Throughput of the vLLM path: one N-page A4 PDF through raw vLLM and through the service (GPU).
+
+(a) raw: vLLM's offline `LLM.generate` with the service's engine settings (`vllm_engine.engine_kwargs`:
+    max_num_seqs = MAX_CONCURRENCY, no prefix cache, the same n-gram logits processor), Gundam, greedy,
+    the same prompt ids and images the service would send, every page rendered beforehand (144 dpi).
+(b) service: `uvicorn serve_ocr:app` (ENGINE=vllm) in a child process, `POST /pdf/ocr` with the PDF,
+    timed end to end over HTTP (rendering, preprocessing, decoding, post-processing included).
+Both ask for the same max_tokens per page; with random weights pages rarely end early, and the mean
+completion tokens per page is printed for both so the comparison stays honest. (a) runs in a child
+process, so its GPU memory is free again when (b) starts.
+
+    python benchmarks/bench_vllm.py all --model DIR --pages 256 --max-tokens 1000 --concurrency 256 \
+        --ngram 20 50 --out bench.json
+DIR: a real-size checkpoint; without weights (`python deepseek_ocr.py make-tiny DIR --vision real
+--decoder real --config-only`) LOAD_FORMAT=dummy gives random ones (the default here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+WORDS = ("revenue margin contract renewal region quarter growth cost operating result table figure note "
+         "the of and to in for with on by total net gross 2023 2024 12.5% 3.1 million EUR USD").split()
+
+
+def text_pdf(pages: int, seed: int = 0) -> bytes:
+    """A4 pages of dense, varied text: a heading and paragraphs of random report words."""
+    import pymupdf
+
+    rng = random.Random(seed)
+    doc = pymupdf.open()
+    for n in range(pages):
+        page = doc.new_page(width=595, height=842)
+        page.insert_text((56, 70), f"Section {n + 1}: {rng.choice(WORDS)} {rng.choice(WORDS)}", fontsize=18)
+        body = "\n\n".join(" ".join(rng.choice(WORDS) for _ in range(90)) for _ in range(8))
+        page.insert_textbox(pymupdf.Rect(56, 90, 539, 790), body, fontsize=10)
+    data = doc.tobytes(garbage=3, deflate=True)
+    doc.close()
+    return data
+
+
+def settings_for(args: argparse.Namespace) -> Any:
+    from config import Settings
+
+    return Settings(model_path=args.model, engine="vllm", load_format=args.load_format,
+                    max_concurrency=args.concurrency, gpu_mem_utilization=args.gpu_mem)
+
+
+# --------------------------------------------------------------------------------------- (a) raw vLLM
+
+
+def run_raw(args: argparse.Namespace) -> dict[str, Any]:
+    import inputs
+    from config import DOCUMENT_PROMPT, MODES
+    from engine import Sampling
+    from vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+
+    prepare_environment()
+    from vllm import LLM
+
+    data = Path(args.pdf).read_bytes()
+    t = time.perf_counter()
+    with inputs.open_pdf(data, max_pages=100_000) as source:
+        images = [inputs.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
+                  for p in range(1, source.page_count + 1)]
+    render_s = time.perf_counter() - t
+    gundam = MODES["gundam"]
+    builder = PromptBuilder.from_checkpoint(args.model)
+    sampling = Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0], ngram_window=args.ngram[1])
+    params = sampling_params(sampling, builder.whitelist, delta=False)
+    t = time.perf_counter()
+    llm = LLM(**engine_kwargs(settings_for(args)))
+    start_s = time.perf_counter() - t
+    warm = sampling_params(Sampling(max_tokens=16, ngram_size=args.ngram[0], ngram_window=args.ngram[1]),
+                           builder.whitelist, delta=False)
+    llm.generate([builder.prompt(DOCUMENT_PROMPT, vllm_image(images[0], gundam), gundam)] * 2, warm,
+                 use_tqdm=False)
+    t = time.perf_counter()
+    # Preprocessing counted in (a) as the service counts it: vllm_image + the renderer's processor.
+    prompts = [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    completion = [len(o.outputs[0].token_ids) for o in outs]
+    finish = [o.outputs[0].finish_reason for o in outs]
+    return {
+        "path": "raw LLM.generate", "pages": len(images), "elapsed_s": round(elapsed, 2),
+        "pages_per_s": round(len(images) / elapsed, 3),
+        "output_tokens_per_s": round(sum(completion) / elapsed, 1),
+        "mean_completion_tokens": round(sum(completion) / len(completion), 1),
+        "finish_length": finish.count("length"), "engine_start_s": round(start_s, 1),
+        "render_s_not_timed": round(render_s, 2),
+    }
+
+
+# --------------------------------------------------------------------------------------- (b) service
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+         timeout: float = 10) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def multipart(fields: dict[str, str], file_field: str, filename: str, content: bytes,
+              content_type: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+        parts.append(head.encode() + value.encode() + b"\r\n")
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n")
+    parts.append(head.encode() + content + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+@contextlib.contextmanager
+def service(args: argparse.Namespace, log_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "MODEL_PATH": args.model, "ENGINE": args.engine, "LOAD_FORMAT": args.load_format,
+           "MAX_CONCURRENCY": str(args.concurrency), "GPU_MEM_UTILIZATION": str(args.gpu_mem),
+           "PDF_TIMEOUT_S": "3600", "GENERATE_TIMEOUT_S": "600", "MAX_PDF_PAGES": str(max(500, args.pages)),
+           "MAX_QUEUE": str(max(512, args.pages)), "LOG_LEVEL": "WARNING"}
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited {proc.returncode}: {log_path.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                status, body = http("GET", url + "/ready", timeout=5)
+                if status == 200:
+                    break
+                state = json.loads(body)
+                if state.get("engine") == "none":
+                    raise RuntimeError(f"engine did not start: {state}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"service not ready: {log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def post_pdf(url: str, pdf: bytes, fields: dict[str, str], timeout: float) -> dict[str, Any]:
+    body, ctype = multipart(fields, "file", "bench.pdf", pdf, "application/pdf")
+    status, raw = http("POST", url + "/pdf/ocr", body, {"Content-Type": ctype}, timeout=timeout)
+    if status != 200:
+        raise RuntimeError(f"/pdf/ocr answered {status}: {raw[:2000]!r}")
+    return json.loads(raw)
+
+
+def run_service(args: argparse.Namespace) -> dict[str, Any]:
+    pdf = Path(args.pdf).read_bytes()
+    fields = {"max_tokens": str(args.max_tokens), "ngram_size": str(args.ngram[0]),
+              "ngram_window": str(args.ngram[1]), "draw_layouts": "false", "extract_images": "false",
+              "dpi": str(args.dpi)}
+    t = time.perf_counter()
+    with service(args, Path(args.log)) as url:
+        start_s = time.perf_counter() - t
+        post_pdf(url, pdf, {**fields, "pages": "1-2", "max_tokens": "16"}, timeout=300)  # warm-up
+        t = time.perf_counter()
+        answer = post_pdf(url, pdf, fields, timeout=3600)
+        elapsed = time.perf_counter() - t
+    pages = answer.get("pages", [])
+    completion = [int((p.get("usage") or {}).get("completion_tokens", 0)) for p in pages]
+    total = (answer.get("usage") or {}).get("completion_tokens", sum(completion))
+    return {
+        "path": "service POST /pdf/ocr", "pages": len(pages), "elapsed_s": round(elapsed, 2),
+        "pages_per_s": round(len(pages) / elapsed, 3), "output_tokens_per_s": round(total / elapsed, 1),
+        "mean_completion_tokens": round(sum(completion) / max(1, len(completion)), 1),
+        "finish_length": sum(1 for p in pages if p.get("finish_reason") == "length"),
+        "pages_failed": answer.get("pages_failed"), "server_elapsed_s": answer.get("elapsed_s"),
+        "engine_start_s": round(start_s, 1),
+    }
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["all", "raw", "service"])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--pages", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=256, help="MAX_CONCURRENCY = vLLM max_num_seqs")
+    parser.add_argument("--ngram", type=int, nargs=2, default=(20, 50), metavar=("SIZE", "WINDOW"))
+    parser.add_argument("--dpi", type=int, default=144)
+    parser.add_argument("--gpu-mem", type=float, default=0.75, help="GPU_MEM_UTILIZATION for both paths")
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--engine", default="vllm", help="ENGINE of the service (torch: check on CPU)")
+    parser.add_argument("--pdf", help="the PDF; written when missing (default /tmp/bench-N.pdf)")
+    parser.add_argument("--log", default="/tmp/bench-service.log", help="the service's log")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    args = parser.parse_args()
+    args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
+    if not Path(args.pdf).is_file():
+        Path(args.pdf).write_bytes(text_pdf(args.pages))
+
+    results: list[dict[str, Any]] = []
+    if args.what == "raw":
+        results.append(run_raw(args))
+        print(json.dumps(results[-1]), flush=True)
+    if args.what == "all":
+        # (a) in a child process (it prints its own line): vLLM's memory and engine core go away with it.
+        raw_json = Path(args.pdf).with_suffix(".raw.json")
+        cmd = [sys.executable, __file__, "raw", *sys.argv[2:], "--out", str(raw_json)]
+        subprocess.run(cmd, check=True)
+        results.append(json.loads(raw_json.read_text())[0])
+    if args.what in ("all", "service"):
+        results.append(run_service(args))
+        print(json.dumps(results[-1]), flush=True)
+    if len(results) == 2:
+        a, b = results
+        ratio = b["pages_per_s"] / a["pages_per_s"]
+        print(f"\n{args.pages} A4 pages, max_tokens {args.max_tokens}, MAX_CONCURRENCY {args.concurrency}, "
+              f"n-gram {args.ngram[0]}/{args.ngram[1]}")
+        for r in results:
+            print(f"  {r['path']:24} {r['pages_per_s']:7.3f} pages/s  {r['output_tokens_per_s']:9.1f} tok/s  "
+                  f"mean {r['mean_completion_tokens']} tokens/page  ({r['elapsed_s']} s)")
+        print(f"  ratio service/raw: {ratio:.3f}")
+        results.append({"ratio_service_over_raw": round(ratio, 3)})
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Teacher-forced equivalence of our PyTorch DeepSeek-OCR (`deepseek_ocr.py`) and vLLM's, on a GPU.
+
+One random checkpoint with the real SAM/CLIP sizes and a 2-layer real-width decoder (`make_tiny(...,
+vision="real", decoder="small")`) is loaded by both. For each case (an image, a mode, a fixed 64-token
+continuation) both see prompt + continuation; at each of the 64 continuation positions the next-token
+choice of our full forward pass is compared with vLLM's top-1 prompt logprob. Also compared: prompt ids
+(so prompt and image token counts), free-running greedy decoding (64 tokens, n-gram off), and two probes
+of vLLM's "all-zero pixels = no image" check (a balanced black/white page, raw and through `vllm_image`).
+
+vLLM runs in a child process per dtype (its GPU memory is gone when the child exits); our model runs in
+this process afterwards. Usage (GPU machine, kit installed):
+    python benchmarks/equivalence.py --ckpt /tmp/eq-ckpt --dtypes float32,bfloat16 --out eq.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from config import MODES, ModeSpec  # noqa: E402
+
+PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
+CONT_TOKENS = 64
+TOP_K = 5
+WORDS = ("invoice total amount table figure section result method data value page report summary the of and "
+         "to in for with on by 2024 12.5% revenue cost net Q1 Q2 analysis overview note appendix").split()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    size: tuple[int, int]
+    mode: str
+
+
+CASES = (
+    Case("small-600x500", (600, 500), "gundam"),
+    Case("a4-1190x1684", (1190, 1684), "gundam"),
+    Case("wide-8000x300", (8000, 300), "gundam"),
+    Case("tall-300x2000", (300, 2000), "gundam"),
+    Case("square-1024", (1024, 1024), "gundam"),
+    # Non-Gundam modes through vllm_engine.set_vllm_mode (padding for base, stretching for tiny).
+    Case("base-a4", (1190, 1684), "base"),
+    Case("base-wide", (8000, 300), "base"),
+    Case("tiny-a4", (1190, 1684), "tiny"),
+    Case("tiny-square", (1024, 1024), "tiny"),
+)
+
+
+def synth_page(size: tuple[int, int], seed: int) -> Any:
+    """A white page with lines of random words and a box or two: text-like pixels at any aspect."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = random.Random(seed)
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    y = 8
+    while y < h - 12:
+        x = 8 + rng.randrange(0, 40)
+        while x < w - 60:
+            word = rng.choice(WORDS)
+            draw.text((x, y), word, fill=(rng.randrange(0, 60),) * 3, font=font)
+            x += 7 * len(word) + 8
+        y += 14 + rng.randrange(0, 6)
+    for _ in range(2):
+        x0, y0 = rng.randrange(0, max(1, w // 2)), rng.randrange(0, max(1, h // 2))
+        draw.rectangle((x0, y0, x0 + w // 4, y0 + h // 6), outline=(0, 0, 0), width=2)
+    return img
+
+
+def continuation(tokenizer: Any, seed: int) -> list[int]:
+    rng = random.Random(1000 + seed)
+    text = " ".join(rng.choice(WORDS) for _ in range(200))
+    ids = tokenizer.encode("# " + text, add_special_tokens=False)[:CONT_TOKENS]
+    if len(ids) != CONT_TOKENS:
+        raise RuntimeError(f"continuation text gave {len(ids)} tokens, need {CONT_TOKENS}")
+    return ids
+
+
+def balanced_page() -> Any:
+    """1280x1280, left half black, right half white: 2x2 Gundam tiles whose pixels sum to exactly 0."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((1280, 1280, 3), np.uint8)
+    a[:, 640:] = 255
+    return Image.fromarray(a)
+
+
+# ------------------------------------------------------------------------------------ vLLM (child)
+
+
+def run_vllm(ckpt: str, dtype: str, out: str, probe: bool) -> None:
+    from vllm import LLM, SamplingParams
+
+    from config import Settings
+    from engine import Sampling
+    from vllm_engine import PromptBuilder, engine_kwargs, sampling_params, set_vllm_mode, vllm_image
+
+    started = time.perf_counter()
+    settings = Settings(model_path=ckpt, dtype=dtype, max_concurrency=16, max_model_len=4096,
+                        gpu_mem_utilization=0.5, enforce_eager=True)
+    llm = LLM(**engine_kwargs(settings, seed=0))
+    ready_s = time.perf_counter() - started
+    builder = PromptBuilder.from_checkpoint(ckpt)
+    forced = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP_K, detokenize=False,
+                            skip_special_tokens=False)
+    greedy = sampling_params(Sampling(max_tokens=CONT_TOKENS, ngram_size=0), builder.whitelist, delta=False)
+    results: dict[str, Any] = {"dtype": dtype, "ready_s": round(ready_s, 1), "cases": {}}
+    for mode_name in dict.fromkeys(c.mode for c in CASES):
+        mode = MODES[mode_name]
+        set_vllm_mode(mode)
+        cases = [(i, c) for i, c in enumerate(CASES) if c.mode == mode_name]
+        forced_prompts, free_prompts = [], []
+        for i, case in cases:
+            image = vllm_image(synth_page(case.size, i), mode)
+            cont = continuation(builder.tokenizer, i)
+            forced_prompts.append(builder.prompt(PROMPT, image, mode, extra_ids=cont))
+            free_prompts.append(builder.prompt(PROMPT, image, mode))
+        outs = llm.generate(forced_prompts, forced, use_tqdm=False)
+        frees = llm.generate(free_prompts, greedy, use_tqdm=False)
+        for (_, case), o, f in zip(cases, outs, frees, strict=True):
+            ids = list(o.prompt_token_ids)
+            start = len(ids) - CONT_TOKENS
+            positions = []
+            for j in range(CONT_TOKENS):
+                entry = o.prompt_logprobs[start + j]
+                positions.append([[int(t), float(lp.logprob), lp.rank] for t, lp in entry.items()])
+            results["cases"][case.name] = {"prompt_token_ids": ids, "positions": positions,
+                                           "greedy": list(f.outputs[0].token_ids)}
+    if probe:
+        results["probe"] = probe_balanced(llm, builder)
+    Path(out).write_text(json.dumps(results))
+    print(f"vllm {dtype}: ready in {ready_s:.0f}s, done in {time.perf_counter() - started:.0f}s", flush=True)
+    # Stop the engine core explicitly (it may be dead after the probe), then leave without the
+    # interpreter's slow teardown; the parent needs the GPU memory back.
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def probe_balanced(llm: Any, builder: Any) -> dict[str, str]:
+    """Whether vLLM survives a page whose tiles sum to 0: first through vllm_image, then raw."""
+    from engine import Sampling
+    from vllm_engine import sampling_params, set_vllm_mode, vllm_image
+
+    gundam = MODES["gundam"]
+    set_vllm_mode(gundam)
+    params = sampling_params(Sampling(max_tokens=4, ngram_size=0), builder.whitelist, delta=False)
+    result = {}
+    page = balanced_page()
+    for label, image in (("through_vllm_image", vllm_image(page, gundam)), ("raw", page)):
+        try:
+            out = llm.generate([builder.prompt(PROMPT, image, gundam)], params, use_tqdm=False)[0]
+            result[label] = (f"ok: {len(out.outputs[0].token_ids)} tokens, "
+                             f"{len(out.prompt_token_ids)} prompt ids")
+        except Exception as exc:  # the point of the probe: record how vLLM fails
+            result[label] = f"FAILED: {type(exc).__name__}: {str(exc)[:300]}"
+            break
+    return result
+
+
+# ------------------------------------------------------------------------------------ ours (parent)
+
+
+def our_forced_logprobs(ocr: Any, request: Any, cont: list[int]) -> Any:
+    """log-softmax (CONT_TOKENS, V) predicting each continuation token, from one full forward pass.
+
+    deepseek_ocr.py exposes decoding of the last position only; this wires the same public modules
+    (embeddings, encode_image, layers, norm, lm_head, rope_tables, KVCache) over the whole sequence.
+    """
+    import torch
+
+    from deepseek_ocr import KVCache
+
+    model, cfg = ocr.model, ocr.model.config
+    ids = torch.tensor(request.input_ids + cont, device=ocr.device)
+    with torch.inference_mode():
+        x = model.model.embed_tokens(ids)  # (L, H)
+        if request.images is not None:
+            slots = ids == ocr.image_token_id
+            x[slots] = model.model.encode_image(request.images).to(x.dtype)
+        length = ids.shape[0]
+        positions = torch.arange(length, device=ocr.device)[None]  # (1, L)
+        cos, sin = model.rope_tables(length)
+        rope = (cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype))  # (1, 1, L, hd)
+        cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, length, x.dtype,
+                        ocr.device)
+        mask = torch.ones(length, length, dtype=torch.bool, device=ocr.device).tril()[None, None]
+        h = x[None]
+        for i, layer in enumerate(model.model.layers):
+            h = layer(h, rope, cache, i, mask)
+        start = len(request.input_ids) - 1  # the position that predicts cont[0]
+        logits = model.lm_head(model.model.norm(h[0, start : start + CONT_TOKENS])).float()
+        return torch.log_softmax(logits, dim=-1)
+
+
+def compare(ckpt: str, dtype: str, vres: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from deepseek_ocr import DeepseekOCR, SamplingParams
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ocr = DeepseekOCR.from_pretrained(ckpt, device="cuda", dtype=dtype, max_model_len=4096)
+    rows, agree, total, max_diff = [], 0, 0, 0.0
+    for i, case in enumerate(CASES):
+        mode: ModeSpec = MODES[case.mode]
+        v = vres["cases"][case.name]
+        image = synth_page(case.size, i)
+        cont = continuation(ocr.tokenizer, i)
+        req = ocr.prepare(PROMPT, image, base_size=mode.base_size, image_size=mode.image_size, crop=mode.crop,
+                          sampling=SamplingParams(max_tokens=CONT_TOKENS))
+        ours_ids = req.input_ids + cont
+        v_ids = v["prompt_token_ids"]
+        lsm = our_forced_logprobs(ocr, req, cont)  # (64, V)
+        top2 = lsm.topk(2, dim=-1)
+        case_agree, case_diff, flips = 0, 0.0, []
+        for j, entries in enumerate(v["positions"]):
+            v_top = min(entries, key=lambda e: e[2] if e[2] is not None else 1 << 30)[0]
+            ours_top = int(top2.indices[j, 0])
+            if v_top == ours_top:
+                case_agree += 1
+            else:
+                margin = float(top2.values[j, 0] - top2.values[j, 1])
+                ranked = sorted(e[1] for e in entries)[::-1]
+                flips.append({"pos": j, "ours": ours_top, "vllm": v_top, "our_margin": round(margin, 5),
+                              "vllm_margin": round(ranked[0] - ranked[1], 5) if len(ranked) > 1 else None,
+                              "our_lp_of_vllm_top": round(float(lsm[j, v_top]), 5)})
+            for tok, lp, _rank in entries:
+                case_diff = max(case_diff, abs(float(lsm[j, tok]) - lp))
+        free = ocr.generate([ocr.prepare(PROMPT, image, base_size=mode.base_size, image_size=mode.image_size,
+                                         crop=mode.crop, sampling=SamplingParams(max_tokens=CONT_TOKENS))])[0]
+        prefix = 0
+        for a, b in zip(free.token_ids, v["greedy"], strict=False):
+            if a != b:
+                break
+            prefix += 1
+        image_id = ocr.image_token_id
+        row = {
+            "case": case.name, "mode": case.mode, "size": f"{case.size[0]}x{case.size[1]}",
+            "prompt_tokens": [len(req.input_ids), len(v_ids) - CONT_TOKENS],
+            "image_tokens": [req.image_tokens, sum(1 for t in v_ids if t == image_id)],
+            "ids_equal": ours_ids == v_ids,
+            "top1_agree": f"{case_agree}/{CONT_TOKENS}",
+            "max_abs_logprob_diff": round(case_diff, 5),
+            "greedy_common_prefix": f"{prefix}/{min(len(free.token_ids), len(v['greedy']))}",
+            "flips": flips[:5],
+        }
+        rows.append(row)
+        agree += case_agree
+        total += CONT_TOKENS
+        max_diff = max(max_diff, case_diff)
+    del ocr
+    torch.cuda.empty_cache()
+    return {"dtype": dtype, "top1_agreement": round(agree / total, 4), "agree": agree, "positions": total,
+            "max_abs_logprob_diff": round(max_diff, 5), "vllm_ready_s": vres.get("ready_s"),
+            "probe_balanced_page": vres.get("probe"), "cases": rows}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    print(f"\n=== dtype {summary['dtype']}: top-1 agreement {summary['agree']}/{summary['positions']} "
+          f"= {summary['top1_agreement']:.2%}, max |logprob diff| {summary['max_abs_logprob_diff']}")
+    print(f"{'case':16} {'mode':6} {'size':10} {'prompt ours/vllm':17} {'image ours/vllm':16} "
+          "ids  top1   maxdiff greedy")
+    for r in summary["cases"]:
+        print(f"{r['case']:16} {r['mode']:6} {r['size']:10} {str(r['prompt_tokens']):17} "
+              f"{str(r['image_tokens']):16} {'=' if r['ids_equal'] else 'DIFF':4} {r['top1_agree']:6} "
+              f"{r['max_abs_logprob_diff']:<7} {r['greedy_common_prefix']}")
+        for f in r["flips"]:
+            print(f"    flip at {f['pos']}: ours {f['ours']} vllm {f['vllm']} (top-1 margins: ours "
+                  f"{f['our_margin']}, vllm {f['vllm_margin']}; our logprob of vllm's pick "
+                  f"{f['our_lp_of_vllm_top']})")
+    print(f"balanced-page probe: {summary['probe_balanced_page']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", default="/tmp/eq-ckpt", help="checkpoint dir; written when missing")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated, tried in order")
+    parser.add_argument("--out", help="write the JSON summary here")
+    parser.add_argument("--vllm-child", nargs=2, metavar=("DTYPE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-timeout", type=float, default=300)
+    args = parser.parse_args()
+    if args.vllm_child:
+        run_vllm(args.ckpt, args.vllm_child[0], args.vllm_child[1], args.probe)
+        return 0
+
+    if not (Path(args.ckpt) / "model.safetensors").is_file():
+        from deepseek_ocr import make_tiny
+
+        t = time.perf_counter()
+        make_tiny(args.ckpt, seed=0, vision="real", decoder="small")
+        print(f"wrote checkpoint {args.ckpt} in {time.perf_counter() - t:.0f}s", flush=True)
+    summaries: list[dict[str, Any]] = []
+    dtypes = args.dtypes.split(",")
+    for n, dtype in enumerate(dtypes):
+        out = Path(args.ckpt) / f"vllm-{dtype}.json"
+        env = dict(os.environ)
+        if dtype == "float32":
+            env.setdefault("TRITON_F32_DEFAULT", "ieee")  # Triton dots (MoE, attention) would use TF32
+        # The probe may kill the engine core: only in the last child.
+        probe = ["--probe"] if n == len(dtypes) - 1 else []
+        cmd = [sys.executable, __file__, "--ckpt", args.ckpt, "--vllm-child", dtype, str(out), *probe]
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=args.child_timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired as exc:
+            tail = (exc.stderr or b"")[-3000:]
+            summaries.append({"dtype": dtype, "error": f"vLLM child timed out after {args.child_timeout}s",
+                              "stderr_tail": str(tail)})
+            print(summaries[-1], flush=True)
+            continue
+        if proc.returncode != 0 or not out.is_file():
+            summaries.append({"dtype": dtype, "error": f"vLLM child exited {proc.returncode}",
+                              "stderr_tail": proc.stderr[-4000:]})
+            print(f"=== dtype {dtype}: vLLM FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}",
+                  flush=True)
+            continue
+        print(proc.stdout.strip(), flush=True)
+        summary = compare(args.ckpt, dtype, json.loads(out.read_text()))
+        summaries.append(summary)
+        print_summary(summary)
+    if args.out:
+        Path(args.out).write_text(json.dumps(summaries, indent=1))
+    return 0 if any("top1_agreement" in s for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,450 @@
+"""GPU tests of the vLLM engine: the real service (uvicorn, ENGINE=vllm) and the engine in-process.
+
+Skipped unless CUDA is available and `vllm` imports. The model is a real-size config-only checkpoint
+served with LOAD_FORMAT=dummy (random weights): GPU_TEST_MODEL names it, else one is written to a temp dir.
+One server for the `TestService` class (vLLM starts in about a minute); after it has stopped, one
+in-process `VllmEngine` (MODE=base, so a configured non-Gundam mode is served) checks streaming, abort
+and engine-death reporting. Run: `python -m pytest -m gpu tests/test_gpu.py -v` (about 5 min on an H100).
+
+GPU_TEST_ENGINE=torch runs the same checks against the PyTorch engine and a tiny checkpoint on any machine
+(a way to debug this file without a GPU); engine-specific assertions are skipped then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import importlib.util
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENGINE = os.environ.get("GPU_TEST_ENGINE", "vllm")
+PDF_PAGE_A4 = (1190, 1684)  # an A4 page rendered at 144 dpi
+GENERATE_TIMEOUT_S = 10  # short, so the deadline test aborts quickly; the other requests take < 2 s
+
+
+def _gpu_ready() -> bool:
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    # Ask NVML: the default check initialises the CUDA runtime, after which a forked child cannot use CUDA.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(ENGINE == "vllm" and not _gpu_ready(), reason="needs CUDA and vllm"),
+]
+VLLM = ENGINE == "vllm"
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def show(r: httpx.Response) -> str:
+    return f"{r.request.method} {r.request.url} -> {r.status_code}: {r.text[:2000]}"
+
+
+def png(width: int, height: int, *, seed: int = 0) -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for y in range(10, height - 10, 24):
+        draw.text((10 + seed % 7, y), f"Line {y} of a test page, seed {seed}: 12.50 EUR", fill="black")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def balanced_png() -> bytes:
+    """1280x1280, left half black, right half white: vLLM 0.26 sees its Gundam tiles as no image at all."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.zeros((1280, 1280, 3), np.uint8)
+    a[:, 640:] = 255
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def pdf(pages: int) -> bytes:
+    import pymupdf
+
+    doc = pymupdf.open()
+    for n in range(pages):
+        page = doc.new_page(width=595, height=842)  # A4 in points
+        page.insert_text((72, 72), f"Page {n + 1}: quarterly report", fontsize=18)
+        body = "Revenue grew 12% year on year. " * 40
+        page.insert_textbox(pymupdf.Rect(72, 100, 523, 770), body, fontsize=10)
+    data = doc.tobytes()
+    doc.close()
+    return data
+
+
+def gundam_tokens(width: int, height: int) -> int:
+    from process.image_process import count_image_tokens
+
+    return count_image_tokens(width, height, 1024, 640, True)
+
+
+def prompt_ids(model: Path, prompt: str, has_image: bool) -> list[int]:
+    from vllm_engine import PromptBuilder
+
+    return PromptBuilder.from_checkpoint(model).token_ids(prompt, has_image)
+
+
+def post_image(url: str, path: str, data: dict[str, str], image: bytes | None = None, *,
+               name: str = "p.png", timeout: Any = 60) -> httpx.Response:
+    """Multipart POST of one image (`file`) with form fields."""
+    content = image if image is not None else png(640, 480)
+    return httpx.post(url + path, files={"file": (name, content, "image/png")}, data=data, timeout=timeout)
+
+
+def post_pdf(url: str, path: str, doc: bytes, data: dict[str, str]) -> httpx.Response:
+    return httpx.post(url + path, files={"file": ("r.pdf", doc, "application/pdf")}, data=data, timeout=180)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from deepseek_ocr import make_tiny
+
+    if not VLLM:
+        return make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
+    given = os.environ.get("GPU_TEST_MODEL")
+    if given and (Path(given) / "config.json").is_file():
+        return Path(given)
+    return make_tiny(tmp_path_factory.mktemp("real-config"), vision="real", decoder="real", weights=False)
+
+
+@contextlib.contextmanager
+def serve(model: Path, log_path: Path, **env: str) -> Iterator[str]:
+    """`uvicorn serve_ocr:app` as a child process; yields its URL once /ready answers 200."""
+    port = free_port()
+    full = {**os.environ, "MODEL_PATH": str(model), "ENGINE": ENGINE, "LOG_LEVEL": "INFO", **env}
+    if VLLM:
+        full.setdefault("LOAD_FORMAT", "dummy")
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=full, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 420
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                r = httpx.get(url + "/ready", timeout=5)
+                if r.status_code == 200:
+                    break
+                body = r.json()
+                if body.get("engine") == "none" and "starting" not in (body.get("reason") or ""):
+                    raise RuntimeError(f"engine did not start: {body}\n{log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in time:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def wait_idle(url: str, seconds: float) -> dict[str, Any]:
+    """/health once nothing is in flight (our counter and vLLM's own), or the last answer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        body = httpx.get(url + "/health", timeout=5).json()
+        if body["in_flight"] == 0 and body["detail"].get("vllm_unfinished", 0) == 0:
+            return body
+        if time.monotonic() > deadline:
+            return body
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------------------- the service
+
+
+@pytest.fixture(scope="class")
+def url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The service of `TestService`; class-scoped so that it has stopped before the in-process test."""
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {"MAX_CONCURRENCY": "32", "GENERATE_TIMEOUT_S": str(GENERATE_TIMEOUT_S), "DEFAULT_MAX_TOKENS": "64"}
+    with serve(model_dir, log, **env) as base:
+        yield base
+    if os.environ.get("GPU_TEST_LOG"):
+        Path(os.environ["GPU_TEST_LOG"]).write_text(log.read_text())
+
+
+class TestService:
+
+    def test_info_routes_answer(self, url: str) -> None:
+        for path in ("/", "/health", "/ready", "/ocr/status", "/pdf/status", "/batch/status", "/ocr/info",
+                     "/pdf/info", "/batch/info"):
+            r = httpx.get(url + path, timeout=10)
+            assert r.status_code == 200, show(r)
+        root = httpx.get(url + "/", timeout=10).json()
+        assert root["engine"] == ENGINE and root["ready"], root
+        if VLLM:
+            assert root["modes"] == ["gundam"], root
+            health = httpx.get(url + "/health", timeout=10).json()
+            assert health["detail"]["vllm_version"].startswith("0.26"), health
+            for router in ("ocr", "pdf", "batch"):
+                status = httpx.get(f"{url}/{router}/status", timeout=10).json()
+                assert status["ready"] and status["modes"] == ["gundam"], status
+
+    def test_generate_json_with_and_without_image(self, url: str, model_dir: Path) -> None:
+        r = httpx.post(url + "/generate", json={"prompt": "Hello there", "max_tokens": 8}, timeout=60)
+        assert r.status_code == 200, show(r)
+        usage = r.json()["usage"]
+        assert usage["image_tokens"] == 0, usage
+        assert usage["prompt_tokens"] == len(prompt_ids(model_dir, "Hello there", False)), usage
+        assert 1 <= usage["completion_tokens"] <= 8, usage
+        image = base64.b64encode(png(700, 500)).decode()
+        body = {"prompt": "<image>\nFree OCR.", "image_base64": image, "max_tokens": 8, "ngram_size": 20,
+                "ngram_window": 50}
+        r = httpx.post(url + "/generate", json=body, timeout=60)
+        assert r.status_code == 200, show(r)
+        answer = r.json()
+        tokens = gundam_tokens(700, 500)
+        assert answer["usage"]["image_tokens"] == tokens, answer
+        text_ids = prompt_ids(model_dir, body["prompt"], True)  # one <image> id, expanded by the engine
+        assert answer["usage"]["prompt_tokens"] == len(text_ids) - 1 + tokens, answer
+        assert answer["finish_reason"] in ("length", "stop") and answer["mode"] == "gundam", answer
+
+    def test_generate_with_file_seed_example(self, url: str) -> None:
+        r = post_image(url, "/generate_with_file", {"prompt": "<image>Extract all text", "max_tokens": "16"},
+                       png(900, 700), name="invoice.png")
+        assert r.status_code == 200, show(r)
+        body = r.json()
+        assert set(body) >= {"result", "finish_reason", "mode", "usage", "elapsed_s"}, body
+        assert body["usage"]["image_tokens"] == gundam_tokens(900, 700), body
+
+    @pytest.mark.parametrize("size,facts", [((640, 640), 273), ((600, 500), 273), ((1190, 1684), 903),
+                                            ((1684, 1190), None), ((300, 2000), 933), ((8000, 300), None),
+                                            ((1024, 1024), None), ((1200, 800), None)])
+    def test_image_tokens_gundam(self, url: str, size: tuple[int, int], facts: int | None) -> None:
+        r = post_image(url, "/generate_with_file", {"max_tokens": "1"}, png(*size))
+        assert r.status_code == 200, show(r)
+        got = r.json()["usage"]["image_tokens"]
+        assert got == gundam_tokens(*size), (size, got)
+        if facts is not None:
+            assert got == facts, (size, got)  # the figures of DEEPSEEK_OCR_FACTS section 3
+
+    def test_unserved_mode_is_400_naming_served_modes(self, url: str) -> None:
+        if not VLLM:
+            pytest.skip("the torch engine serves every mode")
+        r = post_image(url, "/generate_with_file", {"mode": "base", "max_tokens": "4"}, png(300, 200))
+        assert r.status_code == 400, show(r)
+        assert r.headers["content-type"].startswith("application/problem+json"), show(r)
+        problem = r.json()
+        assert problem["served_modes"] == ["gundam"] and "gundam" in problem["detail"], problem
+
+    def test_ocr_image_routes(self, url: str) -> None:
+        page = png(800, 1000)
+        form = {"max_tokens": "16", "draw_boxes": "true", "crop_regions": "true"}
+        r = post_image(url, "/ocr/image/advanced", form, page)
+        assert r.status_code == 200, show(r)
+        assert r.json()["usage"]["image_tokens"] == gundam_tokens(800, 1000)
+        r = post_image(url, "/ocr/image/advanced", {"max_tokens": "8", "crop_mode": "tiling"}, page)
+        assert r.status_code == 200, show(r)
+        r = post_image(url, "/ocr/image/simple", {"max_tokens": "8"}, page)
+        assert r.status_code == 200, show(r)
+        assert isinstance(r.json()["text"], str)
+
+    def test_pdf_routes(self, url: str) -> None:
+        doc = pdf(2)
+        form = {"max_tokens": "8", "dpi": "144", "draw_layouts": "true", "extract_images": "true"}
+        r = post_pdf(url, "/pdf/ocr", doc, form)
+        assert r.status_code == 200, show(r)
+        body = r.json()
+        assert [p["page"] for p in body["pages"]] == [1, 2], body
+        for page in body["pages"]:
+            assert page["usage"]["image_tokens"] == gundam_tokens(*PDF_PAGE_A4) == 903, page
+            assert 1 <= page["usage"]["completion_tokens"] <= 8, page
+        r = post_pdf(url, "/pdf/ocr/simple", doc, {"max_tokens": "8"})
+        assert r.status_code == 200, show(r)
+        assert len(r.json()["pages"]) == 2
+        r = post_pdf(url, "/pdf/ocr/download", doc, {"max_tokens": "8", "draw_layouts": "false"})
+        if r.status_code != 404:  # an extra of this service, not a seed route
+            assert r.status_code == 200, show(r)
+            assert zipfile.ZipFile(io.BytesIO(r.content)).namelist(), "empty ZIP"
+
+    def test_batch_routes(self, url: str) -> None:
+        def files() -> list[tuple[str, tuple[str, bytes, str]]]:
+            return [("files", ("a.png", png(500, 400, seed=1), "image/png")),
+                    ("files", ("b.png", png(900, 1200, seed=2), "image/png"))]
+
+        r = httpx.post(url + "/batch/ocr", files=files(), data={"max_tokens": "8"}, timeout=180)
+        assert r.status_code == 200, show(r)
+        results = r.json()["results"]
+        assert [x["filename"] for x in results] == ["a.png", "b.png"], results
+        expected = [gundam_tokens(500, 400), gundam_tokens(900, 1200)]
+        assert [x["usage"]["image_tokens"] for x in results] == expected, results
+        r = httpx.post(url + "/batch/ocr/download", files=files(), data={"max_tokens": "8"}, timeout=180)
+        assert r.status_code == 200, show(r)
+        assert r.headers["content-type"] == "application/zip", show(r)
+        assert zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+        r = httpx.post(url + "/batch/ocr/simple", files=files(), data={"max_tokens": "8"}, timeout=180)
+        assert r.status_code == 200, show(r)
+        assert len(r.json()["results"]) == 2
+
+    def test_concurrent_requests_all_answer(self, url: str) -> None:
+        def one(i: int) -> httpx.Response:
+            form = {"max_tokens": "32", "ngram_size": "20", "ngram_window": "50"}
+            return post_image(url, "/generate_with_file", form, png(640, 480, seed=i), timeout=120)
+
+        with ThreadPoolExecutor(48) as pool:
+            answers = list(pool.map(one, range(48)))  # more than MAX_CONCURRENCY=32: some wait for a slot
+        failed = [show(r) for r in answers if r.status_code != 200]
+        assert not failed, failed[:3]
+        assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in answers)
+        assert wait_idle(url, 10)["in_flight"] == 0
+
+    def test_deadline_aborts_engine_work(self, url: str) -> None:
+        started = time.monotonic()
+        r = post_image(url, "/generate_with_file", {"max_tokens": "7000", "ngram_size": "0"}, timeout=120)
+        if r.status_code == 200:
+            pytest.skip(f"the model finished early ({r.json()['finish_reason']}); no deadline to hit")
+        assert r.status_code == 504, show(r)
+        assert time.monotonic() - started < GENERATE_TIMEOUT_S + 5
+        health = wait_idle(url, 5)
+        assert health["in_flight"] == 0 and health["detail"].get("vllm_unfinished", 0) == 0, health
+        self._next_request_works(url)
+
+    def test_client_disconnect_aborts_engine_work(self, url: str) -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            post_image(url, "/generate_with_file", {"max_tokens": "7000", "ngram_size": "0"},
+                       timeout=httpx.Timeout(60, read=2))
+        # Well before GENERATE_TIMEOUT_S: only the disconnect can have stopped it.
+        health = wait_idle(url, GENERATE_TIMEOUT_S - 4)
+        assert health["in_flight"] == 0 and health["detail"].get("vllm_unfinished", 0) == 0, health
+        self._next_request_works(url)
+
+    def test_balanced_page_does_not_kill_the_engine(self, url: str) -> None:
+        r = post_image(url, "/generate_with_file", {"max_tokens": "4"}, balanced_png(), name="half.png")
+        assert r.status_code == 200, show(r)
+        assert r.json()["usage"]["image_tokens"] == gundam_tokens(1280, 1280)
+        self._next_request_works(url)
+
+    @staticmethod
+    def _next_request_works(url: str) -> None:
+        r = post_image(url, "/generate_with_file", {"max_tokens": "4"}, png(320, 240))
+        assert r.status_code == 200, show(r)
+        assert httpx.get(url + "/ready", timeout=10).status_code == 200
+
+
+# --------------------------------------------------------------------------------------- in-process
+
+
+def test_engine_in_process_streams_aborts_and_reports_death(model_dir: Path) -> None:
+    """A second engine only after the service's is gone (two would need twice the GPU memory)."""
+    if not VLLM:
+        pytest.skip("vLLM engine only")
+    asyncio.run(_in_process(model_dir))
+
+
+async def _in_process(model_dir: Path) -> None:
+    from PIL import Image
+
+    from config import MODES, Settings
+    from engine import EngineRequest, Sampling
+    from errors import ModelNotReady, UnsupportedMode
+    from vllm_engine import VllmEngine
+
+    settings = Settings(model_path=str(model_dir), engine="vllm", load_format="dummy", mode="base",
+                        max_concurrency=4, enforce_eager=True, gpu_mem_utilization=0.5)
+    engine = VllmEngine(settings)
+    await engine.start()
+    try:
+        assert engine.served_modes == ("base",), engine.health()
+        page = Image.open(io.BytesIO(png(*PDF_PAGE_A4)))
+
+        def request(max_tokens: int, mode: str = "base", stream: bool = True) -> EngineRequest:
+            return EngineRequest("<image>\nFree OCR.", page, MODES[mode],
+                                 Sampling(max_tokens=max_tokens, ngram_size=20, ngram_window=50), stream=stream)
+
+        # Streaming: several deltas, the last one with the finish reason and the usage.
+        chunks = [c async for c in engine.stream(request(24))]
+        assert len(chunks) > 1 and all(c.finish_reason is None for c in chunks[:-1]), chunks
+        last = chunks[-1]
+        assert last.finish_reason in ("length", "stop") and last.usage is not None, last
+        assert last.usage.image_tokens == 273, last.usage  # base: 16 x 17 + 1 whatever the page
+        if last.finish_reason == "length":
+            assert last.usage.completion_tokens == 24, last.usage
+        again = await engine.generate(request(24, stream=False))  # FINAL_ONLY: one result, no deltas
+        assert again.text == "".join(c.text for c in chunks), "greedy output differs between runs"
+
+        with pytest.raises(UnsupportedMode):
+            await engine.generate(request(4, mode="gundam"))
+
+        # Abort: cancel the consumer mid-stream; our slot and vLLM's sequence are both released.
+        seen = asyncio.Event()
+
+        async def consume() -> None:
+            async for chunk in engine.stream(request(4000)):
+                if chunk.text:
+                    seen.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(seen.wait(), 60)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for _ in range(50):
+            health = engine.health()
+            if health.in_flight == 0 and health.detail.get("vllm_unfinished") == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert health.in_flight == 0 and health.detail.get("vllm_unfinished") == 0, health
+        assert (await engine.generate(request(4))).usage.image_tokens == 273
+
+        # Death: kill the engine core process; health says so and requests get 503.
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        # vLLM titles it VLLM::EngineCore (setproctitle); else every child but multiprocessing's tracker.
+        cores = [p for p in children if "EngineCor" in p.name() + " ".join(p.cmdline())] or [
+            p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
+        assert cores, [(p.pid, p.name(), p.cmdline()) for p in children]
+        for p in cores:
+            p.kill()
+        for _ in range(100):
+            if not engine.health().ready:
+                break
+            await asyncio.sleep(0.1)
+        health = engine.health()
+        assert not health.ready and "died" in (health.reason or ""), health
+        with pytest.raises(ModelNotReady):
+            await engine.generate(request(4))
+    finally:
+        await engine.close()

@@ -1,0 +1,421 @@
+"""The vLLM engine: DeepSeek-OCR on `vllm.AsyncLLM` (continuous batching on NVIDIA GPUs).
+
+`VllmEngine` implements `engine.BaseEngine` over vLLM 0.26's built-in `DeepseekOCRForCausalLM`. The
+service's prompt construction is kept: plain `bos + prompt`, one `<image>` id where the tag is, tokenised
+by our own tokenizer loader; vLLM only expands that id into the image's placeholder run.
+
+Resolution modes (vLLM issue #28160): vLLM's processor takes its view sizes and crop flag from module
+constants of `vllm.model_executor.models.deepseek_ocr` (1024 / 640 / crop = Gundam). They are read
+(a) in the process that holds the `AsyncLLM` - the renderer that turns an image into pixel tensors and
+counts its placeholders - and (b) in the engine-core process (spawned, see `prepare_environment`), but
+there only for start-up profiling and the encoder CUDA-graph path (off by default); the model's forward
+takes its sizes from the tensors. So a non-Gundam default mode is served by setting the constants in this
+process *after* the engine core has started (it then profiled consistently as Gundam, whose budgets bound
+every other mode's), and passing `crop_mode` per request (the processor's `__call__` default is bound at
+import). vLLM also stretches
+base/large images to a square where the reference pads them; those are padded here first, which makes
+vLLM's stretch a no-op. Constants are per process, so exactly one mode is served: Gundam, or the
+configured default mode when the vLLM version is the one this was checked against.
+
+Helpers used by the benchmarks too: `engine_kwargs`, `PromptBuilder`, `sampling_params`,
+`vllm_image`, `set_vllm_mode`, `mode_support`. `vllm` is imported lazily, so this module imports on
+machines without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from config import MODES, ModeSpec, Settings
+from engine import BaseEngine, EngineChunk, EngineHealth, EngineRequest, Sampling, Usage
+from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger("deepseek_ocr.vllm")
+
+GUNDAM = "gundam"
+IMAGE_TAG = "<image>"
+# Versions whose DeepSeek-OCR processing was read to decide that mode constants can be set (see docstring).
+MODE_PATCH_VERSIONS = ("0.26.",)
+# vLLM's tiling grid is fixed at import (MIN_CROPS/MAX_CROPS bound into default arguments).
+VLLM_CROPS = (2, 6)
+# Above this view size the reference pads (aspect kept) where vLLM stretches; see vllm_image().
+_STRETCH_MAX = 640
+_VLLM_MODEL_MODULE = "vllm.model_executor.models.deepseek_ocr"
+
+
+# --------------------------------------------------------------------------------------- engine args
+
+
+def engine_kwargs(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for `AsyncEngineArgs` / `EngineArgs` / `LLM`, from the service settings."""
+    from vllm.model_executor.models.deepseek_ocr import NGramPerReqLogitsProcessor
+
+    if not settings.model_path:
+        raise ValueError("MODEL_PATH is not set")
+    kwargs: dict[str, Any] = {
+        "model": settings.model_path,
+        "tokenizer": settings.model_path,
+        "trust_remote_code": False,  # vLLM has the architecture built in; the config's auto_map is ignored
+        "dtype": settings.dtype,  # "auto" = the checkpoint's torch_dtype (bfloat16)
+        "gpu_memory_utilization": settings.gpu_mem_utilization,
+        "max_num_seqs": settings.max_concurrency,
+        "max_model_len": settings.max_model_len,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "enforce_eager": settings.enforce_eager,
+        "quantization": settings.quantization,
+        "load_format": settings.load_format,
+        # One image per request and no reuse between requests: caches would only cost memory and hashing.
+        "enable_prefix_caching": False,
+        "mm_processor_cache_gb": 0,
+        "limit_mm_per_prompt": {"image": 1},
+        "logits_processors": [NGramPerReqLogitsProcessor],
+        # Image preprocessing runs in the renderer's threads (async path); several pages decode at once.
+        "renderer_num_workers": max(1, min(8, os.cpu_count() or 1)),
+    }
+    kwargs.update(overrides)
+    return kwargs
+
+
+def prepare_environment() -> None:
+    """Environment vLLM needs here; call before it starts its processes."""
+    # vLLM's FlashInfer sampler is its default; without the package installed it fails at the first step.
+    if importlib.util.find_spec("flashinfer") is None:
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    # vLLM forks its engine core unless it sees CUDA initialised, but `torch.cuda.is_available()` (as in
+    # ENGINE=auto) already poisons fork without marking CUDA initialised: the child then dies with
+    # "Cannot re-initialize CUDA in forked subprocess". Spawn is safe whatever ran before.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+
+
+# --------------------------------------------------------------------------------------- modes
+
+
+def mode_support(mode: ModeSpec, vllm_version: str) -> str | None:
+    """None when vLLM can serve `mode` in this process; otherwise why not."""
+    if mode.name == GUNDAM:
+        return None
+    if not vllm_version.startswith(MODE_PATCH_VERSIONS):
+        return (f"vllm {vllm_version} is not a version whose DeepSeek-OCR processor was checked for mode "
+                f"constants ({', '.join(v + 'x' for v in MODE_PATCH_VERSIONS)})")
+    import importlib
+
+    module = importlib.import_module(_VLLM_MODEL_MODULE)
+    missing = [n for n in ("BASE_SIZE", "IMAGE_SIZE", "CROP_MODE") if not hasattr(module, n)]
+    if missing:
+        return f"{_VLLM_MODEL_MODULE} has no {', '.join(missing)}"
+    return None
+
+
+def set_vllm_mode(mode: ModeSpec) -> None:
+    """Point vLLM's DeepSeek-OCR preprocessing in *this* process at `mode` (see the module docstring).
+
+    Call it after the engine core has started. The model module reads these names at call time in
+    `get_hf_processor`, `get_num_image_tokens` and the prompt update; the processor module's own copies
+    only feed default arguments bound at import, so they are left alone.
+    """
+    import importlib
+
+    module = importlib.import_module(_VLLM_MODEL_MODULE)
+    module.BASE_SIZE, module.IMAGE_SIZE, module.CROP_MODE = mode.base_size, mode.image_size, mode.crop
+
+
+def mm_processor_kwargs(mode: ModeSpec) -> dict[str, Any] | None:
+    """Per-request processor options: the crop flag, whose `__call__` default is frozen at Gundam's."""
+    return None if mode.name == GUNDAM else {"crop_mode": mode.crop}
+
+
+def vllm_image(image: Image.Image, mode: ModeSpec) -> Image.Image:
+    """The image as vLLM must receive it so that its views equal the reference's (and our model's).
+
+    RGB; in base/large (no crop, view over 640 px) padded to the view square first, because vLLM
+    stretches it there where the reference pads; and lifted one grey level when its mean is exactly mid-grey
+    (see `_balanced`).
+    """
+    from PIL import ImageOps
+
+    from process.image_process import PAD_COLOR
+
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if _balanced(image):
+        # vLLM 0.26 treats a view whose normalised pixels sum to exactly 0 as "no image" and its engine
+        # core then dies on the missing embeddings (a 1280x1280 half-black, half-white page does it).
+        # One grey level is invisible to the model and moves every view's sum off zero.
+        image = image.point(lambda v: min(255, v + 1))
+    if not mode.crop and mode.image_size > _STRETCH_MAX:
+        image = ImageOps.pad(image, (mode.base_size, mode.base_size), color=PAD_COLOR)
+    return image
+
+
+def _balanced(image: Image.Image) -> bool:
+    """Whether the pixel mean is exactly 127.5, the condition for views whose normalised sum is 0."""
+    hist = image.histogram()  # 256 bins per band, bands one after another
+    total = sum((i % 256) * n for i, n in enumerate(hist))
+    return 2 * total == 255 * sum(hist)
+
+
+# --------------------------------------------------------------------------------------- prompts
+
+
+class PromptBuilder:
+    """Our prompt construction (bos + text, one `<image>` id at the tag) as vLLM token prompts."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from process.ngram_norepeat import NoRepeatNGramProcessor
+
+        self.tokenizer = tokenizer
+        self.bos_id = _token_id(tokenizer, tokenizer.bos_token)
+        self.image_id = _token_id(tokenizer, IMAGE_TAG)
+        self.whitelist = sorted(NoRepeatNGramProcessor.from_tokenizer(tokenizer).whitelist)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> PromptBuilder:
+        from deepseek_ocr import load_tokenizer
+
+        return cls(load_tokenizer(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def token_ids(self, prompt: str, has_image: bool) -> list[int]:
+        """bos + prompt, the `<image>` tag as one image id (vLLM expands it to the image's placeholders)."""
+        tags = prompt.count(IMAGE_TAG)
+        if not has_image:
+            if tags:
+                raise BadRequest(f"the prompt has {tags} {IMAGE_TAG} tag(s) but no image was sent")
+            return [self.bos_id, *self.encode(prompt)]
+        if tags != 1:
+            raise BadRequest(f"with an image the prompt needs exactly one {IMAGE_TAG} tag, got {tags}")
+        before, after = prompt.split(IMAGE_TAG)
+        return [self.bos_id, *self.encode(before), self.image_id, *self.encode(after)]
+
+    def prompt(self, prompt: str, image: Image.Image | None, mode: ModeSpec,
+               extra_ids: Sequence[int] = ()) -> dict[str, Any]:
+        """A vLLM `TokensPrompt` dict; `image` must already be `vllm_image(image, mode)`."""
+        out: dict[str, Any] = {"prompt_token_ids": [*self.token_ids(prompt, image is not None), *extra_ids]}
+        if image is not None:
+            out["multi_modal_data"] = {"image": image}
+            if (kwargs := mm_processor_kwargs(mode)) is not None:
+                out["mm_processor_kwargs"] = kwargs
+        return out
+
+
+def _token_id(tokenizer: Any, token: str | None) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token) if token else None
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise ValueError(f"the checkpoint's tokenizer has no {token!r} token")
+    return int(token_id)
+
+
+def sampling_params(sampling: Sampling, whitelist: Sequence[int], *, delta: bool = True, **extra: Any) -> Any:
+    """vLLM `SamplingParams` for our `Sampling`; the n-gram guard rides in `extra_args` (off at size 0)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    args = None
+    if sampling.ngram_size > 0:
+        args = {"ngram_size": sampling.ngram_size, "window_size": sampling.ngram_window,
+                "whitelist_token_ids": list(whitelist)}
+    return SamplingParams(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        seed=sampling.seed,
+        skip_special_tokens=False,  # grounding tags are the answer's structure
+        spaces_between_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+        extra_args=args,
+        **extra,
+    )
+
+
+# --------------------------------------------------------------------------------------- the engine
+
+
+class VllmEngine(BaseEngine):
+    """`BaseEngine` over `vllm.AsyncLLM`: vLLM batches, our `BaseEngine` bounds the sequences in flight."""
+
+    name = "vllm"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._engine: Any = None
+        self._prompts: PromptBuilder | None = None
+        self._served: tuple[str, ...] = (GUNDAM,)
+        self._mode_note: str | None = None
+        self._version = "?"
+
+    @property
+    def served_modes(self) -> tuple[str, ...]:
+        return self._served
+
+    async def start(self) -> None:
+        prepare_environment()
+        import vllm
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._version = vllm.__version__
+        wanted = self.settings.default_mode
+        reason = mode_support(wanted, self._version)
+        serve = wanted if reason is None else None
+        if serve is None or serve.crop:
+            crops = (self.settings.min_crops, self.settings.max_crops)
+            if crops != VLLM_CROPS:
+                raise ValueError(
+                    f"MIN_CROPS={crops[0]}, MAX_CROPS={crops[1]}: vLLM {self._version} tiles Gundam pages "
+                    f"with its fixed {VLLM_CROPS[0]}..{VLLM_CROPS[1]} grid; set MIN_CROPS=2 MAX_CROPS=6 "
+                    "or use ENGINE=torch"
+                )
+        self._reason = f"starting vLLM {self._version} on {self.model_path}"
+        self._prompts = await asyncio.to_thread(PromptBuilder.from_checkpoint, self.model_path)
+        args = vllm.AsyncEngineArgs(**engine_kwargs(self.settings))
+        log.info("starting vLLM %s engine: %s", self._version, self.model_path)
+        # Built on the event loop thread: AsyncLLM binds its output task and sockets to the running loop.
+        self._engine = AsyncLLM.from_engine_args(args)
+        try:
+            if serve is not None and serve.name != GUNDAM:
+                set_vllm_mode(serve)  # only now: the engine core has profiled with the Gundam defaults
+            if serve is None:
+                self._served = (GUNDAM,)
+                self._mode_note = (f"default mode {wanted.name} cannot be served by vLLM here ({reason}); "
+                                   f"serving {GUNDAM} only")
+                log.warning("%s", self._mode_note)
+            else:
+                self._served = (serve.name,)
+            await self._warm_up()
+        except BaseException:
+            self._engine.shutdown()
+            self._engine = None
+            raise
+        self._ready, self._reason = True, None
+
+    async def _warm_up(self) -> None:
+        """Run each prompt shape once before reporting ready.
+
+        Triton compiles the fused-MoE kernel for new token counts on first use: on an H100 the first image
+        prompt after start took over 20 s, past a 10 s GENERATE_TIMEOUT_S. Text-only, a one-view image,
+        a tiled A4 page, then two pages together; two tokens each, n-gram guard on.
+        """
+        from PIL import Image
+
+        started = time.perf_counter()
+        mode = MODES[self._served[0]]
+        sampling = Sampling(max_tokens=2, ngram_size=20, ngram_window=50)
+
+        async def run(prompt: str, size: tuple[int, int] | None) -> None:
+            image = Image.new("RGB", size, "white") if size else None
+            async for _ in self._stream(EngineRequest(prompt, image, mode, sampling)):
+                pass
+
+        await run("Hello", None)
+        for size in ((640, 480), (1190, 1684)):
+            await run("<image>\nFree OCR.", size)
+        await asyncio.gather(run("<image>\nFree OCR.", (640, 480)), run("<image>\nFree OCR.", (1190, 1684)))
+        log.info("vLLM warm-up took %.1f s", time.perf_counter() - started)
+
+    def health(self) -> EngineHealth:
+        if self._ready and self._engine is not None and self._engine.errored:
+            self._mark_dead()
+        h = super().health()
+        h.detail = {
+            "vllm_version": self._version,
+            "dtype": self.settings.dtype,
+            "load_format": self.settings.load_format,
+            "max_num_seqs": self.settings.max_concurrency,
+            "tensor_parallel_size": self.settings.tensor_parallel_size,
+            "served_modes": list(self._served),
+        }
+        if self._mode_note:
+            h.detail["mode_note"] = self._mode_note
+        processor = getattr(self._engine, "output_processor", None)
+        if processor is not None and hasattr(processor, "get_num_unfinished_requests"):
+            # vLLM's own count: sequences it still holds (0 after every abort has landed).
+            h.detail["vllm_unfinished"] = processor.get_num_unfinished_requests()
+        return h
+
+    def _mark_dead(self) -> None:
+        self._ready = False
+        self._reason = "the vLLM engine core died (see the service log for its error); restart the service"
+        log.error("%s", self._reason)
+
+    async def close(self) -> None:
+        await super().close()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    async def abort(self, request_id: str) -> None:
+        engine = self._engine
+        if engine is not None and not engine.errored:
+            await engine.abort(request_id)
+
+    async def _render(self, prompt: dict[str, Any]) -> Any:
+        # vLLM 0.26's renderer preprocesses the image in its thread pool; a raw prompt handed to
+        # generate() would be preprocessed on the event loop.
+        renderer = getattr(self._engine, "renderer", None)
+        if renderer is None or not hasattr(renderer, "render_cmpl_async"):
+            return prompt
+        (engine_input,) = await renderer.render_cmpl_async([prompt])
+        return engine_input
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        engine, prompts = self._engine, self._prompts
+        if engine is None or prompts is None:
+            raise ModelNotReady(self._reason or "the vLLM engine is not running", retry_after=30)
+        image = None
+        if request.image is not None:
+            image = await asyncio.to_thread(vllm_image, request.image, request.mode)
+        params = sampling_params(request.sampling, prompts.whitelist, delta=request.stream)
+        completion = 0
+        try:
+            engine_input = await self._render(prompts.prompt(request.prompt, image, request.mode))
+            async for out in engine.generate(engine_input, params, request.request_id):
+                piece = out.outputs[0]
+                completion += len(piece.token_ids)
+                if not out.finished:
+                    if piece.text:
+                        yield EngineChunk(piece.text)
+                    continue
+                finish = _finish_reason(piece.finish_reason)
+                ids = out.prompt_token_ids or []
+                usage = Usage(
+                    prompt_tokens=len(ids),
+                    image_tokens=sum(1 for t in ids if t == prompts.image_id),
+                    # The EOS that ends a "stop" is not part of the answer (as in TorchEngine).
+                    completion_tokens=completion - (1 if finish == "stop" and completion else 0),
+                )
+                yield EngineChunk(piece.text, finish, usage)
+                return
+        except EngineDeadError:
+            self._mark_dead()
+            raise ModelNotReady(self._reason or "the vLLM engine core died", retry_after=60) from None
+        except ValueError as exc:  # vLLM's request validation: prompt length, processor failures
+            text = str(exc)
+            if "maximum model length" in text:
+                raise PromptTooLong(f"{text} (MAX_MODEL_LEN={self.settings.max_model_len})") from None
+            raise BadRequest(f"vLLM refused the request: {text}") from None
+        except EngineGenerateError as exc:
+            if engine.errored:
+                self._mark_dead()
+                raise ModelNotReady(self._reason or "the vLLM engine core died", retry_after=60) from None
+            raise OcrError(f"the vLLM engine failed on this request: {exc.__cause__ or exc}") from exc
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason in ("stop", "length", "abort"):
+        return reason
+    if reason == "repetition":  # vLLM's own repetition detector (not enabled here) ends like a stop
+        return "stop"
+    raise OcrError(f"the vLLM engine ended the request with finish_reason={reason!r}")

@@ -35,7 +35,7 @@ serve: setup
 	  echo "MODEL_PATH is not set: serving the RANDOM-WEIGHTS DEMO checkpoint $(DEMO_DIR); its text is meaningless."; \
 	  export MODEL_PATH=$(DEMO_DIR) DEFAULT_MAX_TOKENS=$${DEFAULT_MAX_TOKENS:-64}; \
 	fi; \
-	exec $(VENV)/bin/uvicorn serve_ocr:app --host $(HOST) --port $(PORT)
+	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} exec $(VENV)/bin/uvicorn serve_ocr:app --host $(HOST) --port $(PORT)
 
 test: setup-dev
 	$(PY) -m ruff check .

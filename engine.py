@@ -374,7 +374,11 @@ class TorchEngine(BaseEngine):
         self.batches += 1
         self.decoding = len(prepared)
         try:
-            for events in self.runtime.stream(prepared):
+            for step, events in enumerate(self.runtime.stream(prepared)):
+                if step == 0:
+                    # Prefill has embedded the images: their pixel tensors (~42 MB a gundam page) can go.
+                    for p in prepared:
+                        p.images = None
                 for ev in events:
                     u = usage[ev.index]
                     if ev.finish_reason not in ("abort", "stop"):  # the EOS is not part of the answer

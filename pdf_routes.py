@@ -169,7 +169,7 @@ async def info(request: Request) -> RouteInfo:
             "max_tokens": f"Per page, 1..{s.max_model_len}; default {min(s.default_max_tokens, s.max_model_len)}",
             "ngram_size / ngram_window": f"No-repeat guard, default {NGRAM_PDF[0]}/{NGRAM_PDF[1]}; 0 = off",
             "limits": f"{s.max_concurrency} pages in flight (MAX_CONCURRENCY); {s.pdf_timeout_s:g} s per "
-            "request (PDF_TIMEOUT_S)",
+            f"request (PDF_TIMEOUT_S); {s.pdf_render_timeout_s:g} s to render one page (PDF_RENDER_TIMEOUT_S)",
         },
         examples=[
             'curl -X POST "http://localhost:8000/pdf/ocr" -F "file=@report.pdf" '

@@ -2,10 +2,11 @@
 
 (a) pages/s of `inputs.render_page` at 144 dpi on A4 text pages, one thread.
 (b) peak RSS of `uvicorn serve_ocr:app` (a fresh process per run, on a tiny random checkpoint written with
-    `python deepseek_ocr.py make-tiny DIR`) while it answers `POST /pdf/ocr` for PDFs of 30, 100 and 300
-    pages, sampled with psutil every 0.2 s; with draw_layouts=false (and extract_images=false), then 300
-    pages with draw_layouts=true to show what the layout PDF costs, and the same through `/pdf/ocr/download`
-    (the layout PDF as a ZIP member instead of base64 in JSON).
+    `python deepseek_ocr.py make-tiny DIR`; the server process and its page-rendering child processes apart)
+    while it answers `POST /pdf/ocr` for PDFs of 30, 100 and 300 pages, sampled with psutil every 0.2 s;
+    with draw_layouts=false (and extract_images=false), then 300 pages with draw_layouts=true to show what
+    the layout PDF costs, and the same through `/pdf/ocr/download` (the layout PDF as a ZIP member instead
+    of base64 in JSON).
 
 Prints figures; it is not a test. Run from the repository root:
 
@@ -70,14 +71,26 @@ def bench_render(pages: int, dpi: int) -> tuple[float, int]:
 
 
 @dataclass
+class Mem:
+    """RSS in MB of the server process, of its children (the PDF render processes), and of both together."""
+
+    server: float = 0.0
+    children: float = 0.0
+    total: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.total:5.0f} = {self.server:4.0f} + {self.children:3.0f}"
+
+
+@dataclass
 class Run:
     pages: int
     draw: bool
     path: str
     status: int
     elapsed_s: float
-    idle_mb: float
-    peak_mb: float
+    idle: Mem
+    peak: Mem
     body_mb: float
     truncated: int
     failed: int
@@ -114,23 +127,28 @@ def server(env: dict[str, str]) -> Iterator[tuple[str, psutil.Process]]:
             proc.kill()
 
 
-def rss(process: psutil.Process) -> int:
-    total = 0
+def rss(process: psutil.Process) -> Mem:
+    sizes = []
     for p in (process, *process.children(recursive=True)):
         with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
+            sizes.append(p.memory_info().rss / 2**20)
+    return Mem(sizes[0] if sizes else 0.0, sum(sizes[1:]), sum(sizes))
+
+
+def peak_of(a: Mem, b: Mem) -> Mem:
+    """Per column maximum; `total` is the largest sum seen at one sample."""
+    return Mem(max(a.server, b.server), max(a.children, b.children), max(a.total, b.total))
 
 
 def measure(
     url: str, process: psutil.Process, data: bytes, fields: dict[str, str], path: str = "/pdf/ocr"
-) -> tuple[httpx.Response, int]:
+) -> tuple[httpx.Response, Mem]:
     """POST the PDF while a thread samples the server's RSS every 0.2 s; returns the answer and the peak."""
     peak, done = [rss(process)], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], rss(process))
+            peak[0] = peak_of(peak[0], rss(process))
             done.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -141,7 +159,7 @@ def measure(
     finally:
         done.set()
         sampler.join()
-    return answer, max(peak[0], rss(process))
+    return answer, peak_of(peak[0], rss(process))
 
 
 def bench_server(model: Path, pages: int, draw: bool, path: str, args: argparse.Namespace) -> Run:
@@ -176,8 +194,8 @@ def bench_server(model: Path, pages: int, draw: bool, path: str, args: argparse.
         path,
         answer.status_code,
         elapsed,
-        idle / 2**20,
-        peak / 2**20,
+        idle,
+        peak,
         len(answer.content) / 2**20,
         body.get("pages_truncated", -1),
         body.get("pages_failed", -1),
@@ -224,15 +242,15 @@ def main() -> None:
             f"MAX_CONCURRENCY {args.concurrency or 'default'}; server RSS sampled every 0.2 s"
         )
         print(
-            "route | pages | draw_layouts | HTTP | elapsed s | pages/s | idle RSS MB | peak RSS MB | peak-idle MB | "
-            "answer MB | truncated | failed"
+            "route | pages | draw_layouts | HTTP | elapsed s | pages/s | idle RSS MB (all = server + render) | "
+            "peak RSS MB (all = server + render) | peak-idle MB (all) | answer MB | truncated | failed"
         )
         for pages, draw, path in runs:
             r = bench_server(model, pages, draw, path, args)
             print(
                 f"{r.path} | {r.pages:5d} | {str(r.draw).lower():5s} | {r.status} | {r.elapsed_s:7.1f} | "
-                f"{r.pages / r.elapsed_s:5.2f} | {r.idle_mb:5.0f} | {r.peak_mb:5.0f} | "
-                f"{r.peak_mb - r.idle_mb:5.0f} | {r.body_mb:6.1f} | {r.truncated:4d} | {r.failed:4d}",
+                f"{r.pages / r.elapsed_s:5.2f} | {r.idle} | {r.peak} | "
+                f"{r.peak.total - r.idle.total:5.0f} | {r.body_mb:6.1f} | {r.truncated:4d} | {r.failed:4d}",
                 flush=True,
             )
 

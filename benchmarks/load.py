@@ -1,9 +1,9 @@
-"""Load test: N concurrent clients send a mix of every route (good and bad requests) to a server.
+"""Load test: N concurrent clients send M requests in all, a mix of every route (good and bad), to a server.
 
 Prints, per route, the count of each status, latency percentiles, and the server's RSS before, at peak
 and after. "Lost" counts requests that got no HTTP response at all (connection errors, client timeouts).
 
-    python benchmarks/load.py --serve-model models/demo-tiny-random --clients 64 --requests-per-client 500
+    python benchmarks/load.py --serve-model models/demo-tiny-random --clients 64 --requests 500
 
 With --serve-model it starts `uvicorn serve_ocr:app` itself (MAX_CONCURRENCY 16, MAX_QUEUE 16 unless
 given, so backpressure 503s do happen) and samples that process's memory; with --url it loads a server
@@ -146,10 +146,12 @@ class RssSampler(threading.Thread):
             time.sleep(0.2)
 
 
-async def client(url: str, calls: list[Call], n: int, seed: int, request_timeout: float, out: list) -> None:
+async def client(url: str, calls: list[Call], budget: list[int], seed: int, request_timeout: float, out: list) -> None:
+    """Send requests until the shared budget of requests is spent."""
     rng = random.Random(seed)
     async with httpx.AsyncClient(base_url=url, timeout=request_timeout) as http:
-        for _ in range(n):
+        while budget[0] > 0:
+            budget[0] -= 1
             call = rng.choice(calls)
             start = time.perf_counter()
             try:
@@ -225,7 +227,7 @@ def main() -> int:
     parser.add_argument("--max-concurrency", type=int, default=16)
     parser.add_argument("--max-queue", type=int, default=16)
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--requests-per-client", type=int, default=500)
+    parser.add_argument("--requests", type=int, default=500, help="requests in all, shared by the clients")
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
@@ -240,16 +242,17 @@ def main() -> int:
     calls = route_mix(args.max_tokens)
     sampler = RssSampler(pid)
     # One warm-up round so that before-RSS includes what any server holds once it has seen every route.
-    asyncio.run(client(url, calls, len(calls), 0, args.timeout, []))
+    for call in calls:
+        asyncio.run(client(url, [call], [1], 0, args.timeout, []))
     before = sampler.rss()
     sampler.start()
     results: list = []
     start = time.perf_counter()
 
+    budget = [args.requests]
+
     async def run_all() -> None:
-        await asyncio.gather(
-            *(client(url, calls, args.requests_per_client, i + 1, args.timeout, results) for i in range(args.clients))
-        )
+        await asyncio.gather(*(client(url, calls, budget, i + 1, args.timeout, results) for i in range(args.clients)))
 
     asyncio.run(run_all())
     elapsed = time.perf_counter() - start

@@ -388,6 +388,7 @@ class TorchEngine(BaseEngine):
                     self._deliver(jobs[ev.index], EngineChunk(ev.text, ev.finish_reason, u if done else None))
         finally:
             self.decoding = 0
+            _release_free_memory()
 
     @staticmethod
     def _deliver(job: _Job, item: Any) -> None:
@@ -395,6 +396,27 @@ class TorchEngine(BaseEngine):
             return
         with contextlib.suppress(RuntimeError):
             job.loop.call_soon_threadsafe(job.events.put_nowait, item)
+
+
+def _release_free_memory() -> None:
+    """Give freed heap back to the OS after a batch (glibc keeps it otherwise, so RSS only ever grows)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
 
 
 def build_engine(settings: Settings) -> BaseEngine:

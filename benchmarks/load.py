@@ -173,7 +173,7 @@ def report(results: list, elapsed: float, rss: tuple[int, int, int], args: argpa
         rows = by_route[route]
         counts = Counter(str(s) for s, _ in rows)
         lat = sorted(latency * 1000 for _, latency in rows)
-        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else lat * 99
+        q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else lat * 99
         shown = " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
         print(f"{route:28} {shown:38} {q[49]:8.0f} {q[89]:8.0f} {q[98]:8.0f} {lat[-1]:8.0f}")
     statuses = Counter(s for _, s, _ in results)
@@ -229,6 +229,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=500, help="requests in all, shared by the clients")
     parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=100, help="requests of the concurrent warm-up burst")
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args()
     proc = None
@@ -241,9 +242,17 @@ def main() -> int:
         parser.error("give --url or --serve-model")
     calls = route_mix(args.max_tokens)
     sampler = RssSampler(pid)
-    # One warm-up round so that before-RSS includes what any server holds once it has seen every route.
+    # Warm-up: every route once, then a concurrent burst, so that "before" already holds what any server
+    # holds once it has run full batches (allocator high-water mark), and growth means what it says.
     for call in calls:
         asyncio.run(client(url, [call], [1], 0, args.timeout, []))
+
+    async def burst(n: int) -> None:
+        budget = [n]
+        await asyncio.gather(*(client(url, calls, budget, 1000 + i, args.timeout, []) for i in range(args.clients)))
+
+    asyncio.run(burst(args.warmup))
+    time.sleep(1.0)
     before = sampler.rss()
     sampler.start()
     results: list = []

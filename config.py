@@ -198,8 +198,27 @@ def describe_validation_error(exc: ValidationError) -> str:
         value = err.get("input")
         shown = "" if isinstance(value, dict) or value is None else f"={value!r}"
         message = err.get("msg", "invalid").removeprefix("Value error, ")
+        allowed = _allowed_range(field)
+        if allowed:
+            message += f" (allowed: {allowed})"
         lines.append(f"{field.upper()}{shown}: {message}" if field != "settings" else message)
     return "invalid settings: " + "; ".join(lines)
+
+
+def _allowed_range(field: str) -> str | None:
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return None
+    low = high = None
+    for rule in info.metadata:
+        low = getattr(rule, "ge", None) if getattr(rule, "ge", None) is not None else low
+        low = f"> {rule.gt}" if getattr(rule, "gt", None) is not None else low
+        high = getattr(rule, "le", None) if getattr(rule, "le", None) is not None else high
+    if low is None and high is None:
+        return None
+    if isinstance(low, str):
+        return f"{low} and <= {high}" if high is not None else low
+    return f"{low}..{high}" if high is not None else f">= {low}"
 
 
 class SettingsError(SystemExit):

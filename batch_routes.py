@@ -35,6 +35,10 @@ from batch_schemas import (
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_BATCH, ModeSpec, Settings
 from deps import (
     EngineDep,
+    MaxTokensForm,
+    ModeForm,
+    NgramSizeForm,
+    NgramWindowForm,
     SettingsDep,
     deadline,
     make_request,
@@ -47,7 +51,7 @@ from engine import BaseEngine, Usage
 from errors import OcrError, PayloadTooLarge
 from pipeline import PagePost, page_status, postprocess
 from router_status import route_info, route_status
-from schemas import ModeName, RouteInfo, RouteStatus, UsageModel
+from schemas import RouteInfo, RouteStatus, UsageModel
 
 log = logging.getLogger("deepseek_ocr.batch")
 router = APIRouter(prefix="/batch", tags=["batch OCR"])
@@ -76,12 +80,10 @@ class BatchOptions:
 
 def batch_options(
     prompt: Annotated[str, Form(description="Default: the document-to-markdown prompt; `Free OCR.` for /simple")] = "",
-    mode: Annotated[ModeName | None, Form(description="Resolution mode; default from the settings")] = None,
-    max_tokens: Annotated[int | None, Form(ge=1, le=131072, description="Most tokens per file")] = None,
-    ngram_size: Annotated[int, Form(ge=0, le=512, description="No-repeat n-gram size; 0 = off")] = NGRAM_BATCH[0],
-    ngram_window: Annotated[int, Form(ge=0, le=8192, description="Tokens the n-gram guard looks back over")] = (
-        NGRAM_BATCH[1]
-    ),
+    mode: ModeForm = None,
+    max_tokens: MaxTokensForm = None,
+    ngram_size: NgramSizeForm = NGRAM_BATCH[0],
+    ngram_window: NgramWindowForm = NGRAM_BATCH[1],
 ) -> BatchOptions:
     return BatchOptions(prompt, mode, max_tokens, (ngram_size, ngram_window))
 

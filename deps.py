@@ -12,11 +12,12 @@ import functools
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request, UploadFile
+from fastapi import Depends, Form, Request, UploadFile
 
 from config import MODES, ModeSpec, Settings
 from engine import BaseEngine, EngineRequest, Sampling
 from errors import BadRequest, DeadlineExceeded, PayloadTooLarge, ValidationFailed
+from schemas import ModeName
 
 T = TypeVar("T")
 _CHUNK = 1 << 20
@@ -36,6 +37,16 @@ def get_engine(request: Request) -> BaseEngine:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[BaseEngine, Depends(get_engine)]
+
+# Form fields shared by the multipart routes (each route sets its own default).
+ModeForm = Annotated[ModeName | None, Form(description="Resolution mode; default from the server's settings")]
+MaxTokensForm = Annotated[
+    int | None, Form(ge=1, le=131072, description="Most tokens to generate (per image or page); <= MAX_MODEL_LEN")
+]
+TemperatureForm = Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy (recommended for OCR)")]
+TopPForm = Annotated[float, Form(gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0")]
+NgramSizeForm = Annotated[int, Form(ge=0, le=512, description="No-repeat n-gram size; 0 turns the guard off")]
+NgramWindowForm = Annotated[int, Form(ge=0, le=8192, description="Recent tokens the n-gram guard looks back over")]
 
 
 async def run_blocking(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

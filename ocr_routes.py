@@ -10,7 +10,12 @@ import inputs
 from config import FREE_PROMPT, IMAGE_PROMPT, MODES, NGRAM_IMAGE, ModeSpec, Settings
 from deps import (
     EngineDep,
+    MaxTokensForm,
+    ModeForm,
+    NgramSizeForm,
+    NgramWindowForm,
     SettingsDep,
+    TemperatureForm,
     deadline,
     make_request,
     normalize_prompt,
@@ -21,16 +26,11 @@ from deps import (
 from engine import BaseEngine
 from pipeline import b64, crop_models, postprocess, usage_model
 from router_status import route_info, route_status
-from schemas import ImageOcrResponse, ModeName, RouteInfo, RouteStatus, SimpleTextResponse
+from schemas import ImageOcrResponse, RouteInfo, RouteStatus, SimpleTextResponse
 
 router = APIRouter(prefix="/ocr", tags=["image OCR"])
 
 FileField = Annotated[UploadFile, File(description="Image: PNG, JPEG, WebP, TIFF, BMP, GIF (first frame)")]
-ModeField = Annotated[ModeName | None, Form(description="Resolution mode; wins over crop_mode")]
-MaxTokens = Annotated[int | None, Form(ge=1, le=131072, description="Most tokens to generate")]
-Temperature = Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy")]
-NgramSize = Annotated[int, Form(ge=0, le=512, description="No-repeat n-gram size; 0 = off")]
-NgramWindow = Annotated[int, Form(ge=0, le=8192, description="Tokens the n-gram guard looks back over")]
 
 
 def mode_for(mode: str | None, crop_mode: str | None, engine: BaseEngine, settings: Settings) -> ModeSpec:
@@ -62,11 +62,11 @@ async def image_advanced(
         Literal["singlepage", "tiling"] | None,
         Form(description="Seed option: singlepage = global view only, tiling = dynamic tiles"),
     ] = None,
-    mode: ModeField = None,
-    max_tokens: MaxTokens = None,
-    temperature: Temperature = 0.0,
-    ngram_size: NgramSize = NGRAM_IMAGE[0],
-    ngram_window: NgramWindow = NGRAM_IMAGE[1],
+    mode: ModeForm = None,
+    max_tokens: MaxTokensForm = None,
+    temperature: TemperatureForm = 0.0,
+    ngram_size: NgramSizeForm = NGRAM_IMAGE[0],
+    ngram_window: NgramWindowForm = NGRAM_IMAGE[1],
 ) -> ImageOcrResponse:
     data = await read_upload(file, settings)
     image = await run_blocking(request, inputs.decode_image, data, max_pixels=settings.max_image_pixels)
@@ -107,8 +107,8 @@ async def image_simple(
     settings: SettingsDep,
     file: FileField,
     prompt: Annotated[str, Form(description="Default: `<image>\\nFree OCR.`")] = "",
-    mode: ModeField = None,
-    max_tokens: MaxTokens = None,
+    mode: ModeForm = None,
+    max_tokens: MaxTokensForm = None,
 ) -> SimpleTextResponse:
     data = await read_upload(file, settings)
     image = await run_blocking(request, inputs.decode_image, data, max_pixels=settings.max_image_pixels)

@@ -28,6 +28,10 @@ import inputs
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, ModeSpec, Settings
 from deps import (
     EngineDep,
+    MaxTokensForm,
+    ModeForm,
+    NgramSizeForm,
+    NgramWindowForm,
     SettingsDep,
     deadline,
     make_request,
@@ -42,7 +46,7 @@ from ocr_utils import Crop, build_zip, join_pages, layout_pdf, safe_member_name
 from pdf_schemas import PdfOcrResponse, PdfPageModel, PdfSimplePage, PdfSimpleResponse
 from pipeline import PagePost, b64, crop_models, page_status, postprocess
 from router_status import route_info, route_status
-from schemas import ModeName, RouteInfo, RouteStatus, UsageModel
+from schemas import RouteInfo, RouteStatus, UsageModel
 
 log = logging.getLogger("deepseek_ocr.pdf")
 router = APIRouter(prefix="/pdf", tags=["PDF OCR"])
@@ -52,8 +56,6 @@ PdfFile = Annotated[UploadFile, File(description="The PDF; at most MAX_UPLOAD_MB
 Pages = Annotated[str | None, Form(description="Pages to process, 1-based: `1-3,7`, `5-`, `-2`; default all")]
 Dpi = Annotated[int, Form(ge=72, le=300, description="Render resolution, 72..300 (lowered per page to fit)")]
 Password = Annotated[str | None, Form(description="Password of an encrypted PDF")]
-ModeField = Annotated[ModeName | None, Form(description="Resolution mode; default from the server's settings")]
-MaxTokens = Annotated[int | None, Form(ge=1, le=131072, description="Most tokens to generate per page")]
 ZIP_RESPONSE = {200: {"content": {"application/zip": {}}, "description": "ZIP: markdown, raw text, layouts, images"}}
 
 
@@ -77,14 +79,12 @@ def full_options(
     dpi: Dpi = 144,
     pages: Pages = None,
     password: Password = None,
-    mode: ModeField = None,
+    mode: ModeForm = None,
     draw_layouts: Annotated[bool, Form(description="Return a PDF of the pages with boxes drawn")] = True,
     extract_images: Annotated[bool, Form(description="Return regions labelled `image` as JPEG")] = True,
-    max_tokens: MaxTokens = None,
-    ngram_size: Annotated[int, Form(ge=0, le=512, description="No-repeat n-gram size; 0 = off")] = NGRAM_PDF[0],
-    ngram_window: Annotated[int, Form(ge=0, le=8192, description="Tokens the n-gram guard looks back over")] = (
-        NGRAM_PDF[1]
-    ),
+    max_tokens: MaxTokensForm = None,
+    ngram_size: NgramSizeForm = NGRAM_PDF[0],
+    ngram_window: NgramWindowForm = NGRAM_PDF[1],
 ) -> PdfOptions:
     return PdfOptions(
         prompt, dpi, pages, password, mode, draw_layouts, extract_images, max_tokens, (ngram_size, ngram_window)
@@ -127,9 +127,9 @@ async def pdf_simple(
     file: PdfFile,
     pages: Pages = None,
     dpi: Dpi = 144,
-    mode: ModeField = None,
+    mode: ModeForm = None,
     password: Password = None,
-    max_tokens: MaxTokens = None,
+    max_tokens: MaxTokensForm = None,
 ) -> PdfSimpleResponse:
     data = await read_upload(file, settings)
     options = PdfOptions(FREE_PROMPT, dpi, pages, password, mode, max_tokens=max_tokens)

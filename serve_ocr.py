@@ -24,10 +24,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import inputs
-from config import Settings, load_settings
+from config import NGRAM_IMAGE, Settings, load_settings
 from deps import (
     EngineDep,
+    MaxTokensForm,
+    ModeForm,
+    NgramSizeForm,
+    NgramWindowForm,
     SettingsDep,
+    TemperatureForm,
+    TopPForm,
     deadline,
     make_request,
     normalize_prompt,
@@ -42,7 +48,6 @@ from schemas import (
     GenerateRequest,
     GenerateResponse,
     HealthResponse,
-    ModeName,
     Problem,
     RootResponse,
     RouterState,
@@ -297,9 +302,7 @@ def base_router() -> Any:
         image = None
         if body.image_base64 is not None:
             data = inputs.decode_base64_image(body.image_base64, max_bytes=settings.max_upload_bytes)
-            image = await run_blocking(
-                request, inputs.decode_image, data, max_pixels=settings.max_image_pixels
-            )
+            image = await run_blocking(request, inputs.decode_image, data, max_pixels=settings.max_image_pixels)
         return await _generate(
             engine,
             settings,
@@ -323,14 +326,12 @@ def base_router() -> Any:
         settings: SettingsDep,
         file: Annotated[UploadFile, File(description="Image: PNG, JPEG, WebP, TIFF, BMP, GIF")],
         prompt: Annotated[str, Form(description="Prompt; `<image>\\n` is put in front if missing")] = "",
-        max_tokens: Annotated[
-            int | None, Form(ge=1, le=131072, description="Most tokens to generate")
-        ] = None,
-        temperature: Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy")] = 0.0,
-        top_p: Annotated[float, Form(gt=0.0, le=1.0)] = 1.0,
-        mode: Annotated[ModeName | None, Form(description="Resolution mode")] = None,
-        ngram_size: Annotated[int, Form(ge=0, le=512, description="No-repeat n-gram size, 0 = off")] = 30,
-        ngram_window: Annotated[int, Form(ge=0, le=8192)] = 90,
+        max_tokens: MaxTokensForm = None,
+        temperature: TemperatureForm = 0.0,
+        top_p: TopPForm = 1.0,
+        mode: ModeForm = None,
+        ngram_size: NgramSizeForm = NGRAM_IMAGE[0],
+        ngram_window: NgramWindowForm = NGRAM_IMAGE[1],
     ) -> GenerateResponse:
         data = await read_upload(file, settings)
         image = await run_blocking(request, inputs.decode_image, data, max_pixels=settings.max_image_pixels)

@@ -338,7 +338,10 @@ def test_pdf_router_import_failure_degrades_gracefully(
 @pytest.mark.parametrize(
     "env,needle",
     [
-        ({"MAX_CONCURRENCY": "0"}, "MAX_CONCURRENCY='0': Input should be greater than or equal to 1 (allowed: 1..4096)"),
+        (
+            {"MAX_CONCURRENCY": "0"},
+            "MAX_CONCURRENCY='0': Input should be greater than or equal to 1 (allowed: 1..4096)",
+        ),
         ({"GPU_MEM_UTILIZATION": "1.5"}, "GPU_MEM_UTILIZATION"),
         ({"BASE_SIZE": "1280", "IMAGE_SIZE": "640"}, "allowed combinations"),
         ({"MODE": "huge"}, "MODE"),

@@ -26,7 +26,8 @@ RUN pip install --upgrade pip && pip install -r requirements-gpu.txt
 COPY *.py ./
 COPY process/ ./process/
 
-RUN useradd --create-home --uid 1000 ocr && mkdir -p /app/models && chown -R ocr /app
+# Ubuntu 24.04 images already have a user with UID 1000 (ubuntu).
+RUN useradd --create-home --uid 10001 ocr && mkdir -p /app/models && chown -R ocr /app
 USER ocr
 
 ENV MODEL_PATH=/app/models/deepseek-ocr \

@@ -34,6 +34,7 @@ from batch_schemas import (
 )
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_BATCH, ModeSpec, Settings
 from deps import (
+    PROMPT_MAX_CHARS,
     EngineDep,
     MaxTokensForm,
     ModeForm,
@@ -79,7 +80,12 @@ class BatchOptions:
 
 
 def batch_options(
-    prompt: Annotated[str, Form(description="Default: the document-to-markdown prompt; `Free OCR.` for /simple")] = "",
+    prompt: Annotated[
+        str,
+        Form(
+            max_length=PROMPT_MAX_CHARS, description="Default: the document-to-markdown prompt; `Free OCR.` for /simple"
+        ),
+    ] = "",
     mode: ModeForm = None,
     max_tokens: MaxTokensForm = None,
     ngram_size: NgramSizeForm = NGRAM_BATCH[0],

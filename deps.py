@@ -38,6 +38,8 @@ def get_engine(request: Request) -> BaseEngine:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[BaseEngine, Depends(get_engine)]
 
+PROMPT_MAX_CHARS = 100_000  # far above any prompt that fits MAX_MODEL_LEN; bounds tokenizer work
+
 # Form fields shared by the multipart routes (each route sets its own default).
 ModeForm = Annotated[ModeName | None, Form(description="Resolution mode; default from the server's settings")]
 MaxTokensForm = Annotated[

@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 import inputs
 from config import FREE_PROMPT, IMAGE_PROMPT, MODES, NGRAM_IMAGE, ModeSpec, Settings
 from deps import (
+    PROMPT_MAX_CHARS,
     EngineDep,
     MaxTokensForm,
     ModeForm,
@@ -55,7 +56,7 @@ async def image_advanced(
     engine: EngineDep,
     settings: SettingsDep,
     file: FileField,
-    prompt: Annotated[str, Form(description="Default: the grounding OCR prompt")] = "",
+    prompt: Annotated[str, Form(max_length=PROMPT_MAX_CHARS, description="Default: the grounding OCR prompt")] = "",
     draw_boxes: Annotated[bool, Form(description="Return the image with boxes drawn (base64 PNG)")] = True,
     crop_regions: Annotated[bool, Form(description="Return regions labelled `image` as JPEG crops")] = True,
     crop_mode: Annotated[
@@ -106,7 +107,7 @@ async def image_simple(
     engine: EngineDep,
     settings: SettingsDep,
     file: FileField,
-    prompt: Annotated[str, Form(description="Default: `<image>\\nFree OCR.`")] = "",
+    prompt: Annotated[str, Form(max_length=PROMPT_MAX_CHARS, description="Default: `<image>\\nFree OCR.`")] = "",
     mode: ModeForm = None,
     max_tokens: MaxTokensForm = None,
 ) -> SimpleTextResponse:

@@ -27,6 +27,7 @@ from PIL import Image
 import inputs
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, ModeSpec, Settings
 from deps import (
+    PROMPT_MAX_CHARS,
     EngineDep,
     MaxTokensForm,
     ModeForm,
@@ -53,9 +54,11 @@ router = APIRouter(prefix="/pdf", tags=["PDF OCR"])
 T = TypeVar("T")
 
 PdfFile = Annotated[UploadFile, File(description="The PDF; at most MAX_UPLOAD_MB and MAX_PDF_PAGES pages")]
-Pages = Annotated[str | None, Form(description="Pages to process, 1-based: `1-3,7`, `5-`, `-2`; default all")]
+Pages = Annotated[
+    str | None, Form(max_length=4096, description="Pages to process, 1-based: `1-3,7`, `5-`, `-2`; default all")
+]
 Dpi = Annotated[int, Form(ge=72, le=300, description="Render resolution, 72..300 (lowered per page to fit)")]
-Password = Annotated[str | None, Form(description="Password of an encrypted PDF")]
+Password = Annotated[str | None, Form(max_length=1024, description="Password of an encrypted PDF")]
 ZIP_RESPONSE = {200: {"content": {"application/zip": {}}, "description": "ZIP: markdown, raw text, layouts, images"}}
 
 
@@ -75,7 +78,9 @@ class PdfOptions:
 
 
 def full_options(
-    prompt: Annotated[str, Form(description=f"Default {DOCUMENT_PROMPT!r}; a typed `\\n` is a newline")] = "",
+    prompt: Annotated[
+        str, Form(max_length=PROMPT_MAX_CHARS, description=f"Default {DOCUMENT_PROMPT!r}; a typed `\\n` is a newline")
+    ] = "",
     dpi: Dpi = 144,
     pages: Pages = None,
     password: Password = None,

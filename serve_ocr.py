@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import inputs
 from config import NGRAM_IMAGE, Settings, load_settings
 from deps import (
+    PROMPT_MAX_CHARS,
     EngineDep,
     MaxTokensForm,
     ModeForm,
@@ -325,7 +326,9 @@ def base_router() -> Any:
         engine: EngineDep,
         settings: SettingsDep,
         file: Annotated[UploadFile, File(description="Image: PNG, JPEG, WebP, TIFF, BMP, GIF")],
-        prompt: Annotated[str, Form(description="Prompt; `<image>\\n` is put in front if missing")] = "",
+        prompt: Annotated[
+            str, Form(max_length=PROMPT_MAX_CHARS, description="Prompt; `<image>\\n` is put in front if missing")
+        ] = "",
         max_tokens: MaxTokensForm = None,
         temperature: TemperatureForm = 0.0,
         top_p: TopPForm = 1.0,

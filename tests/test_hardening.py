@@ -113,7 +113,9 @@ def test_streamed_2gb_upload_refused_while_reading(small_limits_url: str, path: 
         sock.sendall(
             f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
             "Transfer-Encoding: chunked\r\n\r\n".encode()
-            + b"%x\r\n" % len(head) + head + b"\r\n"
+            + b"%x\r\n" % len(head)
+            + head
+            + b"\r\n"
         )
         while sent < (2 << 30):
             readable, _, _ = select.select([sock], [], [], 0)
@@ -190,6 +192,18 @@ def test_image_formats_work(base_url: str, case: str) -> None:
     assert r.json()["usage"]["image_tokens"] == facts_image_tokens(w, h, "gundam")
 
 
+def test_overlong_prompt_and_page_selection_are_422(small_limits_url: str) -> None:
+    r = httpx.post(
+        small_limits_url + "/ocr/image/simple", files={"file": ("a.png", png_bytes())}, data={"prompt": "x" * 100_001}
+    )
+    assert_problem(r, 422, "prompt")
+    r = httpx.post(
+        small_limits_url + "/pdf/ocr/simple", files={"file": ("a.pdf", b"%PDF-1.4")}, data={"pages": "1," * 3000}
+    )
+    assert_problem(r, 422, "pages")
+    good_request_works(small_limits_url)
+
+
 def test_heic_and_unknown_get_415_listing_formats(small_limits_url: str) -> None:
     heic = b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + b"\0" * 200
     for data in (heic, b"GIF89a-not-really" + b"\x00" * 50, b"%PDF-1.4\n"):
@@ -258,7 +272,7 @@ def test_deadline_504_and_engine_back_to_idle(busy_url: str) -> None:
 def test_client_disconnect_aborts_engine_work(busy_url: str) -> None:
     host, port = busy_url.removeprefix("http://").split(":")
     body = (
-        b"--zz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+        b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
         b"Content-Type: image/png\r\n\r\n" + png_bytes() + b"\r\n--zz--\r\n"
     )
     with socket.create_connection((host, int(port)), timeout=10) as sock:

@@ -14,35 +14,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from process.image_process import DEFAULT_MODE, MODES, ModeSpec
 
-@dataclass(frozen=True)
-class ModeSpec:
-    """One resolution preset of DeepSeek-OCR (FACTS section 3)."""
-
-    name: str
-    base_size: int
-    image_size: int
-    crop: bool
-    description: str
-
-
-MODES: dict[str, ModeSpec] = {
-    m.name: m
-    for m in (
-        ModeSpec("tiny", 512, 512, False, "512x512 global view only: 73 image tokens"),
-        ModeSpec("small", 640, 640, False, "640x640 global view only: 111 image tokens"),
-        ModeSpec("base", 1024, 1024, False, "1024x1024 padded global view: 273 image tokens"),
-        ModeSpec("large", 1280, 1280, False, "1280x1280 padded global view: 421 image tokens"),
-        ModeSpec(
-            "gundam",
-            1024,
-            640,
-            True,
-            "1024 global view + 2..6 tiles of 640 for images over 640 px: 273 to 933 image tokens",
-        ),
-    )
-}
-DEFAULT_MODE = "gundam"
+__all__ = ["DEFAULT_MODE", "MODES", "ModeSpec"]  # re-exported: the table itself lives in process/image_process.py
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from process.image_process import MODES
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -40,15 +42,6 @@ if TYPE_CHECKING:
 
 DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 IMAGE_TAG = "<image>"
-
-# CLI only: the service keeps its own mode table in config.py.
-MODES: dict[str, tuple[int, int, bool]] = {  # name -> (base_size, image_size, crop)
-    "tiny": (512, 512, False),
-    "small": (640, 640, False),
-    "base": (1024, 1024, False),
-    "large": (1280, 1280, False),
-    "gundam": (1024, 640, True),
-}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAM_KEY = "sam_vit_b"
@@ -1542,7 +1535,8 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from PIL import Image, ImageOps
 
-    base_size, image_size, crop = MODES[args.mode]
+    spec = MODES[args.mode]
+    base_size, image_size, crop = spec.base_size, spec.image_size, spec.crop
     with Image.open(args.image) as img:
         image = ImageOps.exif_transpose(img).convert("RGB")
     started = time.perf_counter()

@@ -9,7 +9,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ModeName = Literal["tiny", "small", "base", "large", "gundam"]
+from process.image_process import MODES
+
+ModeName = Literal[tuple(MODES)]  # type: ignore[valid-type]
 FinishReason = Literal["stop", "length", "abort"]
 
 

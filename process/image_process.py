@@ -22,6 +22,36 @@ PATCH_SIZE = 16
 DOWNSAMPLE = 4
 PAD_COLOR = (127, 127, 127)  # int(0.5 * 255): the normalisation mean, so padding encodes to ~0
 
+@dataclass(frozen=True)
+class ModeSpec:
+    """One resolution preset of DeepSeek-OCR (FACTS section 3)."""
+
+    name: str
+    base_size: int
+    image_size: int
+    crop: bool
+    description: str
+
+
+# The one mode table: settings, schemas, engines and the CLI read it from here.
+MODES: dict[str, ModeSpec] = {
+    m.name: m
+    for m in (
+        ModeSpec("tiny", 512, 512, False, "512x512 global view only: 73 image tokens"),
+        ModeSpec("small", 640, 640, False, "640x640 global view only: 111 image tokens"),
+        ModeSpec("base", 1024, 1024, False, "1024x1024 padded global view: 273 image tokens"),
+        ModeSpec("large", 1280, 1280, False, "1280x1280 padded global view: 421 image tokens"),
+        ModeSpec(
+            "gundam",
+            1024,
+            640,
+            True,
+            "1024 global view + 2..6 tiles of 640 for images over 640 px: 273 to 933 image tokens",
+        ),
+    )
+}
+DEFAULT_MODE = "gundam"
+
 # One query per PATCH_SIZE * DOWNSAMPLE pixels; view sizes must be whole multiples of it.
 _SIZE_STEP = PATCH_SIZE * DOWNSAMPLE
 # The reference resizes with PIL's default for RGB, which is bicubic; keep it so pixels match.

@@ -184,7 +184,8 @@ def test_incremental_detokenizer_holds_split_characters(ocr: dso.DeepseekOCR) ->
 def test_prompt_holds_image_tokens_plus_text(
     ocr: dso.DeepseekOCR, mode: str, size: tuple[int, int], expected: int
 ) -> None:
-    base, image_size, crop = dso.MODES[mode]
+    m = dso.MODES[mode]
+    base, image_size, crop = m.base_size, m.image_size, m.crop
     assert count_image_tokens(*size, base, image_size, crop) == expected
     prompt = "Intro <image>\nFree OCR."
     req = ocr.prepare(prompt, Image.new("RGB", size, "white"), base_size=base, image_size=image_size, crop=crop)
@@ -196,7 +197,8 @@ def test_prompt_holds_image_tokens_plus_text(
 
 @pytest.mark.parametrize(("mode", "size"), [("gundam", (1190, 1684)), ("small", (300, 900)), ("large", (500, 500))])
 def test_vision_encoder_fills_every_placeholder(ocr: dso.DeepseekOCR, mode: str, size: tuple[int, int]) -> None:
-    base, image_size, crop = dso.MODES[mode]
+    m = dso.MODES[mode]
+    base, image_size, crop = m.base_size, m.image_size, m.crop
     req = ocr.prepare("<image>", _noise_image(*size, seed=1), base_size=base, image_size=image_size, crop=crop)
     with torch.inference_mode():
         feats = ocr.model.model.encode_image(req.images)
@@ -449,7 +451,8 @@ def test_cuda_real_vision_small_decoder(tmp_path: Path) -> None:
     gpu = dso.DeepseekOCR.from_pretrained(ckpt, device="cuda", dtype="bfloat16")
     assert gpu.config.sam_width == 768 and gpu.config.clip_layers == 24 and gpu.config.hidden_size == 1280
     for mode, size in [("gundam", (1190, 1684)), ("large", (800, 800)), ("tiny", (300, 300))]:
-        base, image_size, crop = dso.MODES[mode]
+        m = dso.MODES[mode]
+        base, image_size, crop = m.base_size, m.image_size, m.crop
         req = gpu.prepare(
             dso.DEFAULT_PROMPT,
             _noise_image(*size, seed=9),

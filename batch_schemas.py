@@ -1,20 +1,19 @@
 """Response models of the batch router (`/batch/...`): per-file results, batch totals, the ZIP's summary.json.
 
 Totals sit at the top level of each answer beside `results` and `elapsed_s`, so a script reads
-`answer["failed"]` directly. A file that failed has `status="error"` and its problem document in `error`.
+`answer["failed"]` directly. A file that failed has `status="failed"` and its problem document in `error`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field
 
-from schemas import FinishReason, UsageModel
+from schemas import STATUS_TEXT, FinishReason, ItemStatus, UsageModel
 
-FileStatus = Literal["ok", "truncated", "error"]
-
-_STATUS = "`ok`: finished; `truncated`: stopped at max_tokens (kept, marked); `error`: failed, see `error`"
+FileStatus = ItemStatus
+_STATUS = STATUS_TEXT
 _ERROR = "The problem document (type, title, status, detail) of why this file failed; null when it did not"
 _PROBLEM_EXAMPLE = {
     "type": "https://deepseek-ocr.local/problems/invalid-image",
@@ -28,7 +27,8 @@ class BatchTotals(BaseModel):
     files: int = Field(description="Files in the batch", examples=[5])
     ok: int = Field(description="Files that finished (`status=ok`)", examples=[3])
     truncated: int = Field(description="Files that stopped at max_tokens (`status=truncated`)", examples=[1])
-    failed: int = Field(description="Files that failed (`status=error`)", examples=[1])
+    failed: int = Field(description="Files that failed (`status=failed`)", examples=[1])
+    aborted: int = Field(0, description="Files the engine aborted (`status=aborted`)", examples=[0])
     usage: UsageModel = Field(description="Token usage summed over the files")
 
 

@@ -1,42 +1,40 @@
 """FastAPI dependencies and request helpers shared by the routers.
 
-Settings and the engine come from `app.state` (never a global); uploads are read with their size limit;
-form options become an `EngineRequest`; work that blocks runs in the app's worker pool; deadlines end in 504.
+Settings and the service come from `app.state` (never a global); the service dependency refuses work up
+front when no engine is ready or too much is waiting; uploads are read under their size limit; shared form
+fields are declared once; deadlines end in 504.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 from fastapi import Depends, Form, Request, UploadFile
 
-from config import MODES, ModeSpec, Settings
-from engine import BaseEngine, EngineRequest, Sampling
-from errors import BadRequest, DeadlineExceeded, PayloadTooLarge, ValidationFailed
+from config import Settings
+from errors import BadRequest, DeadlineExceeded, PayloadTooLarge
+from pipeline import OcrService
 from schemas import ModeName
 
-T = TypeVar("T")
 _CHUNK = 1 << 20
-SAMPLING_EPS = 1e-5
 
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> BaseEngine:
-    """The app's engine, after admission: 503 when it is not ready or too much work is waiting."""
-    engine: BaseEngine = request.app.state.engine
-    engine.admit()
-    return engine
+def get_service(request: Request) -> OcrService:
+    """The app's service, after admission: 503 when no engine is ready or too much work is waiting."""
+    service: OcrService = request.app.state.service
+    service.admit()
+    return service
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-EngineDep = Annotated[BaseEngine, Depends(get_engine)]
+ServiceDep = Annotated[OcrService, Depends(get_service)]
 
 PROMPT_MAX_CHARS = 100_000  # far above any prompt that fits MAX_MODEL_LEN; bounds tokenizer work
 
@@ -51,10 +49,8 @@ NgramSizeForm = Annotated[int, Form(ge=0, le=512, description="No-repeat n-gram 
 NgramWindowForm = Annotated[int, Form(ge=0, le=8192, description="Recent tokens the n-gram guard looks back over")]
 
 
-async def run_blocking(request: Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run CPU work (PIL, PyMuPDF, drawing) in the app's worker pool, off the event loop."""
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app.state.pool, functools.partial(fn, *args, **kwargs))
+def prompt_form(description: str) -> object:
+    return Form(max_length=PROMPT_MAX_CHARS, description=description)
 
 
 async def read_upload(file: UploadFile, settings: Settings, *, what: str = "file") -> bytes:
@@ -80,62 +76,6 @@ def _too_large(what: str, name: str | None, size: int, settings: Settings) -> Pa
         f"MAX_UPLOAD_MB={settings.max_upload_mb:g}",
         limit_bytes=settings.max_upload_bytes,
     )
-
-
-def resolve_mode(name: str | None, settings: Settings) -> ModeSpec:
-    if name is None or name == "":
-        return settings.default_mode
-    key = name.strip().lower()
-    if key not in MODES:
-        raise ValidationFailed(f"mode {name!r} is not a mode; allowed: {', '.join(MODES)}")
-    return MODES[key]
-
-
-def normalize_prompt(prompt: str | None, default: str, *, has_image: bool) -> str:
-    """The prompt the model sees: the default when empty, `<image>\\n` in front when an image has no tag.
-
-    A literal backslash-n typed after `<image>` in a shell (`-F "prompt=<image>\\n..."`) means a newline.
-    """
-    text = (prompt or "").strip() or default
-    text = text.replace("<image>\\n", "<image>\n")
-    if has_image and "<image>" not in text:
-        text = "<image>\n" + text
-    if not has_image and "<image>" in text:
-        raise BadRequest("the prompt has an <image> tag but no image was sent; send an image or drop the tag")
-    if text.count("<image>") > 1:
-        raise BadRequest("the prompt has several <image> tags; one image per request is supported")
-    return text
-
-
-def make_request(
-    settings: Settings,
-    *,
-    prompt: str,
-    image: Any,
-    mode: ModeSpec,
-    max_tokens: int | None,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    ngram: tuple[int, int] = (30, 90),
-) -> EngineRequest:
-    limit = settings.max_model_len
-    if max_tokens is not None and not 1 <= max_tokens <= limit:
-        raise ValidationFailed(f"max_tokens={max_tokens} is out of range; allowed 1..{limit} (MAX_MODEL_LEN)")
-    size, window = ngram
-    if size and (size < 2 or window < size):
-        raise ValidationFailed(
-            f"ngram_size={size}, ngram_window={window}: the size must be 0 (off) or >= 2, "
-            "and the window at least the size"
-        )
-    sampling = Sampling(
-        max_tokens=min(max_tokens or settings.default_max_tokens, limit),
-        # Below vLLM's sampling epsilon a temperature means greedy; dividing logits by 1e-148 overflows.
-        temperature=temperature if temperature >= SAMPLING_EPS else 0.0,
-        top_p=top_p,
-        ngram_size=size,
-        ngram_window=window if size else 0,
-    )
-    return EngineRequest(prompt=prompt, image=image, mode=mode, sampling=sampling)
 
 
 @contextlib.asynccontextmanager

@@ -86,8 +86,9 @@ class ValidationFailed(OcrError):
 class ServiceUnavailable(OcrError):
     status, slug, title = 503, "service-unavailable", "The service cannot take this request now"
 
-    def __init__(self, detail: str, *, retry_after: int = 5, **extra: Any) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)}, **extra)
+    def __init__(self, detail: str, *, retry_after: int | None = 5, **extra: Any) -> None:
+        # No Retry-After when waiting cannot help (a model directory that can never load).
+        super().__init__(detail, headers={"Retry-After": str(retry_after)} if retry_after else None, **extra)
 
 
 class ModelNotReady(ServiceUnavailable):

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field
 
-from schemas import BlockModel, CropModel, FinishReason, ModeName, UsageModel
+from schemas import STATUS_TEXT, BlockModel, CropModel, FinishReason, ItemStatus, ModeName, UsageModel
 
-PageStatus = Literal["ok", "truncated", "error"]
-STATUS_TEXT = "`ok`; `truncated` when it stopped at max_tokens (kept, not dropped); `error` when it failed"
+PageStatus = ItemStatus
 
 
 class PdfPageModel(BaseModel):
@@ -17,7 +14,7 @@ class PdfPageModel(BaseModel):
 
     page: int = Field(description="1-based page number in the document", examples=[1])
     status: PageStatus = Field(description=STATUS_TEXT)
-    error: str | None = Field(None, description="Why the page failed (status `error`); null otherwise")
+    error: str | None = Field(None, description="Why the page failed (status `failed`); null otherwise")
     text: str = Field(description="Raw model output, grounding tags kept")
     markdown: str = Field(description="Cleaned markdown; figures linked as `images/{page}_{n}.jpg`")
     blocks: list[BlockModel] = Field(description="One per ref/det pair, boxes in pixels of the rendered page")
@@ -54,7 +51,8 @@ class PdfOcrResponse(BaseModel):
     pages_processed: int = Field(description="Pages selected and processed", examples=[12])
     pages_ok: int = Field(description="Pages with status `ok`", examples=[11])
     pages_truncated: int = Field(description="Pages with status `truncated`", examples=[1])
-    pages_failed: int = Field(description="Pages with status `error`", examples=[0])
+    pages_failed: int = Field(description="Pages with status `failed`", examples=[0])
+    pages_aborted: int = Field(0, description="Pages with status `aborted`", examples=[0])
     usage: UsageModel = Field(description="Tokens summed over the processed pages")
     dpi: int = Field(description="Resolution asked for (see each page's `dpi` for the one used)", examples=[144])
     mode: ModeName = Field(description="Resolution mode used")
@@ -67,7 +65,7 @@ class PdfSimplePage(BaseModel):
     text: str = Field(description="Plain text of the page, no tags")
     status: PageStatus = Field(description=STATUS_TEXT)
     finish_reason: FinishReason | None = Field(None, description="`stop`, `length`; null when it failed")
-    error: str | None = Field(None, description="Why the page failed (status `error`)")
+    error: str | None = Field(None, description="Why the page failed (status `failed`)")
 
 
 class PdfSimpleResponse(BaseModel):
@@ -79,6 +77,6 @@ class PdfSimpleResponse(BaseModel):
     )
     pages: list[PdfSimplePage] = Field(description="Per page text and status, in page order")
     page_count: int = Field(description="Pages in the document")
-    pages_failed: int = Field(description="Pages with status `error`")
+    pages_failed: int = Field(description="Pages with status `failed`")
     mode: ModeName = Field(description="Resolution mode used")
     elapsed_s: float = Field(description="Server time spent on this request, seconds")

@@ -1,19 +1,127 @@
-"""From an image to a finished answer: engine call plus the reference post-processing.
+"""The service: the one path from an item (an image, a PDF page, a batch file) to its result.
 
-Shared by the image, PDF and batch routers. The CPU-heavy parts (parsing, drawing, cropping, encoding)
-are plain functions the routers run in the worker pool.
+Routers parse their forms and call `OcrService`; nothing else talks to engines. A request is validated
+once into an `OcrRequest` (prompt and `<image>` rules, mode, sampling, limits). Each item then goes
+decode or render (worker pool / render processes, no engine slot) -> engine (one admission slot) ->
+post-processing (worker pool), and ends as an `ItemResult` with one status policy for every route:
+`ok`, `truncated` (stopped at max_tokens, kept), `aborted` (the engine aborted it), `failed` (with the
+reason). An engine that is not ready is a 503 for the whole request, never N failed items.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from PIL import Image
 
+import inputs
 import ocr_utils
-from engine import EngineResult
-from schemas import BlockModel, BoxModel, CropModel, UsageModel
+from admission import Admission
+from config import Settings
+from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
+from errors import BadRequest, OcrError, ServiceUnavailable, ValidationFailed
+from process.image_process import MODES, ModeSpec
+
+log = logging.getLogger("deepseek_ocr.service")
+T = TypeVar("T")
+ItemStatus = Literal["ok", "truncated", "failed", "aborted"]
+SAMPLING_EPS = 1e-5  # below vLLM's sampling epsilon a temperature means greedy
+
+
+# --------------------------------------------------------------------------------------- requests
+
+
+def resolve_mode(name: str | None, settings: Settings) -> ModeSpec:
+    if name is None or name == "":
+        return settings.default_mode
+    key = name.strip().lower()
+    if key not in MODES:
+        raise ValidationFailed(f"mode {name!r} is not a mode; allowed: {', '.join(MODES)}")
+    return MODES[key]
+
+
+def normalize_prompt(prompt: str | None, default: str, *, has_image: bool) -> str:
+    """The prompt the model sees: the default when empty, `<image>\\n` in front when an image has no tag.
+
+    A literal backslash-n typed after `<image>` in a shell (`-F "prompt=<image>\\n..."`) means a newline.
+    """
+    text = (prompt or "").strip() or default
+    text = text.replace("<image>\\n", "<image>\n")
+    if has_image and "<image>" not in text:
+        text = "<image>\n" + text
+    if not has_image and "<image>" in text:
+        raise BadRequest("the prompt has an <image> tag but no image was sent; send an image or drop the tag")
+    if text.count("<image>") > 1:
+        raise BadRequest("the prompt has several <image> tags; one image per request is supported")
+    return text
+
+
+@dataclass(frozen=True)
+class OcrRequest:
+    """What every item of one request shares, validated once before any item is touched."""
+
+    prompt: str
+    mode: ModeSpec
+    sampling: SamplingParams
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        *,
+        prompt: str | None,
+        default_prompt: str,
+        has_image: bool = True,
+        mode: str | ModeSpec | None = None,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        ngram: tuple[int, int] = (30, 90),
+    ) -> OcrRequest:
+        spec = mode if isinstance(mode, ModeSpec) else resolve_mode(mode, settings)
+        text = normalize_prompt(prompt, default_prompt, has_image=has_image)
+        limit = settings.max_model_len
+        if max_tokens is not None and not 1 <= max_tokens <= limit:
+            raise ValidationFailed(f"max_tokens={max_tokens} is out of range; allowed 1..{limit} (MAX_MODEL_LEN)")
+        size, window = ngram
+        if size and (size < 2 or window < size):
+            raise ValidationFailed(
+                f"ngram_size={size}, ngram_window={window}: the size must be 0 (off) or >= 2, "
+                "and the window at least the size"
+            )
+        sampling = SamplingParams(
+            max_tokens=min(max_tokens or settings.default_max_tokens, limit),
+            # Dividing logits by a subnormal temperature overflows: below the epsilon it is greedy.
+            temperature=temperature if temperature >= SAMPLING_EPS else 0.0,
+            top_p=top_p,
+            ngram_size=size,
+            ngram_window=window if size else 0,
+        )
+        return cls(text, spec, sampling)
+
+    def engine_request(self, image: Image.Image | None, *, stream: bool = False) -> EngineRequest:
+        sampling = SamplingParams(**vars(self.sampling))  # engines may not share one mutable object
+        return EngineRequest(self.prompt, image, self.mode, sampling, stream=stream)
+
+
+# --------------------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PostOptions:
+    """What to make of the model's text beside markdown and plain text."""
+
+    draw: bool = False  # the image with boxes drawn
+    annotated_format: Literal["png", "jpeg"] = "png"
+    crop: bool = False  # JPEG crops of regions labelled `image`
+    clean_formulas: bool = False  # the batch-eval formula clean-up of the markdown
 
 
 @dataclass
@@ -22,7 +130,7 @@ class PagePost:
 
     markdown: str
     plain: str
-    blocks: list[BlockModel]
+    blocks: list[ocr_utils.Block]
     warnings: list[str]
     width: int
     height: int
@@ -31,72 +139,208 @@ class PagePost:
     crops: list[ocr_utils.Crop] = field(default_factory=list)
 
 
+@dataclass
+class ItemResult:
+    """One item's outcome; never the image itself, so a long document is not held as pixels."""
+
+    label: int | str | None = None  # page number, or the file's ZIP stem
+    status: ItemStatus = "failed"
+    error: str | None = None
+    problem: dict[str, Any] | None = None  # the failure as problem+json (batch entries carry it)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    post: PagePost | None = None
+    width: int | None = None
+    height: int | None = None
+    dpi: int | None = None
+    note: str | None = None
+    render_warnings: tuple[str, ...] = ()
+    elapsed_s: float = 0.0
+
+    def fail(self, exc: OcrError) -> ItemResult:
+        self.status, self.error, self.problem = "failed", exc.detail, exc.to_problem()
+        return self
+
+
+def item_status(finish_reason: str) -> ItemStatus:
+    """The one status policy: `truncated` at max_tokens (kept, never dropped), `aborted` when aborted."""
+    return {"length": "truncated", "abort": "aborted"}.get(finish_reason, "ok")  # type: ignore[return-value]
+
+
 def postprocess(
-    text: str,
-    image: Image.Image,
-    *,
-    page: int | str | None = None,
-    draw: bool = False,
-    crop: bool = False,
-    annotated_format: str = "png",
-    dpi: int | None = None,
+    text: str, image: Image.Image, *, label: int | str | None = None, options: PostOptions = PostOptions(), dpi=None
 ) -> PagePost:
     """Parse grounded `text` against `image`: markdown, blocks with pixel boxes, drawing and crops."""
     parsed = ocr_utils.parse_grounding(text)
-    width, height = image.size
-    blocks = [
-        BlockModel(
-            index=b.index,
-            label=b.label,
-            text=b.text,
-            boxes=[
-                BoxModel(grid=list(box), pixels=list(ocr_utils.box_to_pixels(box, width, height))) for box in b.boxes
-            ],
-        )
-        for b in parsed.blocks
-    ]
+    markdown = ocr_utils.to_markdown(text, page=label)
     post = PagePost(
-        markdown=ocr_utils.to_markdown(text, page=page),
+        markdown=ocr_utils.clean_formula(markdown) if options.clean_formulas else markdown,
         plain=ocr_utils.plain_text(text),
-        blocks=blocks,
+        blocks=parsed.blocks,
         warnings=parsed.warnings,
-        width=width,
-        height=height,
+        width=image.width,
+        height=image.height,
     )
-    if draw:
+    if options.draw:
         annotated = ocr_utils.draw_layout(image, parsed)
-        if annotated_format == "png":
+        if options.annotated_format == "png":
             post.annotated_png = ocr_utils.encode_png(annotated)
         else:
             # The dpi makes img2pdf size the layout PDF's page like the original page.
             post.annotated_jpeg = ocr_utils.encode_jpeg(annotated, quality=95, dpi=dpi)
-    if crop:
-        post.crops = ocr_utils.crop_images(image, parsed, page=page)
+    if options.crop:
+        post.crops = ocr_utils.crop_images(image, parsed, page=label)
     return post
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+# --------------------------------------------------------------------------------------- the service
 
 
-def crop_models(crops: list[ocr_utils.Crop]) -> list[CropModel]:
-    return [
-        CropModel(
-            name=c.name,
-            label=c.label,
-            box=list(c.box),
-            width=c.width,
-            height=c.height,
-            image_base64=b64(c.jpeg),
-        )
-        for c in crops
-    ]
+class OcrService:
+    """Turns items into results through admission and the engines; shared by every router."""
+
+    def __init__(self, settings: Settings, admission: Admission, executor: Executor, render_pool: Any) -> None:
+        self.settings = settings
+        self.admission = admission
+        self.executor = executor
+        self.render_pool = render_pool
+        self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
+
+    def admit(self, request: OcrRequest | None = None) -> None:
+        """Refuse a request up front: no engine ready, mode not served, or too much waiting."""
+        self.admission.check(request.mode if request else None)
+
+    @property
+    def window(self) -> int:
+        """Items of one request in flight at once: enough to keep every engine slot busy, no more."""
+        return self.admission.capacity + self.settings.render_processes
+
+    async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    async def generate(self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False) -> EngineResult:
+        async with self.admission.slot(request.mode) as slot:
+            return await slot.engine.generate(request.engine_request(image, stream=stream))
+
+    async def image(
+        self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None = None,
+        kind: str = "image", dpi: int | None = None,
+    ) -> ItemResult:
+        """Engine + post-processing of one decoded image; errors propagate (the caller decides)."""
+        started = time.perf_counter()
+        result = ItemResult(label, width=image.width, height=image.height, dpi=dpi)
+        out = await self.generate(request, image)
+        result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
+        result.status = item_status(out.finish_reason)
+        if result.status == "aborted":
+            result.error = "the engine aborted this item's generation"
+        result.post = await self.blocking(postprocess, out.text, image, label=label, options=options, dpi=dpi)
+        result.elapsed_s = round(time.perf_counter() - started, 4)
+        self._observe(kind, result, request.mode)
+        return result
+
+    async def page(self, request: OcrRequest, doc: Any, page: int, *, dpi: int, options: PostOptions) -> ItemResult:
+        """Render (no engine slot), then OCR one PDF page; its failure is a `failed` result."""
+        result = ItemResult(page, dpi=dpi)
+        try:
+            rendered = await doc.render(page, dpi=dpi, max_pixels=self.settings.max_image_pixels)
+            result = await self.image(request, rendered.image, options, label=page, kind="page", dpi=rendered.dpi)
+            result.note, result.render_warnings = rendered.note, rendered.warnings
+        except ServiceUnavailable:
+            raise  # the engine went away: the request is a 503, not N failed pages
+        except OcrError as exc:
+            self._observe("page", result.fail(exc), request.mode)
+        except Exception as exc:  # a bug on one page must not lose the other pages; it is logged as one
+            log.exception("PDF page %d hit a bug", page)
+            self._observe("page", result.fail(_bug(exc)), request.mode)
+        return result
+
+    async def file(
+        self, request: OcrRequest, read: Callable[[], Awaitable[bytes]], options: PostOptions, *, label: str
+    ) -> ItemResult:
+        """Read, decode (worker pool, no engine slot) and OCR one uploaded image; its failure is `failed`."""
+        result = ItemResult(label)
+        try:
+            data = await read()
+            image = await self.blocking(inputs.decode_image, data, max_pixels=self.settings.max_image_pixels)
+            del data
+            result = await self.image(request, image, options, label=label, kind="file")
+        except ServiceUnavailable:
+            raise
+        except OcrError as exc:
+            log.info("file %s failed: %s", label, exc.detail)
+            self._observe("file", result.fail(exc), request.mode)
+        except Exception as exc:  # a bug on one file's data must not sink the other files
+            log.exception("file %s hit a bug", label)
+            self._observe("file", result.fail(_bug(exc)), request.mode)
+        return result
+
+    async def document(
+        self, request: OcrRequest, data: bytes, *, password: str | None, pages: str | None, dpi: int,
+        options: PostOptions,
+    ) -> DocumentRun:
+        """Open the PDF (in a render process), check the selection, OCR the pages in order."""
+        started = time.perf_counter()
+        async with self.render_pool.document(data, password=password, max_pages=self.settings.max_pdf_pages) as doc:
+            selected = inputs.parse_page_ranges(pages, doc.page_count)
+            work = functools.partial(self._page_of, request, doc, dpi, options)
+            results = await in_window(selected, self.window, work)
+            notes = list(doc.warnings[:20])
+            if doc.repaired:
+                notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages")
+        run = DocumentRun(request.mode.name, doc.page_count, dpi, results, notes, started)
+        log.info("PDF: %d of %d pages, %s, %.1f s", len(results), run.page_count, run.counts(), run.elapsed_s)
+        return run
+
+    async def _page_of(self, request: OcrRequest, doc: Any, dpi: int, options: PostOptions, page: int) -> ItemResult:
+        return await self.page(request, doc, page, dpi=dpi, options=options)
+
+    def _observe(self, kind: str, result: ItemResult, mode: ModeSpec) -> None:
+        for observer in self.observers:
+            observer(kind, result, mode)
 
 
-def usage_model(result: EngineResult) -> UsageModel:
-    return UsageModel(**vars(result.usage))
+@dataclass
+class DocumentRun:
+    """The pages of one PDF request, in page order."""
+
+    mode: str
+    page_count: int
+    dpi: int
+    pages: list[ItemResult]
+    warnings: list[str]
+    started: float
+
+    @property
+    def elapsed_s(self) -> float:
+        return round(time.perf_counter() - self.started, 4)
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(p.status == s for p in self.pages) for s in ("ok", "truncated", "failed", "aborted")}
 
 
-def page_status(finish_reason: str) -> str:
-    """`truncated` when generation stopped at max_tokens: kept and marked, never dropped."""
-    return "truncated" if finish_reason == "length" else "ok"
+def _bug(exc: Exception) -> OcrError:
+    return OcrError(f"internal error ({type(exc).__name__}) on this item; this is a bug, see the server log")
+
+
+async def in_window(items: Iterable[Any], limit: int, fn: Callable[[Any], Awaitable[T]]) -> list[T]:
+    """`fn` over `items` with at most `limit` tasks alive at once; results in item order.
+
+    A TaskGroup, so that a cancellation (deadline, client gone) or an error in one task cancels and
+    awaits all the others: no item keeps running once the request is over.
+    """
+    slots = asyncio.Semaphore(max(1, limit))
+    tasks: list[asyncio.Task[T]] = []
+    try:
+        async with asyncio.TaskGroup() as group:
+            for item in items:
+                await slots.acquire()
+                task = group.create_task(fn(item))
+                task.add_done_callback(lambda _: slots.release())
+                tasks.append(task)
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None  # the request's error handler knows single errors, not groups
+    return [task.result() for task in tasks]

@@ -1,11 +1,17 @@
-"""The `/status` and `/info` answers of the image, PDF and batch routers, built from the settings."""
+"""The `/status` and `/info` routes of the image, PDF and batch routers, written once.
+
+Each router calls `add_status_routes` with what is its own (features, description, endpoints, the
+parameter help built from the settings, curl examples); the answers' shared parts come from here.
+"""
 
 from __future__ import annotations
 
-from fastapi import Request
+from collections.abc import Callable
+
+from fastapi import APIRouter, Request
 
 from config import MODES, PROMPTS, Settings
-from engine import BaseEngine
+from pipeline import OcrService
 from schemas import LimitsModel, RouteInfo, RouteStatus
 
 
@@ -29,45 +35,56 @@ def route_status(
     reason: str | None = None,
     features: dict[str, bool] | None = None,
 ) -> RouteStatus:
-    engine: BaseEngine = request.app.state.engine
+    service: OcrService = request.app.state.service
     settings: Settings = request.app.state.settings
+    engine = service.admission.primary
     health = engine.health()
     return RouteStatus(
         router=router,
         available=available,
         reason=reason if not available else health.reason,
-        ready=available and health.ready,
+        ready=available and service.admission.ready,
         engine=engine.name,
-        modes=list(engine.served_modes),
+        modes=list(service.admission.served_modes),
         default_mode=settings.default_mode.name,
         limits=limits(settings),
         features=features or {},
     )
 
 
-def route_info(
-    request: Request,
-    router: str,
+def add_status_routes(
+    router: APIRouter,
+    name: str,
     *,
+    title: str,
+    features: dict[str, bool],
     description: str,
     endpoints: dict[str, str],
-    parameters: dict[str, str],
+    parameters: Callable[[Settings], dict[str, str]],
     examples: list[str],
-) -> RouteInfo:
-    settings: Settings = request.app.state.settings
-    engine: BaseEngine = request.app.state.engine
-    served = set(engine.served_modes)
-    return RouteInfo(
-        router=router,
-        description=description,
-        endpoints=endpoints,
-        parameters=parameters,
-        prompts={p.name: p.prompt for p in PROMPTS.values()},
-        modes={
-            m.name: f"{m.description}"
-            + ("" if m.name in served else f" (not served by the {engine.name} engine)")
-            for m in MODES.values()
-        },
-        limits=limits(settings),
-        examples=examples,
-    )
+) -> None:
+    """`GET {prefix}/status` (readiness, engine, modes, limits) and `GET {prefix}/info` (how to use)."""
+
+    @router.get("/status", response_model=RouteStatus, summary=f"{title} readiness, engine, modes and limits")
+    async def status(request: Request) -> RouteStatus:
+        return route_status(request, name, features=features)
+
+    @router.get("/info", response_model=RouteInfo, summary=f"How to use the {title} routes")
+    async def info(request: Request) -> RouteInfo:
+        settings: Settings = request.app.state.settings
+        service: OcrService = request.app.state.service
+        served = set(service.admission.served_modes)
+        engine = service.admission.primary.name
+        return RouteInfo(
+            router=name,
+            description=description,
+            endpoints=endpoints,
+            parameters=parameters(settings),
+            prompts={p.name: p.prompt for p in PROMPTS.values()},
+            modes={
+                m.name: m.description + ("" if m.name in served else f" (not served by the {engine} engine)")
+                for m in MODES.values()
+            },
+            limits=limits(settings),
+            examples=examples,
+        )

@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from process.image_process import MODES
 
 ModeName = Literal[tuple(MODES)]  # type: ignore[valid-type]
+ItemStatus = Literal["ok", "truncated", "failed", "aborted"]
+STATUS_TEXT = (
+    "`ok`: finished; `truncated`: stopped at max_tokens (kept, marked); `aborted`: the engine aborted it; "
+    "`failed`: it failed, see `error`"
+)
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -93,6 +98,15 @@ class RootResponse(BaseModel):
     endpoints: list[str] = Field(description="`METHOD /path` of every endpoint")
 
 
+class EngineState(BaseModel):
+    name: str = Field(description="torch, vllm, or none", examples=["vllm"])
+    ready: bool
+    reason: str | None = Field(None, description="Why it is not ready")
+    in_flight: int = Field(description="Items holding one of its slots now")
+    max_concurrency: int = Field(description="Its own in-flight limit")
+    detail: dict[str, Any] = Field(default_factory=dict, description="Engine specifics (device, dtype, ...)")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "not_ready"] = Field(description="`ok` when OCR requests can be served")
     ready: bool
@@ -106,6 +120,7 @@ class HealthResponse(BaseModel):
     waiting: int = Field(description="Engine sequences waiting for a slot")
     uptime_s: float
     detail: dict[str, Any] = Field(default_factory=dict, description="Engine specifics (device, dtype, ...)")
+    engines: list[EngineState] = Field(default_factory=list, description="Every engine behind the service")
 
 
 class LimitsModel(BaseModel):

@@ -1,72 +1,44 @@
-"""DeepSeek-OCR API: the FastAPI app, its engine lifecycle, error handling and base endpoints.
+"""DeepSeek-OCR API: the FastAPI app, its lifecycle, error handling and router loading.
 
-`create_app(settings)` builds the app; its lifespan loads one engine onto `app.state.engine`. The image,
-PDF and batch routers are included when they import; one that does not is reported by `/` and by its
-`/status`, and the rest keeps working. Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
+`create_app(settings, engine_factory=None)` builds the app. Its lifespan starts the engines (the configured
+one, or the factory's: tests inject replay engines), puts them behind one `admission.Admission` and builds
+the `pipeline.OcrService` every router calls (`app.state.service`). The image, PDF and batch routers are
+included when they import; one that does not is reported by `/` and by its `/status`, and the rest keeps
+working. Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import inputs
-from config import NGRAM_IMAGE, Settings, load_settings
-from deps import (
-    PROMPT_MAX_CHARS,
-    EngineDep,
-    MaxTokensForm,
-    ModeForm,
-    NgramSizeForm,
-    NgramWindowForm,
-    SettingsDep,
-    TemperatureForm,
-    TopPForm,
-    deadline,
-    make_request,
-    normalize_prompt,
-    read_upload,
-    resolve_mode,
-    run_blocking,
-)
-from engine import BaseEngine, UnavailableEngine, build_engine
+import base_routes
+from admission import Admission
+from config import Settings, load_settings
+from engines import DEMO_NOTICE, EngineFactory, start_engines
+from engines.base import UnavailableEngine
 from errors import PROBLEM_MEDIA_TYPE, OcrError
 from middleware import install_middleware
-from schemas import (
-    GenerateRequest,
-    GenerateResponse,
-    HealthResponse,
-    Problem,
-    RootResponse,
-    RouterState,
-    UsageModel,
-)
+from pdf_render import RenderPool
+from pipeline import OcrService
+from schemas import Problem, RouterState
 
-__version__ = "1.0.0"
+__version__ = base_routes.__version__
 log = logging.getLogger("deepseek_ocr")
 
 ROUTERS = {"ocr": ("ocr_routes", "/ocr"), "pdf": ("pdf_routes", "/pdf"), "batch": ("batch_routes", "/batch")}
-DEMO_NOTICE = (
-    "DEMO: serving a tiny checkpoint with RANDOM weights; its text is meaningless. Set MODEL_PATH to the "
-    "DeepSeek-OCR weights directory (config.json, *.safetensors, tokenizer.json) for real OCR."
-)
-NO_MODEL_HINT = (
-    "set MODEL_PATH to the DeepSeek-OCR weights directory (config.json, *.safetensors, tokenizer.json), "
-    "or run `make serve` for a random-weights demo"
-)
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": text}
     for code, text in {
@@ -81,54 +53,25 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def is_random_weights(settings: Settings) -> bool:
-    """True for the checkpoints `deepseek_ocr.py make-tiny` writes, and for vLLM's dummy weights."""
-    if settings.load_format == "dummy":
-        return True
-    try:
-        config = json.loads((Path(settings.model_path or "") / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return str(config.get("_name_or_path", "")).startswith("deepseek-ocr-random")
-
-
-async def start_engine(settings: Settings) -> BaseEngine:
-    """The configured engine, started; an `UnavailableEngine` saying why when it cannot start."""
-    if not settings.model_path:
-        log.warning("MODEL_PATH is not set: OCR endpoints answer 503 until it is")
-        return UnavailableEngine(settings, f"MODEL_PATH is not set: {NO_MODEL_HINT}")
-    path = Path(settings.model_path)
-    if not (path / "config.json").is_file():
-        reason = f"MODEL_PATH={settings.model_path} has no config.json: {NO_MODEL_HINT}"
-        log.error("%s", reason)
-        return UnavailableEngine(settings, reason)
-    try:
-        engine = build_engine(settings)
-        await engine.start()
-    except Exception as exc:
-        reason = f"could not load the model from MODEL_PATH={settings.model_path}: {exc}; {NO_MODEL_HINT}"
-        log.exception("model load failed")
-        return UnavailableEngine(settings, reason)
-    engine.demo = is_random_weights(settings)
-    if engine.demo:
-        log.warning("%s", DEMO_NOTICE)
-    log.info("engine %s ready: %s", engine.name, settings.model_path)
-    return engine
+def build_service(settings: Settings, engines: list[Any], executor: Any, render_pool: Any) -> OcrService:
+    return OcrService(settings, Admission(engines, max_queue=settings.max_queue), executor, render_pool)
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    app.state.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="ocr-worker")
-    # Processes start on the first PDF page, not here.
-    app.state.render_pool = inputs.RenderPool(settings.render_processes, settings.pdf_render_timeout_s)
-    app.state.engine = await start_engine(settings)
+    executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="ocr-worker")
+    # Processes start on the first PDF, not here.
+    render_pool = RenderPool(settings.render_processes, page_timeout_s=settings.pdf_render_timeout_s)
+    engines = await start_engines(settings, app.state.engine_factory)
+    app.state.service = build_service(settings, engines, executor, render_pool)
     try:
         yield
     finally:
-        await app.state.engine.close()
-        app.state.pool.shutdown(wait=False, cancel_futures=True)
-        app.state.render_pool.close()
+        for engine in engines:
+            await engine.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+        render_pool.close()
 
 
 def problem_response(request: Request, exc: OcrError) -> JSONResponse:
@@ -210,7 +153,7 @@ def _unavailable_status(name: str, reason: str) -> Any:
     return status
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
     settings = settings or load_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = FastAPI(
@@ -221,11 +164,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
+    app.state.engine_factory = engine_factory
     app.state.started = time.monotonic()
-    app.state.engine = UnavailableEngine(settings, "the engine is starting")
+    # Until the lifespan has started the engines, every route answers as "starting".
+    app.state.service = build_service(settings, [UnavailableEngine("the engine is starting", recoverable=True)],
+                                      None, None)
     install_error_handlers(app)
     install_middleware(app, settings)
-    app.include_router(base_router())
+    app.include_router(base_routes.router)
     app.state.routers = include_routers(app)
     install_security_schemes(app, settings)
     return app
@@ -252,141 +198,6 @@ def install_security_schemes(app: FastAPI, settings: Settings) -> None:
         return spec
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def base_router() -> Any:
-    from fastapi import APIRouter
-
-    router = APIRouter(tags=["base"])
-
-    @router.get("/", response_model=RootResponse, summary="Service information")
-    async def root(request: Request) -> RootResponse:
-        engine: BaseEngine = request.app.state.engine
-        s: Settings = request.app.state.settings
-        h = engine.health()
-        paths = request.app.openapi()["paths"]
-        endpoints = sorted(f"{method.upper()} {path}" for path, item in paths.items() for method in item)
-        return RootResponse(
-            name="DeepSeek-OCR API",
-            version=__version__,
-            engine=engine.name,
-            model=s.model_path,
-            ready=h.ready,
-            demo=engine.demo,
-            notice=DEMO_NOTICE if engine.demo else h.reason,
-            default_mode=s.default_mode.name,  # type: ignore[arg-type]
-            modes=list(engine.served_modes),
-            routers=request.app.state.routers,
-            endpoints=endpoints,
-        )
-
-    @router.get("/health", response_model=HealthResponse, summary="Liveness and model state (always 200)")
-    async def health(request: Request) -> HealthResponse:
-        return _health(request)
-
-    @router.get(
-        "/ready",
-        response_model=HealthResponse,
-        summary="Readiness: 200 when OCR can be served, else 503",
-        responses={503: {"model": HealthResponse, "description": "Not ready; `reason` says why"}},
-    )
-    async def ready(request: Request) -> Any:
-        body = _health(request)
-        return body if body.ready else JSONResponse(body.model_dump(), status_code=503)
-
-    @router.post(
-        "/generate",
-        response_model=GenerateResponse,
-        summary="Generate from a prompt and an optional base64 image (JSON)",
-    )
-    async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep):
-        image = None
-        if body.image_base64 is not None:
-            data = inputs.decode_base64_image(body.image_base64, max_bytes=settings.max_upload_bytes)
-            image = await run_blocking(request, inputs.decode_image, data, max_pixels=settings.max_image_pixels)
-        return await _generate(
-            engine,
-            settings,
-            prompt=body.prompt,
-            image=image,
-            mode=body.mode,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            ngram=(body.ngram_size, body.ngram_window),
-        )
-
-    @router.post(
-        "/generate_with_file",
-        response_model=GenerateResponse,
-        summary="Generate from an uploaded image file (multipart)",
-    )
-    async def generate_with_file(
-        request: Request,
-        engine: EngineDep,
-        settings: SettingsDep,
-        file: Annotated[UploadFile, File(description="Image: PNG, JPEG, WebP, TIFF, BMP, GIF")],
-        prompt: Annotated[
-            str, Form(max_length=PROMPT_MAX_CHARS, description="Prompt; `<image>\\n` is put in front if missing")
-        ] = "",
-        max_tokens: MaxTokensForm = None,
-        temperature: TemperatureForm = 0.0,
-        top_p: TopPForm = 1.0,
-        mode: ModeForm = None,
-        ngram_size: NgramSizeForm = NGRAM_IMAGE[0],
-        ngram_window: NgramWindowForm = NGRAM_IMAGE[1],
-    ) -> GenerateResponse:
-        data = await read_upload(file, settings)
-        image = await run_blocking(request, inputs.decode_image, data, max_pixels=settings.max_image_pixels)
-        return await _generate(
-            engine,
-            settings,
-            prompt=prompt,
-            image=image,
-            mode=mode,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            ngram=(ngram_size, ngram_window),
-        )
-
-    return router
-
-
-def _health(request: Request) -> HealthResponse:
-    engine: BaseEngine = request.app.state.engine
-    h = engine.health()
-    return HealthResponse(
-        status="ok" if h.ready else "not_ready",
-        ready=h.ready,
-        engine=engine.name,
-        model=request.app.state.settings.model_path,
-        model_loaded=h.ready,
-        reason=h.reason,
-        demo=engine.demo,
-        notice=DEMO_NOTICE if engine.demo else None,
-        in_flight=h.in_flight,
-        waiting=h.waiting,
-        uptime_s=round(time.monotonic() - request.app.state.started, 3),
-        detail=h.detail,
-    )
-
-
-async def _generate(
-    engine: BaseEngine, settings: Settings, *, prompt: str, image: Any, mode: str | None, **options: Any
-) -> GenerateResponse:
-    spec = resolve_mode(mode, settings)
-    text = normalize_prompt(prompt, "<image>\nFree OCR.", has_image=image is not None)
-    req = make_request(settings, prompt=text, image=image, mode=spec, **options)
-    async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
-        result = await engine.generate(req)
-    return GenerateResponse(
-        result=result.text,
-        finish_reason=result.finish_reason,  # type: ignore[arg-type]
-        mode=spec.name,  # type: ignore[arg-type]
-        usage=UsageModel(**vars(result.usage)),
-        elapsed_s=result.elapsed_s,
-    )
 
 
 def main() -> None:

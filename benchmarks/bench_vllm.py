@@ -69,8 +69,8 @@ def settings_for(args: argparse.Namespace) -> Any:
 def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     import inputs
     from config import DOCUMENT_PROMPT, MODES
-    from engine import Sampling
-    from vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+    from engines.base import SamplingParams as Sampling
+    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
 
     prepare_environment()
     from vllm import LLM

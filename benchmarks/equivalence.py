@@ -108,8 +108,8 @@ def run_vllm(ckpt: str, dtype: str, out: str, probe: bool) -> None:
     from vllm import LLM, SamplingParams
 
     from config import Settings
-    from engine import Sampling
-    from vllm_engine import PromptBuilder, engine_kwargs, sampling_params, set_vllm_mode, vllm_image
+    from engines.base import SamplingParams as Sampling
+    from engines.vllm_engine import PromptBuilder, engine_kwargs, sampling_params, set_vllm_mode, vllm_image
 
     started = time.perf_counter()
     settings = Settings(model_path=ckpt, dtype=dtype, max_concurrency=16, max_model_len=4096,
@@ -157,8 +157,8 @@ def run_vllm(ckpt: str, dtype: str, out: str, probe: bool) -> None:
 
 def probe_balanced(llm: Any, builder: Any) -> dict[str, str]:
     """Whether vLLM survives a page whose tiles sum to 0: first through vllm_image, then raw."""
-    from engine import Sampling
-    from vllm_engine import sampling_params, set_vllm_mode, vllm_image
+    from engines.base import SamplingParams as Sampling
+    from engines.vllm_engine import sampling_params, set_vllm_mode, vllm_image
 
     gundam = MODES["gundam"]
     set_vllm_mode(gundam)

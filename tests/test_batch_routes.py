@@ -2,7 +2,8 @@
 
 The seed README's batch examples run verbatim (only host:port changed to the test server's). The random model
 cannot be asked for formulas or figures, so markdown building, crop naming and ZIP assembly are checked on given
-model texts through the router's own functions (`render_markdown`, `member_stems`, `zip_members`), no mocks.
+model texts through the service's own functions (`pipeline.postprocess`, `answers.member_stems`,
+`answers.batch_zip`), no mocks.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import requests
 from PIL import Image
 from server import make_settings, serve_app, show
 
-import ocr_utils
-from batch_routes import ZIPPED, BatchPlan, BatchRun, FileOutcome, member_stems, render_markdown, zip_members
-from config import DOCUMENT_PROMPT, MODES
-from engine import Usage
+from answers import BatchRun, batch_zip, member_stems
+from config import DOCUMENT_PROMPT
+from engines.base import Usage
+from errors import InvalidImage
+from pipeline import ItemResult, PostOptions, postprocess
 from serve_ocr import create_app
 
 FAST = {"mode": "tiny", "max_tokens": "4"}  # 73 image tokens, 4 generated: a file costs ~0.1 s on a CPU
@@ -96,7 +98,7 @@ def test_seed_batch_ocr_requests_example(base_url: str, tmp_path: Path, monkeypa
     assert response.status_code == 200, show(response)
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in printed] == ["img1.jpg", "img2.jpg"], printed
-    assert [r["status"] for r in results["results"]] != ["error", "error"], show(response)
+    assert [r["status"] for r in results["results"]] != ["failed", "failed"], show(response)
     assert results["files"] == 2 and results["failed"] == 0, show(response)
 
 
@@ -155,12 +157,12 @@ def test_corrupt_file_gets_its_own_error_and_order_is_kept(base_url: str) -> Non
     results = body["results"]
     assert [(r["index"], r["filename"]) for r in results] == [(i, n) for i, (n, _) in enumerate(files)], show(resp)
     broken = results[2]
-    assert broken["status"] == "error" and broken["error"]["status"] == 400, show(resp)
+    assert broken["status"] == "failed" and broken["error"]["status"] == 400, show(resp)
     assert broken["error"]["type"].endswith("/invalid-image"), show(resp)
     assert "truncated or corrupt" in broken["error"]["detail"], show(resp)
     assert broken["width"] is None and broken["usage"] is None, show(resp)
     for r in results[:2] + results[3:]:
-        assert r["status"] != "error" and r["error"] is None, show(resp)
+        assert r["status"] != "failed" and r["error"] is None, show(resp)
         assert (r["width"], r["height"]) == (48, 32) and r["usage"]["completion_tokens"] <= 4, show(resp)
         assert r["status"] == ("truncated" if r["finish_reason"] == "length" else "ok"), show(resp)
     assert (body["files"], body["failed"], body["ok"] + body["truncated"]) == (5, 1, 4), show(resp)
@@ -219,7 +221,7 @@ def test_file_over_its_own_limit_fails_alone(strict_url: str) -> None:
     assert resp.status_code == 200, show(resp)
     big_result, small_result = resp.json()["results"]
     assert big_result["error"]["status"] == 413 and "MAX_UPLOAD_MB" in big_result["error"]["detail"], show(resp)
-    assert small_result["status"] != "error", show(resp)
+    assert small_result["status"] != "failed", show(resp)
 
 
 @pytest.mark.parametrize(
@@ -291,7 +293,7 @@ FORMULA_TEXT = (
 @pytest.mark.parametrize("clean", [True, False])
 def test_render_markdown_cleans_formulas_only_when_asked(clean: bool) -> None:
     image = Image.new("RGB", (200, 100), "white")
-    post = render_markdown(FORMULA_TEXT, image, "doc", clean_formulas=clean, crops=True)
+    post = postprocess(FORMULA_TEXT, image, label="doc", options=PostOptions(crop=True, clean_formulas=clean))
     assert "# Energy" in post.markdown and "<|ref|>" not in post.markdown, post.markdown
     if clean:
         assert "\\[E = mc^2\\]" in post.markdown and "\\quad" not in post.markdown, post.markdown
@@ -313,16 +315,16 @@ def test_member_stems_are_safe_distinct_and_never_overwrite_each_other() -> None
 def test_zip_links_point_at_each_files_own_crops(tmp_path: Path) -> None:
     """Two files of the same name, both with figures: each markdown links its own crops, all present."""
     stems = member_stems(["scan.png", "scan.png", "broken.png"])
-    plan = BatchPlan(DOCUMENT_PROMPT, MODES["tiny"], 8, (40, 90), stems, ZIPPED, True)
     outcomes = []
     for index, color in enumerate(("red", "blue")):
         image = Image.new("RGB", (60, 40), color)
-        post = render_markdown(FORMULA_TEXT, image, stems[index], clean_formulas=True, crops=True)
-        outcome = FileOutcome(index, "scan.png", stems[index], "ok", raw=FORMULA_TEXT, markdown=post.markdown)
-        outcome.finish_reason, outcome.usage, outcome.crops = "stop", Usage(84, 73, 30), post.crops
-        outcomes.append(outcome)
-    outcomes.append(FileOutcome(2, "broken.png", stems[2], error={"status": 400, "detail": "truncated"}))
-    built = ocr_utils.build_zip(zip_members(BatchRun(plan, outcomes, 0.5)))
+        post = postprocess(FORMULA_TEXT, image, label=stems[index], options=PostOptions(crop=True, clean_formulas=True))
+        outcomes.append(
+            ItemResult(stems[index], "ok", text=FORMULA_TEXT, finish_reason="stop", usage=Usage(84, 73, 30), post=post)
+        )
+    outcomes.append(ItemResult(stems[2]).fail(InvalidImage("truncated")))
+    run = BatchRun(["scan.png", "scan.png", "broken.png"], outcomes, DOCUMENT_PROMPT, "tiny", True, 0.5)
+    built = batch_zip(run)
     with zipfile.ZipFile(io.BytesIO(built)) as archive:
         archive.extractall(tmp_path)
         summary = json.loads(archive.read("summary.json"))

@@ -106,7 +106,7 @@ def gundam_tokens(width: int, height: int) -> int:
 
 
 def prompt_ids(model: Path, prompt: str, has_image: bool) -> list[int]:
-    from vllm_engine import PromptBuilder
+    from engines.vllm_engine import PromptBuilder
 
     return PromptBuilder.from_checkpoint(model).token_ids(prompt, has_image)
 
@@ -377,9 +377,10 @@ async def _in_process(model_dir: Path) -> None:
     from PIL import Image
 
     from config import MODES, Settings
-    from engine import EngineRequest, Sampling
+    from engines.base import EngineRequest
+    from engines.base import SamplingParams as Sampling
+    from engines.vllm_engine import VllmEngine
     from errors import ModelNotReady, UnsupportedMode
-    from vllm_engine import VllmEngine
 
     settings = Settings(model_path=str(model_dir), engine="vllm", load_format="dummy", mode="base",
                         max_concurrency=4, enforce_eager=True, gpu_mem_utilization=0.5)

@@ -9,16 +9,15 @@ from __future__ import annotations
 import base64
 import io
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
+from replay import ReplayEngine, factory
 from server import curl_form_string, make_settings, serve_app, show
 from test_service import facts_image_tokens, jpeg_bytes, png_bytes
 
-from engine import BaseEngine, EngineChunk, EngineRequest, Usage
 from serve_ocr import create_app
 
 SEED_CURL = """curl -X POST "http://localhost:8000/ocr/image/advanced" \\
@@ -37,33 +36,10 @@ REPLAY_TEXT = (
 )
 
 
-class ReplayEngine(BaseEngine):
-    """Answers every request with a fixed model text, streamed in pieces like a real engine."""
-
-    name = "replay"
-
-    def __init__(self, settings, text: str) -> None:
-        super().__init__(settings)
-        self.text = text
-        self._ready, self._reason = True, None
-
-    async def start(self) -> None:
-        return None
-
-    async def abort(self, request_id: str) -> None:
-        return None
-
-    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        for i in range(0, len(self.text), 40):
-            yield EngineChunk(self.text[i : i + 40])
-        yield EngineChunk("", "stop", Usage(10, 273, 42))
-
-
 @pytest.fixture(scope="module")
 def replay_url(tiny_checkpoint: Path):
-    app = create_app(make_settings(tiny_checkpoint))
+    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(ReplayEngine(REPLAY_TEXT)))
     with serve_app(app) as url:
-        app.state.engine = ReplayEngine(app.state.settings, REPLAY_TEXT)
         yield url
 
 
@@ -154,9 +130,8 @@ def test_simple_route_returns_plain_text(replay_url: str) -> None:
 
 def test_malformed_output_never_500(tiny_checkpoint: Path) -> None:
     broken = "<|ref|>title<|/ref|><|det|>[[10, 20, 5000, 15], [a, b]]<|/det|>Title<|ref|>text<|det|>[[1,2"
-    app = create_app(make_settings(tiny_checkpoint))
+    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(ReplayEngine(broken)))
     with serve_app(app) as url:
-        app.state.engine = ReplayEngine(app.state.settings, broken)
         r = httpx.post(url + "/ocr/image/advanced", files={"file": ("p.png", png_bytes(400, 300))})
         assert r.status_code == 200, show(r)
         assert r.json()["warnings"], r.json()

@@ -10,18 +10,17 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pymupdf
 import pytest
 from PIL import Image
+from replay import ReplayEngine, factory
 from server import curl_form_string, make_settings, serve_app, show
 
-from engine import BaseEngine, EngineChunk, EngineRequest, Usage
-from errors import OcrError
-from pdf_routes import attachment, download_stem
+from answers import attachment, download_stem
+from engines.base import Usage
 from serve_ocr import create_app
 
 PROBLEM = "application/problem+json"
@@ -155,34 +154,11 @@ REPLAY_TEXT = (
 FAILING_SIZE = (612, 792)  # the Letter page at 72 dpi: the replay engine fails on it
 
 
-class ReplayEngine(BaseEngine):
-    """Stands in for the model only: answers REPLAY_TEXT, and fails on Letter-sized pages like a broken batch."""
-
-    name = "replay"
-
-    def __init__(self, settings) -> None:
-        super().__init__(settings)
-        self._ready, self._reason = True, None
-
-    async def start(self) -> None:
-        return None
-
-    async def abort(self, request_id: str) -> None:
-        return None
-
-    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        if request.image is not None and request.image.size == FAILING_SIZE:
-            raise OcrError("the engine failed on this request: replayed failure")
-        for i in range(0, len(REPLAY_TEXT), 40):
-            yield EngineChunk(REPLAY_TEXT[i : i + 40])
-        yield EngineChunk("", "stop", Usage(10, 73, 42))
-
-
 @pytest.fixture(scope="module")
 def replay_url(tiny_checkpoint: Path):
-    app = create_app(make_settings(tiny_checkpoint))
+    engine = ReplayEngine(REPLAY_TEXT, usage=Usage(10, 73, 42), fail_on_size=FAILING_SIZE)
+    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))
     with serve_app(app) as url:
-        app.state.engine = ReplayEngine(app.state.settings)
         yield url
 
 
@@ -190,7 +166,7 @@ def test_figures_extracted_and_a_failed_page_kept(replay_url: str) -> None:
     r = post(replay_url, "/pdf/ocr", make_pdf(3), dpi="72")
     body = assert_ok(r, [1, 2, 3])
     first, failed, third = body["pages"]
-    assert failed["status"] == "error" and "replayed failure" in failed["error"], show(r)
+    assert failed["status"] == "failed" and "replayed failure" in failed["error"], show(r)
     assert failed["text"] == "" and failed["usage"]["completion_tokens"] == 0 and failed["dpi"] == 72, show(r)
     assert body["pages_failed"] == 1 and body["pages_ok"] == 2 and "page 2 failed" in body["markdown"], show(r)
     assert first["status"] == "ok" and first["finish_reason"] == "stop", show(r)
@@ -213,11 +189,11 @@ def test_figures_extracted_and_a_failed_page_kept(replay_url: str) -> None:
     assert set(names) <= set(archive.namelist()), archive.namelist()
     assert "![](images/3_0.jpg)" in archive.read("report.md").decode()
     assert "<|ref|>image<|/ref|>" in archive.read("report_det.mmd").decode()
-    assert json.loads(archive.read("pages.json"))["pages"][1]["status"] == "error"
+    assert json.loads(archive.read("pages.json"))["pages"][1]["status"] == "failed"
 
     s = post(replay_url, "/pdf/ocr/simple", make_pdf(3), dpi="72")
     simple = assert_ok(s, [1, 2, 3])
-    assert [p["status"] for p in simple["pages"]] == ["ok", "error", "ok"], show(s)
+    assert [p["status"] for p in simple["pages"]] == ["ok", "failed", "ok"], show(s)
     assert "Quarterly report" in simple["text"] and "<|" not in simple["text"] and "images/" not in simple["text"]
 
 
@@ -330,8 +306,8 @@ def test_big_page_rendered_lower_and_unrenderable_page_kept_as_error(strict_url:
     first, giant, small = body["pages"]
     assert first["dpi"] < 144 and first["width"] * first["height"] <= 300_000, show(r)
     assert "144 dpi" in first["note"] and str(first["dpi"]) in first["note"], show(r)
-    assert giant["status"] == "error" and "too large" in giant["error"] and giant["usage"]["prompt_tokens"] == 0
-    assert small["dpi"] == 144 and small["note"] is None and small["status"] != "error", show(r)
+    assert giant["status"] == "failed" and "too large" in giant["error"] and giant["usage"]["prompt_tokens"] == 0
+    assert small["dpi"] == 144 and small["note"] is None and small["status"] != "failed", show(r)
     assert body["pages_failed"] == 1 and body["markdown"].count(PAGE_SPLIT) == 2, show(r)
     assert "page 2 failed" in body["markdown"], show(r)
     with pymupdf.open(stream=base64.b64decode(body["layout_pdf"]), filetype="pdf") as layout:
@@ -375,5 +351,5 @@ def test_download_names_are_safe() -> None:
     assert download_stem("../../etc/passwd.pdf") == "passwd"
     assert download_stem("C:\\Users\\me\\scan.PDF") == "scan"
     assert download_stem(None) == "document" and download_stem(".pdf") == "pdf"
-    assert attachment(download_stem('we"ird.pdf')) == 'attachment; filename="we_ird.zip"'
+    assert attachment(download_stem('we"ird.pdf') + ".zip") == 'attachment; filename="we_ird.zip"'
     assert download_stem("new\nline.pdf") == "newline"

@@ -1,6 +1,6 @@
 """The vLLM engine: DeepSeek-OCR on `vllm.AsyncLLM` (continuous batching on NVIDIA GPUs).
 
-`VllmEngine` implements `engine.BaseEngine` over vLLM 0.26's built-in `DeepseekOCRForCausalLM`. The
+`VllmEngine` implements `engines.base.BaseEngine` over vLLM 0.26's built-in `DeepseekOCRForCausalLM`. The
 service's prompt construction is kept: plain `bos + prompt`, one `<image>` id where the tag is, tokenised
 by our own tokenizer loader; vLLM only expands that id into the image's placeholder run.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from config import MODES, ModeSpec, Settings
-from engine import BaseEngine, EngineChunk, EngineHealth, EngineRequest, Sampling, Usage
+from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ def _token_id(tokenizer: Any, token: str | None) -> int:
     return int(token_id)
 
 
-def sampling_params(sampling: Sampling, whitelist: Sequence[int], *, delta: bool = True, **extra: Any) -> Any:
+def sampling_params(sampling: SamplingParams, whitelist: Sequence[int], *, delta: bool = True, **extra: Any) -> Any:
     """vLLM `SamplingParams` for our `Sampling`; the n-gram guard rides in `extra_args` (off at size 0)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -248,7 +248,9 @@ class VllmEngine(BaseEngine):
     name = "vllm"
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings)
+        super().__init__(settings.max_concurrency)
+        self.settings = settings
+        self.model_path = settings.model_path
         self._engine: Any = None
         self._prompts: PromptBuilder | None = None
         self._served: tuple[str, ...] = (GUNDAM,)
@@ -310,7 +312,7 @@ class VllmEngine(BaseEngine):
 
         started = time.perf_counter()
         mode = MODES[self._served[0]]
-        sampling = Sampling(max_tokens=2, ngram_size=20, ngram_window=50)
+        sampling = SamplingParams(max_tokens=2, ngram_size=20, ngram_window=50)
 
         async def run(prompt: str, size: tuple[int, int] | None) -> None:
             image = Image.new("RGB", size, "white") if size else None

@@ -1,0 +1,169 @@
+"""Admission: which engine runs an item, how many run at once, and when new requests are turned away.
+
+Every engine keeps its own in-flight limit (`engine.max_concurrency`). Work asks for an explicit `Slot`
+token (`async with admission.slot() as slot: await slot.engine.generate(...)`): it goes to the ready engine
+with the least work in flight, or waits in one FIFO queue. A new request is refused up front with 503 and
+`Retry-After` when MAX_QUEUE items already wait (`check`). Only engine work holds a slot: rendering,
+decoding and post-processing happen outside it, so they never hold an engine idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from engines.base import Engine, not_ready
+from errors import Overloaded, UnsupportedMode
+from process.image_process import ModeSpec
+
+# How often a waiting item re-checks that some engine is still alive (a dead engine never frees its slots).
+_RECHECK_S = 0.5
+
+
+@dataclass(eq=False)
+class Slot:
+    """One admitted item on one engine; release it exactly once (the context manager does)."""
+
+    engine: Engine
+    admission: Admission
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.admission._release(self.engine)
+
+
+class Admission:
+    def __init__(self, engines: Sequence[Engine], *, max_queue: int) -> None:
+        if not engines:
+            raise ValueError("admission needs at least one engine")
+        self.engines: list[Engine] = list(engines)
+        self.max_queue = max_queue
+        self._busy: dict[int, int] = {id(e): 0 for e in self.engines}
+        self._waiters: deque[tuple[asyncio.Future[Engine], ModeSpec | None]] = deque()
+        self.admitted = 0
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def primary(self) -> Engine:
+        """The engine that speaks for the service (name, modes, demo flag): the first ready one."""
+        return next((e for e in self.engines if e.ready), self.engines[0])
+
+    @property
+    def ready(self) -> bool:
+        return any(e.ready for e in self.engines)
+
+    @property
+    def served_modes(self) -> tuple[str, ...]:
+        modes: dict[str, None] = {}
+        for engine in self.engines:
+            modes.update(dict.fromkeys(engine.served_modes))
+        return tuple(modes)
+
+    @property
+    def capacity(self) -> int:
+        """Items that can run at once on the engines that are ready now."""
+        return sum(e.max_concurrency for e in self.engines if e.ready) or 1
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self._busy.values())
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for fut, _ in self._waiters if not fut.done())
+
+    def busy(self, engine: Engine) -> int:
+        return self._busy[id(engine)]
+
+    # --- admission ----------------------------------------------------------------------------
+    def check(self, mode: ModeSpec | None = None) -> None:
+        """Refuse a new request now: no engine ready (503), the mode not served (400), or a full queue (503)."""
+        if not self.ready:
+            raise not_ready(self.primary)
+        if mode is not None and mode.name not in self.served_modes:
+            raise UnsupportedMode(
+                f"mode {mode.name!r} is not served by the {self.primary.name} engine; "
+                f"modes served: {', '.join(self.served_modes)}",
+                served_modes=list(self.served_modes),
+            )
+        waiting = self.waiting
+        if waiting >= self.max_queue and self._free(mode) is None:
+            capacity = self.capacity
+            raise Overloaded(
+                f"{waiting} items are waiting and {self.in_flight} running (MAX_QUEUE={self.max_queue}, "
+                f"engine capacity {capacity}); retry later",
+                retry_after=max(1, min(60, math.ceil(waiting / capacity))),
+            )
+
+    async def acquire(self, mode: ModeSpec | None = None) -> Slot:
+        """A slot on the least busy ready engine serving `mode`; waits (FIFO) while all are full."""
+        engine = self._free(mode) if not self.waiting else None
+        if engine is not None:
+            self._busy[id(engine)] += 1
+            self.admitted += 1
+            return Slot(engine, self)
+        future: asyncio.Future[Engine] = asyncio.get_running_loop().create_future()
+        entry = (future, mode)
+        self._waiters.append(entry)
+        self._wake()  # a slot may be free already (waiters ahead of us may have left)
+        try:
+            while True:
+                if not self.ready:
+                    raise not_ready(self.primary)
+                with contextlib.suppress(TimeoutError):
+                    engine = await asyncio.wait_for(asyncio.shield(future), _RECHECK_S)
+                    break
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self._release(future.result())  # handed a slot as we were cancelled: pass it on
+            future.cancel()
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+        self.admitted += 1
+        return Slot(engine, self)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, mode: ModeSpec | None = None) -> AsyncIterator[Slot]:
+        token = await self.acquire(mode)
+        try:
+            yield token
+        finally:
+            token.release()
+
+    # --- internals ----------------------------------------------------------------------------
+    def _free(self, mode: ModeSpec | None) -> Engine | None:
+        best, best_load = None, math.inf
+        for engine in self.engines:
+            if not engine.ready or (mode is not None and mode.name not in engine.served_modes):
+                continue
+            busy = self._busy[id(engine)]
+            if busy >= engine.max_concurrency:
+                continue
+            load = busy / engine.max_concurrency
+            if load < best_load:
+                best, best_load = engine, load
+        return best
+
+    def _release(self, engine: Engine) -> None:
+        self._busy[id(engine)] -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        """Hand free slots to waiters in arrival order (a waiter whose mode no free engine serves is skipped)."""
+        for entry in list(self._waiters):
+            future, mode = entry
+            if future.done():
+                continue
+            engine = self._free(mode)
+            if engine is None:
+                continue
+            self._busy[id(engine)] += 1
+            future.set_result(engine)

@@ -1,0 +1,326 @@
+"""Route answers from the service's results: JSON models, ZIP archives and the layout PDF.
+
+Plain functions from `pipeline.ItemResult` / `pipeline.DocumentRun` to the models of `schemas.py`,
+`pdf_schemas.py` and `batch_schemas.py`. The sync routes and the jobs API build the same answers here.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import ocr_utils
+from batch_schemas import (
+    BatchFileResult,
+    BatchResponse,
+    BatchSimpleResponse,
+    BatchSimpleResult,
+    BatchSummary,
+    BatchSummaryFile,
+    BatchTotals,
+    ZipMembers,
+)
+from engines.base import Usage
+from pdf_schemas import PdfOcrResponse, PdfPageModel, PdfSimplePage, PdfSimpleResponse
+from pipeline import DocumentRun, ItemResult, PagePost
+from schemas import BlockModel, BoxModel, CropModel, ImageOcrResponse, UsageModel
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def usage_model(usage: Usage) -> UsageModel:
+    return UsageModel(**vars(usage))
+
+
+def total_usage(items: Iterable[ItemResult]) -> UsageModel:
+    total = Usage()
+    for item in items:
+        for key, value in vars(item.usage).items():
+            setattr(total, key, getattr(total, key) + value)
+    return usage_model(total)
+
+
+def block_models(post: PagePost | None) -> list[BlockModel]:
+    if post is None:
+        return []
+    return [
+        BlockModel(
+            index=b.index,
+            label=b.label,
+            text=b.text,
+            boxes=[
+                BoxModel(grid=list(box), pixels=list(ocr_utils.box_to_pixels(box, post.width, post.height)))
+                for box in b.boxes
+            ],
+        )
+        for b in post.blocks
+    ]
+
+
+def crop_models(crops: Iterable[ocr_utils.Crop]) -> list[CropModel]:
+    return [
+        CropModel(name=c.name, label=c.label, box=list(c.box), width=c.width, height=c.height, image_base64=b64(c.jpeg))
+        for c in crops
+    ]
+
+
+def image_response(result: ItemResult, mode: str) -> ImageOcrResponse:
+    post = result.post
+    assert post is not None  # a single image that fails raises instead of returning a result
+    return ImageOcrResponse(
+        text=result.text,
+        markdown=post.markdown,
+        blocks=block_models(post),
+        warnings=post.warnings,
+        annotated_image=b64(post.annotated_png) if post.annotated_png else None,
+        crops=crop_models(post.crops),
+        width=post.width,
+        height=post.height,
+        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type]
+        usage=usage_model(result.usage),
+        elapsed_s=result.elapsed_s,
+    )
+
+
+# --------------------------------------------------------------------------------------- PDFs
+
+
+def page_markdown(p: ItemResult) -> str:
+    if p.post is not None:
+        return p.post.markdown
+    # A comment keeps the failed page's slot between the split markers without showing in the render.
+    return f"<!-- page {p.label} failed: {(p.error or '').replace('--', '- -')} -->"
+
+
+def page_model(p: ItemResult) -> PdfPageModel:
+    post = p.post
+    return PdfPageModel(
+        page=int(p.label or 0),
+        status=p.status,
+        error=p.error,
+        text=p.text,
+        markdown=post.markdown if post else "",
+        blocks=block_models(post),
+        warnings=[*(post.warnings if post else []), *p.render_warnings],
+        width=p.width,
+        height=p.height,
+        dpi=p.dpi,
+        note=p.note,
+        finish_reason=p.finish_reason,  # type: ignore[arg-type]
+        usage=usage_model(p.usage),
+    )
+
+
+def pdf_totals(run: DocumentRun) -> dict[str, Any]:
+    counts = run.counts()
+    return {
+        "page_count": run.page_count,
+        "pages_processed": len(run.pages),
+        "pages_ok": counts["ok"],
+        "pages_truncated": counts["truncated"],
+        "pages_failed": counts["failed"],
+        "pages_aborted": counts["aborted"],
+        "usage": total_usage(run.pages),
+        "dpi": run.dpi,
+        "mode": run.mode,
+        "warnings": run.warnings,
+        "elapsed_s": run.elapsed_s,
+    }
+
+
+def take_layout_pdf(run: DocumentRun) -> bytes | None:
+    """The pages' drawings as one PDF; the per-page JPEGs are dropped as it is made (a 300-page PDF's
+    drawings are ~130 MB, and the PDF and its base64 copy come on top)."""
+    jpegs = [p.post.annotated_jpeg for p in run.pages if p.post is not None and p.post.annotated_jpeg]
+    for p in run.pages:
+        if p.post is not None:
+            p.post.annotated_jpeg = None
+    return ocr_utils.layout_pdf(jpegs) if jpegs else None
+
+
+def document_crops(run: DocumentRun) -> list[ocr_utils.Crop]:
+    return [c for p in run.pages if p.post is not None for c in p.post.crops]
+
+
+def pdf_response(run: DocumentRun) -> PdfOcrResponse:
+    """The JSON answer of `/pdf/ocr`; CPU work (layout PDF, base64): call it in the worker pool."""
+    layout = take_layout_pdf(run)
+    return PdfOcrResponse(
+        pages=[page_model(p) for p in run.pages],
+        markdown=ocr_utils.join_pages(page_markdown(p) for p in run.pages),
+        images=crop_models(document_crops(run)),
+        layout_pdf=b64(layout) if layout else None,
+        **pdf_totals(run),
+    )
+
+
+def pdf_simple_response(run: DocumentRun) -> PdfSimpleResponse:
+    pages = [
+        PdfSimplePage(
+            page=int(p.label or 0),
+            text=p.post.plain if p.post else "",
+            status=p.status,
+            finish_reason=p.finish_reason,  # type: ignore[arg-type]
+            error=p.error,
+        )
+        for p in run.pages
+    ]
+    return PdfSimpleResponse(
+        text=ocr_utils.join_pages(p.text for p in pages),
+        pages=pages,
+        page_count=run.page_count,
+        pages_failed=run.counts()["failed"],
+        mode=run.mode,  # type: ignore[arg-type]
+        elapsed_s=run.elapsed_s,
+    )
+
+
+def pdf_zip(run: DocumentRun, stem: str) -> bytes:
+    """`{stem}.md`, `{stem}_det.mmd` (raw tagged text), `{stem}_layouts.pdf`, `images/...`, `pages.json`."""
+    members = [
+        (f"{stem}.md", ocr_utils.join_pages(page_markdown(p) for p in run.pages).encode()),
+        (f"{stem}_det.mmd", ocr_utils.join_pages(p.text for p in run.pages).encode()),
+    ]
+    if layout := take_layout_pdf(run):
+        members.append((f"{stem}_layouts.pdf", layout))
+    members += [(crop.name, crop.jpeg) for crop in document_crops(run)]
+    manifest = {
+        **pdf_totals(run),
+        "usage": total_usage(run.pages).model_dump(),
+        "pages": [page_model(p).model_dump(exclude={"text", "markdown"}) for p in run.pages],
+    }
+    members.append(("pages.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode()))
+    return ocr_utils.build_zip(members)
+
+
+def download_stem(filename: str | None) -> str:
+    """The upload's name without folder or extension, safe as a ZIP member and file name."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return ocr_utils.safe_member_name(PurePosixPath(base).stem or "document", set()).replace("/", "_")
+
+
+def attachment(filename: str) -> str:
+    """Content-Disposition for `filename`; a non-ASCII name also goes in `filename*` (RFC 6266)."""
+    ascii_name = filename.encode("ascii", "replace").decode("ascii").replace("?", "_")
+    header = f'attachment; filename="{ascii_name}"'
+    if ascii_name != filename:
+        header += f"; filename*=UTF-8''{urllib.parse.quote(filename)}"
+    return header
+
+
+# --------------------------------------------------------------------------------------- batches
+
+SUMMARY_MEMBER = "summary.json"
+MAX_STEM = 80  # leaves room for "_det.md" / ".error.json" under ocr_utils' 100-character part cap
+
+
+@dataclass
+class BatchRun:
+    """The files of one batch request, in the order sent (`results[i].label` is file i's stem)."""
+
+    filenames: list[str]
+    results: list[ItemResult]
+    prompt: str
+    mode: str
+    clean_formulas: bool
+    elapsed_s: float
+
+
+def stem_members(stem: str) -> tuple[str, str, str]:
+    return f"{stem}.md", f"{stem}_det.md", f"{stem}.error.json"
+
+
+def member_stems(filenames: list[str]) -> list[str]:
+    """One stem per file, distinct (case-insensitively) and safe, at the ZIP's root.
+
+    Each name goes through `ocr_utils.safe_member_name` (no absolute paths, `..`, backslashes or control
+    characters), is flattened (folders become `_`, so `{stem}.md` sits beside `images/` and its links resolve)
+    and loses its extension. A stem is taken only when all of its members are free: `x_det.png` must not
+    overwrite the `x_det.md` of `x.png`. Crops `images/{stem}_{n}.jpg` of distinct stems never collide.
+    """
+    used: set[str] = {SUMMARY_MEMBER}
+    stems: list[str] = []
+    for index, name in enumerate(filenames):
+        flat = ocr_utils.safe_member_name(name or f"file_{index}", set()).replace("/", "_")
+        candidate = (flat.rpartition(".")[0] or flat)[:MAX_STEM].rstrip(". ") or f"file_{index}"
+        while True:
+            stem = ocr_utils.safe_member_name(f"{candidate}.md", used).removesuffix(".md")
+            others = [m.casefold() for m in stem_members(stem)[1:]]
+            if not used.intersection(others):
+                used.update(others)
+                stems.append(stem)
+                break
+    return stems
+
+
+def batch_totals(results: list[ItemResult]) -> dict[str, Any]:
+    return BatchTotals(
+        files=len(results),
+        ok=sum(r.status == "ok" for r in results),
+        truncated=sum(r.status == "truncated" for r in results),
+        failed=sum(r.status == "failed" for r in results),
+        aborted=sum(r.status == "aborted" for r in results),
+        usage=total_usage(results),
+    ).model_dump()
+
+
+def file_fields(index: int, filename: str, r: ItemResult) -> dict[str, Any]:
+    return {
+        "index": index,
+        "filename": filename,
+        "status": r.status,
+        "error": r.problem,
+        "finish_reason": r.finish_reason,
+        "usage": usage_model(r.usage) if r.finish_reason is not None else None,
+        "width": r.width,
+        "height": r.height,
+    }
+
+
+def batch_response(run: BatchRun) -> BatchResponse:
+    results = [
+        BatchFileResult(markdown=r.post.markdown if r.post else "", text=r.text, **file_fields(i, name, r))
+        for i, (name, r) in enumerate(zip(run.filenames, run.results, strict=True))
+    ]
+    return BatchResponse(results=results, elapsed_s=run.elapsed_s, **batch_totals(run.results))
+
+
+def batch_simple_response(run: BatchRun) -> BatchSimpleResponse:
+    results = [
+        BatchSimpleResult(index=i, filename=name, text=r.post.plain if r.post else "", status=r.status, error=r.problem)
+        for i, (name, r) in enumerate(zip(run.filenames, run.results, strict=True))
+    ]
+    return BatchSimpleResponse(results=results, elapsed_s=run.elapsed_s, **batch_totals(run.results))
+
+
+def batch_zip(run: BatchRun) -> bytes:
+    """`summary.json` first, then each file's members in input order. Names are final (see `member_stems`)."""
+    members: list[tuple[str, bytes]] = []
+    entries: list[BatchSummaryFile] = []
+    for i, (name, r) in enumerate(zip(run.filenames, run.results, strict=True)):
+        markdown, raw, error = stem_members(str(r.label))
+        if r.post is None:
+            names = ZipMembers(error=error)
+            members.append((error, json.dumps(r.problem, indent=2, ensure_ascii=False).encode()))
+        else:
+            names = ZipMembers(markdown=markdown, raw=raw, images=[c.name for c in r.post.crops])
+            members += [(markdown, r.post.markdown.encode()), (raw, r.text.encode())]
+            members += [(c.name, c.jpeg) for c in r.post.crops]
+        entries.append(BatchSummaryFile(members=names, **file_fields(i, name, r)))
+    summary = BatchSummary(
+        results=entries,
+        elapsed_s=run.elapsed_s,
+        prompt=run.prompt,
+        mode=run.mode,
+        clean_formulas=run.clean_formulas,
+        **batch_totals(run.results),
+    )
+    return ocr_utils.build_zip([(SUMMARY_MEMBER, summary.model_dump_json(indent=2).encode()), *members])

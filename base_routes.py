@@ -1,0 +1,172 @@
+"""The base endpoints: `/` (service info), `/health`, `/ready`, `/generate` and `/generate_with_file`."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+import inputs
+from answers import usage_model
+from config import NGRAM_IMAGE, Settings
+from deps import (
+    MaxTokensForm,
+    ModeForm,
+    NgramSizeForm,
+    NgramWindowForm,
+    ServiceDep,
+    SettingsDep,
+    TemperatureForm,
+    TopPForm,
+    deadline,
+    prompt_form,
+    read_upload,
+)
+from engines import DEMO_NOTICE
+from pipeline import OcrRequest, OcrService
+from schemas import EngineState, GenerateRequest, GenerateResponse, HealthResponse, RootResponse
+
+__version__ = "1.0.0"
+GENERATE_PROMPT = "<image>\nFree OCR."
+router = APIRouter(tags=["base"])
+
+
+@router.get("/", response_model=RootResponse, summary="Service information")
+async def root(request: Request) -> RootResponse:
+    service: OcrService = request.app.state.service
+    engine = service.admission.primary
+    s: Settings = request.app.state.settings
+    paths = request.app.openapi()["paths"]
+    endpoints = sorted(f"{method.upper()} {path}" for path, item in paths.items() for method in item)
+    return RootResponse(
+        name="DeepSeek-OCR API",
+        version=__version__,
+        engine=engine.name,
+        model=s.model_path,
+        ready=service.admission.ready,
+        demo=engine.demo,
+        notice=DEMO_NOTICE if engine.demo else engine.health().reason,
+        default_mode=s.default_mode.name,  # type: ignore[arg-type]
+        modes=list(service.admission.served_modes),
+        routers=request.app.state.routers,
+        endpoints=endpoints,
+    )
+
+
+@router.get("/health", response_model=HealthResponse, summary="Liveness and model state (always 200)")
+async def health(request: Request) -> HealthResponse:
+    return health_body(request)
+
+
+@router.get(
+    "/ready",
+    response_model=HealthResponse,
+    summary="Readiness: 200 when OCR can be served, else 503",
+    responses={503: {"model": HealthResponse, "description": "Not ready; `reason` says why"}},
+)
+async def ready(request: Request) -> Any:
+    body = health_body(request)
+    return body if body.ready else JSONResponse(body.model_dump(), status_code=503)
+
+
+def health_body(request: Request) -> HealthResponse:
+    service: OcrService = request.app.state.service
+    admission = service.admission
+    engine = admission.primary
+    h = engine.health()
+    ready = admission.ready
+    return HealthResponse(
+        status="ok" if ready else "not_ready",
+        ready=ready,
+        engine=engine.name,
+        model=request.app.state.settings.model_path,
+        model_loaded=ready,
+        reason=None if ready else h.reason,
+        demo=engine.demo,
+        notice=DEMO_NOTICE if engine.demo else None,
+        in_flight=admission.in_flight,
+        waiting=admission.waiting,
+        uptime_s=round(time.monotonic() - request.app.state.started, 3),
+        detail=h.detail,
+        engines=[
+            EngineState(
+                name=e.name,
+                ready=e.ready,
+                reason=(eh := e.health()).reason,
+                in_flight=admission.busy(e),
+                max_concurrency=e.max_concurrency,
+                detail=eh.detail,
+            )
+            for e in admission.engines
+        ],
+    )
+
+
+@router.post(
+    "/generate", response_model=GenerateResponse, summary="Generate from a prompt and an optional base64 image (JSON)"
+)
+async def generate(body: GenerateRequest, service: ServiceDep, settings: SettingsDep) -> GenerateResponse:
+    req = OcrRequest.build(
+        settings,
+        prompt=body.prompt,
+        default_prompt=GENERATE_PROMPT,
+        has_image=body.image_base64 is not None,
+        mode=body.mode,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        ngram=(body.ngram_size, body.ngram_window),
+    )
+    service.admit(req)
+    image = None
+    if body.image_base64 is not None:
+        data = inputs.decode_base64_image(body.image_base64, max_bytes=settings.max_upload_bytes)
+        image = await service.blocking(inputs.decode_image, data, max_pixels=settings.max_image_pixels)
+    return await _generate(service, req, image)
+
+
+@router.post(
+    "/generate_with_file",
+    response_model=GenerateResponse,
+    summary="Generate from an uploaded image file (multipart)",
+)
+async def generate_with_file(
+    service: ServiceDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="Image: PNG, JPEG, WebP, TIFF, BMP, GIF")],
+    prompt: Annotated[str, prompt_form("Prompt; `<image>\\n` is put in front if missing")] = "",
+    max_tokens: MaxTokensForm = None,
+    temperature: TemperatureForm = 0.0,
+    top_p: TopPForm = 1.0,
+    mode: ModeForm = None,
+    ngram_size: NgramSizeForm = NGRAM_IMAGE[0],
+    ngram_window: NgramWindowForm = NGRAM_IMAGE[1],
+) -> GenerateResponse:
+    req = OcrRequest.build(
+        settings,
+        prompt=prompt,
+        default_prompt=GENERATE_PROMPT,
+        mode=mode,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        ngram=(ngram_size, ngram_window),
+    )
+    service.admit(req)
+    data = await read_upload(file, settings)
+    image = await service.blocking(inputs.decode_image, data, max_pixels=settings.max_image_pixels)
+    return await _generate(service, req, image)
+
+
+async def _generate(service: OcrService, req: OcrRequest, image: Any) -> GenerateResponse:
+    async with deadline(service.settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
+        result = await service.generate(req, image)
+    return GenerateResponse(
+        result=result.text,
+        finish_reason=result.finish_reason,  # type: ignore[arg-type]
+        mode=req.mode.name,  # type: ignore[arg-type]
+        usage=usage_model(result.usage),
+        elapsed_s=result.elapsed_s,
+    )

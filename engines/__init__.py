@@ -1,0 +1,122 @@
+"""Engines behind one protocol (`engines.base.Engine`), chosen by name through a small registry.
+
+`ENGINE=torch` is our PyTorch model (`engines.torch_engine`), `ENGINE=vllm` is vLLM (`engines.vllm_engine`),
+`auto` takes vLLM when it is installed and a GPU is visible. Each engine module is imported only when it
+is chosen, so the CPU default never imports vLLM. `start_engines` is what the app's lifespan calls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from config import Settings
+from engines.base import BaseEngine, Engine, UnavailableEngine
+
+log = logging.getLogger("deepseek_ocr.engine")
+
+DEMO_NOTICE = (
+    "DEMO: serving a tiny checkpoint with RANDOM weights; its text is meaningless. Set MODEL_PATH to the "
+    "DeepSeek-OCR weights directory (config.json, *.safetensors, tokenizer.json) for real OCR."
+)
+NO_MODEL_HINT = (
+    "set MODEL_PATH to the DeepSeek-OCR weights directory (config.json, *.safetensors, tokenizer.json), "
+    "or run `make serve` for a random-weights demo"
+)
+
+# A factory builds the app's engines from its settings (tests pass their own replay engines).
+EngineFactory = Callable[[Settings], list[Engine]]
+
+
+def _torch(settings: Settings) -> BaseEngine:
+    from engines.torch_engine import TorchEngine
+
+    return TorchEngine(settings)
+
+
+def _vllm(settings: Settings) -> BaseEngine:
+    from engines.vllm_engine import VllmEngine
+
+    return VllmEngine(settings)
+
+
+REGISTRY: dict[str, Callable[[Settings], BaseEngine]] = {"torch": _torch, "vllm": _vllm}
+
+
+def engine_kind(settings: Settings) -> str:
+    """The registry name ENGINE resolves to; `auto` takes vLLM when it imports and a GPU is present."""
+    if settings.engine != "auto":
+        return settings.engine
+    return "vllm" if _vllm_usable() else "torch"
+
+
+def build_engine(settings: Settings) -> BaseEngine:
+    return REGISTRY[engine_kind(settings)](settings)
+
+
+def default_factory(settings: Settings) -> list[Engine]:
+    return [build_engine(settings)]
+
+
+def _vllm_usable() -> bool:
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    # NVML answers without initialising CUDA here; a CUDA init now would break vLLM's forked workers.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def is_random_weights(settings: Settings) -> bool:
+    """True for the checkpoints `deepseek_ocr.py make-tiny` writes, and for vLLM's dummy weights."""
+    if settings.load_format == "dummy":
+        return True
+    try:
+        config = json.loads((Path(settings.model_path or "") / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(config.get("_name_or_path", "")).startswith("deepseek-ocr-random")
+
+
+async def start_engines(settings: Settings, factory: EngineFactory | None = None) -> list[Engine]:
+    """The configured engines, started. When the model cannot load, one `UnavailableEngine` saying why.
+
+    With a factory (tests), its engines are started as they are: no checkpoint checks.
+    """
+    if factory is not None:
+        engines = factory(settings)
+        for engine in engines:
+            await engine.start()
+        return engines
+    if not settings.model_path:
+        log.warning("MODEL_PATH is not set: OCR endpoints answer 503 until it is")
+        return [UnavailableEngine(f"MODEL_PATH is not set: {NO_MODEL_HINT}")]
+    if not (Path(settings.model_path) / "config.json").is_file():
+        reason = f"MODEL_PATH={settings.model_path} has no config.json: {NO_MODEL_HINT}"
+        log.error("%s", reason)
+        return [UnavailableEngine(reason)]
+    engines = default_factory(settings)
+    try:
+        for engine in engines:
+            await engine.start()
+    except Exception as exc:
+        log.exception("model load failed")
+        for engine in engines:
+            await engine.close()
+        reason = f"could not load the model from MODEL_PATH={settings.model_path}: {exc}; {NO_MODEL_HINT}"
+        return [UnavailableEngine(reason, engine_kind(settings))]
+    demo = is_random_weights(settings)
+    for engine in engines:
+        engine.demo = demo
+        log.info("engine %s ready: %s", engine.name, settings.model_path)
+    if demo:
+        log.warning("%s", DEMO_NOTICE)
+    return engines

@@ -1,0 +1,204 @@
+"""The engine protocol: what the service asks of an engine, and the state every engine shares.
+
+An engine turns one `EngineRequest` (prompt, optional image, mode, sampling) into streamed text. It owns
+nothing of admission: how many requests may run on it at once is its `max_concurrency`, and the service's
+`admission.Admission` keeps that limit with explicit slot tokens, so several engines can stand behind one
+service. Implementations: `engines.torch_engine.TorchEngine` (our `deepseek_ocr.py`, any device) and
+`engines.vllm_engine.VllmEngine` (vLLM on GPUs); `UnavailableEngine` stands in when no model loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from deepseek_ocr import SamplingParams
+from errors import ModelNotReady, UnsupportedMode
+from process.image_process import MODES, ModeSpec
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["SamplingParams"]  # the one sampling type, shared with the model
+
+
+@dataclass
+class EngineRequest:
+    prompt: str
+    image: Image.Image | None
+    mode: ModeSpec
+    sampling: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # False when the caller only wants the end result: vLLM then sends no per-step deltas.
+    stream: bool = False
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class EngineChunk:
+    """A piece of streamed output; the last one carries `finish_reason` and the final usage."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class EngineResult:
+    text: str
+    finish_reason: str
+    usage: Usage
+    elapsed_s: float
+
+
+@dataclass
+class EngineHealth:
+    ready: bool
+    reason: str | None
+    running: int
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What the service and admission use. `BaseEngine` implements the shared parts."""
+
+    name: str
+    demo: bool
+    max_concurrency: int
+    # False when the model can never load (bad MODEL_PATH): 503 without Retry-After, a person must act.
+    recoverable: bool
+
+    @property
+    def served_modes(self) -> tuple[str, ...]: ...
+    @property
+    def ready(self) -> bool: ...
+    async def start(self) -> None: ...
+    def stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]: ...
+    async def generate(self, request: EngineRequest) -> EngineResult: ...
+    async def abort(self, request_id: str) -> None: ...
+    def health(self) -> EngineHealth: ...
+    async def close(self) -> None: ...
+
+
+class BaseEngine:
+    """Readiness, mode checks, abort on cancellation and counters; subclasses implement `_stream`.
+
+    A caller that is cancelled (deadline, client gone) aborts its engine request before the cancellation
+    propagates, so no engine keeps decoding for nobody.
+    """
+
+    name = "base"
+    recoverable = True
+
+    def __init__(self, max_concurrency: int) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        self.max_concurrency = max_concurrency
+        self.running = 0  # requests inside `stream` now
+        self.completed = 0
+        self.demo = False
+        self._ready = False
+        self._reason: str | None = "the engine is starting"
+
+    # --- the interface -------------------------------------------------------------------------
+    @property
+    def served_modes(self) -> tuple[str, ...]:
+        return tuple(MODES)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def health(self) -> EngineHealth:
+        return EngineHealth(self._ready, self._reason, self.running)
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        self._ready = False
+        self._reason = "the engine is shut down"
+
+    async def abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        raise NotImplementedError
+
+    # --- shared logic --------------------------------------------------------------------------
+    def require_ready(self) -> None:
+        if not self._ready:
+            raise not_ready(self)
+
+    def check_mode(self, mode: ModeSpec) -> None:
+        if mode.name not in self.served_modes:
+            raise UnsupportedMode(
+                f"mode {mode.name!r} is not served by the {self.name} engine; "
+                f"modes served: {', '.join(self.served_modes)}",
+                served_modes=list(self.served_modes),
+            )
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        self.require_ready()
+        self.check_mode(request.mode)
+        self.running += 1
+        finished = False
+        try:
+            async for chunk in self._stream(request):
+                if chunk.finish_reason is not None:
+                    finished = True
+                yield chunk
+        finally:
+            self.running -= 1
+            self.completed += 1
+            if not finished:
+                # Cancelled (deadline, disconnect) or failed: free the engine's work now.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.abort(request.request_id))
+
+    async def generate(self, request: EngineRequest) -> EngineResult:
+        start = time.perf_counter()
+        parts: list[str] = []
+        finish, usage = "length", Usage()
+        async for chunk in self.stream(request):
+            parts.append(chunk.text)
+            if chunk.finish_reason is not None:
+                finish, usage = chunk.finish_reason, chunk.usage or usage
+        return EngineResult("".join(parts), finish, usage, round(time.perf_counter() - start, 4))
+
+
+def not_ready(engine: Engine) -> ModelNotReady:
+    """503 for an engine that cannot serve: with Retry-After while it may come back, without when it cannot."""
+    reason = engine.health().reason or "the model is not loaded"
+    if engine.recoverable:
+        return ModelNotReady(reason, retry_after=30)
+    return ModelNotReady(reason, retry_after=None)
+
+
+class UnavailableEngine(BaseEngine):
+    """Stands in when no model could be loaded: every OCR call answers 503 saying what to fix."""
+
+    name = "none"
+
+    def __init__(self, reason: str, engine_name: str = "none", *, recoverable: bool = False) -> None:
+        super().__init__(1)
+        self.name = engine_name
+        self._reason = reason
+        self.recoverable = recoverable
+
+    async def start(self) -> None:
+        return None
+
+    async def abort(self, request_id: str) -> None:
+        return None

@@ -1,0 +1,64 @@
+"""A replay engine for tests: answers fixed model text, streamed in pieces like a real engine.
+
+It stands in for the model only (the service, admission, routes and post-processing are the real ones),
+and is injected through `create_app(settings, engine_factory=...)`, so no real engine starts beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from engines.base import BaseEngine, EngineChunk, EngineRequest, Usage
+from errors import OcrError
+
+
+class ReplayEngine(BaseEngine):
+    name = "replay"
+
+    def __init__(
+        self,
+        text: str | Callable[[EngineRequest], str],
+        *,
+        max_concurrency: int = 8,
+        usage: Usage | None = None,
+        finish_reason: str = "stop",
+        fail_on_size: tuple[int, int] | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        super().__init__(max_concurrency)
+        self.text = text
+        self.usage = usage or Usage(10, 273, 42)
+        self.finish_reason = finish_reason
+        self.fail_on_size = fail_on_size
+        self.delay_s = delay_s
+        self.requests: list[EngineRequest] = []
+        self.peak_running = 0
+        self.aborted: list[str] = []
+
+    async def start(self) -> None:
+        self._ready, self._reason = True, None
+
+    def kill(self, reason: str = "the replay engine died") -> None:
+        """What a crashed engine looks like to the service: not ready, and its calls fail with 503."""
+        self._ready, self._reason = False, reason
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        self.requests.append(request)
+        self.peak_running = max(self.peak_running, self.running)
+        if request.image is not None and request.image.size == self.fail_on_size:
+            raise OcrError("the engine failed on this request: replayed failure")
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        self.require_ready()  # a kill() while this request waited ends it like a dead engine would
+        text = self.text(request) if callable(self.text) else self.text
+        for i in range(0, len(text), 40):
+            yield EngineChunk(text[i : i + 40])
+        yield EngineChunk("", self.finish_reason, Usage(**vars(self.usage)))
+
+
+def factory(*engines: BaseEngine) -> Callable[[object], list[BaseEngine]]:
+    return lambda settings: list(engines)

@@ -11,11 +11,15 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import Match
 
+import observability
 from config import Settings
 from errors import PROBLEM_MEDIA_TYPE, OcrError, PayloadTooLarge, Unauthorized
 
@@ -29,6 +33,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Swagger UI's Authorize button then sends the key with every call).
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 _FORM_MARGIN = 1 << 20  # room for the form fields beside the file
+# Probes and scrapes hit every few seconds: their successful answers are logged at DEBUG only.
+_QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+access_log = logging.getLogger("deepseek_ocr.access")
 
 
 class _BodyTooLarge(Exception):
@@ -40,6 +47,7 @@ class GuardMiddleware:
         self.app = app
         self.settings = settings
         self.keys = [k.encode() for k in settings.api_keys]
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
     def body_limit(self, path: str) -> int:
         s = self.settings
@@ -50,7 +58,7 @@ class GuardMiddleware:
         return s.max_upload_bytes + _FORM_MARGIN
 
     def authorised(self, scope: Scope) -> bool:
-        if not self.keys or scope["path"] in OPEN_PATHS:
+        if not self.keys or scope["path"] in self.open_paths:
             return True
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-api-key", b"")
@@ -168,5 +176,67 @@ async def send_problem(send: Send, scope: Scope, exc: OcrError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class ObservabilityMiddleware:
+    """Outside the guard: every answer (the guard's 401/413 too) gets the request id and is counted.
+
+    Sets the request id for the request's task (`observability.request_id()`, every log record), echoes it
+    in `X-Request-ID`, counts the request by route template and status, times it, and writes one access line.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = observability.accept_request_id(dict(scope.get("headers") or []).get(b"x-request-id"))
+        token = observability.bind_request_id(rid)
+        status = 499  # no answer sent: the client went away first (nginx's code for it)
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers") or [] if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            elapsed = time.perf_counter() - start
+            metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+            if metrics is not None:
+                metrics.observe_request(route_template(scope), scope["method"], status, elapsed)
+            quiet = scope["path"] in _QUIET_PATHS and status < 400
+            access_log.log(
+                logging.DEBUG if quiet else logging.INFO,
+                "%s %s %d %.3fs",
+                scope["method"],
+                scope["path"],
+                status,
+                elapsed,
+            )
+            observability.reset_request_id(token)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path format (`/jobs/{id}`), never the raw path: raw paths would make a metric
+    label per URL. Requests the guard refused before routing are matched here; no match is "unmatched"."""
+    route = scope.get("route")
+    if route is None and scope.get("app") is not None:
+        for candidate in scope["app"].router.routes:
+            if candidate.matches(scope)[0] != Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "path", None) or "unmatched"
+
+
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(GuardMiddleware, settings=settings)  # type: ignore[arg-type]
+    app.add_middleware(ObservabilityMiddleware)  # added last = outermost

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import inputs
+import observability
 from config import NGRAM_IMAGE, Settings, load_settings
 from deps import (
     PROMPT_MAX_CHARS,
@@ -212,7 +213,7 @@ def _unavailable_status(name: str, reason: str) -> Any:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    observability.configure_logging(settings)
     app = FastAPI(
         title="DeepSeek-OCR API",
         version=__version__,
@@ -225,6 +226,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = UnavailableEngine(settings, "the engine is starting")
     install_error_handlers(app)
     install_middleware(app, settings)
+    observability.install(app, settings)
     app.include_router(base_router())
     app.state.routers = include_routers(app)
     install_security_schemes(app, settings)

@@ -28,6 +28,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -204,6 +205,7 @@ class Metrics:
     the middleware calls `observe_request`; gauges come from `set_state_source` / `set_jobs_source`."""
 
     def __init__(self, prefix: str = "ocr") -> None:
+        disable_created_metrics()  # process-wide: `*_created` series double the output and nobody graphs them
         self.registry = CollectorRegistry()
         r, p = self.registry, prefix
         self.requests = Counter(

@@ -192,7 +192,7 @@ class ObservabilityMiddleware:
             return
         rid = observability.accept_request_id(dict(scope.get("headers") or []).get(b"x-request-id"))
         token = observability.bind_request_id(rid)
-        status = 499  # no answer sent: the client went away first (nginx's code for it)
+        status: int | None = None
         start = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
@@ -203,26 +203,32 @@ class ObservabilityMiddleware:
                 message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
             await send(message)
 
+        failed = False
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
-            status = 500
+        except Exception as exc:
+            # Starlette answers unhandled errors in its outermost middleware, outside this one: answer here so
+            # that 500 carries the id too (it then sends nothing), and keep the id set for its log line.
+            failed = True
+            if status is None:
+                with contextlib.suppress(Exception):
+                    await send_problem(send_with_id, scope, OcrError(f"internal error ({type(exc).__name__})"))
+                status = status or 500
             raise
         finally:
-            elapsed = time.perf_counter() - start
-            metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
-            if metrics is not None:
-                metrics.observe_request(route_template(scope), scope["method"], status, elapsed)
-            quiet = scope["path"] in _QUIET_PATHS and status < 400
-            access_log.log(
-                logging.DEBUG if quiet else logging.INFO,
-                "%s %s %d %.3fs",
-                scope["method"],
-                scope["path"],
-                status,
-                elapsed,
-            )
-            observability.reset_request_id(token)
+            # No answer at all: the client went away first (499, nginx's code for it).
+            self.account(scope, status or 499, time.perf_counter() - start)
+            if not failed:
+                observability.reset_request_id(token)
+
+    @staticmethod
+    def account(scope: Scope, status: int, elapsed: float) -> None:
+        metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+        if metrics is not None:
+            metrics.observe_request(route_template(scope), scope["method"], status, elapsed)
+        quiet = scope["path"] in _QUIET_PATHS and status < 400
+        level = logging.DEBUG if quiet else logging.INFO
+        access_log.log(level, "%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)
 
 
 def route_template(scope: Scope) -> str:

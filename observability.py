@@ -344,7 +344,12 @@ def install(app: FastAPI, settings: Settings) -> Metrics:
         tags=["base"],
         summary="Prometheus metrics (text exposition format)",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Metrics"}},
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format",
+            }
+        },
     )
     async def metrics_endpoint(request: Request) -> Response:
         return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -45,6 +45,10 @@ def served(tiny_checkpoint: Path):
         logging.getLogger("deepseek_ocr.test").info("echo handler for %s", item)
         return {"item": item, "request_id": observability.request_id()}
 
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
     with serve_app(app) as url:
         yield app, url
     observability.configure_logging(make_settings(None))
@@ -115,9 +119,10 @@ def test_route_template_not_raw_path_and_refusals_counted(served) -> None:
     after = scrape(url)
     for status, added in (("200", 2), ("401", 1)):
         labels = {"route": "/echo/{item}", "method": "GET", "status": status}
-        assert sample(after, "ocr_http_requests_total", **labels) - sample(
-            before, "ocr_http_requests_total", **labels
-        ) == added, status
+        assert (
+            sample(after, "ocr_http_requests_total", **labels) - sample(before, "ocr_http_requests_total", **labels)
+            == added
+        ), status
     assert sample(after, "ocr_http_requests_total", route="unmatched", method="GET", status="404") >= 1
     assert not any("/echo/one" in str(key) or "/no/such" in str(key) for key in after)
 
@@ -189,13 +194,30 @@ def test_request_id_round_trips_into_header_handler_and_log(served, capsys) -> N
     assert access and re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", access[0]), err
 
 
-@pytest.mark.parametrize("given", ["has space", "x" * 129, "semi;colon", "ünïcode"])
-def test_invalid_request_id_is_replaced(served, given: str) -> None:
+def test_unhandled_error_500_carries_the_request_id(served, capsys) -> None:
     _, url = served
+    observability.configure_logging(make_settings(None, log_level="INFO"))
+    capsys.readouterr()
+    r = httpx.get(url + "/boom", headers={**AUTH, "X-Request-ID": "bug-7"})
+    assert r.status_code == 500, show(r)
+    assert r.headers["x-request-id"] == "bug-7", r.headers
+    assert r.headers["content-type"] == "application/problem+json", show(r)
+    assert "RuntimeError" in r.json()["detail"], show(r)
+    err = wait_for_text(capsys, "GET /boom 500")
+    assert any("[bug-7]: unhandled error on /boom" in line for line in err.splitlines()), err
+    assert "    RuntimeError: a bug" in err, err  # traceback lines indented under their record
+
+
+@pytest.mark.parametrize("given", ["has space", "x" * 129, "semi;colon", "ünïcode"])
+def test_invalid_request_id_is_replaced(served, capsys, given: str) -> None:
+    _, url = served
+    capsys.readouterr()
     r = httpx.get(url + "/echo/y", headers={**AUTH, "X-Request-ID": given.encode()})
     assert r.status_code == 200, show(r)
-    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"]), r.headers
-    assert r.json()["request_id"] == r.headers["x-request-id"]
+    rid = r.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", rid), r.headers
+    assert r.json()["request_id"] == rid, show(r)
+    wait_for_text(capsys, f"[{rid}]: GET /echo/y 200")
 
 
 def test_text_logs_escape_control_characters(served, capsys) -> None:
@@ -223,8 +245,8 @@ def test_json_logs_one_object_per_line(served, capsys) -> None:
         assert r.status_code == 200, show(r)
         err = wait_for_text(capsys, "GET /echo/z")
         try:
-            1 / 0
-        except ZeroDivisionError:
+            int("not a number")
+        except ValueError:
             logging.getLogger("deepseek_ocr.test").exception("outside a request")
         err += wait_for_text(capsys, "outside a request")
         entries = [json.loads(line) for line in err.splitlines() if line.strip()]
@@ -234,7 +256,7 @@ def test_json_logs_one_object_per_line(served, capsys) -> None:
         assert handler["message"] == "echo handler for z\nq" and handler["level"] == "INFO", handler
         assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", handler["time"]), handler
         failure = next(e for e in entries if e["message"] == "outside a request")
-        assert failure["request_id"] is None and "ZeroDivisionError" in failure["exception"], failure
+        assert failure["request_id"] is None and "ValueError" in failure["exception"], failure
     finally:
         observability.configure_logging(make_settings(None))
 

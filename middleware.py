@@ -36,6 +36,8 @@ _FORM_MARGIN = 1 << 20  # room for the form fields beside the file
 # Probes and scrapes hit every few seconds: their successful answers are logged at DEBUG only.
 _QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 access_log = logging.getLogger("deepseek_ocr.access")
+# Metric labels must stay few: an unauthenticated client could otherwise mint one series per made-up method.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class _BodyTooLarge(Exception):
@@ -225,7 +227,8 @@ class ObservabilityMiddleware:
     def account(scope: Scope, status: int, elapsed: float) -> None:
         metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
         if metrics is not None:
-            metrics.observe_request(route_template(scope), scope["method"], status, elapsed)
+            method = scope["method"] if scope["method"] in _METHODS else "other"  # any token is a method in HTTP
+            metrics.observe_request(route_template(scope), method, status, elapsed)
         quiet = scope["path"] in _QUIET_PATHS and status < 400
         level = logging.DEBUG if quiet else logging.INFO
         access_log.log(level, "%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)

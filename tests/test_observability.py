@@ -116,6 +116,8 @@ def test_route_template_not_raw_path_and_refusals_counted(served) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"]), r.headers
     r = httpx.get(url + "/no/such/page", headers=AUTH)
     assert r.status_code == 404, show(r)
+    r = httpx.request("PROPFIND", url + "/echo/four")  # a real method, but not a label
+    assert r.status_code == 401, show(r)
     after = scrape(url)
     for status, added in (("200", 2), ("401", 1)):
         labels = {"route": "/echo/{item}", "method": "GET", "status": status}
@@ -124,7 +126,8 @@ def test_route_template_not_raw_path_and_refusals_counted(served) -> None:
             == added
         ), status
     assert sample(after, "ocr_http_requests_total", route="unmatched", method="GET", status="404") >= 1
-    assert not any("/echo/one" in str(key) or "/no/such" in str(key) for key in after)
+    assert sample(after, "ocr_http_requests_total", route="/echo/{item}", method="other", status="401") >= 1
+    assert not any(needle in str(key) for key in after for needle in ("/echo/one", "/no/such", "PROPFIND"))
 
 
 def test_413_from_the_guard_carries_the_request_id(served) -> None:

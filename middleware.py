@@ -214,7 +214,9 @@ class ObservabilityMiddleware:
             failed = True
             if status is None:
                 with contextlib.suppress(Exception):
-                    await send_problem(send_with_id, scope, OcrError(f"internal error ({type(exc).__name__})"))
+                    await send_problem(
+                        send_with_id, scope, OcrError(f"internal error ({type(exc).__name__}); this is a bug")
+                    )
                 status = status or 500
             raise
         finally:

@@ -92,6 +92,8 @@ class Settings(BaseSettings):
 
     api_key: SecretStr | None = Field(None, description="One key or several, comma-separated")
     log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics_public: bool = Field(False, description="Serve /metrics without the API key (for a scraper)")
 
     # vLLM engine only.
     tensor_parallel_size: int = Field(1, ge=1, le=64)

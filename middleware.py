@@ -11,11 +11,14 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
 
+import observability
 from config import Settings
 from errors import PROBLEM_MEDIA_TYPE, OcrError, PayloadTooLarge, Unauthorized
 
@@ -29,6 +32,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Swagger UI's Authorize button then sends the key with every call).
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 _FORM_MARGIN = 1 << 20  # room for the form fields beside the file
+# Probes and scrapes hit every few seconds: their successful answers are logged at DEBUG only.
+_QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
+access_log = logging.getLogger("deepseek_ocr.access")
+# Metric labels must stay few: an unauthenticated client could otherwise mint one series per made-up method.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class _BodyTooLarge(Exception):
@@ -40,6 +48,7 @@ class GuardMiddleware:
         self.app = app
         self.settings = settings
         self.keys = [k.encode() for k in settings.api_keys]
+        self.open_paths = OPEN_PATHS | ({"/metrics"} if settings.metrics_public else set())
 
     def body_limit(self, path: str) -> int:
         s = self.settings
@@ -50,7 +59,7 @@ class GuardMiddleware:
         return s.max_upload_bytes + _FORM_MARGIN
 
     def authorised(self, scope: Scope) -> bool:
-        if not self.keys or scope["path"] in OPEN_PATHS:
+        if not self.keys or scope["path"] in self.open_paths:
             return True
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-api-key", b"")
@@ -168,5 +177,65 @@ async def send_problem(send: Send, scope: Scope, exc: OcrError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class ObservabilityMiddleware:
+    """Outside the guard: every answer (the guard's 401/413 too) gets the request id and is counted.
+
+    Sets the request id for the request's task (`observability.request_id()`, every log record), echoes it
+    in `X-Request-ID`, counts the request by route template and status, times it, and writes one access line.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = observability.accept_request_id(dict(scope.get("headers") or []).get(b"x-request-id"))
+        token = observability.bind_request_id(rid)
+        observability.current_scope.set(scope)
+        status: int | None = None
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers") or [] if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        failed = False
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Starlette answers unhandled errors in its outermost middleware, outside this one: answer here so
+            # that 500 carries the id too (it then sends nothing), and keep the id set for its log line.
+            failed = True
+            if status is None:
+                with contextlib.suppress(Exception):
+                    await send_problem(
+                        send_with_id, scope, OcrError(f"internal error ({type(exc).__name__}); this is a bug")
+                    )
+                status = status or 500
+            raise
+        finally:
+            # No answer at all: the client went away first (499, nginx's code for it).
+            self.account(scope, status or 499, time.perf_counter() - start)
+            if not failed:
+                observability.reset_request_id(token)
+
+    @staticmethod
+    def account(scope: Scope, status: int, elapsed: float) -> None:
+        metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+        if metrics is not None:
+            method = scope["method"] if scope["method"] in _METHODS else "other"  # any token is a method in HTTP
+            metrics.observe_request(observability.route_template(scope), method, status, elapsed)
+        quiet = scope["path"] in _QUIET_PATHS and status < 400
+        level = logging.DEBUG if quiet else logging.INFO
+        access_log.log(level, "%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)
+
+
 def install_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(GuardMiddleware, settings=settings)  # type: ignore[arg-type]
+    app.add_middleware(ObservabilityMiddleware)  # added last = outermost

@@ -11,6 +11,7 @@ reason). An engine that is not ready is a 503 for the whole request, never N fai
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -219,7 +220,9 @@ class OcrService:
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+        # The worker thread runs in a copy of this context: its log lines carry the request id.
+        call = functools.partial(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
+        return await loop.run_in_executor(self.executor, call)
 
     async def generate(self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False) -> EngineResult:
         async with self.admission.slot(request.mode) as slot:

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import base_routes
+import observability
 from admission import Admission
 from config import Settings, load_settings
 from engines import DEMO_NOTICE, EngineFactory, start_engines
@@ -64,7 +65,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Processes start on the first PDF, not here.
     render_pool = RenderPool(settings.render_processes, page_timeout_s=settings.pdf_render_timeout_s)
     engines = await start_engines(settings, app.state.engine_factory)
-    app.state.service = build_service(settings, engines, executor, render_pool)
+    app.state.service = service = build_service(settings, engines, executor, render_pool)
+    service.observers.append(observability.item_observer(app.state.metrics))
     try:
         yield
     finally:
@@ -155,7 +157,7 @@ def _unavailable_status(name: str, reason: str) -> Any:
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
     settings = settings or load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    observability.configure_logging(settings)
     app = FastAPI(
         title="DeepSeek-OCR API",
         version=__version__,
@@ -171,6 +173,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                                       None, None)
     install_error_handlers(app)
     install_middleware(app, settings)
+    observability.install(app, settings)
     app.include_router(base_routes.router)
     app.state.routers = include_routers(app)
     install_security_schemes(app, settings)

@@ -1,0 +1,389 @@
+"""Metrics, request ids and log formats: what an operator needs to watch the service and follow one request.
+
+- `Metrics`: the Prometheus metrics of one app, in its own `CollectorRegistry` (several apps in one process,
+  as in the tests, do not collide). Counters and histograms move as requests run; engine and job gauges are
+  read from callbacks at scrape time, so they are never stale. Served at `GET /metrics`.
+- Request ids: `middleware.ObservabilityMiddleware` sets one per request (the client's `X-Request-ID` when it
+  is well formed, else a new one); `request_id()` reads it anywhere in that request's task, and every log
+  record carries it as `record.request_id`.
+- `configure_logging(settings)`: `LOG_FORMAT=text` (the former format plus the request id, with control
+  characters escaped so a client's filename cannot forge a log line) or `LOG_FORMAT=json` (one object a line).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import datetime as dt
+import json
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.routing import Match
+
+from config import Settings
+
+log = logging.getLogger("deepseek_ocr.observability")
+
+# ---------------------------------------------------------------------------------------------- request ids
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+
+def request_id() -> str | None:
+    """The id of the request being handled in this task (None outside a request)."""
+    return _request_id.get()
+
+
+def accept_request_id(given: str | bytes | None) -> str:
+    """The client's id when it is 1-128 chars of [A-Za-z0-9._-]; otherwise a new uuid4 hex.
+
+    Anything else is replaced rather than refused: the header is a tracing aid, never a reason to fail a
+    request, and a free-form value would carry spaces or control characters into logs and headers.
+    """
+    if isinstance(given, bytes):
+        given = given.decode("latin-1")
+    if given and _REQUEST_ID_RE.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def bind_request_id(value: str | None) -> contextvars.Token[str | None]:
+    """Set the current request id; pass the token to `reset_request_id` when the request ends."""
+    return _request_id.set(value)
+
+
+def reset_request_id(token: contextvars.Token[str | None]) -> None:
+    _request_id.reset(token)
+
+
+# The ASGI scope of the request being served: items counted deep in the service are labelled with its route
+# template, read when they finish (routing has set `scope["route"]` by then).
+current_scope: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("current_scope", default=None)
+
+
+def route_template(scope: Any) -> str:
+    """The matched route's path format (`/jobs/{id}`), never the raw path: raw paths would make a metric
+    label per URL. Requests the guard refused before routing are matched here; no match is "unmatched"."""
+    route = scope.get("route")
+    if route is None and scope.get("app") is not None:
+        for candidate in scope["app"].router.routes:
+            if candidate.matches(scope)[0] != Match.NONE:
+                route = candidate
+                break
+    return getattr(route, "path", None) or "unmatched"
+
+
+
+# ------------------------------------------------------------------------------------------------- logging
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds `record.request_id` ("-" outside a request) so every formatter can print it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id() or "-"
+        return True
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escape_control(text: str) -> str:
+    r"""`\n`, `\r`, `\t`, ESC and other control characters as visible escapes: one record stays one line."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class TextFormatter(logging.Formatter):
+    """The service's text lines with the request id; the message's control characters are escaped.
+
+    Tracebacks stay multi-line (that is how they are read) but every line of them is indented, so no text
+    inside an exception message can start a line that looks like a new record.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id() or "-"
+        record.message = escape_control(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        extra = _exception_text(self, record)
+        if extra:
+            line += "\n" + "\n".join("    " + _CONTROL.sub(_escape_not_tab, part) for part in extra.splitlines())
+        return line
+
+
+def _escape_not_tab(match: re.Match[str]) -> str:
+    return match.group() if match.group() == "\t" else match.group().encode("unicode_escape").decode("ascii")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, request_id, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": _record_id(record),
+        }
+        extra = _exception_text(self, record)
+        if extra:
+            entry["exception"] = extra
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _record_id(record: logging.LogRecord) -> str | None:
+    rid = getattr(record, "request_id", None)
+    return request_id() if rid in (None, "-") else rid
+
+
+def _exception_text(formatter: logging.Formatter, record: logging.LogRecord) -> str:
+    parts = []
+    if record.exc_info:
+        parts.append(formatter.formatException(record.exc_info))
+    if record.stack_info:
+        parts.append(formatter.formatStack(record.stack_info))
+    return "\n".join(parts)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at emit time (test runners swap it), never a stale stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def configure_logging(settings: Settings) -> logging.Handler:
+    """Install the service's one root handler (replacing the one a previous call installed); returns it.
+
+    With LOG_FORMAT=json uvicorn's own loggers go through it too, so the whole stream parses as JSON; its
+    access log is then dropped because the middleware writes one per request, with the request id.
+    """
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_deepseek_ocr", False)]:
+        root.removeHandler(old)
+    handler = _StderrHandler()
+    handler._deepseek_ocr = True  # type: ignore[attr-defined]
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(JsonFormatter() if settings.log_format == "json" else TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    if settings.log_format == "json":
+        for name in ("uvicorn", "uvicorn.error"):
+            logging.getLogger(name).handlers.clear()
+            logging.getLogger(name).propagate = True
+        logging.getLogger("uvicorn.access").disabled = True
+    return handler
+
+
+# ------------------------------------------------------------------------------------------------- metrics
+
+ITEM_STATUSES = ("ok", "truncated", "failed", "aborted")
+TOKEN_KINDS = ("prompt", "image", "completion")
+# Image tokens per mode (FACTS): tiny 73, small 111, base 273, large 421, gundam 273 + 110 per tile (2..6).
+IMAGE_TOKEN_BUCKETS = (73, 111, 273, 421, 493, 603, 713, 823, 933, 2048)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+StateSource = Callable[[], dict[str, Any]]
+JobsSource = Callable[[], dict[str, int]]
+
+
+class Metrics:
+    """The app's Prometheus metrics. The service layer calls `record_item` once per page or image done;
+    the middleware calls `observe_request`; gauges come from `set_state_source` / `set_jobs_source`."""
+
+    def __init__(self, prefix: str = "ocr") -> None:
+        disable_created_metrics()  # process-wide: `*_created` series double the output and nobody graphs them
+        self.registry = CollectorRegistry()
+        r, p = self.registry, prefix
+        self.requests = Counter(
+            f"{p}_http_requests",
+            "HTTP requests by route template, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            f"{p}_http_request_duration_seconds",
+            "HTTP request latency by route template",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.items = Counter(
+            f"{p}_items",
+            "Pages and images processed, by route, mode and outcome",
+            ["route", "mode", "status"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            f"{p}_tokens", "Tokens processed, by kind (prompt, image, completion)", ["kind"], registry=r
+        )
+        self.finish_reasons = Counter(f"{p}_finish_reasons", "Generations by finish reason", ["reason"], registry=r)
+        self.image_tokens = Histogram(
+            f"{p}_image_tokens",
+            "Vision tokens per image or page, by mode",
+            ["mode"],
+            buckets=IMAGE_TOKEN_BUCKETS,
+            registry=r,
+        )
+        for kind in TOKEN_KINDS:
+            self.tokens.labels(kind)  # present at 0 from the start, so rate() works on the first scrape
+        self._state_source: StateSource | None = None
+        self._jobs_source: JobsSource | None = None
+        r.register(_CallbackCollector(self, p))
+
+    def record_item(
+        self,
+        route: str,
+        mode: str,
+        status: str,
+        finish_reason: str | None,
+        prompt_tokens: int,
+        image_tokens: int,
+        completion_tokens: int,
+    ) -> None:
+        """One page or image finished (status: ok, truncated, failed, aborted); route is the template."""
+        if status not in ITEM_STATUSES:
+            raise ValueError(f"item status {status!r} is not one of {', '.join(ITEM_STATUSES)}")
+        self.items.labels(route, mode, status).inc()
+        if finish_reason:
+            self.finish_reasons.labels(finish_reason).inc()
+        for kind, count in zip(TOKEN_KINDS, (prompt_tokens, image_tokens, completion_tokens), strict=True):
+            if count:
+                self.tokens.labels(kind).inc(count)
+        if image_tokens:
+            self.image_tokens.labels(mode).observe(image_tokens)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route, method).observe(seconds)
+
+    def set_state_source(self, fn: StateSource | None) -> None:
+        """fn() -> {"in_flight": int, "waiting": int, "engine_ready": bool, "engines": int}, called per scrape."""
+        self._state_source = fn
+
+    def set_jobs_source(self, fn: JobsSource | None) -> None:
+        """fn() -> {job status: count}, called per scrape."""
+        self._jobs_source = fn
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _CallbackCollector(Collector):
+    """Gauges computed at scrape time; a failing callback costs its gauges, not the scrape."""
+
+    def __init__(self, metrics: Metrics, prefix: str) -> None:
+        self.metrics, self.prefix = metrics, prefix
+
+    def collect(self) -> Iterable[Metric]:
+        p = self.prefix
+        state = _call(self.metrics._state_source)
+        for key, help_text in (
+            ("in_flight", "Engine sequences running now"),
+            ("waiting", "Engine sequences queued for a slot"),
+            ("engine_ready", "1 when the engine can serve OCR"),
+            ("engines", "Engines (data-parallel replicas) serving"),
+        ):
+            family = GaugeMetricFamily(f"{p}_{key}", help_text)
+            if key in state:
+                family.add_metric([], float(state[key]))
+            yield family
+        jobs = GaugeMetricFamily(f"{p}_jobs", "Jobs by status", labels=["status"])
+        for status, count in sorted(_call(self.metrics._jobs_source).items()):
+            jobs.add_metric([str(status)], float(count))
+        yield jobs
+
+
+def _call(fn: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+    if fn is None:
+        return {}
+    try:
+        return dict(fn())
+    except Exception:
+        log.exception("a metrics callback failed")
+        return {}
+
+
+def engine_state(app: FastAPI) -> StateSource:
+    """The default state source: the service's admission (every engine behind it)."""
+
+    def read() -> dict[str, Any]:
+        service = getattr(app.state, "service", None)
+        if service is None:
+            return {}
+        a = service.admission
+        return {"in_flight": a.in_flight, "waiting": a.waiting, "engine_ready": a.ready, "engines": len(a.engines)}
+
+    return read
+
+
+def install(app: FastAPI, settings: Settings) -> Metrics:
+    """Give the app its `Metrics` (on `app.state.metrics`) and `GET /metrics`.
+
+    `/metrics` needs the API key like every route unless METRICS_PUBLIC=true (the guard reads that setting).
+    """
+    metrics = Metrics()
+    metrics.set_state_source(engine_state(app))
+    app.state.metrics = metrics
+
+    @app.get(
+        "/metrics",
+        tags=["base"],
+        summary="Prometheus metrics (text exposition format)",
+        response_class=Response,
+        responses={
+            200: {
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format",
+            }
+        },
+    )
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
+def item_observer(metrics: Metrics) -> Callable[[str, Any, Any], None]:
+    """A `pipeline.OcrService` observer: each finished item counted under the current route."""
+
+    def observe(kind: str, result: Any, mode: Any) -> None:
+        u = result.usage
+        scope = current_scope.get()
+        route = route_template(scope) if scope is not None else "background"
+        metrics.record_item(route, mode.name, result.status, result.finish_reason, u.prompt_tokens,
+                            u.image_tokens, u.completion_tokens)
+
+    return observe

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import inputs
+import web
 from config import NGRAM_IMAGE, Settings, load_settings
 from deps import (
     PROMPT_MAX_CHARS,
@@ -219,12 +220,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Images, PDFs and batches of files to markdown, text and layout boxes with DeepSeek-OCR.",
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.started = time.monotonic()
     app.state.engine = UnavailableEngine(settings, "the engine is starting")
     install_error_handlers(app)
     install_middleware(app, settings)
+    web.install(app)
     app.include_router(base_router())
     app.state.routers = include_routers(app)
     install_security_schemes(app, settings)

@@ -16,7 +16,7 @@ from typing import Any
 import fastapi_offline
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 STATIC_PREFIX = "/static/"
@@ -26,6 +26,10 @@ ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favi
 # validatorUrl=None: Swagger UI otherwise shows a badge image fetched from validator.swagger.io whenever the
 # page is not on localhost, the one outside request left on a GPU host's address.
 SWAGGER_PARAMETERS: dict[str, Any] = {"validatorUrl": None}
+# ReDoc's side menu always shows an <img> of Redocly's logo from their CDN; it is pointed at our favicon
+# instead (relative to the /redoc page, so it also works under a root_path).
+REDOC_CDN_LOGO = b"https://cdn.redoc.ly/redoc/logo-mini.svg"
+REDOC_LOCAL_LOGO = DOCS_ASSETS.lstrip("/").encode() + b"/favicon.png"
 
 
 def asset_dir() -> Path:
@@ -39,9 +43,22 @@ def asset_dir() -> Path:
     return ASSET_DIR
 
 
+def redoc_bundle(directory: Path) -> bytes:
+    """ReDoc's standalone bundle with its one hard-coded CDN image pointed at a local file."""
+    return (directory / "redoc.standalone.js").read_bytes().replace(REDOC_CDN_LOGO, REDOC_LOCAL_LOGO)
+
+
 def install(app: FastAPI) -> None:
     """Mount the assets and add `/docs`, `/docs/oauth2-redirect` and `/redoc` (left out of the OpenAPI)."""
-    app.mount(DOCS_ASSETS, StaticFiles(directory=asset_dir()), name="docs-assets")
+    directory = asset_dir()
+    redoc_js = redoc_bundle(directory)
+
+    # Added before the mount, so this route answers for the bundle rather than the file as installed.
+    @app.get(f"{DOCS_ASSETS}/redoc.standalone.js", include_in_schema=False)
+    async def redoc_script() -> Response:
+        return Response(redoc_js, media_type="text/javascript", headers={"Cache-Control": "public, max-age=3600"})
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=directory), name="docs-assets")
     redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
 
     def urls(request: Request) -> tuple[str, str]:

@@ -9,6 +9,7 @@ The performance log then shows that the page did not even try another origin.
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import time
@@ -23,10 +24,6 @@ from serve_ocr import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)",
-)
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
 
@@ -40,6 +37,9 @@ def server(tiny_checkpoint: Path):
 @pytest.fixture(scope="module")
 def browser():
     from selenium.webdriver.chrome.service import Service
+
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -128,3 +128,18 @@ def test_redoc_renders_every_operation_offline(server: str, browser) -> None:
     assert found == expected, f"ReDoc rendered {found} operations of {expected}; page:\n{browser.page_source[:3000]}"
     assert not foreign(urls, server), f"requests to other origins: {foreign(urls, server)}"
     assert any(u.endswith("/static/docs/redoc.standalone.js") for u in urls), urls
+
+
+def test_docs_and_their_assets_need_no_key_and_open_nothing_else(server: str) -> None:
+    for path in ("/docs", "/redoc", "/docs/oauth2-redirect", "/openapi.json", "/static/docs/swagger-ui.css"):
+        r = httpx.get(server + path, timeout=30)
+        assert r.status_code == 200, f"{path}: {show(r)}"
+    redoc = httpx.get(server + "/static/docs/redoc.standalone.js", timeout=30)
+    assert redoc.status_code == 200 and b"cdn.redoc.ly" not in redoc.content, show(redoc)
+    assert "https://" not in httpx.get(server + "/docs").text + httpx.get(server + "/redoc").text
+    # The open prefix does not open a route reached through `..` (sent raw; clients would normalise it).
+    host, port = server.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/static/../generate", body=b"{}", headers={"Content-Type": "application/json"})
+    assert conn.getresponse().status == 401
+    conn.close()

@@ -23,22 +23,31 @@ WORKDIR /app
 COPY requirements.txt requirements-gpu.txt ./
 RUN pip install --upgrade pip && pip install -r requirements-gpu.txt
 
-COPY *.py ./
-COPY process/ ./process/
+# The whole service (every module and package); .dockerignore keeps out weights, caches and the venv.
+COPY . ./
 
-# Ubuntu 24.04 images already have a user with UID 1000 (ubuntu).
-RUN useradd --create-home --uid 10001 ocr && mkdir -p /app/models && chown -R ocr /app
+# Ubuntu 24.04 images already have a user with UID 1000 (ubuntu). /cache holds the compile caches
+# (vLLM's torch.compile and CUDA-graph artefacts, TorchInductor, Triton): mount a volume there so a
+# restart reuses them instead of compiling again for minutes.
+RUN useradd --create-home --uid 10001 ocr && mkdir -p /app/models /cache && chown -R ocr /app /cache
 USER ocr
 
 ENV MODEL_PATH=/app/models/deepseek-ocr \
     ENGINE=auto \
     GPU_MEM_UTILIZATION=0.75 \
     HOST=0.0.0.0 \
-    PORT=8000
+    PORT=8000 \
+    XDG_CACHE_HOME=/cache \
+    VLLM_CACHE_ROOT=/cache/vllm \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
+    TRITON_CACHE_DIR=/cache/triton
 
 EXPOSE 8000
-# /ready is 200 once the model serves; loading the weights and compiling take a few minutes.
+# /ready is 200 once the model serves (loading the weights and compiling take a few minutes); it is open
+# without a key, so this works with API_KEY set. Shell form: PORT is the container's. tests/test_docker_files.py
+# runs this very command against a server.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8000/ready || exit 1
+    CMD curl -fsS "http://127.0.0.1:${PORT:-8000}/ready" || exit 1
 
-CMD ["uvicorn", "serve_ocr:app", "--host", "0.0.0.0", "--port", "8000"]
+# HOST and PORT (ENV above, or -e / compose) are honoured.
+CMD ["sh", "-c", "exec uvicorn serve_ocr:app --host \"${HOST:-0.0.0.0}\" --port \"${PORT:-8000}\""]

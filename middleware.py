@@ -28,9 +28,10 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-# Reachable without a key: liveness for orchestrators, and the API docs pages (they hold no data;
-# Swagger UI's Authorize button then sends the key with every call).
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Reachable without a key: the probes for orchestrators and the image's HEALTHCHECK, and the API docs pages
+# with their static assets (they hold no data; Swagger UI's Authorize button then sends the key with every call).
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PREFIXES = ("/static/",)  # web.STATIC_PREFIX: public files only
 _FORM_MARGIN = 1 << 20  # room for the form fields beside the file
 # Probes and scrapes hit every few seconds: their successful answers are logged at DEBUG only.
 _QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -59,7 +60,8 @@ class GuardMiddleware:
         return s.max_upload_bytes + _FORM_MARGIN
 
     def authorised(self, scope: Scope) -> bool:
-        if not self.keys or scope["path"] in self.open_paths:
+        path = scope["path"]
+        if not self.keys or path in self.open_paths or (path.startswith(OPEN_PREFIXES) and "/.." not in path):
             return True
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-api-key", b"")

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import base_routes
 import observability
+import web
 from admission import Admission
 from config import Settings, load_settings
 from engines import DEMO_NOTICE, EngineFactory, start_engines
@@ -164,6 +165,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         description="Images, PDFs and batches of files to markdown, text and layout boxes with DeepSeek-OCR.",
         lifespan=lifespan,
         responses=ERROR_RESPONSES,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine_factory = engine_factory
@@ -174,6 +177,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     install_error_handlers(app)
     install_middleware(app, settings)
     observability.install(app, settings)
+    web.install(app)
     app.include_router(base_routes.router)
     app.state.routers = include_routers(app)
     install_security_schemes(app, settings)

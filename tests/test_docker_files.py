@@ -1,0 +1,158 @@
+"""The Docker files do what they say, checked without Docker: the image's CMD and HEALTHCHECK run here.
+
+The HEALTHCHECK command is read out of the Dockerfile and run against a server started with the
+Dockerfile's own CMD (HOST and PORT from the environment, API_KEY set); `docker-compose config` checks the
+compose file, and its resolved environment must give settings that start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from server import ROOT, free_port, show
+
+KEY = "docker-files-key"
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+COMPOSE = ROOT / "docker-compose.yml"
+NOT_SETTINGS = {"HOST", "PORT", "MALLOC_ARENA_MAX"}  # read by the image's CMD, or by glibc
+
+
+def instructions() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
+    lines = [line for line in DOCKERFILE.splitlines() if not line.lstrip().startswith("#")]
+    return [re.sub(r"\s+", " ", i).strip() for i in "\n".join(lines).replace("\\\n", " ").split("\n") if i.strip()]
+
+
+def healthcheck_command() -> str:
+    (line,) = [i for i in instructions() if i.startswith("HEALTHCHECK ")]
+    return line.split(" CMD ", 1)[1]
+
+
+def image_command() -> list[str]:
+    (line,) = [i for i in instructions() if i.startswith("CMD ")]
+    return json.loads(line[4:])
+
+
+@contextlib.contextmanager
+def image_cmd_server(tiny_checkpoint: Path, port: int) -> Iterator[str]:
+    """The Dockerfile's CMD as a process, configured the way the image is: by environment variables."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",  # its uvicorn
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "API_KEY": KEY,
+        "MODEL_PATH": str(tiny_checkpoint),
+        "ENGINE": "torch",
+        "DEVICE": "cpu",
+        "DEFAULT_MAX_TOKENS": "8",
+    }
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(image_command(), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"the image's CMD exited with {proc.returncode}:\n{log.read()[-5000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the image's CMD did not come up")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PORT": str(port)}
+    return subprocess.run(["sh", "-c", healthcheck_command()], env=env, capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (the image installs it)")
+def test_healthcheck_passes_with_api_key_against_the_images_cmd(tiny_checkpoint: Path) -> None:
+    port = free_port()
+    with image_cmd_server(tiny_checkpoint, port) as url:
+        locked = httpx.post(url + "/generate", json={"prompt": "hi"}, timeout=30)
+        assert locked.status_code == 401, show(locked)  # the key is in force
+        deadline = time.monotonic() + 60
+        while (done := run_healthcheck(port)).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)  # /ready is 503 until the engine has loaded
+        assert done.returncode == 0, f"{healthcheck_command()!r}: {done.stdout}{done.stderr}"
+    down = run_healthcheck(port)
+    assert down.returncode != 0, "the HEALTHCHECK passed with no server listening"
+
+
+def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (.ci/run installs Debian's docker-compose package)")
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **(env or {})}
+    return subprocess.run(
+        [exe, "-f", str(COMPOSE), *args], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_compose_file_is_valid() -> None:
+    done = compose("config", "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "mode"),
+    [
+        ({}, "gundam"),
+        ({"MODE": "tiny"}, "tiny"),
+        ({"MODE": "base"}, "base"),
+        ({"CROP_MODE": "false", "BASE_SIZE": "1280", "IMAGE_SIZE": "1280"}, "large"),
+    ],
+)
+def test_compose_environment_gives_settings_that_start(
+    env: dict[str, str], mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from config import Settings
+
+    done = compose("config", env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    service = yaml.safe_load(done.stdout)["services"]["deepseek-ocr"]
+    environment = {k: str(v) for k, v in service["environment"].items()}
+    unknown = {k for k in environment if k.lower() not in Settings.model_fields} - NOT_SETTINGS
+    assert not unknown, f"compose sets variables the service does not read: {sorted(unknown)}"
+    for name in list(os.environ):
+        if name.lower() in Settings.model_fields:
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.mode == mode
+    assert service["ports"][0]["target"] == int(environment["PORT"])
+    assert any(v.endswith(":/cache:rw") or v.endswith(":/cache") for v in map(str, service["volumes"]))
+
+
+def test_compose_mounts_no_code_and_the_context_leaves_out_weights() -> None:
+    volumes = [str(v) for v in yaml.safe_load(COMPOSE.read_text())["services"]["deepseek-ocr"]["volumes"]]
+    assert not [v for v in volumes if ".py" in v or v.startswith("./process")], volumes
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {"models/", ".venv/", ".git", "data/"} <= ignored
+    assert "COPY . ./" in DOCKERFILE

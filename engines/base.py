@@ -106,6 +106,7 @@ class BaseEngine:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
         self.max_concurrency = max_concurrency
         self.running = 0  # requests inside `stream` now
+        self.peak_running = 0  # the most at once since start: admission must keep it <= max_concurrency
         self.completed = 0
         self.demo = False
         self._ready = False
@@ -153,6 +154,7 @@ class BaseEngine:
         self.require_ready()
         self.check_mode(request.mode)
         self.running += 1
+        self.peak_running = max(self.peak_running, self.running)
         finished = False
         try:
             async for chunk in self._stream(request):

@@ -33,7 +33,6 @@ class ReplayEngine(BaseEngine):
         self.fail_on_size = fail_on_size
         self.delay_s = delay_s
         self.requests: list[EngineRequest] = []
-        self.peak_running = 0
         self.aborted: list[str] = []
 
     async def start(self) -> None:
@@ -48,7 +47,6 @@ class ReplayEngine(BaseEngine):
 
     async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         self.requests.append(request)
-        self.peak_running = max(self.peak_running, self.running)
         if request.image is not None and request.image.size == self.fail_on_size:
             raise OcrError("the engine failed on this request: replayed failure")
         if self.delay_s:

@@ -1,0 +1,127 @@
+"""Packaging of results: image encodings, the layout PDF and ZIP archives with safe member names.
+
+Plain functions on bytes (no FastAPI). Every ZIP member name passes `safe_member_name`, so no archive we
+build can write outside its extraction directory, whatever file names clients send.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import unicodedata
+import zipfile
+from collections.abc import Iterable
+
+import img2pdf
+from PIL import Image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB copy of `image`; transparent areas become white rather than the black that convert() gives."""
+    if image.mode == "RGB":
+        return image.copy()
+    if image.mode == "La":  # premultiplied; Pillow converts it only to LA
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def encode_jpeg(image: Image.Image, quality: int = 95, *, dpi: float | None = None) -> bytes:
+    """JPEG bytes of `image` (made RGB). With `dpi`, img2pdf sizes the page from it (else 96 dpi)."""
+    buffer = io.BytesIO()
+    extra = {"dpi": (dpi, dpi)} if dpi else {}
+    to_rgb(image).save(buffer, format="JPEG", quality=quality, **extra)
+    return buffer.getvalue()
+
+
+_PNG_MODES = {"1", "L", "LA", "I;16", "P", "RGB", "RGBA"}
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes of `image` (modes PNG cannot store, such as CMYK, are made RGB)."""
+    buffer = io.BytesIO()
+    (image if image.mode in _PNG_MODES else to_rgb(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def layout_pdf(jpeg_pages: Iterable[bytes]) -> bytes:
+    """One PDF with one page per JPEG, embedded as is (no re-encoding) by img2pdf."""
+    pages = list(jpeg_pages)
+    if not pages:
+        raise ValueError("layout_pdf needs at least one page")
+    # The internal engine: with pikepdf installed img2pdf would use it, at twice the peak memory.
+    return img2pdf.convert(pages, engine=img2pdf.Engine.internal)
+
+
+# ---------------------------------------------------------------------------------------- ZIP
+
+
+_UNSAFE_CHARS_RE = re.compile(r'[\\:*?"<>|]')
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul"} | {f"{p}{d}" for p in ("com", "lpt") for d in range(1, 10)}
+_MAX_PART = 100
+_MAX_EXT = 16
+
+
+def _safe_part(part: str) -> str:
+    # Control and format characters (NUL, newlines, bidi overrides) can disguise a name; drop them.
+    part = "".join(ch for ch in part if not unicodedata.category(ch).startswith("C"))
+    # Backslash and drive colons are separators on Windows extractors: neutralise, never split on them.
+    part = _UNSAFE_CHARS_RE.sub("_", part).strip().lstrip(".").rstrip(". ")
+    if part.split(".")[0].lower() in _WINDOWS_RESERVED:
+        part = "_" + part
+    stem, dot, ext = part.rpartition(".")
+    if not dot or not stem or len(ext) > _MAX_EXT:
+        return part[:_MAX_PART]
+    return stem[: _MAX_PART - len(ext) - 1] + "." + ext
+
+
+def safe_member_name(name: str, used: set[str]) -> str:
+    """A ZIP member name that extracts inside the target directory, unique within `used`.
+
+    ``/`` separates folders (our own names are ``images/0.jpg``); empty, ``.`` and ``..`` parts are
+    dropped, so absolute and parent paths become relative; backslashes, drive colons and other
+    characters Windows rejects become ``_``; control characters are removed; parts are capped at
+    100 characters keeping the extension. An empty result becomes ``file``. Names compare
+    case-insensitively (case-insensitive file systems); a taken name gets ``-1``, ``-2``... before
+    its extension. `used` holds the casefolded names taken so far and is updated.
+    """
+    parts = [p for p in (_safe_part(p) for p in name.split("/")) if p]
+    candidate = "/".join(parts[-8:]) or "file"  # a bounded depth: the ZIP is ours, not a tree copy
+    folder, slash, base = candidate.rpartition("/")
+    stem, dot, ext = base.rpartition(".")
+    if not dot or not stem:
+        stem, dot, ext = base, "", ""
+    counter = 0
+    while candidate.casefold() in used:
+        counter += 1
+        candidate = f"{folder}{slash}{stem}-{counter}{dot}{ext}"
+    used.add(candidate.casefold())
+    return candidate
+
+
+def build_zip(members: Iterable[tuple[str, bytes]]) -> bytes:
+    """A deflated ZIP of (name, data) pairs. Every name goes through `safe_member_name` here, so a
+    caller cannot produce an unsafe archive; read the final names back from the archive if needed.
+    """
+    used: set[str] = set()
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members:
+            info = zipfile.ZipInfo(safe_member_name(name, used), date_time=_zip_time())
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16  # a regular file readable by all, as a user expects
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def _zip_time() -> tuple[int, int, int, int, int, int]:
+    now = time.localtime()
+    # ZIP timestamps start in 1980; a clock set earlier would make ZipInfo raise.
+    return (max(now.tm_year, 1980), now.tm_mon, now.tm_mday, now.tm_hour, now.tm_min, now.tm_sec)
+
+

@@ -1,0 +1,192 @@
+"""The service layer: one status policy on every route, admission apart from engines, a clean import graph.
+
+Replay engines stand in for the model where a test needs to control it (die mid-request, answer `abort`);
+they are injected through `create_app(settings, engine_factory=...)`. The two-engine test runs two real
+PyTorch engines on the tiny checkpoint.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from replay import ReplayEngine, factory
+from server import make_settings, serve_app, show
+from test_pdf_routes import make_pdf
+from test_service import png_bytes
+
+from serve_ocr import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBLEM = "application/problem+json"
+TEXT = "<|ref|>title<|/ref|><|det|>[[100, 50, 900, 120]]<|/det|>\n# Title\n"
+
+
+ROUTES = ["/ocr/image/advanced", "/pdf/ocr", "/pdf/ocr/download", "/batch/ocr", "/batch/ocr/download"]
+
+
+def post_to(url: str, route: str) -> httpx.Response:
+    pdf, png = make_pdf(3), png_bytes(300, 200)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        if route.startswith("/pdf"):
+            return c.post(route, files={"file": ("r.pdf", pdf)}, data={"dpi": "72"})
+        if route.startswith("/batch"):
+            return c.post(route, files=[("files", ("a.png", png)), ("files", ("b.png", png))])
+        return c.post(route, files={"file": ("a.png", png)})
+
+
+def assert_all_503(answers: dict[str, httpx.Response], reason: str) -> None:
+    for route, r in answers.items():
+        assert r.status_code == 503, f"{route}: {show(r)}"
+        assert r.headers["content-type"].startswith(PROBLEM), f"{route}: {show(r)}"
+        assert reason in r.json()["detail"], f"{route}: {show(r)}"
+
+
+def test_dead_engine_is_503_on_every_route(tiny_checkpoint: Path) -> None:
+    engine = ReplayEngine(TEXT)
+    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))
+    with serve_app(app) as url:
+        assert httpx.post(url + "/batch/ocr", files=[("files", ("a.png", png_bytes()))]).status_code == 200
+        engine.kill("the replay engine died")
+        assert_all_503({r: post_to(url, r) for r in ROUTES}, "the replay engine died")
+        assert httpx.get(url + "/health").json()["ready"] is False
+
+
+def test_engine_dying_mid_request_is_503_not_failed_items(tiny_checkpoint: Path) -> None:
+    """Items already admitted when the engine dies: the whole request is a 503, never N failed items."""
+    engine = ReplayEngine(TEXT, delay_s=1.0)
+    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))
+    with serve_app(app) as url:
+        timer = threading.Timer(0.5, engine.kill, args=("the replay engine died mid-request",))
+        timer.start()
+        with ThreadPoolExecutor(5) as pool:  # all five requests in flight when the engine dies
+            futures = {route: pool.submit(post_to, url, route) for route in ROUTES}
+            answers = {route: f.result() for route, f in futures.items()}
+        timer.join()
+        assert_all_503(answers, "mid-request")
+
+
+def test_aborted_item_has_one_status_everywhere(tiny_checkpoint: Path) -> None:
+    engine = ReplayEngine(TEXT, finish_reason="abort")
+    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))
+    with serve_app(app) as url:
+        pdf = httpx.post(url + "/pdf/ocr", files={"file": ("r.pdf", make_pdf(2))}, data={"dpi": "72"}, timeout=60)
+        batch = httpx.post(url + "/batch/ocr", files=[("files", ("a.png", png_bytes()))], timeout=60)
+    assert pdf.status_code == 200 and batch.status_code == 200, (show(pdf), show(batch))
+    pages, files = pdf.json()["pages"], batch.json()["results"]
+    assert [p["status"] for p in pages] == ["aborted", "aborted"], show(pdf)
+    assert [f["status"] for f in files] == ["aborted"], show(batch)
+    assert pdf.json()["pages_aborted"] == 2 and batch.json()["aborted"] == 1, (show(pdf), show(batch))
+    assert pages[0]["finish_reason"] == files[0]["finish_reason"] == "abort"
+
+
+def test_two_engines_behind_one_admission_each_keep_their_limit(tiny_checkpoint: Path) -> None:
+    """Two real PyTorch engines (tiny checkpoint, CPU), one slot each: both take work, neither runs two."""
+    from engines.torch_engine import TorchEngine
+
+    settings = make_settings(tiny_checkpoint, max_concurrency=1)
+    engines = [TorchEngine(settings, max_concurrency=1), TorchEngine(settings, max_concurrency=1)]
+    app = create_app(settings, engine_factory=factory(*engines))
+    with serve_app(app) as url:
+        pdf = make_pdf(6)
+        r = httpx.post(url + "/pdf/ocr/simple", files={"file": ("r.pdf", pdf)}, data={"dpi": "72"}, timeout=120)
+        assert r.status_code == 200, show(r)
+        assert all(p["status"] in ("ok", "truncated") for p in r.json()["pages"]), show(r)
+        health = httpx.get(url + "/health").json()
+    assert [e.batches > 0 for e in engines] == [True, True], [e.batches for e in engines]
+    assert [e.peak_running for e in engines] == [1, 1], [e.peak_running for e in engines]
+    assert len(health["engines"]) == 2 and all(e["max_concurrency"] == 1 for e in health["engines"]), health
+    assert health["in_flight"] == 0 and health["waiting"] == 0, health
+
+
+def test_admission_waiters_wake_in_order_and_leave_when_cancelled() -> None:
+    from admission import Admission
+
+    async def scenario() -> list[str]:
+        engine = ReplayEngine(TEXT, max_concurrency=1)
+        await engine.start()
+        admission = Admission([engine], max_queue=10)
+        first = await admission.acquire()
+        order: list[str] = []
+
+        async def wait(name: str) -> None:
+            async with admission.slot():
+                order.append(name)
+
+        a, b, c = (asyncio.create_task(wait(n)) for n in "abc")
+        await asyncio.sleep(0.05)
+        assert admission.waiting == 3
+        b.cancel()
+        first.release()
+        await asyncio.gather(a, c, return_exceptions=True)
+        assert admission.in_flight == 0 and admission.waiting == 0
+        return order
+
+    assert asyncio.run(scenario()) == ["a", "c"]
+
+
+# --------------------------------------------------------------------------------------- the import graph
+
+PACKAGES = ("engines", "process", "web")
+
+
+def project_modules() -> dict[str, Path]:
+    found = {p.stem: p for p in ROOT.glob("*.py")}
+    for package in PACKAGES:
+        for p in (ROOT / package).glob("*.py"):
+            found[package if p.stem == "__init__" else f"{package}.{p.stem}"] = p
+    return found
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """Every project module `path` imports, at module level or inside functions (a lazy import is an edge)."""
+    edges: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        edges.update(n for n in names if n in known)
+    return edges
+
+
+def test_no_import_cycle_among_project_modules() -> None:
+    modules = project_modules()
+    graph = {name: imports_of(path, set(modules)) - {name} for name, path in modules.items()}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, stack: list[str]) -> bool:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle.extend([*stack[stack.index(nxt):], node, nxt] if nxt in stack else [node, nxt])
+                return True
+            if state.get(nxt) is None and visit(nxt, [*stack, node]):
+                return True
+        state[node] = 2
+        return False
+
+    for name in sorted(graph):
+        if state.get(name) is None and visit(name, []):
+            break
+    assert not cycle, " -> ".join(cycle)
+    assert graph["engines"] >= {"engines.base"} and "engines" not in graph["engines.torch_engine"], graph
+
+
+def test_no_module_but_the_model_over_500_lines() -> None:
+    sizes = {name: len(p.read_text().splitlines()) for name, p in project_modules().items()}
+    over = {name: n for name, n in sizes.items() if n > 500 and name != "deepseek_ocr"}
+    assert not over, over
+
+
+@pytest.mark.parametrize("route", ["/ocr/status", "/pdf/status", "/batch/status"])
+def test_status_routes_report_every_engine_mode(base_url: str, route: str) -> None:
+    r = httpx.get(base_url + route)
+    assert r.status_code == 200 and r.json()["ready"] and "gundam" in r.json()["modes"], show(r)

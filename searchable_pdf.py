@@ -1,0 +1,202 @@
+"""Searchable PDF: the model's grounded text laid invisibly over the page it was read from.
+
+What people do with OCR of a scan is search and copy it, so, as OCRmyPDF does, the output is the
+page as it was plus an invisible text layer (PDF text render mode 3). Each grounded block's text is
+put inside its box: the box is mapped from the 0..999 grid to the page as displayed (cropbox and
+/Rotate applied, which is what the model was shown), the block is split into its lines, the lines
+are spread down the box and each one is scaled horizontally to the box width.
+
+For a PDF input only the OCRed pages are kept, in the order given (like `layout_pdf`, and so page
+n of the result is page n of the answer); their content streams, images and fonts are not touched:
+one content stream holding the text is appended to each page. The result is not encrypted (the
+caller had the password). For an image input each page is the image.
+
+Font: PyMuPDF's built-in CJK font (Droid Sans Fallback: CJK, Latin, Greek, Cyrillic) with MuPDF's
+built-in Noto fallbacks for the scripts it lacks (Devanagari, Thai, Hebrew, Arabic...), subset at
+the end so a page costs kilobytes, not the 4 MB font. Known limits of that font machinery: Arabic
+extracts as presentation forms (NFKC gives the letters back) and characters outside the BMP
+(emoji, CJK extension B) may not extract.
+
+Plain functions on bytes and PyMuPDF pages; no FastAPI.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+
+import pymupdf
+from PIL import Image, ImageOps
+
+from ocr_utils import GRID_MAX, Box, encode_png, parse_grounding, plain_text, to_rgb
+
+PageImage = Image.Image | bytes
+
+_RTL_RE = re.compile("[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")
+_FULL_PAGE: Box = (0, 0, GRID_MAX, GRID_MAX)
+_EMBED_AS_IS = {"JPEG", "PNG"}
+
+
+@lru_cache(maxsize=1)
+def _font() -> pymupdf.Font:
+    return pymupdf.Font("cjk")
+
+
+def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
+    """Lay the blocks of one page's grounded output invisibly on `page`; returns the lines written.
+
+    Text with no box (output of a prompt without grounding, text before the first tag, a ref with
+    no det) is laid over the whole page, so it is still searchable. A block with several boxes is
+    laid in their union. All lines go into one new content stream appended to the page.
+    """
+    parsed = parse_grounding(grounded_text)
+    placed: list[tuple[Box, str]] = []
+    if parsed.preamble:
+        placed.append((_FULL_PAGE, plain_text(parsed.preamble)))
+    for block in parsed.blocks:
+        if block.text:
+            placed.append((_union(block.boxes) if block.boxes else _FULL_PAGE, block.text))
+    writer = pymupdf.TextWriter(page.rect)
+    count = 0
+    for box, text in placed:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            _lay_block(writer, page, _page_rect(page, box), lines)
+            count += len(lines)
+    if count:
+        writer.write_text(page, render_mode=3)
+    return count
+
+
+def _union(boxes: Sequence[Box]) -> Box:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _page_rect(page: pymupdf.Page, box: Box) -> pymupdf.Rect:
+    """The grid box on the displayed page (what the rendered image showed), in points."""
+    width, height = page.rect.width, page.rect.height
+    x1, y1, x2, y2 = box
+    return pymupdf.Rect(x1 / GRID_MAX * width, y1 / GRID_MAX * height, x2 / GRID_MAX * width, y2 / GRID_MAX * height)
+
+
+def _lay_block(writer: pymupdf.TextWriter, page: pymupdf.Page, rect: pymupdf.Rect, lines: list[str]) -> None:
+    """Each line gets an equal slice of the box; its font size fills the slice from ascender to
+    descender (so extracted word boxes stay inside the box) and its width is stretched to the box's.
+    """
+    font = _font()
+    slot = rect.height / len(lines)
+    fontsize = slot / (font.ascender - font.descender)
+    to_pdf, offset = _display_to_writer(page)
+    turn = pymupdf.Matrix(to_pdf.a, to_pdf.b, to_pdf.c, to_pdf.d, 0, 0)
+    for i, line in enumerate(lines):
+        if _RTL_RE.search(line):
+            line = "".join(reversed(writer.clean_rtl(line)))  # visual order, as TextWriter.append does
+        advance = _advance(line, fontsize)
+        if advance <= 0:
+            continue
+        start = pymupdf.Point(rect.x0, rect.y0 + i * slot + font.ascender * fontsize) * to_pdf - offset
+        # Glyph space is y-up and display space y-down, hence -fontsize before turning into PDF space.
+        trm = pymupdf.Matrix(fontsize * rect.width / advance, 0, 0, -fontsize, 0, 0) * turn
+        trm.e, trm.f = start.x, start.y
+        pymupdf.mupdf.fz_show_string(
+            writer.this, font.this, pymupdf.mupdf.FzMatrix(*trm), line, 0, 0, 0, pymupdf.mupdf.FZ_LANG_UNSET
+        )
+
+
+def _display_to_writer(page: pymupdf.Page) -> tuple[pymupdf.Matrix, pymupdf.Point]:
+    """(displayed page -> PDF user space, the shift TextWriter.write_text will add).
+
+    The first is the inverse of MuPDF's own page transform, the one rendering uses, so cropbox,
+    mediabox origin and /Rotate are all accounted for as the model saw the page. write_text
+    prefixes its text with a translation built from the cropbox and rotation; it is subtracted
+    here so that the two cancel (the rotation and cropbox tests hold this to PyMuPDF's behaviour).
+    """
+    ctm = pymupdf.mupdf.FzMatrix()
+    pymupdf.mupdf.pdf_page_transform(page._pdf_page(), pymupdf.mupdf.FzRect(0), ctm)
+    to_pdf = ~pymupdf.Matrix(ctm.a, ctm.b, ctm.c, ctm.d, ctm.e, ctm.f)
+    cb, mb = page.cropbox_position, page.mediabox
+    delta = page.rect.height - page.rect.width if page.rotation in (90, 270) else 0
+    if bool(cb) or mb.y0 != 0 or delta != 0:
+        return to_pdf, pymupdf.Point(cb.x, cb.y + mb.y0 - delta)
+    return to_pdf, pymupdf.Point(0, 0)
+
+
+def _advance(line: str, fontsize: float) -> float:
+    """Natural width of `line` at `fontsize`, fallback fonts included (measured by MuPDF itself)."""
+    probe = pymupdf.TextWriter(pymupdf.Rect(0, 0, 1, 1))
+    _, end = probe.append((0, 0), line, font=_font(), fontsize=fontsize)
+    return end.x
+
+
+def _finish(doc: pymupdf.Document) -> bytes:
+    doc.subset_fonts()
+    # garbage=1 drops what unselected pages left behind without renumbering the objects kept.
+    return doc.tobytes(garbage=1, deflate=True)
+
+
+def searchable_from_pdf(pdf_bytes: bytes, pages: Sequence[tuple[int, str]], *, password: str | None = None) -> bytes:
+    """The OCRed pages of a PDF, unchanged, in the order given, each with its text layer.
+
+    `pages` holds (1-based page number, the model's grounded output for that page). Raises
+    ValueError for an empty list, a page out of range or given twice, or a wrong password.
+    """
+    if not pages:
+        raise ValueError("searchable_from_pdf needs at least one page")
+    numbers = [number for number, _ in pages]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"each page may be given once, got {numbers}")
+    with pymupdf.open(stream=pdf_bytes, filetype="pdf") as doc:
+        if doc.needs_pass and not doc.authenticate(password or ""):
+            raise ValueError("the PDF is encrypted and the password is wrong or missing")
+        for number in numbers:
+            if not 1 <= number <= doc.page_count:
+                raise ValueError(f"page {number} is out of range: the PDF has pages 1..{doc.page_count}")
+        doc.select([number - 1 for number in numbers])
+        for page, (_, text) in zip(doc, pages, strict=True):
+            add_text_layer(page, text)
+        return _finish(doc)
+
+
+def searchable_from_images(pages: Sequence[tuple[PageImage, str, int | None]]) -> bytes:
+    """One page per image, the image filling it, each with its text layer.
+
+    `pages` holds (image, grounded output, dpi). The page measures the image at `dpi`, else at the
+    dpi the image records, else 72 dpi. Encoded bytes are embedded as they are when PDF can hold
+    them (JPEG, PNG without an EXIF rotation); anything else is embedded as PNG as it is displayed.
+    """
+    if not pages:
+        raise ValueError("searchable_from_images needs at least one page")
+    with pymupdf.open() as doc:
+        for image, text, dpi in pages:
+            stream, size, own_dpi = _page_image(image)
+            scale = 72 / (dpi or own_dpi or 72)
+            page = doc.new_page(width=size[0] * scale, height=size[1] * scale)
+            page.insert_image(page.rect, stream=stream)
+            add_text_layer(page, text)
+        return _finish(doc)
+
+
+def _page_image(image: PageImage) -> tuple[bytes, tuple[int, int], float | None]:
+    """(bytes PDF can embed, displayed size in pixels, recorded dpi) for one page image."""
+    if isinstance(image, bytes):
+        with Image.open(io.BytesIO(image)) as im:
+            dpi = _recorded_dpi(im)
+            if im.format in _EMBED_AS_IS and im.getexif().get(0x0112, 1) == 1:
+                return image, im.size, dpi
+            shown = to_rgb(ImageOps.exif_transpose(im))
+        return encode_png(shown), shown.size, dpi
+    return encode_png(image), image.size, _recorded_dpi(image)
+
+
+def _recorded_dpi(image: Image.Image) -> float | None:
+    value = image.info.get("dpi")
+    try:
+        dpi = float(value[0]) if value else None
+    except (TypeError, ValueError, IndexError):
+        return None
+    return dpi if dpi and dpi >= 1 else None
+
+
+__all__ = ["add_text_layer", "searchable_from_images", "searchable_from_pdf"]

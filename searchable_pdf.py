@@ -83,26 +83,38 @@ def _page_rect(page: pymupdf.Page, box: Box) -> pymupdf.Rect:
 
 def _lay_block(writer: pymupdf.TextWriter, page: pymupdf.Page, rect: pymupdf.Rect, lines: list[str]) -> None:
     """Each line gets an equal slice of the box; its font size fills the slice from ascender to
-    descender (so extracted word boxes stay inside the box) and its width is stretched to the box's.
+    descender, so extracted word boxes stay inside the box.
+
+    All lines of a block share one horizontal scale, the one that makes the longest line as wide as
+    the box: in a paragraph the other lines are about as long or are a short last line, which the page
+    shows at the start of the line, not stretched across it (and a stretched short line reads as part
+    of the next one to PyMuPDF). Left-to-right lines start at the left edge, right-to-left at the right.
     """
     font = _font()
     slot = rect.height / len(lines)
     fontsize = slot / (font.ascender - font.descender)
+    visual = [_visual_order(writer, line) for line in lines]
+    advances = [_advance(line, fontsize) for line in visual]
+    widest = max(advances)
+    if widest <= 0:
+        return
+    scale = rect.width / widest
     to_pdf, offset = _display_to_writer(page)
     turn = pymupdf.Matrix(to_pdf.a, to_pdf.b, to_pdf.c, to_pdf.d, 0, 0)
-    for i, line in enumerate(lines):
-        if _RTL_RE.search(line):
-            line = "".join(reversed(writer.clean_rtl(line)))  # visual order, as TextWriter.append does
-        advance = _advance(line, fontsize)
-        if advance <= 0:
-            continue
-        start = pymupdf.Point(rect.x0, rect.y0 + i * slot + font.ascender * fontsize) * to_pdf - offset
-        # Glyph space is y-up and display space y-down, hence -fontsize before turning into PDF space.
-        trm = pymupdf.Matrix(fontsize * rect.width / advance, 0, 0, -fontsize, 0, 0) * turn
+    # Glyph space is y-up and display space y-down, hence -fontsize before turning into PDF space.
+    trm = pymupdf.Matrix(fontsize * scale, 0, 0, -fontsize, 0, 0) * turn
+    for i, (line, source, advance) in enumerate(zip(visual, lines, advances, strict=True)):
+        x = rect.x1 - advance * scale if _RTL_RE.search(source) else rect.x0
+        start = pymupdf.Point(x, rect.y0 + i * slot + font.ascender * fontsize) * to_pdf - offset
         trm.e, trm.f = start.x, start.y
         pymupdf.mupdf.fz_show_string(
             writer.this, font.this, pymupdf.mupdf.FzMatrix(*trm), line, 0, 0, 0, pymupdf.mupdf.FZ_LANG_UNSET
         )
+
+
+def _visual_order(writer: pymupdf.TextWriter, line: str) -> str:
+    """Right-to-left lines are written in visual order, as TextWriter.append does for them."""
+    return "".join(reversed(writer.clean_rtl(line))) if _RTL_RE.search(line) else line
 
 
 def _display_to_writer(page: pymupdf.Page) -> tuple[pymupdf.Matrix, pymupdf.Point]:
@@ -196,7 +208,8 @@ def _recorded_dpi(image: Image.Image) -> float | None:
         dpi = float(value[0]) if value else None
     except (TypeError, ValueError, IndexError):
         return None
-    return dpi if dpi and dpi >= 1 else None
+    # PNG stores pixels per metre, so 144 dpi reads back as 143.99: whole numbers are what was meant.
+    return float(round(dpi)) if dpi and dpi >= 1 else None
 
 
 __all__ = ["add_text_layer", "searchable_from_images", "searchable_from_pdf"]

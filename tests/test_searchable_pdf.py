@@ -1,0 +1,324 @@
+"""Tests for searchable_pdf: scanned pages with known text at known places, a replay of the grounded
+answer the model would give for them, and word extraction from the result with PyMuPDF and poppler.
+
+The scans are made by rendering PyMuPDF text to an image, so the original pages hold no text of their
+own and every extracted word comes from the layer under test. A block's box is the grid box around its
+words as the rendered page shows them, which is what the model is trained to answer.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pymupdf
+import pytest
+from PIL import Image
+
+import searchable_pdf as sp
+from ocr_utils import GRID_MAX, plain_text
+
+LATIN_PAGES = [
+    [["Quarterly Report 2024"], ["Revenue grew by twelve percent", "while costs stayed flat"]],
+    [["Section two: methods"], ["We sampled 300 invoices", "from 12 offices", "in three regions"]],
+    [["Appendix"], ["Tables follow; figures (in EUR) are rounded."]],
+]
+CHINESE_PAGES = [
+    [["年度报告"], ["营业收入增长百分之十二", "成本保持 稳定"]],
+    [["第二部分 方法"], ["我们抽取了 300 张发票"]],
+    [["附录"], ["表格如下 数据已四舍五入"]],
+]
+TOLERANCE = 2.0  # points: grid rounding of the box is up to 1/999 of the page side
+
+
+@dataclass
+class ScanPage:
+    """One scanned page: PNG of what is displayed, its size in points, and the replayed answer."""
+
+    png: bytes
+    width: float
+    height: float
+    boxes: list[tuple[int, int, int, int]]
+    lines: list[list[str]]
+
+    @property
+    def grounded(self) -> str:
+        parts = []
+        for box, lines in zip(self.boxes, self.lines, strict=True):
+            label = "title" if len(lines) == 1 and len(lines[0]) < 25 else "text"
+            parts.append(f"<|ref|>{label}<|/ref|><|det|>[[{', '.join(map(str, box))}]]<|/det|>\n" + "\n".join(lines))
+        return "\n\n".join(parts) + "\n"
+
+
+def scan(blocks: list[list[str]], *, width: float = 595, height: float = 842, dpi: int = 100) -> ScanPage:
+    """Write `blocks` on a page, record each block's grid box from its words, render it to PNG."""
+    font = pymupdf.Font("cjk")
+    with pymupdf.open() as doc:
+        page = doc.new_page(width=width, height=height)
+        writer = pymupdf.TextWriter(page.rect)
+        y = 90.0
+        spans: list[tuple[float, float]] = []
+        for i, lines in enumerate(blocks):
+            size = 22 if i == 0 else 13
+            top = y
+            for line in lines:
+                y += size * 1.3
+                writer.append((72, y), line, font=font, fontsize=size)
+            spans.append((top, y + size * 0.4))
+            y += 30
+        writer.write_text(page)
+        words = page.get_text("words")
+        boxes = []
+        for top, bottom in spans:
+            rects = [pymupdf.Rect(w[:4]) for w in words if top <= (w[1] + w[3]) / 2 <= bottom]
+            union = rects[0]
+            for r in rects[1:]:
+                union |= r
+            boxes.append(to_grid(union, width, height))
+        png = page.get_pixmap(dpi=dpi).tobytes("png")
+    return ScanPage(png, width, height, boxes, blocks)
+
+
+def to_grid(rect: pymupdf.Rect, width: float, height: float) -> tuple[int, int, int, int]:
+    return (
+        math.floor(rect.x0 / width * GRID_MAX),
+        math.floor(rect.y0 / height * GRID_MAX),
+        math.ceil(rect.x1 / width * GRID_MAX),
+        math.ceil(rect.y1 / height * GRID_MAX),
+    )
+
+
+def box_rect(box: Sequence[int], page: pymupdf.Page) -> pymupdf.Rect:
+    w, h = page.rect.width, page.rect.height
+    return pymupdf.Rect(box[0] / GRID_MAX * w, box[1] / GRID_MAX * h, box[2] / GRID_MAX * w, box[3] / GRID_MAX * h)
+
+
+def scanned_pdf(pages: list[ScanPage], *, photo_on: int = 1, rotation: int = 0, password: str | None = None) -> bytes:
+    """A PDF whose pages show the scans upright, a photo and a vector line on page `photo_on`.
+
+    With `rotation`, each scan is stored turned back by that angle and the page carries /Rotate, as
+    a scanner that saves sideways pages does; the displayed page is the upright scan.
+    """
+    with pymupdf.open() as doc:
+        for n, scan_page in enumerate(pages):
+            sideways = rotation in (90, 270)
+            w, h = (scan_page.height, scan_page.width) if sideways else (scan_page.width, scan_page.height)
+            page = doc.new_page(width=w, height=h)
+            page.insert_image(page.rect, stream=scan_page.png, rotate=-rotation % 360)
+            if n == photo_on:
+                page.insert_image(pymupdf.Rect(380, 600, 540, 720), stream=photo_png())
+                page.draw_line((72, 780), (520, 780), color=(0.2, 0.2, 0.8), width=2)
+            page.set_rotation(rotation)
+        if password:
+            return doc.tobytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, owner_pw=password, user_pw=password)
+        return doc.tobytes()
+
+
+def photo_png() -> bytes:
+    y, x = np.mgrid[0:90, 0:120]
+    pixels = np.stack([(x * 7) % 256, (y * 5) % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def mupdf_words(page: pymupdf.Page) -> list[tuple[pymupdf.Rect, str]]:
+    """Words in displayed-page coordinates (PyMuPDF reports them on the unrotated page)."""
+    return [(pymupdf.Rect(w[:4]) * page.rotation_matrix, w[4]) for w in page.get_text("words")]
+
+
+_WORD_RE = re.compile(r'<word xMin="([-\d.]+)" yMin="([-\d.]+)" xMax="([-\d.]+)" yMax="([-\d.]+)">([^<]*)</word>')
+
+
+def poppler_words(pdf: bytes, tmp_path, number: int) -> list[tuple[pymupdf.Rect, str]]:
+    """Words of 1-based page `number` from `pdftotext -bbox`, on the displayed (cropped) page."""
+    path = tmp_path / "out.pdf"
+    path.write_bytes(pdf)
+    args = ["pdftotext", "-bbox", "-cropbox", "-f", str(number), "-l", str(number), str(path), "-"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [(pymupdf.Rect(*map(float, m[:4])), html.unescape(m[4])) for m in _WORD_RE.findall(out)]
+
+
+def check_words(words: list[tuple[pymupdf.Rect, str]], page: pymupdf.Page, scan_page: ScanPage, tool: str) -> None:
+    """Every word of every block is found, in order, inside its block's box; no word is anywhere else."""
+    left = list(words)
+    for box, lines in zip(scan_page.boxes, scan_page.lines, strict=True):
+        area = box_rect(box, page)
+        mine = [(r, t) for r, t in left if area.contains((r.tl + r.br) / 2)]
+        left = [item for item in left if item not in mine]
+        mine.sort(key=lambda item: (round((item[0].y0 + item[0].y1) / 2), item[0].x0))
+        expected = [word for line in lines for word in line.split()]
+        assert "".join(t for _, t in mine) == "".join(expected), (tool, area, mine, expected)
+        if all(t.isascii() for t in expected):
+            assert [t for _, t in mine] == expected, (tool, mine)
+        grown = pymupdf.Rect(area.x0 - TOLERANCE, area.y0 - TOLERANCE, area.x1 + TOLERANCE, area.y1 + TOLERANCE)
+        outside = [(r, t) for r, t in mine if not grown.contains(r)]
+        assert not outside, (tool, area, outside)
+    assert not left, (tool, "words outside every block", left)
+
+
+def content_of(doc: pymupdf.Document, page: pymupdf.Page) -> tuple[list[bytes], list[bytes]]:
+    """(decoded content streams, image bytes) of a page, to compare before and after."""
+    streams = [doc.xref_stream(xref) for xref in page.get_contents()]
+    images = [doc.extract_image(info[0])["image"] for info in page.get_images(full=True)]
+    return streams, images
+
+
+def check_original_kept(source: bytes, result: bytes, numbers: list[int], password: str | None = None) -> None:
+    with pymupdf.open(stream=source) as before, pymupdf.open(stream=result) as after:
+        if password:
+            before.authenticate(password)
+        assert not after.needs_pass
+        assert after.page_count == len(numbers)
+        for out_page, number in zip(after, numbers, strict=True):
+            old_page = before[number - 1]
+            old_streams, old_images = content_of(before, old_page)
+            new_streams, new_images = content_of(after, out_page)
+            # The original streams come first and unchanged; one stream holding the text layer is added.
+            assert new_streams[: len(old_streams)] == old_streams
+            assert len(new_streams) == len(old_streams) + 1
+            assert b" Tr" in new_streams[-1] and b"3 Tr" in new_streams[-1]
+            assert new_images == old_images
+            assert [i[0] for i in out_page.get_images()] == [i[0] for i in old_page.get_images()]
+            assert (out_page.rect, out_page.rotation) == (old_page.rect, old_page.rotation)
+            assert out_page.get_pixmap(dpi=30).samples == old_page.get_pixmap(dpi=30).samples  # invisible
+
+
+def needs_poppler() -> None:
+    if shutil.which("pdftotext") is None:
+        pytest.fail("pdftotext is missing: install poppler-utils (apt-get install -y poppler-utils)")
+
+
+# --------------------------------------------------------------------------- PDF input
+
+
+@pytest.mark.parametrize("texts", [LATIN_PAGES, CHINESE_PAGES], ids=["latin", "chinese"])
+def test_pdf_pages_get_a_text_layer_in_their_boxes(texts, tmp_path) -> None:
+    needs_poppler()
+    scans = [scan(blocks) for blocks in texts]
+    source = scanned_pdf(scans)
+    result = sp.searchable_from_pdf(source, [(n + 1, s.grounded) for n, s in enumerate(scans)])
+    check_original_kept(source, result, [1, 2, 3])
+    with pymupdf.open(stream=result) as doc:
+        for n, (page, scan_page) in enumerate(zip(doc, scans, strict=True)):
+            check_words(mupdf_words(page), page, scan_page, "pymupdf")
+            check_words(poppler_words(result, tmp_path, n + 1), page, scan_page, "pdftotext")
+            # The page's text is the answer's plain text, line for line.
+            assert page.get_text().split() == plain_text(scan_page.grounded).split()
+
+
+def test_only_the_ocred_pages_are_kept_in_the_order_given(tmp_path) -> None:
+    needs_poppler()
+    scans = [scan(blocks) for blocks in LATIN_PAGES]
+    source = scanned_pdf(scans, password="s3cret")
+    result = sp.searchable_from_pdf(source, [(3, scans[2].grounded), (2, scans[1].grounded)], password="s3cret")
+    check_original_kept(source, result, [3, 2], password="s3cret")
+    with pymupdf.open(stream=result) as doc:
+        for n, (page, scan_page) in enumerate(zip(doc, [scans[2], scans[1]], strict=True)):
+            check_words(mupdf_words(page), page, scan_page, "pymupdf")
+            check_words(poppler_words(result, tmp_path, n + 1), page, scan_page, "pdftotext")
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotated_pages_get_the_text_where_the_rendered_page_shows_it(rotation, tmp_path) -> None:
+    needs_poppler()
+    scans = [scan(LATIN_PAGES[0]), scan(CHINESE_PAGES[0])]
+    source = scanned_pdf(scans, rotation=rotation, photo_on=-1)
+    with pymupdf.open(stream=source) as doc:  # the set-up itself: the displayed page is the upright scan
+        shown = np.asarray(Image.open(io.BytesIO(doc[0].get_pixmap(dpi=100).tobytes("png"))), dtype=float)
+        upright = np.asarray(Image.open(io.BytesIO(scans[0].png)).convert("RGB"), dtype=float)
+        assert shown.shape == upright.shape and np.abs(shown - upright).mean() < 2
+    result = sp.searchable_from_pdf(source, [(1, scans[0].grounded), (2, scans[1].grounded)])
+    check_original_kept(source, result, [1, 2])
+    with pymupdf.open(stream=result) as doc:
+        for n, (page, scan_page) in enumerate(zip(doc, scans, strict=True)):
+            assert page.rotation == rotation
+            check_words(mupdf_words(page), page, scan_page, "pymupdf")
+            check_words(poppler_words(result, tmp_path, n + 1), page, scan_page, "pdftotext")
+
+
+def test_cropped_page_uses_the_displayed_box(tmp_path) -> None:
+    needs_poppler()
+    scan_page = scan(LATIN_PAGES[1])
+    # The scan is placed 40 pt right and 60 pt down of a larger page whose cropbox shows just the scan.
+    with pymupdf.open() as doc:
+        page = doc.new_page(width=scan_page.width + 100, height=scan_page.height + 100)
+        shown = pymupdf.Rect(40, 60, 40 + scan_page.width, 60 + scan_page.height)
+        page.insert_image(shown, stream=scan_page.png)
+        page.set_cropbox(shown)
+        source = doc.tobytes()
+    result = sp.searchable_from_pdf(source, [(1, scan_page.grounded)])
+    check_original_kept(source, result, [1])
+    with pymupdf.open(stream=result) as doc:
+        check_words(mupdf_words(doc[0]), doc[0], scan_page, "pymupdf")
+        check_words(poppler_words(result, tmp_path, 1), doc[0], scan_page, "pdftotext")
+
+
+def test_bad_page_lists_and_passwords_are_refused() -> None:
+    scans = [scan(LATIN_PAGES[2])]
+    source = scanned_pdf(scans, password="pw", photo_on=-1)
+    with pytest.raises(ValueError, match="password"):
+        sp.searchable_from_pdf(source, [(1, "x")], password="wrong")
+    with pytest.raises(ValueError, match="out of range"):
+        sp.searchable_from_pdf(source, [(2, "x")], password="pw")
+    with pytest.raises(ValueError, match="once"):
+        sp.searchable_from_pdf(source, [(1, "x"), (1, "y")], password="pw")
+    with pytest.raises(ValueError, match="at least one"):
+        sp.searchable_from_pdf(source, [], password="pw")
+
+
+# --------------------------------------------------------------------------- image input
+
+
+def test_image_pages_are_the_images_with_the_text_layer(tmp_path) -> None:
+    needs_poppler()
+    latin, chinese = scan(LATIN_PAGES[0], dpi=144), scan(CHINESE_PAGES[1])
+    as_pil = Image.open(io.BytesIO(latin.png)).convert("RGB")
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(chinese.png)).save(buffer, format="PNG")  # saved without a dpi
+    no_dpi = buffer.getvalue()
+    pages = [(as_pil, latin.grounded, 144), (no_dpi, chinese.grounded, None), (latin.png, latin.grounded, None)]
+    result = sp.searchable_from_images(pages)
+    with pymupdf.open(stream=result) as doc:
+        assert doc.page_count == 3
+        # Page size: the image at the dpi given, else at the dpi it records (144 here), else 72 dpi.
+        assert doc[0].rect == pymupdf.Rect(0, 0, as_pil.width / 2, as_pil.height / 2)
+        assert doc[1].rect == pymupdf.Rect(0, 0, *Image.open(io.BytesIO(no_dpi)).size)
+        assert doc[2].rect == doc[0].rect
+        for n, (page, scan_page) in enumerate(zip(doc, [latin, chinese, latin], strict=True)):
+            (xref, *_), = page.get_images()
+            embedded = Image.open(io.BytesIO(doc.extract_image(xref)["image"])).convert("RGB")
+            original = Image.open(io.BytesIO(scan_page.png)).convert("RGB")
+            assert np.array_equal(np.asarray(embedded), np.asarray(original))  # the page is the image
+            assert page.get_image_rects(xref) == [page.rect]
+            check_words(mupdf_words(page), page, scan_page, "pymupdf")
+            check_words(poppler_words(result, tmp_path, n + 1), page, scan_page, "pdftotext")
+
+
+def test_text_without_boxes_is_laid_over_the_whole_page() -> None:
+    image = Image.new("RGB", (400, 300), "white")
+    result = sp.searchable_from_images([(image, "Plain answer without grounding\nsecond line", None)])
+    with pymupdf.open(stream=result) as doc:
+        assert doc[0].get_text().split() == ["Plain", "answer", "without", "grounding", "second", "line"]
+        for rect, _ in mupdf_words(doc[0]):
+            assert rect in doc[0].rect + (-TOLERANCE, -TOLERANCE, TOLERANCE, TOLERANCE)
+
+
+def test_many_scripts_are_extractable() -> None:
+    lines = ["Grüße café naïve", "Привет мир", "Ελληνικά", "日本語 かな", "한국어", "שלום עולם", "नमस्ते", "∑ x² ≤ 10"]
+    image = Image.new("RGB", (800, 600), "white")
+    grounded = "<|ref|>text<|/ref|><|det|>[[50, 50, 950, 950]]<|/det|>\n" + "\n".join(lines)
+    result = sp.searchable_from_images([(image, grounded, None)])
+    with pymupdf.open(stream=result) as doc:
+        assert doc[0].get_text().split() == " ".join(lines).split()
+        assert len(result) < 200_000  # fonts are subset, not the 4 MB CJK font

@@ -66,8 +66,31 @@ def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
             _lay_block(writer, page, _page_rect(page, box), lines)
             count += len(lines)
     if count:
+        _isolate(page)
         writer.write_text(page, render_mode=3)
     return count
+
+
+def _isolate(page: pymupdf.Page) -> None:
+    """Enclose the page's own content in q ... Q so the text layer starts from the default state.
+
+    Many producers leave a transformation (a top-level ``cm``) in force at the end of the page, which
+    would move and scale text appended after it. The original streams are kept as they are; two tiny
+    streams are put around them (after balancing stray Q operators, which `wrap_contents` does).
+    """
+    contents = page.get_contents()
+    if not contents:
+        return
+    page.wrap_contents()
+    doc = page.parent
+    streams = []
+    for data in (b"q\n", b"\nQ\n"):
+        xref = doc.get_new_xref()
+        doc.update_object(xref, "<<>>")
+        doc.update_stream(xref, data)
+        streams.append(xref)
+    refs = " ".join(f"{xref} 0 R" for xref in [streams[0], *page.get_contents(), streams[1]])
+    doc.xref_set_key(page.xref, "Contents", f"[{refs}]")
 
 
 def _union(boxes: Sequence[Box]) -> Box:

@@ -115,10 +115,21 @@ def scanned_pdf(pages: list[ScanPage], *, photo_on: int = 1, rotation: int = 0, 
             if n == photo_on:
                 page.insert_image(pymupdf.Rect(380, 600, 540, 720), stream=photo_png())
                 page.draw_line((72, 780), (520, 780), color=(0.2, 0.2, 0.8), width=2)
+                leave_transform(doc, page)
             page.set_rotation(rotation)
         if password:
             return doc.tobytes(encryption=pymupdf.PDF_ENCRYPT_AES_256, owner_pw=password, user_pw=password)
         return doc.tobytes()
+
+
+def leave_transform(doc: pymupdf.Document, page: pymupdf.Page) -> None:
+    """End the page with a top-level ``cm`` left in force, as many producers do: it draws nothing,
+    but text appended after it without isolation would be moved and scaled."""
+    xref = doc.get_new_xref()
+    doc.update_object(xref, "<<>>")
+    doc.update_stream(xref, b"2 0 0 2 100 -50 cm\n")
+    refs = " ".join(f"{x} 0 R" for x in [*page.get_contents(), xref])
+    doc.xref_set_key(page.xref, "Contents", f"[{refs}]")
 
 
 def photo_png() -> bytes:
@@ -184,10 +195,15 @@ def check_original_kept(source: bytes, result: bytes, numbers: list[int], passwo
             old_page = before[number - 1]
             old_streams, old_images = content_of(before, old_page)
             new_streams, new_images = content_of(after, out_page)
-            # The original streams come first and unchanged; one stream holding the text layer is added.
-            assert new_streams[: len(old_streams)] == old_streams
-            assert len(new_streams) == len(old_streams) + 1
-            assert b" Tr" in new_streams[-1] and b"3 Tr" in new_streams[-1]
+            # The original streams, unchanged, between streams of only q / only Q; then the invisible text.
+            start = next(i for i, data in enumerate(new_streams) if data == old_streams[0])
+            end = start + len(old_streams)
+            wrap_before, kept, wrap_after = new_streams[:start], new_streams[start:end], new_streams[end:-1]
+            assert kept == old_streams
+            assert wrap_before and all(set(data.split()) == {b"q"} for data in wrap_before), wrap_before
+            assert wrap_after and all(set(data.split()) == {b"Q"} for data in wrap_after), wrap_after
+            assert sum(d.count(b"q") for d in wrap_before) == sum(d.count(b"Q") for d in wrap_after)
+            assert b"3 Tr" in new_streams[-1] and b"BT" in new_streams[-1]
             assert new_images == old_images
             assert [i[0] for i in out_page.get_images()] == [i[0] for i in old_page.get_images()]
             assert (out_page.rect, out_page.rotation) == (old_page.rect, old_page.rotation)
@@ -296,7 +312,7 @@ def test_image_pages_are_the_images_with_the_text_layer(tmp_path) -> None:
         assert doc[1].rect == pymupdf.Rect(0, 0, *Image.open(io.BytesIO(no_dpi)).size)
         assert doc[2].rect == doc[0].rect
         for n, (page, scan_page) in enumerate(zip(doc, [latin, chinese, latin], strict=True)):
-            (xref, *_), = page.get_images()
+            ((xref, *_),) = page.get_images()
             embedded = Image.open(io.BytesIO(doc.extract_image(xref)["image"])).convert("RGB")
             original = Image.open(io.BytesIO(scan_page.png)).convert("RGB")
             assert np.array_equal(np.asarray(embedded), np.asarray(original))  # the page is the image

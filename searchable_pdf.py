@@ -165,10 +165,41 @@ def _advance(line: str, fontsize: float) -> float:
     return end.x
 
 
-def _finish(doc: pymupdf.Document) -> bytes:
-    doc.subset_fonts()
-    # garbage=1 drops what unselected pages left behind without renumbering the objects kept.
-    return doc.tobytes(garbage=1, deflate=True)
+def _finish(doc: pymupdf.Document, first_new_xref: int) -> bytes:
+    _subset_own_fonts(doc, first_new_xref)
+    # Only the layer's own streams are compressed: a save with deflate would rewrite the document's
+    # uncompressed streams too. garbage=1 drops what unselected pages left, without renumbering.
+    for xref in range(first_new_xref, doc.xref_length()):
+        if doc.xref_is_stream(xref) and doc.xref_get_key(xref, "Filter")[0] == "null":
+            doc.update_stream(xref, doc.xref_stream(xref), compress=True)
+    return doc.tobytes(garbage=1)
+
+
+_SHOWN_TO_SUBSETTER = ("Resources", "Contents", "Annots")
+
+
+def _subset_own_fonts(doc: pymupdf.Document, first_new_xref: int) -> None:
+    """Cut the fonts this module embedded down to the glyphs used (the CJK font alone is 4 MB).
+
+    MuPDF's subsetter rewrites every font the pages use, and the document's own fonts must stay as
+    they are. So, for its run, each page shows it only the text layer (objects numbered from
+    `first_new_xref` on are ours): resources, contents and annotations are swapped for the layer's
+    and put back as they were right after.
+    """
+    saved: list[tuple[int, dict[str, tuple[str, str]]]] = []
+    try:
+        for page in doc:
+            fonts = "".join(f"/{f[4]} {f[0]} 0 R" for f in page.get_fonts(full=True) if f[0] >= first_new_xref)
+            layer = " ".join(f"{xref} 0 R" for xref in page.get_contents() if xref >= first_new_xref)
+            saved.append((page.xref, {key: doc.xref_get_key(page.xref, key) for key in _SHOWN_TO_SUBSETTER}))
+            doc.xref_set_key(page.xref, "Resources", f"<</Font<<{fonts}>>>>")
+            doc.xref_set_key(page.xref, "Contents", f"[{layer}]")
+            doc.xref_set_key(page.xref, "Annots", "null")
+        doc.subset_fonts()
+    finally:
+        for page_xref, keys in saved:
+            for key, (_, value) in keys.items():
+                doc.xref_set_key(page_xref, key, value)  # a "null" value removes the key again
 
 
 def searchable_from_pdf(pdf_bytes: bytes, pages: Sequence[tuple[int, str]], *, password: str | None = None) -> bytes:
@@ -189,9 +220,10 @@ def searchable_from_pdf(pdf_bytes: bytes, pages: Sequence[tuple[int, str]], *, p
             if not 1 <= number <= doc.page_count:
                 raise ValueError(f"page {number} is out of range: the PDF has pages 1..{doc.page_count}")
         doc.select([number - 1 for number in numbers])
+        first_new_xref = doc.xref_length()
         for page, (_, text) in zip(doc, pages, strict=True):
             add_text_layer(page, text)
-        return _finish(doc)
+        return _finish(doc, first_new_xref)
 
 
 def searchable_from_images(pages: Sequence[tuple[PageImage, str, int | None]]) -> bytes:
@@ -210,7 +242,7 @@ def searchable_from_images(pages: Sequence[tuple[PageImage, str, int | None]]) -
             page = doc.new_page(width=size[0] * scale, height=size[1] * scale)
             page.insert_image(page.rect, stream=stream)
             add_text_layer(page, text)
-        return _finish(doc)
+        return _finish(doc, 1)
 
 
 def _page_image(image: PageImage) -> tuple[bytes, tuple[int, int], float | None]:

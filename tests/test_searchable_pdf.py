@@ -338,3 +338,45 @@ def test_many_scripts_are_extractable() -> None:
     with pymupdf.open(stream=result) as doc:
         assert doc[0].get_text().split() == " ".join(lines).split()
         assert len(result) < 200_000  # fonts are subset, not the 4 MB CJK font
+
+
+def reachable(doc: pymupdf.Document, xref: int) -> dict[int, tuple[str, bytes | None]]:
+    """Every object reachable from `xref`, with its dictionary and decoded stream."""
+    seen: dict[int, tuple[str, bytes | None]] = {}
+    todo = [xref]
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        source = doc.xref_object(x, compressed=True)
+        seen[x] = (source, doc.xref_stream(x) if doc.xref_is_stream(x) else None)
+        todo.extend(int(n) for n in re.findall(r"(\d+) 0 R", source))
+    return seen
+
+
+def test_the_documents_own_fonts_and_fields_are_not_touched() -> None:
+    """A born-digital page: its fully embedded font and its form field keep every byte (only the
+    layer's fonts are subset) and it renders as before."""
+    with pymupdf.open() as doc:
+        page = doc.new_page()
+        page.insert_font(fontname="Orig", fontbuffer=pymupdf.Font("cjk").buffer)
+        page.insert_text((72, 100), "Original text 原文", fontname="Orig", fontsize=14)
+        field = pymupdf.Widget()
+        field.field_name, field.field_type, field.field_value = "name", pymupdf.PDF_WIDGET_TYPE_TEXT, "Ada"
+        field.rect = pymupdf.Rect(72, 200, 300, 230)
+        page.add_widget(field)
+        source = doc.tobytes()
+    grounded = "<|ref|>text<|/ref|><|det|>[[120, 100, 400, 130]]<|/det|>\nOriginal text 原文"
+    result = sp.searchable_from_pdf(source, [(1, grounded)])
+    assert len(result) < len(source) + 100_000  # the layer's copy of the CJK font is a subset
+    with pymupdf.open(stream=source) as before, pymupdf.open(stream=result) as after:
+        own = [f[0] for f in before[0].get_fonts(full=True)]
+        assert own and {f[0] for f in after[0].get_fonts(full=True)} > set(own)
+        for xref in own:
+            assert reachable(after, xref) == reachable(before, xref)
+        widgets = [(w.field_name, w.field_value, w.rect) for w in after[0].widgets()]
+        assert widgets == [(w.field_name, w.field_value, w.rect) for w in before[0].widgets()]
+        annots = after.xref_get_key(after[0].xref, "Annots")
+        assert annots == before.xref_get_key(before[0].xref, "Annots"), annots
+        assert after[0].get_pixmap(dpi=40).samples == before[0].get_pixmap(dpi=40).samples
+        assert after[0].get_text().count("Original text 原文") == 2  # the page's own text and the layer

@@ -23,9 +23,9 @@ Plain functions on bytes and PyMuPDF pages; no FastAPI.
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Sequence
-from functools import lru_cache
 
 import pymupdf
 from PIL import Image, ImageOps
@@ -37,15 +37,13 @@ PageImage = Image.Image | bytes
 _RTL_RE = re.compile("[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")
 _FULL_PAGE: Box = (0, 0, GRID_MAX, GRID_MAX)
 _EMBED_AS_IS = {"JPEG", "PNG"}
-
-
-@lru_cache(maxsize=1)
-def _font() -> pymupdf.Font:
-    return pymupdf.Font("cjk")
+_CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
+# Where a line may be wrapped: between words, and between CJK characters (which have no spaces).
+_TOKEN_RE = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+|\\s+")
 
 
 def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
-    """Lay the blocks of one page's grounded output invisibly on `page`; returns the lines written.
+    """Lay the blocks of one page's grounded output invisibly on `page`; returns the rows written.
 
     Text with no box (output of a prompt without grounding, text before the first tag, a ref with
     no det) is laid over the whole page, so it is still searchable. A block with several boxes is
@@ -58,13 +56,14 @@ def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
     for block in parsed.blocks:
         if block.text:
             placed.append((_union(block.boxes) if block.boxes else _FULL_PAGE, block.text))
+    font = pymupdf.Font("cjk")  # PyMuPDF's CJK font (Droid Sans Fallback), built in: no file needed
     writer = pymupdf.TextWriter(page.rect)
     count = 0
     for box, text in placed:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        # A table comes as one line of HTML: each row is a line on the page.
+        lines = [line.strip() for line in text.replace("</tr>", "</tr>\n").splitlines() if line.strip()]
         if lines:
-            _lay_block(writer, page, _page_rect(page, box), lines)
-            count += len(lines)
+            count += _lay_block(writer, page, font, _page_rect(page, box), lines)
     if count:
         _isolate(page)
         writer.write_text(page, render_mode=3)
@@ -104,35 +103,81 @@ def _page_rect(page: pymupdf.Page, box: Box) -> pymupdf.Rect:
     return pymupdf.Rect(x1 / GRID_MAX * width, y1 / GRID_MAX * height, x2 / GRID_MAX * width, y2 / GRID_MAX * height)
 
 
-def _lay_block(writer: pymupdf.TextWriter, page: pymupdf.Page, rect: pymupdf.Rect, lines: list[str]) -> None:
-    """Each line gets an equal slice of the box; its font size fills the slice from ascender to
-    descender, so extracted word boxes stay inside the box.
+def _lay_block(
+    writer: pymupdf.TextWriter, page: pymupdf.Page, font: pymupdf.Font, rect: pymupdf.Rect, lines: list[str]
+) -> int:
+    """Lay a block's lines (wrapped into the rows the box holds) down `rect`; returns the rows laid.
 
-    All lines of a block share one horizontal scale, the one that makes the longest line as wide as
-    the box: in a paragraph the other lines are about as long or are a short last line, which the page
-    shows at the start of the line, not stretched across it (and a stretched short line reads as part
-    of the next one to PyMuPDF). Left-to-right lines start at the left edge, right-to-left at the right.
+    Each row gets an equal slice of the box; its font size fills the slice from ascender to
+    descender, so extracted word boxes stay inside the box. All rows of a block share one horizontal
+    scale, the one that makes the longest row as wide as the box: in a paragraph the other rows are
+    about as long or are a short last row, which the page shows at the start of the row, not stretched
+    across it (and a stretched short row reads as part of the next one to PyMuPDF). Left-to-right rows
+    start at the left edge, right-to-left ones at the right.
     """
-    font = _font()
-    slot = rect.height / len(lines)
-    fontsize = slot / (font.ascender - font.descender)
-    visual = [_visual_order(writer, line) for line in lines]
-    advances = [_advance(line, fontsize) for line in visual]
+    extent = font.ascender - font.descender
+    rows = _rows(font, lines, rect, extent)
+    slot = rect.height / len(rows)
+    fontsize = slot / extent
+    visual = [_visual_order(writer, row) for row in rows]
+    advances = [_advance(font, row, fontsize) for row in visual]
     widest = max(advances)
     if widest <= 0:
-        return
+        return 0
     scale = rect.width / widest
     to_pdf, offset = _display_to_writer(page)
     turn = pymupdf.Matrix(to_pdf.a, to_pdf.b, to_pdf.c, to_pdf.d, 0, 0)
     # Glyph space is y-up and display space y-down, hence -fontsize before turning into PDF space.
     trm = pymupdf.Matrix(fontsize * scale, 0, 0, -fontsize, 0, 0) * turn
-    for i, (line, source, advance) in enumerate(zip(visual, lines, advances, strict=True)):
+    for i, (row, source, advance) in enumerate(zip(visual, rows, advances, strict=True)):
         x = rect.x1 - advance * scale if _RTL_RE.search(source) else rect.x0
         start = pymupdf.Point(x, rect.y0 + i * slot + font.ascender * fontsize) * to_pdf - offset
         trm.e, trm.f = start.x, start.y
         pymupdf.mupdf.fz_show_string(
-            writer.this, font.this, pymupdf.mupdf.FzMatrix(*trm), line, 0, 0, 0, pymupdf.mupdf.FZ_LANG_UNSET
+            writer.this, font.this, pymupdf.mupdf.FzMatrix(*trm), row, 0, 0, 0, pymupdf.mupdf.FZ_LANG_UNSET
         )
+    return len(rows)
+
+
+def _rows(font: pymupdf.Font, lines: list[str], rect: pymupdf.Rect, extent: float) -> list[str]:
+    """The rows a block is shown in: its lines, each wrapped when the box holds more rows than lines.
+
+    The model writes a paragraph as one line however many rows the page shows it in. With n rows
+    of text of natural width w (at font size 1) the font size is h / (n * extent) and each row
+    w * size / n wide; that equals the box width when n = sqrt(w * h / (extent * width)). The rows
+    are shared among the lines by their width, so words land near where the page shows them rather
+    than on one tall, squeezed line.
+    """
+    widths = [font.text_length(line, 1) for line in lines]
+    total = sum(widths)
+    if total <= 0 or rect.width <= 0:
+        return lines
+    wanted = round(math.sqrt(total * rect.height / (extent * rect.width)))
+    if wanted <= len(lines):
+        return lines
+    rows: list[str] = []
+    for line, width in zip(lines, widths, strict=True):
+        rows.extend(_wrap(font, line, max(1, round(wanted * width / total))))
+    return rows
+
+
+def _wrap(font: pymupdf.Font, line: str, count: int) -> list[str]:
+    """`line` cut into `count` rows of about equal width, between words or CJK characters.
+
+    Each word goes to the row its middle falls in, so the rows come out even (a greedy fill would
+    leave a short extra row) and each word stays near its share of the paragraph.
+    """
+    tokens = _TOKEN_RE.findall(line)
+    sizes = [font.text_length(token, 1) for token in tokens]
+    step = sum(sizes) / count
+    if count <= 1 or step <= 0:
+        return [line]
+    rows = [""] * count
+    done = 0.0
+    for token, size in zip(tokens, sizes, strict=True):
+        rows[min(count - 1, int((done + size / 2) / step))] += token
+        done += size
+    return [row.strip() for row in rows if row.strip()]
 
 
 def _visual_order(writer: pymupdf.TextWriter, line: str) -> str:
@@ -158,10 +203,10 @@ def _display_to_writer(page: pymupdf.Page) -> tuple[pymupdf.Matrix, pymupdf.Poin
     return to_pdf, pymupdf.Point(0, 0)
 
 
-def _advance(line: str, fontsize: float) -> float:
+def _advance(font: pymupdf.Font, line: str, fontsize: float) -> float:
     """Natural width of `line` at `fontsize`, fallback fonts included (measured by MuPDF itself)."""
     probe = pymupdf.TextWriter(pymupdf.Rect(0, 0, 1, 1))
-    _, end = probe.append((0, 0), line, font=_font(), fontsize=fontsize)
+    _, end = probe.append((0, 0), line, font=font, fontsize=fontsize)
     return end.x
 
 

@@ -392,3 +392,36 @@ def test_the_documents_own_fonts_and_fields_are_not_touched() -> None:
         assert annots == before.xref_get_key(before[0].xref, "Annots"), annots
         assert after[0].get_pixmap(dpi=40).samples == before[0].get_pixmap(dpi=40).samples
         assert after[0].get_text().count("Original text 原文") == 2  # the page's own text and the layer
+
+
+PARAGRAPH = [
+    "Recurrent neural networks have been firmly established",
+    "as state of the art approaches in sequence",
+    "modeling and transduction problems such as",
+]
+PARAGRAPH_ZH = [
+    "循环神经网络已被牢固确立为序列建模",
+    "和转导问题的最先进方法例如语言建模",
+    "和机器翻译此后许多工作继续推进",
+]
+
+
+@pytest.mark.parametrize(("rows", "joiner"), [(PARAGRAPH, " "), (PARAGRAPH_ZH, "")], ids=["latin", "chinese"])
+def test_a_paragraph_written_as_one_line_is_wrapped_into_the_rows_the_page_shows(rows, joiner, tmp_path) -> None:
+    """The model writes a paragraph as one line; the layer puts it back on as many rows as the scan."""
+    needs_poppler()
+    shown = scan([["Title"], rows])
+    answer = ScanPage(shown.png, shown.width, shown.height, shown.boxes, [["Title"], [joiner.join(rows)]])
+    result = sp.searchable_from_images([(shown.png, answer.grounded, 72)])
+    with pymupdf.open(stream=result) as doc:
+        page = doc[0]
+        check_words(mupdf_words(page), page, answer, "pymupdf")
+        check_words(poppler_words(result, tmp_path, 1), page, answer, "pdftotext")
+        area = box_rect(shown.boxes[1], page)
+        layer = [(r, t) for r, t in mupdf_words(page) if area.contains((r.tl + r.br) / 2)]
+        slot = area.height / len(rows)
+        placed = "".join(str(int(((r.y0 + r.y1) / 2 - area.y0) // slot)) * len(t) for r, t in layer)
+        truth = "".join(str(i) * len(row.replace(" ", "")) for i, row in enumerate(rows))
+        assert sorted(set(placed)) == ["0", "1", "2"], placed
+        # Each character sits on the row the page shows it on, give or take the word at a row's end.
+        assert sum(a == b for a, b in zip(placed, truth, strict=True)) >= 0.85 * len(truth), (placed, truth)

@@ -3,13 +3,15 @@
 What people do with OCR of a scan is search and copy it, so, as OCRmyPDF does, the output is the
 page as it was plus an invisible text layer (PDF text render mode 3). Each grounded block's text is
 put inside its box: the box is mapped from the 0..999 grid to the page as displayed (cropbox and
-/Rotate applied, which is what the model was shown), the block is split into its lines, the lines
-are spread down the box and each one is scaled horizontally to the box width.
+/Rotate applied, which is what the model was shown), the block's lines (a paragraph the model wrote
+as one line is wrapped into the rows the box holds; a table row is a line) are spread down the box
+and scaled horizontally so the longest fills the box width.
 
 For a PDF input only the OCRed pages are kept, in the order given (like `layout_pdf`, and so page
-n of the result is page n of the answer); their content streams, images and fonts are not touched:
-one content stream holding the text is appended to each page. The result is not encrypted (the
-caller had the password). For an image input each page is the image.
+n of the result is page n of the answer). Their content streams, images, fonts and annotations keep
+every byte: the page's streams are put between a ``q`` and a ``Q`` stream and one stream holding
+the text follows. The result is not encrypted (the caller had the password). For an image input
+each page is the image.
 
 Font: PyMuPDF's built-in CJK font (Droid Sans Fallback: CJK, Latin, Greek, Cyrillic) with MuPDF's
 built-in Noto fallbacks for the scripts it lacks (Devanagari, Thai, Hebrew, Arabic...), subset at
@@ -17,7 +19,8 @@ the end so a page costs kilobytes, not the 4 MB font. Known limits of that font 
 extracts as presentation forms (NFKC gives the letters back) and characters outside the BMP
 (emoji, CJK extension B) may not extract.
 
-Plain functions on bytes and PyMuPDF pages; no FastAPI.
+Plain functions on bytes and PyMuPDF pages; no FastAPI. PyMuPDF is not thread-safe: call these
+where the service already does its PyMuPDF work.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ PageImage = Image.Image | bytes
 _RTL_RE = re.compile("[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")
 _FULL_PAGE: Box = (0, 0, GRID_MAX, GRID_MAX)
 _EMBED_AS_IS = {"JPEG", "PNG"}
+_MAX_PAGE_SIDE = 14400
 _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
 # Where a line may be wrapped: between words, and between CJK characters (which have no spaces).
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+|\\s+")
@@ -275,15 +279,19 @@ def searchable_from_images(pages: Sequence[tuple[PageImage, str, int | None]]) -
     """One page per image, the image filling it, each with its text layer.
 
     `pages` holds (image, grounded output, dpi). The page measures the image at `dpi`, else at the
-    dpi the image records, else 72 dpi. Encoded bytes are embedded as they are when PDF can hold
-    them (JPEG, PNG without an EXIF rotation); anything else is embedded as PNG as it is displayed.
+    dpi the image records, else 72 dpi (and at most 14400 pt a side, the PDF limit). Encoded bytes
+    are embedded as they are when PDF can hold them (JPEG, PNG without an EXIF rotation); anything
+    else is embedded as PNG as it is displayed.
     """
     if not pages:
         raise ValueError("searchable_from_images needs at least one page")
     with pymupdf.open() as doc:
         for image, text, dpi in pages:
+            if dpi is not None and dpi <= 0:
+                raise ValueError(f"dpi must be positive, got {dpi}")
             stream, size, own_dpi = _page_image(image)
-            scale = 72 / (dpi or own_dpi or 72)
+            # A PDF page side may not exceed 200 inches (14400 pt): a tiny recorded dpi is shrunk to fit.
+            scale = min(72 / (dpi or own_dpi or 72), _MAX_PAGE_SIDE / max(size))
             page = doc.new_page(width=size[0] * scale, height=size[1] * scale)
             page.insert_image(page.rect, stream=stream)
             add_text_layer(page, text)

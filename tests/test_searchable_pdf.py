@@ -425,3 +425,30 @@ def test_a_paragraph_written_as_one_line_is_wrapped_into_the_rows_the_page_shows
         assert sorted(set(placed)) == ["0", "1", "2"], placed
         # Each character sits on the row the page shows it on, give or take the word at a row's end.
         assert sum(a == b for a, b in zip(placed, truth, strict=True)) >= 0.85 * len(truth), (placed, truth)
+
+
+def test_table_rows_are_lines_and_a_rotated_photo_is_shown_as_displayed() -> None:
+    """A phone photo with EXIF orientation 6 is stored landscape and shown portrait: the page is the
+    portrait image the model saw, and a table the model wrote as one line of HTML is laid row by row."""
+    portrait = Image.new("RGB", (300, 400), "white")
+    portrait.paste((200, 30, 30), (0, 0, 300, 100))  # a red band at the top, to see which way is up
+    stored = portrait.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote (400 x 300)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif.tobytes(), quality=95)
+    table = "<table><tr><td>Name</td><td>Total</td></tr><tr><td>Ada</td><td>42</td></tr></table>"
+    grounded = f"<|ref|>table<|/ref|><|det|>[[100, 300, 900, 600]]<|/det|>\n{table}"
+    result = sp.searchable_from_images([(buffer.getvalue(), grounded, None)])
+    with pymupdf.open(stream=result) as doc:
+        page = doc[0]
+        assert page.rect == pymupdf.Rect(0, 0, 300, 400)
+        top = page.get_pixmap(clip=pymupdf.Rect(0, 0, 300, 50)).pixel(150, 25)
+        assert top[0] > 150 and top[1] < 100, top  # red band on top: shown as displayed
+        assert page.get_text().splitlines() == [
+            "<table><tr><td>Name</td><td>Total</td></tr>",
+            "<tr><td>Ada</td><td>42</td></tr>",
+            "</table>",
+        ]
+    with pytest.raises(ValueError, match="dpi"):
+        sp.searchable_from_images([(portrait, grounded, 0)])

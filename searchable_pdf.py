@@ -1,10 +1,9 @@
 """Searchable PDF: the model's grounded text laid invisibly over the page it was read from.
 
-What people do with OCR of a scan is search and copy it, so, as OCRmyPDF does, the output is the
-page as it was plus an invisible text layer (PDF text render mode 3). Each grounded block's text is
-put inside its box: the box is mapped from the 0..999 grid to the page as displayed (cropbox and
-/Rotate applied, which is what the model was shown), the block's lines (a paragraph the model wrote
-as one line is wrapped into the rows the box holds; a table row is a line) are spread down the box
+People OCR scans to search and copy them, so, as with OCRmyPDF, the output is the page as it was
+plus invisible text (render mode 3). Each block's text goes inside its box, mapped from the 0..999
+grid to the page as displayed (cropbox and /Rotate applied: what the model was shown); its lines
+(a paragraph written as one line is wrapped into the rows the box holds) are spread down the box
 and scaled horizontally so the longest fills the box width.
 
 For a PDF input only the OCRed pages are kept, in the order given (like `layout_pdf`, and so page
@@ -19,8 +18,7 @@ the end so a page costs kilobytes, not the 4 MB font. Known limits of that font 
 extracts as presentation forms (NFKC gives the letters back) and characters outside the BMP
 (emoji, CJK extension B) may not extract.
 
-Plain functions on bytes and PyMuPDF pages; no FastAPI. PyMuPDF is not thread-safe: call these
-where the service already does its PyMuPDF work.
+Plain functions, no FastAPI. PyMuPDF is not thread-safe: call these where the PDF work runs.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from collections.abc import Sequence
 import pymupdf
 from PIL import Image, ImageOps
 
-from ocr_utils import GRID_MAX, Box, encode_png, parse_grounding, plain_text, to_rgb
+from ocr_utils import GRID_MAX, Box, encode_png, parse_grounding, to_rgb
 
 PageImage = Image.Image | bytes
 
@@ -51,12 +49,12 @@ def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
 
     Text with no box (output of a prompt without grounding, text before the first tag, a ref with
     no det) is laid over the whole page, so it is still searchable. A block with several boxes is
-    laid in their union. All lines go into one new content stream appended to the page.
+    laid in their union. A table row is a line. All rows go into one new content stream.
     """
     parsed = parse_grounding(grounded_text)
     placed: list[tuple[Box, str]] = []
     if parsed.preamble:
-        placed.append((_FULL_PAGE, plain_text(parsed.preamble)))
+        placed.append((_FULL_PAGE, parsed.preamble))
     for block in parsed.blocks:
         if block.text:
             placed.append((_union(block.boxes) if block.boxes else _FULL_PAGE, block.text))
@@ -64,7 +62,6 @@ def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
     writer = pymupdf.TextWriter(page.rect)
     count = 0
     for box, text in placed:
-        # A table comes as one line of HTML: each row is a line on the page.
         lines = [line.strip() for line in text.replace("</tr>", "</tr>\n").splitlines() if line.strip()]
         if lines:
             count += _lay_block(writer, page, font, _page_rect(page, box), lines)
@@ -75,12 +72,9 @@ def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
 
 
 def _isolate(page: pymupdf.Page) -> None:
-    """Enclose the page's own content in q ... Q so the text layer starts from the default state.
-
-    Many producers leave a transformation (a top-level ``cm``) in force at the end of the page, which
-    would move and scale text appended after it. The original streams are kept as they are; two tiny
-    streams are put around them (after balancing stray Q operators, which `wrap_contents` does).
-    """
+    """Put the page's own streams (kept as they are) between a ``q`` and a ``Q`` stream: producers
+    often leave a transformation in force at the end of a page, which would move the text layer.
+    `wrap_contents` first balances stray Q operators."""
     contents = page.get_contents()
     if not contents:
         return
@@ -110,15 +104,10 @@ def _page_rect(page: pymupdf.Page, box: Box) -> pymupdf.Rect:
 def _lay_block(
     writer: pymupdf.TextWriter, page: pymupdf.Page, font: pymupdf.Font, rect: pymupdf.Rect, lines: list[str]
 ) -> int:
-    """Lay a block's lines (wrapped into the rows the box holds) down `rect`; returns the rows laid.
-
-    Each row gets an equal slice of the box; its font size fills the slice from ascender to
-    descender, so extracted word boxes stay inside the box. All rows of a block share one horizontal
-    scale, the one that makes the longest row as wide as the box: in a paragraph the other rows are
-    about as long or are a short last row, which the page shows at the start of the row, not stretched
-    across it (and a stretched short row reads as part of the next one to PyMuPDF). Left-to-right rows
-    start at the left edge, right-to-left ones at the right.
-    """
+    """Lay a block's rows down `rect`, each filling an equal slice from ascender to descender (so
+    word boxes stay inside); returns the rows laid. One horizontal scale per block, the longest row's:
+    a paragraph's short last row sits at the start of its row as on the page, not stretched across
+    (where PyMuPDF would read it as part of the next row). Right-to-left rows align right."""
     extent = font.ascender - font.descender
     rows = _rows(font, lines, rect, extent)
     slot = rect.height / len(rows)
@@ -144,14 +133,9 @@ def _lay_block(
 
 
 def _rows(font: pymupdf.Font, lines: list[str], rect: pymupdf.Rect, extent: float) -> list[str]:
-    """The rows a block is shown in: its lines, each wrapped when the box holds more rows than lines.
-
-    The model writes a paragraph as one line however many rows the page shows it in. With n rows
-    of text of natural width w (at font size 1) the font size is h / (n * extent) and each row
-    w * size / n wide; that equals the box width when n = sqrt(w * h / (extent * width)). The rows
-    are shared among the lines by their width, so words land near where the page shows them rather
-    than on one tall, squeezed line.
-    """
+    """A block's lines, wrapped when the box holds more rows: the model writes a paragraph as one
+    line. n rows of text w wide at size 1 have size h / (n * extent) and are w * size / n wide, the
+    box width when n = sqrt(w * h / (extent * width)). Rows are shared among lines by width."""
     widths = [font.text_length(line, 1) for line in lines]
     total = sum(widths)
     if total <= 0 or rect.width <= 0:
@@ -166,11 +150,8 @@ def _rows(font: pymupdf.Font, lines: list[str], rect: pymupdf.Rect, extent: floa
 
 
 def _wrap(font: pymupdf.Font, line: str, count: int) -> list[str]:
-    """`line` cut into `count` rows of about equal width, between words or CJK characters.
-
-    Each word goes to the row its middle falls in, so the rows come out even (a greedy fill would
-    leave a short extra row) and each word stays near its share of the paragraph.
-    """
+    """`line` cut into `count` even rows between words or CJK characters: each word goes to the row
+    its middle falls in (a greedy fill would leave a short extra row)."""
     tokens = _TOKEN_RE.findall(line)
     sizes = [font.text_length(token, 1) for token in tokens]
     step = sum(sizes) / count
@@ -190,13 +171,9 @@ def _visual_order(writer: pymupdf.TextWriter, line: str) -> str:
 
 
 def _display_to_writer(page: pymupdf.Page) -> tuple[pymupdf.Matrix, pymupdf.Point]:
-    """(displayed page -> PDF user space, the shift TextWriter.write_text will add).
-
-    The first is the inverse of MuPDF's own page transform, the one rendering uses, so cropbox,
-    mediabox origin and /Rotate are all accounted for as the model saw the page. write_text
-    prefixes its text with a translation built from the cropbox and rotation; it is subtracted
-    here so that the two cancel (the rotation and cropbox tests hold this to PyMuPDF's behaviour).
-    """
+    """(displayed page -> PDF space, the shift TextWriter.write_text adds). The first inverts MuPDF's
+    page transform, the one rendering uses (cropbox, mediabox, /Rotate). The second is subtracted so
+    the two cancel; the rotation and cropbox tests hold it to PyMuPDF's behaviour."""
     ctm = pymupdf.mupdf.FzMatrix()
     pymupdf.mupdf.pdf_page_transform(page._pdf_page(), pymupdf.mupdf.FzRect(0), ctm)
     to_pdf = ~pymupdf.Matrix(ctm.a, ctm.b, ctm.c, ctm.d, ctm.e, ctm.f)
@@ -228,13 +205,9 @@ _SHOWN_TO_SUBSETTER = ("Resources", "Contents", "Annots")
 
 
 def _subset_own_fonts(doc: pymupdf.Document, first_new_xref: int) -> None:
-    """Cut the fonts this module embedded down to the glyphs used (the CJK font alone is 4 MB).
-
-    MuPDF's subsetter rewrites every font the pages use, and the document's own fonts must stay as
-    they are. So, for its run, each page shows it only the text layer (objects numbered from
-    `first_new_xref` on are ours): resources, contents and annotations are swapped for the layer's
-    and put back as they were right after.
-    """
+    """Subset the fonts we embedded (the CJK font alone is 4 MB), and only those: MuPDF subsets every
+    font the pages use, so for its run each page shows only the layer (objects from `first_new_xref`
+    on): its resources, contents and annotations are swapped and then put back as they were."""
     saved: list[tuple[int, dict[str, tuple[str, str]]]] = []
     try:
         for page in doc:

@@ -452,3 +452,20 @@ def test_table_rows_are_lines_and_a_rotated_photo_is_shown_as_displayed() -> Non
         ]
     with pytest.raises(ValueError, match="dpi"):
         sp.searchable_from_images([(portrait, grounded, 0)])
+
+
+@pytest.mark.parametrize(("mediabox", "rotation"), [("[100 200 695 1042]", 90), ("[0 -842 595 0]", 180)])
+def test_mediabox_away_from_the_origin(mediabox, rotation, tmp_path) -> None:
+    needs_poppler()
+    shown = scan(LATIN_PAGES[2])
+    with pymupdf.open() as doc:
+        doc.new_page(width=595, height=842)
+        doc.xref_set_key(doc[0].xref, "MediaBox", mediabox)
+        doc[0].set_rotation(rotation)
+        doc[0].draw_rect(pymupdf.Rect(10, 10, 100, 100), color=(0, 0, 1))
+        source = doc.tobytes()
+    result = sp.searchable_from_pdf(source, [(1, shown.grounded)])
+    check_original_kept(source, result, [1])
+    with pymupdf.open(stream=result) as doc:
+        check_words(mupdf_words(doc[0]), doc[0], shown, "pymupdf")
+        check_words(poppler_words(result, tmp_path, 1), doc[0], shown, "pdftotext")

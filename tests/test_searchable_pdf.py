@@ -469,3 +469,19 @@ def test_mediabox_away_from_the_origin(mediabox, rotation, tmp_path) -> None:
     with pymupdf.open(stream=result) as doc:
         check_words(mupdf_words(doc[0]), doc[0], shown, "pymupdf")
         check_words(poppler_words(result, tmp_path, 1), doc[0], shown, "pdftotext")
+
+
+def test_a_page_without_text_is_kept_as_it_is() -> None:
+    """A page whose OCR failed or found nothing (empty answer) is kept, with no layer; a blank page
+    (no content stream at all) still gets one."""
+    with pymupdf.open() as doc:
+        doc.new_page().draw_rect(pymupdf.Rect(10, 10, 100, 100), color=(0, 0, 1))
+        doc.new_page()
+        source = doc.tobytes()
+    grounded = "<|ref|>text<|/ref|><|det|>[[100, 100, 500, 200]]<|/det|>\nHello blank page"
+    result = sp.searchable_from_pdf(source, [(1, ""), (2, grounded)])
+    with pymupdf.open(stream=source) as before, pymupdf.open(stream=result) as after:
+        assert content_of(after, after[0]) == content_of(before, before[0])
+        assert after[0].get_text() == "" and after[0].get_fonts() == []
+        assert before[1].get_contents() == []
+        assert after[1].get_text().split() == ["Hello", "blank", "page"]

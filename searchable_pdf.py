@@ -15,8 +15,8 @@ each page is the image.
 Font: PyMuPDF's built-in CJK font (Droid Sans Fallback: CJK, Latin, Greek, Cyrillic) with MuPDF's
 built-in Noto fallbacks for the scripts it lacks (Devanagari, Thai, Hebrew, Arabic...), subset at
 the end so a page costs kilobytes, not the 4 MB font. Known limits of that font machinery: Arabic
-extracts as presentation forms (NFKC gives the letters back) and characters outside the BMP
-(emoji, CJK extension B) may not extract.
+extracts as presentation forms (NFKC gives the letters back); characters no reader would extract as
+themselves are left out of the layer (see `layer_text`).
 
 Plain functions, no FastAPI. PyMuPDF is not thread-safe: call these where the PDF work runs.
 """
@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 
 import pymupdf
@@ -44,6 +45,17 @@ _CJK = "\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef"
 _TOKEN_RE = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+|\\s+")
 
 
+_NOT_TEXT = {"Cc", "Cs", "Co", "Cn"}  # controls, surrogates, private use, unassigned
+
+
+def layer_text(text: str) -> str:
+    """`text` as the layer holds it: without the characters no reader extracts as themselves (MuPDF
+    writes code points beyond U+FFFF truncated, reads U+FFFD back as a CJK character, and controls,
+    private-use and unassigned code points have no meaning to search); tabs become spaces."""
+    text = text.replace("\t", " ")
+    return "".join(c for c in text if c == "\n" or (c <= "\uffef" and unicodedata.category(c) not in _NOT_TEXT))
+
+
 def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
     """Lay the blocks of one page's grounded output invisibly on `page`; returns the rows written.
 
@@ -52,19 +64,16 @@ def add_text_layer(page: pymupdf.Page, grounded_text: str) -> int:
     laid in their union. A table row is a line. All rows go into one new content stream.
     """
     parsed = parse_grounding(grounded_text)
-    placed: list[tuple[Box, str]] = []
-    if parsed.preamble:
-        placed.append((_FULL_PAGE, parsed.preamble))
-    for block in parsed.blocks:
-        if block.text:
-            placed.append((_union(block.boxes) if block.boxes else _FULL_PAGE, block.text))
+    placed = [([_FULL_PAGE], parsed.preamble)] if parsed.preamble else []
+    placed += [(block.boxes or [_FULL_PAGE], block.text) for block in parsed.blocks if block.text]
     font = pymupdf.Font("cjk")  # PyMuPDF's CJK font (Droid Sans Fallback), built in: no file needed
     writer = pymupdf.TextWriter(page.rect)
     count = 0
-    for box, text in placed:
-        lines = [line.strip() for line in text.replace("</tr>", "</tr>\n").splitlines() if line.strip()]
+    for boxes, text in placed:
+        text = layer_text(text).replace("</tr>", "</tr>\n")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
-            count += _lay_block(writer, page, font, _page_rect(page, box), lines)
+            count += _lay_block(writer, page, font, _page_rect(page, boxes), lines)
     if count:
         _isolate(page)
         writer.write_text(page, render_mode=3)
@@ -75,8 +84,7 @@ def _isolate(page: pymupdf.Page) -> None:
     """Put the page's own streams (kept as they are) between a ``q`` and a ``Q`` stream: producers
     often leave a transformation in force at the end of a page, which would move the text layer.
     `wrap_contents` first balances stray Q operators."""
-    contents = page.get_contents()
-    if not contents:
+    if not page.get_contents():
         return
     page.wrap_contents()
     doc = page.parent
@@ -90,15 +98,11 @@ def _isolate(page: pymupdf.Page) -> None:
     doc.xref_set_key(page.xref, "Contents", f"[{refs}]")
 
 
-def _union(boxes: Sequence[Box]) -> Box:
-    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
-
-
-def _page_rect(page: pymupdf.Page, box: Box) -> pymupdf.Rect:
-    """The grid box on the displayed page (what the rendered image showed), in points."""
-    width, height = page.rect.width, page.rect.height
-    x1, y1, x2, y2 = box
-    return pymupdf.Rect(x1 / GRID_MAX * width, y1 / GRID_MAX * height, x2 / GRID_MAX * width, y2 / GRID_MAX * height)
+def _page_rect(page: pymupdf.Page, boxes: Sequence[Box]) -> pymupdf.Rect:
+    """The union of grid boxes on the displayed page (what the rendered image showed), in points."""
+    sx, sy = page.rect.width / GRID_MAX, page.rect.height / GRID_MAX
+    x1, y1 = min(b[0] for b in boxes) * sx, min(b[1] for b in boxes) * sy
+    return pymupdf.Rect(x1, y1, max(b[2] for b in boxes) * sx, max(b[3] for b in boxes) * sy)
 
 
 def _lay_block(
@@ -284,13 +288,12 @@ def _page_image(image: PageImage) -> tuple[bytes, tuple[int, int], float | None]
 
 
 def _recorded_dpi(image: Image.Image) -> float | None:
-    value = image.info.get("dpi")
+    """PNG stores pixels per metre (144 dpi reads back as 143.99): whole numbers are what was meant."""
     try:
-        dpi = float(value[0]) if value else None
-    except (TypeError, ValueError, IndexError):
+        dpi = round(float(image.info["dpi"][0]))
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         return None
-    # PNG stores pixels per metre, so 144 dpi reads back as 143.99: whole numbers are what was meant.
-    return float(round(dpi)) if dpi and dpi >= 1 else None
+    return float(dpi) if dpi >= 1 else None
 
 
-__all__ = ["add_text_layer", "searchable_from_images", "searchable_from_pdf"]
+__all__ = ["add_text_layer", "layer_text", "searchable_from_images", "searchable_from_pdf"]

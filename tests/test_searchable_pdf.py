@@ -485,3 +485,32 @@ def test_a_page_without_text_is_kept_as_it_is() -> None:
         assert after[0].get_text() == "" and after[0].get_fonts() == []
         assert before[1].get_contents() == []
         assert after[1].get_text().split() == ["Hello", "blank", "page"]
+
+
+def test_characters_no_reader_extracts_are_left_out(tmp_path) -> None:
+    """Random model output (the tiny checkpoint's) holds U+FFFD, controls, emoji: the layer keeps
+    what extracts as itself, and both extractors give back exactly `layer_text` of the answer."""
+    needs_poppler()
+    lines = ["smile 😀 ok", "bad \ufffd\x01 bytes", "private \ue000 use", "math 𝑥 and 𠀀 here", "tab\tzero\u200bwidth"]
+    grounded = "<|ref|>text<|/ref|><|det|>[[50, 50, 950, 950]]<|/det|>\n" + "\n".join(lines)
+    expected = sp.layer_text("\n".join(lines)).split()
+    assert expected == [
+        "smile",
+        "ok",
+        "bad",
+        "bytes",
+        "private",
+        "use",
+        "math",
+        "and",
+        "here",
+        "tab",
+        "zero\u200bwidth",
+    ]
+    result = sp.searchable_from_images([(Image.new("RGB", (600, 400), "white"), grounded, None)])
+    with pymupdf.open(stream=result) as doc:
+        assert doc[0].get_text().split() == expected
+    path = tmp_path / "odd.pdf"
+    path.write_bytes(result)
+    text = subprocess.run(["pdftotext", str(path), "-"], capture_output=True, text=True, check=True).stdout
+    assert text.split() == expected

@@ -201,6 +201,10 @@ def check_original_kept(source: bytes, result: bytes, numbers: list[int], passwo
             end = start + len(old_streams)
             wrap_before, kept, wrap_after = new_streams[:start], new_streams[start:end], new_streams[end:-1]
             assert kept == old_streams
+            # The same objects (numbers kept), byte for byte as stored, not only once decoded.
+            old_xrefs, new_xrefs = old_page.get_contents(), out_page.get_contents()[start:end]
+            assert new_xrefs == old_xrefs
+            assert [after.xref_stream_raw(x) for x in new_xrefs] == [before.xref_stream_raw(x) for x in old_xrefs]
             assert wrap_before and all(set(data.split()) == {b"q"} for data in wrap_before), wrap_before
             assert wrap_after and all(set(data.split()) == {b"Q"} for data in wrap_after), wrap_after
             assert sum(d.count(b"q") for d in wrap_before) == sum(d.count(b"Q") for d in wrap_after)

@@ -29,6 +29,7 @@ from engines.base import Usage
 from pdf_schemas import PdfOcrResponse, PdfPageModel, PdfSimplePage, PdfSimpleResponse
 from pipeline import DocumentRun, ItemResult, PagePost
 from schemas import BlockModel, BoxModel, CropModel, ImageOcrResponse, UsageModel
+from searchable_pdf import searchable_from_pdf
 
 
 def b64(data: bytes) -> str:
@@ -150,10 +151,16 @@ def document_crops(run: DocumentRun) -> list[ocr_utils.Crop]:
     return [c for p in run.pages if p.post is not None for c in p.post.crops]
 
 
-def pdf_response(run: DocumentRun) -> PdfOcrResponse:
+def searchable_document(run: DocumentRun, source: bytes, password: str | None) -> bytes:
+    """The original PDF's processed pages with the text laid under them (a failed page stays as it was)."""
+    return searchable_from_pdf(source, [(int(p.label or 0), p.text) for p in run.pages], password=password)
+
+
+def pdf_response(run: DocumentRun, searchable: bytes | None = None) -> PdfOcrResponse:
     """The JSON answer of `/pdf/ocr`; CPU work (layout PDF, base64): call it in the worker pool."""
     layout = take_layout_pdf(run)
     return PdfOcrResponse(
+        searchable_pdf=b64(searchable) if searchable else None,
         pages=[page_model(p) for p in run.pages],
         markdown=ocr_utils.join_pages(page_markdown(p) for p in run.pages),
         images=crop_models(document_crops(run)),
@@ -183,12 +190,15 @@ def pdf_simple_response(run: DocumentRun) -> PdfSimpleResponse:
     )
 
 
-def pdf_zip(run: DocumentRun, stem: str) -> bytes:
-    """`{stem}.md`, `{stem}_det.mmd` (raw tagged text), `{stem}_layouts.pdf`, `images/...`, `pages.json`."""
+def pdf_zip(run: DocumentRun, stem: str, searchable: bytes | None = None) -> bytes:
+    """`{stem}.md`, `{stem}_det.mmd` (raw tagged text), `{stem}_layouts.pdf`, `{stem}_searchable.pdf`,
+    `images/...`, `pages.json`."""
     members = [
         (f"{stem}.md", ocr_utils.join_pages(page_markdown(p) for p in run.pages).encode()),
         (f"{stem}_det.mmd", ocr_utils.join_pages(p.text for p in run.pages).encode()),
     ]
+    if searchable:
+        members.append((f"{stem}_searchable.pdf", searchable))
     if layout := take_layout_pdf(run):
         members.append((f"{stem}_layouts.pdf", layout))
     members += [(crop.name, crop.jpeg) for crop in document_crops(run)]
@@ -234,8 +244,8 @@ class BatchRun:
     elapsed_s: float
 
 
-def stem_members(stem: str) -> tuple[str, str, str]:
-    return f"{stem}.md", f"{stem}_det.md", f"{stem}.error.json"
+def stem_members(stem: str) -> tuple[str, str, str, str]:
+    return f"{stem}.md", f"{stem}_det.md", f"{stem}.error.json", f"{stem}_searchable.pdf"
 
 
 def member_stems(filenames: list[str]) -> list[str]:
@@ -306,7 +316,7 @@ def batch_zip(run: BatchRun) -> bytes:
     members: list[tuple[str, bytes]] = []
     entries: list[BatchSummaryFile] = []
     for i, (name, r) in enumerate(zip(run.filenames, run.results, strict=True)):
-        markdown, raw, error = stem_members(str(r.label))
+        markdown, raw, error, searchable = stem_members(str(r.label))
         if r.post is None:
             names = ZipMembers(error=error)
             members.append((error, json.dumps(r.problem, indent=2, ensure_ascii=False).encode()))
@@ -314,6 +324,9 @@ def batch_zip(run: BatchRun) -> bytes:
             names = ZipMembers(markdown=markdown, raw=raw, images=[c.name for c in r.post.crops])
             members += [(markdown, r.post.markdown.encode()), (raw, r.text.encode())]
             members += [(c.name, c.jpeg) for c in r.post.crops]
+            if r.post.searchable_pdf:
+                names.searchable = searchable
+                members.append((searchable, r.post.searchable_pdf))
         entries.append(BatchSummaryFile(members=names, **file_fields(i, name, r)))
     summary = BatchSummary(
         results=entries,

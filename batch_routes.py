@@ -38,8 +38,9 @@ router = APIRouter(prefix="/batch", tags=["batch OCR"])
 
 ZIP_FILENAME = "batch_results.zip"
 _ZIP_DESCRIPTION = (
-    "ZIP `batch_results.zip`: per file `{stem}.md` (markdown), `{stem}_det.md` (raw output), figure crops "
-    "`images/{stem}_{n}.jpg`, `{stem}.error.json` for a failed file, and `summary.json`"
+    "ZIP `batch_results.zip`: per file `{stem}.md` (markdown), `{stem}_det.md` (raw output), "
+    "`{stem}_searchable.pdf` (the image with its text, searchable), figure crops `images/{stem}_{n}.jpg`, "
+    "`{stem}.error.json` for a failed file, and `summary.json`"
 )
 
 FilesField = Annotated[list[UploadFile], File(description="Images (repeat the field): PNG, JPEG, WebP, TIFF, BMP, GIF")]
@@ -121,7 +122,7 @@ async def batch_ocr(
 async def batch_ocr_download(
     service: ServiceDep, files: FilesField, options: OptionsDep, clean_formulas: CleanField = True
 ) -> Response:
-    post = PostOptions(crop=True, clean_formulas=clean_formulas)
+    post = PostOptions(crop=True, clean_formulas=clean_formulas, searchable=True)
     run = await run_batch(service, files, options, DOCUMENT_PROMPT, post)
     archive = await service.blocking(batch_zip, run)
     return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(ZIP_FILENAME)})

@@ -80,6 +80,9 @@ class ZipMembers(BaseModel):
     raw: str | None = Field(None, description="`{stem}_det.md`: raw model output", examples=["img1_det.md"])
     images: list[str] = Field(default_factory=list, description="Figure crops the markdown links to")
     error: str | None = Field(None, description="`{stem}.error.json`: the problem document of a failed file")
+    searchable: str | None = Field(
+        None, description="`{stem}_searchable.pdf`: the image as a PDF page with its text laid invisibly over it"
+    )
 
 
 class BatchSummaryFile(BaseModel):

@@ -14,7 +14,7 @@ from typing import Annotated
 import pymupdf  # noqa: F401  # this router's own dependency: the app leaves the router out when it is missing
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 
-from answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip
+from answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
 from deps import (
     MaxTokensForm,
@@ -55,6 +55,7 @@ class PdfOptions:
     max_tokens: int | None = None
     ngram: tuple[int, int] = NGRAM_PDF
     default_prompt: str = DOCUMENT_PROMPT
+    searchable_pdf: bool = False
 
 
 def full_options(
@@ -68,16 +69,20 @@ def full_options(
     max_tokens: MaxTokensForm = None,
     ngram_size: NgramSizeForm = NGRAM_PDF[0],
     ngram_window: NgramWindowForm = NGRAM_PDF[1],
+    searchable_pdf: Annotated[
+        bool, Form(description="Return the PDF with the recognised text laid under each page (always in the ZIP)")
+    ] = False,
 ) -> PdfOptions:
     return PdfOptions(
-        prompt, dpi, pages, password, mode, draw_layouts, extract_images, max_tokens, (ngram_size, ngram_window)
+        prompt, dpi, pages, password, mode, draw_layouts, extract_images, max_tokens, (ngram_size, ngram_window),
+        searchable_pdf=searchable_pdf,
     )
 
 
 FullOptions = Annotated[PdfOptions, Depends(full_options)]
 
 
-async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) -> DocumentRun:
+async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) -> tuple[DocumentRun, bytes]:
     """Validate the options, read the upload and OCR the selected pages under PDF_TIMEOUT_S."""
     settings = service.settings
     req = OcrRequest.build(
@@ -92,27 +97,33 @@ async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) ->
     data = await read_upload(file, settings)
     post = PostOptions(draw=options.draw_layouts, annotated_format="jpeg", crop=options.extract_images)
     async with deadline(settings.pdf_timeout_s, "PDF_TIMEOUT_S"):
-        return await service.document(
+        run = await service.document(
             req, data, password=options.password, pages=options.pages, dpi=options.dpi, options=post
         )
+    return run, data
 
 
 @router.post("/ocr", response_model=PdfOcrResponse, summary="OCR a PDF: per-page text, markdown, boxes, figures")
 async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> PdfOcrResponse:
-    run = await ocr_pdf(service, file, options)
-    return await service.blocking(pdf_response, run)
+    run, data = await ocr_pdf(service, file, options)
+    searchable = None
+    if options.searchable_pdf:
+        searchable = await service.blocking(searchable_document, run, data, options.password)
+    return await service.blocking(pdf_response, run, searchable)
 
 
 @router.post(
     "/ocr/download",
     response_class=Response,
     responses=ZIP_RESPONSE,
-    summary="OCR a PDF and download a ZIP: {name}.md, {name}_det.mmd, {name}_layouts.pdf, images/, pages.json",
+    summary="OCR a PDF and download a ZIP: {name}.md, {name}_det.mmd, {name}_layouts.pdf, {name}_searchable.pdf, "
+    "images/, pages.json",
 )
 async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions) -> Response:
-    run = await ocr_pdf(service, file, options)
+    run, data = await ocr_pdf(service, file, options)
     stem = download_stem(file.filename)
-    archive = await service.blocking(pdf_zip, run, stem)
+    searchable = await service.blocking(searchable_document, run, data, options.password)
+    archive = await service.blocking(pdf_zip, run, stem, searchable)
     return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(f"{stem}.zip")})
 
 
@@ -127,7 +138,8 @@ async def pdf_simple(
     max_tokens: MaxTokensForm = None,
 ) -> PdfSimpleResponse:
     options = PdfOptions(FREE_PROMPT, dpi, pages, password, mode, max_tokens=max_tokens, default_prompt=FREE_PROMPT)
-    return pdf_simple_response(await ocr_pdf(service, file, options))
+    run, _ = await ocr_pdf(service, file, options)
+    return pdf_simple_response(run)
 
 
 def _parameters(s: Settings) -> dict[str, str]:
@@ -139,6 +151,8 @@ def _parameters(s: Settings) -> dict[str, str]:
         "password": "Password of an encrypted PDF",
         "mode": f"One of {', '.join(MODES)}; default {s.default_mode.name}",
         "draw_layouts / extract_images": "true/false, default true (ocr, download)",
+        "searchable_pdf": "true/false, default false (ocr): the original pages with the text laid under them; "
+        "always `{name}_searchable.pdf` in the download",
         "max_tokens": f"Per page, 1..{s.max_model_len}; default {min(s.default_max_tokens, s.max_model_len)}",
         "ngram_size / ngram_window": f"No-repeat guard, default {NGRAM_PDF[0]}/{NGRAM_PDF[1]}; 0 = off",
         "limits": f"pages in flight up to the engines' capacity (MAX_CONCURRENCY each); {s.pdf_timeout_s:g} s per "

@@ -47,6 +47,11 @@ class PdfOcrResponse(BaseModel):
         description="Base64 PDF, one page per processed page with its layout boxes drawn (JPEG quality 95); "
         "pages that failed are left out. Null unless draw_layouts",
     )
+    searchable_pdf: str | None = Field(
+        None,
+        description="Base64 PDF: the original pages unchanged with the recognised text laid invisibly over each "
+        "block (searchable, copyable). Null unless searchable_pdf",
+    )
     page_count: int = Field(description="Pages in the document", examples=[12])
     pages_processed: int = Field(description="Pages selected and processed", examples=[12])
     pages_ok: int = Field(description="Pages with status `ok`", examples=[11])

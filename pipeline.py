@@ -29,6 +29,7 @@ from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from errors import BadRequest, OcrError, ServiceUnavailable, ValidationFailed
 from process.image_process import MODES, ModeSpec
+from searchable_pdf import searchable_from_images
 
 log = logging.getLogger("deepseek_ocr.service")
 T = TypeVar("T")
@@ -123,6 +124,7 @@ class PostOptions:
     annotated_format: Literal["png", "jpeg"] = "png"
     crop: bool = False  # JPEG crops of regions labelled `image`
     clean_formulas: bool = False  # the batch-eval formula clean-up of the markdown
+    searchable: bool = False  # a one-page searchable PDF of an uploaded image (the upload embedded as is)
 
 
 @dataclass
@@ -138,6 +140,7 @@ class PagePost:
     annotated_png: bytes | None = None
     annotated_jpeg: bytes | None = None
     crops: list[ocr_utils.Crop] = field(default_factory=list)
+    searchable_pdf: bytes | None = None
 
 
 @dataclass
@@ -269,8 +272,11 @@ class OcrService:
         try:
             data = await read()
             image = await self.blocking(inputs.decode_image, data, max_pixels=self.settings.max_image_pixels)
-            del data
             result = await self.image(request, image, options, label=label, kind="file")
+            if options.searchable and result.post is not None:
+                pages = [(data, result.text, None)]
+                result.post.searchable_pdf = await self.blocking(searchable_from_images, pages)
+            del data
         except ServiceUnavailable:
             raise
         except OcrError as exc:

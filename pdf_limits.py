@@ -1,0 +1,150 @@
+"""Caps on what one PDF may make a render worker do, checked before MuPDF does the costly part.
+
+MuPDF offers no limit on decompressed stream size, xref size or image dimensions, so these run first:
+- `prescan` reads the raw file: an xref /Size or object number over `max_objects` (MuPDF allocates its
+  xref table for it: /Size 8388607 costs ~350 MB per open), and any Flate stream inflating past
+  `max_stream_mb` (inflated into a bounded buffer, so an object stream of ~20 GB of zeros is refused
+  after max_stream_mb of work instead of 36 s of it);
+- `check_page_images` reads each image a page uses before rendering it: /Width x /Height and, for
+  JPX/DCT, the size in the codestream itself (a dictionary can lie), against `max_image_pixels`; and a
+  JPEG's scan count against `max_jpeg_scans` (each scan of a progressive JPEG costs a pass over all
+  pixels, even an empty one).
+Whatever slips through (encrypted streams cannot be prescanned; inline images) is bounded by the
+worker's deadline and RLIMIT_AS. Each refusal is a 413 naming its environment variable.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import re
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from errors import OcrError, PayloadTooLarge
+from inputs import jpeg_scans
+
+if TYPE_CHECKING:
+    import pymupdf
+
+_INFLATE_STEP = 16 << 20  # bytes of output per zlib call: bounds the prescan's own memory
+
+
+@dataclass(frozen=True)
+class PdfLimits:
+    """Caps on what one PDF may make a worker do; each error names its environment variable."""
+
+    max_stream_mb: int = 256  # PDF_MAX_STREAM_MB: one stream, decompressed
+    max_objects: int = 1_000_000  # PDF_MAX_OBJECTS: xref /Size and object numbers
+    max_image_pixels: int = 100_000_000  # PDF_MAX_IMAGE_PIXELS: one embedded image
+    max_jpeg_scans: int = 100  # JPEG_MAX_SCANS: scans of one embedded JPEG
+
+
+class MemoryLimitHit(Exception):
+    """MuPDF or Python could not allocate under the worker's RLIMIT_AS; the worker must be replaced."""
+
+
+_SIZE = re.compile(rb"/Size\s+(\d{1,15})")
+_OBJ_NUM = re.compile(rb"(?<![0-9])(\d{1,15})\s+\d{1,5}\s+obj\b")
+_STREAM = re.compile(rb"(?<!end)stream(?:\r\n|\n|\r)")
+_FLATE_FIRST = re.compile(rb"/Filter\s*\[?\s*/(?:FlateDecode|Fl)(?![A-Za-z])")
+
+
+def prescan(data: bytes | mmap.mmap, limits: PdfLimits) -> None:
+    """Refuse a file whose declared object count or any Flate stream exceeds the caps (raw-byte scan)."""
+    for found in _SIZE.finditer(data):
+        if int(found[1]) > limits.max_objects:
+            raise _too_many_objects(f"declares /Size {int(found[1])} in its cross-reference", limits)
+    for found in _OBJ_NUM.finditer(data):
+        if int(found[1]) > limits.max_objects:
+            raise _too_many_objects(f"has an object numbered {int(found[1])}", limits)
+    cap = limits.max_stream_mb << 20
+    for found in _STREAM.finditer(data):
+        head = data[max(0, found.start() - 2048) : found.start()]
+        head = head[head.rfind(b"obj") + 1 :]
+        if _FLATE_FIRST.search(head) and _inflated_size(data, found.end(), cap) > cap:
+            raise PayloadTooLarge(
+                f"A stream in the PDF (at byte {found.start()}) decompresses to more than {limits.max_stream_mb} MB, "
+                "over the cap on one decompressed stream (PDF_MAX_STREAM_MB). The file is a decompression bomb "
+                "or needs the cap raised.",
+                max_stream_mb=limits.max_stream_mb,
+            )
+
+
+def _too_many_objects(what: str, limits: PdfLimits) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"The PDF {what}, over the cap of {limits.max_objects} objects (PDF_MAX_OBJECTS).",
+        max_objects=limits.max_objects,
+    )
+
+
+def _inflated_size(data: bytes | mmap.mmap, start: int, cap: int) -> int:
+    """Bytes a zlib stream at `start` inflates to, counted up to cap + 1; garbage counts what came out."""
+    inflater = zlib.decompressobj()
+    total, pos = 0, start
+    while pos < len(data) and not inflater.eof and total <= cap:
+        pending = data[pos : pos + (1 << 20)]
+        pos += len(pending)
+        try:
+            while pending and total <= cap:
+                total += len(inflater.decompress(pending, _INFLATE_STEP))
+                pending = inflater.unconsumed_tail
+        except zlib.error:
+            break  # not (or no longer) zlib: MuPDF will stop there too
+    return total
+
+
+def jpx_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a JPEG 2000 codestream's SIZ marker (JP2 files embed the codestream)."""
+    at = data.find(b"\xff\x4f\xff\x51")
+    if at < 0 or len(data) < at + 24:
+        return None
+    xsiz, ysiz, xo, yo = (int.from_bytes(data[at + 8 + 4 * i : at + 12 + 4 * i], "big") for i in range(4))
+    return max(0, xsiz - xo), max(0, ysiz - yo)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:  # header only
+            return im.size
+    except Image.DecompressionBombError:
+        return (1 << 31, 1)
+    except Exception:
+        return None
+
+
+def check_page_images(doc: pymupdf.Document, pg: pymupdf.Page, page: int, limits: PdfLimits) -> None:
+    """Refuse a page using an image over the pixel or scan caps, before MuPDF decodes it."""
+    for xref, _smask, width, height, _bpc, _cs, _alt, _name, filt, *_ in pg.get_images(full=True):
+        sizes = [(width, height)]
+        if filt in ("JPXDecode", "DCTDecode"):
+            raw = doc.xref_stream_raw(xref) or b""
+            sizes.append(jpx_size(raw) if filt == "JPXDecode" else _jpeg_size(raw))
+            if filt == "DCTDecode" and jpeg_scans(raw) > limits.max_jpeg_scans:
+                raise PayloadTooLarge(
+                    f"Page {page} holds a JPEG image (object {xref}) of {jpeg_scans(raw)} scans, over the cap of "
+                    f"{limits.max_jpeg_scans} scans (JPEG_MAX_SCANS).",
+                    page=page,
+                    max_jpeg_scans=limits.max_jpeg_scans,
+                )
+        for size in sizes:
+            if size is not None and size[0] * size[1] > limits.max_image_pixels:
+                raise PayloadTooLarge(
+                    f"Page {page} holds a {size[0]}x{size[1]} {filt or 'raw'} image (object {xref}), over the cap "
+                    f"of {limits.max_image_pixels} pixels per embedded image (PDF_MAX_IMAGE_PIXELS).",
+                    page=page,
+                    max_image_pixels=limits.max_image_pixels,
+                )
+
+
+_ALLOC_FAILURE = re.compile(r"malloc|out of memory|cannot allocate|memory allocation", re.IGNORECASE)
+
+
+def memory_or(exc: BaseException, other: OcrError) -> BaseException:
+    """MuPDF reports a failed allocation (RLIMIT_AS) as an ordinary error: tell the two apart."""
+    if isinstance(exc, MemoryError) or _ALLOC_FAILURE.search(str(exc)):
+        return MemoryLimitHit(str(exc))
+    return other

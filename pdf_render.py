@@ -44,6 +44,10 @@ __all__ = ["PdfDocument", "PdfLimits", "RenderPool", "RenderedPage"]
 
 log = logging.getLogger(__name__)
 
+# Defaults until the settings carry them (PDF_OPEN_TIMEOUT_S, PDF_RENDER_MEMORY_MB).
+DEFAULT_OPEN_TIMEOUT_S = 30.0
+DEFAULT_MEMORY_LIMIT_MB = 2048  # a 40 MP page is 120 MB of RGB; MuPDF's object store alone may use 256 MB
+
 _SPILL_PREFIX = "ocr-render-"
 _START_TIMEOUT_S = 120.0  # a worker importing PyMuPDF on a busy machine; not part of any page's deadline
 _ids = itertools.count(1)
@@ -174,7 +178,7 @@ class RenderPool:
         finally:
             self._starting -= 1
         try:
-            reply = await self._read(worker, _START_TIMEOUT_S)
+            await self._read(worker, _START_TIMEOUT_S)  # ("ready", pid) once PyMuPDF is imported
         except (EOFError, OSError, TimeoutError) as exc:
             self._discard(worker)
             log.error("a PDF render worker did not start (exit code %s)", worker.process.exitcode)
@@ -214,7 +218,7 @@ class RenderPool:
             worker.conn.close()
 
     async def _read(self, worker: _Worker, limit_s: float) -> tuple:
-        worker.reading = self._readers.submit(worker.conn.recv)
+        worker.reading = self._readers.submit(_receive, worker.conn)
         return await asyncio.wait_for(asyncio.wrap_future(worker.reading), limit_s)
 
     async def _call(self, worker: _Worker, doc_id: str, message: tuple, limit_s: float) -> tuple:
@@ -282,6 +286,12 @@ class RenderPool:
                     self._discard(worker)
 
 
+def _receive(conn: Connection) -> tuple:
+    """One answer from a worker; a rendered page's pixels follow its tuple as a raw message."""
+    reply = conn.recv()
+    return (*reply, conn.recv_bytes()) if reply[0] == "page" else reply
+
+
 def _what(message: tuple) -> str:
     return "Opening the PDF" if message[0] == "open" else f"Page {message[4]}"
 
@@ -319,7 +329,7 @@ class PdfDocument:
         worker = await pool._acquire(self._id)
         message = ("render", self._id, self._path, self._password, page, dpi, max_pixels)
         reply = await pool._call(worker, self._id, message, pool.page_timeout_s)
-        _, size, pixels, number, used_dpi, requested, reduced, note, warnings = reply
+        _, size, number, used_dpi, requested, reduced, note, warnings, pixels = reply
         return RenderedPage(Image.frombytes("RGB", size, pixels), number, used_dpi, requested, reduced, note, warnings)
 
 

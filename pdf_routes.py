@@ -44,6 +44,7 @@ from deps import (
 from engine import BaseEngine, EngineRequest, Usage
 from errors import OcrError, ServiceUnavailable
 from ocr_utils import Crop, build_zip, join_pages, layout_pdf, safe_member_name
+from pdf_render import PdfDocument
 from pdf_schemas import PdfOcrResponse, PdfPageModel, PdfSimplePage, PdfSimpleResponse
 from pipeline import PagePost, b64, crop_models, page_status, postprocess
 from router_status import route_info, route_status
@@ -283,19 +284,13 @@ async def ocr_pdf(request: Request, engine: BaseEngine, settings: Settings, data
 
 
 @contextlib.asynccontextmanager
-async def opened_pdf(request: Request, data: bytes, options: PdfOptions) -> AsyncIterator[inputs.PdfSource]:
+async def opened_pdf(request: Request, data: bytes, options: PdfOptions) -> AsyncIterator[PdfDocument]:
     settings: Settings = request.app.state.settings
-    source = await run_blocking(
-        request, inputs.open_pdf, data, password=options.password, max_pages=settings.max_pdf_pages
-    )
-    try:
+    # Opened and validated in a render worker, never here (a hostile PDF can hold the GIL for 36 s).
+    async with request.app.state.render_pool.document(
+        data, password=options.password, max_pages=settings.max_pdf_pages
+    ) as source:
         yield source
-    finally:
-        # close() waits for MUPDF_LOCK, which any request's render may hold: keep that off the event loop.
-        try:
-            request.app.state.pool.submit(source.close)
-        except RuntimeError:  # the pool is shut down (app stopping)
-            source.close()
 
 
 async def in_window(items: Iterable[int], limit: int, fn: Callable[[int], Awaitable[T]]) -> list[T]:
@@ -319,7 +314,7 @@ async def in_window(items: Iterable[int], limit: int, fn: Callable[[int], Awaita
 
 
 async def ocr_page(
-    request: Request, engine: BaseEngine, job: PageJob, source: inputs.PdfSource, page: int
+    request: Request, engine: BaseEngine, job: PageJob, source: PdfDocument, page: int
 ) -> PageResult:
     """Render, generate and post-process one page inside one engine slot; failures become an `error` page."""
     result = PageResult(page)
@@ -327,9 +322,7 @@ async def ocr_page(
     async with engine.reserve():
         try:
             # In a worker process: MuPDF holds the GIL for a whole render, which would stall the event loop.
-            rendered = await request.app.state.render_pool.render(
-                source, page, dpi=job.options.dpi, max_pixels=job.settings.max_image_pixels
-            )
+            rendered = await source.render(page, dpi=job.options.dpi, max_pixels=job.settings.max_image_pixels)
             result.dpi, result.note, result.render_warnings = rendered.dpi, rendered.note, rendered.warnings
             result.width, result.height = rendered.image.size
             out = await engine.generate(job.request(rendered.image))
@@ -361,7 +354,7 @@ async def ocr_page(
     return result
 
 
-def document_warnings(source: inputs.PdfSource) -> list[str]:
+def document_warnings(source: PdfDocument) -> list[str]:
     notes = list(source.warnings[:20])
     if source.repaired:
         notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages' content")

@@ -13,6 +13,7 @@ import ctypes
 import math
 import mmap
 import os
+import re
 import resource
 import signal
 import threading
@@ -189,6 +190,17 @@ def render_page(
     MuPDF reports errors (its objects could not be loaded) is refused with those errors: a blank
     image marked ok would hide the content.
     """
+    size, samples, used_dpi, note, warnings = render_samples(
+        source, page, dpi=dpi, max_pixels=max_pixels, limits=limits
+    )
+    return RenderedPage(Image.frombytes("RGB", size, samples), page, used_dpi, dpi, used_dpi < dpi, note, warnings)
+
+
+def render_samples(
+    source: PdfSource, page: int, *, dpi: int, max_pixels: int, limits: PdfLimits | None = None
+) -> tuple[tuple[int, int], bytes, int, str | None, tuple[str, ...]]:
+    """`render_page` as packed RGB bytes: (size, samples, dpi used, note, warnings). The worker sends
+    these bytes as they are, so a page exists once in its memory, not as pixmap + image + pickle."""
     if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
         raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
     if max_pixels <= 0:
@@ -203,17 +215,15 @@ def render_page(
         if source._doc is None:
             raise ValueError("render_page called on a closed PdfSource")
         drain_mupdf_warnings()
-        size, stride, samples, used_dpi, full_size = _render_locked(
-            source._doc, page, dpi, max_pixels, limits or PdfLimits()
-        )
+        size, samples, used_dpi, full_size = _render_locked(source._doc, page, dpi, max_pixels, limits or PdfLimits())
         warnings = drain_mupdf_warnings()
-    if warnings and _blank(samples):
+    failures = [line for line in warnings if _LOAD_FAILURE.search(line)]
+    if failures and _blank(samples):
         raise InvalidPdf(
-            f"Page {page} rendered blank because MuPDF could not read its content: {'; '.join(warnings[:5])}. "
-            "The file is damaged or built to fail.",
+            f"Page {page} rendered blank because MuPDF could not read its content ({'; '.join(failures[:4])}). "
+            "The file is damaged.",
             page=page,
         )
-    image = Image.frombytes("RGB", size, samples, "raw", "RGB", stride)
     note = None
     if used_dpi < dpi:
         note = (
@@ -221,7 +231,11 @@ def render_page(
             f"{full_size[0]}x{full_size[1]} = {full_size[0] * full_size[1]} pixels, over the limit of "
             f"{max_pixels} pixels."
         )
-    return RenderedPage(image, page, used_dpi, dpi, used_dpi < dpi, note, warnings)
+    return size, samples, used_dpi, note, warnings
+
+
+# MuPDF lines that mean content was dropped (an object or stream could not be loaded), not a cosmetic fix-up.
+_LOAD_FAILURE = re.compile(r"error|cannot|failed|overflow|too deep|too many", re.IGNORECASE)
 
 
 def _blank(samples: bytes) -> bool:
@@ -232,7 +246,7 @@ def _blank(samples: bytes) -> bool:
 
 def _render_locked(
     doc: pymupdf.Document, page: int, dpi: int, max_pixels: int, limits: PdfLimits
-) -> tuple[tuple[int, int], int, bytes, int, tuple[int, int]]:
+) -> tuple[tuple[int, int], bytes, int, tuple[int, int]]:
     """Render under MUPDF_LOCK and return plain bytes, so no MuPDF object outlives the lock
     (their destructors call into MuPDF too)."""
     import pymupdf
@@ -250,7 +264,10 @@ def _render_locked(
         )
         zoom = used_dpi / 72
         pix = pg.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
-        return (pix.width, pix.height), pix.stride, pix.samples, used_dpi, full_size
+        samples = pix.samples
+        if pix.stride != pix.width * 3:  # MuPDF pads no RGB rows today; repack if it ever does
+            samples = b"".join(samples[y * pix.stride : y * pix.stride + pix.width * 3] for y in range(pix.height))
+        return (pix.width, pix.height), samples, used_dpi, full_size
     except OcrError:
         raise
     except Exception as exc:
@@ -309,8 +326,9 @@ _PR_SET_PDEATHSIG = 1
 def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits: PdfLimits) -> None:
     """A render worker: answer ("open" | "render") messages one at a time; "forget" has no answer.
 
-    Replies are tuples: ("opened", page_count, metadata, repaired, warnings), ("page", size, pixels, page,
-    dpi, requested_dpi, reduced, note, warnings), ("error", OcrError class name, detail, extra), or
+    Replies are tuples: ("opened", page_count, metadata, repaired, warnings), ("page", size, page, dpi,
+    requested_dpi, reduced, note, warnings) followed by the RGB bytes as one raw message, ("error",
+    OcrError class name, detail, extra), or
     ("memory", detail), after which the worker exits (its heap is suspect) and the parent replaces it.
     """
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the server, even on kill -9
@@ -333,14 +351,20 @@ def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits:
             with contextlib.suppress(Exception):
                 docs.pop(doc_id).close()
             continue
+        pixels = None
         try:
             reply = _handle(docs, op, doc_id, args, limits)
+            if reply[0] != "opened":
+                reply, pixels = reply
         except (MemoryLimitHit, MemoryError) as exc:
             conn.send(("memory", str(exc)[:300]))
             return
         except OcrError as exc:
             reply = ("error", type(exc).__name__, exc.detail, exc.extra)
         conn.send(reply)
+        if pixels is not None:
+            conn.send_bytes(pixels)  # raw, after the small tuple: no pickled copy of a 120 MB page
+            del pixels
 
 
 def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list, limits: PdfLimits) -> tuple:
@@ -355,8 +379,10 @@ def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list,
     if op == "open":
         return ("opened", source.page_count, source.metadata, source.repaired, source.warnings)
     page, dpi, max_pixels = rest
-    r = render_page(source, page, dpi=dpi, max_pixels=max_pixels, limits=limits)
-    return ("page", r.image.size, r.image.tobytes(), r.page, r.dpi, r.requested_dpi, r.reduced, r.note, r.warnings)
+    size, samples, used_dpi, note, warnings = render_samples(
+        source, page, dpi=dpi, max_pixels=max_pixels, limits=limits
+    )
+    return ("page", size, page, used_dpi, dpi, used_dpi < dpi, note, warnings), samples
 
 
 def _limit_address_space(memory_limit_mb: int) -> None:

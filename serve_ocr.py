@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import inputs
+import pdf_render
 from config import NGRAM_IMAGE, Settings, load_settings
 from deps import (
     PROMPT_MAX_CHARS,
@@ -121,7 +122,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     app.state.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="ocr-worker")
     # Processes start on the first PDF page, not here.
-    app.state.render_pool = inputs.RenderPool(settings.render_processes, settings.pdf_render_timeout_s)
+    app.state.render_pool = pdf_render.RenderPool(
+        settings.render_processes,
+        page_timeout_s=settings.pdf_render_timeout_s,
+        open_timeout_s=pdf_render.DEFAULT_OPEN_TIMEOUT_S,
+        memory_limit_mb=pdf_render.DEFAULT_MEMORY_LIMIT_MB,
+    )
     app.state.engine = await start_engine(settings)
     try:
         yield

@@ -6,7 +6,7 @@ MuPDF offers no limit on decompressed stream size, xref size or image dimensions
   `max_stream_mb` (inflated into a bounded buffer, so an object stream of ~20 GB of zeros is refused
   after max_stream_mb of work instead of 36 s of it);
 - `check_page_images` reads each image a page uses before rendering it: /Width x /Height and, for
-  JPX/DCT, the size in the codestream itself (a dictionary can lie), against `max_image_pixels`; and a
+  JPX/DCT/JBIG2, the size in the codestream itself (a dictionary can lie), against `max_image_pixels`; and a
   JPEG's scan count against `max_jpeg_scans` (each scan of a progressive JPEG costs a pass over all
   pixels, even an empty one).
 Whatever slips through (encrypted streams cannot be prescanned; inline images) is bounded by the
@@ -126,6 +126,34 @@ def jpx_size(data: bytes) -> tuple[int, int] | None:
     return max(0, xsiz - xo), max(0, ysiz - yo)
 
 
+def jbig2_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the page information segment (type 48) of an embedded JBIG2 stream: the
+    bitmap jbig2dec allocates, whatever the image dictionary says. Reads at most the first 8 segments."""
+    pos = 0
+    for _ in range(8):
+        if len(data) < pos + 11:
+            return None
+        number, flags = int.from_bytes(data[pos : pos + 4], "big"), data[pos + 4]
+        pos += 5
+        count = data[pos] >> 5
+        if count == 7:  # long form: a 29-bit count, then one retention bit per referred segment (+1)
+            count = int.from_bytes(data[pos : pos + 4], "big") & 0x1FFFFFFF
+            pos += 4 + (count + 8) // 8
+        else:
+            pos += 1
+        pos += count * (1 if number <= 256 else 2 if number <= 65536 else 4)
+        pos += 4 if flags & 0x40 else 1  # page association
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        pos += 4
+        if flags & 0x3F == 48 and len(data) >= pos + 8:
+            width, height = int.from_bytes(data[pos : pos + 4], "big"), int.from_bytes(data[pos + 4 : pos + 8], "big")
+            return width, (0 if height == 0xFFFFFFFF else height)  # unknown height: striped, the dict's counts
+        if length == 0xFFFFFFFF:
+            return None  # unknown length (immediate generic region): stop looking
+        pos += length
+    return None
+
+
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data), formats=["JPEG"]) as im:  # header only
@@ -136,13 +164,16 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
+_HEADER_SIZES = {"JPXDecode": jpx_size, "DCTDecode": _jpeg_size, "JBIG2Decode": jbig2_size}
+
+
 def check_page_images(doc: pymupdf.Document, pg: pymupdf.Page, page: int, limits: PdfLimits) -> None:
     """Refuse a page using an image over the pixel or scan caps, before MuPDF decodes it."""
     for xref, _smask, width, height, _bpc, _cs, _alt, _name, filt, *_ in pg.get_images(full=True):
         sizes = [(width, height)]
-        if filt in ("JPXDecode", "DCTDecode"):
+        if filt in _HEADER_SIZES:
             raw = doc.xref_stream_raw(xref) or b""
-            sizes.append(jpx_size(raw) if filt == "JPXDecode" else _jpeg_size(raw))
+            sizes.append(_HEADER_SIZES[filt](raw))
             if filt == "DCTDecode" and jpeg_scans(raw) > limits.max_jpeg_scans:
                 raise PayloadTooLarge(
                     f"Page {page} holds a JPEG image (object {xref}) of {jpeg_scans(raw)} scans, over the cap of "

@@ -104,6 +104,8 @@ class RenderPool:
         """Open and validate `data` in a worker; leaving the block frees it in every worker."""
         if max_pages <= 0:
             raise ValueError(f"max_pages must be positive, got {max_pages}")
+        if self._closed:
+            raise ServiceUnavailable("The PDF renderer is shutting down.")
         check_pdf_header(data[:PDF_EOF_WINDOW])  # 400/415 for an empty file or a non-PDF without a worker
         doc_id = f"{os.getpid()}-{next(_ids)}"
         path = await asyncio.to_thread(self._spill, doc_id, data)

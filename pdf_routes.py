@@ -313,9 +313,7 @@ async def in_window(items: Iterable[int], limit: int, fn: Callable[[int], Awaita
     return [task.result() for task in tasks]
 
 
-async def ocr_page(
-    request: Request, engine: BaseEngine, job: PageJob, source: PdfDocument, page: int
-) -> PageResult:
+async def ocr_page(request: Request, engine: BaseEngine, job: PageJob, source: PdfDocument, page: int) -> PageResult:
     """Render, generate and post-process one page inside one engine slot; failures become an `error` page."""
     result = PageResult(page)
     # The slot is taken before rendering, so pages waiting for the engine are not held as images.

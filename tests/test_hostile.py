@@ -10,9 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import psutil
 import pymupdf
@@ -24,6 +29,7 @@ from errors import InvalidPdf, OcrError, PayloadTooLarge
 from pdf_limits import PdfLimits
 from pdf_render import RenderedPage, RenderPool
 
+ROOT = Path(__file__).resolve().parent.parent
 BIG = 100_000_000
 LIMITS = PdfLimits(max_stream_mb=8, max_objects=100_000, max_image_pixels=50_000_000, max_jpeg_scans=100)
 
@@ -109,6 +115,12 @@ def jpx_claiming(width: int, height: int) -> bytes:
     siz = (0).to_bytes(2, "big") + b"".join(v.to_bytes(4, "big") for v in (width, height, 0, 0, 512, 512, 0, 0))
     siz += (3).to_bytes(2, "big") + b"\x07\x01\x01" * 3
     return b"\xff\x4f\xff\x51" + (len(siz) + 2).to_bytes(2, "big") + siz + b"\xff\xd9"
+
+
+def jbig2_claiming(width: int, height: int) -> bytes:
+    """An embedded JBIG2 stream of one page information segment for a width x height page."""
+    header = (0).to_bytes(4, "big") + bytes([48, 0, 1]) + (19).to_bytes(4, "big")  # number, type, refs, page
+    return header + width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes(11)
 
 
 def text_pdf() -> bytes:
@@ -264,9 +276,12 @@ def test_jpx_image_of_24000_by_24000_is_refused_before_decoding() -> None:
     err, _ = refused_beside_ordinary(lambda pool: render(pool, declared))
     assert err.status == 413 and "24000x24000" in err.detail and "PDF_MAX_IMAGE_PIXELS" in err.detail, err.detail
     # The dictionary may lie: the codestream's own size counts too.
-    lying = image_page(jpx_claiming(24000, 24000), 16, 16, b"JPXDecode")
-    err, _ = refused_beside_ordinary(lambda pool: render(pool, lying))
-    assert err.status == 413 and "24000x24000" in err.detail and "PDF_MAX_IMAGE_PIXELS" in err.detail, err.detail
+    for lying in (
+        image_page(jpx_claiming(24000, 24000), 16, 16, b"JPXDecode"),
+        image_page(jbig2_claiming(24000, 24000), 16, 16, b"JBIG2Decode"),
+    ):
+        err, _ = refused_beside_ordinary(lambda p, data=lying: render(p, data))
+        assert err.status == 413 and "24000x24000" in err.detail and "PDF_MAX_IMAGE_PIXELS" in err.detail, err.detail
 
 
 def test_page_object_nested_100k_deep_is_a_failed_page_not_a_blank_one() -> None:
@@ -279,3 +294,59 @@ def test_page_over_the_memory_limit_is_refused_and_its_worker_replaced() -> None
     pool = new_pool(2, memory_limit_mb=64)  # a 200 pt page at 2400 dpi is 6667x6667 RGB = 133 MB
     err, _ = refused_beside_ordinary(lambda p: render(p, text_pdf(), dpi=2400), pool)
     assert err.status == 413 and "PDF_RENDER_MEMORY_MB" in err.detail and "64 MB" in err.detail, err.detail
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+SERVER = """
+import asyncio, json, sys
+import pdf_render
+
+async def main():
+    pool = pdf_render.RenderPool(2, page_timeout_s=30, open_timeout_s=30, memory_limit_mb=1024, spill_dir=sys.argv[1])
+    async with pool.document(open(sys.argv[2], "rb").read(), password=None, max_pages=5) as doc:
+        rendered = await doc.render(1, dpi=72, max_pixels=10**8)
+        report = {"pids": pool.pids(), "spill": pool.spill_dir, "size": rendered.image.size}
+        print(json.dumps(report | {"pymupdf_in_server": "pymupdf" in sys.modules}), flush=True)
+        await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_workers_die_with_the_server_and_its_spill_files_are_cleaned_on_start(tmp_path: Path) -> None:
+    """kill -9 of the server: its workers die too (PR_SET_PDEATHSIG), and the next pool started on the
+    same spill directory removes the dead server's files. The server process itself never loads PyMuPDF."""
+    (tmp_path / "doc.pdf").write_bytes(text_pdf())
+    spill_base = tmp_path / "spill"
+    spill_base.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(spill_base), str(tmp_path / "doc.pdf")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        report = json.loads(server.stdout.readline())
+    finally:
+        server.kill()
+        server.wait()
+    assert report["size"] == [200, 200] and not report["pymupdf_in_server"], report
+    assert report["pids"] and os.listdir(report["spill"]), report  # workers ran; the spill file is there
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in report["pids"]):
+        assert time.monotonic() < deadline, "render workers outlived a killed server"
+        time.sleep(0.1)
+    pool = RenderPool(1, page_timeout_s=1, open_timeout_s=1, memory_limit_mb=64, spill_dir=str(spill_base))
+    try:
+        assert not os.path.exists(report["spill"])
+        assert os.listdir(spill_base) == [os.path.basename(pool.spill_dir)]
+    finally:
+        pool.close()
+    assert os.listdir(spill_base) == []

@@ -130,10 +130,12 @@ def text_pdf() -> bytes:
     return doc.tobytes()
 
 
-def heavy_pdf(rects: int = 800_000) -> bytes:
-    """One page of `rects` small filled rectangles: about a second of MuPDF work at 300 dpi."""
-    ops = b"".join(b"%d %d 3 3 re f\n" % (i % 590, (i // 590) % 840) for i in range(rects))
-    return one_page(ops)
+def heavy_pdf(repeats: int = 40) -> bytes:
+    """A page drawing a form of 50,000 filled rectangles `repeats` times: ~50 ms of MuPDF work per repeat
+    (2 s at the default), from a 0.8 MB file."""
+    rects = b"".join(b"%d %d 3 3 re f\n" % (i % 197, (i // 197) % 197) for i in range(50_000))
+    form = stream(rects, b"/Type /XObject /Subtype /Form /BBox [0 0 200 200]")
+    return one_page(b"/Fm1 Do\n" * repeats, b"<< /XObject << /Fm1 5 0 R >> >>", o5=form)
 
 
 def nested_page(depth: int = 100_000) -> bytes:
@@ -241,7 +243,7 @@ def test_progressive_jpeg_of_20000_scans_is_refused_before_decoding() -> None:
 def test_page_past_the_deadline_kills_only_its_worker() -> None:
     pool = new_pool(2, page_timeout_s=0.3)
     started = time.perf_counter()
-    err, _ = refused_beside_ordinary(lambda p: render(p, heavy_pdf(), dpi=300), pool)
+    err, _ = refused_beside_ordinary(lambda p: render(p, heavy_pdf()), pool)
     assert err.status == 413 and "PDF_RENDER_TIMEOUT_S" in err.detail and "0.3 s" in err.detail, err.detail
     assert time.perf_counter() - started < 20
 
@@ -253,8 +255,8 @@ def test_cancelled_render_kills_its_worker_and_no_other_page() -> None:
 
     async def scenario() -> None:
         light = asyncio.create_task(render(pool, text_pdf()))
-        async with pool.document(heavy_pdf(), password=None, max_pages=10) as doc:
-            heavy = asyncio.create_task(doc.render(1, dpi=300, max_pixels=BIG))
+        async with pool.document(heavy_pdf(400), password=None, max_pages=10) as doc:
+            heavy = asyncio.create_task(doc.render(1, dpi=72, max_pixels=BIG))
             await asyncio.sleep(0.3)
             busy = set(pool.pids())
             heavy.cancel()
@@ -308,25 +310,31 @@ import asyncio, json, sys
 import pdf_render
 
 async def main():
-    pool = pdf_render.RenderPool(2, page_timeout_s=30, open_timeout_s=30, memory_limit_mb=1024, spill_dir=sys.argv[1])
+    pool = pdf_render.RenderPool(2, page_timeout_s=60, open_timeout_s=30, memory_limit_mb=1024, spill_dir=sys.argv[1])
     async with pool.document(open(sys.argv[2], "rb").read(), password=None, max_pages=5) as doc:
         rendered = await doc.render(1, dpi=72, max_pixels=10**8)
-        report = {"pids": pool.pids(), "spill": pool.spill_dir, "size": rendered.image.size}
-        print(json.dumps(report | {"pymupdf_in_server": "pymupdf" in sys.modules}), flush=True)
-        await asyncio.sleep(600)
+        async with pool.document(open(sys.argv[3], "rb").read(), password=None, max_pages=5) as heavy:
+            busy = asyncio.create_task(heavy.render(1, dpi=72, max_pixels=10**8))  # ~20 s of MuPDF work
+            await asyncio.sleep(0.5)
+            report = {"pids": pool.pids(), "spill": pool.spill_dir, "size": rendered.image.size}
+            report |= {"busy": not busy.done(), "pymupdf_in_server": "pymupdf" in sys.modules}
+            print(json.dumps(report), flush=True)
+            await busy
 
 asyncio.run(main())
 """
 
 
 def test_workers_die_with_the_server_and_its_spill_files_are_cleaned_on_start(tmp_path: Path) -> None:
-    """kill -9 of the server: its workers die too (PR_SET_PDEATHSIG), and the next pool started on the
-    same spill directory removes the dead server's files. The server process itself never loads PyMuPDF."""
+    """kill -9 of the server: its workers die too, the one mid-render included (PR_SET_PDEATHSIG), and
+    the next pool started on the same spill directory removes the dead server's files. The server
+    process itself never loads PyMuPDF."""
     (tmp_path / "doc.pdf").write_bytes(text_pdf())
+    (tmp_path / "heavy.pdf").write_bytes(heavy_pdf(400))  # ~20 s of rendering
     spill_base = tmp_path / "spill"
     spill_base.mkdir()
     server = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(spill_base), str(tmp_path / "doc.pdf")],
+        [sys.executable, "-c", SERVER, str(spill_base), str(tmp_path / "doc.pdf"), str(tmp_path / "heavy.pdf")],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -337,9 +345,9 @@ def test_workers_die_with_the_server_and_its_spill_files_are_cleaned_on_start(tm
     finally:
         server.kill()
         server.wait()
-    assert report["size"] == [200, 200] and not report["pymupdf_in_server"], report
+    assert report["size"] == [200, 200] and report["busy"] and not report["pymupdf_in_server"], report
     assert report["pids"] and os.listdir(report["spill"]), report  # workers ran; the spill file is there
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 2  # the busy worker had seconds of rendering left
     while any(running(pid) for pid in report["pids"]):
         assert time.monotonic() < deadline, "render workers outlived a killed server"
         time.sleep(0.1)

@@ -110,8 +110,7 @@ class RenderPool:
         doc_id = f"{os.getpid()}-{next(_ids)}"
         path = await asyncio.to_thread(self._spill, doc_id, data)
         try:
-            worker = await self._acquire(doc_id)
-            reply = await self._call(worker, doc_id, ("open", doc_id, path, password, max_pages), self.open_timeout_s)
+            reply = await self._run(doc_id, ("open", doc_id, path, password, max_pages), self.open_timeout_s)
             _, page_count, metadata, repaired, warnings = reply
             yield PdfDocument(self, doc_id, path, password, page_count, metadata, warnings, repaired)
         finally:
@@ -223,15 +222,26 @@ class RenderPool:
         worker.reading = self._readers.submit(_receive, worker.conn)
         return await asyncio.wait_for(asyncio.wrap_future(worker.reading), limit_s)
 
-    async def _call(self, worker: _Worker, doc_id: str, message: tuple, limit_s: float) -> tuple:
-        """Send one message to `worker` and await its answer within `limit_s`. The worker goes back to
-        the idle list only after a normal answer; on anything else (deadline, cancellation, a crash,
-        a memory failure) it is killed, so it can never hold up or hand a stale answer to another page."""
+    async def _run(self, doc_id: str, message: tuple, limit_s: float) -> tuple:
+        """Send one message to a worker (preferring one that has `doc_id` open) and await its answer."""
+        for _ in range(3):
+            worker = await self._acquire(doc_id)
+            if doc_id not in worker.docs and message[0] == "render":
+                limit_s += self.open_timeout_s  # this worker must reopen the (already validated) file first
+            try:
+                worker.conn.send(message)
+            except OSError:  # it died while idle (the kernel's OOM killer, an operator): take another
+                self._discard(worker)
+                continue
+            return await self._answer(worker, doc_id, message, limit_s)
+        raise ServiceUnavailable("The PDF renderer's worker processes keep dying; try again later.")
+
+    async def _answer(self, worker: _Worker, doc_id: str, message: tuple, limit_s: float) -> tuple:
+        """Await `worker`'s answer within `limit_s`. The worker goes back to the idle list only after a
+        normal answer; on anything else (deadline, cancellation, a crash, a memory failure) it is killed,
+        so it can never hold up or hand a stale answer to another page."""
         healthy = False
         try:
-            if doc_id not in worker.docs:
-                limit_s += self.open_timeout_s if message[0] == "render" else 0.0  # it must reopen the file
-            worker.conn.send(message)
             worker.docs.pop(doc_id, None)
             worker.docs[doc_id] = None
             while len(worker.docs) > KEEP_OPEN:
@@ -241,7 +251,9 @@ class RenderPool:
             except TimeoutError:
                 raise self._timeout_error(message) from None
             except (EOFError, OSError) as exc:
-                worker.process.join(1.0)
+                if self._closed:
+                    raise ServiceUnavailable("The PDF renderer is shutting down.") from exc
+                worker.process.join(1.0)  # the pipe closed: it is exiting; learn how
                 raise InvalidPdf(
                     f"{_what(message)} crashed the PDF render worker (exit code {worker.process.exitcode}; "
                     f"it may have run out of its {self.memory_limit_mb} MB, PDF_RENDER_MEMORY_MB).",
@@ -327,10 +339,8 @@ class PdfDocument:
                 page=page,
                 page_count=self.page_count,
             )
-        pool = self._pool
-        worker = await pool._acquire(self._id)
         message = ("render", self._id, self._path, self._password, page, dpi, max_pixels)
-        reply = await pool._call(worker, self._id, message, pool.page_timeout_s)
+        reply = await self._pool._run(self._id, message, self._pool.page_timeout_s)
         _, size, number, used_dpi, requested, reduced, note, warnings, pixels = reply
         return RenderedPage(Image.frombytes("RGB", size, pixels), number, used_dpi, requested, reduced, note, warnings)
 

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -265,6 +266,10 @@ def test_cancelled_render_kills_its_worker_and_no_other_page() -> None:
         assert (await light).image.size == (200, 200)
         assert len(busy - set(pool.pids())) == 1  # exactly one worker (the heavy page's) was killed
         assert (await render(pool, text_pdf())).image.size == (200, 200)  # and the pool still renders
+        for pid in pool.pids():  # idle workers killed from outside (OOM killer, operator): replaced on use
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        assert (await render(pool, text_pdf())).image.size == (200, 200)
 
     try:
         asyncio.run(scenario())

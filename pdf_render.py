@@ -27,7 +27,7 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 # Defaults until the settings carry them (PDF_OPEN_TIMEOUT_S, PDF_RENDER_MEMORY_MB).
 DEFAULT_OPEN_TIMEOUT_S = 30.0
-DEFAULT_MEMORY_LIMIT_MB = 2048  # a 40 MP page is 120 MB of RGB; MuPDF's object store alone may use 256 MB
+DEFAULT_MEMORY_LIMIT_MB = 1024  # measured: an A4 page at 600 dpi (35 MP) renders under a 200 MB limit
 
 _SPILL_PREFIX = "ocr-render-"
 _START_TIMEOUT_S = 120.0  # a worker importing PyMuPDF on a busy machine; not part of any page's deadline
@@ -108,8 +108,9 @@ class RenderPool:
             raise ServiceUnavailable("The PDF renderer is shutting down.")
         check_pdf_header(data[:PDF_EOF_WINDOW])  # 400/415 for an empty file or a non-PDF without a worker
         doc_id = f"{os.getpid()}-{next(_ids)}"
-        path = await asyncio.to_thread(self._spill, doc_id, data)
+        path = os.path.join(self.spill_dir, f"{doc_id}.pdf")
         try:
+            await _finish_even_if_cancelled(asyncio.to_thread(self._spill, path, data))
             reply = await self._run(doc_id, ("open", doc_id, path, password, max_pages), self.open_timeout_s)
             _, page_count, metadata, repaired, warnings = reply
             yield PdfDocument(self, doc_id, path, password, page_count, metadata, warnings, repaired)
@@ -131,12 +132,11 @@ class RenderPool:
 
     # ------------------------------------------------------------------------------ internals
 
-    def _spill(self, doc_id: str, data: bytes) -> str:
-        path = os.path.join(self.spill_dir, f"{doc_id}.pdf")
+    @staticmethod
+    def _spill(path: str, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        return path
 
     async def _acquire(self, doc_id: str) -> _Worker:
         """An idle worker, preferring one that has `doc_id` open; starts one while under `workers`."""
@@ -298,6 +298,18 @@ class RenderPool:
                     worker.conn.send(("forget", doc_id))
                 except OSError:
                     self._discard(worker)
+
+
+async def _finish_even_if_cancelled(work: Awaitable[None]) -> None:
+    """Await `work`; when cancelled, let it finish before re-raising (a spill file must be complete
+    on disk before the caller's cleanup unlinks it, or the write would recreate it afterwards)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
 
 
 def _receive(conn: Connection) -> tuple:

@@ -103,6 +103,7 @@ def test_decode_each_accepted_format(fmt: str, params: dict[str, object], tol: i
     assert close_to(im.getpixel((8, 24)), RED, tol)
     assert close_to(im.getpixel((56, 24)), BLUE, tol)
     assert inputs.image_info(data) == inputs.ImageInfo(fmt, 64, 48)
+    assert inputs.image_info(data).pixels == 64 * 48  # what admission counts before decoding
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])

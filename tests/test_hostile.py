@@ -265,6 +265,7 @@ def test_cancelled_render_kills_its_worker_and_no_other_page() -> None:
                 await heavy
         assert (await light).image.size == (200, 200)
         assert len(busy - set(pool.pids())) == 1  # exactly one worker (the heavy page's) was killed
+        assert os.listdir(pool.spill_dir) == []  # both documents' spill files went with their blocks
         assert (await render(pool, text_pdf())).image.size == (200, 200)  # and the pool still renders
         for pid in pool.pids():  # idle workers killed from outside (OOM killer, operator): replaced on use
             os.kill(pid, signal.SIGKILL)

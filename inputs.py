@@ -1,58 +1,34 @@
-"""Safe decoding and validation of user uploads: images, base64 images, PDFs and page selections.
+"""Safe decoding and validation of user uploads: images, base64 images and page selections.
 
 Everything here is a plain function on bytes (no FastAPI). Bad input raises an `errors.OcrError`
 subclass whose message says what was wrong and what is allowed; anything else escaping is a bug.
 
 Images come back as RGB `PIL.Image.Image` objects as the user sees them (EXIF orientation applied,
-transparency on white, 16-bit scaled to 8-bit). PDFs are opened once into a `PdfSource` and rendered
-one page at a time with `render_page`, so a 2,000-page scan never sits in memory as images.
+transparency on white, 16-bit scaled to 8-bit). `image_info` reads only the header, so admission can
+count an image's pixels (`ImageInfo.pixels`) before any are decoded. PDFs are opened and rendered only
+in worker processes: see `pdf_render`.
 
-Thread safety: PyMuPDF documents itself as not supporting Python threads. Every MuPDF call in this
-module runs under `MUPDF_LOCK` (see its comment for why a lock and not per-thread documents).
+Why images decode in threads, not in the PDF workers: Pillow releases the GIL while decoding, and with
+the caps below the work is bounded before it starts (pixels by `max_pixels`; a progressive JPEG by
+`JPEG_MAX_SCANS`: each scan is a pass over every pixel, so 20,000 empty scans took 48 s, while 100 scans
+of a 40 MP image take 1.4 s, about a normal 40 MP decode). Decoding in a process would add a copy of
+up to 120 MB of pixels back through a pipe for every image, and process start-up, to save nothing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import io
 import logging
 import math
-import multiprocessing
-import os
 import re
-import tempfile
-import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from errors import (
-    BadRequest,
-    InvalidImage,
-    InvalidPageRange,
-    InvalidPdf,
-    OcrError,
-    PayloadTooLarge,
-    PdfPasswordRequired,
-    UnsupportedMediaType,
-)
-
-if TYPE_CHECKING:
-    import pymupdf
-
-# PyMuPDF is imported inside the PDF functions, not here, so that the image functions (and the
-# image routes that import this module) keep working where PyMuPDF is not installed; the PDF
-# router imports it itself and reports it missing.
+from errors import BadRequest, InvalidImage, InvalidPageRange, PayloadTooLarge, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +41,11 @@ ACCEPTED_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "TIFF",
 _PILLOW_OPENERS: tuple[str, ...] = tuple(f for f in ACCEPTED_IMAGE_FORMATS if f != "MPO")
 _ACCEPTED_TEXT = ", ".join(ACCEPTED_IMAGE_FORMATS)
 
-# MuPDF's global context is shared by every Document in the process, and PyMuPDF initialises it
-# single-threaded (`mupdf.reinit_singlethreaded()`, no lock callbacks). The SWIG bindings keep the
-# GIL during calls, but MuPDF calls back into Python for every warning/error, and a thread switch
-# there lets a second thread enter MuPDF with the same context mid-call (its exception stack lives
-# in the context). Per-thread Documents would still share that one context, so they are not a fix;
-# one process-wide lock is. It costs no parallelism: the bindings never release the GIL, so threads
-# cannot render in parallel anyway (measured: 2-4 threads render slower than 1, with or without this
-# lock). The lock also makes the process-global MuPDF warning store attributable to one call.
-# Other modules that call PyMuPDF should take this lock too.
-MUPDF_LOCK = threading.RLock()
-
 _PDF_MAGIC = b"%PDF-"
 _PDF_HEADER_WINDOW = 1024  # the PDF spec lets readers find the header within the first 1024 bytes
-_PDF_EOF_WINDOW = 1024  # ...and the %%EOF marker within the last 1024 bytes
+# A progressive JPEG decodes in one pass over every pixel per scan, data or not; real files have
+# about 10 scans (mozjpeg's most ~20). 20,000 empty scans in 278 KB took 48 s to decode.
+JPEG_MAX_SCANS = 100
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,6 +62,11 @@ class ImageInfo:
     height: int
     frames: int = 1
     orientation: int = 1  # EXIF orientation (1-8); 5-8 swap width and height when displayed
+
+    @property
+    def pixels(self) -> int:
+        """Pixels `decode_image` will produce (one frame): what admission counts before decoding."""
+        return self.width * self.height
 
     @property
     def displayed_size(self) -> tuple[int, int]:
@@ -147,7 +119,7 @@ def _open_lazy(data: bytes, max_pixels: int | None) -> ImageFile.ImageFile:
     if not data:
         raise InvalidImage(f"The file is empty (0 bytes). Send an image; accepted formats: {_ACCEPTED_TEXT}.")
     try:
-        return Image.open(io.BytesIO(data), formats=list(_PILLOW_OPENERS))
+        im = Image.open(io.BytesIO(data), formats=list(_PILLOW_OPENERS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(exc, data, max_pixels) from exc
     except UnidentifiedImageError as exc:
@@ -161,6 +133,29 @@ def _open_lazy(data: bytes, max_pixels: int | None) -> ImageFile.ImageFile:
             f"The image is truncated or corrupt: its header could not be read ({exc}). "
             "Send the complete, undamaged file."
         ) from exc
+    if im.format in ("JPEG", "MPO"):
+        scans = jpeg_scans(data)
+        if scans > JPEG_MAX_SCANS:
+            im.close()
+            raise PayloadTooLarge(
+                f"The JPEG has {scans} scans, over the limit of {JPEG_MAX_SCANS} scans (JPEG_MAX_SCANS): each "
+                "scan of a progressive JPEG costs a full decoding pass. Re-save it as a baseline JPEG or PNG.",
+                scans=scans,
+                max_scans=JPEG_MAX_SCANS,
+            )
+    return im
+
+
+def jpeg_scans(data: bytes) -> int:
+    """Start-of-scan markers in a JPEG, counted without decoding. 0xFFDA cannot occur inside
+    entropy-coded data (a 0xFF there is always followed by 0x00 or a restart marker), so counting it
+    is exact up to an EXIF thumbnail's own scans, which only add a few."""
+    return data.count(b"\xff\xda")
+
+
+def not_a_pdf(head: bytes) -> UnsupportedMediaType:
+    """The 415 for an upload to a PDF route that has no %PDF- header (used by `pdf_worker`)."""
+    return UnsupportedMediaType(f"Expected a PDF (a file starting with %PDF-), but this looks like {_describe(head)}.")
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -412,356 +407,3 @@ def _parse_page_part(part: str, spec: str, page_count: int) -> tuple[int, int]:
     if start > end:
         raise invalid(f"the range {part!r} is reversed")
     return start, end
-
-
-# --------------------------------------------------------------------------------------------
-# PDFs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class PdfSource:
-    """An opened (and unlocked) PDF. Render pages with `render_page`; close it when done.
-
-    Holds the original bytes and password so a caller can reopen the file elsewhere (e.g. in a
-    worker process). Safe to share between threads: every MuPDF call goes through `MUPDF_LOCK`.
-    """
-
-    data: bytes = field(repr=False)
-    password: str | None = field(repr=False)
-    page_count: int
-    metadata: dict[str, str]
-    repaired: bool  # MuPDF had to rebuild the cross-reference table (damaged but complete file)
-    warnings: tuple[str, ...]  # MuPDF warnings while opening
-    _doc: pymupdf.Document | None = field(repr=False)
-    _spill_path: str | None = field(default=None, repr=False)  # the bytes on disk, for RenderPool children
-
-    @property
-    def title(self) -> str | None:
-        return self.metadata.get("title")
-
-    @property
-    def closed(self) -> bool:
-        return self._doc is None
-
-    def close(self) -> None:
-        with MUPDF_LOCK:
-            if self._doc is not None:
-                self._doc.close()
-                self._doc = None
-        if self._spill_path is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self._spill_path)
-            self._spill_path = None
-
-    def __enter__(self) -> PdfSource:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-@dataclass
-class RenderedPage:
-    """One rendered PDF page: an RGB image without alpha and how it was rendered."""
-
-    image: Image.Image
-    page: int  # 1-based
-    dpi: int  # dpi actually used
-    requested_dpi: int
-    reduced: bool  # True when dpi < requested_dpi to stay within max_pixels
-    note: str | None = None  # why the dpi was reduced, for the response
-    warnings: tuple[str, ...] = ()  # MuPDF warnings while rendering (damaged content streams...)
-
-
-def open_pdf(data: bytes, *, password: str | None = None, max_pages: int) -> PdfSource:
-    """Open and validate an uploaded PDF without rendering anything."""
-    if max_pages <= 0:
-        raise ValueError(f"max_pages must be positive, got {max_pages}")
-    if not data:
-        raise InvalidPdf("The file is empty (0 bytes). Send a PDF.")
-    if _PDF_MAGIC not in data[:_PDF_HEADER_WINDOW]:
-        raise UnsupportedMediaType(
-            f"Expected a PDF (a file starting with %PDF-), but this looks like {_describe(data)}."
-        )
-    import pymupdf
-
-    with MUPDF_LOCK:
-        _drain_mupdf_warnings()  # drop what earlier calls left in the global store
-        try:
-            doc = pymupdf.open(stream=data, filetype="pdf")
-        except Exception as exc:
-            raise InvalidPdf(
-                f"The PDF is damaged or truncated and could not be opened ({exc}). Send the complete file."
-            ) from exc
-        try:
-            return _validated_source(doc, data, password, max_pages)
-        except BaseException:
-            doc.close()
-            raise
-
-
-def _validated_source(doc: pymupdf.Document, data: bytes, password: str | None, max_pages: int) -> PdfSource:
-    """Unlock and check an open document; caller holds MUPDF_LOCK and closes `doc` on error."""
-    if doc.needs_pass:
-        if not password:
-            raise PdfPasswordRequired(
-                "The PDF is encrypted. Send its password in the `password` field.", password_required=True
-            )
-        if not doc.authenticate(password):
-            raise PdfPasswordRequired(
-                "The password for this encrypted PDF is wrong. Send the correct one in the `password` field.",
-                password_required=True,
-            )
-    try:
-        page_count = doc.page_count  # loads the page tree, which may trigger a repair
-    except Exception as exc:
-        raise InvalidPdf(f"The PDF's page tree could not be read ({exc}). The file is damaged.") from exc
-    warnings = _drain_mupdf_warnings()
-    if doc.is_repaired and b"%%EOF" not in data[-_PDF_EOF_WINDOW:]:
-        # Cut-off uploads still "open" after MuPDF's repair, but with pages missing, blank or given
-        # default sizes. Rendering those silently would drop content, so refuse the file.
-        raise InvalidPdf(
-            "The PDF is truncated (it has no %%EOF end marker and its cross-reference table is "
-            "broken), so pages would be missing or blank. "
-            f"Send the complete file ({len(data)} bytes received)."
-        )
-    if page_count < 1:
-        raise InvalidPdf("The PDF has no pages.")
-    if page_count > max_pages:
-        raise PayloadTooLarge(
-            f"The PDF has {page_count} pages, over the limit of {max_pages} pages per request. "
-            "Split it into smaller files.",
-            page_count=page_count,
-            max_pages=max_pages,
-        )
-    metadata = {k: v.strip() for k, v in (doc.metadata or {}).items() if isinstance(v, str) and v.strip()}
-    return PdfSource(data, password, page_count, metadata, bool(doc.is_repaired), warnings, doc)
-
-
-def render_page(source: PdfSource, page: int, *, dpi: int, max_pixels: int) -> RenderedPage:
-    """Render one 1-based page to RGB at `dpi` (zoom dpi/72, no alpha, rotation as displayed).
-
-    When the page at `dpi` would exceed `max_pixels`, it is rendered at the largest integer dpi
-    that fits and `reduced`/`note` say so. If even 1 dpi does not fit (absurd page box or absurdly
-    small limit) the page is refused with PayloadTooLarge: an image that small is useless for OCR.
-    Thread-safe; the rendering itself runs under `MUPDF_LOCK`.
-    """
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
-        raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
-    if max_pixels <= 0:
-        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-    if not 1 <= page <= source.page_count:
-        raise InvalidPageRange(
-            f"Page {page} does not exist: the document has {source.page_count} pages (numbered from 1).",
-            page=page,
-            page_count=source.page_count,
-        )
-    with MUPDF_LOCK:
-        if source._doc is None:
-            raise ValueError("render_page called on a closed PdfSource")
-        _drain_mupdf_warnings()
-        size, stride, samples, used_dpi, full_size = _render_locked(source._doc, page, dpi, max_pixels)
-        warnings = _drain_mupdf_warnings()
-    image = Image.frombytes("RGB", size, samples, "raw", "RGB", stride)
-    note = None
-    if used_dpi < dpi:
-        note = (
-            f"Page {page} was rendered at {used_dpi} dpi instead of {dpi} dpi: at {dpi} dpi it would be "
-            f"{full_size[0]}x{full_size[1]} = {full_size[0] * full_size[1]} pixels, over the limit of "
-            f"{max_pixels} pixels."
-        )
-    return RenderedPage(image, page, used_dpi, dpi, used_dpi < dpi, note, warnings)
-
-
-def iter_rendered_pages(
-    source: PdfSource, pages: Iterable[int], *, dpi: int, max_pixels: int
-) -> Iterator[RenderedPage]:
-    """Render the given pages lazily, one at a time, so only the current page is in memory."""
-    for page in pages:
-        yield render_page(source, page, dpi=dpi, max_pixels=max_pixels)
-
-
-def _render_locked(
-    doc: pymupdf.Document, page: int, dpi: int, max_pixels: int
-) -> tuple[tuple[int, int], int, bytes, int, tuple[int, int]]:
-    """Render under MUPDF_LOCK and return plain bytes, so no MuPDF object outlives the lock
-    (their destructors call into MuPDF too)."""
-    import pymupdf
-
-    pg = pix = None
-    try:
-        pg = doc.load_page(page - 1)
-        rect = pg.rect  # the displayed box: CropBox with /Rotate applied
-        if rect.is_empty or rect.is_infinite:
-            raise InvalidPdf(f"Page {page} has an empty or invalid page size ({rect}); it cannot be rendered.")
-        full_size = _pixel_size(rect, dpi)
-        used_dpi = (
-            dpi if full_size[0] * full_size[1] <= max_pixels else _largest_fitting_dpi(rect, dpi, max_pixels, page)
-        )
-        zoom = used_dpi / 72
-        pix = pg.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
-        return (pix.width, pix.height), pix.stride, pix.samples, used_dpi, full_size
-    except OcrError:
-        raise
-    except Exception as exc:
-        raise InvalidPdf(f"Page {page} of the PDF could not be rendered ({exc}). The file is damaged.") from exc
-    finally:
-        pix = pg = None  # drop MuPDF objects here, inside the lock, not when a traceback is freed
-
-
-_MAX_WARNINGS = 20  # a damaged content stream can emit hundreds of identical lines
-
-
-def _drain_mupdf_warnings() -> tuple[str, ...]:
-    """MuPDF's warnings since the last drain, de-duplicated. The store is process-global, so the
-    lines belong to the current call only because callers hold MUPDF_LOCK."""
-    import pymupdf
-
-    lines = (line.strip() for line in pymupdf.TOOLS.mupdf_warnings(reset=True).splitlines())
-    return tuple(dict.fromkeys(line for line in lines if line))[:_MAX_WARNINGS]
-
-
-def _pixel_size(rect: pymupdf.Rect, dpi: int) -> tuple[int, int]:
-    """The pixmap size MuPDF will produce: the transformed page box rounded by fz_round_rect."""
-    import pymupdf
-
-    box = (rect * pymupdf.Matrix(dpi / 72, dpi / 72)).irect
-    return box.width, box.height
-
-
-def _largest_fitting_dpi(rect: pymupdf.Rect, dpi: int, max_pixels: int, page: int) -> int:
-    """Largest integer dpi below `dpi` whose render fits in max_pixels (area grows with dpi^2)."""
-    area_at_72 = rect.width * rect.height
-    guess = max(1, min(dpi - 1, int(72 * math.sqrt(max_pixels / area_at_72))))
-
-    def fits(d: int) -> bool:
-        w, h = _pixel_size(rect, d)
-        return w * h <= max_pixels
-
-    while guess > 1 and not fits(guess):  # rounding can push the estimate just over the limit
-        guess -= 1
-    while guess + 1 < dpi and fits(guess + 1):
-        guess += 1
-    if not fits(guess):
-        w, h = _pixel_size(rect, 1)
-        raise PayloadTooLarge(
-            f"Page {page} is too large to render: even at 1 dpi it is {w}x{h} = {w * h} pixels, over the "
-            f"limit of {max_pixels} pixels.",
-            page=page,
-            max_pixels=max_pixels,
-        )
-    return guess
-
-
-# --------------------------------------------------------------------------------------------
-# Rendering in worker processes
-# --------------------------------------------------------------------------------------------
-
-
-class RenderPool:
-    """Renders PDF pages in child processes, each page under a deadline.
-
-    PyMuPDF holds the GIL for a whole render and threads cannot render in parallel (see MUPDF_LOCK),
-    so in a thread one page with 20,000 lines of text freezes the event loop, health checks included,
-    for tens of seconds. Child processes render in parallel, leave the server's loop alone, and can be
-    killed: a page past `timeout_s` is refused (413) and the pool restarts. Each child keeps the few
-    documents it rendered last open, so pages of one PDF do not reparse it.
-    """
-
-    def __init__(self, workers: int, timeout_s: float = 60.0) -> None:
-        if workers < 1 or timeout_s <= 0:
-            raise ValueError(f"workers must be >= 1 and timeout_s > 0, got {workers}, {timeout_s}")
-        self.workers = workers
-        self.timeout_s = timeout_s
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._spill_dir = tempfile.TemporaryDirectory(prefix="ocr-pdf-")
-
-    def _executor(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                # spawn, not fork: the server process has threads (and maybe CUDA) that must not be forked.
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            return self._pool
-
-    def _restart(self, broken: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._pool is not broken:
-                return
-            self._pool = None
-        for process in list(getattr(broken, "_processes", {}).values()):  # no public kill before 3.14
-            with contextlib.suppress(Exception):
-                process.kill()
-        broken.shutdown(wait=False, cancel_futures=True)
-
-    def spill(self, source: PdfSource) -> str:
-        """The PDF's bytes in a private file the children open by name (written once per document)."""
-        if source._spill_path is None:
-            fd, path = tempfile.mkstemp(suffix=".pdf", dir=self._spill_dir.name)
-            with os.fdopen(fd, "wb") as f:
-                f.write(source.data)
-            source._spill_path = path
-        return source._spill_path
-
-    async def render(self, source: PdfSource, page: int, *, dpi: int, max_pixels: int) -> RenderedPage:
-        path = self.spill(source)
-        for attempt in (1, 2):
-            pool = self._executor()
-            future = asyncio.wrap_future(pool.submit(_render_in_child, path, source.password, page, dpi, max_pixels))
-            try:
-                result = await asyncio.wait_for(future, self.timeout_s)
-            except TimeoutError:
-                self._restart(pool)
-                raise PayloadTooLarge(
-                    f"Page {page} did not render within {self.timeout_s:g} s (PDF_RENDER_TIMEOUT_S); its content "
-                    "is too complex. Try a lower dpi or leave the page out with `pages`.",
-                    page=page,
-                ) from None
-            except BrokenProcessPool:
-                self._restart(pool)  # another page's deadline killed the pool under this one: once more
-                if attempt == 2:
-                    raise
-                continue
-            return _rendered_from_child(result)
-        raise AssertionError("unreachable")
-
-    def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-        self._spill_dir.cleanup()
-
-
-_CHILD_DOCS: OrderedDict[tuple[str, str | None], PdfSource] = OrderedDict()
-_CHILD_KEEP = 4
-
-
-def _render_in_child(path: str, password: str | None, page: int, dpi: int, max_pixels: int) -> tuple:
-    """Runs in a pool process. Errors come back as data: OcrError subclasses do not survive pickling."""
-    try:
-        key = (path, password)
-        source = _CHILD_DOCS.pop(key, None)
-        if source is None:
-            with open(path, "rb") as f:
-                source = open_pdf(f.read(), password=password, max_pages=10**9)
-        _CHILD_DOCS[key] = source
-        while len(_CHILD_DOCS) > _CHILD_KEEP:
-            _CHILD_DOCS.popitem(last=False)[1].close()
-        r = render_page(source, page, dpi=dpi, max_pixels=max_pixels)
-        return ("ok", r.image.size, r.image.tobytes(), r.page, r.dpi, r.requested_dpi, r.reduced, r.note, r.warnings)
-    except OcrError as exc:
-        return ("error", type(exc).__name__, exc.detail, exc.extra)
-
-
-def _rendered_from_child(result: tuple) -> RenderedPage:
-    if result[0] == "error":
-        _, name, detail, extra = result
-        cls = {c.__name__: c for c in (PayloadTooLarge, InvalidPdf, PdfPasswordRequired, InvalidPageRange)}
-        raise cls.get(name, InvalidPdf)(detail, **extra)
-    _, size, pixels, page, dpi, requested, reduced, note, warnings = result
-    image = Image.frombytes("RGB", size, pixels)
-    return RenderedPage(image, page, dpi, requested, reduced, note, warnings)

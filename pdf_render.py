@@ -1,52 +1,379 @@
-"""PDF documents opened and rendered for the service (interim: wraps `inputs.RenderPool`)."""
+"""PDF rendering for the server: every PDF is opened, validated and rendered in worker processes.
+
+The server process never parses an upload (a hostile PDF can hold the GIL for 36 s and allocate
+gigabytes while MuPDF opens it). It writes the bytes to a private spill file and sends work to
+`RenderPool` workers (`pdf_worker.worker_main`), one message at a time per worker:
+
+    async with pool.document(data, password=pw, max_pages=n) as doc:   # opened + validated in a worker
+        page = await doc.render(3, dpi=144, max_pixels=40_000_000)
+
+Each worker keeps the documents it opened, so one request's PDF is parsed once per worker that renders
+it, and pages prefer a worker that has their document open. A deadline starts when the page is handed
+to a worker (never while it waits for one); past it, or when the awaiting task is cancelled (client
+gone, request deadline), that one worker is killed and later replaced. No other request's page shares
+that worker, so nothing else can fail with it. Workers run under RLIMIT_AS and die with the server
+(PR_SET_PDEATHSIG); spill files live in a per-process directory, and directories of dead servers are
+removed when a pool starts.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+import itertools
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
-import inputs
+from PIL import Image
+
+import errors
+from errors import InvalidPageRange, InvalidPdf, OcrError, PayloadTooLarge, ServiceUnavailable
+from pdf_limits import PdfLimits
+from pdf_worker import KEEP_OPEN, PDF_EOF_WINDOW, RenderedPage, check_pdf_header, worker_main
+
+__all__ = ["PdfDocument", "PdfLimits", "RenderPool", "RenderedPage"]
+
+log = logging.getLogger(__name__)
+
+# Defaults until the settings carry them (PDF_OPEN_TIMEOUT_S, PDF_RENDER_MEMORY_MB).
+DEFAULT_OPEN_TIMEOUT_S = 30.0
+DEFAULT_MEMORY_LIMIT_MB = 1024  # measured: an A4 page at 600 dpi (35 MP) renders under a 200 MB limit
+
+_SPILL_PREFIX = "ocr-render-"
+_START_TIMEOUT_S = 120.0  # a worker importing PyMuPDF on a busy machine; not part of any page's deadline
+_ids = itertools.count(1)
 
 
-@dataclass
-class Document:
-    source: inputs.PdfSource
-    pool: inputs.RenderPool
-
-    @property
-    def page_count(self) -> int:
-        return self.source.page_count
-
-    @property
-    def warnings(self) -> tuple[str, ...]:
-        return self.source.warnings
-
-    @property
-    def repaired(self) -> bool:
-        return self.source.repaired
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.source.metadata
-
-    async def render(self, page: int, *, dpi: int, max_pixels: int) -> inputs.RenderedPage:
-        return await self.pool.render(self.source, page, dpi=dpi, max_pixels=max_pixels)
+@dataclass(eq=False)
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    docs: OrderedDict[str, None] = field(default_factory=OrderedDict)  # mirrors the child's KEEP_OPEN LRU
+    reading: Future | None = None  # the thread blocked in conn.recv(), if any
 
 
 class RenderPool:
-    def __init__(self, workers: int, *, page_timeout_s: float, **_: Any) -> None:
-        self._pool = inputs.RenderPool(workers, page_timeout_s)
+    """Worker processes that open and render PDFs; see the module docstring."""
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        page_timeout_s: float,
+        open_timeout_s: float,
+        memory_limit_mb: int,
+        spill_dir: str | None = None,
+        limits: PdfLimits | None = None,
+    ) -> None:
+        if workers < 1 or page_timeout_s <= 0 or open_timeout_s <= 0 or memory_limit_mb < 1:
+            raise ValueError(
+                f"need workers >= 1, timeouts > 0 and memory_limit_mb >= 1, got {workers}, {page_timeout_s}, "
+                f"{open_timeout_s}, {memory_limit_mb}"
+            )
+        self.workers = workers
+        self.page_timeout_s = page_timeout_s
+        self.open_timeout_s = open_timeout_s
+        self.memory_limit_mb = memory_limit_mb
+        self.limits = limits or PdfLimits()
+        self.spill_dir = _fresh_spill_dir(spill_dir or tempfile.gettempdir())
+        self._idle: list[_Worker] = []
+        self._all: set[_Worker] = set()
+        self._starting = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        # One thread per worker, blocked in conn.recv() while that worker works (killing it ends the read).
+        self._readers = ThreadPoolExecutor(workers + 1, thread_name_prefix="pdf-render-reader")
+        # spawn, not fork: the server has threads (and maybe CUDA) that must not be forked.
+        self._context = multiprocessing.get_context("spawn")
+        self._closed = False
+
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (for tests and /health)."""
+        return [w.process.pid for w in self._all if w.process.pid is not None]
 
     @contextlib.asynccontextmanager
-    async def document(self, data: bytes, *, password: str | None, max_pages: int) -> AsyncIterator[Document]:
-        source = await asyncio.to_thread(inputs.open_pdf, data, password=password, max_pages=max_pages)
+    async def document(self, data: bytes, *, password: str | None, max_pages: int) -> AsyncIterator[PdfDocument]:
+        """Open and validate `data` in a worker; leaving the block frees it in every worker."""
+        if max_pages <= 0:
+            raise ValueError(f"max_pages must be positive, got {max_pages}")
+        if self._closed:
+            raise ServiceUnavailable("The PDF renderer is shutting down.")
+        check_pdf_header(data[:PDF_EOF_WINDOW])  # 400/415 for an empty file or a non-PDF without a worker
+        doc_id = f"{os.getpid()}-{next(_ids)}"
+        path = os.path.join(self.spill_dir, f"{doc_id}.pdf")
         try:
-            yield Document(source, self._pool)
+            await _finish_even_if_cancelled(asyncio.to_thread(self._spill, path, data))
+            reply = await self._run(doc_id, ("open", doc_id, path, password, max_pages), self.open_timeout_s)
+            _, page_count, metadata, repaired, warnings = reply
+            yield PdfDocument(self, doc_id, path, password, page_count, metadata, warnings, repaired)
         finally:
-            await asyncio.to_thread(source.close)
+            self._forget(doc_id)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def close(self) -> None:
-        self._pool.close()
+        """Kill every worker (busy ones included) and remove the spill directory."""
+        self._closed = True
+        for worker in list(self._all):
+            self._discard(worker)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _spill(path: str, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    async def _acquire(self, doc_id: str) -> _Worker:
+        """An idle worker, preferring one that has `doc_id` open; starts one while under `workers`."""
+        while True:
+            if self._closed:
+                raise ServiceUnavailable("The PDF renderer is shutting down.")
+            if self._idle:
+                worker = next((w for w in self._idle if doc_id in w.docs), self._idle[-1])
+                self._idle.remove(worker)
+                return worker
+            if len(self._all) + self._starting < self.workers:
+                return await self._start()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # we were woken for a worker we will not use: pass it on
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+
+    async def _start(self) -> _Worker:
+        self._starting += 1
+        try:
+            parent_end, child_end = self._context.Pipe(duplex=True)
+            # Started from the event loop's thread: PR_SET_PDEATHSIG fires when the creating *thread* exits.
+            process = self._context.Process(
+                target=worker_main,
+                args=(child_end, os.getpid(), self.memory_limit_mb, self.limits),
+                name="pdf-render",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            worker = _Worker(process, parent_end)
+            self._all.add(worker)
+        finally:
+            self._starting -= 1
+        try:
+            await self._read(worker, _START_TIMEOUT_S)  # ("ready", pid) once PyMuPDF is imported
+        except (EOFError, OSError, TimeoutError) as exc:
+            self._discard(worker)
+            log.error("a PDF render worker did not start (exit code %s)", worker.process.exitcode)
+            raise ServiceUnavailable("The PDF renderer could not start a worker process; try again later.") from exc
+        except BaseException:
+            self._discard(worker)
+            raise
+        return worker
+
+    def _release(self, worker: _Worker) -> None:
+        if self._closed or worker not in self._all:
+            return
+        self._idle.append(worker)
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _discard(self, worker: _Worker) -> None:
+        """Kill a worker (it may be mid-render) and forget it; a later `_acquire` starts a replacement."""
+        if worker in self._all:
+            self._all.discard(worker)
+            with contextlib.suppress(ValueError):
+                self._idle.remove(worker)
+            self._wake()
+        with contextlib.suppress(Exception):
+            worker.process.kill()
+        with contextlib.suppress(Exception):
+            worker.process.join(1.0)  # SIGKILL: immediate; reaps the child so no zombie stays behind
+        reading = worker.reading
+        if reading is not None and not reading.done():
+            reading.add_done_callback(lambda _: worker.conn.close())  # close only once the reader has let go
+        else:
+            worker.conn.close()
+
+    async def _read(self, worker: _Worker, limit_s: float) -> tuple:
+        worker.reading = self._readers.submit(_receive, worker.conn)
+        return await asyncio.wait_for(asyncio.wrap_future(worker.reading), limit_s)
+
+    async def _run(self, doc_id: str, message: tuple, limit_s: float) -> tuple:
+        """Send one message to a worker (preferring one that has `doc_id` open) and await its answer."""
+        for _ in range(3):
+            worker = await self._acquire(doc_id)
+            if doc_id not in worker.docs and message[0] == "render":
+                limit_s += self.open_timeout_s  # this worker must reopen the (already validated) file first
+            try:
+                worker.conn.send(message)
+            except OSError:  # it died while idle (the kernel's OOM killer, an operator): take another
+                self._discard(worker)
+                continue
+            return await self._answer(worker, doc_id, message, limit_s)
+        raise ServiceUnavailable("The PDF renderer's worker processes keep dying; try again later.")
+
+    async def _answer(self, worker: _Worker, doc_id: str, message: tuple, limit_s: float) -> tuple:
+        """Await `worker`'s answer within `limit_s`. The worker goes back to the idle list only after a
+        normal answer; on anything else (deadline, cancellation, a crash, a memory failure) it is killed,
+        so it can never hold up or hand a stale answer to another page."""
+        healthy = False
+        try:
+            worker.docs.pop(doc_id, None)
+            worker.docs[doc_id] = None
+            while len(worker.docs) > KEEP_OPEN:
+                worker.docs.popitem(last=False)
+            try:
+                reply = await self._read(worker, limit_s)
+            except TimeoutError:
+                raise self._timeout_error(message) from None
+            except (EOFError, OSError) as exc:
+                if self._closed:
+                    raise ServiceUnavailable("The PDF renderer is shutting down.") from exc
+                worker.process.join(1.0)  # the pipe closed: it is exiting; learn how
+                raise InvalidPdf(
+                    f"{_what(message)} crashed the PDF render worker (exit code {worker.process.exitcode}; "
+                    f"it may have run out of its {self.memory_limit_mb} MB, PDF_RENDER_MEMORY_MB).",
+                    memory_limit_mb=self.memory_limit_mb,
+                ) from exc
+            if reply[0] == "memory":
+                raise PayloadTooLarge(
+                    f"{_what(message)} needs more memory than a render worker may use ({self.memory_limit_mb} MB, "
+                    f"PDF_RENDER_MEMORY_MB): {reply[1]}",
+                    memory_limit_mb=self.memory_limit_mb,
+                )
+            healthy = True
+        finally:
+            if healthy:
+                self._release(worker)
+            else:
+                self._discard(worker)
+        if reply[0] == "error":
+            _, name, detail, extra = reply
+            cls = getattr(errors, name, None)
+            raise (cls if isinstance(cls, type) and issubclass(cls, OcrError) else InvalidPdf)(detail, **extra)
+        return reply
+
+    def _timeout_error(self, message: tuple) -> PayloadTooLarge:
+        if message[0] == "open":
+            return PayloadTooLarge(
+                f"The PDF could not be opened within {self.open_timeout_s:g} s (PDF_OPEN_TIMEOUT_S): its structure "
+                "is too costly to parse.",
+            )
+        page = message[4]
+        return PayloadTooLarge(
+            f"Page {page} did not render within {self.page_timeout_s:g} s (PDF_RENDER_TIMEOUT_S); its content "
+            "is too complex. Try a lower dpi or leave the page out with `pages`.",
+            page=page,
+        )
+
+    def _forget(self, doc_id: str) -> None:
+        """Tell every worker holding `doc_id` to close it (no answer: it is read after any current work)."""
+        for worker in list(self._all):
+            if worker.docs.pop(doc_id, False) is None:
+                try:
+                    worker.conn.send(("forget", doc_id))
+                except OSError:
+                    self._discard(worker)
+
+
+async def _finish_even_if_cancelled(work: Awaitable[None]) -> None:
+    """Await `work`; when cancelled, let it finish before re-raising (a spill file must be complete
+    on disk before the caller's cleanup unlinks it, or the write would recreate it afterwards)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
+
+
+def _receive(conn: Connection) -> tuple:
+    """One answer from a worker; a rendered page's pixels follow its tuple as a raw message."""
+    reply = conn.recv()
+    return (*reply, conn.recv_bytes()) if reply[0] == "page" else reply
+
+
+def _what(message: tuple) -> str:
+    return "Opening the PDF" if message[0] == "open" else f"Page {message[4]}"
+
+
+@dataclass(eq=False)
+class PdfDocument:
+    """A PDF opened and validated in a worker; valid inside its `RenderPool.document` block."""
+
+    _pool: RenderPool = field(repr=False)
+    _id: str
+    _path: str = field(repr=False)
+    _password: str | None = field(repr=False)
+    page_count: int
+    metadata: dict[str, str]
+    warnings: tuple[str, ...]  # MuPDF warnings while opening
+    repaired: bool  # MuPDF rebuilt the cross-reference table (damaged but complete file)
+
+    @property
+    def title(self) -> str | None:
+        return self.metadata.get("title")
+
+    async def render(self, page: int, *, dpi: int, max_pixels: int) -> RenderedPage:
+        """Render one 1-based page in a worker (see `pdf_worker.render_page` for dpi reduction and refusals)."""
+        if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
+            raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
+        if max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        if not 1 <= page <= self.page_count:
+            raise InvalidPageRange(
+                f"Page {page} does not exist: the document has {self.page_count} pages (numbered from 1).",
+                page=page,
+                page_count=self.page_count,
+            )
+        message = ("render", self._id, self._path, self._password, page, dpi, max_pixels)
+        reply = await self._pool._run(self._id, message, self._pool.page_timeout_s)
+        _, size, number, used_dpi, requested, reduced, note, warnings, pixels = reply
+        return RenderedPage(Image.frombytes("RGB", size, pixels), number, used_dpi, requested, reduced, note, warnings)
+
+
+def _fresh_spill_dir(base: str) -> str:
+    """A private directory for this pool's spill files, after removing those of servers that are gone
+    (a `kill -9` leaves them behind). Names carry the owner's pid: ocr-render-<pid>-<random>."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(base):
+            if name.startswith(_SPILL_PREFIX):
+                owner = name[len(_SPILL_PREFIX) :].split("-", 1)[0]
+                if owner.isdigit() and not _alive(int(owner)):
+                    shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_SPILL_PREFIX}{os.getpid()}-", dir=base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True

@@ -33,6 +33,7 @@ from engines import DEMO_NOTICE, EngineFactory, start_engines
 from engines.base import UnavailableEngine
 from errors import PROBLEM_MEDIA_TYPE, OcrError
 from middleware import install_middleware
+from pdf_limits import PdfLimits
 from pdf_render import RenderPool
 from pipeline import OcrService
 from schemas import Problem, RouterState
@@ -64,7 +65,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="ocr-worker")
     # Processes start on the first PDF, not here.
-    render_pool = RenderPool(settings.render_processes, page_timeout_s=settings.pdf_render_timeout_s)
+    render_pool = RenderPool(
+        settings.render_processes,
+        page_timeout_s=settings.pdf_render_timeout_s,
+        open_timeout_s=settings.pdf_open_timeout_s,
+        memory_limit_mb=settings.pdf_render_memory_mb,
+        limits=PdfLimits(
+            max_stream_mb=settings.pdf_max_stream_mb,
+            max_objects=settings.pdf_max_objects,
+            max_image_pixels=settings.pdf_max_image_pixels,
+        ),
+    )
     engines = await start_engines(settings, app.state.engine_factory)
     app.state.service = service = build_service(settings, engines, executor, render_pool)
     service.observers.append(observability.item_observer(app.state.metrics))

@@ -1,4 +1,5 @@
-"""Tests for inputs.py: every input is generated at run time with Pillow and PyMuPDF."""
+"""Tests for inputs.py and the PDF functions of pdf_worker.py (run directly here; through the
+worker processes in test_hostile.py): every input is generated at run time with Pillow and PyMuPDF."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import pytest
 from PIL import Image
 
 import inputs
+import pdf_render
+import pdf_worker
 from errors import (
     BadRequest,
     InvalidImage,
@@ -100,6 +103,7 @@ def test_decode_each_accepted_format(fmt: str, params: dict[str, object], tol: i
     assert close_to(im.getpixel((8, 24)), RED, tol)
     assert close_to(im.getpixel((56, 24)), BLUE, tol)
     assert inputs.image_info(data) == inputs.ImageInfo(fmt, 64, 48)
+    assert inputs.image_info(data).pixels == 64 * 48  # what admission counts before decoding
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
@@ -416,76 +420,76 @@ def pdf_bytes() -> bytes:
 
 @pytest.fixture
 def pdf(pdf_bytes: bytes):  # type: ignore[no-untyped-def]
-    with inputs.open_pdf(pdf_bytes, max_pages=10) as source:
+    with pdf_worker.open_pdf(pdf_bytes, max_pages=10) as source:
         yield source
 
 
-def test_open_pdf_basics(pdf: inputs.PdfSource, pdf_bytes: bytes) -> None:
+def test_open_pdf_basics(pdf: pdf_worker.PdfSource, pdf_bytes: bytes) -> None:
     assert pdf.page_count == 5
     assert pdf.title == "Mixed test document"
-    assert pdf.data == pdf_bytes and not pdf.repaired and not pdf.closed
+    assert not pdf.repaired and not pdf.closed
 
 
 @pytest.mark.parametrize(("dpi", "sizes"), [(72, SIZES_72), (144, SIZES_144)])
-def test_render_sizes(pdf: inputs.PdfSource, dpi: int, sizes: list[tuple[int, int]]) -> None:
+def test_render_sizes(pdf: pdf_worker.PdfSource, dpi: int, sizes: list[tuple[int, int]]) -> None:
     for page, size in enumerate(sizes, start=1):
-        rendered = inputs.render_page(pdf, page, dpi=dpi, max_pixels=BIG)
+        rendered = pdf_worker.render_page(pdf, page, dpi=dpi, max_pixels=BIG)
         assert rendered.image.size == size and rendered.image.mode == "RGB"
         assert (rendered.page, rendered.dpi, rendered.requested_dpi) == (page, dpi, dpi)
         assert not rendered.reduced and rendered.note is None
 
 
-def test_rotated_page_renders_as_displayed(pdf: inputs.PdfSource) -> None:
-    image = inputs.render_page(pdf, 2, dpi=72, max_pixels=BIG).image
+def test_rotated_page_renders_as_displayed(pdf: pdf_worker.PdfSource) -> None:
+    image = pdf_worker.render_page(pdf, 2, dpi=72, max_pixels=BIG).image
     assert image.width > image.height  # portrait Letter with /Rotate 90 shows landscape
     # /Rotate 90 turns the page clockwise: the unrotated top-left marker shows at the top-right.
     assert image.getpixel((image.width - 10, 10)) == RED and image.getpixel((10, 10)) == WHITE
-    upright = inputs.render_page(pdf, 1, dpi=72, max_pixels=BIG).image
+    upright = pdf_worker.render_page(pdf, 1, dpi=72, max_pixels=BIG).image
     assert upright.getpixel((10, 10)) == RED
 
 
 def test_not_a_pdf_is_415() -> None:
-    raises_problem(UnsupportedMediaType, lambda: inputs.open_pdf(b"just text\n" * 50, max_pages=10), "text file")
-    raises_problem(UnsupportedMediaType, lambda: inputs.open_pdf(PNG_BYTES, max_pages=10), "PNG", "%PDF-")
+    raises_problem(UnsupportedMediaType, lambda: pdf_worker.open_pdf(b"just text\n" * 50, max_pages=10), "text file")
+    raises_problem(UnsupportedMediaType, lambda: pdf_worker.open_pdf(PNG_BYTES, max_pages=10), "PNG", "%PDF-")
 
 
 def test_empty_pdf_is_400() -> None:
-    raises_problem(InvalidPdf, lambda: inputs.open_pdf(b"", max_pages=10), "empty")
+    raises_problem(InvalidPdf, lambda: pdf_worker.open_pdf(b"", max_pages=10), "empty")
 
 
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.7, 0.9, 0.99])
 def test_truncated_pdf_is_400(pdf_bytes: bytes, fraction: float) -> None:
     cut = pdf_bytes[: int(len(pdf_bytes) * fraction)]
-    raises_problem(InvalidPdf, lambda: inputs.open_pdf(cut, max_pages=10), "Send the complete file")
+    raises_problem(InvalidPdf, lambda: pdf_worker.open_pdf(cut, max_pages=10), "Send the complete file")
 
 
 def test_garbage_after_pdf_header_is_400() -> None:
     data = b"%PDF-1.7\n" + bytes(random.Random(0).randbytes(5000))
-    raises_problem(InvalidPdf, lambda: inputs.open_pdf(data, max_pages=10), "damaged")
+    raises_problem(InvalidPdf, lambda: pdf_worker.open_pdf(data, max_pages=10), "damaged")
 
 
 def test_complete_pdf_with_broken_xref_is_repaired_and_renders(pdf_bytes: bytes) -> None:
     at = pdf_bytes.rfind(b"startxref")
     broken = pdf_bytes[:at] + b"startxref\n12\n%%EOF\n"  # wrong offset, but the file is complete
-    with inputs.open_pdf(broken, max_pages=10) as source:
+    with pdf_worker.open_pdf(broken, max_pages=10) as source:
         assert source.repaired and source.page_count == 5 and source.warnings
-        sizes = [inputs.render_page(source, p, dpi=72, max_pixels=BIG).image.size for p in range(1, 6)]
+        sizes = [pdf_worker.render_page(source, p, dpi=72, max_pixels=BIG).image.size for p in range(1, 6)]
     assert sizes == SIZES_72
 
 
 def test_encrypted_pdf() -> None:
     data = make_pdf(PAGES[:2], encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="s3cret", owner_pw="owner")
-    err = raises_problem(PdfPasswordRequired, lambda: inputs.open_pdf(data, max_pages=10), "`password`")
+    err = raises_problem(PdfPasswordRequired, lambda: pdf_worker.open_pdf(data, max_pages=10), "`password`")
     assert err.status == 400
-    raises_problem(PdfPasswordRequired, lambda: inputs.open_pdf(data, password="", max_pages=10), "`password`")
-    raises_problem(PdfPasswordRequired, lambda: inputs.open_pdf(data, password="nope", max_pages=10), "wrong")
-    with inputs.open_pdf(data, password="s3cret", max_pages=10) as source:
+    raises_problem(PdfPasswordRequired, lambda: pdf_worker.open_pdf(data, password="", max_pages=10), "`password`")
+    raises_problem(PdfPasswordRequired, lambda: pdf_worker.open_pdf(data, password="nope", max_pages=10), "wrong")
+    with pdf_worker.open_pdf(data, password="s3cret", max_pages=10) as source:
         assert source.page_count == 2 and source.title == "Mixed test document"
-        assert inputs.render_page(source, 2, dpi=72, max_pixels=BIG).image.size == (792, 612)
+        assert pdf_worker.render_page(source, 2, dpi=72, max_pixels=BIG).image.size == (792, 612)
 
 
 def test_too_many_pages_is_413(pdf_bytes: bytes) -> None:
-    err = raises_problem(PayloadTooLarge, lambda: inputs.open_pdf(pdf_bytes, max_pages=3), "5 pages", "3 pages")
+    err = raises_problem(PayloadTooLarge, lambda: pdf_worker.open_pdf(pdf_bytes, max_pages=3), "5 pages", "3 pages")
     assert err.extra == {"page_count": 5, "max_pages": 3}
 
 
@@ -544,9 +548,9 @@ def test_page_ranges_invalid(spec: str, needle: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_render_reduces_dpi_to_fit_max_pixels(pdf: inputs.PdfSource) -> None:
+def test_render_reduces_dpi_to_fit_max_pixels(pdf: pdf_worker.PdfSource) -> None:
     max_pixels = 1_000_000  # A4 at 300 dpi is 2480x3509 = 8.7 MP (MuPDF rounds outwards)
-    rendered = inputs.render_page(pdf, 1, dpi=300, max_pixels=max_pixels)
+    rendered = pdf_worker.render_page(pdf, 1, dpi=300, max_pixels=max_pixels)
     width, height = rendered.image.size
     assert rendered.reduced and rendered.requested_dpi == 300 and rendered.dpi < 300
     assert width * height <= max_pixels
@@ -557,35 +561,28 @@ def test_render_reduces_dpi_to_fit_max_pixels(pdf: inputs.PdfSource) -> None:
     assert "2480x3509" in rendered.note and "1000000" in rendered.note
 
 
-def test_render_refuses_page_that_cannot_fit_at_1_dpi(pdf: inputs.PdfSource) -> None:
-    raises_problem(PayloadTooLarge, lambda: inputs.render_page(pdf, 1, dpi=144, max_pixels=50), "1 dpi", "50")
+def test_render_refuses_page_that_cannot_fit_at_1_dpi(pdf: pdf_worker.PdfSource) -> None:
+    raises_problem(PayloadTooLarge, lambda: pdf_worker.render_page(pdf, 1, dpi=144, max_pixels=50), "1 dpi", "50")
 
 
 @pytest.mark.parametrize("dpi", [0, -72])
-def test_render_rejects_non_positive_dpi(pdf: inputs.PdfSource, dpi: int) -> None:
+def test_render_rejects_non_positive_dpi(pdf: pdf_worker.PdfSource, dpi: int) -> None:
     with pytest.raises(ValueError, match="dpi"):
-        inputs.render_page(pdf, 1, dpi=dpi, max_pixels=BIG)
+        pdf_worker.render_page(pdf, 1, dpi=dpi, max_pixels=BIG)
 
 
 def test_render_page_out_of_range_and_closed(pdf_bytes: bytes) -> None:
-    source = inputs.open_pdf(pdf_bytes, max_pages=10)
-    raises_problem(InvalidPageRange, lambda: inputs.render_page(source, 6, dpi=72, max_pixels=BIG), "5 pages")
+    source = pdf_worker.open_pdf(pdf_bytes, max_pages=10)
+    raises_problem(InvalidPageRange, lambda: pdf_worker.render_page(source, 6, dpi=72, max_pixels=BIG), "5 pages")
     source.close()
     assert source.closed
     with pytest.raises(ValueError, match="closed"):
-        inputs.render_page(source, 1, dpi=72, max_pixels=BIG)
+        pdf_worker.render_page(source, 1, dpi=72, max_pixels=BIG)
 
 
-def test_iter_rendered_pages_is_lazy(pdf: inputs.PdfSource) -> None:
-    pages = inputs.iter_rendered_pages(pdf, [4, 2], dpi=72, max_pixels=BIG)
-    assert not isinstance(pages, list)
-    assert next(pages).page == 4
-    assert [r.page for r in pages] == [2]
-
-
-def test_concurrent_renders_match_sequential(pdf: inputs.PdfSource) -> None:
+def test_concurrent_renders_match_sequential(pdf: pdf_worker.PdfSource) -> None:
     def render(page: int) -> bytes:
-        return inputs.render_page(pdf, page, dpi=100, max_pixels=BIG).image.tobytes()
+        return pdf_worker.render_page(pdf, page, dpi=100, max_pixels=BIG).image.tobytes()
 
     expected = {page: render(page) for page in range(1, 6)}
     jobs = [page for page in range(1, 6) for _ in range(4)]
@@ -604,8 +601,8 @@ def test_damaged_content_stream_renders_with_warnings() -> None:
     page.clean_contents()
     xref = page.get_contents()[0]
     doc.update_stream(xref, doc.xref_stream(xref) + b"\n] } >> /NoSuchFont 12 Tf (x) Tj /Im9 Do\n" * 50)
-    with inputs.open_pdf(doc.tobytes(), max_pages=1) as source:
-        rendered = inputs.render_page(source, 1, dpi=72, max_pixels=BIG)
+    with pdf_worker.open_pdf(doc.tobytes(), max_pages=1) as source:
+        rendered = pdf_worker.render_page(source, 1, dpi=72, max_pixels=BIG)
     assert rendered.image.getpixel((10, 10)) == RED  # the readable part is there
     assert 0 < len(rendered.warnings) <= 20 and len(set(rendered.warnings)) == len(rendered.warnings)
 
@@ -651,26 +648,33 @@ def _heavy_pdf() -> bytes:
 
 
 def test_render_pool_matches_direct_render_pixel_for_pixel() -> None:
-    source = inputs.open_pdf(_text_pdf(3, 20), max_pages=10)
-    pool = inputs.RenderPool(workers=2, timeout_s=60)
+    data = _text_pdf(3, 20)
+    pool = pdf_render.RenderPool(2, page_timeout_s=60, open_timeout_s=60, memory_limit_mb=1024)
+
+    async def scenario() -> None:
+        async with pool.document(data, password=None, max_pages=10) as doc:
+            assert doc.page_count == 3 and not doc.repaired
+            with pdf_worker.open_pdf(data, max_pages=10) as source:
+                for page in (1, 3):
+                    via_pool = await doc.render(page, dpi=100, max_pixels=10**8)
+                    direct = pdf_worker.render_page(source, page, dpi=100, max_pixels=10**8)
+                    assert via_pool.image.size == direct.image.size and via_pool.dpi == direct.dpi == 100
+                    assert via_pool.image.tobytes() == direct.image.tobytes()
+            with pytest.raises(PayloadTooLarge):
+                await doc.render(1, dpi=100, max_pixels=1)  # not even 1 dpi fits: the worker's 413
+            with pytest.raises(InvalidPageRange):
+                await doc.render(4, dpi=100, max_pixels=10**8)
+
     try:
-        for page in (1, 3):
-            via_pool = asyncio.run(pool.render(source, page, dpi=100, max_pixels=10**8))
-            direct = inputs.render_page(source, page, dpi=100, max_pixels=10**8)
-            assert via_pool.image.size == direct.image.size and via_pool.dpi == direct.dpi == 100
-            assert via_pool.image.tobytes() == direct.image.tobytes()
-        with pytest.raises(inputs.PayloadTooLarge):
-            asyncio.run(pool.render(source, 1, dpi=100, max_pixels=1))  # not even 1 dpi fits: the child's 413
+        asyncio.run(scenario())
     finally:
         pool.close()
-        source.close()
 
 
 @pytest.mark.timeout(300)
 def test_render_pool_deadline_kills_a_runaway_page_and_keeps_the_loop_free() -> None:
-    heavy = inputs.open_pdf(_heavy_pdf(), max_pages=10)  # about a second of MuPDF work holding the GIL
-    light = inputs.open_pdf(_text_pdf(1, 5), max_pages=10)
-    pool = inputs.RenderPool(workers=1, timeout_s=0.2)
+    heavy, light = _heavy_pdf(), _text_pdf(1, 5)  # the heavy page is about a second of MuPDF work
+    pool = pdf_render.RenderPool(1, page_timeout_s=0.2, open_timeout_s=60, memory_limit_mb=1024)
 
     async def scenario() -> tuple[int, BaseException | None]:
         ticks = 0
@@ -683,21 +687,23 @@ def test_render_pool_deadline_kills_a_runaway_page_and_keeps_the_loop_free() -> 
 
         task = asyncio.create_task(ticker())
         error: BaseException | None = None
-        try:
-            await pool.render(heavy, 1, dpi=300, max_pixels=10**8)
-        except inputs.PayloadTooLarge as exc:
-            error = exc
+        async with pool.document(heavy, password=None, max_pages=10) as doc:
+            try:
+                await doc.render(1, dpi=300, max_pixels=10**8)
+            except PayloadTooLarge as exc:
+                error = exc
         task.cancel()
         return ticks, error
 
+    async def after() -> pdf_worker.RenderedPage:
+        pool.page_timeout_s = 60
+        async with pool.document(light, password=None, max_pages=10) as doc:
+            return await doc.render(1, dpi=72, max_pixels=10**8)
+
     try:
         ticks, error = asyncio.run(scenario())
-        assert isinstance(error, inputs.PayloadTooLarge) and "PDF_RENDER_TIMEOUT_S" in error.detail
+        assert isinstance(error, PayloadTooLarge) and "PDF_RENDER_TIMEOUT_S" in error.detail
         assert ticks >= 10  # the event loop kept running while the page rendered elsewhere
-        pool.timeout_s = 60
-        after = asyncio.run(pool.render(light, 1, dpi=72, max_pixels=10**8))  # the restarted pool works
-        assert after.image.size == (595, 842)
+        assert asyncio.run(after()).image.size == (595, 842)  # a replacement worker renders
     finally:
         pool.close()
-        heavy.close()
-        light.close()

@@ -1,0 +1,394 @@
+"""What runs inside a PDF render worker process: open, validate and render PDFs under caps.
+
+The server process never runs MuPDF on an upload: `pdf_render.RenderPool` sends work here, to
+killable child processes under RLIMIT_AS (opening a hostile PDF can hold the GIL for tens of seconds
+and allocate gigabytes). `worker_main` is the child's loop; `open_pdf`/`render_page` are plain
+functions that tests also call directly. Caps checked before MuPDF works are in `pdf_limits`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+import mmap
+import os
+import re
+import resource
+import signal
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from errors import InvalidPageRange, InvalidPdf, OcrError, PayloadTooLarge, PdfPasswordRequired
+from inputs import not_a_pdf
+from pdf_limits import MemoryLimitHit, PdfLimits, check_page_images, memory_or, prescan
+
+if TYPE_CHECKING:
+    import pymupdf
+
+# MuPDF's context is global to a process. A worker is single-threaded, but tests call these functions
+# from threads, so every MuPDF call goes through one lock; it also makes the global warning store
+# attributable to one call.
+MUPDF_LOCK = threading.RLock()
+
+PDF_EOF_WINDOW = 1024  # the PDF spec lets readers find %%EOF within the last 1024 bytes
+_MAX_WARNINGS = 20  # a damaged content stream can emit hundreds of identical lines
+KEEP_OPEN = 8  # documents one worker keeps open (least recently used closed first); the parent mirrors it
+
+
+@dataclass(eq=False)
+class PdfSource:
+    """An opened, unlocked and validated PDF inside one process. Close it when done."""
+
+    password: str | None = field(repr=False)
+    page_count: int
+    metadata: dict[str, str]
+    repaired: bool  # MuPDF rebuilt the cross-reference table (damaged but complete file)
+    warnings: tuple[str, ...]  # MuPDF warnings while opening
+    _doc: pymupdf.Document | None = field(repr=False)
+
+    @property
+    def title(self) -> str | None:
+        return self.metadata.get("title")
+
+    @property
+    def closed(self) -> bool:
+        return self._doc is None
+
+    def close(self) -> None:
+        with MUPDF_LOCK:
+            if self._doc is not None:
+                self._doc.close()
+                self._doc = None
+
+    def __enter__(self) -> PdfSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class RenderedPage:
+    """One rendered PDF page: an RGB image without alpha and how it was rendered."""
+
+    image: Image.Image
+    page: int  # 1-based
+    dpi: int  # dpi actually used
+    requested_dpi: int
+    reduced: bool  # True when dpi < requested_dpi to stay within max_pixels
+    note: str | None = None  # why the dpi was reduced, for the response
+    warnings: tuple[str, ...] = ()  # MuPDF warnings while rendering (damaged content streams...)
+
+
+# ------------------------------------------------------------------------------------ open
+
+
+def open_pdf(data: bytes, *, password: str | None = None, max_pages: int, limits: PdfLimits | None = None) -> PdfSource:
+    """Open and validate a PDF from its bytes without rendering anything."""
+    return _open(data, data, password, max_pages, limits or PdfLimits())
+
+
+def open_pdf_file(path: str, *, password: str | None, max_pages: int, limits: PdfLimits) -> PdfSource:
+    """`open_pdf` for a spill file: the caps read it through mmap and MuPDF reads it from disk on demand."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        return _open(view, path, password, max_pages, limits)
+
+
+def _open(view: bytes | mmap.mmap, source: bytes | str, password: str | None, max_pages: int, limits: PdfLimits):
+    if max_pages <= 0:
+        raise ValueError(f"max_pages must be positive, got {max_pages}")
+    check_pdf_header(view[:PDF_EOF_WINDOW])
+    prescan(view, limits)
+    import pymupdf
+
+    with MUPDF_LOCK:
+        drain_mupdf_warnings()  # drop what earlier calls left in the global store
+        try:
+            doc = (
+                pymupdf.open(source, filetype="pdf")
+                if isinstance(source, str)
+                else pymupdf.open(stream=source, filetype="pdf")
+            )
+        except Exception as exc:
+            damaged = InvalidPdf(
+                f"The PDF is damaged or truncated and could not be opened ({exc}). Send the complete file."
+            )
+            raise memory_or(exc, damaged) from exc
+        try:
+            return _validated(doc, view[-PDF_EOF_WINDOW:], len(view), password, max_pages)
+        except BaseException:
+            doc.close()
+            raise
+
+
+def check_pdf_header(head: bytes) -> None:
+    """The cheap checks the server may do itself (no parsing): empty file, no %PDF- header."""
+    if not head:
+        raise InvalidPdf("The file is empty (0 bytes). Send a PDF.")
+    if b"%PDF-" not in head[:1024]:
+        raise not_a_pdf(head)
+
+
+def _validated(doc: pymupdf.Document, tail: bytes, size: int, password: str | None, max_pages: int) -> PdfSource:
+    """Unlock and check an open document; caller holds MUPDF_LOCK and closes `doc` on error."""
+    if doc.needs_pass:
+        if not password:
+            raise PdfPasswordRequired(
+                "The PDF is encrypted. Send its password in the `password` field.", password_required=True
+            )
+        if not doc.authenticate(password):
+            raise PdfPasswordRequired(
+                "The password for this encrypted PDF is wrong. Send the correct one in the `password` field.",
+                password_required=True,
+            )
+    try:
+        page_count = doc.page_count  # loads the page tree, which may trigger a repair
+    except Exception as exc:
+        raise memory_or(
+            exc, InvalidPdf(f"The PDF's page tree could not be read ({exc}). The file is damaged.")
+        ) from exc
+    warnings = drain_mupdf_warnings()
+    if doc.is_repaired and b"%%EOF" not in tail:
+        # Cut-off uploads still "open" after MuPDF's repair, but with pages missing, blank or given
+        # default sizes. Rendering those silently would drop content, so refuse the file.
+        raise InvalidPdf(
+            "The PDF is truncated (it has no %%EOF end marker and its cross-reference table is "
+            "broken), so pages would be missing or blank. "
+            f"Send the complete file ({size} bytes received)."
+        )
+    if page_count < 1:
+        raise InvalidPdf("The PDF has no pages.")
+    if page_count > max_pages:
+        raise PayloadTooLarge(
+            f"The PDF has {page_count} pages, over the limit of {max_pages} pages per request. "
+            "Split it into smaller files.",
+            page_count=page_count,
+            max_pages=max_pages,
+        )
+    metadata = {k: v.strip() for k, v in (doc.metadata or {}).items() if isinstance(v, str) and v.strip()}
+    return PdfSource(password, page_count, metadata, bool(doc.is_repaired), warnings, doc)
+
+
+# ------------------------------------------------------------------------------------ render
+
+
+def render_page(
+    source: PdfSource, page: int, *, dpi: int, max_pixels: int, limits: PdfLimits | None = None
+) -> RenderedPage:
+    """Render one 1-based page to RGB at `dpi` (zoom dpi/72, no alpha, rotation as displayed).
+
+    When the page at `dpi` would exceed `max_pixels`, it is rendered at the largest integer dpi that
+    fits and `reduced`/`note` say so; if even 1 dpi does not fit the page is refused (413). A page
+    using an image over the caps is refused before it is decoded. A page that renders blank while
+    MuPDF reports errors (its objects could not be loaded) is refused with those errors: a blank
+    image marked ok would hide the content.
+    """
+    size, samples, used_dpi, note, warnings = render_samples(
+        source, page, dpi=dpi, max_pixels=max_pixels, limits=limits
+    )
+    return RenderedPage(Image.frombytes("RGB", size, samples), page, used_dpi, dpi, used_dpi < dpi, note, warnings)
+
+
+def render_samples(
+    source: PdfSource, page: int, *, dpi: int, max_pixels: int, limits: PdfLimits | None = None
+) -> tuple[tuple[int, int], bytes, int, str | None, tuple[str, ...]]:
+    """`render_page` as packed RGB bytes: (size, samples, dpi used, note, warnings). The worker sends
+    these bytes as they are, so a page exists once in its memory, not as pixmap + image + pickle."""
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
+        raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if not 1 <= page <= source.page_count:
+        raise InvalidPageRange(
+            f"Page {page} does not exist: the document has {source.page_count} pages (numbered from 1).",
+            page=page,
+            page_count=source.page_count,
+        )
+    with MUPDF_LOCK:
+        if source._doc is None:
+            raise ValueError("render_page called on a closed PdfSource")
+        drain_mupdf_warnings()
+        size, samples, used_dpi, full_size = _render_locked(source._doc, page, dpi, max_pixels, limits or PdfLimits())
+        warnings = drain_mupdf_warnings()
+    failures = [line for line in warnings if _LOAD_FAILURE.search(line)]
+    if failures and _blank(samples):
+        raise InvalidPdf(
+            f"Page {page} rendered blank because MuPDF could not read its content ({'; '.join(failures[:4])}). "
+            "The file is damaged.",
+            page=page,
+        )
+    note = None
+    if used_dpi < dpi:
+        note = (
+            f"Page {page} was rendered at {used_dpi} dpi instead of {dpi} dpi: at {dpi} dpi it would be "
+            f"{full_size[0]}x{full_size[1]} = {full_size[0] * full_size[1]} pixels, over the limit of "
+            f"{max_pixels} pixels."
+        )
+    return size, samples, used_dpi, note, warnings
+
+
+# MuPDF lines that mean content was dropped (an object or stream could not be loaded), not a cosmetic fix-up.
+_LOAD_FAILURE = re.compile(r"error|cannot|failed|overflow|too deep|too many", re.IGNORECASE)
+
+
+def _blank(samples: bytes) -> bool:
+    """Every pixel the same colour (RGB, no alpha)."""
+    pixels = np.frombuffer(samples, np.uint8)
+    return pixels.size == 0 or bool((pixels.reshape(-1, 3) == pixels[:3]).all())
+
+
+def _render_locked(
+    doc: pymupdf.Document, page: int, dpi: int, max_pixels: int, limits: PdfLimits
+) -> tuple[tuple[int, int], bytes, int, tuple[int, int]]:
+    """Render under MUPDF_LOCK and return plain bytes, so no MuPDF object outlives the lock
+    (their destructors call into MuPDF too)."""
+    import pymupdf
+
+    pg = pix = None
+    try:
+        pg = doc.load_page(page - 1)
+        rect = pg.rect  # the displayed box: CropBox with /Rotate applied
+        if rect.is_empty or rect.is_infinite:
+            raise InvalidPdf(f"Page {page} has an empty or invalid page size ({rect}); it cannot be rendered.")
+        check_page_images(doc, pg, page, limits)
+        full_size = _pixel_size(rect, dpi)
+        used_dpi = (
+            dpi if full_size[0] * full_size[1] <= max_pixels else _largest_fitting_dpi(rect, dpi, max_pixels, page)
+        )
+        zoom = used_dpi / 72
+        pix = pg.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), colorspace=pymupdf.csRGB, alpha=False)
+        samples = pix.samples
+        if pix.stride != pix.width * 3:  # MuPDF pads no RGB rows today; repack if it ever does
+            samples = b"".join(samples[y * pix.stride : y * pix.stride + pix.width * 3] for y in range(pix.height))
+        return (pix.width, pix.height), samples, used_dpi, full_size
+    except OcrError:
+        raise
+    except Exception as exc:
+        damaged = InvalidPdf(f"Page {page} of the PDF could not be rendered ({exc}). The file is damaged.", page=page)
+        raise memory_or(exc, damaged) from exc
+    finally:
+        pix = pg = None  # drop MuPDF objects here, inside the lock, not when a traceback is freed
+
+
+def drain_mupdf_warnings() -> tuple[str, ...]:
+    """MuPDF's warnings and errors since the last drain, de-duplicated. The store is process-global,
+    so the lines belong to the current call only because callers hold MUPDF_LOCK."""
+    import pymupdf
+
+    lines = (line.strip() for line in pymupdf.TOOLS.mupdf_warnings(reset=True).splitlines())
+    return tuple(dict.fromkeys(line for line in lines if line))[:_MAX_WARNINGS]
+
+
+def _pixel_size(rect: pymupdf.Rect, dpi: int) -> tuple[int, int]:
+    """The pixmap size MuPDF will produce: the transformed page box rounded by fz_round_rect."""
+    import pymupdf
+
+    box = (rect * pymupdf.Matrix(dpi / 72, dpi / 72)).irect
+    return box.width, box.height
+
+
+def _largest_fitting_dpi(rect: pymupdf.Rect, dpi: int, max_pixels: int, page: int) -> int:
+    """Largest integer dpi below `dpi` whose render fits in max_pixels (area grows with dpi^2)."""
+    area_at_72 = rect.width * rect.height
+    guess = max(1, min(dpi - 1, int(72 * math.sqrt(max_pixels / area_at_72))))
+
+    def fits(d: int) -> bool:
+        w, h = _pixel_size(rect, d)
+        return w * h <= max_pixels
+
+    while guess > 1 and not fits(guess):  # rounding can push the estimate just over the limit
+        guess -= 1
+    while guess + 1 < dpi and fits(guess + 1):
+        guess += 1
+    if not fits(guess):
+        w, h = _pixel_size(rect, 1)
+        raise PayloadTooLarge(
+            f"Page {page} is too large to render: even at 1 dpi it is {w}x{h} = {w * h} pixels, over the "
+            f"limit of {max_pixels} pixels.",
+            page=page,
+            max_pixels=max_pixels,
+        )
+    return guess
+
+
+# ------------------------------------------------------------------------------------ the child's loop
+
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits: PdfLimits) -> None:
+    """A render worker: answer ("open" | "render") messages one at a time; "forget" has no answer.
+
+    Replies are tuples: ("opened", page_count, metadata, repaired, warnings), ("page", size, page, dpi,
+    requested_dpi, reduced, note, warnings) followed by the RGB bytes as one raw message, ("error",
+    OcrError class name, detail, extra), or
+    ("memory", detail), after which the worker exits (its heap is suspect) and the parent replaces it.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # Linux: die with the server, even on kill -9
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        return  # the server died before prctl took effect
+    import pymupdf
+
+    pymupdf.TOOLS.mupdf_display_errors(False)  # errors are collected as warnings and answered instead
+    _limit_address_space(memory_limit_mb)
+    docs: OrderedDict[str, PdfSource] = OrderedDict()
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        op, doc_id, *args = message
+        if op == "forget":
+            with contextlib.suppress(Exception):
+                docs.pop(doc_id).close()
+            continue
+        pixels = None
+        try:
+            reply = _handle(docs, op, doc_id, args, limits)
+            if reply[0] != "opened":
+                reply, pixels = reply
+        except (MemoryLimitHit, MemoryError) as exc:
+            conn.send(("memory", str(exc)[:300]))
+            return
+        except OcrError as exc:
+            reply = ("error", type(exc).__name__, exc.detail, exc.extra)
+        conn.send(reply)
+        if pixels is not None:
+            conn.send_bytes(pixels)  # raw, after the small tuple: no pickled copy of a 120 MB page
+            del pixels
+
+
+def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list, limits: PdfLimits) -> tuple:
+    path, password, *rest = args
+    source = docs.pop(doc_id, None)
+    if source is None:  # "open" validates; "render" on another worker reopens an already validated file
+        max_pages = rest[0] if op == "open" else 10**9
+        source = open_pdf_file(path, password=password, max_pages=max_pages, limits=limits)
+    docs[doc_id] = source
+    while len(docs) > KEEP_OPEN:
+        docs.popitem(last=False)[1].close()
+    if op == "open":
+        return ("opened", source.page_count, source.metadata, source.repaired, source.warnings)
+    page, dpi, max_pixels = rest
+    size, samples, used_dpi, note, warnings = render_samples(
+        source, page, dpi=dpi, max_pixels=max_pixels, limits=limits
+    )
+    return ("page", size, page, used_dpi, dpi, used_dpi < dpi, note, warnings), samples
+
+
+def _limit_address_space(memory_limit_mb: int) -> None:
+    """RLIMIT_AS = what the worker has mapped after start-up + memory_limit_mb: a page that needs more
+    fails its allocation (answered as a memory problem) instead of growing the machine's RSS."""
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    limit = mapped + (memory_limit_mb << 20)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))

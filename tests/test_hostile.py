@@ -1,0 +1,366 @@
+"""Hostile files against the PDF render workers and the image decoder (issue 18, findings 1, 2, 3, 5).
+
+Each test builds its input here, small but of the same shape as the file the security review used,
+and checks: the right problem (status, type, a detail naming the cap), an ordinary PDF rendered at the
+same time succeeds, and no worker process is left once the pool is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import psutil
+import pymupdf
+import pytest
+from PIL import Image
+
+import inputs
+from errors import InvalidPdf, OcrError, PayloadTooLarge
+from pdf_limits import PdfLimits
+from pdf_render import RenderedPage, RenderPool
+
+ROOT = Path(__file__).resolve().parent.parent
+BIG = 100_000_000
+LIMITS = PdfLimits(max_stream_mb=8, max_objects=100_000, max_image_pixels=50_000_000, max_jpeg_scans=100)
+
+
+def build_pdf(objects: dict[int, bytes], *, size: int | None = None) -> bytes:
+    """A classic-xref PDF from numbered object bodies; object 1 is the catalog."""
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = {}
+    for number in sorted(objects):
+        offsets[number] = len(out)
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, objects[number])
+    xref, count = len(out), max(objects) + 1
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % count
+    out += b"".join(b"%010d 00000 n \n" % offsets[n] for n in range(1, count))
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (size or count, xref)
+    return bytes(out)
+
+
+def stream(data: bytes, extra: bytes = b"") -> bytes:
+    return b"<< /Length %d %s >>\nstream\n%s\nendstream" % (len(data), extra, data)
+
+
+def one_page(content: bytes, resources: bytes = b"<< >>", **more: bytes) -> bytes:
+    objects = {
+        1: b"<< /Type /Catalog /Pages 2 0 R >>",
+        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Resources %s /Contents 4 0 R >>" % resources,
+        4: stream(content),
+    }
+    objects.update({int(k[1:]): v for k, v in more.items()})
+    return build_pdf(objects)
+
+
+def objstm_bomb(zero_bytes: int) -> bytes:
+    """The catalog in an object stream, after `zero_bytes` of NULs (PDF whitespace), behind an xref stream."""
+    catalog = b"<< /Type /Catalog /Pages 2 0 R >>"
+    header = b"1 %d\n" % zero_bytes
+    packer = zlib.compressobj(9)
+    packed = packer.compress(header)
+    chunk = bytes(1 << 20)
+    for _ in range(zero_bytes >> 20):
+        packed += packer.compress(chunk)
+    packed += packer.compress(bytes(zero_bytes & 0xFFFFF) + catalog) + packer.flush()
+    out = bytearray(b"%PDF-1.7\n")
+    offsets = {}
+    bodies = {
+        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
+        4: stream(packed, b"/Type /ObjStm /N 1 /First %d /Filter /FlateDecode" % len(header)),
+    }
+    for number, body in bodies.items():
+        offsets[number] = len(out)
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    offsets[5] = len(out)
+    rows = [b"\x00" + bytes(4) + b"\xff\xff", b"\x02" + (4).to_bytes(4, "big") + bytes(2)]
+    rows += [b"\x01" + offsets[n].to_bytes(4, "big") + bytes(2) for n in (2, 3, 4, 5)]
+    out += b"5 0 obj\n%s\nendobj\n" % stream(b"".join(rows), b"/Type /XRef /Size 6 /W [1 4 2] /Root 1 0 R")
+    out += b"startxref\n%d\n%%%%EOF\n" % offsets[5]
+    return bytes(out)
+
+
+def progressive_jpeg(extra_scans: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A progressive JPEG followed by `extra_scans` empty scans (a scan header and no data)."""
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG", progressive=True)
+    data = buf.getvalue()
+    at = data.rfind(b"\xff\xda")
+    header = data[at : at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")]
+    return data[:-2] + header * extra_scans + b"\xff\xd9"
+
+
+def image_page(image: bytes, width: int, height: int, filt: bytes) -> bytes:
+    xobject = b"/Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace /DeviceRGB /BitsPerComponent 8 "
+    return one_page(
+        b"q 100 0 0 100 0 0 cm /Im1 Do Q",
+        b"<< /XObject << /Im1 5 0 R >> >>",
+        o5=stream(image, xobject % (width, height) + b"/Filter /" + filt),
+    )
+
+
+def jpx_claiming(width: int, height: int) -> bytes:
+    """A JPEG 2000 codestream header (SOC, SIZ for 3 components, EOC) claiming width x height."""
+    siz = (0).to_bytes(2, "big") + b"".join(v.to_bytes(4, "big") for v in (width, height, 0, 0, 512, 512, 0, 0))
+    siz += (3).to_bytes(2, "big") + b"\x07\x01\x01" * 3
+    return b"\xff\x4f\xff\x51" + (len(siz) + 2).to_bytes(2, "big") + siz + b"\xff\xd9"
+
+
+def jbig2_claiming(width: int, height: int) -> bytes:
+    """An embedded JBIG2 stream of one page information segment for a width x height page."""
+    header = (0).to_bytes(4, "big") + bytes([48, 0, 1]) + (19).to_bytes(4, "big")  # number, type, refs, page
+    return header + width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes(11)
+
+
+def text_pdf() -> bytes:
+    doc = pymupdf.open()
+    page = doc.new_page(width=200, height=200)
+    page.insert_text((20, 40), "An ordinary page", fontsize=12)
+    return doc.tobytes()
+
+
+def heavy_pdf(repeats: int = 40) -> bytes:
+    """A page drawing a form of 50,000 filled rectangles `repeats` times: ~50 ms of MuPDF work per repeat
+    (2 s at the default), from a 0.8 MB file."""
+    rects = b"".join(b"%d %d 3 3 re f\n" % (i % 197, (i // 197) % 197) for i in range(50_000))
+    form = stream(rects, b"/Type /XObject /Subtype /Form /BBox [0 0 200 200]")
+    return one_page(b"/Fm1 Do\n" * repeats, b"<< /XObject << /Fm1 5 0 R >> >>", o5=form)
+
+
+def nested_page(depth: int = 100_000) -> bytes:
+    """The page object is a dictionary nested `depth` deep: MuPDF cannot load it and draws nothing."""
+    nest = b"<< /A " * depth + b"1" + b" >>" * depth
+    objects = {
+        1: b"<< /Type /Catalog /Pages 2 0 R >>",
+        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        3: b"<< /Type /Page /Parent 2 0 R /X %s /MediaBox [0 0 200 200] /Contents 4 0 R >>" % nest,
+        4: stream(b"0 0 1 rg 10 10 100 100 re f"),
+    }
+    return build_pdf(objects)
+
+
+# ------------------------------------------------------------------------------------ harness
+
+
+def new_pool(workers: int = 2, **kw: float) -> RenderPool:
+    options = {"page_timeout_s": 30.0, "open_timeout_s": 30.0, "memory_limit_mb": 1024} | kw
+    return RenderPool(workers, limits=LIMITS, **options)  # type: ignore[arg-type]
+
+
+async def render(pool: RenderPool, data: bytes, page: int = 1, dpi: int = 72) -> RenderedPage:
+    async with pool.document(data, password=None, max_pages=10) as doc:
+        return await doc.render(page, dpi=dpi, max_pixels=BIG)
+
+
+def children() -> set[int]:
+    """Child processes of the test, but multiprocessing's resource tracker (started with the first
+    spawned process, shared by the whole test process, not a render worker)."""
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if not any("resource_tracker" in part for part in child.cmdline()):
+                found.add(child.pid)
+    return found
+
+
+def refused_beside_ordinary(
+    hostile: Callable[[RenderPool], Awaitable[object]], pool: RenderPool | None = None
+) -> tuple[OcrError, RenderPool]:
+    """Run `hostile` and an ordinary render at once; the ordinary one must succeed, the hostile one
+    must raise an OcrError (returned). Closes the pool and checks that no worker is left."""
+    before = children()
+    pool = pool or new_pool()
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(hostile(pool), render(pool, text_pdf()), return_exceptions=True)
+
+    try:
+        refused, ordinary = asyncio.run(scenario())
+        assert isinstance(ordinary, RenderedPage), ordinary
+        assert ordinary.image.size == (200, 200)
+        assert isinstance(refused, OcrError), refused
+        problem = refused.to_problem()
+        assert problem["status"] == refused.status and problem["type"].endswith(refused.slug)
+    finally:
+        pool.close()
+    assert children() <= before, "a render worker outlived its pool"
+    return refused, pool
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_objstm_bomb_is_refused_by_the_stream_cap_quickly() -> None:
+    assert asyncio.run(_render_closed(objstm_bomb(1000))).image.size == (200, 200)  # the shape is a valid PDF
+    started = time.perf_counter()
+    err, _ = refused_beside_ordinary(lambda pool: render(pool, objstm_bomb(16 << 20)))
+    assert isinstance(err, PayloadTooLarge) and err.status == 413
+    assert "PDF_MAX_STREAM_MB" in err.detail and "8 MB" in err.detail, err.detail
+    assert time.perf_counter() - started < 15
+
+
+async def _render_closed(data: bytes) -> RenderedPage:
+    pool = new_pool(1)
+    try:
+        return await render(pool, data)
+    finally:
+        pool.close()
+
+
+def test_xref_size_8388607_is_refused_before_mupdf_allocates() -> None:
+    data = build_pdf(
+        {1: b"<< /Type /Catalog /Pages 2 0 R >>", 2: b"<< /Type /Pages /Kids [] /Count 0 >>"}, size=8388607
+    )
+    err, _ = refused_beside_ordinary(lambda pool: render(pool, data))
+    assert err.status == 413 and "PDF_MAX_OBJECTS" in err.detail and "8388607" in err.detail, err.detail
+
+
+def test_progressive_jpeg_of_20000_scans_is_refused_before_decoding() -> None:
+    data = progressive_jpeg(20_000)
+    started = time.perf_counter()
+    for call in (lambda: inputs.image_info(data), lambda: inputs.decode_image(data, max_pixels=BIG)):
+        with pytest.raises(PayloadTooLarge) as caught:
+            call()
+        assert "JPEG_MAX_SCANS" in caught.value.detail and "20010 scans" in caught.value.detail, caught.value.detail
+    assert time.perf_counter() - started < 1
+    assert inputs.decode_image(progressive_jpeg(20), max_pixels=BIG).size == (64, 64)  # under the cap: decodes
+    # The same JPEG inside a PDF is refused by the render worker before MuPDF decodes it.
+    err, _ = refused_beside_ordinary(lambda pool: render(pool, image_page(data, 64, 64, b"DCTDecode")))
+    assert err.status == 413 and "JPEG_MAX_SCANS" in err.detail, err.detail
+
+
+def test_page_past_the_deadline_kills_only_its_worker() -> None:
+    pool = new_pool(2, page_timeout_s=0.3)
+    started = time.perf_counter()
+    err, _ = refused_beside_ordinary(lambda p: render(p, heavy_pdf()), pool)
+    assert err.status == 413 and "PDF_RENDER_TIMEOUT_S" in err.detail and "0.3 s" in err.detail, err.detail
+    assert time.perf_counter() - started < 20
+
+
+def test_cancelled_render_kills_its_worker_and_no_other_page() -> None:
+    """A client that leaves (task cancelled) mid-render: its worker dies at once, the others carry on."""
+    before = children()
+    pool = new_pool(2)
+
+    async def scenario() -> None:
+        light = asyncio.create_task(render(pool, text_pdf()))
+        async with pool.document(heavy_pdf(400), password=None, max_pages=10) as doc:
+            heavy = asyncio.create_task(doc.render(1, dpi=72, max_pixels=BIG))
+            await asyncio.sleep(0.3)
+            busy = set(pool.pids())
+            heavy.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await heavy
+        assert (await light).image.size == (200, 200)
+        assert len(busy - set(pool.pids())) == 1  # exactly one worker (the heavy page's) was killed
+        assert os.listdir(pool.spill_dir) == []  # both documents' spill files went with their blocks
+        assert (await render(pool, text_pdf())).image.size == (200, 200)  # and the pool still renders
+        for pid in pool.pids():  # idle workers killed from outside (OOM killer, operator): replaced on use
+            os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.3)
+        assert (await render(pool, text_pdf())).image.size == (200, 200)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert children() <= before
+
+
+def test_jpx_image_of_24000_by_24000_is_refused_before_decoding() -> None:
+    declared = image_page(jpx_claiming(24000, 24000), 24000, 24000, b"JPXDecode")
+    err, _ = refused_beside_ordinary(lambda pool: render(pool, declared))
+    assert err.status == 413 and "24000x24000" in err.detail and "PDF_MAX_IMAGE_PIXELS" in err.detail, err.detail
+    # The dictionary may lie: the codestream's own size counts too.
+    for lying in (
+        image_page(jpx_claiming(24000, 24000), 16, 16, b"JPXDecode"),
+        image_page(jbig2_claiming(24000, 24000), 16, 16, b"JBIG2Decode"),
+    ):
+        err, _ = refused_beside_ordinary(lambda p, data=lying: render(p, data))
+        assert err.status == 413 and "24000x24000" in err.detail and "PDF_MAX_IMAGE_PIXELS" in err.detail, err.detail
+
+
+def test_page_object_nested_100k_deep_is_a_failed_page_not_a_blank_one() -> None:
+    err, _ = refused_beside_ordinary(lambda pool: render(pool, nested_page()))
+    assert isinstance(err, InvalidPdf) and err.status == 400, err.detail
+    assert "rendered blank" in err.detail and "cannot load object" in err.detail, err.detail
+
+
+def test_page_over_the_memory_limit_is_refused_and_its_worker_replaced() -> None:
+    pool = new_pool(2, memory_limit_mb=64)  # a 200 pt page at 2400 dpi is 6667x6667 RGB = 133 MB
+    err, _ = refused_beside_ordinary(lambda p: render(p, text_pdf(), dpi=2400), pool)
+    assert err.status == 413 and "PDF_RENDER_MEMORY_MB" in err.detail and "64 MB" in err.detail, err.detail
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+SERVER = """
+import asyncio, json, sys
+import pdf_render
+
+async def main():
+    pool = pdf_render.RenderPool(2, page_timeout_s=60, open_timeout_s=30, memory_limit_mb=1024, spill_dir=sys.argv[1])
+    async with pool.document(open(sys.argv[2], "rb").read(), password=None, max_pages=5) as doc:
+        rendered = await doc.render(1, dpi=72, max_pixels=10**8)
+        async with pool.document(open(sys.argv[3], "rb").read(), password=None, max_pages=5) as heavy:
+            busy = asyncio.create_task(heavy.render(1, dpi=72, max_pixels=10**8))  # ~20 s of MuPDF work
+            await asyncio.sleep(0.5)
+            report = {"pids": pool.pids(), "spill": pool.spill_dir, "size": rendered.image.size}
+            report |= {"busy": not busy.done(), "pymupdf_in_server": "pymupdf" in sys.modules}
+            print(json.dumps(report), flush=True)
+            await busy
+
+asyncio.run(main())
+"""
+
+
+def test_workers_die_with_the_server_and_its_spill_files_are_cleaned_on_start(tmp_path: Path) -> None:
+    """kill -9 of the server: its workers die too, the one mid-render included (PR_SET_PDEATHSIG), and
+    the next pool started on the same spill directory removes the dead server's files. The server
+    process itself never loads PyMuPDF."""
+    (tmp_path / "doc.pdf").write_bytes(text_pdf())
+    (tmp_path / "heavy.pdf").write_bytes(heavy_pdf(400))  # ~20 s of rendering
+    spill_base = tmp_path / "spill"
+    spill_base.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER, str(spill_base), str(tmp_path / "doc.pdf"), str(tmp_path / "heavy.pdf")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        report = json.loads(server.stdout.readline())
+    finally:
+        server.kill()
+        server.wait()
+    assert report["size"] == [200, 200] and report["busy"] and not report["pymupdf_in_server"], report
+    assert report["pids"] and os.listdir(report["spill"]), report  # workers ran; the spill file is there
+    deadline = time.monotonic() + 2  # the busy worker had seconds of rendering left
+    while any(running(pid) for pid in report["pids"]):
+        assert time.monotonic() < deadline, "render workers outlived a killed server"
+        time.sleep(0.1)
+    pool = RenderPool(1, page_timeout_s=1, open_timeout_s=1, memory_limit_mb=64, spill_dir=str(spill_base))
+    try:
+        assert not os.path.exists(report["spill"])
+        assert os.listdir(spill_base) == [os.path.basename(pool.spill_dir)]
+    finally:
+        pool.close()
+    assert os.listdir(spill_base) == []

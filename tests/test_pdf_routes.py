@@ -103,10 +103,9 @@ def test_pdf_download_zip_members(base_url: str) -> None:
     assert r.headers["content-disposition"] == 'attachment; filename="report.zip"', show(r)
     archive = zipfile.ZipFile(io.BytesIO(r.content))
     names = set(archive.namelist())
-    assert {"report.md", "report_det.mmd", "report_layouts.pdf", "pages.json"} <= names, names
-    assert all(
-        n.startswith("images/") for n in names - {"report.md", "report_det.mmd", "report_layouts.pdf", "pages.json"}
-    ), names
+    fixed = {"report.md", "report_det.mmd", "report_layouts.pdf", "report_searchable.pdf", "pages.json"}
+    assert fixed <= names, names
+    assert all(n.startswith("images/") for n in names - fixed), names
     manifest = json.loads(archive.read("pages.json"))
     assert [p["page"] for p in manifest["pages"]] == [1, 2, 3, 4, 5], manifest
     assert all("usage" in p and "blocks" in p and "status" in p for p in manifest["pages"]), manifest
@@ -122,7 +121,7 @@ def test_download_of_a_non_ascii_name(base_url: str) -> None:
     assert r.status_code == 200, show(r)
     assert r.headers["content-disposition"].endswith("filename*=UTF-8''%E5%B9%B4%E5%A0%B1%202024.zip"), show(r)
     names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
-    assert sorted(names) == ["pages.json", "年報 2024.md", "年報 2024_det.mmd"], names
+    assert sorted(names) == ["pages.json", "年報 2024.md", "年報 2024_det.mmd", "年報 2024_searchable.pdf"], names
 
 
 def test_page_selection_keeps_truncated_pages(base_url: str) -> None:

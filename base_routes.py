@@ -77,8 +77,9 @@ def health_body(request: Request) -> HealthResponse:
     engine = admission.primary
     h = engine.health()
     ready = admission.ready
+    restarting = not ready and any(getattr(e, "restarting", False) for e in admission.engines)
     return HealthResponse(
-        status="ok" if ready else "not_ready",
+        status="ok" if ready else "restarting" if restarting else "not_ready",
         ready=ready,
         engine=engine.name,
         model=request.app.state.settings.model_path,
@@ -94,6 +95,7 @@ def health_body(request: Request) -> HealthResponse:
             EngineState(
                 name=e.name,
                 ready=e.ready,
+                restarting=getattr(e, "restarting", False),
                 reason=(eh := e.health()).reason,
                 in_flight=admission.busy(e),
                 max_concurrency=e.max_concurrency,
@@ -101,6 +103,8 @@ def health_body(request: Request) -> HealthResponse:
             )
             for e in admission.engines
         ],
+        restarts=service.supervisor.restarts,
+        quarantined=len(service.supervisor.quarantined),
     )
 
 

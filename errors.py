@@ -83,6 +83,10 @@ class ValidationFailed(OcrError):
     status, slug, title = 422, "validation-error", "The request parameters are invalid"
 
 
+class PoisonInput(ValidationFailed):
+    slug, title = "quarantined-input", "This input crashed the engine and is quarantined"
+
+
 class ServiceUnavailable(OcrError):
     status, slug, title = 503, "service-unavailable", "The service cannot take this request now"
 

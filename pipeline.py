@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,6 +28,7 @@ import ocr_utils
 from admission import Admission
 from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
+from engines.supervisor import EngineSupervisor
 from errors import BadRequest, OcrError, ServiceUnavailable, ValidationFailed
 from process.image_process import MODES, ModeSpec
 from searchable_pdf import searchable_from_images
@@ -108,9 +110,11 @@ class OcrRequest:
         )
         return cls(text, spec, sampling)
 
-    def engine_request(self, image: Image.Image | None, *, stream: bool = False) -> EngineRequest:
+    def engine_request(
+        self, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
+    ) -> EngineRequest:
         sampling = SamplingParams(**vars(self.sampling))  # engines may not share one mutable object
-        return EngineRequest(self.prompt, image, self.mode, sampling, stream=stream)
+        return EngineRequest(self.prompt, image, self.mode, sampling, stream=stream, input_hash=input_hash)
 
 
 # --------------------------------------------------------------------------------------- results
@@ -204,9 +208,17 @@ def postprocess(
 class OcrService:
     """Turns items into results through admission and the engines; shared by every router."""
 
-    def __init__(self, settings: Settings, admission: Admission, executor: Executor, render_pool: Any) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        admission: Admission,
+        executor: Executor,
+        render_pool: Any,
+        supervisor: EngineSupervisor | None = None,
+    ) -> None:
         self.settings = settings
         self.admission = admission
+        self.supervisor = supervisor or EngineSupervisor(admission.engines, enabled=False)
         self.executor = executor
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
@@ -228,8 +240,11 @@ class OcrService:
         return await loop.run_in_executor(self.executor, call)
 
     async def generate(self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False) -> EngineResult:
+        """One engine call on one admission slot; a quarantined input is refused before it can crash anything."""
+        input_hash = await self.blocking(content_hash, image) if image is not None else None
+        self.supervisor.check(input_hash)
         async with self.admission.slot(request.mode) as slot:
-            return await slot.engine.generate(request.engine_request(image, stream=stream))
+            return await slot.engine.generate(request.engine_request(image, stream=stream, input_hash=input_hash))
 
     async def image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None = None,
@@ -329,6 +344,14 @@ class DocumentRun:
 
     def counts(self) -> dict[str, int]:
         return {s: sum(p.status == s for p in self.pages) for s in ("ok", "truncated", "failed", "aborted")}
+
+
+def content_hash(image: Image.Image) -> str:
+    """The decoded pixels' identity: the same picture in another file format is the same input."""
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def _bug(exc: Exception) -> OcrError:

@@ -101,6 +101,7 @@ class RootResponse(BaseModel):
 class EngineState(BaseModel):
     name: str = Field(description="torch, vllm, or none", examples=["vllm"])
     ready: bool
+    restarting: bool = Field(False, description="A dead engine being restarted by the service")
     reason: str | None = Field(None, description="Why it is not ready")
     in_flight: int = Field(description="Items holding one of its slots now")
     max_concurrency: int = Field(description="Its own in-flight limit")
@@ -108,7 +109,9 @@ class EngineState(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "not_ready"] = Field(description="`ok` when OCR requests can be served")
+    status: Literal["ok", "not_ready", "restarting"] = Field(
+        description="`ok` when OCR requests can be served; `restarting` while a dead engine is being restarted"
+    )
     ready: bool
     engine: str
     model: str | None = Field(description="MODEL_PATH in use")
@@ -121,6 +124,8 @@ class HealthResponse(BaseModel):
     uptime_s: float
     detail: dict[str, Any] = Field(default_factory=dict, description="Engine specifics (device, dtype, ...)")
     engines: list[EngineState] = Field(default_factory=list, description="Every engine behind the service")
+    restarts: int = Field(0, description="Engine restarts since the service started")
+    quarantined: int = Field(0, description="Inputs refused because they crashed an engine twice")
 
 
 class LimitsModel(BaseModel):

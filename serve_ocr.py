@@ -31,6 +31,7 @@ from admission import Admission
 from config import Settings, load_settings
 from engines import DEMO_NOTICE, EngineFactory, start_engines
 from engines.base import UnavailableEngine
+from engines.supervisor import EngineSupervisor
 from errors import PROBLEM_MEDIA_TYPE, OcrError
 from middleware import install_middleware
 from pdf_limits import PdfLimits
@@ -57,7 +58,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def build_service(settings: Settings, engines: list[Any], executor: Any, render_pool: Any) -> OcrService:
-    return OcrService(settings, Admission(engines, max_queue=settings.max_queue), executor, render_pool)
+    supervisor = EngineSupervisor(engines, enabled=settings.engine_restart)
+    return OcrService(settings, Admission(engines, max_queue=settings.max_queue), executor, render_pool, supervisor)
 
 
 @contextlib.asynccontextmanager
@@ -79,9 +81,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engines = await start_engines(settings, app.state.engine_factory)
     app.state.service = service = build_service(settings, engines, executor, render_pool)
     service.observers.append(observability.item_observer(app.state.metrics))
+    service.supervisor.start()
     try:
         yield
     finally:
+        await service.supervisor.stop()
         for engine in engines:
             await engine.close()
         executor.shutdown(wait=False, cancel_futures=True)

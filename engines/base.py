@@ -36,6 +36,8 @@ class EngineRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # False when the caller only wants the end result: vLLM then sends no per-step deltas.
     stream: bool = False
+    # Content hash of the image: an input in flight when an engine dies gets a strike (engines.supervisor).
+    input_hash: str | None = None
 
 
 @dataclass
@@ -109,8 +111,13 @@ class BaseEngine:
         self.peak_running = 0  # the most at once since start: admission must keep it <= max_concurrency
         self.completed = 0
         self.demo = False
+        self.started = False  # has served at least once: only those are restarted when they die
+        self.restarting = False
         self._ready = False
         self._reason: str | None = "the engine is starting"
+        self._inputs: dict[str, str] = {}  # request id -> input hash, for requests in flight
+        self._crash_inputs: set[str] = set()
+        self._retry_after = 30
 
     # --- the interface -------------------------------------------------------------------------
     @property
@@ -123,6 +130,32 @@ class BaseEngine:
 
     def health(self) -> EngineHealth:
         return EngineHealth(self._ready, self._reason, self.running)
+
+    def set_ready(self) -> None:
+        """Subclasses call this at the end of a successful `start`."""
+        self._ready, self._reason, self.started, self.restarting = True, None, True, False
+
+    def mark_dead(self, reason: str) -> None:
+        """The engine can no longer serve: what is in flight now is suspect (see `take_crash_inputs`)."""
+        if self._ready:
+            self._crash_inputs.update(self._inputs.values())
+        self._ready, self._reason = False, reason
+
+    def take_crash_inputs(self) -> set[str]:
+        inputs, self._crash_inputs = self._crash_inputs, set()
+        return inputs
+
+    def mark_restarting(self, attempt: int, reason: str | None, *, next_in_s: float | None = None) -> None:
+        self.restarting = True
+        self._retry_after = int(next_in_s or 30)
+        when = f"; next try in {next_in_s:.0f} s" if next_in_s else ""
+        self._reason = f"restarting (attempt {attempt}) after: {reason}{when}"
+
+    async def restart(self) -> None:
+        """Start again in place after a death (the supervisor calls this)."""
+        with contextlib.suppress(Exception):
+            await self.close()
+        await self.start()
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -155,6 +188,8 @@ class BaseEngine:
         self.check_mode(request.mode)
         self.running += 1
         self.peak_running = max(self.peak_running, self.running)
+        if request.input_hash is not None:
+            self._inputs[request.request_id] = request.input_hash
         finished = False
         try:
             async for chunk in self._stream(request):
@@ -164,6 +199,7 @@ class BaseEngine:
         finally:
             self.running -= 1
             self.completed += 1
+            self._inputs.pop(request.request_id, None)
             if not finished:
                 # Cancelled (deadline, disconnect) or failed: free the engine's work now.
                 with contextlib.suppress(Exception):
@@ -184,7 +220,7 @@ def not_ready(engine: Engine) -> ModelNotReady:
     """503 for an engine that cannot serve: with Retry-After while it may come back, without when it cannot."""
     reason = engine.health().reason or "the model is not loaded"
     if engine.recoverable:
-        return ModelNotReady(reason, retry_after=30)
+        return ModelNotReady(reason, retry_after=getattr(engine, "_retry_after", 30))
     return ModelNotReady(reason, retry_after=None)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from config import Settings
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, Usage
-from errors import BadRequest, OcrError, PromptTooLong
+from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
 
 log = logging.getLogger("deepseek_ocr.engine.torch")
 
@@ -46,6 +46,7 @@ class TorchEngine(BaseEngine):
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._by_id: dict[str, _Job] = {}
         self._worker: threading.Thread | None = None
+        self._closing = False
         self.device = device or settings.device
         self.dtype = settings.dtype
         self.decoding = 0  # rows the worker is decoding now; an aborted row leaves within one step
@@ -69,9 +70,11 @@ class TorchEngine(BaseEngine):
             dtype=self.dtype,
             max_model_len=self.settings.max_model_len,
         )
+        self._jobs = queue.Queue()
+        self._closing = False
         self._worker = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._worker.start()
-        self._ready, self._reason = True, None
+        self.set_ready()
 
     @property
     def ready(self) -> bool:
@@ -80,7 +83,7 @@ class TorchEngine(BaseEngine):
 
     def _check_worker(self) -> None:
         if self._ready and self._worker is not None and not self._worker.is_alive():
-            self._ready, self._reason = False, "the engine worker thread died; restart the service"
+            self.mark_dead("the PyTorch engine's worker thread stopped")
 
     def health(self) -> EngineHealth:
         self._check_worker()
@@ -89,6 +92,7 @@ class TorchEngine(BaseEngine):
         return h
 
     async def close(self) -> None:
+        self._closing = True
         await super().close()
         for job in list(self._by_id.values()):
             job.cancelled.set()
@@ -120,6 +124,17 @@ class TorchEngine(BaseEngine):
 
     # --- worker thread -------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # However the thread ends, nobody may wait for it: every request still here gets a 503.
+            if not self._closing:
+                self.mark_dead("the PyTorch engine's worker thread stopped")
+            gone = ModelNotReady("the engine stopped while this request was running; retry", retry_after=30)
+            for job in list(self._by_id.values()):
+                self._deliver(job, gone)
+
+    def _serve(self) -> None:
         while True:
             first = self._jobs.get()
             if first is None:

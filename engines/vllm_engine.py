@@ -299,7 +299,7 @@ class VllmEngine(BaseEngine):
             self._engine.shutdown()
             self._engine = None
             raise
-        self._ready, self._reason = True, None
+        self.set_ready()
 
     async def _warm_up(self) -> None:
         """Run each prompt shape once before reporting ready.
@@ -346,9 +346,9 @@ class VllmEngine(BaseEngine):
         return h
 
     def _mark_dead(self) -> None:
-        self._ready = False
-        self._reason = "the vLLM engine core died (see the service log for its error); restart the service"
-        log.error("%s", self._reason)
+        if self._ready:
+            self.mark_dead("the vLLM engine core died (see the service log for its error)")
+            log.error("%s", self._reason)
 
     async def close(self) -> None:
         await super().close()

@@ -25,6 +25,7 @@ class ReplayEngine(BaseEngine):
         finish_reason: str = "stop",
         fail_on_size: tuple[int, int] | None = None,
         delay_s: float = 0.0,
+        crash_on: Callable[[EngineRequest], bool] | None = None,
     ) -> None:
         super().__init__(max_concurrency)
         self.text = text
@@ -34,13 +35,16 @@ class ReplayEngine(BaseEngine):
         self.delay_s = delay_s
         self.requests: list[EngineRequest] = []
         self.aborted: list[str] = []
+        self.starts = 0
+        self.crash_on = crash_on
 
     async def start(self) -> None:
-        self._ready, self._reason = True, None
+        self.starts += 1
+        self.set_ready()
 
     def kill(self, reason: str = "the replay engine died") -> None:
         """What a crashed engine looks like to the service: not ready, and its calls fail with 503."""
-        self._ready, self._reason = False, reason
+        self.mark_dead(reason)
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -49,6 +53,9 @@ class ReplayEngine(BaseEngine):
         self.requests.append(request)
         if request.image is not None and request.image.size == self.fail_on_size:
             raise OcrError("the engine failed on this request: replayed failure")
+        if self.crash_on is not None and self.crash_on(request):
+            self.kill("the replay engine crashed on this input")  # as a vLLM engine core dies on a poison image
+            self.require_ready()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         self.require_ready()  # a kill() while this request waited ends it like a dead engine would

@@ -1,0 +1,86 @@
+"""Self-healing engines and the quarantine of poison inputs, over real HTTP.
+
+A real PyTorch engine (tiny checkpoint) whose worker thread is stopped mid-load comes back without a
+restart of the server; a replay engine standing in for a model that crashes on one image shows that image
+quarantined after its second crash, while other requests keep being served.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from replay import ReplayEngine, factory
+from server import make_settings, serve_app, show
+from test_service import png_bytes
+
+from serve_ocr import create_app
+
+POISON_SIZE = (333, 222)
+
+
+def wait_ready(url: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = httpx.get(url + "/health", timeout=5).json()
+        if body["ready"]:
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"not ready again after {timeout} s: {body}")
+
+
+def test_torch_engine_worker_stopped_mid_load_comes_back(tiny_checkpoint: Path) -> None:
+    app = create_app(make_settings(tiny_checkpoint, default_max_tokens=64, max_concurrency=2))
+    with serve_app(app) as url:
+        engine = app.state.service.admission.engines[0]
+
+        def ocr(_: int) -> httpx.Response:
+            return httpx.post(url + "/ocr/image/simple", files={"file": ("a.png", png_bytes(200, 120))}, timeout=120)
+
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(ocr, i) for i in range(6)]
+            while engine.batches == 0:  # the load is running
+                time.sleep(0.01)
+            engine._jobs.put(None)  # the worker thread ends, as it would on a fatal error
+            answers = [f.result() for f in futures]
+        assert {r.status_code for r in answers} <= {200, 503}, [show(r) for r in answers]
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers["content-type"].startswith("application/problem+json") and r.headers["retry-after"]
+        health = wait_ready(url)
+        assert health["restarts"] >= 1 and health["engines"][0]["ready"], health
+        r = ocr(0)
+        assert r.status_code == 200, show(r)
+        assert engine.runtime is not None and engine._worker.is_alive()
+
+
+def test_poison_input_is_quarantined_after_two_crashes(tiny_checkpoint: Path) -> None:
+    engine = ReplayEngine("# fine\n", crash_on=lambda req: req.image is not None and req.image.size == POISON_SIZE)
+    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))
+    poison = {"file": ("poison.png", png_bytes(*POISON_SIZE))}
+    with serve_app(app) as url:
+        for crash in (1, 2):
+            r = httpx.post(url + "/ocr/image/simple", files=poison, timeout=30)
+            assert r.status_code == 503 and r.headers.get("retry-after"), show(r)
+            assert "crashed on this input" in r.json()["detail"], show(r)
+            health = wait_ready(url)
+            assert health["restarts"] == crash, health
+        r = httpx.post(url + "/ocr/image/simple", files=poison, timeout=30)
+        assert r.status_code == 422, show(r)
+        body = r.json()
+        assert body["type"].endswith("/quarantined-input") and "crashed the engine 2 times" in body["detail"], body
+        # The same picture in another format is the same input.
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(png_bytes(*POISON_SIZE))).save(buf, format="BMP")
+        r = httpx.post(url + "/ocr/image/simple", files={"file": ("poison.bmp", buf.getvalue())}, timeout=30)
+        assert r.status_code == 422, show(r)
+        ok = httpx.post(url + "/ocr/image/simple", files={"file": ("ok.png", png_bytes(64, 48))}, timeout=30)
+        assert ok.status_code == 200, show(ok)
+        health = httpx.get(url + "/health").json()
+        assert health["quarantined"] == 1 and health["restarts"] == 2 and engine.starts == 3, health

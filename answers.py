@@ -88,6 +88,8 @@ def image_response(result: ItemResult, mode: str) -> ImageOcrResponse:
         mode=mode,  # type: ignore[arg-type]
         usage=usage_model(result.usage),
         elapsed_s=result.elapsed_s,
+        attempts=result.attempts,
+        retries=result.retries,
     )
 
 
@@ -117,6 +119,8 @@ def page_model(p: ItemResult) -> PdfPageModel:
         note=p.note,
         finish_reason=p.finish_reason,  # type: ignore[arg-type]
         usage=usage_model(p.usage),
+        attempts=p.attempts,
+        retries=p.retries,
     )
 
 
@@ -129,6 +133,7 @@ def pdf_totals(run: DocumentRun) -> dict[str, Any]:
         "pages_truncated": counts["truncated"],
         "pages_failed": counts["failed"],
         "pages_aborted": counts["aborted"],
+        "pages_retried": counts["retried"] + counts["degraded"],
         "usage": total_usage(run.pages),
         "dpi": run.dpi,
         "mode": run.mode,
@@ -278,6 +283,7 @@ def batch_totals(results: list[ItemResult]) -> dict[str, Any]:
         truncated=sum(r.status == "truncated" for r in results),
         failed=sum(r.status == "failed" for r in results),
         aborted=sum(r.status == "aborted" for r in results),
+        retried=sum(r.status in ("retried", "degraded") for r in results),
         usage=total_usage(results),
     ).model_dump()
 
@@ -292,6 +298,8 @@ def file_fields(index: int, filename: str, r: ItemResult) -> dict[str, Any]:
         "usage": usage_model(r.usage) if r.finish_reason is not None else None,
         "width": r.width,
         "height": r.height,
+        "attempts": r.attempts,
+        "retries": r.retries,
     }
 
 

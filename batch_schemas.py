@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from schemas import STATUS_TEXT, FinishReason, ItemStatus, UsageModel
+from schemas import STATUS_TEXT, FinishReason, ItemStatus, RetryModel, UsageModel
 
 FileStatus = ItemStatus
 _STATUS = STATUS_TEXT
@@ -29,6 +29,7 @@ class BatchTotals(BaseModel):
     truncated: int = Field(description="Files that stopped at max_tokens (`status=truncated`)", examples=[1])
     failed: int = Field(description="Files that failed (`status=failed`)", examples=[1])
     aborted: int = Field(0, description="Files the engine aborted (`status=aborted`)", examples=[0])
+    retried: int = Field(0, description="Files that needed the retry ladder (`retried`, `degraded`)", examples=[0])
     usage: UsageModel = Field(description="Token usage summed over the files")
 
 
@@ -47,6 +48,8 @@ class BatchFileResult(BaseModel):
     error: dict[str, Any] | None = Field(None, description=_ERROR, examples=[_PROBLEM_EXAMPLE])
     finish_reason: FinishReason | None = Field(None, description="`stop` at end of text, `length` at max_tokens")
     usage: UsageModel | None = Field(None, description="Tokens of this file; null when it never reached the model")
+    attempts: int = Field(1, description="Generations run for it (more than 1 when the retry ladder ran)")
+    retries: list[RetryModel] = Field(default_factory=list, description="The retry ladder's attempts, if any")
     width: int | None = Field(None, description="Image width in pixels (EXIF applied); null if undecodable")
     height: int | None = Field(None, description="Image height in pixels (EXIF applied); null if undecodable")
 

@@ -95,6 +95,7 @@ class Settings(BaseSettings):
     pdf_max_objects: int = Field(1_000_000, ge=1000, le=100_000_000, description="Largest xref /Size of a PDF")
     pdf_max_image_pixels: int = Field(100_000_000, ge=1_000_000, le=2_000_000_000, description="Largest PDF image")
 
+    retry_ladder: bool = Field(True, description="Retry runaway pages: tighter n-gram guard, other mode, Free OCR")
     engine_restart: bool = Field(True, description="Restart a dead engine in place, with backoff")
     api_key: SecretStr | None = Field(None, description="One key or several, comma-separated")
     log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"

@@ -209,7 +209,7 @@ def configure_logging(settings: Settings) -> logging.Handler:
 
 # ------------------------------------------------------------------------------------------------- metrics
 
-ITEM_STATUSES = ("ok", "truncated", "failed", "aborted")
+ITEM_STATUSES = ("ok", "truncated", "failed", "aborted", "retried", "degraded")
 TOKEN_KINDS = ("prompt", "image", "completion")
 # Image tokens per mode (FACTS): tiny 73, small 111, base 273, large 421, gundam 273 + 110 per tile (2..6).
 IMAGE_TOKEN_BUCKETS = (73, 111, 273, 421, 493, 603, 713, 823, 933, 2048)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from schemas import STATUS_TEXT, BlockModel, CropModel, FinishReason, ItemStatus, ModeName, UsageModel
+from schemas import STATUS_TEXT, BlockModel, CropModel, FinishReason, ItemStatus, ModeName, RetryModel, UsageModel
 
 PageStatus = ItemStatus
 
@@ -29,6 +29,8 @@ class PdfPageModel(BaseModel):
         None, description="`stop` at end of text, `length` at max_tokens; null when generation did not run"
     )
     usage: UsageModel = Field(description="Tokens of this page (zeros when it failed before generation)")
+    attempts: int = Field(1, description="Generations run for it (more than 1 when the retry ladder ran)")
+    retries: list[RetryModel] = Field(default_factory=list, description="The retry ladder's attempts, if any")
 
 
 class PdfOcrResponse(BaseModel):
@@ -58,6 +60,7 @@ class PdfOcrResponse(BaseModel):
     pages_truncated: int = Field(description="Pages with status `truncated`", examples=[1])
     pages_failed: int = Field(description="Pages with status `failed`", examples=[0])
     pages_aborted: int = Field(0, description="Pages with status `aborted`", examples=[0])
+    pages_retried: int = Field(0, description="Pages with status `retried` or `degraded`", examples=[0])
     usage: UsageModel = Field(description="Tokens summed over the processed pages")
     dpi: int = Field(description="Resolution asked for (see each page's `dpi` for the one used)", examples=[144])
     mode: ModeName = Field(description="Resolution mode used")

@@ -19,12 +19,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from PIL import Image
 
 import inputs
 import ocr_utils
+import retry_ladder
 from admission import Admission
 from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
@@ -35,7 +36,7 @@ from searchable_pdf import searchable_from_images
 
 log = logging.getLogger("deepseek_ocr.service")
 T = TypeVar("T")
-ItemStatus = Literal["ok", "truncated", "failed", "aborted"]
+ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]
 SAMPLING_EPS = 1e-5  # below vLLM's sampling epsilon a temperature means greedy
 
 
@@ -165,6 +166,8 @@ class ItemResult:
     note: str | None = None
     render_warnings: tuple[str, ...] = ()
     elapsed_s: float = 0.0
+    attempts: int = 1
+    retries: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt after the first
 
     def fail(self, exc: OcrError) -> ItemResult:
         self.status, self.error, self.problem = "failed", exc.detail, exc.to_problem()
@@ -239,9 +242,12 @@ class OcrService:
         call = functools.partial(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
         return await loop.run_in_executor(self.executor, call)
 
-    async def generate(self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False) -> EngineResult:
+    async def generate(
+        self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
+    ) -> EngineResult:
         """One engine call on one admission slot; a quarantined input is refused before it can crash anything."""
-        input_hash = await self.blocking(content_hash, image) if image is not None else None
+        if input_hash is None and image is not None:
+            input_hash = await self.blocking(content_hash, image)
         self.supervisor.check(input_hash)
         async with self.admission.slot(request.mode) as slot:
             return await slot.engine.generate(request.engine_request(image, stream=stream, input_hash=input_hash))
@@ -250,18 +256,36 @@ class OcrService:
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None = None,
         kind: str = "image", dpi: int | None = None,
     ) -> ItemResult:
-        """Engine + post-processing of one decoded image; errors propagate (the caller decides)."""
+        """Engine (with the retry ladder) + post-processing of one decoded image; errors propagate."""
         started = time.perf_counter()
         result = ItemResult(label, width=image.width, height=image.height, dpi=dpi)
-        out = await self.generate(request, image)
+        input_hash = await self.blocking(content_hash, image)
+        out = await self.generate(request, image, input_hash=input_hash)
         result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
         result.status = item_status(out.finish_reason)
         if result.status == "aborted":
             result.error = "the engine aborted this item's generation"
-        result.post = await self.blocking(postprocess, out.text, image, label=label, options=options, dpi=dpi)
+        if self.settings.retry_ladder and retry_ladder.runaway(out.text, out.finish_reason):
+            await self._climb(request, image, input_hash, result)
+        result.post = await self.blocking(postprocess, result.text, image, label=label, options=options, dpi=dpi)
         result.elapsed_s = round(time.perf_counter() - started, 4)
         self._observe(kind, result, request.mode)
         return result
+
+    async def _climb(self, request: OcrRequest, image: Image.Image, input_hash: str, result: ItemResult) -> None:
+        """A runaway result: the ladder's attempts in turn; the first that does not run away is kept."""
+        for step in retry_ladder.steps(request, self.admission.served_modes):
+            out = await self.generate(step.request, image, input_hash=input_hash)
+            result.attempts += 1
+            result.retries.append(
+                {"attempt": result.attempts, "change": step.change, "finish_reason": out.finish_reason,
+                 "completion_tokens": out.usage.completion_tokens}
+            )
+            if not retry_ladder.runaway(out.text, out.finish_reason):
+                result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
+                result.status = "degraded" if step.degraded else "retried"
+                return
+        log.info("item %s ran away on all %d attempts; the first is kept, truncated", result.label, result.attempts)
 
     async def page(self, request: OcrRequest, doc: Any, page: int, *, dpi: int, options: PostOptions) -> ItemResult:
         """Render (no engine slot), then OCR one PDF page; its failure is a `failed` result."""
@@ -343,7 +367,7 @@ class DocumentRun:
         return round(time.perf_counter() - self.started, 4)
 
     def counts(self) -> dict[str, int]:
-        return {s: sum(p.status == s for p in self.pages) for s in ("ok", "truncated", "failed", "aborted")}
+        return {s: sum(p.status == s for p in self.pages) for s in get_args(ItemStatus)}
 
 
 def content_hash(image: Image.Image) -> str:

@@ -12,11 +12,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from process.image_process import MODES
 
 ModeName = Literal[tuple(MODES)]  # type: ignore[valid-type]
-ItemStatus = Literal["ok", "truncated", "failed", "aborted"]
+ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]
 STATUS_TEXT = (
-    "`ok`: finished; `truncated`: stopped at max_tokens (kept, marked); `aborted`: the engine aborted it; "
-    "`failed`: it failed, see `error`"
+    "`ok`: finished; `retried`: it ran away (a repeating loop to max_tokens) and a retry with other settings "
+    "finished; `degraded`: only the plain `Free OCR.` retry finished (text without layout); `truncated`: stopped "
+    "at max_tokens (kept, marked); `aborted`: the engine aborted it; `failed`: it failed, see `error`"
 )
+
+
+class RetryModel(BaseModel):
+    attempt: int = Field(description="Attempt number, from 2", examples=[2])
+    change: str = Field(description="What this attempt changed", examples=["n-gram guard 10/256"])
+    finish_reason: str = Field(description="How that attempt ended", examples=["stop"])
+    completion_tokens: int = Field(description="Tokens that attempt generated", examples=[812])
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -203,6 +211,8 @@ class ImageOcrResponse(BaseModel):
     finish_reason: FinishReason
     mode: ModeName
     usage: UsageModel
+    attempts: int = Field(1, description="Generations run for it (more than 1 when the retry ladder ran)")
+    retries: list[RetryModel] = Field(default_factory=list, description="The retry ladder's attempts, if any")
     elapsed_s: float
 
 

@@ -36,6 +36,7 @@ class ReplayEngine(BaseEngine):
         self.requests: list[EngineRequest] = []
         self.aborted: list[str] = []
         self.starts = 0
+        self.finish_for: Callable[[str], str] | None = None  # per-answer finish reason, else `finish_reason`
         self.crash_on = crash_on
 
     async def start(self) -> None:
@@ -62,7 +63,8 @@ class ReplayEngine(BaseEngine):
         text = self.text(request) if callable(self.text) else self.text
         for i in range(0, len(text), 40):
             yield EngineChunk(text[i : i + 40])
-        yield EngineChunk("", self.finish_reason, Usage(**vars(self.usage)))
+        finish = self.finish_for(text) if self.finish_for is not None else self.finish_reason
+        yield EngineChunk("", finish, Usage(**vars(self.usage)))
 
 
 def factory(*engines: BaseEngine) -> Callable[[object], list[BaseEngine]]:

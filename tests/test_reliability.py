@@ -84,3 +84,59 @@ def test_poison_input_is_quarantined_after_two_crashes(tiny_checkpoint: Path) ->
         assert ok.status_code == 200, show(ok)
         health = httpx.get(url + "/health").json()
         assert health["quarantined"] == 1 and health["restarts"] == 2 and engine.starts == 3, health
+
+
+LOOP = "<|ref|>text<|/ref|><|det|>[[10, 10, 990, 990]]<|/det|>\n" + "| 1 | 2 |\n" * 40
+
+
+def ladder_engine(cures: str | None) -> ReplayEngine:
+    """Loops (a table row repeated to max_tokens) until the attempt that `cures` names changes its settings."""
+
+    def answer(req) -> str:
+        cured = {
+            "ngram": req.sampling.ngram_size <= 10,
+            "mode": req.mode.name == "base",
+            "prompt": req.prompt.endswith("Free OCR."),
+        }
+        return "# Fine\n" if cures is not None and cured[cures] else LOOP
+
+    engine = ReplayEngine(answer)
+    engine.finish_for = lambda text: "stop" if text == "# Fine\n" else "length"
+    return engine
+
+
+def test_retry_ladder_changes_settings_and_keeps_the_page(tiny_checkpoint: Path) -> None:
+    from test_pdf_routes import make_pdf
+
+    for cures, status, attempts in (("ngram", "retried", 2), ("mode", "retried", 3), ("prompt", "degraded", 4),
+                                    (None, "truncated", 4)):
+        engine = ladder_engine(cures)
+        app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))
+        with serve_app(app) as url:
+            r = httpx.post(url + "/pdf/ocr", files={"file": ("r.pdf", make_pdf(1))}, data={"dpi": "72"}, timeout=60)
+        assert r.status_code == 200, show(r)
+        page = r.json()["pages"][0]
+        assert (page["status"], page["attempts"]) == (status, attempts), (cures, page)
+        changes = [retry["change"] for retry in page["retries"]]
+        assert changes == ["n-gram guard 10/256", "mode base, n-gram guard 10/256",
+                           "prompt '<image>\\nFree OCR.', n-gram guard 10/256"][: attempts - 1], changes
+        sent = [(req.sampling.ngram_size, req.mode.name, req.prompt.endswith("Free OCR.")) for req in engine.requests]
+        assert sent == [(20, "gundam", False), (10, "gundam", False), (10, "base", False), (10, "gundam", True)][
+            :attempts
+        ], sent
+        if status == "truncated":  # every attempt ran away: the first one is kept, marked
+            assert page["text"] == LOOP and page["finish_reason"] == "length", page
+        else:
+            assert page["markdown"].startswith("# Fine") and page["finish_reason"] == "stop", page
+        assert r.json()["pages_retried"] == (status in ("retried", "degraded")), r.json()
+
+
+def test_retry_ladder_can_be_turned_off(tiny_checkpoint: Path) -> None:
+    from test_pdf_routes import make_pdf
+
+    engine = ladder_engine("ngram")
+    app = create_app(make_settings(tiny_checkpoint, retry_ladder=False), engine_factory=factory(engine))
+    with serve_app(app) as url:
+        r = httpx.post(url + "/pdf/ocr", files={"file": ("r.pdf", make_pdf(1))}, data={"dpi": "72"}, timeout=60)
+    page = r.json()["pages"][0]
+    assert (page["status"], page["attempts"], len(engine.requests)) == ("truncated", 1, 1), page

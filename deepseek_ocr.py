@@ -36,7 +36,7 @@ from torch import nn
 
 import tiny_checkpoint
 from process.image_process import MODES, modes_for
-from tiny_checkpoint import tiny_config  # noqa: F401 - re-exported: callers build configs from here
+from tiny_checkpoint import random_init_, tiny_config  # noqa: F401 - re-exported for benchmarks and tests
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -288,3 +288,27 @@ def test_cli_make_tiny_v2_real_config_only(tmp_path: Path) -> None:
     tok = json.loads((out / "tokenizer.json").read_text())
     ids = {a["content"]: a["id"] for a in tok["added_tokens"]}
     assert ids["<image>"] == 128815 and ids["<|Assistant|>"] == 128826 and ids["<｜begin▁of▁sentence｜>"] == 0
+
+
+def test_cli_run_v2_json(tiny_checkpoint_v2: Path, tmp_path: Path) -> None:
+    image = tmp_path / "page.png"
+    _noise_image(1000, 700, seed=7).save(image)
+    cmd = [sys.executable, str(ROOT / "deepseek_ocr.py"), "run", "--model", str(tiny_checkpoint_v2)]
+    cmd += ["--image", str(image), "--max-tokens", "3", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["usage"]["image_tokens"] == _formula(1000, 700) and out["usage"]["completion_tokens"] == 3
+    bad = subprocess.run([*cmd, "--mode", "base"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "modes: ['gundam']" in bad.stderr, bad.stderr
+
+
+def test_tiny_checkpoint_does_not_import_the_model() -> None:
+    """deepseek_ocr imports tiny_checkpoint; the reverse, even inside a function, would be an import circle."""
+    import ast
+
+    tree = ast.parse((ROOT / "tiny_checkpoint.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m.split(".")[0] == "deepseek_ocr"}, imported

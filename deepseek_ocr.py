@@ -4,9 +4,10 @@ generation, `make_tiny` (random test checkpoints, written by tiny_checkpoint.py)
 DeepSeek-OCR ("ocr") is DeepEncoder (SAM ViT-B whose net_3 map feeds CLIP-L as patch embeddings) -> a linear
 projector -> a DeepSeek-V2 MoE decoder. DeepSeek-OCR-2 ("ocr2") replaces CLIP with a Qwen2-shaped encoder
 over SAM tokens plus learned queries (DeepEncoder V2) and keeps the decoder; config.json's `architectures`
-says which. Module names equal the released checkpoints' tensor names
-so `*.safetensors` load by name. `DeepseekOCR` bundles model + tokenizer on one device and decodes a batch
-of requests together (left padding, KV cache, per-row sampling) for the service's in-process engine.
+says which. Module names equal the released checkpoints' tensor names so `*.safetensors` load by name.
+`DeepseekOCR` bundles model + tokenizer on one device and decodes a batch of requests together (left padding,
+KV cache, per-row sampling) for the service's in-process engine; `PromptBuilder` makes the prompt ids of both
+engines.
 
 CLI:
     python deepseek_ocr.py make-tiny DIR [--seed N] [--vision tiny|real] [--decoder tiny|small|real]

@@ -1,14 +1,17 @@
-"""DeepSeek-OCR in plain PyTorch: the model, its checkpoint loading, batched generation, a tiny-checkpoint
-writer and a one-shot CLI.
+"""DeepSeek-OCR and DeepSeek-OCR-2 in plain PyTorch: the models, checkpoint loading, prompt building, batched
+generation, `make_tiny` (random test checkpoints, written by tiny_checkpoint.py) and a one-shot CLI.
 
-The network is DeepEncoder (SAM ViT-B whose net_3 map feeds CLIP-L as patch embeddings) -> a linear
-projector -> a DeepSeek-V2 MoE decoder, with module names equal to the released checkpoint's tensor names
-so `*.safetensors` load by name. `DeepseekOCR` bundles model + tokenizer on one device and decodes a batch
-of requests together (left padding, KV cache, per-row sampling) for the service's in-process engine.
+DeepSeek-OCR ("ocr") is DeepEncoder (SAM ViT-B whose net_3 map feeds CLIP-L as patch embeddings) -> a linear
+projector -> a DeepSeek-V2 MoE decoder. DeepSeek-OCR-2 ("ocr2") replaces CLIP with a Qwen2-shaped encoder
+over SAM tokens plus learned queries (DeepEncoder V2) and keeps the decoder; config.json's `architectures`
+says which. Module names equal the released checkpoints' tensor names so `*.safetensors` load by name.
+`DeepseekOCR` bundles model + tokenizer on one device and decodes a batch of requests together (left padding,
+KV cache, per-row sampling) for the service's in-process engine; `PromptBuilder` makes the prompt ids of both
+engines.
 
 CLI:
     python deepseek_ocr.py make-tiny DIR [--seed N] [--vision tiny|real] [--decoder tiny|small|real]
-                                         [--config-only]
+                                         [--config-only] [--arch ocr|ocr2]
     python deepseek_ocr.py run --model DIR --image FILE [--mode gundam] [--prompt TEXT] [--json] ...
 
 Importing this module is cheap: torch is imported, nothing is built; the image and n-gram helpers of
@@ -18,7 +21,6 @@ Importing this module is cheap: torch is imported, nothing is built; the image a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -33,19 +35,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from process.image_process import MODES
+import tiny_checkpoint
+from process.image_process import MODES, modes_for
+from tiny_checkpoint import random_init_, tiny_config  # noqa: F401 - re-exported for benchmarks and tests
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from process.image_process import ImageInputs
+    from process.image_process import ImageInputs, ModeSpec
 
 DEFAULT_PROMPT = "<image>\n<|grounding|>Convert the document to markdown."
 IMAGE_TAG = "<image>"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAM_KEY = "sam_vit_b"
-_CLIP_KEY = "clip-l-14-224"
+_SAM_KEY = tiny_checkpoint.SAM_KEY
+_CLIP_KEY = tiny_checkpoint.CLIP_KEY
+_QWEN2_KEY = tiny_checkpoint.QWEN2_KEY
+# config.json `architectures` entry -> our arch name ("ocr" = DeepSeek-OCR, "ocr2" = DeepSeek-OCR-2).
+ARCHS = {name: arch for arch, name in tiny_checkpoint.ARCHITECTURES.items()}
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -53,8 +60,13 @@ _CLIP_KEY = "clip-l-14-224"
 
 @dataclass
 class DeepseekOCRConfig:
-    """Sizes of the three parts, read from a checkpoint's config.json; defaults are the released model."""
+    """Sizes of the three parts, read from a checkpoint's config.json; defaults are the released model.
 
+    `arch` "ocr" is DeepSeek-OCR (SAM + CLIP-L encoder); "ocr2" is DeepSeek-OCR-2, whose SAM feeds a
+    Qwen2-shaped encoder with learned queries instead of CLIP (the qwen2_* sizes), with the same decoder.
+    """
+
+    arch: str = "ocr"
     # Decoder (language_config: DeepSeek-V2 without MLA).
     vocab_size: int = 129280
     hidden_size: int = 1280
@@ -95,6 +107,23 @@ class DeepseekOCRConfig:
     clip_mlp_width: int = 4096
     clip_image_size: int = 224
     clip_patch_size: int = 14
+    # DeepSeek-OCR-2's Qwen2-shaped encoder (used when arch == "ocr2").
+    qwen2_hidden: int = 896
+    qwen2_layers: int = 24
+    qwen2_heads: int = 14
+    qwen2_kv_heads: int = 2
+    qwen2_intermediate: int = 4864
+    qwen2_rms_norm_eps: float = 1e-6
+    qwen2_rope_theta: float = 1000000.0
+
+    @classmethod
+    def defaults(cls, arch: str) -> DeepseekOCRConfig:
+        """The released model of `arch`."""
+        if arch == "ocr":
+            return cls()
+        if arch == "ocr2":
+            return cls(arch="ocr2", sam_downsample_channels=(512, 896), projector_input_dim=896)
+        raise ValueError(f"arch must be one of {sorted(ARCHS.values())}, got {arch!r}")
 
     @property
     def head_dim(self) -> int:
@@ -104,6 +133,11 @@ class DeepseekOCRConfig:
     def from_dict(cls, raw: dict[str, Any]) -> DeepseekOCRConfig:
         """Build from a parsed config.json (the released layout; extra vision keys shrink the encoders)."""
         lang = raw.get("language_config") or raw  # older exports keep the language keys at top level only
+        archs = raw.get("architectures") or ["DeepseekOCRForCausalLM"]
+        known = [ARCHS[a] for a in archs if a in ARCHS]
+        if not known:
+            raise ValueError(f"config.json architectures {archs!r} names none of the supported {sorted(ARCHS)}")
+        arch = known[0]
         if lang.get("use_mla") or lang.get("kv_lora_rank") or lang.get("q_lora_rank"):
             raise ValueError(f"MLA attention is not supported (use_mla={lang.get('use_mla')!r})")
         if lang.get("topk_method", "greedy") != "greedy":
@@ -113,10 +147,11 @@ class DeepseekOCRConfig:
             raise ValueError(f"only the linear projector is supported, got {proj.get('projector_type')!r}")
         vision = raw.get("vision_config", {})
         widths = vision.get("width", {})
-        sam, clip = widths.get(_SAM_KEY, {}), widths.get(_CLIP_KEY, {})
-        d = cls()
+        sam, clip, qwen2 = widths.get(_SAM_KEY, {}), widths.get(_CLIP_KEY, {}), widths.get(_QWEN2_KEY, {})
+        d = cls.defaults(arch)
         hidden = lang.get("hidden_size", d.hidden_size)
         cfg = cls(
+            arch=arch,
             vocab_size=lang.get("vocab_size", d.vocab_size),
             hidden_size=hidden,
             intermediate_size=lang.get("intermediate_size", d.intermediate_size),
@@ -155,6 +190,13 @@ class DeepseekOCRConfig:
             clip_mlp_width=clip.get("mlp_width", 4 * clip.get("width", d.clip_width)),
             clip_image_size=clip.get("image_size", d.clip_image_size),
             clip_patch_size=clip.get("patch_size", d.clip_patch_size),
+            qwen2_hidden=qwen2.get("dim", d.qwen2_hidden),
+            qwen2_layers=qwen2.get("layers", d.qwen2_layers),
+            qwen2_heads=qwen2.get("heads", d.qwen2_heads),
+            qwen2_kv_heads=qwen2.get("kv_heads", d.qwen2_kv_heads),
+            qwen2_intermediate=qwen2.get("intermediate_size", d.qwen2_intermediate),
+            qwen2_rms_norm_eps=float(qwen2.get("rms_norm_eps", d.qwen2_rms_norm_eps)),
+            qwen2_rope_theta=float(qwen2.get("rope_theta", d.qwen2_rope_theta)),
         )
         cfg.validate()
         return cfg
@@ -173,10 +215,15 @@ class DeepseekOCRConfig:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.num_attention_heads} heads not divisible by {self.num_key_value_heads} KV heads")
-        if self.sam_width % self.sam_heads or self.clip_width % self.clip_heads:
-            raise ValueError(f"vision widths {self.sam_width}/{self.clip_width} not divisible by their heads")
         if len(self.sam_downsample_channels) != 2:
             raise ValueError(f"downsample_channels needs 2 entries, got {self.sam_downsample_channels}")
+        if self.n_embed != self.hidden_size:
+            raise ValueError(f"projector n_embed {self.n_embed} != decoder hidden_size {self.hidden_size}")
+        if self.arch == "ocr2":
+            self._validate_ocr2()
+            return
+        if self.sam_width % self.sam_heads or self.clip_width % self.clip_heads:
+            raise ValueError(f"vision widths {self.sam_width}/{self.clip_width} not divisible by their heads")
         if self.clip_width != self.sam_downsample_channels[1]:
             # SAM's net_3 map is CLIP's patch embedding, so the widths must agree.
             raise ValueError(
@@ -187,8 +234,18 @@ class DeepseekOCRConfig:
                 f"projector input_dim {self.projector_input_dim} != clip width {self.clip_width} + "
                 f"SAM channels {self.sam_downsample_channels[1]}"
             )
-        if self.n_embed != self.hidden_size:
-            raise ValueError(f"projector n_embed {self.n_embed} != decoder hidden_size {self.hidden_size}")
+
+    def _validate_ocr2(self) -> None:
+        if self.sam_width % self.sam_heads:
+            raise ValueError(f"SAM width {self.sam_width} not divisible by {self.sam_heads} heads")
+        hidden, heads, kv = self.qwen2_hidden, self.qwen2_heads, self.qwen2_kv_heads
+        if hidden % heads or heads % kv or (hidden // heads) % 2:
+            raise ValueError(f"encoder hidden {hidden} / {heads} heads / {kv} KV heads cannot be built (even head dim)")
+        if self.sam_downsample_channels[1] != hidden:
+            # SAM's net_3 tokens are the encoder's input, so the widths must agree.
+            raise ValueError(f"encoder hidden {hidden} must equal SAM net_3 channels {self.sam_downsample_channels[1]}")
+        if self.projector_input_dim != hidden:
+            raise ValueError(f"projector input_dim {self.projector_input_dim} != encoder hidden {hidden}")
 
 
 # ------------------------------------------------------------------------------------------- vision
@@ -632,6 +689,115 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# ---------------------------------------------------------------------------- DeepSeek-OCR-2 encoder
+
+# Learned query sets of DeepEncoder V2, by the view size they serve: one query per SAM token of the view
+# (a 768 px tile gives 12x12 net_3 tokens, the 1024 px global view 16x16). The names are the checkpoint's.
+_QUERY_SETS = {144: "query_768", 256: "query_1024"}
+
+
+def _rope_tables(length: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style RoPE cos/sin for positions 0..length-1: (length, head_dim) float32."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class Qwen2EncoderAttention(nn.Module):
+    """Qwen2 grouped-query attention (biased q/k/v, no o bias) over one view's full sequence; no cache."""
+
+    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+        super().__init__()
+        hidden = cfg.qwen2_hidden
+        self.heads, self.kv_heads = cfg.qwen2_heads, cfg.qwen2_kv_heads
+        self.head_dim = hidden // self.heads
+        self.q_proj = nn.Linear(hidden, self.heads * self.head_dim)
+        self.k_proj = nn.Linear(hidden, self.kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(hidden, self.kv_heads * self.head_dim)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        cos, sin = rope  # (T, hd)
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, h, T, hd)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, kvh, T, hd)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class Qwen2EncoderLayer(nn.Module):
+    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+        super().__init__()
+        self.self_attn = Qwen2EncoderAttention(cfg)
+        self.mlp = DenseMLP(cfg.qwen2_hidden, cfg.qwen2_intermediate)
+        self.input_layernorm = RMSNorm(cfg.qwen2_hidden, cfg.qwen2_rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.qwen2_hidden, cfg.qwen2_rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2EncoderBody(nn.Module):
+    """The Qwen2 stack without token embedding: `qwen2_model.model.model.{layers,norm}` in the checkpoint."""
+
+    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Qwen2EncoderLayer(cfg) for _ in range(cfg.qwen2_layers))
+        self.norm = RMSNorm(cfg.qwen2_hidden, cfg.qwen2_rms_norm_eps)
+
+
+class _Qwen2Holder(nn.Module):
+    """One more `.model` level: the released encoder wraps a Qwen2 model object, and the names keep it."""
+
+    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+        super().__init__()
+        self.model = Qwen2EncoderBody(cfg)
+
+
+class Qwen2QueryEncoder(nn.Module):
+    """DeepEncoder V2's second stage: a Qwen2-shaped transformer over [SAM tokens, learned queries].
+
+    The view's SAM tokens attend to each other in both directions (they are the image); each query attends
+    to every image token and to the queries before it (causal), and only the query outputs are kept, so a
+    view gives as many features as it has SAM tokens, read out in a learned order.
+    """
+
+    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = _Qwen2Holder(cfg)
+        for count, name in _QUERY_SETS.items():
+            self.add_module(name, nn.Embedding(count, cfg.qwen2_hidden))
+
+    def forward(self, sam: torch.Tensor) -> torch.Tensor:  # (N, C, q, q) -> (N, q*q, C)
+        x = sam.flatten(2).transpose(1, 2)  # (N, n, C)
+        batch, n, _ = x.shape
+        if n not in _QUERY_SETS:
+            raise ValueError(
+                f"a view of {n} SAM tokens has no learned queries: DeepSeek-OCR-2 encodes 768 px tiles "
+                f"(144 tokens) and the 1024 px global view (256 tokens)"
+            )
+        queries = getattr(self, _QUERY_SETS[n]).weight.to(x.dtype)  # (n, C)
+        x = torch.cat([x, queries.expand(batch, n, -1)], dim=1)  # (N, 2n, C)
+        cfg, t = self.config, 2 * n
+        cos, sin = _rope_tables(t, cfg.qwen2_hidden // cfg.qwen2_heads, cfg.qwen2_rope_theta, x.device)
+        rope = (cos.to(x.dtype), sin.to(x.dtype))
+        idx = torch.arange(t, device=x.device)
+        mask = (idx[None, :] < n) | (idx[None, :] <= idx[:, None])  # (2n, 2n): image keys always, queries causal
+        body = self.model.model
+        for layer in body.layers:
+            x = layer(x, rope, mask)
+        return body.norm(x)[:, n:]  # (N, n, C): the query outputs
+
+
 # -------------------------------------------------------------------------------------------- model
 
 
@@ -642,9 +808,13 @@ class DeepseekOCRModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.sam_model = SamEncoder(cfg)
-        self.vision_model = ClipEncoder(cfg)
+        if cfg.arch == "ocr2":
+            self.qwen2_model = Qwen2QueryEncoder(cfg)
+        else:
+            self.vision_model = ClipEncoder(cfg)
         self.projector = Projector(cfg)
-        self.image_newline = nn.Parameter(torch.zeros(cfg.n_embed))
+        if cfg.arch != "ocr2":  # v2 has no row-end token
+            self.image_newline = nn.Parameter(torch.zeros(cfg.n_embed))
         self.view_seperator = nn.Parameter(torch.zeros(cfg.n_embed))  # sic: the checkpoint's spelling
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
@@ -662,8 +832,27 @@ class DeepseekOCRModel(nn.Module):
         newline = self.image_newline.expand(grid.shape[0], 1, -1)
         return torch.cat([grid, newline], dim=1).flatten(0, 1)
 
+    def query_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-OCR-2 features of square views: (N, 3, S, S) -> (N, (S/64)^2, n_embed)."""
+        return self.projector(self.qwen2_model(self.sam_model(pixels)))
+
+    def _encode_image_v2(self, image: ImageInputs) -> torch.Tensor:
+        dtype, device = self.view_seperator.dtype, self.view_seperator.device
+        parts = []
+        if image.tiles is not None:
+            tw, th = image.grid
+            if image.tiles.shape[0] != tw * th:
+                raise ValueError(f"{image.tiles.shape[0]} tiles do not fill a {tw}x{th} grid")
+            # Tile after tile (row-major), each tile's query outputs in their own order: no 2D re-layout.
+            parts.append(self.query_features(image.tiles.to(device=device, dtype=dtype)).flatten(0, 1))
+        parts.append(self.query_features(image.global_view[None].to(device=device, dtype=dtype))[0])
+        parts.append(self.view_seperator[None])
+        return torch.cat(parts)
+
     def encode_image(self, image: ImageInputs) -> torch.Tensor:
         """Embeddings for one image's `<image>` positions: local grid, global view, separator: (N, C)."""
+        if self.config.arch == "ocr2":
+            return self._encode_image_v2(image)
         dtype, device = self.view_seperator.dtype, self.view_seperator.device
         parts = []
         if image.tiles is not None:
@@ -1020,6 +1209,40 @@ class _DecodeBatch:
         self.last = self.last.index_select(0, index)
 
 
+class PromptBuilder:
+    """Prompt token ids for both engines: bos + text, the single `<image>` tag replaced by placeholder ids.
+
+    The PyTorch engine asks for the full image-token count; vLLM expands one placeholder itself, so its
+    engine asks for `token_ids(prompt, 1)`. `whitelist` holds the ids the n-gram guard never bans.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        from process.ngram_norepeat import NoRepeatNGramProcessor
+
+        self.tokenizer = tokenizer
+        self.bos_id: int = _token_id(tokenizer, tokenizer.bos_token, "bos")
+        self.image_id: int = _token_id(tokenizer, IMAGE_TAG, "image")
+        self.whitelist: list[int] = sorted(NoRepeatNGramProcessor.from_tokenizer(tokenizer).whitelist)
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text ids (no bos; tags like `<|grounding|>` are single special ids)."""
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def token_ids(self, prompt: str, image_tokens: int | None) -> list[int]:
+        """bos + `prompt` with `image_tokens` image ids at its one `<image>` tag; None = a text-only prompt."""
+        tags = prompt.count(IMAGE_TAG)
+        if image_tokens is None:
+            if tags:
+                raise ValueError(f"prompt has {tags} {IMAGE_TAG} tag(s) but no image was given")
+            return [self.bos_id, *self.encode(prompt)]
+        if not isinstance(image_tokens, int) or isinstance(image_tokens, bool) or image_tokens < 1:
+            raise ValueError(f"image_tokens must be an integer >= 1 (or None for no image), got {image_tokens!r}")
+        if tags != 1:
+            raise ValueError(f"prompt must contain exactly one {IMAGE_TAG} tag when an image is given, got {tags}")
+        before, after = prompt.split(IMAGE_TAG)
+        return [self.bos_id, *self.encode(before), *[self.image_id] * image_tokens, *self.encode(after)]
+
+
 class DeepseekOCR:
     """Model + tokenizer on one device: what engines and the CLI call."""
 
@@ -1038,10 +1261,21 @@ class DeepseekOCR:
         self.device = device
         self.dtype = dtype
         self.max_model_len = max_model_len
+        self.prompts = PromptBuilder(tokenizer)
         self.eos_token_id: int = _token_id(tokenizer, tokenizer.eos_token, "eos")
-        self.bos_token_id: int = _token_id(tokenizer, tokenizer.bos_token, "bos")
-        self.image_token_id: int = _token_id(tokenizer, IMAGE_TAG, "image")
+        self.bos_token_id: int = self.prompts.bos_id
+        self.image_token_id: int = self.prompts.image_id
         self._ngram: Any = None
+
+    @property
+    def arch(self) -> str:
+        """The architecture: "ocr" (DeepSeek-OCR) or "ocr2" (DeepSeek-OCR-2), from config.json `architectures`."""
+        return self.config.arch
+
+    @property
+    def modes(self) -> dict[str, ModeSpec]:
+        """The resolution modes this model serves."""
+        return modes_for(self.config.arch)
 
     @classmethod
     def from_pretrained(
@@ -1069,43 +1303,57 @@ class DeepseekOCR:
         prompt: str,
         image: Image.Image | None,
         *,
-        base_size: int = 1024,
-        image_size: int = 640,
-        crop: bool = True,
+        base_size: int | None = None,
+        image_size: int | None = None,
+        crop: bool | None = None,
         min_crops: int = 2,
         max_crops: int = 6,
         sampling: SamplingParams | None = None,
     ) -> GenerationRequest:
-        """Tokenise `prompt` with the image's placeholder ids at its single `<image>` tag."""
+        """Tokenise `prompt` with the image's placeholder ids at its single `<image>` tag.
+
+        base_size / image_size / crop left None take the model's default mode (gundam for both archs);
+        DeepSeek-OCR-2 serves only its one mode (1024 / 768 / crop).
+        """
         sampling = sampling or SamplingParams()
         sampling.check()
-        tags = prompt.count(IMAGE_TAG)
         images = None
         if image is None:
-            if tags:
-                raise ValueError(f"prompt has {tags} {IMAGE_TAG} tag(s) but no image was given")
-            ids = [self.bos_token_id, *self._encode(prompt)]
+            ids = self.prompts.token_ids(prompt, None)
         else:
-            if tags != 1:
-                raise ValueError(f"prompt must contain exactly one {IMAGE_TAG} tag when an image is given, got {tags}")
-            from process.image_process import preprocess
-
-            images = preprocess(image, base_size, image_size, crop, min_crops, max_crops)
-            before, after = prompt.split(IMAGE_TAG)
-            ids = [
-                self.bos_token_id,
-                *self._encode(before),
-                *[self.image_token_id] * images.image_tokens,
-                *self._encode(after),
-            ]
+            if prompt.count(IMAGE_TAG) != 1:
+                self.prompts.token_ids(prompt, 1)  # raises the tag error before any pixel work
+            images = self._preprocess(image, base_size, image_size, crop, min_crops, max_crops)
+            ids = self.prompts.token_ids(prompt, images.image_tokens)
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt is {len(ids)} tokens, which leaves no room under max_model_len {self.max_model_len}"
             )
         return GenerationRequest(ids, images, images.image_tokens if images else 0, sampling)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+    def _preprocess(
+        self,
+        image: Image.Image,
+        base_size: int | None,
+        image_size: int | None,
+        crop: bool | None,
+        min_crops: int,
+        max_crops: int,
+    ) -> ImageInputs:
+        from process.image_process import DEFAULT_MODE, preprocess, preprocess_v2
+
+        default = self.modes[DEFAULT_MODE]
+        base_size = default.base_size if base_size is None else base_size
+        image_size = default.image_size if image_size is None else image_size
+        crop = default.crop if crop is None else crop
+        if self.arch == "ocr2":
+            allowed = [(m.base_size, m.image_size, m.crop) for m in self.modes.values()]
+            if (base_size, image_size, crop) not in allowed:
+                raise ValueError(
+                    f"DeepSeek-OCR-2 serves base_size/image_size/crop {allowed}, got {(base_size, image_size, crop)}"
+                )
+            return preprocess_v2(image, base_size, image_size, crop, min_crops, max_crops)
+        return preprocess(image, base_size, image_size, crop, min_crops, max_crops)
 
     def _check_request(self, request: GenerationRequest) -> None:
         request.sampling.check()
@@ -1231,303 +1479,39 @@ def load_tokenizer(path: str | Path) -> Any:
 
 # ------------------------------------------------------------------------------------- tiny checkpoints
 
-# The released config.json (minus auto_map, which names remote code nobody needs).
-_LANGUAGE_CONFIG: dict[str, Any] = {
-    "architectures": ["DeepseekV2ForCausalLM"],
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "first_k_dense_replace": 1,
-    "hidden_size": 1280,
-    "intermediate_size": 6848,
-    "kv_lora_rank": None,
-    "lm_head": True,
-    "max_position_embeddings": 8192,
-    "moe_intermediate_size": 896,
-    "n_group": 1,
-    "n_routed_experts": 64,
-    "n_shared_experts": 2,
-    "num_attention_heads": 10,
-    "num_experts_per_tok": 6,
-    "num_hidden_layers": 12,
-    "num_key_value_heads": 10,
-    "q_lora_rank": None,
-    "qk_nope_head_dim": 0,
-    "qk_rope_head_dim": 0,
-    "rm_head": False,
-    "topk_group": 1,
-    "topk_method": "greedy",
-    "torch_dtype": "bfloat16",
-    "use_mla": False,
-    "v_head_dim": 0,
-    "vocab_size": 129280,
-}
-_REAL_SAM = {
-    "downsample_channels": [512, 1024],
-    "global_attn_indexes": [2, 5, 8, 11],
-    "heads": 12,
-    "layers": 12,
-    "width": 768,
-}
-_REAL_CLIP = {"heads": 16, "image_size": 224, "layers": 24, "patch_size": 14, "width": 1024}
-# Small encoders that keep patch 16, the 64x64 pos_embed grid (1024 px), window 14 and both stride-2
-# convs, so every view gives exactly the real model's number of image tokens.
-_TINY_SAM = {
-    "downsample_channels": [64, 64],
-    "global_attn_indexes": [1],
-    "heads": 2,
-    "layers": 2,
-    "width": 32,
-    "out_chans": 32,
-    "window_size": 14,
-    "mlp_ratio": 2.0,
-}
-_TINY_CLIP = {"heads": 4, "image_size": 224, "layers": 2, "patch_size": 14, "width": 64, "mlp_width": 128}
-_TINY_DECODER = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "n_shared_experts": 2,
-}
-_SMALL_DECODER = {"num_hidden_layers": 2}
-
-
-def tiny_config(vision: str = "tiny", decoder: str = "tiny") -> dict[str, Any]:
-    """A config.json dict in the released layout with shrunk encoder and/or decoder sizes."""
-    if vision not in ("tiny", "real"):
-        raise ValueError(f"vision must be 'tiny' or 'real', got {vision!r}")
-    if decoder not in ("tiny", "small", "real"):
-        raise ValueError(f"decoder must be 'tiny', 'small' or 'real', got {decoder!r}")
-    lang = copy.deepcopy(_LANGUAGE_CONFIG)
-    lang.update({"tiny": _TINY_DECODER, "small": _SMALL_DECODER, "real": {}}[decoder])
-    sam = copy.deepcopy(_TINY_SAM if vision == "tiny" else _REAL_SAM)
-    clip = copy.deepcopy(_TINY_CLIP if vision == "tiny" else _REAL_CLIP)
-    top_lang = {k: v for k, v in lang.items() if k != "architectures"}
-    return {
-        "_name_or_path": f"deepseek-ocr-random-{vision}-vision-{decoder}-decoder",
-        "candidate_resolutions": [[1024, 1024]],
-        "global_view_pos": "head",
-        "architectures": ["DeepseekOCRForCausalLM"],
-        "language_config": lang,
-        "model_type": "deepseek_vl_v2",
-        "projector_config": {
-            "input_dim": clip["width"] + sam["downsample_channels"][1],
-            "model_type": "mlp_projector",
-            "n_embed": lang["hidden_size"],
-            "projector_type": "linear",
-        },
-        "tile_tag": "2D",
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.46.3",
-        "vision_config": {
-            "image_size": 1024,
-            "mlp_ratio": 3.7362,
-            "model_name": "deeplip_b_l",
-            "model_type": "vision",
-            "width": {_CLIP_KEY: clip, _SAM_KEY: sam},
-        },
-        **top_lang,
-    }
-
-
-def random_init_(model: nn.Module, seed: int, std: float = 0.02) -> nn.Module:
-    """Fill every parameter in place from one seeded generator: norms 1/0, everything else N(0, std)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            norm = isinstance(module, nn.LayerNorm | LayerNorm2d | RMSNorm)
-            for name, param in module.named_parameters(recurse=False):
-                if norm:
-                    param.fill_(1.0 if name == "weight" else 0.0)
-                else:
-                    param.normal_(0.0, std, generator=gen)
-    return model
-
 
 def make_tiny(
-    out_dir: str | Path, seed: int = 0, vision: str = "tiny", decoder: str = "tiny", weights: bool = True
+    out_dir: str | Path,
+    seed: int = 0,
+    vision: str = "tiny",
+    decoder: str = "tiny",
+    weights: bool = True,
+    arch: str = "ocr",
 ) -> Path:
-    """Write a random checkpoint in the released layout: config.json, model.safetensors, tokenizer files."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    raw = tiny_config(vision, decoder)
-    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
-    _write_tokenizer(out)
+    """Write a random checkpoint in the released layout of `arch` ("ocr" or "ocr2"): config.json,
+    model.safetensors (unless weights=False) and the tokenizer files with the released special-token ids."""
+    raw = tiny_checkpoint.tiny_config(vision, decoder, arch)
+    model = None
     if weights:
-        from safetensors.torch import save_file
-
         with torch.device("meta"):
             model = DeepseekOCRForCausalLM(DeepseekOCRConfig.from_dict(raw))
         # bf16 like the released file; to_empty skips a throwaway default init of every weight.
-        model = random_init_(model.to(torch.bfloat16).to_empty(device="cpu"), seed)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-# Special tokens at the released ids (FACTS section 2); the writer is the only place ids are spelled out.
-_BOS, _EOS, _PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-_OCR_TOKENS = [
-    "<image>",
-    "<|ref|>",
-    "<|/ref|>",
-    "<|det|>",
-    "<|/det|>",
-    "<|grounding|>",
-    "<td>",
-    "</td>",
-    "<tr>",
-    "</tr>",
-    "<|User|>",
-    "<|Assistant|>",
-]
-_OCR_FIRST_ID = 128815
-_VOCAB_SIZE = 129280
-# A little text so common words get merges and prompts tokenise to realistic lengths.
-_MERGE_CORPUS = """Convert the document to markdown. OCR this image. Free OCR. Parse the figure.
-Describe this image in detail. Locate the text in the image. The quick brown fox jumps over the lazy dog.
-# Title\n\n## Section\n\nThis is a paragraph of text with numbers 0123456789 and a table:
-<table><tr><td>cell</td><td>value</td></tr></table>\n- item one\n- item two\n\\[ x^2 + y^2 = z^2 \\]
-title text image table figure caption formula header footer page number reference equation""".strip()
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2 byte-level alphabet: printable latin-1 bytes map to themselves, the rest above U+0100."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(0x100 + extra)
-            extra += 1
-    return table
-
-
-def _train_merges(corpus: str, count: int, alphabet: dict[int, str]) -> list[tuple[str, str]]:
-    """Deterministic greedy BPE over the corpus' words (most frequent pair, ties by the pair itself)."""
-    words: dict[tuple[str, ...], int] = {}
-    for i, word in enumerate(corpus.replace("\n", " \n ").split(" ")):
-        text = (" " if i else "") + word
-        key = tuple(alphabet[b] for b in text.encode("utf-8"))
-        if key:
-            words[key] = words.get(key, 0) + 1
-    merges: list[tuple[str, str]] = []
-    for _ in range(count):
-        pairs: dict[tuple[str, str], int] = {}
-        for word, n in words.items():
-            for pair in zip(word, word[1:], strict=False):
-                pairs[pair] = pairs.get(pair, 0) + n
-        if not pairs:
-            break
-        best = min(pairs, key=lambda p: (-pairs[p], p))
-        merges.append(best)
-        merged: dict[tuple[str, ...], int] = {}
-        for word, n in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] = merged.get(tuple(out), 0) + n
-        words = merged
-    return merges
-
-
-def _write_tokenizer(out: Path) -> None:
-    """Byte-level BPE tokenizer.json of 129,280 ids with the special tokens at their released ids."""
-    from tokenizers import Tokenizer
-
-    alphabet = _byte_alphabet()
-    merges = _train_merges(_MERGE_CORPUS, 300, alphabet)
-    specials = {_BOS: 0, _EOS: 1, _PAD: 2, **{t: _OCR_FIRST_ID + i for i, t in enumerate(_OCR_TOKENS)}}
-    vocab: dict[str, int] = dict(specials)
-    pieces = [alphabet[b] for b in range(256)] + [a + b for a, b in merges]
-    next_id = 3
-    for piece in pieces:
-        if piece not in vocab:
-            vocab[piece] = next_id
-            next_id += 1
-    # The rest of the id space holds placeholders (as in DeepSeek's own tokenizers), written in the
-    # byte-level alphabet so they decode like any other token.
-    for i in range(_VOCAB_SIZE):
-        if i not in specials.values() and i >= next_id:
-            vocab["".join(alphabet[b] for b in f"<｜place▁holder▁no▁{i}｜>".encode())] = i
-    added = [
-        {
-            "id": i,
-            "content": t,
-            "single_word": False,
-            "lstrip": False,
-            "rstrip": False,
-            "normalized": False,
-            "special": True,
-        }
-        for t, i in specials.items()
-    ]
-    spec = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": sorted(added, key=lambda a: a["id"]),
-        "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": _BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [
-                {"SpecialToken": {"id": _BOS, "type_id": 0}},
-                {"Sequence": {"id": "A", "type_id": 0}},
-                {"Sequence": {"id": "B", "type_id": 1}},
-            ],
-            "special_tokens": {_BOS: {"id": _BOS, "ids": [0], "tokens": [_BOS]}},
-        },
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": None,
-            "end_of_word_suffix": None,
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": [[a, b] for a, b in merges],
-        },
-    }
-    tokenizer = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
-    if tokenizer.get_vocab_size(with_added_tokens=True) != _VOCAB_SIZE:
-        raise RuntimeError(f"tokenizer vocab is {tokenizer.get_vocab_size(True)}, expected {_VOCAB_SIZE}")
-    tokenizer.save(str(out / "tokenizer.json"))
-    special_map = {"bos_token": _BOS, "eos_token": _EOS, "pad_token": _PAD}
-    tok_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special_map,
-        "model_max_length": 8192,
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "add_eos_token": False,
-    }
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    (out / "special_tokens_map.json").write_text(
-        json.dumps(special_map, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+        model = tiny_checkpoint.random_init_(model.to(torch.bfloat16).to_empty(device="cpu"), seed)
+    return tiny_checkpoint.write_checkpoint(out_dir, raw, model)
 
 
 # --------------------------------------------------------------------------------------------- CLI
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    out = make_tiny(args.dir, seed=args.seed, vision=args.vision, decoder=args.decoder, weights=not args.config_only)
+    out = make_tiny(
+        args.dir,
+        seed=args.seed,
+        vision=args.vision,
+        decoder=args.decoder,
+        weights=not args.config_only,
+        arch=args.arch,
+    )
     print(out)
     return 0
 
@@ -1535,12 +1519,15 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from PIL import Image, ImageOps
 
-    spec = MODES[args.mode]
-    base_size, image_size, crop = spec.base_size, spec.image_size, spec.crop
     with Image.open(args.image) as img:
         image = ImageOps.exif_transpose(img).convert("RGB")
     started = time.perf_counter()
     ocr = DeepseekOCR.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.mode not in ocr.modes:
+        print(f"mode {args.mode!r} is not served by this {ocr.arch} model; modes: {list(ocr.modes)}", file=sys.stderr)
+        return 2
+    spec = ocr.modes[args.mode]
+    base_size, image_size, crop = spec.base_size, spec.image_size, spec.crop
     sampling = SamplingParams(max_tokens=args.max_tokens, ngram_size=args.ngram_size, ngram_window=args.ngram_window)
     request = ocr.prepare(args.prompt, image, base_size=base_size, image_size=image_size, crop=crop, sampling=sampling)
     out = ocr.generate([request])[0]
@@ -1580,12 +1567,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tiny.add_argument("--vision", choices=["tiny", "real"], default="tiny")
     tiny.add_argument("--decoder", choices=["tiny", "small", "real"], default="tiny")
     tiny.add_argument("--config-only", action="store_true", help="no model.safetensors (vLLM load_format=dummy)")
+    tiny.add_argument("--arch", choices=["ocr", "ocr2"], default="ocr", help="DeepSeek-OCR or DeepSeek-OCR-2 layout")
     tiny.set_defaults(func=_cmd_make_tiny)
 
     run = sub.add_parser("run", help="OCR one image")
     run.add_argument("--model", required=True, help="checkpoint directory")
     run.add_argument("--image", required=True)
-    run.add_argument("--mode", choices=list(MODES), default="gundam")
+    run.add_argument("--mode", choices=sorted({*MODES, *modes_for("ocr2")}), default="gundam")
     run.add_argument("--prompt", default=DEFAULT_PROMPT)
     run.add_argument("--max-tokens", type=int, default=8192)
     run.add_argument("--ngram-size", type=int, default=30, help="no-repeat n-gram size, 0 = off")

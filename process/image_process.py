@@ -268,3 +268,78 @@ def preprocess(
         image_size=image_size,
         image_tokens=_tokens(base_size, image_size, grid),
     )
+
+
+# ------------------------------------------------------------------------------------ DeepSeek-OCR-2
+# v2 (FACTS section 8) keeps the v1 views (padded 1024 global view, closest-aspect grid of stretched tiles)
+# with 768 px tiles, but each view gives (S/64)^2 tokens from learned queries: no row-end newline tokens.
+
+# The one mode of DeepSeek-OCR-2; its name is the v1 mode it resembles (global view + tiles).
+MODES_V2: dict[str, ModeSpec] = {
+    "gundam": ModeSpec(
+        "gundam",
+        1024,
+        768,
+        True,
+        "1024 global view + 2..6 tiles of 768 for images over 768 px: 257 to 1121 image tokens",
+    ),
+}
+_MODES_BY_ARCH: dict[str, dict[str, ModeSpec]] = {"ocr": MODES, "ocr2": MODES_V2}
+
+
+def modes_for(arch: str) -> dict[str, ModeSpec]:
+    """The modes a model architecture serves: "ocr" (DeepSeek-OCR) or "ocr2" (DeepSeek-OCR-2)."""
+    if arch not in _MODES_BY_ARCH:
+        raise ValueError(f"arch must be one of {sorted(_MODES_BY_ARCH)}, got {arch!r}")
+    return _MODES_BY_ARCH[arch]
+
+
+def _tokens_v2(base_size: int, image_size: int, grid: tuple[int, int] | None) -> int:
+    q_b = num_queries(base_size)
+    tokens = q_b * q_b + 1  # global view's queries, then view_seperator
+    if grid is not None:
+        q_i = num_queries(image_size)
+        tokens += q_i * q_i * grid[0] * grid[1]
+    return tokens
+
+
+def count_image_tokens_v2(
+    width: int,
+    height: int,
+    base_size: int = 1024,
+    image_size: int = 768,
+    crop: bool = True,
+    min_crops: int = 2,
+    max_crops: int = 6,
+) -> int:
+    """DeepSeek-OCR-2 `<image>` placeholders for a width x height image (256 + 144 x tiles + 1); no pixels."""
+    _check_view_size("base_size", base_size)
+    _check_crops(min_crops, max_crops)
+    return _tokens_v2(base_size, image_size, _local_grid(width, height, image_size, crop, min_crops, max_crops))
+
+
+def count_image_tokens_for(
+    arch: str, width: int, height: int, mode: str, min_crops: int = 2, max_crops: int = 6
+) -> int:
+    """Image tokens of a width x height image in `mode` of the model architecture `arch`."""
+    modes = modes_for(arch)
+    if mode not in modes:
+        raise ValueError(f"mode {mode!r} is not served by {arch}; its modes: {', '.join(modes)}")
+    spec = modes[mode]
+    count = count_image_tokens_v2 if arch == "ocr2" else count_image_tokens
+    return count(width, height, spec.base_size, spec.image_size, spec.crop, min_crops, max_crops)
+
+
+def preprocess_v2(
+    image: Image.Image,
+    base_size: int = 1024,
+    image_size: int = 768,
+    crop: bool = True,
+    min_crops: int = 2,
+    max_crops: int = 6,
+) -> ImageInputs:
+    """DeepSeek-OCR-2 views of `image`: v1's views at v2's sizes, with the v2 token count."""
+    inputs = preprocess(image, base_size, image_size, crop, min_crops, max_crops)
+    grid = inputs.grid if inputs.tiles is not None else None
+    inputs.image_tokens = _tokens_v2(base_size, image_size, grid)
+    return inputs

@@ -31,3 +31,11 @@ def base_url(tiny_checkpoint: Path):
 
     with serve_app(create_app(make_settings(tiny_checkpoint))) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_v2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DeepSeek-OCR-2 checkpoint (released names and token ids), written once per test session."""
+    from deepseek_ocr import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-ckpt-v2"), seed=0, arch="ocr2")

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import deepseek_ocr
 from config import MODES, ModeSpec, Settings
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("deepseek_ocr.vllm")
 
 GUNDAM = "gundam"
-IMAGE_TAG = "<image>"
 # Versions whose DeepSeek-OCR processing was read to decide that mode constants can be set (see docstring).
 MODE_PATCH_VERSIONS = ("0.26.",)
 # vLLM's tiling grid is fixed at import (MIN_CROPS/MAX_CROPS bound into default arguments).
@@ -167,54 +167,24 @@ def _balanced(image: Image.Image) -> bool:
 # --------------------------------------------------------------------------------------- prompts
 
 
-class PromptBuilder:
-    """Our prompt construction (bos + text, one `<image>` id at the tag) as vLLM token prompts."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        from process.ngram_norepeat import NoRepeatNGramProcessor
-
-        self.tokenizer = tokenizer
-        self.bos_id = _token_id(tokenizer, tokenizer.bos_token)
-        self.image_id = _token_id(tokenizer, IMAGE_TAG)
-        self.whitelist = sorted(NoRepeatNGramProcessor.from_tokenizer(tokenizer).whitelist)
+class PromptBuilder(deepseek_ocr.PromptBuilder):
+    """The one prompt builder (`deepseek_ocr.PromptBuilder`), with the vLLM token-prompt shape on top:
+    one `<image>` id at the tag, which vLLM expands to the image's placeholders itself."""
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> PromptBuilder:
-        from deepseek_ocr import load_tokenizer
-
-        return cls(load_tokenizer(path))
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-    def token_ids(self, prompt: str, has_image: bool) -> list[int]:
-        """bos + prompt, the `<image>` tag as one image id (vLLM expands it to the image's placeholders)."""
-        tags = prompt.count(IMAGE_TAG)
-        if not has_image:
-            if tags:
-                raise BadRequest(f"the prompt has {tags} {IMAGE_TAG} tag(s) but no image was sent")
-            return [self.bos_id, *self.encode(prompt)]
-        if tags != 1:
-            raise BadRequest(f"with an image the prompt needs exactly one {IMAGE_TAG} tag, got {tags}")
-        before, after = prompt.split(IMAGE_TAG)
-        return [self.bos_id, *self.encode(before), self.image_id, *self.encode(after)]
+        return cls(deepseek_ocr.load_tokenizer(path))
 
     def prompt(self, prompt: str, image: Image.Image | None, mode: ModeSpec,
                extra_ids: Sequence[int] = ()) -> dict[str, Any]:
         """A vLLM `TokensPrompt` dict; `image` must already be `vllm_image(image, mode)`."""
-        out: dict[str, Any] = {"prompt_token_ids": [*self.token_ids(prompt, image is not None), *extra_ids]}
+        ids = self.token_ids(prompt, 1 if image is not None else None)
+        out: dict[str, Any] = {"prompt_token_ids": [*ids, *extra_ids]}
         if image is not None:
             out["multi_modal_data"] = {"image": image}
             if (kwargs := mm_processor_kwargs(mode)) is not None:
                 out["mm_processor_kwargs"] = kwargs
         return out
-
-
-def _token_id(tokenizer: Any, token: str | None) -> int:
-    token_id = tokenizer.convert_tokens_to_ids(token) if token else None
-    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        raise ValueError(f"the checkpoint's tokenizer has no {token!r} token")
-    return int(token_id)
 
 
 def sampling_params(sampling: SamplingParams, whitelist: Sequence[int], *, delta: bool = True, **extra: Any) -> Any:

@@ -108,7 +108,7 @@ def gundam_tokens(width: int, height: int) -> int:
 def prompt_ids(model: Path, prompt: str, has_image: bool) -> list[int]:
     from engines.vllm_engine import PromptBuilder
 
-    return PromptBuilder.from_checkpoint(model).token_ids(prompt, has_image)
+    return PromptBuilder.from_checkpoint(model).token_ids(prompt, 1 if has_image else None)
 
 
 def post_image(url: str, path: str, data: dict[str, str], image: bytes | None = None, *,

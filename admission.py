@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from engines.base import Engine, not_ready
-from errors import Overloaded, UnsupportedMode
+from errors import Overloaded, UnknownModel, UnsupportedMode
+from model_catalog import ModelSpec
 from process.image_process import ModeSpec
 
 # How often a waiting item re-checks that some engine is still alive (a dead engine never frees its slots).
@@ -45,7 +46,7 @@ class Admission:
         self.engines: list[Engine] = list(engines)
         self.max_queue = max_queue
         self._busy: dict[int, int] = {id(e): 0 for e in self.engines}
-        self._waiters: deque[tuple[asyncio.Future[Engine], ModeSpec | None]] = deque()
+        self._waiters: deque[tuple[asyncio.Future[Engine], ModeSpec | None, str | None]] = deque()
         self.admitted = 0
 
     # --- state --------------------------------------------------------------------------------
@@ -60,10 +61,43 @@ class Admission:
 
     @property
     def served_modes(self) -> tuple[str, ...]:
+        """Modes of the default model (the first); `modes_of` gives another model's."""
+        return self.modes_of(self.models[0].name if self.models else None)
+
+    def modes_of(self, model: str | None) -> tuple[str, ...]:
         modes: dict[str, None] = {}
-        for engine in self.engines:
+        for engine in self._engines_of(model):
             modes.update(dict.fromkeys(engine.served_modes))
         return tuple(modes)
+
+    @property
+    def models(self) -> list[ModelSpec]:
+        """The models served, in configured order (the first is the default)."""
+        seen: dict[str, ModelSpec] = {}
+        for engine in self.engines:
+            if engine.model is not None:
+                seen.setdefault(engine.model.name, engine.model)
+        return list(seen.values())
+
+    def model(self, name: str | None) -> ModelSpec | None:
+        """The model a request names (None: the default); 400 listing the known ones for an unknown name."""
+        models = self.models
+        if not models:
+            return None
+        if name is None or name == "":
+            return models[0]
+        for spec in models:
+            if spec.name == name:
+                return spec
+        raise UnknownModel(
+            f"model {name!r} is not served here; models: {', '.join(m.name for m in models)}",
+            models=[m.name for m in models],
+        )
+
+    def _engines_of(self, model: str | None) -> list[Engine]:
+        if model is None:
+            return self.engines
+        return [e for e in self.engines if e.model is None or e.model.name == model]
 
     @property
     def capacity(self) -> int:
@@ -76,24 +110,26 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for fut, _ in self._waiters if not fut.done())
+        return sum(1 for fut, _, _ in self._waiters if not fut.done())
 
     def busy(self, engine: Engine) -> int:
         return self._busy[id(engine)]
 
     # --- admission ----------------------------------------------------------------------------
-    def check(self, mode: ModeSpec | None = None) -> None:
+    def check(self, mode: ModeSpec | None = None, model: str | None = None) -> None:
         """Refuse a new request now: no engine ready (503), the mode not served (400), or a full queue (503)."""
-        if not self.ready:
-            raise not_ready(self.primary)
-        if mode is not None and mode.name not in self.served_modes:
+        engines = self._engines_of(model)
+        if not any(e.ready for e in engines):
+            raise not_ready(next((e for e in engines if e.model is not None), engines[0]) if engines else self.primary)
+        served = self.modes_of(model)
+        if mode is not None and mode.name not in served:
+            who = f"model {model!r}" if model else f"the {self.primary.name} engine"
             raise UnsupportedMode(
-                f"mode {mode.name!r} is not served by the {self.primary.name} engine; "
-                f"modes served: {', '.join(self.served_modes)}",
-                served_modes=list(self.served_modes),
+                f"mode {mode.name!r} is not served by {who}; modes served: {', '.join(served)}",
+                served_modes=list(served),
             )
         waiting = self.waiting
-        if waiting >= self.max_queue and self._free(mode) is None:
+        if waiting >= self.max_queue and self._free(mode, model) is None:
             capacity = self.capacity
             raise Overloaded(
                 f"{waiting} items are waiting and {self.in_flight} running (MAX_QUEUE={self.max_queue}, "
@@ -101,20 +137,20 @@ class Admission:
                 retry_after=max(1, min(60, math.ceil(waiting / capacity))),
             )
 
-    async def acquire(self, mode: ModeSpec | None = None) -> Slot:
-        """A slot on the least busy ready engine serving `mode`; waits (FIFO) while all are full."""
-        engine = self._free(mode) if not self.waiting else None
+    async def acquire(self, mode: ModeSpec | None = None, model: str | None = None) -> Slot:
+        """A slot on the least busy ready engine of `model` serving `mode`; waits (FIFO) while all are full."""
+        engine = self._free(mode, model) if not self.waiting else None
         if engine is not None:
             self._busy[id(engine)] += 1
             self.admitted += 1
             return Slot(engine, self)
         future: asyncio.Future[Engine] = asyncio.get_running_loop().create_future()
-        entry = (future, mode)
+        entry = (future, mode, model)
         self._waiters.append(entry)
         self._wake()  # a slot may be free already (waiters ahead of us may have left)
         try:
             while True:
-                if not self.ready:
+                if not any(e.ready for e in self._engines_of(model)):
                     raise not_ready(self.primary)
                 with contextlib.suppress(TimeoutError):
                     engine = await asyncio.wait_for(asyncio.shield(future), _RECHECK_S)
@@ -131,17 +167,17 @@ class Admission:
         return Slot(engine, self)
 
     @contextlib.asynccontextmanager
-    async def slot(self, mode: ModeSpec | None = None) -> AsyncIterator[Slot]:
-        token = await self.acquire(mode)
+    async def slot(self, mode: ModeSpec | None = None, model: str | None = None) -> AsyncIterator[Slot]:
+        token = await self.acquire(mode, model)
         try:
             yield token
         finally:
             token.release()
 
     # --- internals ----------------------------------------------------------------------------
-    def _free(self, mode: ModeSpec | None) -> Engine | None:
+    def _free(self, mode: ModeSpec | None, model: str | None = None) -> Engine | None:
         best, best_load = None, math.inf
-        for engine in self.engines:
+        for engine in self._engines_of(model):
             if not engine.ready or (mode is not None and mode.name not in engine.served_modes):
                 continue
             busy = self._busy[id(engine)]
@@ -159,10 +195,10 @@ class Admission:
     def _wake(self) -> None:
         """Hand free slots to waiters in arrival order (a waiter whose mode no free engine serves is skipped)."""
         for entry in list(self._waiters):
-            future, mode = entry
+            future, mode, model = entry
             if future.done():
                 continue
-            engine = self._free(mode)
+            engine = self._free(mode, model)
             if engine is None:
                 continue
             self._busy[id(engine)] += 1

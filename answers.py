@@ -85,7 +85,7 @@ def image_response(result: ItemResult, mode: str) -> ImageOcrResponse:
         width=post.width,
         height=post.height,
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
-        mode=mode,  # type: ignore[arg-type]
+        mode=result.mode or mode,  # type: ignore[arg-type]
         usage=usage_model(result.usage),
         elapsed_s=result.elapsed_s,
         attempts=result.attempts,

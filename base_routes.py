@@ -123,7 +123,7 @@ async def generate(body: GenerateRequest, service: ServiceDep, settings: Setting
         top_p=body.top_p,
         ngram=(body.ngram_size, body.ngram_window),
     )
-    service.admit(req)
+    req = service.admit(req)
     image = None
     if body.image_base64 is not None:
         data = inputs.decode_base64_image(body.image_base64, max_bytes=settings.max_upload_bytes)
@@ -158,7 +158,7 @@ async def generate_with_file(
         top_p=top_p,
         ngram=(ngram_size, ngram_window),
     )
-    service.admit(req)
+    req = service.admit(req)
     data = await read_upload(file, settings)
     image = await service.blocking(inputs.decode_image, data, max_pixels=settings.max_image_pixels)
     return await _generate(service, req, image)

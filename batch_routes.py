@@ -90,7 +90,7 @@ async def run_batch(
         max_tokens=options.max_tokens,
         ngram=options.ngram,
     )
-    service.admit(req)
+    req = service.admit(req)
     names = [f.filename or "" for f in files]
     stems = member_stems(names)
 

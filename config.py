@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model_catalog import parse_models
 from process.image_process import DEFAULT_MODE, MODES, ModeSpec
 
 __all__ = ["DEFAULT_MODE", "MODES", "ModeSpec"]  # re-exported: the table itself lives in process/image_process.py
@@ -61,6 +62,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", env_ignore_empty=True)
 
     model_path: str | None = Field(None, description="Checkpoint directory (config.json, weights, tokenizer)")
+    models: str | None = Field(None, description="Several models side by side: name=path,name2=path2")
     engine: Literal["auto", "vllm", "torch"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (PyTorch engine)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -112,6 +114,13 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_models(value)  # raises with what is wrong and what is allowed
+        return value
 
     @model_validator(mode="after")
     def _resolve_mode(self) -> Settings:

@@ -63,6 +63,10 @@ class UnsupportedMode(BadRequest):
     slug, title = "unsupported-mode", "The resolution mode is not served"
 
 
+class UnknownModel(BadRequest):
+    slug, title = "unknown-model", "The model is not served here"
+
+
 class PromptTooLong(BadRequest):
     slug, title = "prompt-too-long", "The prompt does not fit the model's context"
 

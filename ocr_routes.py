@@ -21,7 +21,7 @@ from deps import (
     prompt_form,
     read_upload,
 )
-from pipeline import OcrRequest, OcrService, PostOptions, resolve_mode
+from pipeline import OcrRequest, OcrService, PostOptions
 from router_status import add_status_routes
 from schemas import ImageOcrResponse, SimpleTextResponse
 
@@ -30,14 +30,14 @@ router = APIRouter(prefix="/ocr", tags=["image OCR"])
 FileField = Annotated[UploadFile, File(description="Image: PNG, JPEG, WebP, TIFF, BMP, GIF (first frame)")]
 
 
-def mode_for(mode: str | None, crop_mode: str | None, service: OcrService, settings: Settings) -> ModeSpec:
+def mode_for(mode: str | None, crop_mode: str | None, service: OcrService, settings: Settings) -> ModeSpec | str | None:
     """`mode` wins; the seed's crop_mode maps singlepage -> base (global view only), tiling -> gundam.
 
     An engine that serves only some modes (vLLM: gundam) keeps its default for crop_mode, since the
     seed's examples send crop_mode and must keep working there.
     """
     if mode or not crop_mode:
-        return resolve_mode(mode, settings)
+        return mode  # resolved with the request (the model's own default when none is given)
     wanted = MODES["base"] if crop_mode == "singlepage" else MODES["gundam"]
     return wanted if wanted.name in service.admission.served_modes else settings.default_mode
 
@@ -78,7 +78,7 @@ async def image_advanced(
         temperature=temperature,
         ngram=(ngram_size, ngram_window),
     )
-    service.admit(req)
+    req = service.admit(req)
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
         result = await service.image(req, image, PostOptions(draw=draw_boxes, crop=crop_regions))
@@ -97,14 +97,14 @@ async def image_simple(
     req = OcrRequest.build(
         settings, prompt=prompt, default_prompt=FREE_PROMPT, mode=mode, max_tokens=max_tokens, ngram=NGRAM_IMAGE
     )
-    service.admit(req)
+    req = service.admit(req)
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
         result = await service.image(req, image, PostOptions())
     return SimpleTextResponse(
         text=result.post.plain if result.post else "",
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
-        mode=req.mode.name,  # type: ignore[arg-type]
+        mode=result.mode or req.mode.name,  # type: ignore[arg-type]
         usage=usage_model(result.usage),
         elapsed_s=result.elapsed_s,
     )

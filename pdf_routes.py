@@ -93,7 +93,7 @@ async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) ->
         max_tokens=options.max_tokens,
         ngram=options.ngram,
     )
-    service.admit(req)
+    req = service.admit(req)
     data = await read_upload(file, settings)
     post = PostOptions(draw=options.draw_layouts, annotated_format="jpeg", crop=options.extract_images)
     async with deadline(settings.pdf_timeout_s, "PDF_TIMEOUT_S"):

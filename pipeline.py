@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -31,6 +32,7 @@ from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
 from errors import BadRequest, OcrError, ServiceUnavailable, ValidationFailed
+from model_catalog import NGRAM_DEFAULTS
 from process.image_process import MODES, ModeSpec
 from searchable_pdf import searchable_from_images
 
@@ -75,6 +77,10 @@ class OcrRequest:
     prompt: str
     mode: ModeSpec
     sampling: SamplingParams
+    model: str | None = None  # None: the default model; `OcrService.admit` binds it
+    kind: str = "image"  # image, pdf or batch: picks the model's n-gram defaults when none were sent
+    mode_given: bool = True
+    ngram_given: bool = True
 
     @classmethod
     def build(
@@ -88,9 +94,13 @@ class OcrRequest:
         max_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        ngram: tuple[int, int] = (30, 90),
+        ngram: tuple[int, int] | None = None,
+        model: str | None = None,
+        kind: str = "image",
     ) -> OcrRequest:
         spec = mode if isinstance(mode, ModeSpec) else resolve_mode(mode, settings)
+        given = ngram is not None
+        ngram = ngram if ngram is not None else NGRAM_DEFAULTS["ocr"][kind]
         text = normalize_prompt(prompt, default_prompt, has_image=has_image)
         limit = settings.max_model_len
         if max_tokens is not None and not 1 <= max_tokens <= limit:
@@ -109,7 +119,7 @@ class OcrRequest:
             ngram_size=size,
             ngram_window=window if size else 0,
         )
-        return cls(text, spec, sampling)
+        return cls(text, spec, sampling, model or None, kind, bool(mode), given)
 
     def engine_request(
         self, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
@@ -166,6 +176,7 @@ class ItemResult:
     note: str | None = None
     render_warnings: tuple[str, ...] = ()
     elapsed_s: float = 0.0
+    mode: str | None = None  # the mode of the attempt kept (the retry ladder may have changed it)
     attempts: int = 1
     retries: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt after the first
 
@@ -226,9 +237,26 @@ class OcrService:
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
 
-    def admit(self, request: OcrRequest | None = None) -> None:
-        """Refuse a request up front: no engine ready, mode not served, or too much waiting."""
-        self.admission.check(request.mode if request else None)
+    def admit(self, request: OcrRequest | None = None) -> OcrRequest | None:
+        """Bind a request to its model and refuse it up front: unknown model (400), mode the model does not
+        serve (400), no engine ready or too much waiting (503). Returns the bound request."""
+        if request is None:
+            self.admission.check()
+            return None
+        spec = self.admission.model(request.model)
+        if spec is not None:
+            served = self.admission.modes_of(spec.name)
+            mode = request.mode
+            if mode.name not in spec.modes and not request.mode_given and served:
+                mode = spec.modes[served[0]]  # the server's default mode is not this model's: its own default
+            sampling = request.sampling
+            if not request.ngram_given:
+                size, window = spec.ngram(request.kind)
+                sampling = dataclasses.replace(sampling, ngram_size=size, ngram_window=window)
+            request = dataclasses.replace(request, model=spec.name, mode=spec.modes.get(mode.name, mode),
+                                          sampling=sampling)
+        self.admission.check(request.mode, request.model)
+        return request
 
     @property
     def window(self) -> int:
@@ -249,7 +277,7 @@ class OcrService:
         if input_hash is None and image is not None:
             input_hash = await self.blocking(content_hash, image)
         self.supervisor.check(input_hash)
-        async with self.admission.slot(request.mode) as slot:
+        async with self.admission.slot(request.mode, request.model) as slot:
             return await slot.engine.generate(request.engine_request(image, stream=stream, input_hash=input_hash))
 
     async def image(
@@ -265,7 +293,9 @@ class OcrService:
         result.status = item_status(out.finish_reason)
         if result.status == "aborted":
             result.error = "the engine aborted this item's generation"
-        if self.settings.retry_ladder and retry_ladder.runaway(out.text, out.finish_reason):
+        result.mode = request.mode.name
+        ran_away = retry_ladder.runaway(out.text, out.finish_reason, out.usage.completion_tokens)
+        if self.settings.retry_ladder and ran_away:
             await self._climb(request, image, input_hash, result)
         result.post = await self.blocking(postprocess, result.text, image, label=label, options=options, dpi=dpi)
         result.elapsed_s = round(time.perf_counter() - started, 4)
@@ -281,8 +311,9 @@ class OcrService:
                 {"attempt": result.attempts, "change": step.change, "finish_reason": out.finish_reason,
                  "completion_tokens": out.usage.completion_tokens}
             )
-            if not retry_ladder.runaway(out.text, out.finish_reason):
+            if not retry_ladder.runaway(out.text, out.finish_reason, out.usage.completion_tokens):
                 result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
+                result.mode = step.request.mode.name
                 result.status = "degraded" if step.degraded else "retried"
                 return
         log.info("item %s ran away on all %d attempts; the first is kept, truncated", result.label, result.attempts)

@@ -23,6 +23,7 @@ _MAX_PERIOD = 400  # longest repeating unit considered, in characters (a table r
 _MIN_REPEATS = 3
 _MIN_SPAN = 60  # the repeated tail covers at least this many characters
 _OTHER_MODE_ORDER = ("gundam", "base", "large", "small", "tiny")
+MIN_TOKENS = 32  # a budget this small is the caller's choice, not a runaway
 
 
 def repeating_tail(text: str) -> bool:
@@ -39,8 +40,8 @@ def repeating_tail(text: str) -> bool:
     return False
 
 
-def runaway(text: str, finish_reason: str | None) -> bool:
-    return finish_reason == "length" and repeating_tail(text)
+def runaway(text: str, finish_reason: str | None, completion_tokens: int = MIN_TOKENS) -> bool:
+    return finish_reason == "length" and completion_tokens >= MIN_TOKENS and repeating_tail(text)
 
 
 @dataclass(frozen=True)

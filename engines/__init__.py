@@ -16,6 +16,7 @@ from pathlib import Path
 
 from config import Settings
 from engines.base import BaseEngine, Engine, UnavailableEngine
+from model_catalog import ModelSpec, model_specs
 
 log = logging.getLogger("deepseek_ocr.engine")
 
@@ -87,36 +88,55 @@ def is_random_weights(settings: Settings) -> bool:
 
 
 async def start_engines(settings: Settings, factory: EngineFactory | None = None) -> list[Engine]:
-    """The configured engines, started. When the model cannot load, one `UnavailableEngine` saying why.
+    """The engines of every configured model, started; a model that cannot load is an `UnavailableEngine`
+    saying why (the others still serve).
 
     With a factory (tests), its engines are started as they are: no checkpoint checks.
     """
+    specs = model_specs(settings.models, settings.model_path)
     if factory is not None:
         engines = factory(settings)
         for engine in engines:
+            if engine.model is None and specs:
+                engine.model = specs[0]
             await engine.start()
         return engines
-    if not settings.model_path:
+    if not specs:
         log.warning("MODEL_PATH is not set: OCR endpoints answer 503 until it is")
         return [UnavailableEngine(f"MODEL_PATH is not set: {NO_MODEL_HINT}")]
-    if not (Path(settings.model_path) / "config.json").is_file():
-        reason = f"MODEL_PATH={settings.model_path} has no config.json: {NO_MODEL_HINT}"
+    engines: list[Engine] = []
+    for spec in specs:
+        engines += await _start_model(settings.model_copy(update={"model_path": spec.path}), spec)
+    return engines
+
+
+async def _start_model(settings: Settings, spec: ModelSpec) -> list[Engine]:
+    where = f"model {spec.name!r} at {spec.path}"
+    if not (Path(spec.path) / "config.json").is_file():
+        reason = f"{where}: MODEL_PATH={spec.path} has no config.json: {NO_MODEL_HINT}"
         log.error("%s", reason)
-        return [UnavailableEngine(reason)]
+        return [_unavailable(reason, spec)]
     engines = default_factory(settings)
     try:
         for engine in engines:
+            engine.model = spec
             await engine.start()
     except Exception as exc:
-        log.exception("model load failed")
+        log.exception("model load failed: %s", where)
         for engine in engines:
             await engine.close()
-        reason = f"could not load the model from MODEL_PATH={settings.model_path}: {exc}; {NO_MODEL_HINT}"
-        return [UnavailableEngine(reason, engine_kind(settings))]
+        reason = f"could not load {where} (MODEL_PATH={spec.path}): {exc}; {NO_MODEL_HINT}"
+        return [_unavailable(reason, spec, engine_kind(settings))]
     demo = is_random_weights(settings)
     for engine in engines:
         engine.demo = demo
-        log.info("engine %s ready: %s", engine.name, settings.model_path)
+        log.info("engine %s ready: %s (%s)", engine.name, where, spec.arch)
     if demo:
         log.warning("%s", DEMO_NOTICE)
     return engines
+
+
+def _unavailable(reason: str, spec: ModelSpec, kind: str = "none") -> UnavailableEngine:
+    engine = UnavailableEngine(reason, kind)
+    engine.model = spec
+    return engine

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from deepseek_ocr import SamplingParams
 from errors import ModelNotReady, UnsupportedMode
+from model_catalog import ModelSpec
 from process.image_process import MODES, ModeSpec
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class Engine(Protocol):
     name: str
     demo: bool
     max_concurrency: int
+    model: ModelSpec | None
     # False when the model can never load (bad MODEL_PATH): 503 without Retry-After, a person must act.
     recoverable: bool
 
@@ -111,6 +113,7 @@ class BaseEngine:
         self.peak_running = 0  # the most at once since start: admission must keep it <= max_concurrency
         self.completed = 0
         self.demo = False
+        self.model: ModelSpec | None = None  # which model it serves (set by `engines.start_engines`)
         self.started = False  # has served at least once: only those are restarted when they die
         self.restarting = False
         self._ready = False
@@ -122,7 +125,11 @@ class BaseEngine:
     # --- the interface -------------------------------------------------------------------------
     @property
     def served_modes(self) -> tuple[str, ...]:
-        return tuple(MODES)
+        return tuple(self.model.modes if self.model is not None else MODES)
+
+    @property
+    def model_name(self) -> str | None:
+        return self.model.name if self.model is not None else None
 
     @property
     def ready(self) -> bool:
@@ -186,6 +193,8 @@ class BaseEngine:
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         self.require_ready()
         self.check_mode(request.mode)
+        if self.model is not None:  # the mode's view sizes for this model's architecture (OCR-2 tiles 768)
+            request.mode = self.model.modes.get(request.mode.name, request.mode)
         self.running += 1
         self.peak_running = max(self.peak_running, self.running)
         if request.input_hash is not None:

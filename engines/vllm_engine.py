@@ -231,6 +231,10 @@ class VllmEngine(BaseEngine):
     def served_modes(self) -> tuple[str, ...]:
         return self._served
 
+    @property
+    def arch(self) -> str:
+        return self.model.arch if self.model is not None else "ocr"
+
     async def start(self) -> None:
         prepare_environment()
         import vllm
@@ -255,14 +259,16 @@ class VllmEngine(BaseEngine):
         # Built on the event loop thread: AsyncLLM binds its output task and sockets to the running loop.
         self._engine = AsyncLLM.from_engine_args(args)
         try:
-            if serve is not None and serve.name != GUNDAM:
-                set_vllm_mode(serve)  # only now: the engine core has profiled with the Gundam defaults
-            if serve is None:
+            if self.arch == "ocr2":
+                self._served = (GUNDAM,)  # DeepSeek-OCR-2 has one mode: vLLM's own constants (1024 + 768 tiles)
+            elif serve is None:
                 self._served = (GUNDAM,)
                 self._mode_note = (f"default mode {wanted.name} cannot be served by vLLM here ({reason}); "
                                    f"serving {GUNDAM} only")
                 log.warning("%s", self._mode_note)
             else:
+                if serve.name != GUNDAM:
+                    set_vllm_mode(serve)  # only now: the engine core has profiled with the Gundam defaults
                 self._served = (serve.name,)
             await self._warm_up()
         except BaseException:
@@ -281,7 +287,7 @@ class VllmEngine(BaseEngine):
         from PIL import Image
 
         started = time.perf_counter()
-        mode = MODES[self._served[0]]
+        mode = (self.model.modes if self.model is not None else MODES)[self._served[0]]
         sampling = SamplingParams(max_tokens=2, ngram_size=20, ngram_window=50)
 
         async def run(prompt: str, size: tuple[int, int] | None) -> None:

@@ -49,7 +49,8 @@ def assert_all_503(answers: dict[str, httpx.Response], reason: str) -> None:
 
 def test_dead_engine_is_503_on_every_route(tiny_checkpoint: Path) -> None:
     engine = ReplayEngine(TEXT)
-    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))
+    # No restarts here: the engine must stay dead for the five requests (tests/test_reliability.py heals it).
+    app = create_app(make_settings(tiny_checkpoint, engine_restart=False), engine_factory=factory(engine))
     with serve_app(app) as url:
         assert httpx.post(url + "/batch/ocr", files=[("files", ("a.png", png_bytes()))]).status_code == 200
         engine.kill("the replay engine died")
@@ -60,7 +61,7 @@ def test_dead_engine_is_503_on_every_route(tiny_checkpoint: Path) -> None:
 def test_engine_dying_mid_request_is_503_not_failed_items(tiny_checkpoint: Path) -> None:
     """Items already admitted when the engine dies: the whole request is a 503, never N failed items."""
     engine = ReplayEngine(TEXT, delay_s=1.0)
-    app = create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))
+    app = create_app(make_settings(tiny_checkpoint, engine_restart=False), engine_factory=factory(engine))
     with serve_app(app) as url:
         timer = threading.Timer(0.5, engine.kill, args=("the replay engine died mid-request",))
         timer.start()

@@ -99,6 +99,7 @@ class TorchEngine(BaseEngine):
         self._jobs.put(None)
         if self._worker is not None:
             await asyncio.to_thread(self._worker.join, 30)
+        self._fail_waiting("the engine was shut down while this request was waiting; retry")
         self.runtime = None
 
     async def abort(self, request_id: str) -> None:
@@ -110,6 +111,8 @@ class TorchEngine(BaseEngine):
         job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
         self._by_id[request.request_id] = job
         self._jobs.put(job)
+        if self._worker is None or not self._worker.is_alive():  # it ended between our check and the put
+            self._fail_waiting("the engine stopped; retry")
         try:
             while True:
                 item = await job.events.get()
@@ -130,9 +133,13 @@ class TorchEngine(BaseEngine):
             # However the thread ends, nobody may wait for it: every request still here gets a 503.
             if not self._closing:
                 self.mark_dead("the PyTorch engine's worker thread stopped")
-            gone = ModelNotReady("the engine stopped while this request was running; retry", retry_after=30)
-            for job in list(self._by_id.values()):
-                self._deliver(job, gone)
+            self._fail_waiting("the engine stopped while this request was running; retry")
+
+    def _fail_waiting(self, why: str) -> None:
+        """Every request still here gets a 503 (a job queued after the worker ended would wait forever)."""
+        gone = ModelNotReady(why, retry_after=30)
+        for job in list(self._by_id.values()):
+            self._deliver(job, gone)
 
     def _serve(self) -> None:
         while True:

@@ -5,12 +5,12 @@ front when no engine is ready or too much is waiting; uploads are read under the
 fields are declared once; deadlines end in 504; a form field no route declares is a 422, not ignored.
 
 Form fields and Swagger UI's "Try it out": Swagger UI 5 pre-fills every multipart field from the schema's
-`examples[0]`, else `default`, else a sample made from the type (`string`, the minimum, the first enum
-value) and sends what is filled in. So every optional field here carries `examples: [null]` (FastAPI drops
-a `default: null` from the document): the box starts empty and is not sent, and the server's default
-applies. Fields with a real default show it. File arrays declare `format: binary` items, the form Swagger
-UI renders as file pickers. Descriptions are markdown: prompts go in backticks so `<image>` is not eaten
-as an HTML tag.
+`examples[0]`, else `default`, else a value made from the type (`string`, the minimum, the first enum
+value), and sends it. An empty field goes out as `""` ("Send empty value" starts checked), which FastAPI
+reads as "not given", so the server's default applies; a `null` pre-fill would go out as the text `null`
+(checked in a real browser). So every optional field carries `examples: [""]`: an empty box. Fields with a
+real default show it. File arrays declare `format: binary` items, which Swagger UI renders as file
+pickers. Descriptions are markdown: prompts go in backticks so `<image>` is not eaten as an HTML tag.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ ServiceDep = Annotated[OcrService, Depends(get_service)]
 
 PROMPT_MAX_CHARS = 100_000  # far above any prompt that fits MAX_MODEL_LEN; bounds tokenizer work
 
-# What an optional field shows in Swagger UI: an empty box, not sent, so the server's default applies.
-UNSET = [None]
+# An optional field's pre-fill in Swagger UI: an empty box (sent as "", read as absent: the default applies).
+UNSET = [""]
 
 # Form fields shared by the multipart routes (each route sets its own default).
 ModeForm = Annotated[

@@ -3,9 +3,10 @@
 `swagger_prefill` mimics how Swagger UI 5 fills a multipart form from an OpenAPI 3.1 document
 (`request-body.jsx` and the JSON Schema 2020-12 sampler): each property, merged with its first
 `anyOf`/`oneOf` alternative, starts with `examples[0]`, else `default`, else `example`, else a value made
-from its type (`"string"`, the minimum or 0, `true`, the first enum value). Optional fields keep "Send empty
-value" checked, so an empty one goes out as `""` (swagger-client writes `null` as `""` too). The test sends
-exactly that plus the file a user picks, for every POST route, and wants 200.
+from its type (`"string"`, the minimum or 0, `true`, the first enum value). An empty optional field goes out
+as `""` ("Send empty value" starts checked); a `null` goes out as the text `null`. Both were checked against
+the real Swagger UI in headless Chromium (the curl it shows). The test sends exactly that plus the files a
+user picks, for every POST route, and wants 200.
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ def swagger_prefill(prop: dict[str, Any]) -> Any:
 
 
 def form_text(value: Any) -> str:
-    """A value as swagger-client writes it into multipart: JavaScript's String(), `null` as empty."""
+    """A value as Swagger UI writes it into multipart: JavaScript's String() (`null` becomes "null")."""
     if value is None:
-        return ""
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

@@ -79,7 +79,7 @@ NgramWindowForm = Annotated[int, Form(ge=0, le=8192, description="Recent tokens 
 
 
 def prompt_form(description: str) -> object:
-    """A prompt field: default "" (an empty box, not sent: the route's own prompt applies)."""
+    """A prompt field: default "" (an empty box; "" means the route's own prompt)."""
     return Form(max_length=PROMPT_MAX_CHARS, description=description)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 import inputs
 from answers import usage_model
 from config import NGRAM_IMAGE, Settings
 from deps import (
+    KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
     NgramSizeForm,
@@ -21,8 +22,10 @@ from deps import (
     TemperatureForm,
     TopPForm,
     deadline,
+    file_field,
     prompt_form,
     read_upload,
+    shown,
 )
 from engines import DEMO_NOTICE
 from pipeline import OcrRequest, OcrService
@@ -30,7 +33,7 @@ from schemas import EngineState, GenerateRequest, GenerateResponse, HealthRespon
 
 __version__ = "1.0.0"
 GENERATE_PROMPT = "<image>\nFree OCR."
-router = APIRouter(tags=["base"])
+router = APIRouter(tags=["base"], dependencies=[KnownFieldsOnly])
 
 
 @router.get("/", response_model=RootResponse, summary="Service information")
@@ -139,8 +142,10 @@ async def generate(body: GenerateRequest, service: ServiceDep, settings: Setting
 async def generate_with_file(
     service: ServiceDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, File(description="Image: PNG, JPEG, WebP, TIFF, BMP, GIF")],
-    prompt: Annotated[str, prompt_form("Prompt; `<image>\\n` is put in front if missing")] = "",
+    file: Annotated[UploadFile, file_field("Image: PNG, JPEG, WebP, TIFF, BMP, GIF. PDFs go to `/pdf/ocr`")],
+    prompt: Annotated[
+        str, prompt_form(f"Empty: {shown(GENERATE_PROMPT)}. Without an `<image>` tag, `<image>\\n` is put in front")
+    ] = "",
     max_tokens: MaxTokensForm = None,
     temperature: TemperatureForm = 0.0,
     top_p: TopPForm = 1.0,

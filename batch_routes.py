@@ -14,27 +14,30 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, Form, UploadFile
 from fastapi.responses import Response
 
 from answers import BatchRun, attachment, batch_response, batch_simple_response, batch_zip, member_stems
 from batch_schemas import BatchResponse, BatchSimpleResponse
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_BATCH, Settings
 from deps import (
+    KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
     deadline,
+    files_field,
     prompt_form,
     read_upload,
+    shown,
 )
 from errors import PayloadTooLarge
 from pipeline import OcrRequest, OcrService, PostOptions, in_window
 from router_status import add_status_routes
 
-router = APIRouter(prefix="/batch", tags=["batch OCR"])
+router = APIRouter(prefix="/batch", tags=["batch OCR"], dependencies=[KnownFieldsOnly])
 
 ZIP_FILENAME = "batch_results.zip"
 _ZIP_DESCRIPTION = (
@@ -43,7 +46,10 @@ _ZIP_DESCRIPTION = (
     "`{stem}.error.json` for a failed file, and `summary.json`"
 )
 
-FilesField = Annotated[list[UploadFile], File(description="Images (repeat the field): PNG, JPEG, WebP, TIFF, BMP, GIF")]
+FilesField = Annotated[
+    list[UploadFile],
+    files_field("Images (repeat the field): PNG, JPEG, WebP, TIFF, BMP, GIF. PDFs go to `/pdf/ocr` or `/jobs`"),
+]
 CleanField = Annotated[bool, Form(description="Clean formulas: drop `\\quad (n)` tags inside `\\[...\\]`")]
 
 
@@ -58,7 +64,9 @@ class BatchOptions:
 
 
 def batch_options(
-    prompt: Annotated[str, prompt_form("Default: the document-to-markdown prompt; `Free OCR.` for /simple")] = "",
+    prompt: Annotated[
+        str, prompt_form(f"Empty: {shown(DOCUMENT_PROMPT)}; {shown(FREE_PROMPT)} for `/batch/ocr/simple`")
+    ] = "",
     mode: ModeForm = None,
     max_tokens: MaxTokensForm = None,
     ngram_size: NgramSizeForm = NGRAM_BATCH[0],

@@ -2,7 +2,15 @@
 
 Settings and the service come from `app.state` (never a global); the service dependency refuses work up
 front when no engine is ready or too much is waiting; uploads are read under their size limit; shared form
-fields are declared once; deadlines end in 504.
+fields are declared once; deadlines end in 504; a form field no route declares is a 422, not ignored.
+
+Form fields and Swagger UI's "Try it out": Swagger UI 5 pre-fills every multipart field from the schema's
+`examples[0]`, else `default`, else a value made from the type (`string`, the minimum, the first enum
+value), and sends it. An empty field goes out as `""` ("Send empty value" starts checked), which FastAPI
+reads as "not given", so the server's default applies; a `null` pre-fill would go out as the text `null`
+(checked in a real browser). So every optional field carries `examples: [""]`: an empty box. Fields with a
+real default show it. File arrays declare `format: binary` items, which Swagger UI renders as file
+pickers. Descriptions are markdown: prompts go in backticks so `<image>` is not eaten as an HTML tag.
 """
 
 from __future__ import annotations
@@ -12,10 +20,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, Form, Request, UploadFile
+from fastapi import Depends, File, Form, Request, UploadFile
+from fastapi import params as params_module
+from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from config import Settings
-from errors import BadRequest, DeadlineExceeded, PayloadTooLarge
+from errors import BadRequest, DeadlineExceeded, PayloadTooLarge, ValidationFailed
 from pipeline import OcrService
 from schemas import ModeName
 
@@ -38,19 +50,109 @@ ServiceDep = Annotated[OcrService, Depends(get_service)]
 
 PROMPT_MAX_CHARS = 100_000  # far above any prompt that fits MAX_MODEL_LEN; bounds tokenizer work
 
+# An optional field's pre-fill in Swagger UI: an empty box (sent as "", read as absent: the default applies).
+UNSET = [""]
+
 # Form fields shared by the multipart routes (each route sets its own default).
-ModeForm = Annotated[ModeName | None, Form(description="Resolution mode; default from the server's settings")]
-MaxTokensForm = Annotated[
-    int | None, Form(ge=1, le=131072, description="Most tokens to generate (per image or page); <= MAX_MODEL_LEN")
+ModeForm = Annotated[
+    ModeName | None,
+    Form(
+        examples=UNSET,
+        description="Resolution mode: `tiny`, `small`, `base`, `large` or `gundam`. "
+        "Empty: the server's DEFAULT_MODE (see `GET /`)",
+    ),
 ]
-TemperatureForm = Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy (recommended for OCR)")]
-TopPForm = Annotated[float, Form(gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0")]
+MaxTokensForm = Annotated[
+    int | None,
+    Form(
+        ge=1,
+        le=131072,
+        examples=UNSET,
+        description="Most tokens to generate (per image or page), at most MAX_MODEL_LEN. "
+        "Empty: the server's DEFAULT_MAX_TOKENS",
+    ),
+]
+TemperatureForm = Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy (recommended for OCR); 0..2")]
+TopPForm = Annotated[float, Form(gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0; (0, 1]")]
 NgramSizeForm = Annotated[int, Form(ge=0, le=512, description="No-repeat n-gram size; 0 turns the guard off")]
 NgramWindowForm = Annotated[int, Form(ge=0, le=8192, description="Recent tokens the n-gram guard looks back over")]
 
 
 def prompt_form(description: str) -> object:
+    """A prompt field: default "" (an empty box; "" means the route's own prompt)."""
     return Form(max_length=PROMPT_MAX_CHARS, description=description)
+
+
+def shown(prompt: str) -> str:
+    """A prompt as a markdown code span: `<image>` stays visible in /docs, newlines shown as `\\n`."""
+    return "`" + prompt.replace("\n", "\\n") + "`"
+
+
+def optional_form(description: str, **constraints: object) -> object:
+    """An optional text field: an empty box in Swagger UI, absent from the request unless filled in."""
+    return Form(examples=UNSET, description=description, **constraints)  # type: ignore[arg-type]
+
+
+def file_field(description: str) -> object:
+    return File(description=description, json_schema_extra={"format": "binary"})
+
+
+def files_field(description: str) -> object:
+    """A repeated file field; items `format: binary` so Swagger UI shows file pickers, not text boxes."""
+    binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+    return File(description=description, json_schema_extra={"items": binary})
+
+
+def _body_fields(dependant: Dependant) -> list[str]:
+    """Names of the body fields a route reads, its dependencies' included, in declaration order."""
+    names = [p.alias for p in dependant.body_params]
+    for sub in dependant.dependencies:
+        names += [n for n in _body_fields(sub) if n not in names]
+    return names
+
+
+def accepted_fields(route: object) -> list[str]:
+    """The body fields `route` accepts: form field names, or the fields of its JSON body model."""
+    if not isinstance(route, APIRoute):
+        return []
+    names = _body_fields(route.dependant)
+    params = route.dependant.body_params
+    if len(names) == 1 and len(params) == 1 and not isinstance(params[0].field_info, params_module.Form):
+        model = params[0].field_info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):  # a JSON body: its model's fields
+            return [f.alias or name for name, f in model.model_fields.items()]
+    return names
+
+
+def unknown_field_error(unknown: list[str], accepted: list[str], where: str = "form") -> ValidationFailed:
+    names = ", ".join(f"'{n}'" for n in unknown)
+    return ValidationFailed(
+        f"unknown {where} field{'s' if len(unknown) > 1 else ''} {names}; this route accepts: "
+        f"{', '.join(accepted) or 'no fields'}. Check the spelling (see /docs)",
+        errors=[{"field": n, "msg": "unknown field"} for n in unknown],
+        unknown_fields=unknown,
+        accepted_fields=accepted,
+    )
+
+
+async def reject_unknown_fields(request: Request) -> None:
+    """422 for a form field the route does not declare: a typo (`drawboxes`) must not be silently ignored.
+
+    Added to every router's routes; FastAPI has already parsed (and cached) the form when it runs.
+    """
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        return
+    accepted = accepted_fields(request.scope.get("route"))
+    if not accepted:  # a route without a body (GET /status): nothing to compare with
+        return
+    form = await request.form()
+    unknown = list(dict.fromkeys(k for k in form if k not in accepted))
+    if unknown:
+        raise unknown_field_error(unknown, accepted)
+
+
+KnownFieldsOnly = Depends(reject_unknown_fields)
 
 
 async def read_upload(file: UploadFile, settings: Settings, *, what: str = "file") -> bytes:

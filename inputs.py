@@ -123,6 +123,14 @@ def _open_lazy(data: bytes, max_pixels: int | None) -> ImageFile.ImageFile:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _bomb_error(exc, data, max_pixels) from exc
     except UnidentifiedImageError as exc:
+        if _PDF_MAGIC in data[:_PDF_HEADER_WINDOW]:  # the common mistake: say where PDFs go
+            raise UnsupportedMediaType(
+                "The file is a PDF; this route takes images. Send PDFs to POST /pdf/ocr (also /pdf/ocr/download "
+                "and /pdf/ocr/simple), or to POST /jobs for long documents (progress, resumable). "
+                f"Accepted image formats here: {_ACCEPTED_TEXT}.",
+                accepted_formats=list(ACCEPTED_IMAGE_FORMATS),
+                pdf_routes=["/pdf/ocr", "/pdf/ocr/download", "/pdf/ocr/simple", "/jobs"],
+            ) from exc
         raise UnsupportedMediaType(
             f"The file is not an image format we accept (it looks like {_describe(data)}). "
             f"Accepted formats: {_ACCEPTED_TEXT}.",

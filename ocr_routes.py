@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Form, UploadFile
 
 import inputs
 from answers import image_response, usage_model
 from config import FREE_PROMPT, IMAGE_PROMPT, MODES, NGRAM_IMAGE, ModeSpec, Settings
 from deps import (
+    KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
     NgramSizeForm,
@@ -18,16 +19,22 @@ from deps import (
     SettingsDep,
     TemperatureForm,
     deadline,
+    file_field,
+    optional_form,
     prompt_form,
     read_upload,
+    shown,
 )
 from pipeline import OcrRequest, OcrService, PostOptions
 from router_status import add_status_routes
 from schemas import ImageOcrResponse, SimpleTextResponse
 
-router = APIRouter(prefix="/ocr", tags=["image OCR"])
+router = APIRouter(prefix="/ocr", tags=["image OCR"], dependencies=[KnownFieldsOnly])
 
-FileField = Annotated[UploadFile, File(description="Image: PNG, JPEG, WebP, TIFF, BMP, GIF (first frame)")]
+FileField = Annotated[
+    UploadFile,
+    file_field("Image: PNG, JPEG, WebP, TIFF, BMP, GIF (first frame). PDFs go to `/pdf/ocr`"),
+]
 
 
 def mode_for(mode: str | None, crop_mode: str | None, service: OcrService, settings: Settings) -> ModeSpec | str | None:
@@ -56,12 +63,15 @@ async def image_advanced(
     service: ServiceDep,
     settings: SettingsDep,
     file: FileField,
-    prompt: Annotated[str, prompt_form("Default: the grounding OCR prompt")] = "",
+    prompt: Annotated[str, prompt_form(f"Empty: the grounding OCR prompt {shown(IMAGE_PROMPT)}")] = "",
     draw_boxes: Annotated[bool, Form(description="Return the image with boxes drawn (base64 PNG)")] = True,
     crop_regions: Annotated[bool, Form(description="Return regions labelled `image` as JPEG crops")] = True,
     crop_mode: Annotated[
         Literal["singlepage", "tiling"] | None,
-        Form(description="Seed option: singlepage = global view only, tiling = dynamic tiles"),
+        optional_form(
+            "Seed option: `singlepage` = global view only (mode base), `tiling` = dynamic tiles (mode gundam); "
+            "`mode` wins when both are set. Empty: the server's default mode"
+        ),
     ] = None,
     mode: ModeForm = None,
     max_tokens: MaxTokensForm = None,
@@ -90,7 +100,7 @@ async def image_simple(
     service: ServiceDep,
     settings: SettingsDep,
     file: FileField,
-    prompt: Annotated[str, prompt_form("Default: `<image>\\nFree OCR.`")] = "",
+    prompt: Annotated[str, prompt_form(f"Empty: {shown(FREE_PROMPT)}")] = "",
     mode: ModeForm = None,
     max_tokens: MaxTokensForm = None,
 ) -> SimpleTextResponse:

@@ -12,32 +12,41 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import pymupdf  # noqa: F401  # this router's own dependency: the app leaves the router out when it is missing
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, Form, Response, UploadFile
 
 from answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
 from deps import (
+    KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
     deadline,
+    file_field,
+    optional_form,
     prompt_form,
     read_upload,
+    shown,
 )
 from pdf_schemas import PdfOcrResponse, PdfSimpleResponse
 from pipeline import DocumentRun, OcrRequest, OcrService, PostOptions
 from router_status import add_status_routes
 
-router = APIRouter(prefix="/pdf", tags=["PDF OCR"])
+router = APIRouter(prefix="/pdf", tags=["PDF OCR"], dependencies=[KnownFieldsOnly])
 
-PdfFile = Annotated[UploadFile, File(description="The PDF; at most MAX_UPLOAD_MB and MAX_PDF_PAGES pages")]
+PdfFile = Annotated[
+    UploadFile, file_field("The PDF; at most MAX_UPLOAD_MB and MAX_PDF_PAGES pages (long documents: `/jobs`)")
+]
 Pages = Annotated[
-    str | None, Form(max_length=4096, description="Pages to process, 1-based: `1-3,7`, `5-`, `-2`; default all")
+    str | None,
+    optional_form("Pages to process, 1-based: `1-3,7`, `5-`, `-2`. Empty: all pages", max_length=4096),
 ]
 Dpi = Annotated[int, Form(ge=72, le=300, description="Render resolution, 72..300 (lowered per page to fit)")]
-Password = Annotated[str | None, Form(max_length=1024, description="Password of an encrypted PDF")]
+Password = Annotated[
+    str | None, optional_form("Password of an encrypted PDF. Empty: the PDF is not encrypted", max_length=1024)
+]
 ZIP_RESPONSE = {200: {"content": {"application/zip": {}}, "description": "ZIP: markdown, raw text, layouts, images"}}
 
 
@@ -59,7 +68,7 @@ class PdfOptions:
 
 
 def full_options(
-    prompt: Annotated[str, prompt_form(f"Default {DOCUMENT_PROMPT!r}; a typed `\\n` is a newline")] = "",
+    prompt: Annotated[str, prompt_form(f"Empty: {shown(DOCUMENT_PROMPT)}; a typed `\\n` is a newline")] = "",
     dpi: Dpi = 144,
     pages: Pages = None,
     password: Password = None,

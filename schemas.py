@@ -45,24 +45,28 @@ class UsageModel(BaseModel):
     completion_tokens: int = Field(description="Tokens generated", examples=[512])
 
 
+# A 32x16 PNG (a black bar on white): the example body must be one Swagger UI's "Try it out" can send as is.
+EXAMPLE_PNG_BASE64 = (
+    "iVBORw0KGgoAAAANSUhEUgAAACAAAAAQCAAAAABSayKFAAAAIUlEQVR42mP8z4AfMDEMAQUsDAwMDIw4JP/Txw2MwyIkASNeAx/nTMqwAAAAAElFTkSuQmCC"
+)
+
+
 class GenerateRequest(BaseModel):
-    """JSON body of `POST /generate`."""
+    """JSON body of `POST /generate`. Unknown fields are refused (422), not ignored."""
 
     model_config = ConfigDict(
+        extra="forbid",
         json_schema_extra={
             "examples": [
-                {
-                    "prompt": "<image>\nFree OCR.",
-                    "image_base64": "<base64 PNG or data URL>",
-                    "max_tokens": 512,
-                }
+                {"prompt": "<image>\nFree OCR.", "image_base64": f"data:image/png;base64,{EXAMPLE_PNG_BASE64}"}
             ]
-        }
+        },
     )
     prompt: str = Field(
         min_length=1,
         max_length=100_000,
         description="Prompt text. With an image and no `<image>` tag, `<image>\\n` is put in front.",
+        examples=["<image>\nFree OCR."],
     )
     image_base64: str | None = Field(
         None,

@@ -29,6 +29,7 @@ import observability
 import web
 from admission import Admission
 from config import Settings, load_settings
+from deps import accepted_fields, unknown_field_error
 from engines import DEMO_NOTICE, EngineFactory, start_engines
 from engines.base import UnavailableEngine
 from engines.supervisor import EngineSupervisor
@@ -113,6 +114,15 @@ def install_error_handlers(app: FastAPI) -> None:
             }
             for e in exc.errors()
         ]
+        # A JSON field the body model forbids (a typo, a field of another route): name it, list the accepted ones.
+        unknown = [err for err, e in zip(errors, exc.errors(), strict=True) if e["type"] == "extra_forbidden"]
+        if unknown:
+            accepted = accepted_fields(request.scope.get("route"))
+            if len(unknown) == len(errors):
+                problem = unknown_field_error([e["field"] for e in unknown], accepted, where="JSON")
+                return problem_response(request, problem)
+            for e in unknown:
+                e["msg"] = f"unknown field; this route accepts: {', '.join(accepted)}"
         detail = "; ".join(f"{e['field'] or 'body'}: {e['msg']}" for e in errors)
         err = OcrError(detail, errors=errors)
         err.status, err.slug, err.title = 422, "validation-error", "The request parameters are invalid"

@@ -34,6 +34,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field
 
 import inputs
+import observability
 from config import Settings, load_settings
 from errors import OcrError
 
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", help="the key to send (default: the first of API_KEY)")
     args = parser.parse_args(argv)
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level)  # stderr: stdout carries the protocol
+    observability.configure_logging(settings)  # stderr: stdout carries the protocol
     stdio_server(args, settings).run("stdio")
 
 

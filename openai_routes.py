@@ -29,6 +29,7 @@ from deps import PROMPT_MAX_CHARS, ServiceDep, SettingsDep, deadline
 from engines.base import Usage
 from errors import BadRequest, DeadlineExceeded, OcrError, ServiceUnavailable
 from openai_schemas import (
+    ERROR_RESPONSES,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionRequest,
@@ -42,7 +43,7 @@ from openai_schemas import (
 )
 from pipeline import OcrRequest, OcrService
 
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
 _STARTED = int(time.time())
 _ABORTED = "the engine aborted this generation (it was stopped or preempted); retry the request"
 

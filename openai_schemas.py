@@ -115,6 +115,33 @@ class ModelList(BaseModel):
 # --------------------------------------------------------------------------------------- errors
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What was wrong and what is allowed")
+    type: str = Field(description="invalid_request_error, authentication_error, server_error ...")
+    param: str | None = Field(None, description="The request field at fault, when one is")
+    code: str | None = Field(None, description="Stable code: model_not_found, invalid_api_key, bad_request ...")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, used on every `/v1/*` error."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "Bad input (image not a base64 data URL, remote URL, several images, prompt problems)",
+        401: "Missing or wrong API key (when API_KEY is set)",
+        404: "Unknown model",
+        413: "Request body or image over its limit",
+        422: "Invalid parameters",
+        503: "Model not loaded or overloaded (see Retry-After)",
+        504: "Deadline passed (GENERATE_TIMEOUT_S; the engine work was aborted)",
+    }.items()
+}
+
+
 class ModelNotFound(OcrError):
     status, slug, title = 404, "model_not_found", "The model does not exist"
 

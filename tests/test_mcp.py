@@ -9,6 +9,7 @@ import base64
 import contextlib
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import pymupdf
 import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from replay import factory
 from server import ROOT, make_settings, serve_app, show
+from test_openai_api import SlowEngine
 from test_service import png_bytes
 
 from serve_ocr import create_app
@@ -152,3 +155,16 @@ def test_stdio_round_trip_against_the_server(url: str) -> None:
             assert not image.is_error and text_of(image).startswith(expected), text_of(image)
 
     anyio.run(run)
+
+
+def test_client_gone_aborts_the_tool_engine_work(tiny_checkpoint: Path) -> None:
+    engine = SlowEngine(step_s=0.05)  # 200 pieces: 10 s unless stopped
+    with serve_app(create_app(make_settings(tiny_checkpoint), engine_factory=factory(engine))) as base:
+        call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": "ocr_image", "arguments": {"image_base64": base64.b64encode(IMAGE).decode()}}}
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(base + "/mcp", json=call, headers={"Accept": "application/json, text/event-stream"}, timeout=1)
+        deadline = time.monotonic() + 5
+        while (engine.running or not engine.aborted) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.running == 0 and len(engine.aborted) == 1, (engine.running, engine.aborted)

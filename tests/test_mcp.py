@@ -1,6 +1,8 @@
 """The MCP server through the official `mcp` SDK's clients: streamable HTTP at /mcp (API key header) and stdio.
 
-The tools call the service's own routes, so under greedy decoding a tool's markdown equals the route's.
+A replay engine stands in for the model (the random tiny checkpoint writes placeholder tokens whose markdown
+is empty), so the tools' markdown can be checked against known text; the service and routes are the real
+ones, and a tool's markdown must equal the route's for the same file.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pymupdf
 import pytest
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from replay import factory
+from replay import ReplayEngine, factory
 from server import ROOT, make_settings, serve_app, show
 from test_openai_api import SlowEngine
 from test_service import png_bytes
@@ -30,6 +32,10 @@ from serve_ocr import create_app
 KEY = "mcp-key"
 IMAGE = png_bytes(80, 60)
 TOOLS = {"ocr_image", "ocr_pdf", "get_job_result"}
+REPLAY = (
+    "<|ref|>title<|/ref|><|det|>[[100, 50, 900, 120]]<|/det|>\n# Scan report\n\n"
+    "<|ref|>text<|/ref|><|det|>[[100, 150, 900, 400]]<|/det|>\nTotal: 42 EUR\n"
+)
 
 
 def pdf_bytes(pages: int) -> bytes:
@@ -49,8 +55,8 @@ def allowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def url(tiny_checkpoint: Path, allowed: Path):
-    settings = make_settings(tiny_checkpoint, api_key=KEY, default_max_tokens=4, mcp_allowed_dir=str(allowed))
-    with serve_app(create_app(settings)) as base:
+    settings = make_settings(tiny_checkpoint, api_key=KEY, mcp_allowed_dir=str(allowed))
+    with serve_app(create_app(settings, engine_factory=factory(ReplayEngine(REPLAY)))) as base:
         yield base
 
 
@@ -91,15 +97,17 @@ def test_tools_over_streamable_http(url: str) -> None:
             assert {"pdf_base64", "path", "pages", "mode", "max_tokens", "dpi"} <= set(schema["properties"]), schema
 
             image = await mcp.call_tool("ocr_image", {"image_base64": base64.b64encode(IMAGE).decode()})
-            assert not image.is_error and text_of(image).startswith(expected), text_of(image)
+            assert not image.is_error and text_of(image) == expected, text_of(image)
+            assert "# Scan report" in expected and "Total: 42 EUR" in expected, expected
             by_path = await mcp.call_tool("ocr_image", {"path": "scan.png"})
             assert not by_path.is_error and text_of(by_path) == text_of(image), text_of(by_path)
 
-            pdf = "data:application/pdf;base64," + base64.b64encode(pdf_bytes(2)).decode()
-            doc = await mcp.call_tool("ocr_pdf", {"pdf_base64": pdf, "max_tokens": 2})
+            pdf = "data:application/pdf;base64," + base64.b64encode(pdf_bytes(3)).decode()
+            doc = await mcp.call_tool("ocr_pdf", {"pdf_base64": pdf, "pages": "1-2"})
             body = text_of(doc)
-            assert not doc.is_error and "2 of 2 pages processed" in body, body
-            assert "<!-- page 1: " in body and "<!-- page 2: " in body and "<--- Page Split --->" in body, body
+            assert not doc.is_error and "2 of 3 pages processed (2 ok)" in body, body
+            assert "<!-- page 1: ok -->" in body and "<!-- page 2: ok -->" in body and "page 3" not in body, body
+            assert body.count("Total: 42 EUR") == 2 and "<--- Page Split --->" in body, body
 
     anyio.run(run)
 
@@ -152,7 +160,7 @@ def test_stdio_round_trip_against_the_server(url: str) -> None:
             await mcp.initialize()
             assert {t.name for t in (await mcp.list_tools()).tools} == TOOLS
             image = await mcp.call_tool("ocr_image", {"image_base64": base64.b64encode(IMAGE).decode()})
-            assert not image.is_error and text_of(image).startswith(expected), text_of(image)
+            assert not image.is_error and text_of(image) == expected, text_of(image)
 
     anyio.run(run)
 
@@ -168,3 +176,13 @@ def test_client_gone_aborts_the_tool_engine_work(tiny_checkpoint: Path) -> None:
         while (engine.running or not engine.aborted) and time.monotonic() < deadline:
             time.sleep(0.02)
         assert engine.running == 0 and len(engine.aborted) == 1, (engine.running, engine.aborted)
+
+
+def test_app_without_the_mcp_sdk_still_builds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "mcp_server", None)  # import fails as when the SDK is missing
+    monkeypatch.setitem(sys.modules, "openai_routes", None)
+    app = create_app(make_settings(None))
+    assert not app.state.routers["mcp"].available and "mcp_server" in app.state.routers["mcp"].reason
+    assert not app.state.routers["openai"].available and app.state.mcp_sessions is None
+    paths = {getattr(r, "path", None) for r in app.routes}
+    assert "/mcp" not in paths and "/v1/status" in paths and "/ocr/image/advanced" in paths, paths

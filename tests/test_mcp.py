@@ -184,5 +184,6 @@ def test_app_without_the_mcp_sdk_still_builds(monkeypatch: pytest.MonkeyPatch) -
     app = create_app(make_settings(None))
     assert not app.state.routers["mcp"].available and "mcp_server" in app.state.routers["mcp"].reason
     assert not app.state.routers["openai"].available and app.state.mcp_sessions is None
-    paths = {getattr(r, "path", None) for r in app.routes}
-    assert "/mcp" not in paths and "/v1/status" in paths and "/ocr/image/advanced" in paths, paths
+    assert "/mcp" not in {getattr(r, "path", None) for r in app.routes}
+    paths = app.openapi()["paths"]
+    assert "/v1/status" in paths and "/v1/models" not in paths and "/ocr/image/advanced" in paths, paths

@@ -128,6 +128,11 @@ async def list_models(settings: SettingsDep) -> ModelList:
     return ModelList(data=[ModelCard(id=settings.served_model_name, created=_STARTED)])
 
 
+@router.get("/models/{model:path}", response_model=ModelCard, summary="One served model (OpenAI format)")
+async def get_model(model: str, settings: SettingsDep) -> ModelCard:
+    return ModelCard(id=check_model(model, settings), created=_STARTED)
+
+
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,

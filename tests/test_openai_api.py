@@ -86,6 +86,9 @@ def test_extra_body_options_and_max_completion_tokens(client: openai.OpenAI) -> 
 
 def test_models_list_and_unknown_model(client: openai.OpenAI, tiny_checkpoint: Path) -> None:
     assert [m.id for m in client.models.list()] == ["deepseek-ocr"]
+    assert client.models.retrieve("deepseek-ocr").id == "deepseek-ocr"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     answer = client.chat.completions.create(model=tiny_checkpoint.name, messages=user(), max_tokens=1)
     assert answer.model == tiny_checkpoint.name, answer  # the MODEL_PATH basename is accepted too
     with pytest.raises(openai.NotFoundError) as missing:

@@ -2,9 +2,10 @@
 
 `create_app(settings, engine_factory=None)` builds the app. Its lifespan starts the engines (the configured
 one, or the factory's: tests inject replay engines), puts them behind one `admission.Admission` and builds
-the `pipeline.OcrService` every router calls (`app.state.service`). The image, PDF and batch routers are
-included when they import; one that does not is reported by `/` and by its `/status`, and the rest keeps
-working. Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
+the `pipeline.OcrService` every router calls (`app.state.service`). The image, PDF, batch and OpenAI (`/v1`)
+routers are included when they import; one that does not is reported by `/` and by its `/status`, and the
+rest keeps working. The MCP server (`mcp_server.py`) is mounted at `/mcp` the same way.
+Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
 """
 
 from __future__ import annotations

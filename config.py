@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     metrics_public: bool = Field(False, description="Serve /metrics without the API key (for a scraper)")
 
+    # The OpenAI-compatible API and the MCP server.
+    served_model_name: str = Field(
+        "deepseek-ocr", min_length=1, description="Model id of /v1/models (the MODEL_PATH basename is accepted too)"
+    )
+    mcp_allowed_dir: str | None = Field(
+        None, description="Directory whose files the MCP tools may read by path; unset = paths refused"
+    )
+
     # vLLM engine only.
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     enforce_eager: bool = False

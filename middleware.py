@@ -55,7 +55,7 @@ class GuardMiddleware:
         s = self.settings
         if path.startswith("/batch"):
             return s.max_batch_bytes + _FORM_MARGIN
-        if path == "/generate":
+        if path in ("/generate", "/v1/chat/completions", "/mcp"):  # JSON with base64 files
             return s.max_upload_bytes * 4 // 3 + _FORM_MARGIN  # base64 grows data by a third
         return s.max_upload_bytes + _FORM_MARGIN
 

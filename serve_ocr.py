@@ -2,9 +2,10 @@
 
 `create_app(settings, engine_factory=None)` builds the app. Its lifespan starts the engines (the configured
 one, or the factory's: tests inject replay engines), puts them behind one `admission.Admission` and builds
-the `pipeline.OcrService` every router calls (`app.state.service`). The image, PDF and batch routers are
-included when they import; one that does not is reported by `/` and by its `/status`, and the rest keeps
-working. Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
+the `pipeline.OcrService` every router calls (`app.state.service`). The image, PDF, batch and OpenAI (`/v1`)
+routers are included when they import; one that does not is reported by `/` and by its `/status`, and the
+rest keeps working. The MCP server (`mcp_server.py`) is mounted at `/mcp` the same way.
+Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from engines.base import UnavailableEngine
 from engines.supervisor import EngineSupervisor
 from errors import PROBLEM_MEDIA_TYPE, OcrError
 from middleware import install_middleware
+from openai_schemas import OpenAIErrorShape
 from pdf_limits import PdfLimits
 from pdf_render import RenderPool
 from pipeline import OcrService
@@ -43,7 +45,12 @@ from schemas import Problem, RouterState
 __version__ = base_routes.__version__
 log = logging.getLogger("deepseek_ocr")
 
-ROUTERS = {"ocr": ("ocr_routes", "/ocr"), "pdf": ("pdf_routes", "/pdf"), "batch": ("batch_routes", "/batch")}
+ROUTERS = {
+    "ocr": ("ocr_routes", "/ocr"),
+    "pdf": ("pdf_routes", "/pdf"),
+    "batch": ("batch_routes", "/batch"),
+    "openai": ("openai_routes", "/v1"),
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": text}
     for code, text in {
@@ -83,8 +90,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.service = service = build_service(settings, engines, executor, render_pool)
     service.observers.append(observability.item_observer(app.state.metrics))
     service.supervisor.start()
+    mcp_sessions = app.state.mcp_sessions
     try:
-        yield
+        async with mcp_sessions.run() if mcp_sessions is not None else contextlib.nullcontext():
+            yield
     finally:
         await service.supervisor.stop()
         for engine in engines:
@@ -172,6 +181,19 @@ def include_routers(app: FastAPI) -> dict[str, RouterState]:
     return states
 
 
+def mount_mcp(app: FastAPI) -> Any:
+    """The MCP server at /mcp (its session manager, which the lifespan runs); None when it cannot load."""
+    try:
+        sessions = importlib.import_module("mcp_server").mount(app)
+    except Exception as exc:
+        reason = f"mcp_server failed to load: {type(exc).__name__}: {exc}"
+        log.error("MCP server unavailable: %s", reason)
+        app.state.routers["mcp"] = RouterState(available=False, reason=reason, prefix="/mcp")
+        return None
+    app.state.routers["mcp"] = RouterState(available=True, prefix="/mcp")
+    return sessions
+
+
 def _unavailable_status(name: str, reason: str) -> Any:
     from router_status import route_status
 
@@ -201,10 +223,12 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                                       None, None)
     install_error_handlers(app)
     install_middleware(app, settings)
+    app.add_middleware(OpenAIErrorShape)  # outermost: /v1/* errors in OpenAI's shape, the guard's 401 too
     observability.install(app, settings)
     web.install(app)
     app.include_router(base_routes.router)
     app.state.routers = include_routers(app)
+    app.state.mcp_sessions = mount_mcp(app)
     install_security_schemes(app, settings)
     return app
 

@@ -376,8 +376,9 @@ def test_openapi_declares_models_and_errors(base_url: str) -> None:
             for code in ("401", "503"):
                 assert code in op["responses"], f"{method} {path} lacks {code}"
                 content = op["responses"][code]["content"]
-                # /ready answers 503 with its health document; everything else with a problem.
-                assert PROBLEM in content or (path == "/ready" and code == "503"), f"{method} {path} {code}"
+                # /ready answers 503 with its health document, /v1 in OpenAI's error shape, the rest problems.
+                expected = "application/json" if path.startswith("/v1/") else PROBLEM
+                assert expected in content or (path == "/ready" and code == "503"), f"{method} {path} {code}"
             if method == "post":
                 for code in ("400", "413", "415", "422", "504"):
                     assert code in op["responses"], f"{method} {path} lacks {code}"
@@ -391,7 +392,7 @@ def test_unknown_route_is_problem_json(base_url: str) -> None:
 def test_root_and_health(base_url: str) -> None:
     root = httpx.get(base_url + "/").json()
     assert root["engine"] == "torch" and root["ready"] is True, root
-    assert set(root["routers"]) == {"ocr", "pdf", "batch"}
+    assert set(root["routers"]) == {"ocr", "pdf", "batch", "openai", "mcp"}
     assert "POST /generate_with_file" in root["endpoints"], root
     assert root["demo"] is True and "RANDOM" in root["notice"], root
     health = httpx.get(base_url + "/health").json()

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from config import NGRAM_IMAGE
 from errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE, OcrError
+from schemas import EXAMPLE_PNG_BASE64
 
 OPENAI_PREFIX = "/v1/"
 
@@ -53,7 +54,27 @@ class StreamOptions(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """`POST /v1/chat/completions`. Fields OpenAI defines that OCR has no use for are accepted and ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "deepseek-ocr",
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": "Free OCR."},
+                                {"type": "image_url",
+                                 "image_url": {"url": f"data:image/png;base64,{EXAMPLE_PNG_BASE64}"}},
+                            ],
+                        }
+                    ],
+                    "max_tokens": 64,
+                }
+            ]
+        },
+    )
 
     model: str = Field(description="The served model id (see GET /v1/models)", examples=["deepseek-ocr"])
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)

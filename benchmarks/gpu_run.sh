@@ -4,8 +4,10 @@
 # From the repo root on the GPU machine:
 #   bash .kit/bin/install.sh && source .kit/bin/env.sh && bash benchmarks/gpu_run.sh PHASE
 # PHASE: equiv  teacher-forced equivalence, ours vs vLLM (float32, then bfloat16)     ~5 min
-#        tests  pytest -m gpu tests/test_gpu.py (real uvicorn, ENGINE=vllm, dummy weights) ~5 min
+#        tests  pytest -m gpu tests/test_gpu.py tests/test_gpu_ocr2.py (real uvicorn, ENGINE=vllm) ~8 min
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
+#        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
+#               pages/s on the 256-page PDF                                                ~8 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
@@ -33,6 +35,16 @@ real_ckpt() {
     python3 deepseek_ocr.py make-tiny "$CK/real" --vision real --decoder real --config-only
 }
 
+# DeepSeek-OCR-2, real vision sizes + 2-layer decoder with weights (tests), and real-size config only (bench).
+ocr2_small_ckpt() {
+  [ -f "$CK/ocr2-small/model.safetensors" ] ||
+    python3 deepseek_ocr.py make-tiny "$CK/ocr2-small" --arch ocr2 --vision real --decoder small --seed 0
+}
+ocr2_real_ckpt() {
+  [ -f "$CK/ocr2-real/config.json" ] ||
+    python3 deepseek_ocr.py make-tiny "$CK/ocr2-real" --arch ocr2 --vision real --decoder real --config-only
+}
+
 case "$phase" in
   equiv)
     small_ckpt
@@ -41,8 +53,15 @@ case "$phase" in
     ;;
   tests)
     real_ckpt
-    GPU_TEST_MODEL="$CK/real" timeout 540 python3 -m pytest -m gpu tests/test_gpu.py -v -rs \
-      -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+    ocr2_small_ckpt
+    GPU_TEST_MODEL="$CK/real" GPU_TEST_MODEL_V2="$CK/ocr2-small" timeout 570 python3 -m pytest -m gpu \
+      tests/test_gpu.py tests/test_gpu_ocr2.py -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+    ;;
+  ocr2)
+    ocr2_real_ckpt
+    timeout 240 python3 tests/data/vllm_ocr2_agreement.py "$OUT" 2>&1 | tee "$OUT/ocr2-agreement.log"
+    timeout 330 python3 benchmarks/bench_vllm.py service --model "$CK/ocr2-real" --pages 256 --max-tokens 1000 \
+      --concurrency 256 --ngram 20 50 --out "$OUT/bench-ocr2.json" 2>&1 | tee "$OUT/bench-ocr2.log"
     ;;
   bench)
     real_ckpt
@@ -50,7 +69,7 @@ case "$phase" in
       --concurrency 256 --ngram 20 50 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
     ;;
   *)
-    echo "unknown phase $phase; use equiv, tests or bench" >&2
+    echo "unknown phase $phase; use equiv, tests, bench or ocr2" >&2
     exit 2
     ;;
 esac

@@ -79,6 +79,14 @@ class Admission:
                 seen.setdefault(engine.model.name, engine.model)
         return list(seen.values())
 
+    def model_infos(self) -> list[dict[str, object]]:
+        """Each model with its modes and readiness, for `/`, `/health` and the `/status` routes."""
+        return [
+            {"name": m.name, "arch": m.arch, "path": m.path, "modes": list(self.modes_of(m.name)),
+             "ready": any(e.ready for e in self._engines_of(m.name)), "default": i == 0}
+            for i, m in enumerate(self.models)
+        ]
+
     def model(self, name: str | None) -> ModelSpec | None:
         """The model a request names (None: the default); 400 listing the known ones for an unknown name."""
         models = self.models

@@ -10,11 +10,12 @@ from fastapi.responses import JSONResponse
 
 import inputs
 from answers import usage_model
-from config import NGRAM_IMAGE, Settings
+from config import Settings
 from deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
+    ModelForm,
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
@@ -54,6 +55,7 @@ async def root(request: Request) -> RootResponse:
         default_mode=s.default_mode.name,  # type: ignore[arg-type]
         modes=list(service.admission.served_modes),
         routers=request.app.state.routers,
+        models=service.admission.model_infos(),
         endpoints=endpoints,
     )
 
@@ -99,6 +101,7 @@ def health_body(request: Request) -> HealthResponse:
                 name=e.name,
                 ready=e.ready,
                 restarting=getattr(e, "restarting", False),
+                model=e.model.name if e.model is not None else None,
                 reason=(eh := e.health()).reason,
                 in_flight=admission.busy(e),
                 max_concurrency=e.max_concurrency,
@@ -106,6 +109,7 @@ def health_body(request: Request) -> HealthResponse:
             )
             for e in admission.engines
         ],
+        models=admission.model_infos(),
         restarts=service.supervisor.restarts,
         quarantined=len(service.supervisor.quarantined),
     )
@@ -125,6 +129,7 @@ async def generate(body: GenerateRequest, service: ServiceDep, settings: Setting
         temperature=body.temperature,
         top_p=body.top_p,
         ngram=(body.ngram_size, body.ngram_window),
+        model=body.model,
     )
     req = service.admit(req)
     image = None
@@ -150,8 +155,9 @@ async def generate_with_file(
     temperature: TemperatureForm = 0.0,
     top_p: TopPForm = 1.0,
     mode: ModeForm = None,
-    ngram_size: NgramSizeForm = NGRAM_IMAGE[0],
-    ngram_window: NgramWindowForm = NGRAM_IMAGE[1],
+    ngram_size: NgramSizeForm = None,
+    ngram_window: NgramWindowForm = None,
+    model: ModelForm = None,
 ) -> GenerateResponse:
     req = OcrRequest.build(
         settings,
@@ -162,6 +168,7 @@ async def generate_with_file(
         temperature=temperature,
         top_p=top_p,
         ngram=(ngram_size, ngram_window),
+        model=model,
     )
     req = service.admit(req)
     data = await read_upload(file, settings)

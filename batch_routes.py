@@ -24,6 +24,7 @@ from deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
+    ModelForm,
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
@@ -60,7 +61,8 @@ class BatchOptions:
     prompt: str
     mode: str | None
     max_tokens: int | None
-    ngram: tuple[int, int]
+    ngram: tuple[int | None, int | None]
+    model: str | None = None
 
 
 def batch_options(
@@ -69,10 +71,11 @@ def batch_options(
     ] = "",
     mode: ModeForm = None,
     max_tokens: MaxTokensForm = None,
-    ngram_size: NgramSizeForm = NGRAM_BATCH[0],
-    ngram_window: NgramWindowForm = NGRAM_BATCH[1],
+    ngram_size: NgramSizeForm = None,
+    ngram_window: NgramWindowForm = None,
+    model: ModelForm = None,
 ) -> BatchOptions:
-    return BatchOptions(prompt, mode, max_tokens, (ngram_size, ngram_window))
+    return BatchOptions(prompt, mode, max_tokens, (ngram_size, ngram_window), model)
 
 
 OptionsDep = Annotated[BatchOptions, Depends(batch_options)]
@@ -97,6 +100,8 @@ async def run_batch(
         mode=options.mode,
         max_tokens=options.max_tokens,
         ngram=options.ngram,
+        model=options.model,
+        kind="batch",
     )
     req = service.admit(req)
     names = [f.filename or "" for f in files]

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model_catalog import parse_models
+from model_catalog import NGRAM_DEFAULTS, parse_models
 from process.image_process import DEFAULT_MODE, MODES, ModeSpec
 
 __all__ = ["DEFAULT_MODE", "MODES", "ModeSpec"]  # re-exported: the table itself lives in process/image_process.py
@@ -51,9 +51,9 @@ IMAGE_PROMPT = PROMPTS["ocr"].prompt
 FREE_PROMPT = PROMPTS["free"].prompt
 
 # n-gram guard defaults of the reference scripts (FACTS section 6).
-NGRAM_IMAGE = (30, 90)
-NGRAM_PDF = (20, 50)
-NGRAM_BATCH = (40, 90)
+NGRAM_IMAGE = NGRAM_DEFAULTS["ocr"]["image"]  # (30, 90)
+NGRAM_PDF = NGRAM_DEFAULTS["ocr"]["pdf"]  # (20, 50)
+NGRAM_BATCH = NGRAM_DEFAULTS["ocr"]["batch"]  # (40, 90)
 
 
 class Settings(BaseSettings):

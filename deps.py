@@ -74,8 +74,26 @@ MaxTokensForm = Annotated[
 ]
 TemperatureForm = Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy (recommended for OCR); 0..2")]
 TopPForm = Annotated[float, Form(gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0; (0, 1]")]
-NgramSizeForm = Annotated[int, Form(ge=0, le=512, description="No-repeat n-gram size; 0 turns the guard off")]
-NgramWindowForm = Annotated[int, Form(ge=0, le=8192, description="Recent tokens the n-gram guard looks back over")]
+_NGRAM_DEFAULTS = (
+    "Empty: the model's default for this route (DeepSeek-OCR: 30/90 images, 20/50 PDFs, 40/90 batches; "
+    "DeepSeek-OCR-2: 20/90)"
+)
+NgramSizeForm = Annotated[
+    int | None,
+    Form(ge=0, le=512, examples=UNSET, description=f"No-repeat n-gram size; 0 turns the guard off. {_NGRAM_DEFAULTS}"),
+]
+NgramWindowForm = Annotated[
+    int | None,
+    Form(ge=0, le=8192, examples=UNSET, description=f"Recent tokens the n-gram guard looks back at. {_NGRAM_DEFAULTS}"),
+]
+ModelForm = Annotated[
+    str | None,
+    Form(
+        max_length=64,
+        examples=UNSET,
+        description="Which model: a `name` listed by `GET /` (`MODELS`). Empty: the first (default) model",
+    ),
+]
 
 
 def prompt_form(description: str) -> object:

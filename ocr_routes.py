@@ -13,6 +13,7 @@ from deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
+    ModelForm,
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
@@ -76,8 +77,9 @@ async def image_advanced(
     mode: ModeForm = None,
     max_tokens: MaxTokensForm = None,
     temperature: TemperatureForm = 0.0,
-    ngram_size: NgramSizeForm = NGRAM_IMAGE[0],
-    ngram_window: NgramWindowForm = NGRAM_IMAGE[1],
+    ngram_size: NgramSizeForm = None,
+    ngram_window: NgramWindowForm = None,
+    model: ModelForm = None,
 ) -> ImageOcrResponse:
     req = OcrRequest.build(
         settings,
@@ -87,6 +89,7 @@ async def image_advanced(
         max_tokens=max_tokens,
         temperature=temperature,
         ngram=(ngram_size, ngram_window),
+        model=model,
     )
     req = service.admit(req)
     image = await decoded(service, file)
@@ -103,9 +106,10 @@ async def image_simple(
     prompt: Annotated[str, prompt_form(f"Empty: {shown(FREE_PROMPT)}")] = "",
     mode: ModeForm = None,
     max_tokens: MaxTokensForm = None,
+    model: ModelForm = None,
 ) -> SimpleTextResponse:
     req = OcrRequest.build(
-        settings, prompt=prompt, default_prompt=FREE_PROMPT, mode=mode, max_tokens=max_tokens, ngram=NGRAM_IMAGE
+        settings, prompt=prompt, default_prompt=FREE_PROMPT, mode=mode, max_tokens=max_tokens, model=model
     )
     req = service.admit(req)
     image = await decoded(service, file)
@@ -130,7 +134,9 @@ def _parameters(s: Settings) -> dict[str, str]:
         "crop_regions": "true/false, default true",
         "max_tokens": f"1..{s.max_model_len}; default {min(s.default_max_tokens, s.max_model_len)}",
         "temperature": "0..2, default 0 (greedy)",
-        "ngram_size / ngram_window": f"No-repeat guard, default {NGRAM_IMAGE[0]}/{NGRAM_IMAGE[1]}; 0 = off",
+        "ngram_size / ngram_window": f"No-repeat guard, default {NGRAM_IMAGE[0]}/{NGRAM_IMAGE[1]} "
+        "(DeepSeek-OCR-2: 20/90); 0 = off",
+        "model": "A model name from `GET /` (MODELS); default the first",
     }
 
 

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from config import NGRAM_IMAGE
 from errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE, OcrError
 from schemas import EXAMPLE_PNG_BASE64
 
@@ -87,8 +86,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     # Our options, sent by OpenAI SDKs through `extra_body`.
     mode: str | None = Field(None, description="Resolution mode; default from the server's settings")
-    ngram_size: int = Field(NGRAM_IMAGE[0], ge=0, le=512, description="No-repeat n-gram size; 0 turns the guard off")
-    ngram_window: int = Field(NGRAM_IMAGE[1], ge=0, le=8192, description="Tokens the n-gram guard looks back over")
+    ngram_size: int | None = Field(None, ge=0, le=512, description="No-repeat n-gram size; 0 = off; default: the model")
+    ngram_window: int | None = Field(None, ge=0, le=8192, description="Tokens the n-gram guard looks back over")
 
 
 # --------------------------------------------------------------------------------------- answers

@@ -20,6 +20,7 @@ from deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
+    ModelForm,
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
@@ -62,9 +63,10 @@ class PdfOptions:
     draw_layouts: bool = False
     extract_images: bool = False
     max_tokens: int | None = None
-    ngram: tuple[int, int] = NGRAM_PDF
+    ngram: tuple[int | None, int | None] = (None, None)  # None: the model's default
     default_prompt: str = DOCUMENT_PROMPT
     searchable_pdf: bool = False
+    model: str | None = None
 
 
 def full_options(
@@ -76,8 +78,9 @@ def full_options(
     draw_layouts: Annotated[bool, Form(description="Return a PDF of the pages with boxes drawn")] = True,
     extract_images: Annotated[bool, Form(description="Return regions labelled `image` as JPEG")] = True,
     max_tokens: MaxTokensForm = None,
-    ngram_size: NgramSizeForm = NGRAM_PDF[0],
-    ngram_window: NgramWindowForm = NGRAM_PDF[1],
+    ngram_size: NgramSizeForm = None,
+    ngram_window: NgramWindowForm = None,
+    model: ModelForm = None,
     searchable_pdf: Annotated[
         bool, Form(description="Return the PDF with the recognised text laid under each page (always in the ZIP)")
     ] = False,
@@ -85,6 +88,7 @@ def full_options(
     return PdfOptions(
         prompt, dpi, pages, password, mode, draw_layouts, extract_images, max_tokens, (ngram_size, ngram_window),
         searchable_pdf=searchable_pdf,
+        model=model,
     )
 
 
@@ -101,6 +105,8 @@ async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) ->
         mode=options.mode,
         max_tokens=options.max_tokens,
         ngram=options.ngram,
+        model=options.model,
+        kind="pdf",
     )
     req = service.admit(req)
     data = await read_upload(file, settings)
@@ -145,8 +151,11 @@ async def pdf_simple(
     mode: ModeForm = None,
     password: Password = None,
     max_tokens: MaxTokensForm = None,
+    model: ModelForm = None,
 ) -> PdfSimpleResponse:
-    options = PdfOptions(FREE_PROMPT, dpi, pages, password, mode, max_tokens=max_tokens, default_prompt=FREE_PROMPT)
+    options = PdfOptions(
+        FREE_PROMPT, dpi, pages, password, mode, max_tokens=max_tokens, default_prompt=FREE_PROMPT, model=model
+    )
     run, _ = await ocr_pdf(service, file, options)
     return pdf_simple_response(run)
 
@@ -163,7 +172,9 @@ def _parameters(s: Settings) -> dict[str, str]:
         "searchable_pdf": "true/false, default false (ocr): the original pages with the text laid under them; "
         "always `{name}_searchable.pdf` in the download",
         "max_tokens": f"Per page, 1..{s.max_model_len}; default {min(s.default_max_tokens, s.max_model_len)}",
-        "ngram_size / ngram_window": f"No-repeat guard, default {NGRAM_PDF[0]}/{NGRAM_PDF[1]}; 0 = off",
+        "ngram_size / ngram_window": f"No-repeat guard, default {NGRAM_PDF[0]}/{NGRAM_PDF[1]} "
+        "(DeepSeek-OCR-2: 20/90); 0 = off",
+        "model": "A model name from `GET /` (MODELS); default the first",
         "limits": f"pages in flight up to the engines' capacity (MAX_CONCURRENCY each); {s.pdf_timeout_s:g} s per "
         f"request (PDF_TIMEOUT_S); {s.pdf_render_timeout_s:g} s to render one page (PDF_RENDER_TIMEOUT_S)",
     }

@@ -70,6 +70,18 @@ def normalize_prompt(prompt: str | None, default: str, *, has_image: bool) -> st
     return text
 
 
+def fill_ngram(sent: tuple[int | None, int | None], default: tuple[int, int]) -> tuple[int, int]:
+    return (sent[0] if sent[0] is not None else default[0], sent[1] if sent[1] is not None else default[1])
+
+
+def check_ngram(size: int, window: int) -> None:
+    if size and (size < 2 or window < size):
+        raise ValidationFailed(
+            f"ngram_size={size}, ngram_window={window}: the size must be 0 (off) or >= 2, "
+            "and the window at least the size"
+        )
+
+
 @dataclass(frozen=True)
 class OcrRequest:
     """What every item of one request shares, validated once before any item is touched."""
@@ -81,6 +93,7 @@ class OcrRequest:
     kind: str = "image"  # image, pdf or batch: picks the model's n-gram defaults when none were sent
     mode_given: bool = True
     ngram_given: bool = True
+    ngram_sent: tuple[int | None, int | None] = (None, None)
 
     @classmethod
     def build(
@@ -94,23 +107,22 @@ class OcrRequest:
         max_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
-        ngram: tuple[int, int] | None = None,
+        ngram: tuple[int | None, int | None] | None = None,
         model: str | None = None,
         kind: str = "image",
     ) -> OcrRequest:
+        """`ngram` parts left None take the model's defaults for `kind` when `OcrService.admit` binds it."""
         spec = mode if isinstance(mode, ModeSpec) else resolve_mode(mode, settings)
-        given = ngram is not None
-        ngram = ngram if ngram is not None else NGRAM_DEFAULTS["ocr"][kind]
+        sent = ngram if ngram is not None else (None, None)
+        given = sent[0] is not None and sent[1] is not None
+        ngram = fill_ngram(sent, NGRAM_DEFAULTS["ocr"][kind])
         text = normalize_prompt(prompt, default_prompt, has_image=has_image)
         limit = settings.max_model_len
         if max_tokens is not None and not 1 <= max_tokens <= limit:
             raise ValidationFailed(f"max_tokens={max_tokens} is out of range; allowed 1..{limit} (MAX_MODEL_LEN)")
         size, window = ngram
-        if size and (size < 2 or window < size):
-            raise ValidationFailed(
-                f"ngram_size={size}, ngram_window={window}: the size must be 0 (off) or >= 2, "
-                "and the window at least the size"
-            )
+        if given:
+            check_ngram(size, window)
         sampling = SamplingParams(
             max_tokens=min(max_tokens or settings.default_max_tokens, limit),
             # Dividing logits by a subnormal temperature overflows: below the epsilon it is greedy.
@@ -119,7 +131,7 @@ class OcrRequest:
             ngram_size=size,
             ngram_window=window if size else 0,
         )
-        return cls(text, spec, sampling, model or None, kind, bool(mode), given)
+        return cls(text, spec, sampling, model or None, kind, bool(mode), given, sent)
 
     def engine_request(
         self, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
@@ -251,8 +263,9 @@ class OcrService:
                 mode = spec.modes[served[0]]  # the server's default mode is not this model's: its own default
             sampling = request.sampling
             if not request.ngram_given:
-                size, window = spec.ngram(request.kind)
-                sampling = dataclasses.replace(sampling, ngram_size=size, ngram_window=window)
+                size, window = fill_ngram(request.ngram_sent, spec.ngram(request.kind))
+                check_ngram(size, window)
+                sampling = dataclasses.replace(sampling, ngram_size=size, ngram_window=window if size else 0)
             request = dataclasses.replace(request, model=spec.name, mode=spec.modes.get(mode.name, mode),
                                           sampling=sampling)
         self.admission.check(request.mode, request.model)

@@ -49,6 +49,7 @@ def route_status(
         default_mode=settings.default_mode.name,
         limits=limits(settings),
         features=features or {},
+        models=service.admission.model_infos(),
     )
 
 

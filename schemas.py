@@ -76,8 +76,13 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (recommended for OCR)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0")
     mode: ModeName | None = Field(None, description="Resolution mode; default from the server's settings")
-    ngram_size: int = Field(30, ge=0, le=512, description="No-repeat n-gram size; 0 turns the guard off")
-    ngram_window: int = Field(90, ge=0, le=8192, description="How many recent tokens the guard looks at")
+    ngram_size: int | None = Field(
+        None, ge=0, le=512, description="No-repeat n-gram size; 0 turns the guard off; default the model's"
+    )
+    ngram_window: int | None = Field(
+        None, ge=0, le=8192, description="How many recent tokens the guard looks at; default the model's"
+    )
+    model: str | None = Field(None, max_length=64, description="A model name from `GET /` (MODELS); default the first")
 
 
 class GenerateResponse(BaseModel):
@@ -96,6 +101,15 @@ class RouterState(BaseModel):
     prefix: str = Field(description="URL prefix of its endpoints", examples=["/ocr"])
 
 
+class ModelInfo(BaseModel):
+    name: str = Field(description="The value of the `model` field that chooses it", examples=["deepseek-ocr"])
+    arch: str = Field(description="`ocr` (DeepSeek-OCR) or `ocr2` (DeepSeek-OCR-2)", examples=["ocr"])
+    path: str = Field(description="Its checkpoint directory")
+    modes: list[str] = Field(description="Modes it serves", examples=[["tiny", "small", "base", "large", "gundam"]])
+    ready: bool
+    default: bool = Field(description="Used when a request names no model")
+
+
 class RootResponse(BaseModel):
     name: str = Field(examples=["DeepSeek-OCR API"])
     version: str = Field(examples=["1.0.0"])
@@ -107,6 +121,7 @@ class RootResponse(BaseModel):
     default_mode: ModeName
     modes: list[str] = Field(description="Modes the running engine serves")
     routers: dict[str, RouterState]
+    models: list[ModelInfo] = Field(default_factory=list, description="The models served (MODEL_PATH or MODELS)")
     endpoints: list[str] = Field(description="`METHOD /path` of every endpoint")
 
 
@@ -114,6 +129,7 @@ class EngineState(BaseModel):
     name: str = Field(description="torch, vllm, or none", examples=["vllm"])
     ready: bool
     restarting: bool = Field(False, description="A dead engine being restarted by the service")
+    model: str | None = Field(None, description="The model it serves")
     reason: str | None = Field(None, description="Why it is not ready")
     in_flight: int = Field(description="Items holding one of its slots now")
     max_concurrency: int = Field(description="Its own in-flight limit")
@@ -136,6 +152,7 @@ class HealthResponse(BaseModel):
     uptime_s: float
     detail: dict[str, Any] = Field(default_factory=dict, description="Engine specifics (device, dtype, ...)")
     engines: list[EngineState] = Field(default_factory=list, description="Every engine behind the service")
+    models: list[ModelInfo] = Field(default_factory=list, description="The models served (MODEL_PATH or MODELS)")
     restarts: int = Field(0, description="Engine restarts since the service started")
     quarantined: int = Field(0, description="Inputs refused because they crashed an engine twice")
 
@@ -162,6 +179,7 @@ class RouteStatus(BaseModel):
     default_mode: str
     limits: LimitsModel
     features: dict[str, bool] = Field(default_factory=dict)
+    models: list[ModelInfo] = Field(default_factory=list, description="The models served, with their modes")
 
 
 class RouteInfo(BaseModel):

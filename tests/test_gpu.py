@@ -423,10 +423,10 @@ async def _in_process(model_dir: Path) -> None:
             await task
         for _ in range(50):
             health = engine.health()
-            if health.in_flight == 0 and health.detail.get("vllm_unfinished") == 0:
+            if health.running == 0 and health.detail.get("vllm_unfinished") == 0:
                 break
             await asyncio.sleep(0.1)
-        assert health.in_flight == 0 and health.detail.get("vllm_unfinished") == 0, health
+        assert health.running == 0 and health.detail.get("vllm_unfinished") == 0, health
         assert (await engine.generate(request(4))).usage.image_tokens == 273
 
         # Death: kill the engine core process; health says so and requests get 503.
@@ -447,5 +447,10 @@ async def _in_process(model_dir: Path) -> None:
         assert not health.ready and "died" in (health.reason or ""), health
         with pytest.raises(ModelNotReady):
             await engine.generate(request(4))
+
+        # Healing: what the service's supervisor does (engines.supervisor) - a restart in place serves again.
+        await engine.restart()
+        assert engine.ready, engine.health()
+        assert (await engine.generate(request(4))).usage.image_tokens == 273
     finally:
         await engine.close()

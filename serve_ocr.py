@@ -9,6 +9,7 @@ working. Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -40,7 +41,12 @@ from schemas import Problem, RouterState
 __version__ = base_routes.__version__
 log = logging.getLogger("deepseek_ocr")
 
-ROUTERS = {"ocr": ("ocr_routes", "/ocr"), "pdf": ("pdf_routes", "/pdf"), "batch": ("batch_routes", "/batch")}
+ROUTERS = {
+    "ocr": ("ocr_routes", "/ocr"),
+    "pdf": ("pdf_routes", "/pdf"),
+    "batch": ("batch_routes", "/batch"),
+    "jobs": ("jobs_routes", "/jobs"),
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": text}
     for code, text in {
@@ -68,13 +74,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engines = await start_engines(settings, app.state.engine_factory)
     app.state.service = service = build_service(settings, engines, executor, render_pool)
     service.observers.append(observability.item_observer(app.state.metrics))
+    app.state.jobs = await start_jobs(settings, service)
     try:
         yield
     finally:
+        if app.state.jobs is not None:
+            await app.state.jobs.stop()
         for engine in engines:
             await engine.close()
         executor.shutdown(wait=False, cancel_futures=True)
         render_pool.close()
+
+
+async def start_jobs(settings: Settings, service: OcrService) -> Any:
+    """The job runner (jobs/), or None when its package cannot load (the jobs router then says why)."""
+    try:
+        from jobs import store_url
+        from jobs.runner import Runner
+        from jobs.store import Store
+
+        store = await asyncio.to_thread(Store, store_url(settings))  # creates the tables: off the event loop
+        runner = Runner(service, store, settings, Path(settings.data_dir))
+        await runner.start()
+        return runner
+    except Exception:
+        log.exception("the job runner could not start; /jobs answers 503")
+        return None
 
 
 def problem_response(request: Request, exc: OcrError) -> JSONResponse:

@@ -17,25 +17,18 @@ import contextlib
 import json
 import logging
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
 from config import Settings
 from errors import ServiceUnavailable
-from jobs import results, views, webhooks
+from jobs import RUNNERS, results, views, webhooks
 from jobs.store import Store, now
 from jobs.submit import page_event, page_fields, progress_event
 from pipeline import OcrService
 
 log = logging.getLogger("deepseek_ocr.jobs")
-_RUNNERS: weakref.WeakKeyDictionary[OcrService, Runner] = weakref.WeakKeyDictionary()
 _RETRY_S = 2.0  # after the engine went away, how soon a job tries again
-
-
-def runner_of(service: OcrService) -> Runner | None:
-    """The runner serving `service`, for the sync routes' deadline handoff (None when jobs are off)."""
-    return _RUNNERS.get(service)
 
 
 class Runner:
@@ -48,7 +41,7 @@ class Runner:
         self._loop_task: asyncio.Task[None] | None = None
         self._window = asyncio.Semaphore(max(1, service.window))
         self._next_cleanup = 0.0
-        _RUNNERS[service] = self
+        RUNNERS[service] = self
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from errors import OcrError, PayloadTooLarge
 from jobs import results, views
-from jobs.store import now
 from pipeline import ItemResult
 
 
@@ -103,7 +103,7 @@ async def create_job(
         "id": job_id, "owner": owner, "kind": kind, "status": "running" if started_at else "queued",
         "spec": json.dumps(spec, ensure_ascii=False), "filename": filename, "page_count": page_count,
         "pages_total": len(items),
-        "pages_done": finished, "pages_failed": failed, "created_at": now(), "started_at": started_at,
+        "pages_done": finished, "pages_failed": failed, "created_at": time.time(), "started_at": started_at,
         "finished_at": None, "error": None, "webhook_url": webhook_url, "webhook_status": None, "webhook_attempts": 0,
     }
     if events:

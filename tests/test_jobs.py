@@ -181,13 +181,16 @@ def test_fairness_jobs_interleave_and_a_sync_image_gets_a_slot(tiny_checkpoint: 
         second = submit(base, make_pdf(2), **SLOW | {"max_tokens": "40"})
         wait(base, first["id"], pages_done=1)
         started = time.monotonic()
-        r = httpx.post(f"{base}/ocr", files={"file": ("x.png", image_bytes())},
+        r = httpx.post(f"{base}/ocr/image/simple", files={"file": ("x.png", image_bytes())},
                        data={"mode": "tiny", "max_tokens": "2"}, timeout=120)
         single = time.monotonic() - started
         assert r.status_code == 200, show(r)
+        behind = httpx.get(f"{base}/jobs/{first['id']}").json()["pages_done"]
+        assert behind < 8, behind  # it did not wait for the long job
         done2 = wait(base, second["id"])
         first_then = httpx.get(f"{base}/jobs/{first['id']}").json()
         assert done2["status"] == "done" and first_then["pages_done"] < 8, (done2, first_then)  # interleaved
         per_page = max(p["elapsed_s"] for p in done2["pages"])
-        assert single < 2 * per_page + 5, (single, per_page)  # one engine step behind the jobs, not behind 8 pages
+        print(f"sync image {single:.2f} s while jobs ran; slowest job page {per_page:.2f} s")
+        assert single < 2 * per_page + 1, (single, per_page)  # one engine step behind the jobs, not behind 8 pages
         httpx.delete(f"{base}/jobs/{first['id']}")

@@ -205,9 +205,13 @@ class Runner:
             await self._ended(job_id)
 
     async def _ended(self, job_id: str) -> None:
+        """A job ended: its upload and a PDF password are no longer needed; its webhook is due."""
         self.notify(job_id)
         await asyncio.to_thread(results.drop_inputs, self.data_dir, job_id)
         job = await self.store.call(self.store.get, job_id)
+        if job is not None and json.loads(job["spec"]).get("password"):
+            spec = {**json.loads(job["spec"]), "password": None}
+            await self.store.call(self.store.update_job, job_id, spec=json.dumps(spec, ensure_ascii=False))
         if job is not None and job["webhook_url"]:
             self._spawn(self._webhook(job))
 

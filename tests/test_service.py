@@ -391,7 +391,7 @@ def test_unknown_route_is_problem_json(base_url: str) -> None:
 def test_root_and_health(base_url: str) -> None:
     root = httpx.get(base_url + "/").json()
     assert root["engine"] == "torch" and root["ready"] is True, root
-    assert set(root["routers"]) == {"ocr", "pdf", "batch"}
+    assert set(root["routers"]) == {"ocr", "pdf", "batch", "jobs"}
     assert "POST /generate_with_file" in root["endpoints"], root
     assert root["demo"] is True and "RANDOM" in root["notice"], root
     health = httpx.get(base_url + "/health").json()

@@ -172,6 +172,25 @@ def test_sync_deadline_hands_finished_pages_to_a_job(tiny_checkpoint: Path, tmp_
         assert result["markdown"] == ref.json()["markdown"], result
 
 
+def test_batch_deadline_hands_finished_files_to_a_job(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from test_batch_routes import image_bytes
+
+    files = [("files", (f"im{i}.png", image_bytes(seed=i), "image/png")) for i in range(40)]
+    fields = {"mode": "tiny", "max_tokens": "60"}  # 40 x 60 tokens cannot finish in 2 s here; the first files do
+    settings = make_settings(tiny_checkpoint, data_dir=str(tmp_path), batch_timeout_s=2)
+    with serve_app(create_app(settings)) as base:
+        body = problem(httpx.post(f"{base}/batch/ocr", files=files, data=fields, timeout=120), 504, "BATCH_TIMEOUT_S")
+        first = httpx.get(f"{base}/jobs/{body['job_id']}").json()
+        assert 0 < first["pages_done"] < 40, first
+        final = wait(base, body["job_id"])
+        assert final["status"] == "done" and final["pages_done"] == 40, final
+        assert all(p["attempts"] == 1 for p in final["pages"]), final
+        assert [p["file"] for p in final["pages"]] == [f"im{i}.png" for i in range(40)], final
+        result = httpx.get(f"{base}/jobs/{body['job_id']}/result").json()
+        assert [r["filename"] for r in result["results"]] == [f"im{i}.png" for i in range(40)], result
+        assert result["files"] == 40 and result["failed"] == 0, result
+
+
 def test_fairness_jobs_interleave_and_a_sync_image_gets_a_slot(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from test_batch_routes import image_bytes
 

@@ -7,6 +7,7 @@ The server runs the README way (`uvicorn serve_ocr:app` as a child process) on t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jobs_helpers import postgres, submit, wait
+from jobs_helpers import postgres, sse, submit, wait
 from server import ROOT, free_port
 from test_pdf_routes import make_pdf
 
@@ -77,6 +78,10 @@ def test_sigkill_mid_job_then_restart_finishes_without_redoing_pages(
             assert all(attempts[p] == 1 for p in finished_before), (finished_before, final)  # none redone
             assert all(1 <= a <= 2 for a in attempts.values()), attempts
             assert sum(a == 2 for a in attempts.values()) <= 1, attempts  # only the page cut off by the kill
+            events = sse(base, job["id"])  # stored across the crash: one per page, ids without gaps or repeats
+            assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1)), events
+            assert sorted(json.loads(e["data"])["page"] for e in events if e["event"] == "page") == list(range(1, 11))
+            assert [e["event"] for e in events if e["event"] in ("done", "failed", "cancelled")] == ["done"]
             result = httpx.get(f"{base}/jobs/{job['id']}/result", timeout=60).json()
             ref = httpx.post(f"{base}/pdf/ocr", files={"file": ("report.pdf", pdf)}, data=FIELDS, timeout=300).json()
         assert result["markdown"] == ref["markdown"]

@@ -33,8 +33,9 @@ from deps import MaxTokensForm, ModeForm, NgramSizeForm, NgramWindowForm, Servic
 from errors import OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from jobs import events, results, views, webhooks
 from jobs.store import ACTIVE, TERMINAL
-from jobs.submit import create_job, owner_of
+from jobs.submit import create_job, document_notes, owner_of
 from pipeline import OcrRequest
+from router_status import add_status_routes
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 STATUSES = (*ACTIVE, *TERMINAL)
@@ -66,6 +67,45 @@ async def load_job(request: Request, job_id: str) -> tuple[Any, dict[str, Any]]:
     if job is None:
         raise JobNotFound(f"no job {job_id!r} (it never existed, was removed after JOB_TTL_S, or is another key's)")
     return runner, job
+
+
+def _parameters(s: Any) -> dict[str, str]:
+    return {
+        "file / files": "One PDF or image as `file`, or several images as `files`",
+        "options": "As /pdf/ocr (prompt, mode, dpi, pages, password, max_tokens, draw_layouts, extract_images, "
+        "ngram_size/ngram_window) and /batch/ocr (clean_formulas)",
+        "webhook_url": f"POSTed the summary when the job ends; allowed hosts: {s.webhook_allow or 'none'} "
+        "(WEBHOOK_ALLOW), signed `X-Signature-256: sha256=<hex>` under WEBHOOK_SECRET",
+        "limits": f"{s.max_job_pages} pages per job (MAX_JOB_PAGES), {s.max_jobs_queued} jobs queued or running "
+        f"(MAX_JOBS_QUEUED), results kept {s.job_ttl_s:g} s after the end (JOB_TTL_S)",
+    }
+
+
+# Before the `/{job_id}` routes, which would otherwise take `status` and `info` for job ids.
+add_status_routes(
+    router,
+    "jobs",
+    title="jobs",
+    features={"sse": True, "webhooks": True, "resume_after_crash": True, "cancel": True},
+    description="Durable jobs: a PDF or a batch of images submitted once and run page by page in the server; "
+    "follow it with Server-Sent Events, read the pages finished so far, cancel it, get a signed webhook.",
+    endpoints={
+        "POST /jobs": "Submit (multipart): 202 with the job and a Location header",
+        "GET /jobs": "Jobs, newest first (limit, offset, status)",
+        "GET /jobs/{id}": "Status, counts, ETA, per-page entries",
+        "GET /jobs/{id}/events": "SSE: page, progress, then done|failed|cancelled; resume with Last-Event-ID",
+        "GET /jobs/{id}/result": "The answer so far, shaped like /pdf/ocr (or /batch/ocr)",
+        "GET /jobs/{id}/download": "The ZIP of /pdf/ocr/download (or /batch/ocr/download)",
+        "GET /jobs/{id}/pages/{n}": "One page (PDF page number, or batch file index)",
+        "DELETE /jobs/{id}": "Cancel: engine work stops, finished pages stay",
+    },
+    parameters=_parameters,
+    examples=[
+        'curl -i -X POST "http://localhost:8000/jobs" -F "file=@report.pdf" -F "dpi=144"',
+        'curl -N "http://localhost:8000/jobs/<id>/events"',
+        'curl -o report.zip "http://localhost:8000/jobs/<id>/download"',
+    ],
+)
 
 
 @router.post("", status_code=202, summary="Submit a PDF, an image or several images as a job; 202 + Location")
@@ -113,6 +153,7 @@ async def submit(
         async with service.render_pool.document(blobs[0], password=password, max_pages=10**9) as doc:
             page_count = doc.page_count
             items = [{"page": n} for n in inputs.parse_page_ranges(pages, page_count)]
+            spec["warnings"] = document_notes(doc)
     else:
         for name, blob in zip(names, blobs, strict=True):
             if blob[:1024].find(b"%PDF-") >= 0:

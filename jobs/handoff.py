@@ -21,7 +21,7 @@ import observability
 from deps import deadline, read_upload
 from errors import DeadlineExceeded, OcrError
 from jobs import runner_of
-from jobs.submit import create_job, owner_of
+from jobs.submit import create_job, document_notes, owner_of
 from pipeline import DocumentRun, ItemResult, OcrRequest, OcrService, PostOptions, in_window
 
 log = logging.getLogger("deepseek_ocr.jobs")
@@ -47,14 +47,13 @@ async def document(
             return result
 
         results = await _within(settings.pdf_timeout_s, range(len(selected)), service.window, one)
-        notes = list(doc.warnings[:20])
-        if doc.repaired:
-            notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages")
+        notes = document_notes(doc)
     if results is None:
         from answers import download_stem
 
         spec = _spec("pdf", req, options.mode, options.max_tokens, options.ngram, post, [filename or "document.pdf"])
-        spec.update(dpi=options.dpi, pages=options.pages, password=options.password, stem=download_stem(filename))
+        spec.update(dpi=options.dpi, pages=options.pages, password=options.password, stem=download_stem(filename),
+                    warnings=notes)
         job = await _create(runner, owner=_owner(settings), kind="pdf", spec=spec, inputs=[data],
                                items=[{"page": n} for n in selected], filename=filename, page_count=doc.page_count,
                                webhook_url=None, done=finished, started_at=time.time())

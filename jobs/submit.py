@@ -34,6 +34,14 @@ def owner_of(settings: Any, headers: Any) -> str:
     return hashlib.sha256(given.encode()).hexdigest()
 
 
+def document_notes(doc: Any) -> list[str]:
+    """The PDF's warnings as `/pdf/ocr` reports them (kept with the job for its result)."""
+    notes = list(doc.warnings[:20])
+    if doc.repaired:
+        notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages")
+    return notes
+
+
 def page_fields(result: ItemResult, path: str) -> dict[str, Any]:
     return {
         "status": result.status,

@@ -102,7 +102,8 @@ def document_run(data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]
     spec = json.loads(job["spec"])
     items = [results.load_result(data_dir, p["result_path"]) for p in finished(pages)]
     end = job["finished_at"] or time.time()
-    run = DocumentRun(spec["mode_name"], job["page_count"] or 0, spec["dpi"], items, [], time.perf_counter())
+    run = DocumentRun(spec["mode_name"], job["page_count"] or 0, spec["dpi"], items, list(spec.get("warnings", [])),
+                      time.perf_counter())
     run.started -= end - (job["started_at"] or job["created_at"])
     return run
 

@@ -148,6 +148,8 @@ def test_list_newest_first_paginated_by_status(url: str) -> None:
     assert set(ids) <= {j["id"] for j in done["jobs"]} and all(j["status"] == "done" for j in done["jobs"])
     assert httpx.get(f"{url}/jobs", params={"status": "cancelled"}).json()["total"] <= listing["total"]
     problem(httpx.get(f"{url}/jobs", params={"status": "nope"}), 422, "allowed")
+    status, info = httpx.get(f"{url}/jobs/status").json(), httpx.get(f"{url}/jobs/info").json()
+    assert status["router"] == "jobs" and status["ready"] and "GET /jobs/{id}/events" in info["endpoints"], info
 
 
 def test_sync_deadline_hands_finished_pages_to_a_job(tiny_checkpoint: Path, tmp_path: Path) -> None:

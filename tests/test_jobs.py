@@ -174,6 +174,18 @@ def test_sync_deadline_hands_finished_pages_to_a_job(tiny_checkpoint: Path, tmp_
         assert result["markdown"] == ref.json()["markdown"], result
 
 
+def test_client_gone_before_the_deadline_aborts_without_a_job(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    settings = make_settings(tiny_checkpoint, data_dir=str(tmp_path), pdf_timeout_s=3)
+    with serve_app(create_app(settings)) as base:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/pdf/ocr", files={"file": ("r.pdf", make_pdf(40))}, data=FAST | {"max_tokens": "8"},
+                       timeout=httpx.Timeout(60, read=1))
+        time.sleep(3)  # past the server's deadline
+        assert httpx.get(f"{base}/jobs").json()["total"] == 0  # a disconnect aborts: nothing handed over
+        health = idle(base)
+        assert health["in_flight"] == 0 and health["waiting"] == 0, health
+
+
 def test_batch_deadline_hands_finished_files_to_a_job(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from test_batch_routes import image_bytes
 

@@ -44,6 +44,19 @@ def test_limits_are_problem_json(tmp_path: Path) -> None:
         problem(httpx.post(f"{url}/jobs", files={"file": ("b.pdf", make_pdf(1))}), 503, "died")
 
 
+def test_a_batch_job_may_pass_max_upload_mb_in_all_but_not_per_file(tmp_path: Path) -> None:
+    from test_batch_routes import image_bytes
+
+    files = [("files", (f"n{i}.png", image_bytes(size=(170, 170), seed=i), "image/png")) for i in range(14)]
+    assert all(len(f[1][1]) < 100_000 for f in files) and sum(len(f[1][1]) for f in files) > 1.2e6
+    with serve_app(app_with(tmp_path, max_upload_mb=0.1)) as url:
+        r = httpx.post(f"{url}/jobs", files=files, timeout=60)  # MAX_BATCH_MB bounds the body, as on /batch
+        assert r.status_code == 202, show(r)
+        assert wait(url, r.json()["id"])["pages_done"] == 14
+        big = [("files", ("big.png", image_bytes(size=(400, 400)), "image/png"))]
+        problem(httpx.post(f"{url}/jobs", files=big, timeout=60), 413, "MAX_UPLOAD_MB")
+
+
 def test_ttl_cleanup_removes_rows_and_files(tmp_path: Path) -> None:
     with serve_app(app_with(tmp_path, job_ttl_s=1)) as url:
         job = submit(url, make_pdf(2))

@@ -27,18 +27,25 @@ from answers import (
     pdf_response,
     pdf_zip,
 )
-from batch_schemas import BatchFileResult
+from batch_schemas import BatchFileResult, BatchResponse
 from config import DOCUMENT_PROMPT, NGRAM_BATCH, NGRAM_PDF
 from deps import MaxTokensForm, ModeForm, NgramSizeForm, NgramWindowForm, ServiceDep, prompt_form, read_upload
 from errors import OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from jobs import events, results, views, webhooks
+from jobs.models import JobDetail, JobList, JobSummary
 from jobs.store import ACTIVE, TERMINAL
 from jobs.submit import create_job, document_notes, owner_of
+from pdf_schemas import PdfOcrResponse, PdfPageModel
 from pipeline import OcrRequest
 from router_status import add_status_routes
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 STATUSES = (*ACTIVE, *TERMINAL)
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {events.MEDIA_TYPE: {}}, "description": "`id`, `event` (page, progress, done, failed, "
+          "cancelled) and one line of JSON `data` per message"}
+}
+ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"application/zip": {}}, "description": "The ZIP"}}
 
 
 class JobNotFound(OcrError):
@@ -108,7 +115,13 @@ add_status_routes(
 )
 
 
-@router.post("", status_code=202, summary="Submit a PDF, an image or several images as a job; 202 + Location")
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobSummary,
+    responses={202: {"model": JobSummary}},
+    summary="Submit a PDF, an image or several images as a job; 202 + Location",
+)
 async def submit(
     request: Request,
     service: ServiceDep,
@@ -166,7 +179,7 @@ async def submit(
     return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
 
 
-@router.get("", summary="Jobs, newest first, paginated; filter by status")
+@router.get("", response_model=JobList, summary="Jobs, newest first, paginated; filter by status")
 async def list_jobs(
     request: Request,
     status: Annotated[str | None, Query(description=f"One of {', '.join(STATUSES)}")] = None,
@@ -180,13 +193,18 @@ async def list_jobs(
     return {"jobs": [views.summary(r) for r in rows], "total": total, "limit": limit, "offset": offset}
 
 
-@router.get("/{job_id}", summary="A job: status, counts, ETA and per-page entries")
+@router.get("/{job_id}", response_model=JobDetail, summary="A job: status, counts, ETA and per-page entries")
 async def get_job(request: Request, job_id: str) -> dict[str, Any]:
     runner, job = await load_job(request, job_id)
     return views.detail(job, await runner.store.call(runner.store.pages, job_id))
 
 
-@router.get("/{job_id}/events", summary="Server-Sent Events: page, progress, then one of done/failed/cancelled")
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses=SSE_RESPONSE,
+    summary="Server-Sent Events: page, progress, then one of done/failed/cancelled",
+)
 async def job_events(
     request: Request,
     job_id: str,
@@ -199,7 +217,11 @@ async def job_events(
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.get("/{job_id}/result", summary="The job's answer so far, shaped like /pdf/ocr (or /batch/ocr)")
+@router.get(
+    "/{job_id}/result",
+    response_model=PdfOcrResponse | BatchResponse,
+    summary="The job's answer so far, shaped like /pdf/ocr (or /batch/ocr)",
+)
 async def job_result(request: Request, job_id: str) -> Any:
     runner, job = await load_job(request, job_id)
     pages = await runner.store.call(runner.store.pages, job_id)
@@ -209,7 +231,12 @@ async def job_result(request: Request, job_id: str) -> Any:
     return batch_response(await asyncio.to_thread(views.batch_run, runner.data_dir, job, pages))
 
 
-@router.get("/{job_id}/download", response_class=Response, summary="The ZIP of /pdf/ocr/download (or /batch/...)")
+@router.get(
+    "/{job_id}/download",
+    response_class=Response,
+    responses=ZIP_RESPONSE,
+    summary="The ZIP of /pdf/ocr/download (or /batch/...)",
+)
 async def job_download(request: Request, job_id: str) -> Response:
     runner, job = await load_job(request, job_id)
     pages = await runner.store.call(runner.store.pages, job_id)
@@ -223,7 +250,11 @@ async def job_download(request: Request, job_id: str) -> Response:
     return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(name)})
 
 
-@router.get("/{job_id}/pages/{n}", summary="One page's result: a PDF page number, or a batch file's index")
+@router.get(
+    "/{job_id}/pages/{n}",
+    response_model=PdfPageModel | BatchFileResult,
+    summary="One page's result: a PDF page number, or a batch file's index",
+)
 async def job_page(request: Request, job_id: str, n: int) -> Any:
     runner, job = await load_job(request, job_id)
     pages = await runner.store.call(runner.store.pages, job_id)
@@ -242,7 +273,11 @@ async def job_page(request: Request, job_id: str, n: int) -> Any:
     return BatchFileResult(**{**body.model_dump(), "index": n})
 
 
-@router.delete("/{job_id}", summary="Cancel a job: engine work stops, finished pages stay readable")
+@router.delete(
+    "/{job_id}",
+    response_model=JobSummary,
+    summary="Cancel a job: engine work stops, finished pages stay readable",
+)
 async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     runner, job = await load_job(request, job_id)
     if job["status"] in ("done", "failed"):

@@ -210,11 +210,10 @@ async def job_events(
     job_id: str,
     last_event_id: Annotated[str | None, Header(description="Resume after this event id")] = None,
     after: Annotated[int | None, Query(ge=0, description="Resume after this event id (without the header)")] = None,
-) -> StreamingResponse:
+) -> Response:
     runner, _ = await load_job(request, job_id)
     start = events.last_event_id(last_event_id, after)
-    return StreamingResponse(events.stream(runner, job_id, start), media_type=events.MEDIA_TYPE,
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return events.response(runner, job_id, start)
 
 
 @router.get(

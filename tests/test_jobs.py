@@ -153,7 +153,7 @@ def test_list_newest_first_paginated_by_status(url: str) -> None:
 
 
 def test_sync_deadline_hands_finished_pages_to_a_job(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    pdf, fields, n = make_pdf(40), FAST | {"max_tokens": "8"}, 40
+    pdf, fields, n = make_pdf(40), FAST | {"max_tokens": "40"}, 40
     with serve_app(create_app(make_settings(tiny_checkpoint, data_dir=str(tmp_path / "a")))) as a:
         ref = httpx.post(f"{a}/pdf/ocr", files={"file": ("report.pdf", pdf)}, data=fields, timeout=300)
         assert ref.status_code == 200, show(ref)
@@ -178,7 +178,7 @@ def test_client_gone_before_the_deadline_aborts_without_a_job(tiny_checkpoint: P
     settings = make_settings(tiny_checkpoint, data_dir=str(tmp_path), pdf_timeout_s=3)
     with serve_app(create_app(settings)) as base:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base}/pdf/ocr", files={"file": ("r.pdf", make_pdf(40))}, data=FAST | {"max_tokens": "8"},
+            httpx.post(f"{base}/pdf/ocr", files={"file": ("r.pdf", make_pdf(40))}, data=FAST | {"max_tokens": "40"},
                        timeout=httpx.Timeout(60, read=1))
         time.sleep(3)  # past the server's deadline
         assert httpx.get(f"{base}/jobs").json()["total"] == 0  # a disconnect aborts: nothing handed over

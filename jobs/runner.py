@@ -164,6 +164,14 @@ class Runner:
     async def _pages(self, job_id: str, pending: list[dict], request: Any, options: Any, spec: dict, doc: Any) -> None:
         cap = self.settings.job_max_inflight or self.service.window
         mine = asyncio.Semaphore(max(1, cap))
+        try:
+            await self._feed(job_id, pending, request, options, spec, doc, mine)
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # ServiceUnavailable pauses the job; anything else fails it
+
+    async def _feed(self, job_id: str, pending: list[dict], request: Any, options: Any, spec: dict, doc: Any,
+                    mine: asyncio.Semaphore) -> None:
+        """Pages in order, each once a slot of this job (JOB_MAX_INFLIGHT) and of the window are free (FIFO)."""
         async with asyncio.TaskGroup() as group:
             for row in pending:
                 await mine.acquire()

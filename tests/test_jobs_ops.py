@@ -57,6 +57,20 @@ def test_a_batch_job_may_pass_max_upload_mb_in_all_but_not_per_file(tmp_path: Pa
         problem(httpx.post(f"{url}/jobs", files=big, timeout=60), 413, "MAX_UPLOAD_MB")
 
 
+def test_engine_gone_mid_job_pauses_it_and_it_resumes(tmp_path: Path) -> None:
+    engine = ReplayEngine(TEXT, delay_s=0.3, max_concurrency=1)
+    with serve_app(app_with(tmp_path, engine)) as url:
+        job = submit(url, make_pdf(5))
+        wait(url, job["id"], pages_done=1)
+        engine.kill()
+        time.sleep(1.0)
+        paused = httpx.get(f"{url}/jobs/{job['id']}").json()
+        assert paused["status"] == "running" and paused["pages_failed"] == 0, paused  # not N failed pages
+        engine._ready, engine._reason = True, None  # the engine is back (what a restarted engine looks like)
+        final = wait(url, job["id"])
+        assert final["status"] == "done" and final["pages_done"] == 5 and final["pages_failed"] == 0, final
+
+
 def test_ttl_cleanup_removes_rows_and_files(tmp_path: Path) -> None:
     with serve_app(app_with(tmp_path, job_ttl_s=1)) as url:
         job = submit(url, make_pdf(2))

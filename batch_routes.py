@@ -4,7 +4,8 @@ For dataset builders and evaluators (OmniDocBench style). Every file goes throug
 item: read and decoded in the worker pool (at most a window of files per request at once), generated on
 an engine slot, post-processed. A file that fails becomes a `failed` entry with its problem document;
 the batch still answers 200. An engine that is not ready is a 503 for the whole batch. The whole batch runs
-under BATCH_TIMEOUT_S: past it the answer is 504 and every file's engine work is aborted.
+under BATCH_TIMEOUT_S: past it the answer is 504, the files in flight are aborted, and the finished ones
+go to a job (named in the 504) that runs the rest.
 """
 
 from __future__ import annotations

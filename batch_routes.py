@@ -4,12 +4,12 @@ For dataset builders and evaluators (OmniDocBench style). Every file goes throug
 item: read and decoded in the worker pool (at most a window of files per request at once), generated on
 an engine slot, post-processed. A file that fails becomes a `failed` entry with its problem document;
 the batch still answers 200. An engine that is not ready is a 503 for the whole batch. The whole batch runs
-under BATCH_TIMEOUT_S: past it the answer is 504 and every file's engine work is aborted.
+under BATCH_TIMEOUT_S: past it the answer is 504, the files in flight are aborted, and the finished ones
+go to a job (named in the 504) that runs the rest.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Annotated
@@ -28,14 +28,13 @@ from deps import (
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
-    deadline,
     files_field,
     prompt_form,
-    read_upload,
     shown,
 )
 from errors import PayloadTooLarge
-from pipeline import OcrRequest, OcrService, PostOptions, in_window
+from jobs import handoff
+from pipeline import OcrRequest, OcrService, PostOptions
 from router_status import add_status_routes
 
 router = APIRouter(prefix="/batch", tags=["batch OCR"], dependencies=[KnownFieldsOnly])
@@ -107,13 +106,9 @@ async def run_batch(
     names = [f.filename or "" for f in files]
     stems = member_stems(names)
 
-    async def one(index: int):
-        read = functools.partial(read_upload, files[index], settings)
-        return await service.file(req, read, post, label=stems[index])
-
     start = time.perf_counter()
-    async with deadline(settings.batch_timeout_s, "BATCH_TIMEOUT_S"):
-        results = await in_window(range(len(files)), service.window, one)
+    # Under BATCH_TIMEOUT_S; past it the finished files go to a job that the 504 names (jobs/handoff.py).
+    results = await handoff.batch(service, req, files, names, stems, options, post)
     elapsed = round(time.perf_counter() - start, 3)
     return BatchRun(names, results, req.prompt, req.mode.name, post.clean_formulas, elapsed)
 

@@ -111,6 +111,18 @@ class Settings(BaseSettings):
     mcp_allowed_dir: str | None = Field(
         None, description="Directory whose files the MCP tools may read by path; unset = paths refused"
     )
+    # Jobs (jobs/, jobs_routes.py).
+    data_dir: str = Field("./data", description="Job inputs and page results; the default job store's folder")
+    job_store_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/jobs.sqlite")
+    job_ttl_s: float = Field(86_400.0, gt=0, le=365 * 86_400, description="Ended jobs are removed after this")
+    max_jobs_queued: int = Field(100, ge=1, le=1_000_000, description="Jobs queued or running at once")
+    max_job_pages: int = Field(10_000, ge=1, le=1_000_000, description="Pages (or files) of one job")
+    job_max_inflight: int = Field(0, ge=0, le=100_000, description="Pages of one job in flight; 0 = the window")
+    jobs_running: int = Field(4, ge=1, le=1024, description="Jobs run at once, oldest first")
+    webhook_allow: str | None = Field(None, description="Hosts (host or host:port, comma-separated) webhooks may call")
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of X-Signature-256")
+    webhook_retries: int = Field(5, ge=0, le=50)
+    webhook_backoff_s: float = Field(2.0, ge=0, le=3600, description="First retry delay; doubles each time")
 
     # vLLM engine only.
     tensor_parallel_size: int = Field(1, ge=1, le=64)

@@ -53,7 +53,7 @@ class GuardMiddleware:
 
     def body_limit(self, path: str) -> int:
         s = self.settings
-        if path.startswith("/batch"):
+        if path.startswith(("/batch", "/jobs")):  # a job may carry a batch; each file still has MAX_UPLOAD_MB
             return s.max_batch_bytes + _FORM_MARGIN
         if path in ("/generate", "/v1/chat/completions", "/mcp"):  # JSON with base64 files
             return s.max_upload_bytes * 4 // 3 + _FORM_MARGIN  # base64 grows data by a third

@@ -24,13 +24,13 @@ from deps import (
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
-    deadline,
     file_field,
     optional_form,
     prompt_form,
     read_upload,
     shown,
 )
+from jobs import handoff
 from pdf_schemas import PdfOcrResponse, PdfSimpleResponse
 from pipeline import DocumentRun, OcrRequest, OcrService, PostOptions
 from router_status import add_status_routes
@@ -111,10 +111,8 @@ async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) ->
     req = service.admit(req)
     data = await read_upload(file, settings)
     post = PostOptions(draw=options.draw_layouts, annotated_format="jpeg", crop=options.extract_images)
-    async with deadline(settings.pdf_timeout_s, "PDF_TIMEOUT_S"):
-        run = await service.document(
-            req, data, password=options.password, pages=options.pages, dpi=options.dpi, options=post
-        )
+    # Under PDF_TIMEOUT_S; past it the finished pages go to a job that the 504 names (jobs/handoff.py).
+    run = await handoff.document(service, req, data, options, post, filename=file.filename)
     return run, data
 
 

@@ -10,6 +10,7 @@ Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -50,6 +51,7 @@ ROUTERS = {
     "pdf": ("pdf_routes", "/pdf"),
     "batch": ("batch_routes", "/batch"),
     "openai": ("openai_routes", "/v1"),
+    "jobs": ("jobs_routes", "/jobs"),
 }
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}, "description": text}
@@ -91,15 +93,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.observers.append(observability.item_observer(app.state.metrics))
     service.supervisor.start()
     mcp_sessions = app.state.mcp_sessions
+    app.state.jobs = await start_jobs(settings, service)
     try:
         async with mcp_sessions.run() if mcp_sessions is not None else contextlib.nullcontext():
             yield
     finally:
         await service.supervisor.stop()
+        if app.state.jobs is not None:
+            await app.state.jobs.stop()
         for engine in engines:
             await engine.close()
         executor.shutdown(wait=False, cancel_futures=True)
         render_pool.close()
+
+
+async def start_jobs(settings: Settings, service: OcrService) -> Any:
+    """The job runner (jobs/), or None when its package cannot load (the jobs router then says why)."""
+    try:
+        from jobs import store_url
+        from jobs.runner import Runner
+        from jobs.store import Store
+
+        store = await asyncio.to_thread(Store, store_url(settings))  # creates the tables: off the event loop
+        runner = Runner(service, store, settings, Path(settings.data_dir))
+        await runner.start()
+        return runner
+    except Exception:
+        log.exception("the job runner could not start; /jobs answers 503")
+        return None
 
 
 def problem_response(request: Request, exc: OcrError) -> JSONResponse:

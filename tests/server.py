@@ -110,6 +110,7 @@ def make_settings(model_path: Path | str | None, **overrides: object):
         "default_max_tokens": 8,
         "max_concurrency": 8,
         "num_workers": 4,
+        "data_dir": tempfile.mkdtemp(prefix="ocr-data-"),  # job store and files: never the checkout's ./data
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

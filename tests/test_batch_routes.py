@@ -250,6 +250,7 @@ def test_deadline_gives_504_and_aborts_the_engine_work(tiny_checkpoint: Path) ->
         files = [(f"long{i}.png", image_bytes(seed=i)) for i in range(3)]
         body = problem(post(f"{url}/batch/ocr", files, max_tokens="8000"), 504)
         assert "BATCH_TIMEOUT_S" in body["detail"], body
+        assert httpx.delete(f"{url}/jobs/{body['job_id']}").json()["status"] == "cancelled"  # the rest went on
         for _ in range(50):
             health = httpx.get(f"{url}/health").json()
             if health["in_flight"] == 0 and health["waiting"] == 0:

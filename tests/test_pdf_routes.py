@@ -318,6 +318,8 @@ def test_deadline_is_504_and_aborts_every_page(tiny_checkpoint: Path) -> None:
     with serve_app(app) as url:
         r = post(url, "/pdf/ocr", make_pdf(5), dpi="144", max_tokens="400")
         assert_problem(r, 504, "PDF_TIMEOUT_S")
+        job = r.json()["job_id"]  # the finished pages went to a job that goes on: cancel it
+        assert httpx.delete(f"{url}/jobs/{job}").json()["status"] == "cancelled"
         health: dict = {}
         for _ in range(50):  # the aborted pages give their engine slots back within a decode step
             health = httpx.get(url + "/health").json()

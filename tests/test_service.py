@@ -369,7 +369,7 @@ def test_openapi_declares_models_and_errors(base_url: str) -> None:
     assert spec["paths"], spec
     for path, item in spec["paths"].items():
         for method, op in item.items():
-            ok = op["responses"].get("200")
+            ok = op["responses"].get("200") or op["responses"].get("202")  # POST /jobs: 202 Accepted
             assert ok and ok.get("content"), f"{method} {path} declares no 200 content"
             for media, body in ok["content"].items():
                 assert media != "application/json" or body.get("schema"), f"{method} {path}: no schema"
@@ -392,7 +392,8 @@ def test_unknown_route_is_problem_json(base_url: str) -> None:
 def test_root_and_health(base_url: str) -> None:
     root = httpx.get(base_url + "/").json()
     assert root["engine"] == "torch" and root["ready"] is True, root
-    assert set(root["routers"]) == {"ocr", "pdf", "batch", "openai", "mcp"}
+    assert set(root["routers"]) == {"ocr", "pdf", "batch", "openai", "jobs", "mcp"}, root
+    assert all(state["available"] for state in root["routers"].values()), root
     assert "POST /generate_with_file" in root["endpoints"], root
     assert root["demo"] is True and "RANDOM" in root["notice"], root
     health = httpx.get(base_url + "/health").json()

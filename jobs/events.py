@@ -1,0 +1,51 @@
+"""Server-Sent Events for one job: every stored event after the client's `Last-Event-ID`, then new ones.
+
+Events live in the store (seq 1, 2, 3... per job), so a client that reconnects, even to a restarted server,
+gets every event after the last one it saw, none twice. The stream ends after the job's one terminal event
+(`done`, `failed` or `cancelled`). Served with sse-starlette.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+TERMINAL_EVENTS = frozenset({"done", "failed", "cancelled"})
+PING_S = 15  # a comment line while nothing happens keeps proxies from timing the stream out
+MEDIA_TYPE = "text/event-stream"
+
+
+def last_event_id(header: str | None, query: int | None) -> int:
+    """Where to resume: the `Last-Event-ID` header (reconnecting browsers send it), else `?after=`."""
+    if header and header.strip().isdigit():
+        return int(header.strip())
+    return max(0, query or 0)
+
+
+def response(runner: Any, job_id: str, after: int) -> EventSourceResponse:
+    """The stream as a response; sse-starlette also ends it when the server shuts down (uvicorn would
+    otherwise wait for every open stream before stopping)."""
+    return EventSourceResponse(stream(runner, job_id, after), ping=PING_S,
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def stream(runner: Any, job_id: str, after: int, *, poll_s: float = 1.0) -> AsyncIterator[ServerSentEvent]:
+    """Stored events after `after`, then new ones as the runner reports changes, until the terminal one.
+
+    `data` is one line of JSON (json.dumps never writes raw newlines)."""
+    store = runner.store
+    seq = after
+    while True:
+        batch = await store.call(store.events_after, job_id, seq)
+        for event in batch:
+            seq = event["seq"]
+            yield ServerSentEvent(data=event["data"], event=event["type"], id=str(seq))
+            if event["type"] in TERMINAL_EVENTS:
+                return
+        if batch:
+            continue
+        if await store.call(store.get, job_id) is None:
+            return  # removed (JOB_TTL_S) while we watched
+        await runner.wait_change(job_id, poll_s)

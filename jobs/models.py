@@ -1,0 +1,61 @@
+"""The jobs API's JSON documents as pydantic models, for the OpenAPI schema (the views build plain dicts)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobLinks(BaseModel):
+    self: str
+    events: str = Field(description="Server-Sent Events")
+    result: str = Field(description="JSON shaped like /pdf/ocr (or /batch/ocr)")
+    download: str = Field(description="The ZIP of /pdf/ocr/download (or /batch/ocr/download)")
+
+
+class JobSummary(BaseModel):
+    id: str
+    kind: Literal["pdf", "batch"]
+    status: JobStatus
+    filename: str | None
+    pages_total: int
+    pages_done: int
+    pages_failed: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    links: JobLinks
+
+
+class JobPage(BaseModel):
+    page: int | None = Field(None, description="PDF page number (PDF jobs)")
+    index: int | None = Field(None, description="File index (batch jobs)")
+    file: str | None = Field(None, description="File name (batch jobs)")
+    status: Literal["queued", "running", "ok", "truncated", "failed", "aborted", "cancelled"]
+    finish_reason: str | None
+    completion_tokens: int | None
+    elapsed_s: float | None
+    error: str | None
+    attempts: int = Field(description="Times the page was started (a crash mid-page makes 2)")
+
+
+class WebhookState(BaseModel):
+    status: Literal["pending", "delivered", "failed"] | None
+    attempts: int
+
+
+class JobDetail(JobSummary):
+    eta_s: float | None = Field(description="Seconds left at the pace so far, while running")
+    webhook: WebhookState | None
+    pages: list[JobPage]
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]
+    total: int
+    limit: int
+    offset: int

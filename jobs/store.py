@@ -1,0 +1,244 @@
+"""The job store: jobs, their pages and their events in SQL tables (SQLAlchemy Core, SQLite or PostgreSQL).
+
+One sync SQLAlchemy engine; the event loop never waits on it: every call goes through `Store.call`, which
+runs it in a thread. Writes are serialised by one lock (one server process writes), so an event's `seq`
+(max + 1 within its job, in the same transaction as the change it reports) increases without gaps; SSE
+clients resume from it. Page results live on disk (`jobs.results`); the tables hold what lists and
+progress need. Times are UNIX seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+T = TypeVar("T")
+ACTIVE = ("queued", "running")
+TERMINAL = ("done", "failed", "cancelled")
+PAGE_FINISHED = ("ok", "truncated", "failed", "aborted", "retried", "degraded")
+
+meta = sa.MetaData()
+jobs_t = sa.Table(
+    "jobs", meta,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=False, index=True),
+    sa.Column("kind", sa.String(8), nullable=False),  # pdf | batch
+    sa.Column("status", sa.String(12), nullable=False, index=True),
+    sa.Column("spec", sa.Text, nullable=False),  # the options, JSON
+    sa.Column("filename", sa.String(512)),
+    sa.Column("page_count", sa.Integer),  # pages in the PDF (pdf jobs)
+    sa.Column("pages_total", sa.Integer, nullable=False),
+    sa.Column("pages_done", sa.Integer, nullable=False, default=0),
+    sa.Column("pages_failed", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+    sa.Column("error", sa.Text),
+    sa.Column("webhook_url", sa.Text),
+    sa.Column("webhook_status", sa.String(16)),  # pending | delivered | failed
+    sa.Column("webhook_attempts", sa.Integer, nullable=False, default=0),
+)
+pages_t = sa.Table(
+    "pages", meta,
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("page", sa.Integer),  # 1-based PDF page
+    sa.Column("file", sa.String(512)),  # batch: the file's name
+    sa.Column("status", sa.String(12), nullable=False),  # queued running ok truncated failed aborted cancelled
+    sa.Column("finish_reason", sa.String(16)),
+    sa.Column("tokens", sa.Integer),
+    sa.Column("elapsed", sa.Float),
+    sa.Column("error", sa.Text),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("result_path", sa.String(512)),
+)
+events_t = sa.Table(
+    "events", meta,
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+)
+
+
+def default_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'jobs.sqlite').resolve()}"
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite"):
+            path = sa.engine.make_url(url).database
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = sa.create_engine(url, pool_pre_ping=True)
+        meta.create_all(self.engine)
+        self.lock = threading.Lock()
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- writes (under the lock) ----------------------------------------------------------------
+    def _write(self, fn: Callable[[sa.Connection], T]) -> T:
+        with self.lock, self.engine.begin() as conn:
+            return fn(conn)
+
+    def create(self, job: dict[str, Any], pages: list[dict[str, Any]], events: Iterable[tuple[str, dict]] = ()) -> None:
+        def go(conn: sa.Connection) -> None:
+            conn.execute(jobs_t.insert().values(**job))
+            conn.execute(pages_t.insert(), [{"job_id": job["id"], **p} for p in pages])
+            _add_events(conn, job["id"], events)
+
+        self._write(go)
+
+    def claim_page(self, job_id: str, idx: int) -> None:
+        """The page starts (again): its attempt is counted before any engine work."""
+        self._write(lambda conn: conn.execute(
+            pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.idx == idx)
+            .values(status="running", attempts=pages_t.c.attempts + 1)
+        ))
+
+    def finish_page(self, job_id: str, idx: int, fields: dict[str, Any], events: Iterable[tuple[str, Any]]) -> dict:
+        """Record a finished page, count it on the job, and append its events, in one transaction."""
+        def go(conn: sa.Connection) -> dict:
+            conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.idx == idx).values(**fields))
+            failed = 1 if fields["status"] == "failed" else 0
+            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(
+                pages_done=jobs_t.c.pages_done + 1, pages_failed=jobs_t.c.pages_failed + failed))
+            row = dict(conn.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id)).mappings().one())
+            if row["status"] in ACTIVE:  # nothing follows a job's terminal event (a cancel may have come first)
+                _add_events(conn, job_id, [(kind, build(row)) for kind, build in events])
+            return row
+
+        return self._write(go)
+
+    def set_status(self, job_id: str, status: str, events: Iterable[tuple[str, dict]] = (), **fields: Any) -> bool:
+        """Move a job to `status` unless it already ended; False when it had (a cancel raced the end)."""
+        def go(conn: sa.Connection) -> bool:
+            done = conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.status.in_(ACTIVE))
+                                .values(status=status, **fields)).rowcount
+            if done:
+                if status in TERMINAL:
+                    conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.status.in_(ACTIVE))
+                                 .values(status="cancelled" if status == "cancelled" else "failed"))
+                _add_events(conn, job_id, events)
+            return bool(done)
+
+        return self._write(go)
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        self._write(lambda conn: conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(**fields)))
+
+    def requeue_running(self, job_id: str | None = None) -> int:
+        """After a crash: pages left `running` run again (their attempt was counted when they started)."""
+        query = pages_t.update().where(pages_t.c.status == "running")
+        if job_id is not None:
+            query = query.where(pages_t.c.job_id == job_id)
+        return self._write(lambda conn: conn.execute(query.values(status="queued")).rowcount)
+
+    def delete(self, job_id: str) -> None:
+        def go(conn: sa.Connection) -> None:
+            for table in (events_t, pages_t):
+                conn.execute(table.delete().where(table.c.job_id == job_id))
+            conn.execute(jobs_t.delete().where(jobs_t.c.id == job_id))
+
+        self._write(go)
+
+    # --- reads ----------------------------------------------------------------------------------
+    def get(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        query = sa.select(jobs_t).where(jobs_t.c.id == job_id)
+        if owner is not None:
+            query = query.where(jobs_t.c.owner == owner)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).mappings().first()
+        return dict(row) if row else None
+
+    def pages(self, job_id: str, statuses: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        query = sa.select(pages_t).where(pages_t.c.job_id == job_id).order_by(pages_t.c.idx)
+        if statuses:
+            query = query.where(pages_t.c.status.in_(statuses))
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def page(self, job_id: str, idx: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(pages_t).where(pages_t.c.job_id == job_id, pages_t.c.idx == idx)
+                               ).mappings().first()
+        return dict(row) if row else None
+
+    def list(self, owner: str | None, status: str | None, limit: int, offset: int) -> tuple[list[dict], int]:
+        query = sa.select(jobs_t)
+        if owner is not None:
+            query = query.where(jobs_t.c.owner == owner)
+        if status:
+            query = query.where(jobs_t.c.status == status)
+        with self.engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(query.subquery())).scalar_one()
+            rows = conn.execute(query.order_by(jobs_t.c.created_at.desc(), jobs_t.c.id.desc())
+                                .limit(limit).offset(offset)).mappings()
+            return [dict(r) for r in rows], total
+
+    def active(self) -> list[dict[str, Any]]:
+        """Queued and running jobs, oldest first: admission is FIFO."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs_t).where(jobs_t.c.status.in_(ACTIVE)).order_by(jobs_t.c.created_at))
+            return [dict(r) for r in rows.mappings()]
+
+    def count_active(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).where(jobs_t.c.status.in_(ACTIVE))).scalar_one()
+
+    def expired(self, before: float) -> list[str]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs_t.c.id).where(jobs_t.c.status.in_(TERMINAL),
+                                                            jobs_t.c.finished_at < before))
+            return [r[0] for r in rows]
+
+    def pending_webhooks(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs_t).where(jobs_t.c.webhook_status == "pending",
+                                                        jobs_t.c.status.in_(TERMINAL)))
+            return [dict(r) for r in rows.mappings()]
+
+    def events_after(self, job_id: str, seq: int, limit: int = 500) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(events_t).where(events_t.c.job_id == job_id, events_t.c.seq > seq)
+                                .order_by(events_t.c.seq).limit(limit))
+            return [{"seq": r.seq, "type": r.type, "data": r.data} for r in rows]
+
+
+def _add_events(conn: sa.Connection, job_id: str, events: Iterable[tuple[str, dict]]) -> None:
+    events = list(events)
+    if not events:
+        return
+    last = conn.execute(sa.select(sa.func.coalesce(sa.func.max(events_t.c.seq), 0))
+                        .where(events_t.c.job_id == job_id)).scalar_one()
+    conn.execute(events_t.insert(), [
+        {"job_id": job_id, "seq": last + n, "type": kind, "data": json.dumps(data, ensure_ascii=False)}
+        for n, (kind, data) in enumerate(events, start=1)
+    ])
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,296 @@
+"""Jobs API: submit a PDF or a batch of images, follow it page by page (SSE), read or download its results,
+cancel it. A thin router over `jobs/`: the runner, the store, the files and the answers live there.
+
+Results are the sync routes' answers rebuilt from stored pages (`answers.py`): `/jobs/{id}/result` is
+shaped like `/pdf/ocr` (or `/batch/ocr`), `/jobs/{id}/download` is `/pdf/ocr/download`'s ZIP (or
+`/batch/ocr/download`'s). With API keys set, a job is visible only to the key that made it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+import inputs
+from answers import (
+    BatchRun,
+    attachment,
+    batch_response,
+    batch_zip,
+    download_stem,
+    member_stems,
+    page_model,
+    pdf_response,
+    pdf_zip,
+)
+from batch_schemas import BatchFileResult, BatchResponse
+from config import DOCUMENT_PROMPT
+from deps import (
+    MaxTokensForm,
+    ModeForm,
+    ModelForm,
+    NgramSizeForm,
+    NgramWindowForm,
+    ServiceDep,
+    prompt_form,
+    read_upload,
+)
+from errors import OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from jobs import events, results, views, webhooks
+from jobs.models import JobDetail, JobList, JobSummary
+from jobs.store import ACTIVE, TERMINAL
+from jobs.submit import create_job, document_notes, owner_of
+from pdf_schemas import PdfOcrResponse, PdfPageModel
+from pipeline import OcrRequest
+from router_status import add_status_routes
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+STATUSES = (*ACTIVE, *TERMINAL)
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {events.MEDIA_TYPE: {}}, "description": "`id`, `event` (page, progress, done, failed, "
+          "cancelled) and one line of JSON `data` per message"}
+}
+ZIP_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"application/zip": {}}, "description": "The ZIP"}}
+
+
+class JobNotFound(OcrError):
+    status, slug, title = 404, "job-not-found", "No such job"
+
+
+class JobConflict(OcrError):
+    status, slug, title = 409, "job-conflict", "The job is not in a state that allows this"
+
+
+def runner_dep(request: Request) -> Any:
+    runner = getattr(request.app.state, "jobs", None)
+    if runner is None:
+        raise ServiceUnavailable("the job runner is not running (the server is starting or stopping)")
+    return runner
+
+
+def owner_filter(request: Request) -> str | None:
+    settings = request.app.state.settings
+    return owner_of(settings, request.headers) if settings.api_keys else None
+
+
+async def load_job(request: Request, job_id: str) -> tuple[Any, dict[str, Any]]:
+    runner = runner_dep(request)
+    job = await runner.store.call(runner.store.get, job_id, owner_filter(request))
+    if job is None:
+        raise JobNotFound(f"no job {job_id!r} (it never existed, was removed after JOB_TTL_S, or is another key's)")
+    return runner, job
+
+
+def _parameters(s: Any) -> dict[str, str]:
+    return {
+        "file / files": "One PDF or image as `file`, or several images as `files`",
+        "options": "As /pdf/ocr (prompt, mode, dpi, pages, password, max_tokens, draw_layouts, extract_images, "
+        "ngram_size/ngram_window) and /batch/ocr (clean_formulas)",
+        "webhook_url": f"POSTed the summary when the job ends; allowed hosts: {s.webhook_allow or 'none'} "
+        "(WEBHOOK_ALLOW), signed `X-Signature-256: sha256=<hex>` under WEBHOOK_SECRET",
+        "limits": f"{s.max_job_pages} pages per job (MAX_JOB_PAGES), {s.max_jobs_queued} jobs queued or running "
+        f"(MAX_JOBS_QUEUED), results kept {s.job_ttl_s:g} s after the end (JOB_TTL_S)",
+    }
+
+
+# Before the `/{job_id}` routes, which would otherwise take `status` and `info` for job ids.
+add_status_routes(
+    router,
+    "jobs",
+    title="jobs",
+    features={"sse": True, "webhooks": True, "resume_after_crash": True, "cancel": True},
+    description="Durable jobs: a PDF or a batch of images submitted once and run page by page in the server; "
+    "follow it with Server-Sent Events, read the pages finished so far, cancel it, get a signed webhook.",
+    endpoints={
+        "POST /jobs": "Submit (multipart): 202 with the job and a Location header",
+        "GET /jobs": "Jobs, newest first (limit, offset, status)",
+        "GET /jobs/{id}": "Status, counts, ETA, per-page entries",
+        "GET /jobs/{id}/events": "SSE: page, progress, then done|failed|cancelled; resume with Last-Event-ID",
+        "GET /jobs/{id}/result": "The answer so far, shaped like /pdf/ocr (or /batch/ocr)",
+        "GET /jobs/{id}/download": "The ZIP of /pdf/ocr/download (or /batch/ocr/download)",
+        "GET /jobs/{id}/pages/{n}": "One page (PDF page number, or batch file index)",
+        "DELETE /jobs/{id}": "Cancel: engine work stops, finished pages stay",
+    },
+    parameters=_parameters,
+    examples=[
+        'curl -i -X POST "http://localhost:8000/jobs" -F "file=@report.pdf" -F "dpi=144"',
+        'curl -N "http://localhost:8000/jobs/<id>/events"',
+        'curl -o report.zip "http://localhost:8000/jobs/<id>/download"',
+    ],
+)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobSummary,
+    responses={202: {"model": JobSummary}},
+    summary="Submit a PDF, an image or several images as a job; 202 + Location",
+)
+async def submit(
+    request: Request,
+    service: ServiceDep,
+    file: Annotated[UploadFile | None, File(description="One PDF or image")] = None,
+    files: Annotated[list[UploadFile] | None, File(description="Several images (repeat the field)")] = None,
+    prompt: Annotated[str, prompt_form(f"Default {DOCUMENT_PROMPT!r}")] = "",
+    mode: ModeForm = None,
+    dpi: Annotated[int, Form(ge=72, le=300, description="PDF render resolution")] = 144,
+    pages: Annotated[str | None, Form(max_length=4096, description="PDF pages, 1-based: `1-3,7`")] = None,
+    password: Annotated[str | None, Form(max_length=1024, description="Password of an encrypted PDF")] = None,
+    max_tokens: MaxTokensForm = None,
+    draw_layouts: Annotated[bool, Form(description="PDF: the layout PDF of the download")] = True,
+    extract_images: Annotated[bool, Form(description="Regions labelled `image` as JPEG")] = True,
+    clean_formulas: Annotated[bool, Form(description="Images: drop `\\quad (n)` tags in formulas")] = True,
+    ngram_size: NgramSizeForm | None = None,
+    ngram_window: NgramWindowForm | None = None,
+    model: ModelForm = None,
+    webhook_url: Annotated[str | None, Form(max_length=2048, description="POSTed the summary when the job ends")]
+    = None,
+) -> JSONResponse:
+    runner = runner_dep(request)
+    settings = service.settings
+    if (file is None) == (not files):
+        raise ValidationFailed("send either `file` (one PDF or image) or `files` (several images), not both or none")
+    hook = webhooks.check_url(webhook_url, settings.webhook_allow) if webhook_url else None
+    uploads = [file] if file is not None else list(files or [])
+    blobs = [await read_upload(u, settings) for u in uploads]
+    kind = "pdf" if file is not None and blobs[0][:1024].find(b"%PDF-") >= 0 else "batch"
+    req = OcrRequest.build(settings, prompt=prompt, default_prompt=DOCUMENT_PROMPT, mode=mode,
+                           max_tokens=max_tokens, ngram=(ngram_size, ngram_window), model=model, kind=kind)
+    req = service.admit(req)  # bound to its model: the mode and n-gram guard the pages will run with
+    ngram = (req.sampling.ngram_size, req.sampling.ngram_window)
+    names = [u.filename or f"file_{i}" for i, u in enumerate(uploads)]
+    spec = {"kind": kind, "prompt": prompt, "default_prompt": DOCUMENT_PROMPT, "mode": mode, "max_tokens": max_tokens,
+            "ngram": list(ngram), "dpi": dpi, "pages": pages, "password": password, "draw_layouts": draw_layouts,
+            "extract_images": extract_images, "clean_formulas": clean_formulas, "filenames": names,
+            "stems": member_stems(names), "mode_name": req.mode.name, "prompt_text": req.prompt,
+            "stem": download_stem(names[0]), "model": req.model}
+    page_count = None
+    if kind == "pdf":
+        async with service.render_pool.document(blobs[0], password=password, max_pages=10**9) as doc:
+            page_count = doc.page_count
+            items = [{"page": n} for n in inputs.parse_page_ranges(pages, page_count)]
+            spec["warnings"] = document_notes(doc)
+    else:
+        for name, blob in zip(names, blobs, strict=True):
+            if blob[:1024].find(b"%PDF-") >= 0:
+                raise UnsupportedMediaType(f"{name} is a PDF; send one PDF per job as `file` (not in `files`)")
+        items = [{"file": name} for name in names]
+    job = await create_job(runner, owner=owner_of(settings, request.headers), kind=kind, spec=spec, inputs=blobs,
+                           items=items, filename=names[0] if kind == "pdf" else None, page_count=page_count,
+                           webhook_url=hook)
+    body = views.summary(job)
+    return JSONResponse(body, status_code=202, headers={"Location": body["links"]["self"]})
+
+
+@router.get("", response_model=JobList, summary="Jobs, newest first, paginated; filter by status")
+async def list_jobs(
+    request: Request,
+    status: Annotated[str | None, Query(description=f"One of {', '.join(STATUSES)}")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> dict[str, Any]:
+    if status is not None and status not in STATUSES:
+        raise ValidationFailed(f"status {status!r} is not a job status; allowed: {', '.join(STATUSES)}")
+    runner = runner_dep(request)
+    rows, total = await runner.store.call(runner.store.list, owner_filter(request), status, limit, offset)
+    return {"jobs": [views.summary(r) for r in rows], "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/{job_id}", response_model=JobDetail, summary="A job: status, counts, ETA and per-page entries")
+async def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    runner, job = await load_job(request, job_id)
+    return views.detail(job, await runner.store.call(runner.store.pages, job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses=SSE_RESPONSE,
+    summary="Server-Sent Events: page, progress, then one of done/failed/cancelled",
+)
+async def job_events(
+    request: Request,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(description="Resume after this event id")] = None,
+    after: Annotated[int | None, Query(ge=0, description="Resume after this event id (without the header)")] = None,
+) -> Response:
+    runner, _ = await load_job(request, job_id)
+    start = events.last_event_id(last_event_id, after)
+    return events.response(runner, job_id, start)
+
+
+@router.get(
+    "/{job_id}/result",
+    response_model=PdfOcrResponse | BatchResponse,
+    summary="The job's answer so far, shaped like /pdf/ocr (or /batch/ocr)",
+)
+async def job_result(request: Request, job_id: str) -> Any:
+    runner, job = await load_job(request, job_id)
+    pages = await runner.store.call(runner.store.pages, job_id)
+    if job["kind"] == "pdf":
+        run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages)
+        return await asyncio.to_thread(pdf_response, run)
+    return batch_response(await asyncio.to_thread(views.batch_run, runner.data_dir, job, pages))
+
+
+@router.get(
+    "/{job_id}/download",
+    response_class=Response,
+    responses=ZIP_RESPONSE,
+    summary="The ZIP of /pdf/ocr/download (or /batch/...)",
+)
+async def job_download(request: Request, job_id: str) -> Response:
+    runner, job = await load_job(request, job_id)
+    pages = await runner.store.call(runner.store.pages, job_id)
+    if job["kind"] == "pdf":
+        stem = json.loads(job["spec"])["stem"]
+        run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages)
+        searchable = await asyncio.to_thread(views.searchable_of_document, runner.data_dir, job_id)
+        archive, name = await asyncio.to_thread(pdf_zip, run, stem, searchable), f"{stem}.zip"
+    else:
+        run = await asyncio.to_thread(views.batch_run, runner.data_dir, job, pages)
+        archive, name = await asyncio.to_thread(batch_zip, run), "batch_results.zip"
+    return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(name)})
+
+
+@router.get(
+    "/{job_id}/pages/{n}",
+    response_model=PdfPageModel | BatchFileResult,
+    summary="One page's result: a PDF page number, or a batch file's index",
+)
+async def job_page(request: Request, job_id: str, n: int) -> Any:
+    runner, job = await load_job(request, job_id)
+    pages = await runner.store.call(runner.store.pages, job_id)
+    key = "page" if job["kind"] == "pdf" else "idx"
+    row = next((p for p in pages if p[key] == n), None)
+    if row is None:
+        allowed = "its selected page numbers" if key == "page" else f"file indexes 0..{len(pages) - 1}"
+        raise JobNotFound(f"job {job_id} has no page {n}; allowed: {allowed}")
+    if not views.finished([row]):
+        raise JobConflict(f"page {n} of job {job_id} is {row['status']}; it has no result", page_status=row["status"])
+    item = await asyncio.to_thread(results.load_result, runner.data_dir, row["result_path"])
+    if key == "page":
+        return page_model(item)
+    spec = json.loads(job["spec"])
+    body = batch_response(BatchRun([spec["filenames"][n]], [item], "", "", False, 0.0)).results[0]
+    return BatchFileResult(**{**body.model_dump(), "index": n})
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobSummary,
+    summary="Cancel a job: engine work stops, finished pages stay readable",
+)
+async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    runner, job = await load_job(request, job_id)
+    if job["status"] in ("done", "failed"):
+        raise JobConflict(f"job {job_id} already ended ({job['status']}); nothing to cancel", job_status=job["status"])
+    if job["status"] in ACTIVE:
+        await runner.cancel(job)
+    fresh = await runner.store.call(runner.store.get, job_id)
+    return views.summary(fresh or job)

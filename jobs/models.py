@@ -35,7 +35,7 @@ class JobPage(BaseModel):
     page: int | None = Field(None, description="PDF page number (PDF jobs)")
     index: int | None = Field(None, description="File index (batch jobs)")
     file: str | None = Field(None, description="File name (batch jobs)")
-    status: Literal["queued", "running", "ok", "truncated", "failed", "aborted", "cancelled"]
+    status: Literal["queued", "running", "ok", "truncated", "failed", "aborted", "retried", "degraded", "cancelled"]
     finish_reason: str | None
     completion_tokens: int | None
     elapsed_s: float | None

@@ -126,9 +126,33 @@ def test_tool_errors_say_what_to_send(url: str, allowed: Path) -> None:
                 result = await mcp.call_tool("ocr_image", args)
                 assert result.is_error and says in text_of(result), (args, text_of(result))
             job = await mcp.call_tool("get_job_result", {"job_id": "abc"})
-            assert job.is_error and "no jobs API" in text_of(job), text_of(job)
+            assert job.is_error and "HTTP 404" in text_of(job) and "no jobs API" not in text_of(job), text_of(job)
 
     anyio.run(run)
+
+
+def test_get_job_result_reads_a_real_job(url: str) -> None:
+    """A PDF job made through the jobs API, read back through the MCP tool: the job's markdown, per page."""
+    headers = {"X-API-Key": KEY}
+    r = httpx.post(url + "/jobs", files={"file": ("r.pdf", pdf_bytes(2))}, data={"dpi": "72"}, headers=headers,
+                   timeout=60)
+    assert r.status_code == 202, show(r)
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/jobs/{job_id}", headers=headers).json()["status"] != "done":
+        assert time.monotonic() < deadline, "the job did not finish"
+        time.sleep(0.1)
+    result = httpx.get(f"{url}/jobs/{job_id}/result", headers=headers).json()
+
+    async def run() -> str:
+        async with session(url) as mcp:
+            answer = await mcp.call_tool("get_job_result", {"job_id": job_id})
+            assert not answer.is_error, text_of(answer)
+            return text_of(answer)
+
+    body = anyio.run(run)
+    assert "2 of 2 pages processed" in body and body.count("Total: 42 EUR") == 2, body
+    assert all(p["markdown"] in body for p in result["pages"]), (body, result)
 
 
 def test_mcp_needs_the_api_key(url: str) -> None:

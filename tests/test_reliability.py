@@ -140,3 +140,23 @@ def test_retry_ladder_can_be_turned_off(tiny_checkpoint: Path) -> None:
         r = httpx.post(url + "/pdf/ocr", files={"file": ("r.pdf", make_pdf(1))}, data={"dpi": "72"}, timeout=60)
     page = r.json()["pages"][0]
     assert (page["status"], page["attempts"], len(engine.requests)) == ("truncated", 1, 1), page
+
+
+def test_job_completes_across_an_engine_death(tiny_checkpoint: Path) -> None:
+    """A PDF job runs on the real PyTorch engine; its worker stops mid-job; the engine is restarted in place
+    and the job completes with every page (the pages caught by the death are run again, none lost)."""
+    from jobs_helpers import submit, wait
+    from test_pdf_routes import make_pdf
+
+    app = create_app(make_settings(tiny_checkpoint, default_max_tokens=48, max_concurrency=2))
+    with serve_app(app) as url:
+        engine = app.state.service.admission.engines[0]
+        job = submit(url, make_pdf(8), dpi="72")
+        while engine.batches < 2:  # pages are running
+            time.sleep(0.01)
+        engine._jobs.put(None)  # the worker thread ends, as it would on a fatal error
+        done = wait(url, job["id"], timeout=180)
+        health = httpx.get(url + "/health").json()
+    assert done["status"] == "done" and done["pages_done"] == 8, done
+    assert [p["status"] for p in done["pages"]].count("failed") == 0, done
+    assert health["restarts"] >= 1 and health["ready"], health

@@ -62,9 +62,9 @@ def browser():
 
 
 def make_pdf(path: Path, pages: int) -> Path:
-    import fitz
+    import pymupdf
 
-    doc = fitz.open()
+    doc = pymupdf.open()
     for n in range(pages):
         page = doc.new_page(width=300, height=400)
         page.insert_text((40, 60), f"Page {n + 1} of the UI test", fontsize=14)
@@ -170,6 +170,12 @@ def test_image_boxes_over_the_picture_and_model_markup_stays_text(browser, tmp_p
     png = make_png(tmp_path / "scan.png")
     settings = make_settings(None, api_key=KEY)
     with serve_app(create_app(settings, engine_factory=factory(ReplayEngine(REPLAY)))) as url:
+        allow_only(browser, url)
+        browser.get(url + "/ui")
+        browser.find_element("id", "api-key").clear()
+        browser.execute_script("sessionStorage.clear()")
+        browser.find_element("id", "file").send_keys(str(png))  # no key yet: the page says it needs one
+        wait_until(browser, "document.getElementById('message').textContent.includes('API key')")
         job_id = open_ui(browser, url, png)
         wait_until(browser, "document.getElementById('job-status').textContent === 'done' && "
                             "document.querySelectorAll('#pages .overlay .box').length === 3")

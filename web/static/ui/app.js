@@ -219,10 +219,10 @@
   }
 
   /* Boxes from the page's blocks (PDF pages), or parsed from the raw output's grounding tags (images, whose
-   * job result lists no blocks): [label, [x1, y1, x2, y2] on the 0..999 grid]. */
+   * job result lists no blocks): [label, [x1, y1, x2, y2] on the 0..999 grid, the block's text if known]. */
   function boxesOf(page) {
     if (Array.isArray(page.blocks)) {
-      return page.blocks.flatMap((b) => b.boxes.map((box) => [b.label, box.grid]));
+      return page.blocks.flatMap((b) => b.boxes.map((box) => [b.label, box.grid, b.text]));
     }
     const found = [];
     const tag = /<\|ref\|>([\s\S]*?)<\|\/ref\|>\s*<\|det\|>([\s\S]*?)<\|\/det\|>/g;
@@ -248,15 +248,16 @@
     const overlay = sheet.appendChild(document.createElement("div"));
     overlay.className = "overlay";
     const pct = (v) => Math.min(100, Math.max(0, (v / 999) * 100)) + "%";
-    for (const [label, g] of boxesOf(page)) {
+    for (const [label, g, text] of boxesOf(page)) {
       if (!g || g.length !== 4 || g.some((v) => !Number.isFinite(v))) continue;
       const box = overlay.appendChild(document.createElement("div"));
       box.className = "box";
       box.dataset.label = label;
+      box.title = text ? label + ": " + text.slice(0, 300) : label;
       box.style.left = pct(Math.min(g[0], g[2]));
       box.style.top = pct(Math.min(g[1], g[3]));
-      box.style.width = "calc(" + pct(Math.abs(g[2] - g[0])) + ")";
-      box.style.height = "calc(" + pct(Math.abs(g[3] - g[1])) + ")";
+      box.style.width = pct(Math.abs(g[2] - g[0]));
+      box.style.height = pct(Math.abs(g[3] - g[1]));
       box.style.setProperty("--c", COLORS[label] || "#555");
       box.appendChild(document.createElement("span")).textContent = label;
     }

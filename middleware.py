@@ -29,8 +29,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Reachable without a key: the probes for orchestrators and the image's HEALTHCHECK, and the API docs pages
-# with their static assets (they hold no data; Swagger UI's Authorize button then sends the key with every call).
-OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# with their static assets, and the /ui page (they hold no data; Swagger UI's Authorize button and the /ui page's
+# key field then send the key with every API call).
+OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui"})
 OPEN_PREFIXES = ("/static/",)  # web.STATIC_PREFIX: public files only
 _FORM_MARGIN = 1 << 20  # room for the form fields beside the file
 # Probes and scrapes hit every few seconds: their successful answers are logged at DEBUG only.

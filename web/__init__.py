@@ -5,6 +5,8 @@ blank. The assets come from the installed `fastapi-offline` package (Swagger UI 
 standalone bundle, a favicon) and are served under `STATIC_PREFIX`, which the API-key guard leaves open
 (middleware.OPEN_PREFIXES): they are public files and hold no data.
 
+Also the `/ui` page (web/ui.py): try OCR in a browser through the jobs API.
+
 Integrate: `FastAPI(..., docs_url=None, redoc_url=None)` and then `web.install(app)`.
 """
 
@@ -18,6 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+
+from web.ui import install_ui
 
 STATIC_PREFIX = "/static/"
 DOCS_ASSETS = STATIC_PREFIX + "docs"
@@ -49,7 +53,8 @@ def redoc_bundle(directory: Path) -> bytes:
 
 
 def install(app: FastAPI) -> None:
-    """Mount the assets and add `/docs`, `/docs/oauth2-redirect` and `/redoc` (left out of the OpenAPI)."""
+    """Mount the assets and add `/docs`, `/docs/oauth2-redirect`, `/redoc` and `/ui` (left out of the OpenAPI)."""
+    install_ui(app)
     directory = asset_dir()
     redoc_js = redoc_bundle(directory)
 

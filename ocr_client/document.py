@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,17 +98,34 @@ def write_outputs(client: Client, target: Target, job_id: str, want_zip: bool, w
     if not (want_zip or want_searchable):
         return
     archive = client.download(job_id)
+    if want_searchable and any(s not in BAD_PAGE for s in out.statuses):
+        archive = await_searchable(client, job_id, archive)
     if want_zip:
         write_atomic(target.output(".zip"), archive)
         out.written.append(target.output(".zip"))
     if want_searchable:
+        member = searchable_member(archive)
+        if member is None:
+            out.notes.append("no searchable PDF in the job's ZIP")
+            return
         with zipfile.ZipFile(io.BytesIO(archive)) as z:
-            members = [n for n in z.namelist() if n.endswith("_searchable.pdf")]
-            if members:
-                write_atomic(target.output("_searchable.pdf"), z.read(members[0]))
-                out.written.append(target.output("_searchable.pdf"))
-            else:
-                out.notes.append("no searchable PDF (no page finished)")
+            write_atomic(target.output("_searchable.pdf"), z.read(member))
+        out.written.append(target.output("_searchable.pdf"))
+
+
+def searchable_member(archive: bytes) -> str | None:
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        return next((n for n in z.namelist() if n.endswith("_searchable.pdf")), None)
+
+
+def await_searchable(client: Client, job_id: str, archive: bytes, wait_s: float = 10.0) -> bytes:
+    """The server makes a job's searchable PDF just after it reports the end, so a download right after `done`
+    can come without it: ask again for a few seconds while a page with text says there will be one."""
+    deadline = time.monotonic() + wait_s
+    while searchable_member(archive) is None and time.monotonic() < deadline:
+        time.sleep(0.25)
+        archive = client.download(job_id)
+    return archive
 
 
 def run(client: Client, target: Target, options: dict[str, Any], *, want_zip: bool = False,

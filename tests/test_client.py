@@ -7,11 +7,14 @@ slow and failing engines are the replay engine (the model only; routes, job runn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -25,6 +28,7 @@ from test_batch_routes import image_bytes
 from test_pdf_routes import FAILING_SIZE, make_pdf
 
 from ocr_client import sse
+from ocr_client.api import Client, follow
 from serve_ocr import create_app
 
 TEXT = "<|ref|>text<|/ref|><|det|>[[100, 100, 800, 300]]<|/det|>\nHello client"
@@ -132,3 +136,69 @@ def test_sse_parser_reads_the_jobs_stream_format() -> None:
              'data: {"pages_done": 1}', ""]
     events = list(sse.parse(lines))
     assert [(e.id, e.event, e.data) for e in events] == [("1", "page", {"page": 1}), ("2", "done", {"pages_done": 1})]
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the server that cuts every event stream after `life_s` seconds: a lost
+    connection, as a flaky network or a proxy's idle timeout makes it. It keeps each request's head."""
+
+    def __init__(self, upstream_port: int, life_s: float) -> None:
+        self.upstream_port, self.life_s = upstream_port, life_s
+        self.heads: list[str] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        threading.Thread(target=self._pump, args=(upstream, conn), daemon=True).start()
+        self._pump(conn, upstream, watch=True)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, watch: bool = False) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if watch and data[:4] in (b"GET ", b"POST"):  # a request's head (keep-alive: several per connection)
+                    self.heads.append(data[:2000].decode("latin-1"))
+                    if b"/events" in data.split(b"\r\n", 1)[0]:
+                        threading.Timer(self.life_s, self._cut, args=(src, dst)).start()
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    @staticmethod
+    def _cut(*sockets: socket.socket) -> None:
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_lost_event_stream_resumes_after_the_last_event_seen(tmp_path: Path) -> None:
+    engine = ReplayEngine(TEXT, delay_s=0.3, max_concurrency=1)
+    app = create_app(make_settings(None, data_dir=str(tmp_path / "data")), engine_factory=factory(engine))
+    (tmp_path / "doc.pdf").write_bytes(make_pdf(6))
+    with serve_app(app) as url:
+        proxy = CuttingProxy(int(url.rsplit(":", 1)[1]), life_s=0.8)
+        try:
+            client = Client(proxy.url, timeout=10)
+            job = client.submit(tmp_path / "doc.pdf", {})
+            seen: list[tuple[str, object]] = []
+            final = follow(client, job["id"], lambda kind, data: seen.append((kind, data)), sleep=lambda _s: None)
+        finally:
+            proxy.close()
+    resumed = [h for h in proxy.heads if "/events" in h.split("\r\n", 1)[0] and "last-event-id:" in h.lower()]
+    assert resumed, proxy.heads  # the stream was cut and picked up after the last event seen
+    assert final["status"] == "done" and final["pages_done"] == 6, final
+    pages = [data["page"] for kind, data in seen if kind == "page"]
+    assert sorted(pages) == [1, 2, 3, 4, 5, 6], seen  # every page event once: none twice, none lost
+    assert [kind for kind, _ in seen].count("done") == 1

@@ -202,3 +202,18 @@ def test_a_lost_event_stream_resumes_after_the_last_event_seen(tmp_path: Path) -
     pages = [data["page"] for kind, data in seen if kind == "page"]
     assert sorted(pages) == [1, 2, 3, 4, 5, 6], seen  # every page event once: none twice, none lost
     assert [kind for kind, _ in seen].count("done") == 1
+
+
+def test_the_api_key_comes_from_the_flag_or_the_environment(tmp_path: Path) -> None:
+    (tmp_path / "x.png").write_bytes(image_bytes())
+    app = create_app(make_settings(None, data_dir=str(tmp_path / "data"), api_key="k1"),
+                     engine_factory=factory(ReplayEngine(TEXT)))
+    with serve_app(app) as url:
+        denied = cli(url, tmp_path / "x.png", "-q")
+        assert denied.returncode == 1 and "HTTP 401" in denied.stdout, denied.stdout + denied.stderr
+        flag = cli(url, tmp_path / "x.png", "-q", "--api-key", "k1")
+        assert flag.returncode == 0, flag.stdout + flag.stderr
+        env = subprocess.run([sys.executable, "-m", "ocr_client", "-q", tmp_path / "x.png"], cwd=ROOT, text=True,
+                             capture_output=True, timeout=60, env={**os.environ, "OCR_URL": url, "API_KEY": "k1"})
+        assert env.returncode == 0, env.stdout + env.stderr
+    assert "Hello client" in (tmp_path / "x.md").read_text()

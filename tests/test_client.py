@@ -217,3 +217,16 @@ def test_the_api_key_comes_from_the_flag_or_the_environment(tmp_path: Path) -> N
                              capture_output=True, timeout=60, env={**os.environ, "OCR_URL": url, "API_KEY": "k1"})
         assert env.returncode == 0, env.stdout + env.stderr
     assert "Hello client" in (tmp_path / "x.md").read_text()
+
+
+def test_inputs_recursive_mirrored_and_clashing_stems_kept_apart(tmp_path: Path) -> None:
+    from ocr_client.files import collect
+
+    for name in ("a.png", "a.pdf", "sub/c.jpg", "skip.txt"):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    flat = collect([tmp_path / "in"], None, recursive=False)
+    assert [(t.source.name, t.stem, t.out_dir) for t in flat] == [
+        ("a.pdf", "a_pdf", tmp_path / "in"), ("a.png", "a_png", tmp_path / "in")]
+    deep = collect([tmp_path / "in"], tmp_path / "out", recursive=True)
+    assert [(t.stem, t.out_dir) for t in deep][-1] == ("c", tmp_path / "out" / "sub")

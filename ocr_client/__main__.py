@@ -1,0 +1,93 @@
+"""`python -m ocr_client` / `deepseek-ocr`: OCR images, PDFs and folders through a DeepSeek-OCR server.
+
+Exit status: 0 when every document's job is done with no failed page; 1 when a page failed, a job failed or
+was cancelled, or a document could not be sent; 2 for bad arguments; 130 after Ctrl-C (run again to resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import requests
+
+from ocr_client import __version__, document, files
+from ocr_client.api import ApiError, Client, Lost
+
+EPILOG = """examples:
+  deepseek-ocr scan.png report.pdf
+  deepseek-ocr ./inbox --recursive --out ./ocr --zip --searchable
+  deepseek-ocr report.pdf --pages 1-3,7 --dpi 200 --url http://gpu-host:8000 --api-key $KEY
+
+outputs per input: {stem}.md; with --zip {stem}.zip (the job's download); with --searchable
+{stem}_searchable.pdf. A state file .{stem}.job.json beside the outputs lets a second run (after Ctrl-C or a
+lost connection) follow the same job; it is removed when the outputs are written."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepseek-ocr", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", type=Path, help="images, PDFs, or folders of them")
+    p.add_argument("--out", type=Path, help="folder for the outputs (default: beside each input)")
+    p.add_argument("--recursive", action="store_true", help="also the subfolders of a folder input")
+    p.add_argument("--zip", action="store_true", help="also write the job's ZIP as {stem}.zip")
+    p.add_argument("--searchable", action="store_true", help="also write {stem}_searchable.pdf")
+    server = p.add_argument_group("server")
+    server.add_argument("--url", default=os.environ.get("OCR_URL", "http://localhost:8000"),
+                        help="server URL (default: $OCR_URL or http://localhost:8000)")
+    server.add_argument("--api-key", default=os.environ.get("API_KEY"), help="sent as Bearer (default: $API_KEY)")
+    server.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request (default 60)")
+    server.add_argument("--retries", type=int, default=8,
+                        help="reconnects in a row after a lost connection, with backoff (default 8)")
+    server.add_argument("--poll", action="store_true", help="poll GET /jobs/{id} instead of the event stream")
+    ocr = p.add_argument_group("OCR options (the server's defaults when left out)")
+    ocr.add_argument("--prompt", help="the prompt (default: the document-to-markdown prompt)")
+    ocr.add_argument("--mode", help="resolution mode: tiny, small, base, large, gundam")
+    ocr.add_argument("--dpi", type=int, help="PDF render resolution, 72..300 (server default 144)")
+    ocr.add_argument("--pages", help="PDF pages, 1-based, e.g. 1-3,7")
+    ocr.add_argument("--password", help="password of an encrypted PDF")
+    ocr.add_argument("--max-tokens", type=int, help="tokens per page")
+    ocr.add_argument("--model", help="model name, when the server serves several")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        targets = files.collect(args.inputs, args.out, args.recursive)
+    except ValueError as e:
+        print(f"deepseek-ocr: {e}", file=sys.stderr)
+        return 2
+    if not targets:
+        print("deepseek-ocr: no images or PDFs found in the inputs", file=sys.stderr)
+        return 2
+    client = Client(args.url, args.api_key, args.timeout)
+    common = {"prompt": args.prompt, "mode": args.mode, "max_tokens": args.max_tokens, "model": args.model}
+    pdf_only = {"dpi": args.dpi, "pages": args.pages, "password": args.password}
+    outcomes = []
+    try:
+        for target in targets:
+            options = {**common, **(pdf_only if target.is_pdf else {})}
+            try:
+                outcome = document.run(client, target, options, want_zip=args.zip, want_searchable=args.searchable,
+                                       retries=args.retries, poll=args.poll, quiet=args.quiet)
+            except (ApiError, Lost, requests.RequestException, OSError) as e:
+                outcome = document.Outcome(target)
+                outcome.notes.append(str(e))
+            outcomes.append(outcome)
+            print(outcome.line(), flush=True)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the server goes on with the job; run the same command again to resume it",
+              file=sys.stderr)
+        return 130
+    failed = sum(not o.ok for o in outcomes)
+    print(f"{len(outcomes) - failed} of {len(outcomes)} document(s) OK", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

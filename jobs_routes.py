@@ -12,7 +12,7 @@ import asyncio
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Query, Request, UploadFile
+from fastapi import APIRouter, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import inputs
@@ -30,14 +30,19 @@ from answers import (
 from batch_schemas import BatchFileResult, BatchResponse
 from config import DOCUMENT_PROMPT
 from deps import (
+    KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
     ModelForm,
     NgramSizeForm,
     NgramWindowForm,
     ServiceDep,
+    file_field,
+    files_field,
+    optional_form,
     prompt_form,
     read_upload,
+    shown,
 )
 from errors import OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from jobs import events, results, views, webhooks
@@ -48,7 +53,7 @@ from pdf_schemas import PdfOcrResponse, PdfPageModel
 from pipeline import OcrRequest
 from router_status import add_status_routes
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[KnownFieldsOnly])
 STATUSES = (*ACTIVE, *TERMINAL)
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {events.MEDIA_TYPE: {}}, "description": "`id`, `event` (page, progress, done, failed, "
@@ -134,22 +139,24 @@ add_status_routes(
 async def submit(
     request: Request,
     service: ServiceDep,
-    file: Annotated[UploadFile | None, File(description="One PDF or image")] = None,
-    files: Annotated[list[UploadFile] | None, File(description="Several images (repeat the field)")] = None,
-    prompt: Annotated[str, prompt_form(f"Default {DOCUMENT_PROMPT!r}")] = "",
+    file: Annotated[UploadFile | None, file_field("One PDF or image (or send `files` instead)")] = None,
+    files: Annotated[list[UploadFile] | None, files_field("Several images, the field repeated (or send `file`)")]
+    = None,
+    prompt: Annotated[str, prompt_form(f"Empty: {shown(DOCUMENT_PROMPT)}")] = "",
     mode: ModeForm = None,
-    dpi: Annotated[int, Form(ge=72, le=300, description="PDF render resolution")] = 144,
-    pages: Annotated[str | None, Form(max_length=4096, description="PDF pages, 1-based: `1-3,7`")] = None,
-    password: Annotated[str | None, Form(max_length=1024, description="Password of an encrypted PDF")] = None,
+    dpi: Annotated[int, Form(ge=72, le=300, description="PDF render resolution, 72..300")] = 144,
+    pages: Annotated[str | None, optional_form("PDF pages, 1-based: `1-3,7`; empty: all", max_length=4096)] = None,
+    password: Annotated[str | None, optional_form("Password of an encrypted PDF", max_length=1024)] = None,
     max_tokens: MaxTokensForm = None,
     draw_layouts: Annotated[bool, Form(description="PDF: the layout PDF of the download")] = True,
     extract_images: Annotated[bool, Form(description="Regions labelled `image` as JPEG")] = True,
     clean_formulas: Annotated[bool, Form(description="Images: drop `\\quad (n)` tags in formulas")] = True,
-    ngram_size: NgramSizeForm | None = None,
-    ngram_window: NgramWindowForm | None = None,
+    ngram_size: NgramSizeForm = None,
+    ngram_window: NgramWindowForm = None,
     model: ModelForm = None,
-    webhook_url: Annotated[str | None, Form(max_length=2048, description="POSTed the summary when the job ends")]
-    = None,
+    webhook_url: Annotated[
+        str | None, optional_form("POSTed the summary when the job ends (hosts in WEBHOOK_ALLOW)", max_length=2048)
+    ] = None,
 ) -> JSONResponse:
     runner = runner_dep(request)
     settings = service.settings

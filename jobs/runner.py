@@ -89,6 +89,7 @@ class Runner:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if ok:
+            await self._write_searchable(job)
             await self._ended(job["id"])
         return ok
 
@@ -204,6 +205,9 @@ class Runner:
         job = await self.store.call(self.store.get, job_id)
         if job is None:
             return
+        # The searchable PDFs come from the upload: made before the end is stored, so that a client that reads
+        # the download at the terminal event finds them.
+        await self._write_searchable(job)
         fresh = {**job, "status": status, "finished_at": now(), "error": error}
         if await self.store.call(
             self.store.set_status, job_id, status, [(status, views.summary(fresh))], finished_at=fresh["finished_at"],
@@ -212,17 +216,16 @@ class Runner:
             log.info("jobs: %s %s (%d pages, %d failed)", job_id, status, job["pages_done"], job["pages_failed"])
             await self._ended(job_id)
 
+    async def _write_searchable(self, job: dict[str, Any]) -> None:
+        pages = await self.store.call(self.store.pages, job["id"])
+        try:
+            await asyncio.to_thread(views.write_searchable, self.data_dir, job, pages)
+        except Exception:  # the text results stand without it; the download then has no searchable PDF
+            log.exception("jobs: %s: the searchable PDF could not be made", job["id"])
+
     async def _ended(self, job_id: str) -> None:
-        """A job ended: its searchable PDFs are made from the upload, which (and a PDF password) is then no longer
-        needed; its webhook is due."""
+        """A job ended: its upload and a PDF password are no longer needed; its webhook is due."""
         self.notify(job_id)
-        job = await self.store.call(self.store.get, job_id)
-        if job is not None:
-            pages = await self.store.call(self.store.pages, job_id)
-            try:
-                await asyncio.to_thread(views.write_searchable, self.data_dir, job, pages)
-            except Exception:  # the text results stand without it; the download then has no searchable PDF
-                log.exception("jobs: %s: the searchable PDF could not be made", job_id)
         await asyncio.to_thread(results.drop_inputs, self.data_dir, job_id)
         job = await self.store.call(self.store.get, job_id)
         if job is not None and json.loads(job["spec"]).get("password"):

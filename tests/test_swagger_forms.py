@@ -112,8 +112,11 @@ def form_text(value: Any) -> str:
 def swagger_request(path: str, schema: dict[str, Any]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
     """The form fields Swagger UI sends with its pre-fill, and the files a user picks for this route."""
     data, files = {}, []
-    for name, prop in schema.get("properties", {}).items():
+    properties = schema.get("properties", {})
+    for name, prop in properties.items():
         prop = merged(prop)
+        if name == "files" and "file" in properties:
+            continue  # `file` or `files` (POST /jobs): a user picks one of them
         if prop.get("type") == "array" and is_file(prop.get("items", {})):
             files += [(name, ("a.png", PNG, "image/png")), (name, ("b.png", PNG, "image/png"))]
         elif is_file(prop):
@@ -146,7 +149,8 @@ def test_every_post_route_answers_200_to_swaggers_prefilled_form(spec: dict[str,
         else:
             data, files = swagger_request(path, schema)
             r = httpx.post(base_url + path, data=data, files=files, timeout=300)
-        assert r.status_code == 200, f"{path} with {media} Swagger pre-fill: " + show(r)
+        ok = 202 if path == "/jobs" else 200  # a job is accepted, then runs
+        assert r.status_code == ok, f"{path} with {media} Swagger pre-fill: " + show(r)
 
 
 def test_form_fields_are_documented_and_prefill_is_author_given(spec: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ from deps import (
     read_upload,
     shown,
 )
-from errors import OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from jobs import events, results, views, webhooks
 from jobs.models import JobDetail, JobList, JobSummary
 from jobs.store import ACTIVE, TERMINAL
@@ -52,8 +52,19 @@ from jobs.submit import create_job, document_notes, owner_of
 from pdf_schemas import PdfOcrResponse, PdfPageModel
 from pipeline import OcrRequest
 from router_status import add_status_routes
+from schemas import Problem
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[KnownFieldsOnly])
+_PROBLEM = {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}}
+router = APIRouter(
+    prefix="/jobs",
+    tags=["jobs"],
+    dependencies=[KnownFieldsOnly],
+    responses={
+        404: {**_PROBLEM, "description": "No such job (or page), or another key's job"},
+        409: {**_PROBLEM, "description": "The job is not in a state that allows this (ended, page not done)"},
+        429: {**_PROBLEM, "description": "Too many jobs queued (MAX_JOBS_QUEUED)"},
+    },
+)
 STATUSES = (*ACTIVE, *TERMINAL)
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {events.MEDIA_TYPE: {}}, "description": "`id`, `event` (page, progress, done, failed, "

@@ -235,7 +235,9 @@ async def job_events(
     request: Request,
     job_id: str,
     last_event_id: Annotated[str | None, Header(description="Resume after this event id")] = None,
-    after: Annotated[int | None, Query(ge=0, description="Resume after this event id (without the header)")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=10**12, description="Resume after this event id (without the header)")
+    ] = None,
 ) -> Response:
     runner, _ = await load_job(request, job_id)
     start = events.last_event_id(last_event_id, after)

@@ -12,15 +12,27 @@ from typing import Any
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from errors import ValidationFailed
+
 TERMINAL_EVENTS = frozenset({"done", "failed", "cancelled"})
 PING_S = 15  # a comment line while nothing happens keeps proxies from timing the stream out
 MEDIA_TYPE = "text/event-stream"
 
 
+MAX_EVENT_ID = 10**12  # far above any job's event count; keeps ids inside every store's integer range
+
+
 def last_event_id(header: str | None, query: int | None) -> int:
-    """Where to resume: the `Last-Event-ID` header (reconnecting browsers send it), else `?after=`."""
-    if header and header.strip().isdigit():
-        return int(header.strip())
+    """Where to resume: the `Last-Event-ID` header (reconnecting browsers send it), else `?after=`.
+    Anything but an event id of this API is a 422: resuming from a made-up point would lose events."""
+    if header is not None and header.strip():
+        text = header.strip()
+        if not (text.isascii() and text.isdigit() and int(text) <= MAX_EVENT_ID):
+            raise ValidationFailed(
+                f"Last-Event-ID {text[:40]!r} is not an event id of this stream; send the `id` of the last event "
+                f"received (an integer 0..{MAX_EVENT_ID}), or no header to start from the first event"
+            )
+        return int(text)
     return max(0, query or 0)
 
 

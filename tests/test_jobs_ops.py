@@ -39,6 +39,11 @@ def test_limits_are_problem_json(tmp_path: Path) -> None:
         problem(r, 429, "MAX_JOBS_QUEUED")
         problem(httpx.post(f"{url}/jobs", data={"prompt": "x"}), 422, "either `file`")
         problem(httpx.post(f"{url}/jobs", files={"file": ("a.pdf", make_pdf(2))}, data={"pages": "7"}), 400, "")
+        # Resume points outside any stream (found by the fuzzer: a huge id broke the stream mid-answer).
+        events = f"{url}/jobs/{first['id']}/events"
+        problem(httpx.get(events, headers={"Last-Event-ID": 'zh2"(G]Qq'}), 422, "Last-Event-ID")
+        problem(httpx.get(events, headers={"Last-Event-ID": "6131694143044622808179015680"}), 422, "Last-Event-ID")
+        problem(httpx.get(events, params={"after": "6131694143044622808179015680"}), 422, "after")
         httpx.delete(f"{url}/jobs/{first['id']}")
         engine.kill()
         problem(httpx.post(f"{url}/jobs", files={"file": ("b.pdf", make_pdf(1))}), 503, "died")

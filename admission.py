@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from engines.base import Engine, not_ready
-from errors import Overloaded, UnknownModel, UnsupportedMode
+from errors import Overloaded, PayloadTooLarge, UnknownModel, UnsupportedMode
 from model_catalog import ModelSpec
 from process.image_process import ModeSpec
 
@@ -211,3 +211,100 @@ class Admission:
                 continue
             self._busy[id(engine)] += 1
             future.set_result(engine)
+
+
+class PixelBudget:
+    """A memory budget for decoded pixels (MAX_DECODED_MPIX), counted before any pixel exists.
+
+    Engine slots bound engine work only; decoded images were bounded by nothing, so six 77 KB PNG strips
+    of 1 x 40,000,000 took a server from 1.1 to 6.2 GB. An item reserves the pixels its header declares
+    (a PDF page: MAX_IMAGE_PIXELS until its render says less) before decoding and holds them until it is
+    post-processed. Waiters are served in arrival order; a waiter's wait is bounded by its request's
+    deadline (the caller's cancellation) and a cancelled waiter takes nothing. One item larger than the
+    whole budget can never run: 413 naming the setting.
+    """
+
+    def __init__(self, max_pixels: int) -> None:
+        self.max_pixels = max(1, max_pixels)
+        self.used = 0
+        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for fut, _ in self._waiters if not fut.done())
+
+    def check(self, pixels: int) -> None:
+        if pixels > self.max_pixels:
+            raise PayloadTooLarge(
+                f"this item decodes to {pixels / 1e6:.1f} megapixels, over the decoded-pixel budget of "
+                f"{self.max_pixels / 1e6:.0f} megapixels (MAX_DECODED_MPIX)",
+                pixels=pixels, max_decoded_pixels=self.max_pixels,
+            )
+
+    async def reserve(self, pixels: int) -> PixelReservation:
+        """Wait (FIFO) until `pixels` fit; 413 when they never can."""
+        pixels = max(0, int(pixels))
+        self.check(pixels)
+        if not self._waiters and self.used + pixels <= self.max_pixels:
+            self.used += pixels
+            return PixelReservation(self, pixels)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (future, pixels)
+        self._waiters.append(entry)
+        try:
+            await future
+        except BaseException:
+            if future.done() and not future.cancelled():
+                self._give(pixels)  # granted as we were cancelled: hand it on
+            future.cancel()
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+            self._wake()
+        return PixelReservation(self, pixels)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int) -> AsyncIterator[PixelReservation]:
+        token = await self.reserve(pixels)
+        try:
+            yield token
+        finally:
+            token.release()
+
+    def _give(self, pixels: int) -> None:
+        self.used -= pixels
+        self._wake()
+
+    def _wake(self) -> None:
+        """Grant waiters in arrival order while they fit (the head blocks the rest: no starvation of big items)."""
+        while self._waiters:
+            future, pixels = self._waiters[0]
+            if future.done():
+                self._waiters.popleft()
+                continue
+            if self.used + pixels > self.max_pixels:
+                return
+            self.used += pixels
+            future.set_result(None)
+            self._waiters.popleft()
+
+
+@dataclass(eq=False)
+class PixelReservation:
+    """Pixels held in a `PixelBudget`; `resize` to the real size once known, `release` exactly once."""
+
+    budget: PixelBudget
+    pixels: int
+    released: bool = False
+
+    def resize(self, pixels: int) -> None:
+        """Shrink to what was really decoded (never grows: growth would bypass the queue)."""
+        if not self.released and 0 <= pixels < self.pixels:
+            self.budget._give(self.pixels - pixels)
+            self.pixels = pixels
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.budget._give(self.pixels)

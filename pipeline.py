@@ -17,6 +17,7 @@ import functools
 import hashlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from PIL import Image
 import inputs
 import ocr_utils
 import retry_ladder
-from admission import Admission
+from admission import Admission, PixelBudget, PixelReservation
 from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
@@ -248,6 +249,8 @@ class OcrService:
         self.executor = executor
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
+        self.pixels = PixelBudget(settings.max_decoded_pixels)  # decoded pixels held at once (MAX_DECODED_MPIX)
+        self._held: dict[int, PixelReservation] = {}  # id(image) -> its reservation, until post-processed
 
     def admit(self, request: OcrRequest | None = None) -> OcrRequest | None:
         """Bind a request to its model and refuse it up front: unknown model (400), mode the model does not
@@ -277,11 +280,53 @@ class OcrService:
         return self.admission.capacity + self.settings.render_processes
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop."""
+        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop.
+
+        `inputs.decode_image` called through here goes through `decode`, so that routes that decode an
+        upload themselves are counted by the pixel budget too.
+        """
+        if fn is inputs.decode_image:
+            return await self.decode(*args, **kwargs)  # type: ignore[return-value]
         loop = asyncio.get_running_loop()
         # The worker thread runs in a copy of this context: its log lines carry the request id.
         call = functools.partial(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
         return await loop.run_in_executor(self.executor, call)
+
+    async def decode(self, data: bytes, *, max_pixels: int | None = None) -> Image.Image:
+        """Decode an upload in the worker pool with its pixels reserved first (read from the header only).
+
+        The reservation stays with the image until `image` has post-processed it, or, for a caller that
+        never calls `image` (or fails before), until the image is freed. A decode cancelled mid-way keeps
+        its reservation until the worker thread is done with the pixels.
+        """
+        limit = max_pixels or self.settings.max_image_pixels
+        info = await self.blocking(inputs.image_info, data, max_pixels=limit)
+        reservation = await self.pixels.reserve(info.pixels)
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, inputs.decode_image, data, max_pixels=limit)
+        work = self.executor.submit(call)
+        try:
+            image = await asyncio.wrap_future(work)
+        except BaseException:
+            if work.done():
+                reservation.release()
+            else:  # cancelled while the thread decodes: free the budget when the pixels are gone
+                work.add_done_callback(lambda _: _release_soon(loop, reservation))
+            raise
+        self._hold(image, reservation)
+        return image
+
+    def _hold(self, image: Image.Image, reservation: PixelReservation) -> None:
+        key = id(image)
+        self._held[key] = reservation
+        loop = asyncio.get_running_loop()
+        weakref.finalize(image, _release_soon, loop, reservation, self._held, key)
+
+    def release_pixels(self, image: Image.Image) -> None:
+        """Give back the budget `image` holds (idempotent; no-op for an image not from `decode`/`page`)."""
+        reservation = self._held.pop(id(image), None)
+        if reservation is not None:
+            reservation.release()
 
     async def generate(
         self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
@@ -298,6 +343,15 @@ class OcrService:
         kind: str = "image", dpi: int | None = None,
     ) -> ItemResult:
         """Engine (with the retry ladder) + post-processing of one decoded image; errors propagate."""
+        try:
+            return await self._image(request, image, options, label=label, kind=kind, dpi=dpi)
+        finally:
+            self.release_pixels(image)  # post-processed (or failed): its pixels leave the budget
+
+    async def _image(
+        self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None,
+        kind: str, dpi: int | None,
+    ) -> ItemResult:
         started = time.perf_counter()
         result = ItemResult(label, width=image.width, height=image.height, dpi=dpi)
         input_hash = await self.blocking(content_hash, image)
@@ -335,7 +389,7 @@ class OcrService:
         """Render (no engine slot), then OCR one PDF page; its failure is a `failed` result."""
         result = ItemResult(page, dpi=dpi)
         try:
-            rendered = await doc.render(page, dpi=dpi, max_pixels=self.settings.max_image_pixels)
+            rendered = await self._render(doc, page, dpi)
             result = await self.image(request, rendered.image, options, label=page, kind="page", dpi=rendered.dpi)
             result.note, result.render_warnings = rendered.note, rendered.warnings
         except ServiceUnavailable:
@@ -347,6 +401,20 @@ class OcrService:
             self._observe("page", result.fail(_bug(exc)), request.mode)
         return result
 
+    async def _render(self, doc: Any, page: int, dpi: int) -> Any:
+        """Render one page with pixels reserved first: MAX_IMAGE_PIXELS (the most a render can return, since
+        the parent cannot know the page size before the worker opens it), shrunk to the real size after."""
+        limit = self.settings.max_image_pixels
+        reservation = await self.pixels.reserve(min(limit, self.pixels.max_pixels))
+        try:
+            rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
+        except BaseException:
+            reservation.release()
+            raise
+        reservation.resize(rendered.image.width * rendered.image.height)
+        self._hold(rendered.image, reservation)
+        return rendered
+
     async def file(
         self, request: OcrRequest, read: Callable[[], Awaitable[bytes]], options: PostOptions, *, label: str
     ) -> ItemResult:
@@ -354,7 +422,7 @@ class OcrService:
         result = ItemResult(label)
         try:
             data = await read()
-            image = await self.blocking(inputs.decode_image, data, max_pixels=self.settings.max_image_pixels)
+            image = await self.decode(data)
             result = await self.image(request, image, options, label=label, kind="file")
             if options.searchable and result.post is not None:
                 pages = [(data, result.text, None)]
@@ -383,7 +451,8 @@ class OcrService:
             notes = list(doc.warnings[:20])
             if doc.repaired:
                 notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages")
-        run = DocumentRun(request.mode.name, doc.page_count, dpi, results, notes, started)
+        run = DocumentRun(request.mode.name, doc.page_count, dpi, results, notes, started,
+                          max_answer_bytes=self.settings.max_answer_bytes)
         log.info("PDF: %d of %d pages, %s, %.1f s", len(results), run.page_count, run.counts(), run.elapsed_s)
         return run
 
@@ -405,6 +474,7 @@ class DocumentRun:
     pages: list[ItemResult]
     warnings: list[str]
     started: float
+    max_answer_bytes: int | None = None  # MAX_ANSWER_MB: images past it are left out of the JSON answer
 
     @property
     def elapsed_s(self) -> float:
@@ -420,6 +490,18 @@ def content_hash(image: Image.Image) -> str:
     digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
+
+
+def _release_soon(
+    loop: asyncio.AbstractEventLoop, reservation: PixelReservation, held: dict | None = None, key: int = 0
+) -> None:
+    """Release from any thread (a finaliser or a worker's callback): the budget lives on the event loop."""
+    if held is not None and held.get(key) is reservation:
+        held.pop(key, None)
+    try:
+        loop.call_soon_threadsafe(reservation.release)
+    except RuntimeError:  # the loop is closed: nothing waits any more
+        pass
 
 
 def _bug(exc: Exception) -> OcrError:

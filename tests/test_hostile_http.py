@@ -259,3 +259,63 @@ def test_api_key_without_a_key_stops_startup(key: str, monkeypatch: pytest.Monke
     monkeypatch.setenv("API_KEY", key)
     with pytest.raises(SettingsError, match="API_KEY.*holds no key"):
         create_app()
+
+
+def test_json_answer_images_are_capped() -> None:
+    """A 14 MB six-page PDF made a 286 MB JSON answer: images past MAX_ANSWER_MB are left out, with a warning
+    naming the cap; the ZIP download keeps them all."""
+    import zipfile
+
+    import ocr_utils
+    from answers import pdf_response, pdf_zip
+    from pipeline import DocumentRun, ItemResult, PagePost
+
+    def page(n: int) -> ItemResult:
+        buf = io.BytesIO()
+        Image.effect_noise((600, 600), 64).convert("RGB").save(buf, "JPEG", quality=95)
+        jpeg = buf.getvalue()
+        crop = ocr_utils.Crop(f"images/{n}_0.jpg", "image", (0, 0, 10, 10), 600, 600, jpeg)
+        post = PagePost("m", "p", [], [], 600, 600, annotated_jpeg=jpeg, crops=[crop])
+        return ItemResult(n, "ok", post=post, width=600, height=600, dpi=144)
+
+    one = len(page(1).post.annotated_jpeg)  # type: ignore[union-attr]
+    run = DocumentRun("gundam", 6, 144, [page(n) for n in range(1, 7)], [], time.perf_counter(),
+                      max_answer_bytes=int(one * 4 / 3 * 4.5))
+    answer = pdf_response(run)
+    assert len(answer.images) < 6
+    assert any("MAX_ANSWER_MB" in w for w in answer.warnings), answer.warnings
+    assert len(answer.model_dump_json()) < run.max_answer_bytes + 100_000  # type: ignore[operator]
+    run = DocumentRun("gundam", 6, 144, [page(n) for n in range(1, 7)], [], time.perf_counter(),
+                      max_answer_bytes=1)
+    with zipfile.ZipFile(io.BytesIO(pdf_zip(run, "doc"))) as z:
+        assert len([n for n in z.namelist() if n.startswith("images/")]) == 6
+
+
+def test_pixel_budget_is_fifo_and_released_on_cancel() -> None:
+    """Waiters are served in order; a waiter cancelled (its deadline) takes nothing; an item over the whole
+    budget is a 413 naming MAX_DECODED_MPIX."""
+    import asyncio
+
+    from admission import PixelBudget
+    from errors import PayloadTooLarge
+
+    async def scenario() -> None:
+        budget = PixelBudget(100)
+        first = await budget.reserve(80)
+        late = asyncio.create_task(budget.reserve(50))
+        small = asyncio.create_task(budget.reserve(10))
+        await asyncio.sleep(0.01)
+        assert not late.done() and not small.done()  # FIFO: the small one waits behind the big one
+        late.cancel()
+        await asyncio.sleep(0.01)
+        assert small.done() and budget.used == 90
+        first.resize(30)
+        assert budget.used == 40
+        first.release()
+        small.result().release()
+        first.release()
+        assert budget.used == 0 and budget.waiting == 0
+        with pytest.raises(PayloadTooLarge, match="MAX_DECODED_MPIX"):
+            await budget.reserve(101)
+
+    asyncio.run(scenario())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -228,6 +229,19 @@ class PixelBudget:
         self.max_pixels = max(1, max_pixels)
         self.used = 0
         self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._held: dict[int, PixelReservation] = {}  # id(image) -> its reservation, until post-processed
+
+    def hold_for(self, image: object, reservation: PixelReservation) -> None:
+        """Tie `reservation` to `image`: `release_for(image)` gives it back, or, failing that, freeing the
+        image does (a route that decodes and never post-processes, or fails in between)."""
+        key = id(image)
+        self._held[key] = reservation
+        weakref.finalize(image, release_soon, asyncio.get_running_loop(), reservation, self._held, key)
+
+    def release_for(self, image: object) -> None:
+        reservation = self._held.pop(id(image), None)
+        if reservation is not None:
+            reservation.release()
 
     @property
     def waiting(self) -> int:
@@ -272,6 +286,14 @@ class PixelBudget:
         finally:
             token.release()
 
+    def handover(self, reservation: PixelReservation, pixels: int) -> PixelReservation:
+        """A new reservation of `pixels` (at most the old one's) taken over from `reservation`, which `hold`
+        then releases as empty: used to keep a page's budget past the `hold` block, shrunk to its real size."""
+        reservation.resize(pixels)
+        kept = PixelReservation(self, reservation.pixels)
+        reservation.pixels = 0
+        return kept
+
     def _give(self, pixels: int) -> None:
         self.used -= pixels
         self._wake()
@@ -308,3 +330,13 @@ class PixelReservation:
         if not self.released:
             self.released = True
             self.budget._give(self.pixels)
+
+
+def release_soon(
+    loop: asyncio.AbstractEventLoop, reservation: PixelReservation, held: dict | None = None, key: int = 0
+) -> None:
+    """Release from any thread (a finaliser, a worker's callback): the budget lives on the event loop."""
+    if held is not None and held.get(key) is reservation:
+        held.pop(key, None)
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
+        loop.call_soon_threadsafe(reservation.release)

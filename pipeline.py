@@ -17,7 +17,6 @@ import functools
 import hashlib
 import logging
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -28,11 +27,11 @@ from PIL import Image
 import inputs
 import ocr_utils
 import retry_ladder
-from admission import Admission, PixelBudget, PixelReservation
+from admission import Admission, PixelBudget, release_soon
 from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
-from errors import BadRequest, OcrError, ServiceUnavailable, ValidationFailed
+from errors import BadRequest, OcrError, Overloaded, ServiceUnavailable, ValidationFailed
 from model_catalog import NGRAM_DEFAULTS
 from process.image_process import MODES, ModeSpec
 from searchable_pdf import searchable_from_images
@@ -250,7 +249,6 @@ class OcrService:
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
         self.pixels = PixelBudget(settings.max_decoded_pixels)  # decoded pixels held at once (MAX_DECODED_MPIX)
-        self._held: dict[int, PixelReservation] = {}  # id(image) -> its reservation, until post-processed
 
     def admit(self, request: OcrRequest | None = None) -> OcrRequest | None:
         """Bind a request to its model and refuse it up front: unknown model (400), mode the model does not
@@ -280,28 +278,27 @@ class OcrService:
         return self.admission.capacity + self.settings.render_processes
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop.
-
-        `inputs.decode_image` called through here goes through `decode`, so that routes that decode an
-        upload themselves are counted by the pixel budget too.
-        """
+        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop. `inputs.decode_image`
+        called through here goes through `decode`: routes that decode uploads themselves are budgeted too."""
         if fn is inputs.decode_image:
-            return await self.decode(*args, **kwargs)  # type: ignore[return-value]
+            return await self.decode(*args, wait_s=self.settings.generate_timeout_s, **kwargs)  # type: ignore
         loop = asyncio.get_running_loop()
         # The worker thread runs in a copy of this context: its log lines carry the request id.
         call = functools.partial(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
         return await loop.run_in_executor(self.executor, call)
 
-    async def decode(self, data: bytes, *, max_pixels: int | None = None) -> Image.Image:
-        """Decode an upload in the worker pool with its pixels reserved first (read from the header only).
-
-        The reservation stays with the image until `image` has post-processed it, or, for a caller that
-        never calls `image` (or fails before), until the image is freed. A decode cancelled mid-way keeps
-        its reservation until the worker thread is done with the pixels.
-        """
+    async def decode(self, data: bytes, *, max_pixels: int | None = None, wait_s: float | None = None) -> Image.Image:
+        """Decode an upload in the worker pool with its pixels (read from the header) reserved first; held until
+        `image` post-processed it or the image is freed; a cancelled decode holds them until its thread ends.
+        `wait_s` bounds the wait for budget where no request deadline does (503 with Retry-After past it)."""
         limit = max_pixels or self.settings.max_image_pixels
         info = await self.blocking(inputs.image_info, data, max_pixels=limit)
-        reservation = await self.pixels.reserve(info.pixels)
+        try:
+            async with asyncio.timeout(wait_s):
+                reservation = await self.pixels.reserve(info.pixels)
+        except TimeoutError:
+            raise Overloaded(f"no decoded-pixel budget came free in {wait_s:g} s (MAX_DECODED_MPIX); retry later",
+                             retry_after=5) from None
         loop = asyncio.get_running_loop()
         call = functools.partial(contextvars.copy_context().run, inputs.decode_image, data, max_pixels=limit)
         work = self.executor.submit(call)
@@ -311,22 +308,10 @@ class OcrService:
             if work.done():
                 reservation.release()
             else:  # cancelled while the thread decodes: free the budget when the pixels are gone
-                work.add_done_callback(lambda _: _release_soon(loop, reservation))
+                work.add_done_callback(lambda _: release_soon(loop, reservation))
             raise
-        self._hold(image, reservation)
+        self.pixels.hold_for(image, reservation)
         return image
-
-    def _hold(self, image: Image.Image, reservation: PixelReservation) -> None:
-        key = id(image)
-        self._held[key] = reservation
-        loop = asyncio.get_running_loop()
-        weakref.finalize(image, _release_soon, loop, reservation, self._held, key)
-
-    def release_pixels(self, image: Image.Image) -> None:
-        """Give back the budget `image` holds (idempotent; no-op for an image not from `decode`/`page`)."""
-        reservation = self._held.pop(id(image), None)
-        if reservation is not None:
-            reservation.release()
 
     async def generate(
         self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
@@ -346,7 +331,7 @@ class OcrService:
         try:
             return await self._image(request, image, options, label=label, kind=kind, dpi=dpi)
         finally:
-            self.release_pixels(image)  # post-processed (or failed): its pixels leave the budget
+            self.pixels.release_for(image)  # post-processed (or failed): its pixels leave the budget
 
     async def _image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None,
@@ -402,17 +387,13 @@ class OcrService:
         return result
 
     async def _render(self, doc: Any, page: int, dpi: int) -> Any:
-        """Render one page with pixels reserved first: MAX_IMAGE_PIXELS (the most a render can return, since
-        the parent cannot know the page size before the worker opens it), shrunk to the real size after."""
+        """Render a page with MAX_IMAGE_PIXELS reserved (the most a render returns; the page size is known only
+        in the worker), shrunk to the real size after."""
         limit = self.settings.max_image_pixels
-        reservation = await self.pixels.reserve(min(limit, self.pixels.max_pixels))
-        try:
+        async with self.pixels.hold(min(limit, self.pixels.max_pixels)) as reservation:
             rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
-        except BaseException:
-            reservation.release()
-            raise
-        reservation.resize(rendered.image.width * rendered.image.height)
-        self._hold(rendered.image, reservation)
+            reservation = self.pixels.handover(reservation, rendered.image.width * rendered.image.height)
+        self.pixels.hold_for(rendered.image, reservation)
         return rendered
 
     async def file(
@@ -490,18 +471,6 @@ def content_hash(image: Image.Image) -> str:
     digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
     digest.update(image.tobytes())
     return digest.hexdigest()
-
-
-def _release_soon(
-    loop: asyncio.AbstractEventLoop, reservation: PixelReservation, held: dict | None = None, key: int = 0
-) -> None:
-    """Release from any thread (a finaliser or a worker's callback): the budget lives on the event loop."""
-    if held is not None and held.get(key) is reservation:
-        held.pop(key, None)
-    try:
-        loop.call_soon_threadsafe(reservation.release)
-    except RuntimeError:  # the loop is closed: nothing waits any more
-        pass
 
 
 def _bug(exc: Exception) -> OcrError:

@@ -132,18 +132,20 @@ def route_mix(max_tokens: int) -> list[Call]:
     ]
 
 
-def hostile_mix() -> list[Call]:
+def hostile_mix(max_tokens: int) -> list[Call]:
     """Issue 18's hostile inputs; expected answers in the docstring of the module."""
     sys.path.insert(0, str(ROOT / "tests"))
     import test_hostile as h
     from test_hostile_http import png_image
 
     def pdf_call(name: str, data: bytes) -> Call:
-        return Call(f"hostile: {name}", "POST", "/pdf/ocr", {"files": {"file": ("h.pdf", data)}, "data": {"dpi": "72"}})
+        form = {"dpi": "72", **tokens}
+        return Call(f"hostile: {name}", "POST", "/pdf/ocr", {"files": {"file": ("h.pdf", data)}, "data": form})
 
     def image_call(name: str, data: bytes, path: str = "/ocr/image/simple") -> Call:
-        return Call(f"hostile: {name}", "POST", path, {"files": {"file": ("h.img", data)}})
+        return Call(f"hostile: {name}", "POST", path, {"files": {"file": ("h.img", data)}, "data": tokens})
 
+    tokens = {"max_tokens": str(max_tokens)}
     catalog = {1: b"<< /Type /Catalog /Pages 2 0 R >>", 2: b"<< /Type /Pages /Kids [] /Count 0 >>"}
     square = png_image(8000, 5000)
     return [
@@ -156,7 +158,7 @@ def hostile_mix() -> list[Call]:
         image_call("png 1x40M strip", png_image(40_000_000, 1)),
         image_call("png bomb 20000^2", png_image(20000, 20000)),
         Call("hostile: batch 3x40MP", "POST", "/batch/ocr",
-             {"files": [("files", (f"p{i}.png", square, "image/png")) for i in range(3)]}),
+             {"files": [("files", (f"p{i}.png", square, "image/png")) for i in range(3)], "data": tokens}),
     ]
 
 
@@ -283,7 +285,7 @@ def main() -> int:
         url, pid = args.url, args.pid
     else:
         parser.error("give --url or --serve-model")
-    calls = route_mix(args.max_tokens) + (hostile_mix() if args.hostile else [])
+    calls = route_mix(args.max_tokens) + (hostile_mix(args.max_tokens) if args.hostile else [])
     sampler = RssSampler(pid)
     # Warm-up: every route once, then a concurrent burst, so that "before" already holds what any server
     # holds once it has run full batches (allocator high-water mark), and growth means what it says.

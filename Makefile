@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 HOST ?= 0.0.0.0
 PORT ?= 8000
 DEMO_DIR ?= models/demo-tiny-random
+# Connection limits (serve_ocr.uvicorn_options says why; the Dockerfile's CMD passes the same).
+UVICORN_LIMITS = --http h11 --h11-max-incomplete-event-size 65536 --limit-concurrency $${LIMIT_CONCURRENCY:-1000} --timeout-keep-alive 5
 
 .PHONY: setup setup-dev serve test lint fuzz demo-model clean
 
@@ -35,7 +37,7 @@ serve: setup
 	  echo "MODEL_PATH is not set: serving the RANDOM-WEIGHTS DEMO checkpoint $(DEMO_DIR); its text is meaningless."; \
 	  export MODEL_PATH=$(DEMO_DIR) DEFAULT_MAX_TOKENS=$${DEFAULT_MAX_TOKENS:-64}; \
 	fi; \
-	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} exec $(VENV)/bin/uvicorn serve_ocr:app --host $(HOST) --port $(PORT)
+	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} exec $(VENV)/bin/uvicorn serve_ocr:app --host $(HOST) --port $(PORT) $(UVICORN_LIMITS)
 
 test: setup-dev
 	$(PY) -m ruff check .

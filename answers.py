@@ -31,6 +31,42 @@ from pipeline import DocumentRun, ItemResult, PagePost
 from schemas import BlockModel, BoxModel, CropModel, ImageOcrResponse, UsageModel
 from searchable_pdf import searchable_from_pdf
 
+# MAX_ANSWER_MB's default, for callers that pass no cap (the PDF run carries the setting's value).
+DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024
+
+
+def b64_size(size: int) -> int:
+    return -(-size // 3) * 4
+
+
+class AnswerBudget:
+    """Bytes of base64 images (annotated pages, crops) one JSON answer may still carry (MAX_ANSWER_MB).
+
+    A 14 MB six-page PDF made a 286 MB JSON answer (+1.8 GB RSS while it was built): past the cap further
+    images are left out of the JSON, in order, and the answer says so. ZIP downloads keep every image.
+    """
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.max_bytes = DEFAULT_MAX_ANSWER_BYTES if max_bytes is None else max_bytes
+        self.used = 0
+        self.dropped = 0
+
+    def take(self, data: bytes) -> bool:
+        size = b64_size(len(data))
+        if self.dropped or self.used + size > self.max_bytes:
+            self.dropped += 1
+            return False
+        self.used += size
+        return True
+
+    def warning(self) -> str | None:
+        if not self.dropped:
+            return None
+        return (
+            f"{self.dropped} annotated image(s) or crop(s) were left out of this JSON answer: it would have grown "
+            f"past {self.max_bytes / 1024 / 1024:g} MB of images (MAX_ANSWER_MB); the ZIP download has them all"
+        )
+
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
@@ -72,16 +108,20 @@ def crop_models(crops: Iterable[ocr_utils.Crop]) -> list[CropModel]:
     ]
 
 
-def image_response(result: ItemResult, mode: str) -> ImageOcrResponse:
+def image_response(result: ItemResult, mode: str, max_bytes: int | None = None) -> ImageOcrResponse:
     post = result.post
     assert post is not None  # a single image that fails raises instead of returning a result
+    budget = AnswerBudget(max_bytes)
+    annotated = b64(post.annotated_png) if post.annotated_png and budget.take(post.annotated_png) else None
+    crops = crop_models([c for c in post.crops if budget.take(c.jpeg)])
+    note = budget.warning()
     return ImageOcrResponse(
         text=result.text,
         markdown=post.markdown,
         blocks=block_models(post),
-        warnings=post.warnings,
-        annotated_image=b64(post.annotated_png) if post.annotated_png else None,
-        crops=crop_models(post.crops),
+        warnings=[*post.warnings, note] if note else post.warnings,
+        annotated_image=annotated,
+        crops=crops,
         width=post.width,
         height=post.height,
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
@@ -142,10 +182,13 @@ def pdf_totals(run: DocumentRun) -> dict[str, Any]:
     }
 
 
-def take_layout_pdf(run: DocumentRun) -> bytes | None:
+def take_layout_pdf(run: DocumentRun, budget: AnswerBudget | None = None) -> bytes | None:
     """The pages' drawings as one PDF; the per-page JPEGs are dropped as it is made (a 300-page PDF's
-    drawings are ~130 MB, and the PDF and its base64 copy come on top)."""
+    drawings are ~130 MB, and the PDF and its base64 copy come on top). With a `budget`, only the pages
+    that fit in it (the layout PDF embeds each JPEG as is)."""
     jpegs = [p.post.annotated_jpeg for p in run.pages if p.post is not None and p.post.annotated_jpeg]
+    if budget is not None:
+        jpegs = [j for j in jpegs if budget.take(j)]
     for p in run.pages:
         if p.post is not None:
             p.post.annotated_jpeg = None
@@ -162,15 +205,24 @@ def searchable_document(run: DocumentRun, source: bytes, password: str | None) -
 
 
 def pdf_response(run: DocumentRun, searchable: bytes | None = None) -> PdfOcrResponse:
-    """The JSON answer of `/pdf/ocr`; CPU work (layout PDF, base64): call it in the worker pool."""
-    layout = take_layout_pdf(run)
+    """The JSON answer of `/pdf/ocr`; CPU work (layout PDF, base64): call it in the worker pool.
+
+    Page drawings, then crops, count against MAX_ANSWER_MB (`run.max_answer_bytes`); past it they are
+    left out with a warning. The searchable PDF is not counted: it is about the upload's size.
+    """
+    budget = AnswerBudget(getattr(run, "max_answer_bytes", None))
+    layout = take_layout_pdf(run, budget)
+    crops = [c for c in document_crops(run) if budget.take(c.jpeg)]
+    totals = pdf_totals(run)
+    if note := budget.warning():
+        totals["warnings"] = [*totals["warnings"], note]
     return PdfOcrResponse(
         searchable_pdf=b64(searchable) if searchable else None,
         pages=[page_model(p) for p in run.pages],
         markdown=ocr_utils.join_pages(page_markdown(p) for p in run.pages),
-        images=crop_models(document_crops(run)),
+        images=crop_models(crops),
         layout_pdf=b64(layout) if layout else None,
-        **pdf_totals(run),
+        **totals,
     )
 
 

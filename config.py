@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     max_pdf_pages: int = Field(500, ge=1, le=100_000)
     max_batch_files: int = Field(100, ge=1, le=100_000)
     max_batch_mb: float = Field(500.0, gt=0, le=65536, description="Largest batch request body, all files")
+    max_decoded_mpix: float = Field(
+        400.0, gt=0, le=100_000, description="Decoded pixels held at once, all requests (400 MP = ~1.2 GB RGB)"
+    )
+    max_answer_mb: float = Field(
+        64.0, gt=0, le=65536, description="Annotated images and crops in one JSON answer; past it they are dropped"
+    )
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest wait for the next piece of a body")
+    limit_concurrency: int = Field(1000, ge=1, le=1_000_000, description="Open connections; more get a 503")
 
     generate_timeout_s: float = Field(60.0, gt=0, le=86_400)
     pdf_timeout_s: float = Field(300.0, gt=0, le=86_400)
@@ -134,6 +142,14 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        """A key that parses to no key (" " or ",") would silently open every route: refuse to start."""
+        if value is not None and not any(k.strip() for k in value.get_secret_value().split(",")):
+            raise ValueError("API_KEY is set but holds no key (only spaces or commas); unset it or give a key")
+        return value
 
     @field_validator("models")
     @classmethod
@@ -194,6 +210,14 @@ class Settings(BaseSettings):
     @property
     def max_batch_bytes(self) -> int:
         return int(self.max_batch_mb * 1024 * 1024)
+
+    @property
+    def max_decoded_pixels(self) -> int:
+        return int(self.max_decoded_mpix * 1_000_000)
+
+    @property
+    def max_answer_bytes(self) -> int:
+        return int(self.max_answer_mb * 1024 * 1024)
 
     @property
     def api_keys(self) -> tuple[str, ...]:

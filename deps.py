@@ -174,10 +174,19 @@ KnownFieldsOnly = Depends(reject_unknown_fields)
 
 
 async def read_upload(file: UploadFile, settings: Settings, *, what: str = "file") -> bytes:
-    """The upload's bytes, refused with 413 as soon as they pass MAX_UPLOAD_MB; 400 when empty."""
+    """The upload's bytes, refused with 413 as soon as they pass MAX_UPLOAD_MB; 400 when empty.
+
+    Starlette has the upload on disk already (spooled past 1 MB); it is read when its item runs, in one
+    allocation when its size is known (chunks joined would hold it twice while joining).
+    """
     limit = settings.max_upload_bytes
     if file.size is not None and file.size > limit:
         raise _too_large(what, file.filename, file.size, settings)
+    if file.size:
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise _too_large(what, file.filename, len(data), settings)
+        return data
     parts, total = [], 0
     while chunk := await file.read(_CHUNK):
         total += len(chunk)

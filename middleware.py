@@ -41,8 +41,17 @@ access_log = logging.getLogger("deepseek_ocr.access")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+# A body must bring this much (or end) within every BODY_TIMEOUT_S: a 1 byte/s trickle is cut, while a slow
+# but honest link (>= 2 KB/s at the 30 s default) is not.
+BODY_PROGRESS_BYTES = 64 * 1024
+
+
 class _BodyTooLarge(Exception):
     pass
+
+
+class RequestTimeout(OcrError):
+    status, slug, title = 408, "request-timeout", "The request body came too slowly"
 
 
 class GuardMiddleware:
@@ -94,15 +103,20 @@ class GuardMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await send_problem(send, scope, _too_large(int(declared), limit, declared=True))
             return
-        await _Exchange(self.app, scope, receive, send, limit).run()
+        await _Exchange(self.app, scope, receive, send, limit, self.settings.body_timeout_s).run()
 
 
 class _Exchange:
     """One request: counts body bytes, watches for the client going away, guards the response."""
 
-    def __init__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    def __init__(
+        self, app: ASGIApp, scope: Scope, receive: Receive, send: Send, limit: int, body_timeout_s: float = 30.0
+    ) -> None:
         self.app, self.scope, self.receive, self.send, self.limit = app, scope, receive, send, limit
         self.received = 0
+        self.body_timeout_s = body_timeout_s
+        self.progress_at = time.monotonic()  # when the body last brought BODY_PROGRESS_BYTES
+        self.progress_mark = 0
         self.body_done = asyncio.Event()
         self.disconnected = asyncio.Event()
         self.started = False
@@ -113,9 +127,11 @@ class _Exchange:
         if self.body_done.is_set():
             await self.disconnected.wait()
             return {"type": "http.disconnect"}
-        message = await self.receive()
+        message = await self.receive_in_time()
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
+            if self.received - self.progress_mark >= BODY_PROGRESS_BYTES:
+                self.progress_at, self.progress_mark = time.monotonic(), self.received
             if self.received > self.limit:
                 self.refused = True
                 await send_problem(self.send, self.scope, _too_large(self.received, self.limit))
@@ -126,6 +142,22 @@ class _Exchange:
         elif message["type"] == "http.disconnect":
             self.disconnected.set()
         return message
+
+    async def receive_in_time(self) -> Message:
+        """The next body message; a client that sends too little for BODY_TIMEOUT_S gets a 408 and is cut."""
+        left = self.progress_at + self.body_timeout_s - time.monotonic()
+        try:
+            return await asyncio.wait_for(self.receive(), max(0.0, left))
+        except TimeoutError:
+            self.refused = True
+            if not self.started:
+                await send_problem(self.send, self.scope, RequestTimeout(
+                    f"the request body brought {self.received} bytes and then less than {BODY_PROGRESS_BYTES} "
+                    f"bytes in {self.body_timeout_s:g} s (BODY_TIMEOUT_S); send the body without pauses",
+                    headers={"Connection": "close"}, body_timeout_s=self.body_timeout_s,
+                ))
+            self.started = self.finished = True
+            raise _BodyTooLarge() from None
 
     async def app_send(self, message: Message) -> None:
         if self.refused:

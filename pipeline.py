@@ -27,11 +27,11 @@ from PIL import Image
 import inputs
 import ocr_utils
 import retry_ladder
-from admission import Admission
+from admission import Admission, PixelBudget, release_soon
 from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
-from errors import BadRequest, OcrError, ServiceUnavailable, ValidationFailed
+from errors import BadRequest, OcrError, Overloaded, ServiceUnavailable, ValidationFailed
 from model_catalog import NGRAM_DEFAULTS
 from process.image_process import MODES, ModeSpec
 from searchable_pdf import searchable_from_images
@@ -248,6 +248,7 @@ class OcrService:
         self.executor = executor
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
+        self.pixels = PixelBudget(settings.max_decoded_pixels)  # decoded pixels held at once (MAX_DECODED_MPIX)
 
     def admit(self, request: OcrRequest | None = None) -> OcrRequest | None:
         """Bind a request to its model and refuse it up front: unknown model (400), mode the model does not
@@ -277,11 +278,40 @@ class OcrService:
         return self.admission.capacity + self.settings.render_processes
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop."""
+        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop. `inputs.decode_image`
+        called through here goes through `decode`: routes that decode uploads themselves are budgeted too."""
+        if fn is inputs.decode_image:
+            return await self.decode(*args, wait_s=self.settings.generate_timeout_s, **kwargs)  # type: ignore
         loop = asyncio.get_running_loop()
         # The worker thread runs in a copy of this context: its log lines carry the request id.
         call = functools.partial(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
         return await loop.run_in_executor(self.executor, call)
+
+    async def decode(self, data: bytes, *, max_pixels: int | None = None, wait_s: float | None = None) -> Image.Image:
+        """Decode an upload in the worker pool with its pixels (read from the header) reserved first; held until
+        `image` post-processed it or the image is freed; a cancelled decode holds them until its thread ends.
+        `wait_s` bounds the wait for budget where no request deadline does (503 with Retry-After past it)."""
+        limit = max_pixels or self.settings.max_image_pixels
+        info = await self.blocking(inputs.image_info, data, max_pixels=limit)
+        try:
+            async with asyncio.timeout(wait_s):
+                reservation = await self.pixels.reserve(info.pixels)
+        except TimeoutError:
+            raise Overloaded(f"no decoded-pixel budget came free in {wait_s:g} s (MAX_DECODED_MPIX); retry later",
+                             retry_after=5) from None
+        loop = asyncio.get_running_loop()
+        call = functools.partial(contextvars.copy_context().run, inputs.decode_image, data, max_pixels=limit)
+        work = self.executor.submit(call)
+        try:
+            image = await asyncio.wrap_future(work)
+        except BaseException:
+            if work.done():
+                reservation.release()
+            else:  # cancelled while the thread decodes: free the budget when the pixels are gone
+                work.add_done_callback(lambda _: release_soon(loop, reservation))
+            raise
+        self.pixels.hold_for(image, reservation)
+        return image
 
     async def generate(
         self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
@@ -298,6 +328,15 @@ class OcrService:
         kind: str = "image", dpi: int | None = None,
     ) -> ItemResult:
         """Engine (with the retry ladder) + post-processing of one decoded image; errors propagate."""
+        try:
+            return await self._image(request, image, options, label=label, kind=kind, dpi=dpi)
+        finally:
+            self.pixels.release_for(image)  # post-processed (or failed): its pixels leave the budget
+
+    async def _image(
+        self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None,
+        kind: str, dpi: int | None,
+    ) -> ItemResult:
         started = time.perf_counter()
         result = ItemResult(label, width=image.width, height=image.height, dpi=dpi)
         input_hash = await self.blocking(content_hash, image)
@@ -335,7 +374,7 @@ class OcrService:
         """Render (no engine slot), then OCR one PDF page; its failure is a `failed` result."""
         result = ItemResult(page, dpi=dpi)
         try:
-            rendered = await doc.render(page, dpi=dpi, max_pixels=self.settings.max_image_pixels)
+            rendered = await self._render(doc, page, dpi)
             result = await self.image(request, rendered.image, options, label=page, kind="page", dpi=rendered.dpi)
             result.note, result.render_warnings = rendered.note, rendered.warnings
         except ServiceUnavailable:
@@ -347,6 +386,16 @@ class OcrService:
             self._observe("page", result.fail(_bug(exc)), request.mode)
         return result
 
+    async def _render(self, doc: Any, page: int, dpi: int) -> Any:
+        """Render a page with MAX_IMAGE_PIXELS reserved (the most a render returns; the page size is known only
+        in the worker), shrunk to the real size after."""
+        limit = self.settings.max_image_pixels
+        async with self.pixels.hold(min(limit, self.pixels.max_pixels)) as reservation:
+            rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
+            reservation = self.pixels.handover(reservation, rendered.image.width * rendered.image.height)
+        self.pixels.hold_for(rendered.image, reservation)
+        return rendered
+
     async def file(
         self, request: OcrRequest, read: Callable[[], Awaitable[bytes]], options: PostOptions, *, label: str
     ) -> ItemResult:
@@ -354,7 +403,7 @@ class OcrService:
         result = ItemResult(label)
         try:
             data = await read()
-            image = await self.blocking(inputs.decode_image, data, max_pixels=self.settings.max_image_pixels)
+            image = await self.decode(data)
             result = await self.image(request, image, options, label=label, kind="file")
             if options.searchable and result.post is not None:
                 pages = [(data, result.text, None)]
@@ -383,7 +432,8 @@ class OcrService:
             notes = list(doc.warnings[:20])
             if doc.repaired:
                 notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages")
-        run = DocumentRun(request.mode.name, doc.page_count, dpi, results, notes, started)
+        run = DocumentRun(request.mode.name, doc.page_count, dpi, results, notes, started,
+                          max_answer_bytes=self.settings.max_answer_bytes)
         log.info("PDF: %d of %d pages, %s, %.1f s", len(results), run.page_count, run.counts(), run.elapsed_s)
         return run
 
@@ -405,6 +455,7 @@ class DocumentRun:
     pages: list[ItemResult]
     warnings: list[str]
     started: float
+    max_answer_bytes: int | None = None  # MAX_ANSWER_MB: images past it are left out of the JSON answer
 
     @property
     def elapsed_s(self) -> float:

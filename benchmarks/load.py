@@ -8,6 +8,13 @@ and after. "Lost" counts requests that got no HTTP response at all (connection e
 With --serve-model it starts `uvicorn serve_ocr:app` itself (MAX_CONCURRENCY 16, MAX_QUEUE 16 unless
 given, so backpressure 503s do happen) and samples that process's memory; with --url it loads a server
 that is already running and (with --pid) samples that process.
+
+--hostile adds issue 18's hostile inputs to the mix (built here with tests/test_hostile.py's builders): a PDF
+whose catalog follows 512 MB of deflated zeros, an xref of /Size 8388607, a JPEG 2000 image claiming
+24000 x 24000, a page nested 100k deep, a page of 2 M fill operations, a progressive JPEG of 20,000 scans,
+a 1 x 40,000,000 PNG strip, a batch of three 40 MP PNGs and a decompression-bomb PNG. Each must answer 4xx,
+or 200 with its page marked, never 5xx other than backpressure 503s. The server is started with the
+Makefile's uvicorn options.
 """
 
 from __future__ import annotations
@@ -125,6 +132,40 @@ def route_mix(max_tokens: int) -> list[Call]:
     ]
 
 
+def hostile_mix(max_tokens: int) -> list[Call]:
+    """Issue 18's hostile inputs; expected answers in the docstring of the module."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_hostile as h
+    from test_hostile_http import png_image
+
+    def pdf_call(name: str, data: bytes) -> Call:
+        form = {"dpi": "72", **tokens}
+        return Call(f"hostile: {name}", "POST", "/pdf/ocr", {"files": {"file": ("h.pdf", data)}, "data": form})
+
+    def image_call(name: str, data: bytes, path: str = "/ocr/image/simple") -> Call:
+        return Call(f"hostile: {name}", "POST", path, {"files": {"file": ("h.img", data)}, "data": tokens})
+
+    tokens = {"max_tokens": str(max_tokens)}
+    catalog = {1: b"<< /Type /Catalog /Pages 2 0 R >>", 2: b"<< /Type /Pages /Kids [] /Count 0 >>"}
+    square = png_image(8000, 5000)
+    return [
+        pdf_call("objstm bomb", h.objstm_bomb(512 << 20)),
+        pdf_call("xref 8388607", h.build_pdf(catalog, size=8388607)),
+        pdf_call("jpx 24000^2", h.image_page(h.jpx_claiming(24000, 24000), 24000, 24000, b"JPXDecode")),
+        pdf_call("nested page", h.nested_page()),
+        pdf_call("fill ops", h.heavy_pdf()),
+        image_call("jpeg 20000 scans", h.progressive_jpeg(20_000)),
+        image_call("png 1x40M strip", png_image(40_000_000, 1)),
+        image_call("png bomb 20000^2", png_image(20000, 20000)),
+        Call("hostile: batch 3x40MP", "POST", "/batch/ocr",
+             {"files": [("files", (f"p{i}.png", square, "image/png")) for i in range(3)], "data": tokens}),
+    ]
+
+
+UVICORN_LIMITS = ["--http", "h11", "--h11-max-incomplete-event-size", "65536", "--limit-concurrency", "1000",
+                  "--timeout-keep-alive", "5"]  # as in the Makefile and the Dockerfile
+
+
 class RssSampler(threading.Thread):
     def __init__(self, pid: int | None) -> None:
         super().__init__(daemon=True)
@@ -200,9 +241,11 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "GENERATE_TIMEOUT_S": "600",
         "PDF_TIMEOUT_S": "600",
         "BATCH_TIMEOUT_S": "600",
+        **({"MAX_DECODED_MPIX": str(args.max_decoded_mpix)} if args.max_decoded_mpix else {}),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--port", str(port), "--log-level", "warning",
+         *UVICORN_LIMITS],
         cwd=ROOT,
         env=env,
     )
@@ -231,6 +274,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=100, help="requests of the concurrent warm-up burst")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--hostile", action="store_true", help="add issue 18's hostile inputs to the mix")
+    parser.add_argument("--max-decoded-mpix", type=float, help="MAX_DECODED_MPIX of the server started")
     args = parser.parse_args()
     proc = None
     if args.serve_model:
@@ -240,7 +285,7 @@ def main() -> int:
         url, pid = args.url, args.pid
     else:
         parser.error("give --url or --serve-model")
-    calls = route_mix(args.max_tokens)
+    calls = route_mix(args.max_tokens) + (hostile_mix(args.max_tokens) if args.hostile else [])
     sampler = RssSampler(pid)
     # Warm-up: every route once, then a concurrent burst, so that "before" already holds what any server
     # holds once it has run full batches (allocator high-water mark), and growth means what it says.

@@ -95,7 +95,7 @@ async def image_advanced(
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
         result = await service.image(req, image, PostOptions(draw=draw_boxes, crop=crop_regions))
-    return image_response(result, req.mode.name)
+    return image_response(result, req.mode.name, settings.max_answer_bytes)
 
 
 @router.post("/image/simple", response_model=SimpleTextResponse, summary="Plain text of an image, no tags")

@@ -58,7 +58,8 @@ async def document(
                                items=[{"page": n} for n in selected], filename=filename, page_count=doc.page_count,
                                webhook_url=None, done=finished, started_at=time.time())
         raise _handed_off(job, settings.pdf_timeout_s, "PDF_TIMEOUT_S", len(finished), len(selected))
-    return DocumentRun(req.mode.name, doc.page_count, options.dpi, results, notes, started)
+    return DocumentRun(req.mode.name, doc.page_count, options.dpi, results, notes, started,
+                       max_answer_bytes=settings.max_answer_bytes)
 
 
 async def batch(

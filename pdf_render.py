@@ -36,9 +36,9 @@ from multiprocessing.process import BaseProcess
 from PIL import Image
 
 import errors
-from errors import InvalidPageRange, InvalidPdf, OcrError, PayloadTooLarge, ServiceUnavailable
+from errors import InvalidPdf, OcrError, PayloadTooLarge, ServiceUnavailable
 from pdf_limits import PdfLimits
-from pdf_worker import KEEP_OPEN, PDF_EOF_WINDOW, RenderedPage, check_pdf_header, worker_main
+from pdf_worker import KEEP_OPEN, PDF_EOF_WINDOW, RenderedPage, check_pdf_header, check_render_args, worker_main
 
 __all__ = ["PdfDocument", "PdfLimits", "RenderPool", "RenderedPage"]
 
@@ -341,16 +341,7 @@ class PdfDocument:
 
     async def render(self, page: int, *, dpi: int, max_pixels: int) -> RenderedPage:
         """Render one 1-based page in a worker (see `pdf_worker.render_page` for dpi reduction and refusals)."""
-        if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
-            raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
-        if max_pixels <= 0:
-            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-        if not 1 <= page <= self.page_count:
-            raise InvalidPageRange(
-                f"Page {page} does not exist: the document has {self.page_count} pages (numbered from 1).",
-                page=page,
-                page_count=self.page_count,
-            )
+        check_render_args(page, self.page_count, dpi=dpi, max_pixels=max_pixels)
         message = ("render", self._id, self._path, self._password, page, dpi, max_pixels)
         reply = await self._pool._run(self._id, message, self._pool.page_timeout_s)
         _, size, number, used_dpi, requested, reduced, note, warnings, pixels = reply

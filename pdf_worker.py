@@ -201,16 +201,7 @@ def render_samples(
 ) -> tuple[tuple[int, int], bytes, int, str | None, tuple[str, ...]]:
     """`render_page` as packed RGB bytes: (size, samples, dpi used, note, warnings). The worker sends
     these bytes as they are, so a page exists once in its memory, not as pixmap + image + pickle."""
-    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
-        raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
-    if max_pixels <= 0:
-        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-    if not 1 <= page <= source.page_count:
-        raise InvalidPageRange(
-            f"Page {page} does not exist: the document has {source.page_count} pages (numbered from 1).",
-            page=page,
-            page_count=source.page_count,
-        )
+    check_render_args(page, source.page_count, dpi=dpi, max_pixels=max_pixels)
     with MUPDF_LOCK:
         if source._doc is None:
             raise ValueError("render_page called on a closed PdfSource")
@@ -392,3 +383,18 @@ def _limit_address_space(memory_limit_mb: int) -> None:
         mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = mapped + (memory_limit_mb << 20)
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+
+def check_render_args(page: int, page_count: int, *, dpi: int, max_pixels: int) -> None:
+    """Refuse a render request before any work: a bad dpi or pixel limit is a bug (ValueError), a page
+    outside the document the client's mistake (400)."""
+    if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi <= 0:
+        raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
+    if max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if not 1 <= page <= page_count:
+        raise InvalidPageRange(
+            f"Page {page} does not exist: the document has {page_count} pages (numbered from 1).",
+            page=page,
+            page_count=page_count,
+        )

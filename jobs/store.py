@@ -23,6 +23,7 @@ T = TypeVar("T")
 ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
 PAGE_FINISHED = ("ok", "truncated", "failed", "aborted", "retried", "degraded")
+RESULTS = ("ok", "truncated", "retried", "degraded")  # a page with text: kept even when a cancel came first
 
 meta = sa.MetaData()
 jobs_t = sa.Table(
@@ -114,10 +115,13 @@ class Store:
     def finish_page(self, job_id: str, idx: int, fields: dict[str, Any], events: Iterable[tuple[str, Any]]) -> dict:
         """Record a finished page, count it on the job, and append its events, in one transaction."""
         def go(conn: sa.Connection) -> dict:
-            conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.idx == idx).values(**fields))
-            failed = 1 if fields["status"] == "failed" else 0
-            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(
-                pages_done=jobs_t.c.pages_done + 1, pages_failed=jobs_t.c.pages_failed + failed))
+            where = [pages_t.c.job_id == job_id, pages_t.c.idx == idx]
+            if fields["status"] not in RESULTS:  # a page cut short by a cancel stays `cancelled`, not `failed`
+                where.append(pages_t.c.status != "cancelled")
+            if conn.execute(pages_t.update().where(*where).values(**fields)).rowcount:
+                failed = 1 if fields["status"] == "failed" else 0
+                conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(
+                    pages_done=jobs_t.c.pages_done + 1, pages_failed=jobs_t.c.pages_failed + failed))
             row = dict(conn.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id)).mappings().one())
             if row["status"] in ACTIVE:  # nothing follows a job's terminal event (a cancel may have come first)
                 _add_events(conn, job_id, [(kind, build(row)) for kind, build in events])

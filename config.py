@@ -132,6 +132,21 @@ class Settings(BaseSettings):
     webhook_retries: int = Field(5, ge=0, le=50)
     webhook_backoff_s: float = Field(2.0, ge=0, le=3600, description="First retry delay; doubles each time")
 
+    # Engine workers (workers/): one process per GPU, the HTTP edge apart.
+    engine_workers: Literal["process", "inline"] = Field(
+        "process", description="process: each engine in its own worker process, one per GPU; inline: in the server"
+    )
+    gpus: str = Field(
+        "auto", pattern=r"(?i)^\s*(auto|none|\d+(\s*,\s*\d+)*)\s*$",
+        description="GPUs for engine workers: auto (every visible GPU), none (CPU), or ids as in CUDA_VISIBLE_DEVICES",
+    )
+    data_parallel_size: int | None = Field(
+        None, ge=1, le=1024, description="Engine workers to run (each on its own GPUs); unset = one per GPU"
+    )
+    ngram_impl: Literal["batched", "vllm"] = Field(
+        "batched", description="vLLM n-gram guard: batched (one tensor pass per step) or vLLM's per-request processor"
+    )
+
     # vLLM engine only.
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     enforce_eager: bool = False

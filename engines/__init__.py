@@ -7,6 +7,8 @@ is chosen, so the CPU default never imports vLLM. `start_engines` is what the ap
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
 import json
 import logging
@@ -60,7 +62,14 @@ def build_engine(settings: Settings) -> BaseEngine:
 
 
 def default_factory(settings: Settings) -> list[Engine]:
-    return [build_engine(settings)]
+    """One engine in this process (ENGINE_WORKERS=inline), or one worker process per GPU (the default)."""
+    if settings.engine_workers == "inline":
+        return [build_engine(settings)]
+    from workers import worker_plan
+    from workers.client import WorkerEngine
+
+    kind = engine_kind(settings)
+    return [WorkerEngine(settings, kind, spec) for spec in worker_plan(settings, kind)]
 
 
 def _vllm_usable() -> bool:
@@ -116,15 +125,24 @@ async def _start_model(settings: Settings, spec: ModelSpec) -> list[Engine]:
         reason = f"{where}: MODEL_PATH={spec.path} has no config.json: {NO_MODEL_HINT}"
         log.error("%s", reason)
         return [_unavailable(reason, spec)]
-    engines = default_factory(settings)
     try:
-        for engine in engines:
-            engine.model = spec
-            await engine.start()
-    except Exception as exc:
-        log.exception("model load failed: %s", where)
-        for engine in engines:
+        engines = default_factory(settings)
+    except ValueError as exc:  # GPUS / DATA_PARALLEL_SIZE that this machine cannot give
+        log.error("%s: %s", where, exc)
+        return [_unavailable(f"{where}: {exc}", spec, engine_kind(settings))]
+    for engine in engines:
+        engine.model = spec
+    # Workers start side by side (a vLLM engine takes a minute or more each).
+    outcomes = await asyncio.gather(*(engine.start() for engine in engines), return_exceptions=True)
+    failed = [(e, o) for e, o in zip(engines, outcomes, strict=True) if isinstance(o, BaseException)]
+    for engine, exc in failed:
+        log.error("model load failed: %s on %s: %s", where, getattr(engine, "worker_id", engine.name), exc,
+                  exc_info=exc)
+        with contextlib.suppress(Exception):
             await engine.close()
+    engines = [e for e, o in zip(engines, outcomes, strict=True) if not isinstance(o, BaseException)]
+    if not engines:
+        exc = failed[0][1]
         reason = f"could not load {where} (MODEL_PATH={spec.path}): {exc}; {NO_MODEL_HINT}"
         return [_unavailable(reason, spec, engine_kind(settings))]
     demo = is_random_weights(settings)

@@ -1,0 +1,211 @@
+"""The server side of an engine worker: `WorkerEngine`, an engine whose work runs in a worker process.
+
+To admission and the supervisor it is an ordinary `BaseEngine`: its `max_concurrency` is the worker's, its
+`restart` replaces the process. Requests are multiplexed over one socket pair by request id; a cancelled
+request sends an abort. The worker's end of stream (it was killed, it crashed) marks the engine dead at
+once: requests in flight get a 503 with Retry-After, their inputs get a strike (engines.supervisor), and the
+supervisor starts a new worker with backoff. A worker whose engine dies inside it (a vLLM engine core)
+reports that in its health message and is replaced the same way: a fresh process is the clean state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from config import Settings
+from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest
+from errors import ModelNotReady, OcrError
+from workers import WorkerSpec
+from workers.wire import decode_error, frame, read_frame
+
+log = logging.getLogger("deepseek_ocr.workers")
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOSE_WAIT_S = 15.0  # a worker asked to close gets this long before it is killed
+_DEAD = object()
+
+
+class WorkerEngine(BaseEngine):
+    def __init__(self, settings: Settings, kind: str, spec: WorkerSpec) -> None:
+        super().__init__(settings.max_concurrency)
+        self.settings, self.kind, self.spec = settings, kind, spec
+        self.name = kind
+        self.worker_id = f"{socket.gethostname()}/{spec.label}"
+        self.process: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._streams: dict[str, asyncio.Queue[Any]] = {}
+        self._served: tuple[str, ...] = ()
+        self._detail: dict[str, Any] = {}
+        self._worker_running = 0
+        self._starts = 0
+
+    @property
+    def served_modes(self) -> tuple[str, ...]:
+        return self._served or super().served_modes
+
+    # --- life cycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self.restarting:
+            self._reason = f"starting engine worker {self.spec.label}"
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        if self.spec.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.spec.gpus)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "workers.main", str(theirs.fileno()), str(os.getpid()),
+                pass_fds=(theirs.fileno(),), env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._starts += 1
+        reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
+        self._send(("start", self.settings, self.model, self.spec, self.kind))
+        try:
+            answer = await read_frame(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            code = await self._reap()
+            raise RuntimeError(f"engine worker {self.spec.label} exited while starting (exit code {code}); "
+                               "see its log above") from None
+        if answer[0] == "failed":
+            await self._reap()
+            raise decode_error(answer[1])
+        info = answer[1]
+        self._served = tuple(info["served_modes"])
+        self._detail = {"pid": info["pid"]}
+        self._reader_task = asyncio.create_task(self._read(reader), name=f"worker-{self.spec.index}")
+        log.info("engine worker %s started: pid %d, %s engine, modes %s", self.spec.label, info["pid"],
+                 info["name"], ",".join(self._served))
+        self.set_ready()
+
+    async def close(self) -> None:
+        await super().close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.write(frame(("close",)))
+                await writer.drain()
+        if self.process is not None and self.process.returncode is None:
+            try:
+                await asyncio.wait_for(self.process.wait(), CLOSE_WAIT_S)
+            except TimeoutError:
+                log.warning("engine worker %s did not stop in %.0f s: killing it", self.spec.label, CLOSE_WAIT_S)
+        await self._reap()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+            self._reader_task = None
+        if writer is not None:
+            writer.close()
+
+    async def _reap(self) -> int | None:
+        process = self.process
+        if process is None:
+            return None
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        return await process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the worker (tests and operators: what a crash looks like)."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+
+    # --- health ------------------------------------------------------------------------------------
+    def health(self) -> EngineHealth:
+        h = super().health()
+        h.detail = {**self._detail, "worker": self.worker_id, "gpus": list(self.spec.gpus or ()),
+                    "worker_running": self._worker_running, "starts": self._starts}
+        return h
+
+    # --- requests ----------------------------------------------------------------------------------
+    def _send(self, message: Any) -> None:
+        if self._writer is None:
+            raise ModelNotReady(self._reason or f"engine worker {self.spec.label} is not running", retry_after=5)
+        self._writer.write(frame(message))
+
+    async def abort(self, request_id: str) -> None:
+        with contextlib.suppress(ModelNotReady, ConnectionError, RuntimeError):
+            self._send(("abort", request_id))
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request.request_id] = queue
+        try:
+            self._send(("run", request))
+            assert self._writer is not None
+            await self._writer.drain()
+            while True:
+                item = await queue.get()
+                if item is _DEAD:
+                    raise ModelNotReady(self._reason or f"engine worker {self.spec.label} died", retry_after=10)
+                if isinstance(item, OcrError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        """Deliver the worker's messages; its end of stream is its death."""
+        why = "closed its socket"
+        try:
+            while True:
+                message = await read_frame(reader)
+                op = message[0]
+                if op == "chunk":
+                    if (queue := self._streams.get(message[1])) is not None:
+                        queue.put_nowait(message[2])
+                elif op == "error":
+                    if (queue := self._streams.get(message[1])) is not None:
+                        queue.put_nowait(decode_error(message[2]))
+                elif op == "health":
+                    _, ready, reason, running, detail = message
+                    self._worker_running = running
+                    self._detail = {**detail, "pid": self._detail.get("pid")}
+                    if not ready and self._ready:
+                        self._died(f"engine worker {self.spec.label}: {reason or 'its engine is not ready'}")
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            why = f"closed its socket ({type(exc).__name__})"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a frame we cannot read: the stream is out of step, treat the worker as gone
+            log.exception("engine worker %s: bad message", self.spec.label)
+            why = f"sent a message that could not be read ({exc})"
+        if self._ready:
+            self._died(f"engine worker {self.spec.label} {why}")
+            status = await self._exit_status()
+            log.error("engine worker %s: %s", self.spec.label, status)
+            if not self._ready and not self.restarting:
+                self._reason = f"{self._reason}; {status}"
+
+    async def _exit_status(self) -> str:
+        process = self.process
+        if process is None:
+            return "no process"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(process.wait()), 1.0)
+        code = process.returncode
+        if code is None:
+            return "its process is still running"
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+    def _died(self, reason: str) -> None:
+        log.error("%s", reason)
+        self.mark_dead(reason)
+        for queue in self._streams.values():
+            queue.put_nowait(_DEAD)
+        self.kill()  # a worker whose engine died is replaced whole

@@ -1,0 +1,39 @@
+"""`python -m workers.main FD`: an engine worker process, started by the server (workers.client).
+
+FD is this process's end of the server's socket pair. The worker dies with the server: PR_SET_PDEATHSIG
+on Linux, and the socket's end of stream everywhere (the engine is closed and the process exits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+async def _main(fd: int) -> None:
+    from workers.host import EngineHost
+
+    sock = socket.socket(fileno=fd)
+    reader, writer = await asyncio.open_unix_connection(sock=sock, limit=1 << 20)
+    await EngineHost(reader, writer).serve()
+
+
+def main() -> None:
+    fd, parent = int(sys.argv[1]), int(sys.argv[2])
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        return  # the server died before prctl took effect
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    asyncio.run(_main(fd))
+
+
+if __name__ == "__main__":
+    main()

@@ -169,7 +169,8 @@ class BaseEngine:
 
     async def close(self) -> None:
         self._ready = False
-        self._reason = "the engine is shut down"
+        if not self.restarting:  # mid-restart the reason stays "restarting (attempt N) after: ..."
+            self._reason = "the engine is shut down"
 
     async def abort(self, request_id: str) -> None:
         raise NotImplementedError

@@ -111,6 +111,9 @@ def make_settings(model_path: Path | str | None, **overrides: object):
         "max_concurrency": 8,
         "num_workers": 4,
         "data_dir": tempfile.mkdtemp(prefix="ocr-data-"),  # job store and files: never the checkout's ./data
+        # The engine in the test's own process: seconds saved per app. Worker processes (the default) have
+        # their own tests (test_workers.py), and every `serve_process` server runs them.
+        "engine_workers": "inline",
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

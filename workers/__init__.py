@@ -24,6 +24,7 @@ class WorkerSpec:
 
     index: int
     gpus: tuple[str, ...] | None
+    threads: int | None = None  # CPU workers: torch threads each, so that several do not oversubscribe the cores
 
     @property
     def label(self) -> str:
@@ -53,7 +54,9 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
 
     Raises ValueError naming the setting when GPUS asks for GPUs that are not there.
     """
-    cpu_workers = [WorkerSpec(i, ()) for i in range(settings.data_parallel_size or 1)]
+    count = settings.data_parallel_size or 1
+    share = max(1, (os.cpu_count() or 1) // count) if count > 1 else None
+    cpu_workers = [WorkerSpec(i, (), share) for i in range(count)]
     if kind == "torch" and settings.device == "cpu":
         return cpu_workers  # several only when DATA_PARALLEL_SIZE asks (each uses its own torch threads)
     available = visible_gpus() if gpus is None else gpus

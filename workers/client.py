@@ -60,6 +60,8 @@ class WorkerEngine(BaseEngine):
         env = dict(os.environ)
         if self.spec.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.spec.gpus)
+        if self.spec.threads is not None and "OMP_NUM_THREADS" not in env:
+            env["OMP_NUM_THREADS"] = str(self.spec.threads)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         try:
             self.process = await asyncio.create_subprocess_exec(

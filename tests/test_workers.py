@@ -1,0 +1,192 @@
+"""Engine workers (workers/): each engine in its own process, over real HTTP with the real PyTorch engine.
+
+The plan of workers per GPU is a pure function, checked directly. The rest runs real worker processes on
+the tiny checkpoint: two CPU workers sharing a load, a worker SIGKILLed mid-load and mid-job (the server
+heals without a restart, the job completes), an input in flight at two worker deaths quarantined, and the
+workers dying with a `kill -9`ed server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from jobs_helpers import submit, wait
+from server import make_settings, serve_app, serve_process, show
+from test_pdf_routes import make_pdf
+from test_service import png_bytes
+
+from config import Settings
+from serve_ocr import create_app
+from workers import WorkerSpec, worker_plan
+
+POISON_SIZE = (321, 123)
+
+
+def plan(visible: list[str], kind: str = "vllm", **values: object) -> list[WorkerSpec]:
+    return worker_plan(Settings(**values), kind, visible)  # type: ignore[arg-type]
+
+
+def test_worker_plan_one_worker_per_gpu() -> None:
+    assert plan(["0", "1"]) == [WorkerSpec(0, ("0",)), WorkerSpec(1, ("1",))]
+    assert plan(["0", "1", "2", "3"], tensor_parallel_size=2) == [WorkerSpec(0, ("0", "1")), WorkerSpec(1, ("2", "3"))]
+    assert plan(["0", "1"], gpus="1") == [WorkerSpec(0, ("1",))]
+    assert plan(["3", "5"], gpus="5,3") == [WorkerSpec(0, ("5",)), WorkerSpec(1, ("3",))]
+    assert plan(["0", "1", "2"], data_parallel_size=2) == [WorkerSpec(0, ("0",)), WorkerSpec(1, ("1",))]
+    assert plan(["0", "1"], "torch") == [WorkerSpec(0, ("0",)), WorkerSpec(1, ("1",))]
+    assert plan(["0", "1"], "torch", device="cpu") == [WorkerSpec(0, ())]
+    assert plan([], "torch") == [WorkerSpec(0, ())]
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert plan([], "torch", data_parallel_size=2) == [WorkerSpec(0, (), share), WorkerSpec(1, (), share)]
+    assert plan(["0"], "torch", gpus="none") == [WorkerSpec(0, ())]
+
+
+@pytest.mark.parametrize(
+    ("visible", "values", "needle"),
+    [
+        (["0"], {"gpus": "1"}, "GPUS=1: GPU 1 is not visible"),
+        (["0", "1"], {"data_parallel_size": 3}, "DATA_PARALLEL_SIZE=3 needs 3 GPUs"),
+        (["0", "1", "2"], {"tensor_parallel_size": 2}, "not a multiple of TENSOR_PARALLEL_SIZE=2"),
+        ([], {}, "ENGINE=vllm needs a GPU"),
+    ],
+)
+def test_worker_plan_refuses_what_the_machine_lacks(visible: list[str], values: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        plan(visible, **values)
+
+
+def test_gpus_setting_is_checked() -> None:
+    from config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="GPUS"):
+        load_settings(gpus="first")
+    assert load_settings(gpus=" AUTO ").gpus == " AUTO "
+
+
+def ocr(url: str, size: tuple[int, int] = (200, 120), max_tokens: int = 16) -> httpx.Response:
+    return httpx.post(url + "/ocr/image/advanced", files={"file": ("a.png", png_bytes(*size))},
+                      data={"max_tokens": str(max_tokens)}, timeout=120)
+
+
+def health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=5).json()
+
+
+def wait_ready(url: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = health(url)
+        if body["ready"] and all(e["ready"] for e in body["engines"]):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"not ready again after {timeout} s: {body}")
+
+
+def worker_pids(body: dict) -> list[int]:
+    return [e["detail"]["pid"] for e in body["engines"]]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_two_cpu_workers_share_the_load(tiny_checkpoint: Path) -> None:
+    settings = make_settings(tiny_checkpoint, engine_workers="process", data_parallel_size=2, max_concurrency=2)
+    app = create_app(settings)
+    with serve_app(app) as url:
+        body = health(url)
+        pids = worker_pids(body)
+        assert len(pids) == 2 and len(set(pids)) == 2 and os.getpid() not in pids, body
+        assert all(alive(pid) for pid in pids), body
+        assert [e["detail"]["worker"].split("/")[-1] for e in body["engines"]] == ["w0 (cpu)", "w1 (cpu)"], body
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: ocr(url, max_tokens=12), range(6)))
+        assert all(r.status_code == 200 for r in answers), [show(r) for r in answers if r.status_code != 200]
+        assert all(r.json()["usage"]["image_tokens"] > 0 for r in answers), answers[0].json()
+        form = {"dpi": "72", "mode": "tiny"}
+        r = httpx.post(url + "/pdf/ocr", files={"file": ("r.pdf", make_pdf(2))}, data=form, timeout=120)
+        assert r.status_code == 200 and {p["status"] for p in r.json()["pages"]} <= {"ok", "truncated"}, show(r)
+        assert len(r.json()["pages"]) == 2, show(r)
+        engines = app.state.service.admission.engines
+        assert all(e.completed >= 1 for e in engines), [e.completed for e in engines]  # both took work
+        assert all(e.peak_running <= 2 for e in engines), [e.peak_running for e in engines]
+    assert not any(alive(pid) for pid in pids), "workers outlived the server's shutdown"
+
+
+def test_worker_killed_mid_load_heals_and_the_job_completes(tiny_checkpoint: Path) -> None:
+    settings = make_settings(tiny_checkpoint, engine_workers="process", max_concurrency=2, default_max_tokens=48)
+    app = create_app(settings)
+    with serve_app(app) as url:
+        (pid,) = worker_pids(health(url))
+        job = submit(url, make_pdf(4), dpi="72", mode="tiny")
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ocr, url, (200, 120), 64) for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while health(url)["engines"][0]["in_flight"] == 0:  # the load is on the worker
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            os.kill(pid, signal.SIGKILL)
+            answers = [f.result() for f in futures]
+        assert {r.status_code for r in answers} <= {200, 503}, [show(r) for r in answers]
+        assert any(r.status_code == 503 for r in answers), [show(r) for r in answers]
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers["content-type"].startswith("application/problem+json"), show(r)
+                assert r.headers["retry-after"] and "engine worker w0" in r.json()["detail"], show(r)
+        body = wait_ready(url)
+        assert body["restarts"] >= 1, body
+        (new_pid,) = worker_pids(body)
+        assert new_pid != pid and alive(new_pid) and not alive(pid), body
+        done = wait(url, job["id"], timeout=120)
+        assert done["status"] == "done" and done["pages_done"] == 4, done
+        r = ocr(url)
+        assert r.status_code == 200, show(r)
+
+
+def test_input_in_flight_at_two_worker_deaths_is_quarantined(tiny_checkpoint: Path) -> None:
+    settings = make_settings(tiny_checkpoint, engine_workers="process", max_concurrency=2)
+    app = create_app(settings)
+    with serve_app(app) as url:
+        for crash in (1, 2):
+            (pid,) = worker_pids(wait_ready(url))
+            with ThreadPoolExecutor(1) as pool:
+                future = pool.submit(ocr, url, POISON_SIZE, 4000)
+                deadline = time.monotonic() + 30
+                while health(url)["engines"][0]["in_flight"] == 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                os.kill(pid, signal.SIGKILL)  # the engine dies with this input in flight
+                r = future.result()
+            assert r.status_code == 503, show(r)
+            assert wait_ready(url)["restarts"] == crash
+        r = ocr(url, POISON_SIZE)
+        assert r.status_code == 422 and r.json()["type"].endswith("/quarantined-input"), show(r)
+        assert "crashed the engine 2 times" in r.json()["detail"], show(r)
+        r = ocr(url)
+        assert r.status_code == 200, show(r)
+        assert health(url)["quarantined"] == 1
+
+
+def test_workers_die_with_a_killed_server(tiny_checkpoint: Path) -> None:
+    env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DATA_PARALLEL_SIZE": "2",
+           "DATA_DIR": str(tiny_checkpoint.parent / "workers-data")}
+    with serve_process(env) as url:
+        body = health(url)
+        pids = worker_pids(body)
+        assert len(pids) == 2 and all(alive(p) for p in pids), body
+        server = {int(line.split()[0]) for line in os.popen("ps -o ppid= -p " + ",".join(map(str, pids)))}
+        assert len(server) == 1, server
+        os.kill(server.pop(), signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, f"workers {pids} outlived their server"
+            time.sleep(0.1)

@@ -29,6 +29,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,21 +93,32 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
                            builder.whitelist, delta=False)
     llm.generate([builder.prompt(DOCUMENT_PROMPT, vllm_image(images[0], gundam), gundam)] * 2, warm,
                  use_tqdm=False)
-    t = time.perf_counter()
-    # Preprocessing counted in (a) as the service counts it: vllm_image + the renderer's processor.
-    prompts = [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - t
-    completion = [len(o.outputs[0].token_ids) for o in outs]
-    finish = [o.outputs[0].finish_reason for o in outs]
-    return {
-        "path": "raw LLM.generate", "pages": len(images), "elapsed_s": round(elapsed, 2),
-        "pages_per_s": round(len(images) / elapsed, 3),
-        "output_tokens_per_s": round(sum(completion) / elapsed, 1),
-        "mean_completion_tokens": round(sum(completion) / len(completion), 1),
-        "finish_length": finish.count("length"), "engine_start_s": round(start_s, 1),
-        "render_s_not_timed": round(render_s, 2),
-    }
+    images = images * args.files  # the same pages the service gets from --files copies of the PDF
+    runs = []
+    for _ in range(args.repeat):
+        t = time.perf_counter()
+        # Preprocessing counted in (a) as the service counts it: vllm_image + the renderer's processor.
+        prompts = [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        completion = [len(o.outputs[0].token_ids) for o in outs]
+        finish = [o.outputs[0].finish_reason for o in outs]
+        runs.append({
+            "path": "raw LLM.generate", "pages": len(images), "elapsed_s": round(elapsed, 2),
+            "pages_per_s": round(len(images) / elapsed, 3),
+            "output_tokens_per_s": round(sum(completion) / elapsed, 1),
+            "mean_completion_tokens": round(sum(completion) / len(completion), 1),
+            "finish_length": finish.count("length"), "engine_start_s": round(start_s, 1),
+            "render_s_not_timed": round(render_s, 2),
+        })
+        print(json.dumps(runs[-1]), flush=True)
+    return median_run(runs)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median pages/s, with every run's figure beside it."""
+    ordered = sorted(runs, key=lambda r: r["pages_per_s"])
+    return {**ordered[len(ordered) // 2], "runs_pages_per_s": [r["pages_per_s"] for r in runs]}
 
 
 # --------------------------------------------------------------------------------------- (b) service
@@ -148,12 +160,16 @@ def service(args: argparse.Namespace, log_path: Path) -> Iterator[str]:
     env = {**os.environ, "MODEL_PATH": args.model, "ENGINE": args.engine, "LOAD_FORMAT": args.load_format,
            "MAX_CONCURRENCY": str(args.concurrency), "GPU_MEM_UTILIZATION": str(args.gpu_mem),
            "PDF_TIMEOUT_S": "3600", "GENERATE_TIMEOUT_S": "600", "MAX_PDF_PAGES": str(max(500, args.pages)),
-           "MAX_QUEUE": str(max(512, args.pages)), "LOG_LEVEL": "WARNING"}
+           "MAX_QUEUE": str(max(512, args.pages * args.files)), "LOG_LEVEL": "WARNING",
+           "ENGINE_WORKERS": args.workers, "NGRAM_IMPL": args.ngram_impl}
+    if args.gpus:
+        env["GPUS"] = args.gpus
     log = open(log_path, "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    args.server_pid = proc.pid
     try:
         deadline = time.monotonic() + 420
         while True:
@@ -193,23 +209,52 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
               "ngram_window": str(args.ngram[1]), "draw_layouts": "false", "extract_images": "false",
               "dpi": str(args.dpi)}
     t = time.perf_counter()
+    runs = []
     with service(args, Path(args.log)) as url:
         start_s = time.perf_counter() - t
         post_pdf(url, pdf, {**fields, "pages": "1-2", "max_tokens": "16"}, timeout=300)  # warm-up
-        t = time.perf_counter()
-        answer = post_pdf(url, pdf, fields, timeout=3600)
-        elapsed = time.perf_counter() - t
-    pages = answer.get("pages", [])
-    completion = [int((p.get("usage") or {}).get("completion_tokens", 0)) for p in pages]
-    total = (answer.get("usage") or {}).get("completion_tokens", sum(completion))
-    return {
-        "path": "service POST /pdf/ocr", "pages": len(pages), "elapsed_s": round(elapsed, 2),
-        "pages_per_s": round(len(pages) / elapsed, 3), "output_tokens_per_s": round(total / elapsed, 1),
-        "mean_completion_tokens": round(sum(completion) / max(1, len(completion)), 1),
-        "finish_length": sum(1 for p in pages if p.get("finish_reason") == "length"),
-        "pages_failed": answer.get("pages_failed"), "server_elapsed_s": answer.get("elapsed_s"),
-        "engine_start_s": round(start_s, 1),
-    }
+        for n in range(args.repeat):
+            profiler = start_profile(args, url, n)
+            t = time.perf_counter()
+            with ThreadPoolExecutor(args.files) as pool:  # --files copies of the PDF sent at once
+                answers = list(pool.map(lambda _: post_pdf(url, pdf, fields, timeout=3600), range(args.files)))
+            elapsed = time.perf_counter() - t
+            stop_profile(profiler)
+            pages = [p for answer in answers for p in answer.get("pages", [])]
+            completion = [int((p.get("usage") or {}).get("completion_tokens", 0)) for p in pages]
+            runs.append({
+                "path": "service POST /pdf/ocr", "pages": len(pages), "files": args.files,
+                "gpus": args.gpus or "auto", "workers": args.workers, "elapsed_s": round(elapsed, 2),
+                "pages_per_s": round(len(pages) / elapsed, 3),
+                "output_tokens_per_s": round(sum(completion) / elapsed, 1),
+                "mean_completion_tokens": round(sum(completion) / max(1, len(completion)), 1),
+                "finish_length": sum(1 for p in pages if p.get("finish_reason") == "length"),
+                "pages_failed": sum(int(a.get("pages_failed") or 0) for a in answers),
+                "engine_start_s": round(start_s, 1),
+            })
+            print(json.dumps(runs[-1]), flush=True)
+    return median_run(runs)
+
+
+def start_profile(args: argparse.Namespace, url: str, n: int) -> subprocess.Popen[bytes] | None:
+    """py-spy over the server and its children (workers, vLLM engine cores) for the first timed run."""
+    if not args.profile or n > 0:
+        return None
+    pid = args.server_pid
+    out = Path(args.profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--gil",
+                             "--rate", "40", "--format", "raw", "--output", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(2)  # py-spy writes its file on SIGINT
+        try:
+            profiler.wait(60)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
 
 
 # --------------------------------------------------------------------------------------- main
@@ -230,6 +275,12 @@ def main() -> int:
     parser.add_argument("--pdf", help="the PDF; written when missing (default /tmp/bench-N.pdf)")
     parser.add_argument("--log", default="/tmp/bench-service.log", help="the service's log")
     parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--files", type=int, default=1, help="copies of the PDF sent at once (raw: as many pages)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs on one engine; the median is reported")
+    parser.add_argument("--gpus", help="GPUS of the service (default: every visible GPU)")
+    parser.add_argument("--workers", default="process", choices=["process", "inline"], help="ENGINE_WORKERS")
+    parser.add_argument("--ngram-impl", default="batched", choices=["batched", "vllm"], help="NGRAM_IMPL")
+    parser.add_argument("--profile", help="py-spy raw stacks of the first timed service run go here")
     args = parser.parse_args()
     args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
     if not Path(args.pdf).is_file():
@@ -251,8 +302,8 @@ def main() -> int:
     if len(results) == 2:
         a, b = results
         ratio = b["pages_per_s"] / a["pages_per_s"]
-        print(f"\n{args.pages} A4 pages, max_tokens {args.max_tokens}, MAX_CONCURRENCY {args.concurrency}, "
-              f"n-gram {args.ngram[0]}/{args.ngram[1]}")
+        print(f"\n{args.pages} A4 pages x {args.files}, max_tokens {args.max_tokens}, "
+              f"MAX_CONCURRENCY {args.concurrency}, n-gram {args.ngram[0]}/{args.ngram[1]}")
         for r in results:
             print(f"  {r['path']:24} {r['pages_per_s']:7.3f} pages/s  {r['output_tokens_per_s']:9.1f} tok/s  "
                   f"mean {r['mean_completion_tokens']} tokens/page  ({r['elapsed_s']} s)")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -67,6 +68,7 @@ class WorkerEngine(BaseEngine):
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "workers.main", str(theirs.fileno()), str(os.getpid()),
                 pass_fds=(theirs.fileno(),), env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: killing it takes its engine core along
             )
         finally:
             theirs.close()
@@ -115,15 +117,19 @@ class WorkerEngine(BaseEngine):
         process = self.process
         if process is None:
             return None
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+        self.kill()
         return await process.wait()
 
     def kill(self) -> None:
-        """SIGKILL the worker (tests and operators: what a crash looks like)."""
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+        """SIGKILL the worker and everything it started (vLLM's engine core): its whole process group."""
+        process = self.process
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # the group outlives a leader that already exited
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
 
     # --- health ------------------------------------------------------------------------------------
     def health(self) -> EngineHealth:
@@ -172,8 +178,11 @@ class WorkerEngine(BaseEngine):
                     if (queue := self._streams.get(message[1])) is not None:
                         queue.put_nowait(message[2])
                 elif op == "error":
-                    if (queue := self._streams.get(message[1])) is not None:
-                        queue.put_nowait(decode_error(message[2]))
+                    _, rid, error, engine_ready, reason = message
+                    if not engine_ready and self._ready:  # the engine died under it: strike first, then answer
+                        self._died(f"engine worker {self.spec.label}: {reason or 'its engine died'}")
+                    elif (queue := self._streams.get(rid)) is not None:
+                        queue.put_nowait(decode_error(error))
                 elif op == "health":
                     _, ready, reason, running, detail = message
                     self._worker_running = running

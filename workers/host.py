@@ -2,7 +2,7 @@
 
 Messages from the server: ("start", settings, model spec, worker spec, engine kind) once, then
 ("run", EngineRequest), ("abort", request id) and ("close",). Answers: ("ready", info) or
-("failed", error) once, then ("chunk", request id, EngineChunk), ("error", request id, error) and
+("failed", error) once, then ("chunk", request id, EngineChunk), ("error", request id, error, engine ready, reason) and
 ("health", ready, reason, running, detail) whenever the engine's state changes (and every few seconds).
 The engine is the ordinary `engines.build_engine` one; this module only moves its work across the socket.
 A request the server cancels is cancelled here too: `BaseEngine.stream` then aborts it in the engine.
@@ -114,8 +114,11 @@ class EngineHost:
         except Exception as exc:
             if not isinstance(exc, OcrError):
                 log.exception("worker: request %s failed", rid)
+            # Whether the engine is still up: an engine that died under this request must be marked dead on
+            # the server before the request ends, so that its input gets the strike (engines.supervisor).
+            health = self.engine.health()
             with contextlib.suppress(ConnectionError):
-                await self.send(("error", rid, encode_error(exc)))
+                await self.send(("error", rid, encode_error(exc), health.ready, health.reason))
 
     async def _monitor(self) -> None:
         assert self.engine is not None

@@ -31,7 +31,9 @@ def main() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         return  # the server died before prctl took effect
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    # The server died (PR_SET_PDEATHSIG) or someone stops us: take the engine's own processes (vLLM's engine
+    # core) along at once; the worker leads its own process group (workers.client starts it so).
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL))
     asyncio.run(_main(fd))
 
 

@@ -205,7 +205,7 @@ class NGramBatchProcessor(_Base):
             if second is not None:
                 if direction == MoveDirectionality.SWAP:
                     self.guarded[a] = second
-                else:  # a one-way move overwrote b's request, which vLLM had already removed
+                else:  # a one-way move into b: b's request left the batch (vLLM reports it only so)
                     self.free.append(second.slot)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:

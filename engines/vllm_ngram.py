@@ -74,12 +74,11 @@ def ngram_bans(
     M must be >= min(L, w) for every row that can ban (L >= n, w >= n, n >= 2).
     """
     rows, width = tail.shape
-    banned = torch.zeros(tail.shape, dtype=torch.bool, device=tail.device)
     if max_ngram is None:
         max_ngram = int(ngram_sizes.max()) if rows else 0
     span = max_ngram - 1  # D: the longest prefix compared
     if rows == 0 or width == 0 or span < 1:
-        return banned
+        return torch.zeros(tail.shape, dtype=torch.bool, device=tail.device)
     n = ngram_sizes.to(torch.long).unsqueeze(1)  # (G, 1)
     # heads[g, e, k] = tail[g, e - span + k]: the `span` tokens before position e (e = width: the prefix).
     heads = torch.nn.functional.pad(tail, (span, 0), value=-1).unfold(1, span, 1)  # (G, M + 1, D)
@@ -112,8 +111,7 @@ def apply_bans(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, b
         logits = logits.contiguous()
     ok = banned & (tokens < vocab)
     index = rows.to(torch.long).unsqueeze(1) * vocab + tokens.to(torch.long).clamp(0, vocab - 1)
-    inf = torch.tensor(float("inf"), dtype=logits.dtype, device=logits.device)
-    src = torch.where(ok, -inf, inf)
+    src = torch.full(ok.shape, float("inf"), dtype=logits.dtype, device=logits.device).masked_fill_(ok, float("-inf"))
     logits.view(-1).scatter_reduce_(0, index.reshape(-1), src.reshape(-1), reduce="amin", include_self=True)
     return logits
 

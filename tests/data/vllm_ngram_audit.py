@@ -81,7 +81,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from config import Settings
-    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment
+    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, vllm_image
 
     prepare_environment()
     from PIL import Image
@@ -102,6 +102,7 @@ def main() -> int:
     prompts, params = [], []
     for i, spec in enumerate(REQUESTS):
         image = Image.new("RGB", (640 + 37 * i, 480 + 53 * i), (255 - 9 * i, 250, 240)) if i % 3 else None
+        image = vllm_image(image, gundam) if image is not None else None
         prompts.append(builder.prompt("<image>\nFree OCR." if image else f"Write line {i} of a report.",
                                       image, gundam))
         extra_args = None

@@ -5,7 +5,8 @@ otherwise `reference_bans` below (vLLM's rule written out plainly) together with
 `process.ngram_norepeat.banned_tokens` where that one is defined (n >= 2, window >= n). `REFERENCE` says
 which ran; pytest prints it in the header of a failure and with -v in `test_which_reference_ran`.
 
-Sequences come from a 50-token vocabulary with copied runs, so n-grams up to 6 really repeat; windows are
+With vllm importable, one more test drives both processors from vLLM's own persistent batch (`InputBatch` on
+the CPU). Sequences come from a 50-token vocabulary with copied runs, so n-grams up to 6 really repeat; windows are
 shorter and longer than the outputs; rows mix sizes, windows, whitelists and the guard off.
 """
 
@@ -322,3 +323,56 @@ def test_processor_equals_per_request_processor(seed: int, async_: bool) -> None
             )
     assert banned_total > 500, banned_total  # the guard really banned things along the way
     assert sorted(ours.free + [g.slot for g in ours.guarded.values()]) == list(range(slots))  # no slot leaked
+
+
+@pytest.mark.skipif(not VLLM, reason="needs vllm (its InputBatch drives the batch updates)")
+def test_processor_under_vllm_input_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's own persistent batch (InputBatch on the CPU: add, remove, condense, swap, refresh_metadata) drives
+    our processor and vLLM's per-request one side by side; their logits must be equal at every step."""
+    import vllm.v1.worker.gpu_input_batch as input_batch
+    from vllm import SamplingParams
+    from vllm.model_executor.models.deepseek_ocr import NGramPerReqLogitsProcessor
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(input_batch, "PIN_MEMORY", False)
+    rng = random.Random(7)
+    slots, length = 12, 2048
+    config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=slots),
+                             model_config=SimpleNamespace(max_model_len=length))
+    cpu = torch.device("cpu")
+    ours, theirs = NGramBatchProcessor(config, cpu, False), NGramPerReqLogitsProcessor(config, cpu, False)
+    batch = input_batch.InputBatch(
+        max_num_reqs=slots, max_model_len=length, max_num_batched_tokens=4096, device=cpu, vocab_size=VOCAB,
+        block_sizes=[16], kernel_block_sizes=[16], max_num_blocks_per_req=[length // 16],
+        logitsprocs=LogitsProcessors([ours, theirs]), logitsprocs_need_output_token_ids=True)
+    live: dict[str, list[Any]] = {}
+    bans = 0
+    for step in range(800):
+        for rid in [r for r, (left, _) in live.items() if left <= 0 or rng.random() < 0.02]:
+            batch.remove_request(rid)
+            del live[rid]
+        for _ in range(rng.randint(0, 3)):
+            if len(live) >= slots:
+                break
+            rid = f"r{step}-{len(live)}"
+            params = SamplingParams(temperature=0, extra_args=random_settings(rng))
+            request = input_batch.CachedRequestState(
+                req_id=rid, prompt_token_ids=[1, 2, 3], mm_features=[], sampling_params=params, generator=None,
+                block_ids=([],), num_computed_tokens=3, output_token_ids=repetitive(rng, rng.choice([0, 0, 7, 40])))
+            batch.add_request(request)
+            live[rid] = [rng.randint(5, 300), request]
+        batch.condense()
+        if batch.num_reqs >= 2 and rng.random() < 0.3:
+            batch.swap_states(*rng.sample(range(batch.num_reqs), 2))
+        batch.refresh_metadata()
+        logits = torch.randn(batch.num_reqs, VOCAB)
+        want, got = theirs.apply(logits.clone()), ours.apply(logits.clone())
+        assert torch.equal(got, want), f"step {step}: rows differ {(got != want).any(1).nonzero().flatten().tolist()}"
+        bans += int(torch.isinf(want).sum())
+        for entry in live.values():  # one decoded token each, often a copy of a recent one (loops)
+            out = entry[1].output_token_ids
+            out.append(out[-rng.randint(1, 6)] if len(out) > 6 and rng.random() < 0.6 else rng.randrange(VOCAB))
+            entry[0] -= 1
+    assert bans > 500, bans
+    assert sorted(ours.free + [g.slot for g in ours.guarded.values()]) == list(range(slots))

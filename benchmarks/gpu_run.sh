@@ -73,7 +73,7 @@ case "$phase" in
     ;;
   ngram)
     real_ckpt
-    timeout 570 python3 benchmarks/bench_vllm.py ngram --model "$CK/real" --pages 128 --max-tokens 500 \
+    timeout 570 python3 benchmarks/bench_vllm.py ngram --model "$CK/real" --pages 128 --max-tokens 400 \
       --concurrency 256 --ngram 20 50 --repeat 3 --impls batched,vllm --out "$OUT/ngram.json" 2>&1 |
       tee "$OUT/ngram.log"
     ;;

@@ -216,6 +216,8 @@ class NGramBatchProcessor(_Base):
         index, tokens = batch.new_tokens(lengths)
         seen = np.minimum(lengths, batch.window)
         live = np.flatnonzero((seen >= batch.ngram) & (batch.rows < logits.shape[0]))
+        if not index.size and not live.size:
+            return logits
         # Everything this step needs goes to the device in one copy.
         whitelist = batch.whitelist[live]
         packed = np.concatenate([index, tokens, batch.rows[live], batch.slots[live], lengths[live],

@@ -11,6 +11,11 @@ process, so its GPU memory is free again when (b) starts.
 
     python benchmarks/bench_vllm.py all --model DIR --pages 256 --max-tokens 1000 --concurrency 256 \
         --ngram 20 50 --out bench.json
+The n-gram guard's cost (one engine per logits processor, guard on and off per request, median of 3):
+
+    python benchmarks/bench_vllm.py ngram --model DIR --pages 128 --max-tokens 400 --concurrency 256 \
+        --ngram 20 50 --repeat 3 --impls batched,vllm      # add ",off" for an engine with no processor
+
 DIR: a real-size checkpoint; without weights (`python deepseek_ocr.py make-tiny DIR --vision real
 --decoder real --config-only`) LOAD_FORMAT=dummy gives random ones (the default here).
 """

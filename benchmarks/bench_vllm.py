@@ -14,7 +14,9 @@ process, so its GPU memory is free again when (b) starts.
 The n-gram guard's cost (one engine per logits processor, guard on and off per request, median of 3):
 
     python benchmarks/bench_vllm.py ngram --model DIR --pages 128 --max-tokens 400 --concurrency 256 \
-        --ngram 20 50 --repeat 3 --impls batched,vllm      # add ",off" for an engine with no processor
+        --ngram 20 50 --repeat 3 --impls batched,vllm
+Adding ",off" starts an engine with no logits processor at all; vLLM 0.26 may then pick its V2 model runner
+(any custom logits processor keeps it on V1), so that row measures more than the guard.
 
 DIR: a real-size checkpoint; without weights (`python deepseek_ocr.py make-tiny DIR --vision real
 --decoder real --config-only`) LOAD_FORMAT=dummy gives random ones (the default here).

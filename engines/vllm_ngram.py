@@ -23,6 +23,8 @@ Request settings come from `SamplingParams.extra_args` with vLLM's keys and defa
 thing under either processor. One difference: an empty `extra_args` ({}) is "guard off" here, where vLLM's
 check turns it into a ValueError (its `extra_args and ...` yields {} instead of None).
 
+Like any custom logits processor in vLLM 0.26, it keeps the engine on the V1 model runner.
+
 The pure-torch core (`ngram_bans`, `apply_bans`) and the bookkeeping import without vLLM, for CPU tests;
 the class derives from vLLM's `LogitsProcessor` when vLLM is importable (its loader requires the subclass).
 """

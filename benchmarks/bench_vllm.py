@@ -11,6 +11,13 @@ process, so its GPU memory is free again when (b) starts.
 
     python benchmarks/bench_vllm.py all --model DIR --pages 256 --max-tokens 1000 --concurrency 256 \
         --ngram 20 50 --out bench.json
+The n-gram guard's cost (one engine per logits processor, guard on and off per request, median of 3):
+
+    python benchmarks/bench_vllm.py ngram --model DIR --pages 128 --max-tokens 400 --concurrency 256 \
+        --ngram 20 50 --repeat 3 --impls batched,vllm
+Adding ",off" starts an engine with no logits processor at all; vLLM 0.26 may then pick its V2 model runner
+(any custom logits processor keeps it on V1), so that row measures more than the guard.
+
 DIR: a real-size checkpoint; without weights (`python deepseek_ocr.py make-tiny DIR --vision real
 --decoder real --config-only`) LOAD_FORMAT=dummy gives random ones (the default here).
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -87,38 +95,54 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     sampling = Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0], ngram_window=args.ngram[1])
     params = sampling_params(sampling, builder.whitelist, delta=False)
     t = time.perf_counter()
-    llm = LLM(**engine_kwargs(settings_for(args)))
+    llm = LLM(**engine_kwargs(settings_for(args), ngram_impl=args.ngram_impl))
     start_s = time.perf_counter() - t
     warm = sampling_params(Sampling(max_tokens=16, ngram_size=args.ngram[0], ngram_window=args.ngram[1]),
                            builder.whitelist, delta=False)
     llm.generate([builder.prompt(DOCUMENT_PROMPT, vllm_image(images[0], gundam), gundam)] * 2, warm,
                  use_tqdm=False)
     images = images * args.files  # the same pages the service gets from --files copies of the PDF
-    runs = []
+    # --also-off: the same engine, the requests without n-gram settings (extra_args None: no guard).
+    off = sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=0), builder.whitelist, delta=False)
+    kinds = [("on", params), ("off", off)] if args.also_off else [("on", params)]
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind, _ in kinds}
     for _ in range(args.repeat):
-        t = time.perf_counter()
-        # Preprocessing counted in (a) as the service counts it: vllm_image + the renderer's processor.
-        prompts = [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - t
-        completion = [len(o.outputs[0].token_ids) for o in outs]
-        finish = [o.outputs[0].finish_reason for o in outs]
-        runs.append({
-            "path": "raw LLM.generate", "pages": len(images), "elapsed_s": round(elapsed, 2),
-            "pages_per_s": round(len(images) / elapsed, 3),
-            "output_tokens_per_s": round(sum(completion) / elapsed, 1),
-            "mean_completion_tokens": round(sum(completion) / len(completion), 1),
-            "finish_length": finish.count("length"), "engine_start_s": round(start_s, 1),
-            "render_s_not_timed": round(render_s, 2),
-        })
-        print(json.dumps(runs[-1]), flush=True)
-    return median_run(runs)
+        for kind, sp in kinds:  # interleaved, so drift (clocks, memory) hits both alike
+            t = time.perf_counter()
+            # Preprocessing counted in (a) as the service counts it: vllm_image + the renderer's processor.
+            prompts = [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            runs[kind].append(_run_figures(outs, time.perf_counter() - t))
+    result = {"path": "raw LLM.generate", "ngram_impl": args.ngram_impl, "engine_start_s": round(start_s, 1),
+              "render_s_not_timed": round(render_s, 2), **_median_run(runs["on"])}
+    if args.also_off:
+        result["guard_off"] = _median_run(runs["off"])
+    return result
+
+
+def _run_figures(outs: list[Any], elapsed: float) -> dict[str, Any]:
+    completion = [len(o.outputs[0].token_ids) for o in outs]
+    finish = [o.outputs[0].finish_reason for o in outs]
+    digest = hashlib.sha256(json.dumps([list(o.outputs[0].token_ids) for o in outs]).encode()).hexdigest()
+    return {
+        "pages": len(outs), "elapsed_s": round(elapsed, 2), "pages_per_s": round(len(outs) / elapsed, 3),
+        "output_tokens_per_s": round(sum(completion) / elapsed, 1),
+        "mean_completion_tokens": round(sum(completion) / len(completion), 1),
+        "finish_length": finish.count("length"), "tokens_sha256": digest[:16],
+    }
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median pages/s, with every run's figure beside it."""
     ordered = sorted(runs, key=lambda r: r["pages_per_s"])
     return {**ordered[len(ordered) // 2], "runs_pages_per_s": [r["pages_per_s"] for r in runs]}
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median elapsed time (its own figures), with every run's time beside it."""
+    ordered = sorted(runs, key=lambda r: r["elapsed_s"])
+    return {**ordered[len(ordered) // 2], "runs_elapsed_s": [r["elapsed_s"] for r in runs],
+            "runs_sha256": [r["tokens_sha256"] for r in runs]}
 
 
 # --------------------------------------------------------------------------------------- (b) service
@@ -257,12 +281,49 @@ def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
             profiler.kill()
 
 
+# --------------------------------------------------------------------------------------- n-gram guard
+
+
+def ngram_table(args: argparse.Namespace) -> int:
+    """One raw child per processor (each starts its own engine), guard on and off, median of --repeat."""
+    rows: list[dict[str, Any]] = []
+    for impl in args.impls.split(","):
+        out = Path(args.pdf).with_suffix(f".ngram-{impl}.json")
+        cmd = [sys.executable, __file__, "raw", "--model", args.model, "--pages", str(args.pages),
+               "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency),
+               "--ngram", *map(str, args.ngram), "--gpu-mem", str(args.gpu_mem), "--load-format",
+               args.load_format, "--pdf", args.pdf, "--ngram-impl", impl, "--repeat", str(args.repeat),
+               "--also-off", "--out", str(out)]
+        if subprocess.run(cmd).returncode != 0:
+            print(f"{impl}: the raw run failed", flush=True)
+            continue
+        result = json.loads(out.read_text())[0]
+        rows += [{"impl": impl, "guard": "on", **result}, {"impl": impl, "guard": "off", **result["guard_off"]}]
+    print(f"\n{args.pages} A4 pages, max_tokens {args.max_tokens}, max_num_seqs {args.concurrency}, "
+          f"n-gram {args.ngram[0]}/{args.ngram[1]}, median of {args.repeat}")
+    print(f"  {'processor':9} {'guard':5} {'pages/s':>8} {'tok/s':>9} {'tokens/page':>11} {'runs (s)':24} "
+          "tokens (sha256 per run)")
+    for r in rows:
+        print(f"  {r['impl']:9} {r['guard']:5} {r['pages_per_s']:8.3f} {r['output_tokens_per_s']:9.1f} "
+              f"{r['mean_completion_tokens']:11} {str(r['runs_elapsed_s']):24} {' '.join(r['runs_sha256'])}")
+    on = {r["impl"]: r for r in rows if r["guard"] == "on"}
+    if "batched" in on and "vllm" in on:
+        b, v = on["batched"], on["vllm"]
+        same = set(b["runs_sha256"]) == set(v["runs_sha256"]) and len(set(b["runs_sha256"])) == 1
+        print(f"  guard on, batched / per-request: {b['output_tokens_per_s'] / v['output_tokens_per_s']:.3f} x tok/s; "
+              f"greedy outputs of all runs {'identical' if same else 'not all identical (tokens column)'}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0 if len(rows) == 2 * len(args.impls.split(",")) else 1
+
+
 # --------------------------------------------------------------------------------------- main
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["all", "raw", "service"])
+    parser.add_argument("what", choices=["all", "raw", "service", "ngram"],
+                        help="ngram: raw runs per --impls, guard on and off, median of --repeat (a table)")
     parser.add_argument("--model", required=True)
     parser.add_argument("--pages", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1000)
@@ -276,17 +337,22 @@ def main() -> int:
     parser.add_argument("--log", default="/tmp/bench-service.log", help="the service's log")
     parser.add_argument("--out", help="write the figures as JSON here")
     parser.add_argument("--files", type=int, default=1, help="copies of the PDF sent at once (raw: as many pages)")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs on one engine; the median is reported")
     parser.add_argument("--gpus", help="GPUS of the service (default: every visible GPU)")
     parser.add_argument("--workers", default="process", choices=["process", "inline"], help="ENGINE_WORKERS")
-    parser.add_argument("--ngram-impl", default="batched", choices=["batched", "vllm"], help="NGRAM_IMPL")
     parser.add_argument("--profile", help="py-spy raw stacks of the first timed service run go here")
+    parser.add_argument("--ngram-impl", choices=["batched", "vllm", "off"], default="batched",
+                        help="the n-gram logits processor of the raw engine (engine_kwargs ngram_impl)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs on one engine; median")
+    parser.add_argument("--also-off", action="store_true", help="raw: also time runs with the guard off")
+    parser.add_argument("--impls", default="batched,vllm", help="ngram: the processors compared")
     args = parser.parse_args()
     args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
     if not Path(args.pdf).is_file():
         Path(args.pdf).write_bytes(text_pdf(args.pages))
 
     results: list[dict[str, Any]] = []
+    if args.what == "ngram":
+        return ngram_table(args)
     if args.what == "raw":
         results.append(run_raw(args))
         print(json.dumps(results[-1]), flush=True)

@@ -8,10 +8,13 @@
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
 #               pages/s on the 256-page PDF                                                ~8 min
+#        ngram  the n-gram guard's cost: raw vLLM, 128 pages, batched vs per-request (vllm) processor,
+#               guard on and off, median of 3 runs each (one engine per processor)         ~8 min
+#        ngram-test  pytest -m gpu tests/test_gpu_ngram.py: batched bans == vLLM's per request  ~4 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh equiv|tests|bench}
+phase=${1:?usage: gpu_run.sh equiv|tests|bench|ocr2|ngram|ngram-test}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -68,8 +71,19 @@ case "$phase" in
     timeout 560 python3 benchmarks/bench_vllm.py all --model "$CK/real" --pages 256 --max-tokens 1000 \
       --concurrency 256 --ngram 20 50 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
     ;;
+  ngram)
+    real_ckpt
+    timeout 570 python3 benchmarks/bench_vllm.py ngram --model "$CK/real" --pages 128 --max-tokens 400 \
+      --concurrency 256 --ngram 20 50 --repeat 3 --impls batched,vllm --out "$OUT/ngram.json" 2>&1 |
+      tee "$OUT/ngram.log"
+    ;;
+  ngram-test)
+    real_ckpt
+    GPU_TEST_MODEL="$CK/real" timeout 570 python3 -m pytest -m gpu tests/test_gpu_ngram.py -v -s -rs \
+      -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
+    ;;
   *)
-    echo "unknown phase $phase; use equiv, tests, bench or ocr2" >&2
+    echo "unknown phase $phase; use equiv, tests, bench, ocr2, ngram or ngram-test" >&2
     exit 2
     ;;
 esac

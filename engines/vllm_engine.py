@@ -56,9 +56,20 @@ _VLLM_MODEL_MODULE = "vllm.model_executor.models.deepseek_ocr"
 # --------------------------------------------------------------------------------------- engine args
 
 
-def engine_kwargs(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments for `AsyncEngineArgs` / `EngineArgs` / `LLM`, from the service settings."""
-    from vllm.model_executor.models.deepseek_ocr import NGramPerReqLogitsProcessor
+def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for `AsyncEngineArgs` / `EngineArgs` / `LLM`, from the service settings.
+
+    ngram_impl (default: NGRAM_IMPL, else "batched") picks the n-gram guard's logits processor: "batched"
+    (engines/vllm_ngram.py, the whole batch in tensor ops), "vllm" (vLLM's per-request processor, same bans),
+    or "off" (none registered: requests' n-gram settings are then ignored; for benchmarks).
+    """
+    impl = ngram_impl or getattr(settings, "ngram_impl", "batched")
+    if impl == "batched":
+        from engines.vllm_ngram import NGramBatchProcessor as ngram_processor
+    elif impl == "vllm":
+        from vllm.model_executor.models.deepseek_ocr import NGramPerReqLogitsProcessor as ngram_processor
+    elif impl != "off":
+        raise ValueError(f"NGRAM_IMPL must be batched, vllm or off, got {impl!r}")
 
     if not settings.model_path:
         raise ValueError("MODEL_PATH is not set")
@@ -78,7 +89,7 @@ def engine_kwargs(settings: Settings, **overrides: Any) -> dict[str, Any]:
         "enable_prefix_caching": False,
         "mm_processor_cache_gb": 0,
         "limit_mm_per_prompt": {"image": 1},
-        "logits_processors": [NGramPerReqLogitsProcessor],
+        "logits_processors": [] if impl == "off" else [ngram_processor],
         # Image preprocessing runs in the renderer's threads (async path); several pages decode at once.
         "renderer_num_workers": max(1, min(8, os.cpu_count() or 1)),
     }

@@ -267,6 +267,11 @@ def start_profile(args: argparse.Namespace, url: str, n: int) -> subprocess.Pope
     pid = args.server_pid
     out = Path(args.profile)
     out.parent.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    if shutil.which("py-spy") is None:
+        print("py-spy is not on PATH: no profile", file=sys.stderr)
+        return None
     return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--gil",
                              "--rate", "40", "--format", "raw", "--output", str(out), "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

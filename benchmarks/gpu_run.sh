@@ -8,17 +8,19 @@
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
 #               pages/s on the 256-page PDF                                                ~8 min
+#        workers  pytest -m gpu tests/test_gpu_workers.py: a vLLM worker per GPU, engine core killed, healed ~5 min
 #        ngram  the n-gram guard's cost: raw vLLM, 128 pages, batched vs per-request (vllm) processor,
 #               guard on and off, median of 3 runs each (one engine per processor)         ~8 min
 #        ngram-test  pytest -m gpu tests/test_gpu_ngram.py: batched bans == vLLM's per request  ~4 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh equiv|tests|bench|ocr2|ngram|ngram-test}
+phase=${1:?usage: gpu_run.sh equiv|tests|bench|workers|ocr2|ngram|ngram-test}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
 export PYTHONUNBUFFERED=1
+[ -d /tmp/site/bin ] && export PATH=/tmp/site/bin:$PATH  # py-spy and other kit scripts
 
 {
   date -u
@@ -67,9 +69,29 @@ case "$phase" in
       --concurrency 256 --ngram 20 50 --out "$OUT/bench-ocr2.json" 2>&1 | tee "$OUT/bench-ocr2.log"
     ;;
   bench)
+    # One GPU: raw LLM.generate vs the service (one engine worker, GPUS=0) on 256 pages, then two 256-page
+    # PDFs at once on one worker and on two (GPUS=0,1): the scaling figure. py-spy profiles the first
+    # service run. A JIT compile of the fused-MoE kernel during serving shows as a "JIT" line in the logs.
     real_ckpt
-    timeout 560 python3 benchmarks/bench_vllm.py all --model "$CK/real" --pages 256 --max-tokens 1000 \
-      --concurrency 256 --ngram 20 50 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    common=(--model "$CK/real" --pages 256 --max-tokens 1000 --concurrency 256 --ngram 20 50)
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_vllm.py raw "${common[@]}" --repeat "${REPEAT:-1}" \
+      --out "$OUT/bench-raw.json" 2>&1 | tee "$OUT/bench-raw.log"
+    timeout 260 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0 --repeat "${REPEAT:-1}" \
+      --profile "$OUT/profile-1gpu.txt" --log "$OUT/service-1gpu.log" --out "$OUT/bench-1gpu.json" 2>&1 |
+      tee "$OUT/bench-1gpu.log"
+    timeout 200 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0,1 --files 2 \
+      --log "$OUT/service-2gpu.log" --out "$OUT/bench-2gpu.json" 2>&1 | tee "$OUT/bench-2gpu.log"
+    timeout 150 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0 --files 2 \
+      --log "$OUT/service-1gpu-512.log" --out "$OUT/bench-1gpu-512.json" 2>&1 | tee "$OUT/bench-1gpu-512.log"
+    [ -f "$OUT/profile-1gpu.txt" ] && python3 benchmarks/profile_summary.py "$OUT/profile-1gpu.txt" \
+      > "$OUT/profile-1gpu-summary.txt" 2>&1
+    grep -il "jit comp\|compiling\|default MoE config" "$OUT"/*.log > "$OUT/jit-lines.txt" 2>&1
+    grep -ih "jit comp\|default MoE config" "$OUT"/*.log | sort | uniq -c | head -20 >> "$OUT/jit-lines.txt"
+    ;;
+  workers)
+    real_ckpt
+    GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/test_gpu_workers.py -v -rs \
+      -p no:cacheprovider 2>&1 | tee "$OUT/workers.log"
     ;;
   ngram)
     real_ckpt

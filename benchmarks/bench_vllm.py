@@ -260,26 +260,34 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
     return median_run(runs)
 
 
-def start_profile(args: argparse.Namespace, url: str, n: int) -> subprocess.Popen[bytes] | None:
-    """py-spy over the server and its children (workers, vLLM engine cores) for the first timed run."""
-    if not args.profile or n > 0:
-        return None
-    pid = args.server_pid
-    out = Path(args.profile)
-    out.parent.mkdir(parents=True, exist_ok=True)
+def start_profile(args: argparse.Namespace, url: str, n: int) -> list[subprocess.Popen[bytes]]:
+    """py-spy on the server and on each of its children (engine workers, vLLM engine cores, render
+    processes), one non-blocking recorder per process (`--subprocesses` needs blocking mode), for the first
+    timed run: `<profile>.<pid>.txt` each."""
     import shutil
 
+    import psutil
+
+    if not args.profile or n > 0:
+        return []
     if shutil.which("py-spy") is None:
         print("py-spy is not on PATH: no profile", file=sys.stderr)
-        return None
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--subprocesses", "--gil",
-                             "--rate", "40", "--format", "raw", "--output", str(out), "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        return []
+    server = psutil.Process(args.server_pid)
+    pids = [server.pid] + [p.pid for p in server.children(recursive=True)
+                           if "resource_tracker" not in " ".join(p.cmdline())]
+    Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
+    names = {pid: " ".join(psutil.Process(pid).cmdline())[:160] for pid in pids}
+    Path(f"{args.profile}.pids.json").write_text(json.dumps(names, indent=1))
+    return [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate", "40",
+                              "--format", "raw", "--output", f"{args.profile}.{pid}.txt"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for pid in pids]
 
 
-def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
-    if profiler is not None:
+def stop_profile(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for profiler in profilers:
         profiler.send_signal(2)  # py-spy writes its file on SIGINT
+    for profiler in profilers:
         try:
             profiler.wait(60)
         except subprocess.TimeoutExpired:

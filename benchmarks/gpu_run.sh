@@ -77,13 +77,13 @@ case "$phase" in
     CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_vllm.py raw "${common[@]}" --repeat "${REPEAT:-1}" \
       --out "$OUT/bench-raw.json" 2>&1 | tee "$OUT/bench-raw.log"
     timeout 260 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0 --repeat "${REPEAT:-1}" \
-      --profile "$OUT/profile-1gpu.txt" --log "$OUT/service-1gpu.log" --out "$OUT/bench-1gpu.json" 2>&1 |
+      --profile "$OUT/prof1" --log "$OUT/service-1gpu.log" --out "$OUT/bench-1gpu.json" 2>&1 |
       tee "$OUT/bench-1gpu.log"
     timeout 200 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0,1 --files 2 \
       --log "$OUT/service-2gpu.log" --out "$OUT/bench-2gpu.json" 2>&1 | tee "$OUT/bench-2gpu.log"
     timeout 150 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0 --files 2 \
       --log "$OUT/service-1gpu-512.log" --out "$OUT/bench-1gpu-512.json" 2>&1 | tee "$OUT/bench-1gpu-512.log"
-    [ -f "$OUT/profile-1gpu.txt" ] && python3 benchmarks/profile_summary.py "$OUT/profile-1gpu.txt" \
+    python3 benchmarks/profile_summary.py "$OUT"/prof1.*.txt --seconds "$(python3 -c "import json;print(json.load(open('$OUT/bench-1gpu.json'))[0]['elapsed_s'])" 2>/dev/null || echo 60)" \
       > "$OUT/profile-1gpu-summary.txt" 2>&1
     grep -il "jit comp\|compiling\|default MoE config" "$OUT"/*.log > "$OUT/jit-lines.txt" 2>&1
     grep -ih "jit comp\|default MoE config" "$OUT"/*.log | sort | uniq -c | head -20 >> "$OUT/jit-lines.txt"

@@ -1,7 +1,7 @@
 """Where the CPU side's time goes: a py-spy raw profile summarised per process and per kind of work.
 
-    py-spy record --pid PID --subprocesses --gil --format raw --output prof.txt
-    python benchmarks/profile_summary.py prof.txt
+    py-spy record --pid PID --gil --nonblocking --format raw --output prof.PID.txt   (one per process)
+    python benchmarks/profile_summary.py prof.*.txt --seconds 60
 
 `--gil` keeps only samples of threads that hold the GIL, so each process's total is the share of its one
 GIL that was busy; a process near 100% (samples / duration / rate) is GIL-bound. Each sample is put in the
@@ -12,8 +12,10 @@ detokeniser and everything it calls, and "other" is what no rule names.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections import Counter, defaultdict
+from pathlib import Path
 
 RULES = (  # (kind, regex on one frame "function (file:line)"), leaf-first matching
     ("image preprocessing (vLLM processor, PIL, torchvision)",
@@ -41,20 +43,34 @@ def kind_of(frames: list[str]) -> str:
     return "other"
 
 
+def _process_name(path: str) -> str:
+    """`prof.PID.txt` -> "PID: its command line" while it runs, else the file name."""
+    pid = path.rsplit(".", 2)[-2] if path.count(".") >= 2 else ""
+    names = Path(path.rsplit(".", 2)[0] + ".pids.json")  # written by bench_vllm.py beside the profiles
+    if names.is_file():
+        return f"pid {pid}: {json.loads(names.read_text()).get(pid, '?')}"
+    try:
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        cmd = ""
+    return f"{path} {cmd}".strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("profile")
+    parser.add_argument("profiles", nargs="+", help="py-spy raw files, one per process")
     parser.add_argument("--rate", type=float, default=40.0, help="py-spy's --rate")
     parser.add_argument("--seconds", type=float, help="the recording's length: prints each GIL's busy share")
     args = parser.parse_args()
     per_process: dict[str, Counter[str]] = defaultdict(Counter)
-    for line in open(args.profile, encoding="utf-8", errors="replace"):
-        stack, _, count = line.rstrip("\n").rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
-        frames = stack.split(";")
-        process = frames[0] if frames[0].startswith("process ") else "process ?"
-        per_process[process][kind_of(frames[1:])] += int(count)
+    for path in args.profiles:
+        name = _process_name(path)
+        for line in open(path, encoding="utf-8", errors="replace"):
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(";")
+            per_process[name][kind_of(frames)] += int(count)
     for process, kinds in sorted(per_process.items(), key=lambda kv: -sum(kv[1].values())):
         total = sum(kinds.values())
         busy = f", GIL busy {100 * total / args.rate / args.seconds:.0f}%" if args.seconds else ""

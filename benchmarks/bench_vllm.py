@@ -101,7 +101,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
                            builder.whitelist, delta=False)
     llm.generate([builder.prompt(DOCUMENT_PROMPT, vllm_image(images[0], gundam), gundam)] * 2, warm,
                  use_tqdm=False)
-    images = images * args.files  # the same pages the service gets from --files copies of the PDF
+    images = images * args.files[0]  # the same pages the service gets from --files copies of the PDF
     # --also-off: the same engine, the requests without n-gram settings (extra_args None: no guard).
     off = sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=0), builder.whitelist, delta=False)
     kinds = [("on", params), ("off", off)] if args.also_off else [("on", params)]
@@ -184,7 +184,7 @@ def service(args: argparse.Namespace, log_path: Path) -> Iterator[str]:
     env = {**os.environ, "MODEL_PATH": args.model, "ENGINE": args.engine, "LOAD_FORMAT": args.load_format,
            "MAX_CONCURRENCY": str(args.concurrency), "GPU_MEM_UTILIZATION": str(args.gpu_mem),
            "PDF_TIMEOUT_S": "3600", "GENERATE_TIMEOUT_S": "600", "MAX_PDF_PAGES": str(max(500, args.pages)),
-           "MAX_QUEUE": str(max(512, args.pages * args.files)), "LOG_LEVEL": "WARNING",
+           "MAX_QUEUE": str(max(512, args.pages * max(args.files))), "LOG_LEVEL": "WARNING",
            "ENGINE_WORKERS": args.workers, "NGRAM_IMPL": args.ngram_impl}
     if args.gpus:
         env["GPUS"] = args.gpus
@@ -237,17 +237,17 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
     with service(args, Path(args.log)) as url:
         start_s = time.perf_counter() - t
         post_pdf(url, pdf, {**fields, "pages": "1-2", "max_tokens": "16"}, timeout=300)  # warm-up
-        for n in range(args.repeat):
-            profiler = start_profile(args, url, n)
+        for files, n in [(f, n) for f in args.files for n in range(args.repeat)]:
+            profiler = start_profile(args, url, n if files == args.files[0] else 1)
             t = time.perf_counter()
-            with ThreadPoolExecutor(args.files) as pool:  # --files copies of the PDF sent at once
-                answers = list(pool.map(lambda _: post_pdf(url, pdf, fields, timeout=3600), range(args.files)))
+            with ThreadPoolExecutor(files) as pool:  # copies of the PDF sent at once
+                answers = list(pool.map(lambda _: post_pdf(url, pdf, fields, timeout=3600), range(files)))
             elapsed = time.perf_counter() - t
             stop_profile(profiler)
             pages = [p for answer in answers for p in answer.get("pages", [])]
             completion = [int((p.get("usage") or {}).get("completion_tokens", 0)) for p in pages]
             runs.append({
-                "path": "service POST /pdf/ocr", "pages": len(pages), "files": args.files,
+                "path": "service POST /pdf/ocr", "pages": len(pages), "files": files,
                 "gpus": args.gpus or "auto", "workers": args.workers, "elapsed_s": round(elapsed, 2),
                 "pages_per_s": round(len(pages) / elapsed, 3),
                 "output_tokens_per_s": round(sum(completion) / elapsed, 1),
@@ -257,7 +257,8 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                 "engine_start_s": round(start_s, 1),
             })
             print(json.dumps(runs[-1]), flush=True)
-    return median_run(runs)
+    by_files = [median_run([r for r in runs if r["files"] == f]) for f in args.files]
+    return by_files[0] if len(by_files) == 1 else {**by_files[0], "by_files": by_files}
 
 
 def start_profile(args: argparse.Namespace, url: str, n: int) -> list[subprocess.Popen[bytes]]:
@@ -349,7 +350,8 @@ def main() -> int:
     parser.add_argument("--pdf", help="the PDF; written when missing (default /tmp/bench-N.pdf)")
     parser.add_argument("--log", default="/tmp/bench-service.log", help="the service's log")
     parser.add_argument("--out", help="write the figures as JSON here")
-    parser.add_argument("--files", type=int, default=1, help="copies of the PDF sent at once (raw: as many pages)")
+    parser.add_argument("--files", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                        help="copies of the PDF sent at once (raw: as many pages); 1,2 = each in turn, one engine")
     parser.add_argument("--gpus", help="GPUS of the service (default: every visible GPU)")
     parser.add_argument("--workers", default="process", choices=["process", "inline"], help="ENGINE_WORKERS")
     parser.add_argument("--profile", help="py-spy raw stacks of the first timed service run go here")
@@ -381,7 +383,7 @@ def main() -> int:
     if len(results) == 2:
         a, b = results
         ratio = b["pages_per_s"] / a["pages_per_s"]
-        print(f"\n{args.pages} A4 pages x {args.files}, max_tokens {args.max_tokens}, "
+        print(f"\n{args.pages} A4 pages x {args.files[0]}, max_tokens {args.max_tokens}, "
               f"MAX_CONCURRENCY {args.concurrency}, n-gram {args.ngram[0]}/{args.ngram[1]}")
         for r in results:
             print(f"  {r['path']:24} {r['pages_per_s']:7.3f} pages/s  {r['output_tokens_per_s']:9.1f} tok/s  "

@@ -74,15 +74,13 @@ case "$phase" in
     # service run. A JIT compile of the fused-MoE kernel during serving shows as a "JIT" line in the logs.
     real_ckpt
     common=(--model "$CK/real" --pages 256 --max-tokens 1000 --concurrency 256 --ngram 20 50)
-    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_vllm.py raw "${common[@]}" --repeat "${REPEAT:-1}" \
+    CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/bench_vllm.py raw "${common[@]}" --repeat "${REPEAT:-1}" \
       --out "$OUT/bench-raw.json" 2>&1 | tee "$OUT/bench-raw.log"
-    timeout 260 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0 --repeat "${REPEAT:-1}" \
+    timeout 270 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0 --files 1,2 --repeat "${REPEAT:-1}" \
       --profile "$OUT/prof1" --log "$OUT/service-1gpu.log" --out "$OUT/bench-1gpu.json" 2>&1 |
       tee "$OUT/bench-1gpu.log"
-    timeout 200 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0,1 --files 2 \
+    timeout 150 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0,1 --files 2 \
       --log "$OUT/service-2gpu.log" --out "$OUT/bench-2gpu.json" 2>&1 | tee "$OUT/bench-2gpu.log"
-    timeout 150 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0 --files 2 \
-      --log "$OUT/service-1gpu-512.log" --out "$OUT/bench-1gpu-512.json" 2>&1 | tee "$OUT/bench-1gpu-512.log"
     python3 benchmarks/profile_summary.py "$OUT"/prof1.*.txt --seconds "$(python3 -c "import json;print(json.load(open('$OUT/bench-1gpu.json'))[0]['elapsed_s'])" 2>/dev/null || echo 60)" \
       > "$OUT/profile-1gpu-summary.txt" 2>&1
     grep -il "jit comp\|compiling\|default MoE config" "$OUT"/*.log > "$OUT/jit-lines.txt" 2>&1

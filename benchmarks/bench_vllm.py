@@ -76,7 +76,7 @@ def settings_for(args: argparse.Namespace) -> Any:
 
 
 def run_raw(args: argparse.Namespace) -> dict[str, Any]:
-    import inputs
+    import pdf_worker
     from config import DOCUMENT_PROMPT, MODES
     from engines.base import SamplingParams as Sampling
     from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
@@ -86,8 +86,8 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
 
     data = Path(args.pdf).read_bytes()
     t = time.perf_counter()
-    with inputs.open_pdf(data, max_pages=100_000) as source:
-        images = [inputs.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
+    with pdf_worker.open_pdf(data, max_pages=100_000) as source:
+        images = [pdf_worker.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
                   for p in range(1, source.page_count + 1)]
     render_s = time.perf_counter() - t
     gundam = MODES["gundam"]

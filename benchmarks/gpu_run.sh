@@ -3,7 +3,8 @@
 #
 # From the repo root on the GPU machine:
 #   bash .kit/bin/install.sh && source .kit/bin/env.sh && bash benchmarks/gpu_run.sh PHASE
-# PHASE: equiv  teacher-forced equivalence, ours vs vLLM (float32, then bfloat16)     ~5 min
+# PHASE: views  vLLM's DeepSeek-OCR processor vs our views and token counts, every mode (no engine) ~1 min
+#        equiv  teacher-forced equivalence, ours vs vLLM, every mode (float32, then bfloat16) ~6 min
 #        tests  pytest -m gpu tests/test_gpu.py tests/test_gpu_ocr2.py (real uvicorn, ENGINE=vllm) ~8 min
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
@@ -11,7 +12,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh equiv|tests|bench}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|bench|ocr2}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -46,6 +47,10 @@ ocr2_real_ckpt() {
 }
 
 case "$phase" in
+  views)
+    real_ckpt
+    timeout 240 python3 benchmarks/vllm_views.py --ckpt "$CK/real" 2>&1 | tee "$OUT/views.log"
+    ;;
   equiv)
     small_ckpt
     timeout 500 python3 benchmarks/equivalence.py --ckpt "$CK/small" --dtypes float32,bfloat16 \
@@ -69,7 +74,7 @@ case "$phase" in
       --concurrency 256 --ngram 20 50 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
     ;;
   *)
-    echo "unknown phase $phase; use equiv, tests, bench or ocr2" >&2
+    echo "unknown phase $phase; use views, equiv, tests, bench or ocr2" >&2
     exit 2
     ;;
 esac

@@ -226,15 +226,28 @@ class VllmEngine(BaseEngine):
         args = vllm.AsyncEngineArgs(**engine_kwargs(self.settings))
         log.info("starting vLLM %s engine: %s (modes %s)", self._version, self.model_path,
                  ", ".join(self.served_modes))
+        started = time.time()
         # Built on the event loop thread: AsyncLLM binds its output task and sockets to the running loop.
         self._engine = AsyncLLM.from_engine_args(args)
         try:
+            self._check_plugin(started)
             await self._warm_up()
         except BaseException:
             self._engine.shutdown()
             self._engine = None
             raise
         self.set_ready()
+
+    def _check_plugin(self, started: float) -> None:
+        """The engine core (vLLM spawned it from this process) must have loaded the modes plugin: on vLLM's
+        own class, images of different modes could share an encoder batch and be answered wrongly, silently."""
+        if self.arch != "ocr" or vllm_modes.children_registered(started):
+            return
+        raise RuntimeError(
+            f"vLLM's engine core did not load the {vllm_modes.PLUGIN_NAME!r} plugin (entry point of "
+            f"{vllm_modes.plugin_dir()}, PYTHONPATH={os.environ.get('PYTHONPATH', '')!r}, "
+            f"VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS')!r}); see the engine core's log for why"
+        )
 
     async def _warm_up(self) -> None:
         """Run each prompt shape once before reporting ready.

@@ -14,7 +14,9 @@ enough: each vLLM process loads the entry points of group `vllm.general_plugins`
 (`vllm.plugins.load_general_plugins`, called in `EngineCore.__init__`, in workers and in the model-registry
 probe subprocess). `install_plugin()` writes a minimal distribution metadata directory whose entry point is
 `engines.vllm_modes:register`, puts its folder and the repository root on `sys.path` (copied into spawned
-children) and `PYTHONPATH` (seen by `subprocess` children), and registers in this process too.
+children) and `PYTHONPATH` (seen by `subprocess` children), and registers in this process too. A process
+spawned by multiprocessing that registers leaves a mark (`children_registered`), so the engine can refuse to
+start when its engine core did not load the plugin: vLLM only logs a plugin that fails to load.
 
 This module imports no vLLM at import time (the CPU test suite has none): `ViewSizes`, `count_placeholders`
 and the dist-info writer are plain Python; `register()` imports vLLM when it runs.
@@ -23,9 +25,11 @@ and the dist-info writer are plain Python; `register()` imports vLLM when it run
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,8 @@ PLUGIN_GROUP = "vllm.general_plugins"
 DIST_NAME = "deepseek_ocr_service_vllm_modes"
 DIST_VERSION = "1.0"
 PLUGIN_DIR_ENV = "DEEPSEEK_OCR_VLLM_PLUGIN_DIR"
+_MARKS = "registered"  # <plugin dir>/registered/<parent pid>-<pid>: which spawned processes registered
+_MARK_MAX_AGE_S = 24 * 3600
 
 # View sizes must be whole multiples of one query (16 px patches, 4x downsampling): there vLLM's
 # ceil((size // 16) / 4) and our ceil(size / 64) agree.
@@ -162,6 +168,8 @@ def install_plugin(directory: Path | None = None) -> Path:
     Call before vLLM starts its processes; safe to call again. Returns the folder put on the paths.
     """
     folder = write_dist_info(directory or plugin_dir())
+    os.environ[PLUGIN_DIR_ENV] = str(folder)  # children leave their marks where this process looks
+    _prune_marks(folder / _MARKS)
     root = str(ROOT)
     for entry in (root, str(folder)):
         if entry not in sys.path:
@@ -185,3 +193,43 @@ def register() -> None:
     from vllm import ModelRegistry
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    if multiprocessing.parent_process() is not None:
+        _mark_registered()
+
+
+def _mark_registered() -> None:
+    """Leave `<plugin dir>/registered/<parent pid>-<pid>`, so the process that spawned this one (vLLM's
+    front end, for its engine core) can tell that the plugin loaded here (`children_registered`)."""
+    marks = plugin_dir() / _MARKS
+    try:
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / f"{os.getppid()}-{os.getpid()}").touch()
+    except OSError:
+        pass  # unwritable: the engine's start-up check then says the plugin was not seen
+
+
+def children_registered(since: float) -> list[int]:
+    """Pids of processes spawned by this one (multiprocessing) that registered the plugin at or after
+    `since` (a `time.time()`); 2 s of slack for coarse file timestamps."""
+    marks = plugin_dir() / _MARKS
+    prefix = f"{os.getpid()}-"
+    found = []
+    for mark in marks.glob(prefix + "*") if marks.is_dir() else ():
+        try:
+            if mark.stat().st_mtime >= since - 2:
+                found.append(int(mark.name[len(prefix):]))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _prune_marks(marks: Path) -> None:
+    if not marks.is_dir():
+        return
+    old = time.time() - _MARK_MAX_AGE_S
+    for mark in marks.iterdir():
+        try:
+            if mark.stat().st_mtime < old:
+                mark.unlink()
+        except OSError:
+            continue

@@ -153,13 +153,20 @@ if __name__ == "__main__":
     sys.path.insert(0, sys.argv[1])  # the stand-in vllm, as if installed
     from engines import vllm_modes
 
+    import time
+
+    started = time.time()
     vllm_modes.install_plugin(Path(sys.argv[2]))
+    assert vllm_modes.children_registered(started) == [], "marked before any child ran"
     proc = mp.get_context("spawn").Process(target=child)
     proc.start()
     proc.join(60)
     # A subprocess child (vLLM's model-registry probe) sees only the environment: PYTHONPATH.
     probe = "import sys; sys.path.insert(0, %r); import runpy; runpy.run_path(%r, run_name='probe')"
     subprocess.run([sys.executable, "-c", probe % (sys.argv[1], __file__)], check=True, cwd="/")
+    # Only the spawned child (as vLLM's engine core) marks itself, and only for its parent.
+    assert vllm_modes.children_registered(started) == [proc.pid], vllm_modes.children_registered(started)
+    assert vllm_modes.children_registered(time.time() + 60) == []
     sys.exit(proc.exitcode)
 
 if __name__ == "probe":

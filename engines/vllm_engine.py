@@ -243,6 +243,8 @@ class VllmEngine(BaseEngine):
         own class, images of different modes could share an encoder batch and be answered wrongly, silently."""
         if self.arch != "ocr" or vllm_modes.children_registered(started):
             return
+        if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "fork":
+            return  # a forked core inherits this process's registration (and does not load plugins again)
         raise RuntimeError(
             f"vLLM's engine core did not load the {vllm_modes.PLUGIN_NAME!r} plugin (entry point of "
             f"{vllm_modes.plugin_dir()}, PYTHONPATH={os.environ.get('PYTHONPATH', '')!r}, "

@@ -3,8 +3,10 @@
 #
 # From the repo root on the GPU machine:
 #   bash .kit/bin/install.sh && source .kit/bin/env.sh && bash benchmarks/gpu_run.sh PHASE
-# PHASE: equiv  teacher-forced equivalence, ours vs vLLM (float32, then bfloat16)     ~5 min
-#        tests  pytest -m gpu tests/test_gpu.py tests/test_gpu_ocr2.py (real uvicorn, ENGINE=vllm) ~8 min
+# PHASE: views  vLLM's DeepSeek-OCR processor vs our views and token counts, every mode (no engine) ~1 min
+#        equiv  teacher-forced equivalence, ours vs vLLM, every mode (float32, then bfloat16) ~6 min
+#        tests  pytest -m gpu tests/test_gpu.py tests/test_gpu_ocr2.py (real uvicorn, ENGINE=vllm) ~8-9 min
+#        tests-v1 / tests-v2  the same, one file each (when `tests` runs out of its 570 s)
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
 #               pages/s on the 256-page PDF                                                ~8 min
@@ -15,7 +17,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh equiv|tests|bench|workers|ocr2|ngram|ngram-test}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -51,6 +53,10 @@ ocr2_real_ckpt() {
 }
 
 case "$phase" in
+  views)
+    real_ckpt
+    timeout 240 python3 benchmarks/vllm_views.py --ckpt "$CK/real" 2>&1 | tee "$OUT/views.log"
+    ;;
   equiv)
     small_ckpt
     timeout 500 python3 benchmarks/equivalence.py --ckpt "$CK/small" --dtypes float32,bfloat16 \
@@ -61,6 +67,16 @@ case "$phase" in
     ocr2_small_ckpt
     GPU_TEST_MODEL="$CK/real" GPU_TEST_MODEL_V2="$CK/ocr2-small" timeout 570 python3 -m pytest -m gpu \
       tests/test_gpu.py tests/test_gpu_ocr2.py -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests.log"
+    ;;
+  tests-v1)
+    real_ckpt
+    GPU_TEST_MODEL="$CK/real" timeout 570 python3 -m pytest -m gpu tests/test_gpu.py -v -rs -p no:cacheprovider \
+      2>&1 | tee "$OUT/tests-v1.log"
+    ;;
+  tests-v2)
+    ocr2_small_ckpt
+    GPU_TEST_MODEL_V2="$CK/ocr2-small" timeout 570 python3 -m pytest -m gpu tests/test_gpu_ocr2.py -v -rs \
+      -p no:cacheprovider 2>&1 | tee "$OUT/tests-v2.log"
     ;;
   ocr2)
     ocr2_real_ckpt
@@ -103,7 +119,7 @@ case "$phase" in
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)
-    echo "unknown phase $phase; use equiv, tests, bench, ocr2, ngram or ngram-test" >&2
+    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram or ngram-test" >&2
     exit 2
     ;;
 esac

@@ -4,21 +4,15 @@
 service's prompt construction is kept: plain `bos + prompt`, one `<image>` id where the tag is, tokenised
 by our own tokenizer loader; vLLM only expands that id into the image's placeholder run.
 
-Resolution modes (vLLM issue #28160): vLLM's processor takes its view sizes and crop flag from module
-constants of `vllm.model_executor.models.deepseek_ocr` (1024 / 640 / crop = Gundam). They are read
-(a) in the process that holds the `AsyncLLM` - the renderer that turns an image into pixel tensors and
-counts its placeholders - and (b) in the engine-core process (spawned, see `prepare_environment`), but
-there only for start-up profiling and the encoder CUDA-graph path (off by default); the model's forward
-takes its sizes from the tensors. So a non-Gundam default mode is served by setting the constants in this
-process *after* the engine core has started (it then profiled consistently as Gundam, whose budgets bound
-every other mode's), and passing `crop_mode` per request (the processor's `__call__` default is bound at
-import). vLLM also stretches
-base/large images to a square where the reference pads them; those are padded here first, which makes
-vLLM's stretch a no-op. Constants are per process, so exactly one mode is served: Gundam, or the
-configured default mode when the vLLM version is the one this was checked against.
+Resolution modes: every mode of the model is served on one engine, chosen per request. vLLM's DeepSeek-OCR
+processing counts placeholders from module constants (Gundam only, vLLM issue #28160); `engines.vllm_modes`
+installs a vLLM plugin (in this process and, through an entry point, in every process vLLM spawns) whose
+classes take the view sizes from each request's `mm_processor_kwargs` and keep images of different modes out
+of one encoder batch. vLLM stretches base/large images to a square where the reference pads them; those are
+padded here first, which makes vLLM's stretch a no-op. DeepSeek-OCR-2 keeps its one mode (vLLM's own class).
 
-Helpers used by the benchmarks too: `engine_kwargs`, `PromptBuilder`, `sampling_params`,
-`vllm_image`, `set_vllm_mode`, `mode_support`. `vllm` is imported lazily, so this module imports on
+Helpers used by the benchmarks too: `engine_kwargs`, `prepare_environment`, `PromptBuilder`,
+`sampling_params`, `vllm_image`, `mm_processor_kwargs`. `vllm` is imported lazily, so this module imports on
 machines without it.
 """
 
@@ -35,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import deepseek_ocr
 from config import MODES, ModeSpec, Settings
+from engines import vllm_modes
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
 
@@ -44,13 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("deepseek_ocr.vllm")
 
 GUNDAM = "gundam"
-# Versions whose DeepSeek-OCR processing was read to decide that mode constants can be set (see docstring).
-MODE_PATCH_VERSIONS = ("0.26.",)
 # vLLM's tiling grid is fixed at import (MIN_CROPS/MAX_CROPS bound into default arguments).
 VLLM_CROPS = (2, 6)
 # Above this view size the reference pads (aspect kept) where vLLM stretches; see vllm_image().
 _STRETCH_MAX = 640
-_VLLM_MODEL_MODULE = "vllm.model_executor.models.deepseek_ocr"
 
 
 # --------------------------------------------------------------------------------------- engine args
@@ -106,43 +98,17 @@ def prepare_environment() -> None:
     # ENGINE=auto) already poisons fork without marking CUDA initialised: the child then dies with
     # "Cannot re-initialize CUDA in forked subprocess". Spawn is safe whatever ran before.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    # Per-request modes: our DeepSeek-OCR classes here and, by entry point, in the processes vLLM spawns.
+    vllm_modes.install_plugin()
 
 
 # --------------------------------------------------------------------------------------- modes
 
 
-def mode_support(mode: ModeSpec, vllm_version: str) -> str | None:
-    """None when vLLM can serve `mode` in this process; otherwise why not."""
-    if mode.name == GUNDAM:
-        return None
-    if not vllm_version.startswith(MODE_PATCH_VERSIONS):
-        return (f"vllm {vllm_version} is not a version whose DeepSeek-OCR processor was checked for mode "
-                f"constants ({', '.join(v + 'x' for v in MODE_PATCH_VERSIONS)})")
-    import importlib
-
-    module = importlib.import_module(_VLLM_MODEL_MODULE)
-    missing = [n for n in ("BASE_SIZE", "IMAGE_SIZE", "CROP_MODE") if not hasattr(module, n)]
-    if missing:
-        return f"{_VLLM_MODEL_MODULE} has no {', '.join(missing)}"
-    return None
-
-
-def set_vllm_mode(mode: ModeSpec) -> None:
-    """Point vLLM's DeepSeek-OCR preprocessing in *this* process at `mode` (see the module docstring).
-
-    Call it after the engine core has started. The model module reads these names at call time in
-    `get_hf_processor`, `get_num_image_tokens` and the prompt update; the processor module's own copies
-    only feed default arguments bound at import, so they are left alone.
-    """
-    import importlib
-
-    module = importlib.import_module(_VLLM_MODEL_MODULE)
-    module.BASE_SIZE, module.IMAGE_SIZE, module.CROP_MODE = mode.base_size, mode.image_size, mode.crop
-
-
-def mm_processor_kwargs(mode: ModeSpec) -> dict[str, Any] | None:
-    """Per-request processor options: the crop flag, whose `__call__` default is frozen at Gundam's."""
-    return None if mode.name == GUNDAM else {"crop_mode": mode.crop}
+def mm_processor_kwargs(mode: ModeSpec, arch: str = "ocr") -> dict[str, Any] | None:
+    """Per-request processor options: the mode's view sizes and crop flag (DeepSeek-OCR); None for OCR-2,
+    whose one mode is vLLM's own."""
+    return vllm_modes.mode_kwargs(mode) if arch == "ocr" else None
 
 
 def vllm_image(image: Image.Image, mode: ModeSpec) -> Image.Image:
@@ -180,11 +146,24 @@ def _balanced(image: Image.Image) -> bool:
 
 class PromptBuilder(deepseek_ocr.PromptBuilder):
     """The one prompt builder (`deepseek_ocr.PromptBuilder`), with the vLLM token-prompt shape on top:
-    one `<image>` id at the tag, which vLLM expands to the image's placeholders itself."""
+    one `<image>` id at the tag, which vLLM expands to the image's placeholders itself, and the mode's
+    view sizes as the request's `mm_processor_kwargs` (DeepSeek-OCR; `arch="ocr2"` sends none)."""
+
+    def __init__(self, tokenizer: Any, arch: str = "ocr") -> None:
+        super().__init__(tokenizer)
+        self.arch = arch
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path) -> PromptBuilder:
-        return cls(deepseek_ocr.load_tokenizer(path))
+    def from_checkpoint(cls, path: str | Path, arch: str | None = None) -> PromptBuilder:
+        """`arch` None: read from the checkpoint's config.json ("ocr" when it names no known one)."""
+        if arch is None:
+            from model_catalog import read_arch
+
+            try:
+                arch = read_arch(path)
+            except ValueError:
+                arch = "ocr"  # vLLM itself will say what is wrong with the checkpoint
+        return cls(deepseek_ocr.load_tokenizer(path), arch)
 
     def prompt(self, prompt: str, image: Image.Image | None, mode: ModeSpec,
                extra_ids: Sequence[int] = ()) -> dict[str, Any]:
@@ -193,7 +172,7 @@ class PromptBuilder(deepseek_ocr.PromptBuilder):
         out: dict[str, Any] = {"prompt_token_ids": [*ids, *extra_ids]}
         if image is not None:
             out["multi_modal_data"] = {"image": image}
-            if (kwargs := mm_processor_kwargs(mode)) is not None:
+            if (kwargs := mm_processor_kwargs(mode, self.arch)) is not None:
                 out["mm_processor_kwargs"] = kwargs
         return out
 
@@ -234,13 +213,7 @@ class VllmEngine(BaseEngine):
         self.model_path = settings.model_path
         self._engine: Any = None
         self._prompts: PromptBuilder | None = None
-        self._served: tuple[str, ...] = (GUNDAM,)
-        self._mode_note: str | None = None
         self._version = "?"
-
-    @property
-    def served_modes(self) -> tuple[str, ...]:
-        return self._served
 
     @property
     def arch(self) -> str:
@@ -252,35 +225,23 @@ class VllmEngine(BaseEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._version = vllm.__version__
-        wanted = self.settings.default_mode
-        reason = mode_support(wanted, self._version)
-        serve = wanted if reason is None else None
-        if serve is None or serve.crop:
-            crops = (self.settings.min_crops, self.settings.max_crops)
-            if crops != VLLM_CROPS:
-                raise ValueError(
-                    f"MIN_CROPS={crops[0]}, MAX_CROPS={crops[1]}: vLLM {self._version} tiles Gundam pages "
-                    f"with its fixed {VLLM_CROPS[0]}..{VLLM_CROPS[1]} grid; set MIN_CROPS=2 MAX_CROPS=6 "
-                    "or use ENGINE=torch"
-                )
+        crops = (self.settings.min_crops, self.settings.max_crops)
+        if GUNDAM in self.served_modes and crops != VLLM_CROPS:
+            raise ValueError(
+                f"MIN_CROPS={crops[0]}, MAX_CROPS={crops[1]}: vLLM {self._version} tiles Gundam pages "
+                f"with its fixed {VLLM_CROPS[0]}..{VLLM_CROPS[1]} grid; set MIN_CROPS=2 MAX_CROPS=6 "
+                "or use ENGINE=torch"
+            )
         self._reason = f"starting vLLM {self._version} on {self.model_path}"
-        self._prompts = await asyncio.to_thread(PromptBuilder.from_checkpoint, self.model_path)
+        self._prompts = await asyncio.to_thread(PromptBuilder.from_checkpoint, self.model_path, self.arch)
         args = vllm.AsyncEngineArgs(**engine_kwargs(self.settings))
-        log.info("starting vLLM %s engine: %s", self._version, self.model_path)
+        log.info("starting vLLM %s engine: %s (modes %s)", self._version, self.model_path,
+                 ", ".join(self.served_modes))
+        started = time.time()
         # Built on the event loop thread: AsyncLLM binds its output task and sockets to the running loop.
         self._engine = AsyncLLM.from_engine_args(args)
         try:
-            if self.arch == "ocr2":
-                self._served = (GUNDAM,)  # DeepSeek-OCR-2 has one mode: vLLM's own constants (1024 + 768 tiles)
-            elif serve is None:
-                self._served = (GUNDAM,)
-                self._mode_note = (f"default mode {wanted.name} cannot be served by vLLM here ({reason}); "
-                                   f"serving {GUNDAM} only")
-                log.warning("%s", self._mode_note)
-            else:
-                if serve.name != GUNDAM:
-                    set_vllm_mode(serve)  # only now: the engine core has profiled with the Gundam defaults
-                self._served = (serve.name,)
+            self._check_plugin(started)
             await self._warm_up()
         except BaseException:
             self._engine.shutdown()
@@ -288,29 +249,45 @@ class VllmEngine(BaseEngine):
             raise
         self.set_ready()
 
+    def _check_plugin(self, started: float) -> None:
+        """The engine core (vLLM spawned it from this process) must have loaded the modes plugin: on vLLM's
+        own class, images of different modes could share an encoder batch and be answered wrongly, silently."""
+        if self.arch != "ocr" or vllm_modes.children_registered(started):
+            return
+        if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "fork":
+            return  # a forked core inherits this process's registration (and does not load plugins again)
+        raise RuntimeError(
+            f"vLLM's engine core did not load the {vllm_modes.PLUGIN_NAME!r} plugin (entry point of "
+            f"{vllm_modes.plugin_dir()}, PYTHONPATH={os.environ.get('PYTHONPATH', '')!r}, "
+            f"VLLM_PLUGINS={os.environ.get('VLLM_PLUGINS')!r}); see the engine core's log for why"
+        )
+
     async def _warm_up(self) -> None:
         """Run each prompt shape once before reporting ready.
 
         Triton compiles the fused-MoE kernel for new token counts on first use: on an H100 the first image
-        prompt after start took over 20 s, past a 10 s GENERATE_TIMEOUT_S. Text-only, a one-view image,
-        a tiled A4 page, then two pages together; two tokens each, n-gram guard on.
+        prompt after start took over 20 s, past a 10 s GENERATE_TIMEOUT_S. Text-only, Gundam's one-view
+        image and tiled A4 page, every other mode once (each has its own prompt length), then all of them
+        together (a mixed batch, as traffic brings it); two tokens each, n-gram guard on.
         """
         from PIL import Image
 
         started = time.perf_counter()
-        mode = (self.model.modes if self.model is not None else MODES)[self._served[0]]
+        modes = self.model.modes if self.model is not None else MODES
         sampling = SamplingParams(max_tokens=2, ngram_size=20, ngram_window=50)
 
-        async def run(prompt: str, size: tuple[int, int] | None) -> None:
+        async def run(prompt: str, mode: ModeSpec, size: tuple[int, int] | None) -> None:
             image = Image.new("RGB", size, "white") if size else None
             async for _ in self._stream(EngineRequest(prompt, image, mode, sampling)):
                 pass
 
-        await run("Hello", None)
-        for size in ((640, 480), (1190, 1684)):
-            await run("<image>\nFree OCR.", size)
-        await asyncio.gather(run("<image>\nFree OCR.", (640, 480)), run("<image>\nFree OCR.", (1190, 1684)))
-        log.info("vLLM warm-up took %.1f s", time.perf_counter() - started)
+        shapes = [(modes[GUNDAM], (640, 480)), (modes[GUNDAM], (1190, 1684))]
+        shapes += [(mode, (1190, 1684)) for name, mode in modes.items() if name != GUNDAM]
+        await run("Hello", modes[GUNDAM], None)
+        for mode, size in shapes:
+            await run("<image>\nFree OCR.", mode, size)
+        await asyncio.gather(*(run("<image>\nFree OCR.", mode, size) for mode, size in shapes))
+        log.info("vLLM warm-up took %.1f s (modes %s)", time.perf_counter() - started, ", ".join(modes))
 
     def health(self) -> EngineHealth:
         if self._ready and self._engine is not None and self._engine.errored:
@@ -322,10 +299,8 @@ class VllmEngine(BaseEngine):
             "load_format": self.settings.load_format,
             "max_num_seqs": self.settings.max_concurrency,
             "tensor_parallel_size": self.settings.tensor_parallel_size,
-            "served_modes": list(self._served),
+            "served_modes": list(self.served_modes),
         }
-        if self._mode_note:
-            h.detail["mode_note"] = self._mode_note
         processor = getattr(self._engine, "output_processor", None)
         if processor is not None and hasattr(processor, "get_num_unfinished_requests"):
             # vLLM's own count: sequences it still holds (0 after every abort has landed).

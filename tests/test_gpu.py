@@ -2,9 +2,10 @@
 
 Skipped unless CUDA is available and `vllm` imports. The model is a real-size config-only checkpoint
 served with LOAD_FORMAT=dummy (random weights): GPU_TEST_MODEL names it, else one is written to a temp dir.
-One server for the `TestService` class (vLLM starts in about a minute); after it has stopped, one
-in-process `VllmEngine` (MODE=base, so a configured non-Gundam mode is served) checks streaming, abort
-and engine-death reporting. Run: `python -m pytest -m gpu tests/test_gpu.py -v` (about 5 min on an H100).
+One server for the `TestService` class (vLLM starts in about a minute) serves all five DeepSeek-OCR modes on
+one engine (the `engines.vllm_modes` plugin); after it has stopped, one in-process `VllmEngine` (MODE=base
+as its default, every mode served) checks streaming, abort and engine-death reporting.
+Run: `python -m pytest -m gpu tests/test_gpu.py -v` (about 5 min on an H100).
 
 GPU_TEST_ENGINE=torch runs the same checks against the PyTorch engine and a tiny checkpoint on any machine
 (a way to debug this file without a GPU); engine-specific assertions are skipped then.
@@ -97,6 +98,23 @@ def pdf(pages: int) -> bytes:
     data = doc.tobytes()
     doc.close()
     return data
+
+
+ALL_MODES = ["tiny", "small", "base", "large", "gundam"]
+# Sizes whose Gundam counts DEEPSEEK_OCR_FACTS section 3 gives: within 640x640, an A4 page, a 1x6 strip.
+MODE_SIZES = [(600, 500), (1190, 1684), (300, 2000)]
+FACTS_TOKENS = {"tiny": 73, "small": 111, "base": 273, "large": 421}
+FACTS_GUNDAM = {(600, 500): 273, (1190, 1684): 903, (300, 2000): 933}
+
+
+def facts_tokens(mode: str, size: tuple[int, int]) -> int:
+    """Image tokens by DEEPSEEK_OCR_FACTS section 3 (checked against our own count too)."""
+    from process.image_process import MODES, count_image_tokens
+
+    facts = FACTS_TOKENS[mode] if mode != "gundam" else FACTS_GUNDAM[size]
+    spec = MODES[mode]
+    assert facts == count_image_tokens(*size, spec.base_size, spec.image_size, spec.crop), (mode, size)
+    return facts
 
 
 def gundam_tokens(width: int, height: int) -> int:
@@ -214,13 +232,14 @@ class TestService:
             assert r.status_code == 200, show(r)
         root = httpx.get(url + "/", timeout=10).json()
         assert root["engine"] == ENGINE and root["ready"], root
+        assert root["modes"] == ALL_MODES, root
         if VLLM:
-            assert root["modes"] == ["gundam"], root
             health = httpx.get(url + "/health", timeout=10).json()
             assert health["detail"]["vllm_version"].startswith("0.26"), health
-            for router in ("ocr", "pdf", "batch"):
-                status = httpx.get(f"{url}/{router}/status", timeout=10).json()
-                assert status["ready"] and status["modes"] == ["gundam"], status
+            assert health["detail"]["served_modes"] == ALL_MODES, health
+        for router in ("ocr", "pdf", "batch"):
+            status = httpx.get(f"{url}/{router}/status", timeout=10).json()
+            assert status["ready"] and status["modes"] == ALL_MODES, status
 
     def test_generate_json_with_and_without_image(self, url: str, model_dir: Path) -> None:
         r = httpx.post(url + "/generate", json={"prompt": "Hello there", "max_tokens": 8}, timeout=60)
@@ -260,14 +279,33 @@ class TestService:
         if facts is not None:
             assert got == facts, (size, got)  # the figures of DEEPSEEK_OCR_FACTS section 3
 
-    def test_unserved_mode_is_400_naming_served_modes(self, url: str) -> None:
-        if not VLLM:
-            pytest.skip("the torch engine serves every mode")
-        r = post_image(url, "/generate_with_file", {"mode": "base", "max_tokens": "4"}, png(300, 200))
-        assert r.status_code == 400, show(r)
-        assert r.headers["content-type"].startswith("application/problem+json"), show(r)
-        problem = r.json()
-        assert problem["served_modes"] == ["gundam"] and "gundam" in problem["detail"], problem
+    @pytest.mark.parametrize("mode", ALL_MODES)
+    def test_every_mode_over_http_on_one_engine(self, url: str, mode: str) -> None:
+        for size in MODE_SIZES:
+            r = post_image(url, "/ocr/image/advanced", {"mode": mode, "max_tokens": "2", "draw_boxes": "false"},
+                           png(*size))
+            assert r.status_code == 200, show(r)
+            body = r.json()
+            assert body["mode"] == mode, body
+            assert body["usage"]["image_tokens"] == facts_tokens(mode, size), (mode, size, body["usage"])
+
+    def test_mixed_mode_burst(self, url: str) -> None:
+        """All modes at once: vLLM batches their images, each mode's encoder batch must stay its own."""
+        jobs = [(ALL_MODES[i % len(ALL_MODES)], MODE_SIZES[i % len(MODE_SIZES)], i) for i in range(10)]
+
+        def one(job: tuple[str, tuple[int, int], int]) -> httpx.Response:
+            mode, size, seed = job
+            form = {"mode": mode, "max_tokens": "8", "draw_boxes": "false", "ngram_size": "20", "ngram_window": "50"}
+            return post_image(url, "/ocr/image/advanced", form, png(*size, seed=seed), timeout=120)
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(one, jobs))
+        failed = [show(r) for r in answers if r.status_code != 200]
+        assert not failed, failed[:3]
+        got = [(r.json()["mode"], r.json()["usage"]["image_tokens"]) for r in answers]
+        assert got == [(mode, facts_tokens(mode, size)) for mode, size, _ in jobs], got
+        assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in answers)
+        assert wait_idle(url, 10)["in_flight"] == 0
 
     def test_ocr_image_routes(self, url: str) -> None:
         page = png(800, 1000)
@@ -380,14 +418,14 @@ async def _in_process(model_dir: Path) -> None:
     from engines.base import EngineRequest
     from engines.base import SamplingParams as Sampling
     from engines.vllm_engine import VllmEngine
-    from errors import ModelNotReady, UnsupportedMode
+    from errors import ModelNotReady
 
     settings = Settings(model_path=str(model_dir), engine="vllm", load_format="dummy", mode="base",
                         max_concurrency=4, enforce_eager=True, gpu_mem_utilization=0.5)
     engine = VllmEngine(settings)
     await engine.start()
     try:
-        assert engine.served_modes == ("base",), engine.health()
+        assert engine.served_modes == tuple(MODES), engine.health()
         page = Image.open(io.BytesIO(png(*PDF_PAGE_A4)))
 
         def request(max_tokens: int, mode: str = "base", stream: bool = True) -> EngineRequest:
@@ -405,8 +443,10 @@ async def _in_process(model_dir: Path) -> None:
         again = await engine.generate(request(24, stream=False))  # FINAL_ONLY: one result, no deltas
         assert again.text == "".join(c.text for c in chunks), "greedy output differs between runs"
 
-        with pytest.raises(UnsupportedMode):
-            await engine.generate(request(4, mode="gundam"))
+        # Another mode on the same engine: the page is tiled 2x3 (FACTS section 3), then base again.
+        assert (await engine.generate(request(4, mode="gundam"))).usage.image_tokens == 903
+        tiny, base = await asyncio.gather(engine.generate(request(4, mode="tiny")), engine.generate(request(4)))
+        assert (tiny.usage.image_tokens, base.usage.image_tokens) == (73, 273), (tiny.usage, base.usage)
 
         # Abort: cancel the consumer mid-stream; our slot and vLLM's sequence are both released.
         seen = asyncio.Event()

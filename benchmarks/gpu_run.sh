@@ -102,6 +102,20 @@ case "$phase" in
     grep -il "jit comp\|compiling\|default MoE config" "$OUT"/*.log > "$OUT/jit-lines.txt" 2>&1
     grep -ih "jit comp\|default MoE config" "$OUT"/*.log | sort | uniq -c | head -20 >> "$OUT/jit-lines.txt"
     ;;
+  modes)  # the all-modes service tests only (one engine start)
+    real_ckpt
+    GPU_TEST_MODEL="$CK/real" timeout 400 python3 -m pytest -m gpu tests/test_gpu.py -v -rs -p no:cacheprovider \
+      -k "every_mode or mixed_mode or info_routes or generate_json" 2>&1 | tee "$OUT/modes.log"
+    ;;
+  bench1)  # raw vs the service on one GPU, 256 pages (no profile, no 2-GPU run)
+    real_ckpt
+    common=(--model "$CK/real" --pages 256 --max-tokens 1000 --concurrency 256 --ngram 20 50)
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/bench_vllm.py raw "${common[@]}" \
+      --out "$OUT/bench-raw.json" 2>&1 | grep -v "^INFO\|^(EngineCore" | tee "$OUT/bench-raw.log"
+    timeout 330 python3 benchmarks/bench_vllm.py service "${common[@]}" --gpus 0 \
+      --log "$OUT/service-1gpu.log" --out "$OUT/bench-1gpu.json" 2>&1 | tee "$OUT/bench-1gpu.log"
+    grep -h "JIT compilation during inference\|warm-up took" "$OUT"/*.log | head -5
+    ;;
   workers)
     real_ckpt
     GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/test_gpu_workers.py -v -rs \

@@ -207,12 +207,6 @@ class Store:
     def update_job(self, job_id: str, **fields: Any) -> None:
         self._write(lambda conn: conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(**fields)))
 
-    def requeue_running(self, job_id: str) -> int:
-        """Pages left `running` by a run that stopped run again (their attempt stays counted)."""
-        return self._write(lambda conn: conn.execute(
-            pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.status == "running").values(status="queued")
-        ).rowcount)
-
     # --- leases ---------------------------------------------------------------------------------
     def claim(self, job_id: str, owner: str, at: float, lease_s: float) -> dict[str, Any] | None:
         """Take the lease of a job that is due (active, or ended with its webhook pending) and that nobody

@@ -1,0 +1,226 @@
+"""API replicas sharing one job store: two `uvicorn serve_ocr:app` processes (the README way) on two ports,
+one real PostgreSQL and one DATA_DIR, on the tiny checkpoint.
+
+Whichever replica claims a job runs it (its `replica` field names it; the replica id holds its pid); the
+tests then act through the other one: follow a job to the end (status, SSE, result, ZIP, one webhook),
+cancel it, and SIGKILL the replica running it (the other takes the job over once the lease expired).
+The kill test comes last: it leaves one replica dead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from jobs_helpers import idle, postgres, sse, submit, wait
+from server import ROOT, free_port, show
+from test_pdf_routes import make_pdf
+
+LEASE_S = 2.0
+FIELDS = {"mode": "tiny", "dpi": "72", "max_tokens": "8"}
+TERMINAL = ("done", "failed", "cancelled")
+
+
+@dataclass
+class Replica:
+    url: str
+    proc: subprocess.Popen
+
+    def pid_of(self, replica_id: str | None) -> bool:
+        return replica_id is not None and replica_id.split(":")[-2] == str(self.proc.pid)
+
+
+class Hooks(http.server.BaseHTTPRequestHandler):
+    """Records every webhook delivery (job id, status) and answers 204."""
+
+    calls: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        Hooks.calls.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(204)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    root = tmp_path_factory.mktemp("replicas")
+    with postgres() as store, contextlib.ExitStack() as stack:
+        if store is None:
+            pytest.skip(f"PostgreSQL tests skipped: {postgres.reason}")
+        env = {**os.environ, "MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu",
+               "DATA_DIR": str(root / "data"), "JOB_STORE_URL": store, "JOB_LEASE_S": str(LEASE_S),
+               "MAX_CONCURRENCY": "2", "NUM_WORKERS": "1", "JOB_MAX_INFLIGHT": "2", "LOG_LEVEL": "WARNING",
+               "WEBHOOK_ALLOW": f"127.0.0.1:{receiver.server_port}"}
+        replicas = []
+        for name in ("a", "b"):  # both start at once, sharing the (empty) store
+            port, log = free_port(), open(root / f"{name}.log", "w")  # noqa: SIM115 (closed by the stack)
+            stack.enter_context(log)
+            proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1",
+                                     "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            stack.callback(stop, proc)
+            replicas.append(Replica(f"http://127.0.0.1:{port}", proc))
+        for name, r in zip("ab", replicas, strict=True):
+            ready(r, root / f"{name}.log")
+        yield {"replicas": replicas, "hook": f"http://127.0.0.1:{receiver.server_port}/hook", "logs": root}
+    receiver.shutdown()
+
+
+def ready(r: Replica, log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert r.proc.poll() is None, log.read_text()[-4000:]
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(r.url + "/health", timeout=2).json().get("ready"):
+                return
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def home_and_other(cluster: dict, job_id: str) -> tuple[Replica, Replica, dict]:
+    """The replica running the job (its lease holder) and the other one."""
+    a, b = cluster["replicas"]
+    deadline = time.monotonic() + 30
+    while True:
+        state = httpx.get(f"{a.url}/jobs/{job_id}", timeout=30).json()
+        for home, other in ((a, b), (b, a)):
+            if home.pid_of(state["replica"]) and state["pages_done"] >= 1:
+                return home, other, state
+        assert time.monotonic() < deadline and state["status"] not in TERMINAL, state
+        time.sleep(0.05)
+
+
+def hooks_for(job_id: str, settle_s: float = 2 * LEASE_S) -> list[dict]:
+    """The webhook deliveries of a job, after waiting long enough for a second (wrong) one to show up."""
+    deadline = time.monotonic() + 20
+    while not [c for c in Hooks.calls if c["id"] == job_id]:
+        assert time.monotonic() < deadline, Hooks.calls
+        time.sleep(0.05)
+    time.sleep(settle_s)
+    return [c for c in Hooks.calls if c["id"] == job_id]
+
+
+def without_timing(body: dict) -> dict:
+    return {k: v for k, v in body.items() if "elapsed" not in k and "seconds" not in k and "time" not in k}
+
+
+def test_a_job_submitted_to_one_replica_is_followed_through_the_other(cluster: dict) -> None:
+    a, _ = cluster["replicas"]
+    pdf = make_pdf(40)
+    job = submit(a.url, pdf, webhook_url=cluster["hook"], **FIELDS)
+    home, other, _ = home_and_other(cluster, job["id"])
+    events: list[dict] = []
+    follower = threading.Thread(target=lambda: events.extend(sse(other.url, job["id"])))
+    follower.start()  # live, from the first event, on the replica that does not run the job
+    seen = []
+    while (state := httpx.get(f"{other.url}/jobs/{job['id']}", timeout=30).json())["status"] not in TERMINAL:
+        seen.append(state["pages_done"])
+        time.sleep(0.2)
+    follower.join(60)
+    assert seen == sorted(seen) and len(set(seen)) > 3, seen  # progress seen rising through the other replica
+    assert state["status"] == "done" and state["pages_done"] == 40 and state["replica"] is None, state
+    home_id = p_id(state)
+    assert home.pid_of(home_id) and {p["worker"].rsplit("/", 1)[0] for p in state["pages"]} == {home_id}, state
+    assert all(p["attempts"] == 1 and p["worker"].endswith("/torch") for p in state["pages"]), state
+
+    assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1)), events  # in order, no gap, no repeat
+    assert sorted(json.loads(e["data"])["page"] for e in events if e["event"] == "page") == list(range(1, 41))
+    assert [e["event"] for e in events if e["event"] in TERMINAL] == ["done"] and events[-1]["event"] == "done"
+    assert sse(other.url, job["id"], last_id=17) == events[17:]  # a reconnection on either replica
+    assert sse(home.url, job["id"], last_id=17) == events[17:]
+
+    results = [httpx.get(f"{r.url}/jobs/{job['id']}/result", timeout=60) for r in (home, other)]
+    assert all(r.status_code == 200 for r in results), show(results[1])
+    assert without_timing(results[0].json()) == without_timing(results[1].json())
+    assert [p["page"] for p in results[1].json()["pages"]] == list(range(1, 41))
+    zips = [httpx.get(f"{r.url}/jobs/{job['id']}/download", timeout=60) for r in (home, other)]
+    members = [zipfile.ZipFile(io.BytesIO(z.content)) for z in zips]
+    assert members[0].namelist() == members[1].namelist() and "report_searchable.pdf" in members[1].namelist()
+    assert all(members[0].read(n) == members[1].read(n) for n in members[0].namelist())
+    assert [h["status"] for h in hooks_for(job["id"])] == ["done"]  # sent once, by the replica that ended it
+
+
+def p_id(state: dict) -> str:
+    """The replica id in the first page's `worker` (replica id / engine)."""
+    return state["pages"][0]["worker"].rsplit("/", 1)[0]
+
+
+def test_a_cancel_through_the_other_replica_stops_the_job_where_it_runs(cluster: dict) -> None:
+    a, _ = cluster["replicas"]
+    job = submit(a.url, make_pdf(40), webhook_url=cluster["hook"], **FIELDS | {"max_tokens": "60"})
+    home, other, running = home_and_other(cluster, job["id"])
+    assert running["status"] == "running" and running["pages_done"] < 40, running
+    r = httpx.delete(f"{other.url}/jobs/{job['id']}", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", show(r)
+    health = idle(home.url, timeout=LEASE_S + 10)  # the home replica saw it on its heartbeat and stopped
+    assert health["in_flight"] == 0 and health["waiting"] == 0, health
+    first = httpx.get(f"{home.url}/jobs/{job['id']}").json()
+    time.sleep(1.5)
+    later = httpx.get(f"{other.url}/jobs/{job['id']}").json()
+    assert later["status"] == "cancelled" and later["pages_done"] == first["pages_done"] < 40, (first, later)
+    assert idle(home.url)["in_flight"] == 0  # nothing started again
+    statuses = {p["status"] for p in later["pages"]}
+    assert "cancelled" in statuses and statuses <= {"ok", "truncated", "aborted", "cancelled"}, later
+    events = sse(home.url, job["id"])
+    assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1)), events
+    assert [e["event"] for e in events if e["event"] in TERMINAL] == ["cancelled"] == [events[-1]["event"]]
+    assert [h["status"] for h in hooks_for(job["id"])] == ["cancelled"]
+
+
+def test_a_replica_killed_mid_job_its_job_completes_on_the_other(cluster: dict) -> None:
+    a, _ = cluster["replicas"]
+    job = submit(a.url, make_pdf(40), **FIELDS | {"max_tokens": "30"})
+    home, other, _ = home_and_other(cluster, job["id"])
+    wait(other.url, job["id"], pages_done=4)
+    home.proc.send_signal(signal.SIGKILL)
+    home.proc.wait(30)
+    frozen = httpx.get(f"{other.url}/jobs/{job['id']}").json()  # as the dead replica left it
+    assert frozen["status"] == "running" and frozen["pages_done"] < 40, frozen
+    in_flight = {p["page"] for p in frozen["pages"] if p["status"] == "running"}
+    finished = {p["page"] for p in frozen["pages"] if p["status"] in ("ok", "truncated")}
+    assert in_flight and finished, frozen
+    killed_id = p_id(frozen)
+
+    final = wait(other.url, job["id"], timeout=180)
+    assert final["status"] == "done" and final["pages_done"] == 40 and final["pages_failed"] == 0, final
+    attempts = {p["page"]: p["attempts"] for p in final["pages"]}
+    assert {n for n, k in attempts.items() if k == 2} == in_flight, (in_flight, final)  # re-run: those only
+    assert all(attempts[n] == 1 for n in finished), final  # none finished on the dead replica was redone
+    workers = {p["page"]: p["worker"].rsplit("/", 1)[0] for p in final["pages"]}
+    assert {workers[n] for n in finished} == {killed_id} and killed_id not in {workers[n] for n in in_flight}, final
+    assert len(set(workers.values())) == 2 and all(other.pid_of(w) for w in set(workers.values()) - {killed_id})
+
+    result = httpx.get(f"{other.url}/jobs/{job['id']}/result", timeout=60).json()
+    assert [p["page"] for p in result["pages"]] == list(range(1, 41)), result  # each page exactly once
+    events = sse(other.url, job["id"])
+    assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1)), events
+    assert sorted(json.loads(e["data"])["page"] for e in events if e["event"] == "page") == list(range(1, 41))
+    assert [e["event"] for e in events if e["event"] in TERMINAL] == ["done"], events

@@ -172,7 +172,8 @@ class Runner:
         so no other replica sends it too); then the lease goes back."""
         if job_id in self.held:
             job = await self.store.call(self.store.get, job_id)
-            if job is not None and job["status"] in TERMINAL and job["webhook_status"] == "pending":
+            if (job is not None and job["status"] in TERMINAL and job["webhook_status"] == "pending"
+                    and job["lease_owner"] == self.replica_id):
                 await self._webhook(job)
         if job_id in self.held and job_id not in self.tasks:
             self.held.discard(job_id)
@@ -243,9 +244,8 @@ class Runner:
             await self.store.call(self.store.release, [job_id], self.replica_id, requeue=True)
             await asyncio.sleep(_RETRY_S)
             return
-        except LeaseLost:
-            log.warning("jobs: %s was taken over by another replica; stopping it here", job_id)
-            self.held.discard(job_id)
+        except LeaseLost:  # the heartbeat drops a lost lease; a cancelled job's webhook follows from _after
+            log.info("jobs: %s stopped here: it was cancelled or taken over through another replica", job_id)
             return
         except asyncio.CancelledError:
             raise

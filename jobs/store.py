@@ -87,7 +87,8 @@ def default_url(data_dir: Path) -> str:
 
 
 class LeaseLost(Exception):
-    """This replica no longer holds the job's lease (another replica took it over): stop running it."""
+    """Stop running the job here: this replica no longer holds its lease (another replica took it over), or
+    the job ended meanwhile (a cancel through another replica, before this one's heartbeat saw it)."""
 
 
 class Store:
@@ -151,11 +152,11 @@ class Store:
         self._write(go)
 
     def claim_page(self, job_id: str, idx: int, owner: str, worker: str) -> bool:
-        """The page starts (again) on `worker`: its attempt is counted before any engine work. False when
-        `owner` no longer holds the job's lease (nothing written)."""
+        """The page starts (again) on `worker`: its attempt is counted before any engine work. False (nothing
+        written) when `owner` no longer holds the job's lease or the job ended: no page starts after that."""
         def go(conn: sa.Connection) -> bool:
             held = self._lock_job(conn, job_id)
-            if held is None or held.lease_owner != owner:
+            if held is None or held.lease_owner != owner or held.status not in ACTIVE:
                 return False
             conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.idx == idx)
                          .values(status="running", attempts=pages_t.c.attempts + 1, worker=worker))

@@ -59,30 +59,51 @@ class Hooks(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def replicas(env: dict[str, str], root: Path) -> Iterator[list[Replica]]:
+    """Two `uvicorn serve_ocr:app` processes started at once on one (empty) store; their logs, checked at the
+    end for tracebacks (a lock error or a deadlock would show there)."""
+    procs: list[Replica] = []
+    try:
+        for name in ("a", "b"):
+            port = free_port()
+            with open(root / f"{name}.log", "w") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)],
+                    cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+            procs.append(Replica(f"http://127.0.0.1:{port}", proc))
+        for name, r in zip("ab", procs, strict=True):
+            ready(r, root / f"{name}.log")
+        yield procs
+    finally:
+        for r in procs:
+            stop(r.proc)
+    for name in ("a", "b"):
+        text = (root / f"{name}.log").read_text()
+        assert "Traceback" not in text, text[-6000:]
+
+
+def base_env(checkpoint: Path, root: Path) -> dict[str, str]:
+    return {"MODEL_PATH": str(checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DATA_DIR": str(root / "data"),
+            "JOB_LEASE_S": str(LEASE_S), "MAX_CONCURRENCY": "2", "NUM_WORKERS": "1", "JOB_MAX_INFLIGHT": "2",
+            "LOG_LEVEL": "WARNING"}
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     root = tmp_path_factory.mktemp("replicas")
-    with postgres() as store, contextlib.ExitStack() as stack:
-        if store is None:
-            pytest.skip(f"PostgreSQL tests skipped: {postgres.reason}")
-        env = {**os.environ, "MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu",
-               "DATA_DIR": str(root / "data"), "JOB_STORE_URL": store, "JOB_LEASE_S": str(LEASE_S),
-               "MAX_CONCURRENCY": "2", "NUM_WORKERS": "1", "JOB_MAX_INFLIGHT": "2", "LOG_LEVEL": "WARNING",
-               "WEBHOOK_ALLOW": f"127.0.0.1:{receiver.server_port}"}
-        replicas = []
-        for name in ("a", "b"):  # both start at once, sharing the (empty) store
-            port, log = free_port(), open(root / f"{name}.log", "w")  # noqa: SIM115 (closed by the stack)
-            stack.enter_context(log)
-            proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1",
-                                     "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            stack.callback(stop, proc)
-            replicas.append(Replica(f"http://127.0.0.1:{port}", proc))
-        for name, r in zip("ab", replicas, strict=True):
-            ready(r, root / f"{name}.log")
-        yield {"replicas": replicas, "hook": f"http://127.0.0.1:{receiver.server_port}/hook", "logs": root}
-    receiver.shutdown()
+    try:
+        with postgres() as store:
+            if store is None:
+                pytest.skip(f"PostgreSQL tests skipped: {postgres.reason}")
+            env = {**base_env(tiny_checkpoint, root), "JOB_STORE_URL": store,
+                   "WEBHOOK_ALLOW": f"127.0.0.1:{receiver.server_port}"}
+            with replicas(env, root) as pair:
+                yield {"replicas": pair, "hook": f"http://127.0.0.1:{receiver.server_port}/hook"}
+    finally:
+        receiver.shutdown()
 
 
 def ready(r: Replica, log: Path) -> None:
@@ -227,3 +248,21 @@ def test_a_replica_killed_mid_job_its_job_completes_on_the_other(cluster: dict) 
     assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1)), events
     assert sorted(json.loads(e["data"])["page"] for e in events if e["event"] == "page") == list(range(1, 41))
     assert [e["event"] for e in events if e["event"] in TERMINAL] == ["done"], events
+
+
+def test_sqlite_replicas_on_one_host_share_the_work(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The default SQLite store, one file shared by two replicas on one host: each runs one of two jobs
+    (JOBS_RUNNING=1), both write to the file at once, and each job is followed through the other replica."""
+    env = {**base_env(tiny_checkpoint, tmp_path), "JOBS_RUNNING": "1"}
+    with replicas(env, tmp_path) as (a, b):
+        jobs = [submit(a.url, make_pdf(10), **FIELDS) for _ in range(2)]
+        homes = [home_and_other({"replicas": [a, b]}, job["id"]) for job in jobs]
+        assert {home.url for home, _, _ in homes} == {a.url, b.url}, homes  # one job on each replica
+        for job, (home, other, _) in zip(jobs, homes, strict=True):
+            events = sse(other.url, job["id"])
+            assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1)), events
+            assert sorted(json.loads(e["data"])["page"] for e in events if e["event"] == "page") == list(range(1, 11))
+            final = wait(other.url, job["id"])
+            assert final["status"] == "done" and all(p["attempts"] == 1 for p in final["pages"]), final
+            assert {p["worker"].rsplit("/", 1)[0] for p in final["pages"]} == {p_id(final)}, final
+            assert home.pid_of(p_id(final)), final

@@ -145,12 +145,12 @@ class Runner:
     async def _schedule(self) -> None:
         if len(self.tasks) >= self.settings.jobs_running:
             return
-        for job in await self.store.call(self.store.claimable, now()):
+        for job in await self.store.call(self.store.claimable):
             if len(self.tasks) >= self.settings.jobs_running:
                 break
             if job["id"] in self.tasks or job["id"] in self.held:
                 continue
-            claimed = await self.store.call(self.store.claim, job["id"], self.replica_id, now(), self.lease_s)
+            claimed = await self.store.call(self.store.claim, job["id"], self.replica_id, self.lease_s)
             if claimed is None:
                 continue  # another replica took it first
             self.held.add(job["id"])
@@ -182,10 +182,10 @@ class Runner:
     async def _orphan_webhooks(self) -> None:
         """Webhooks due that no replica holds: the job was cancelled before anyone ran it, or the replica
         sending it died (the lease expired)."""
-        for job in await self.store.call(self.store.pending_webhooks, now()):
+        for job in await self.store.call(self.store.pending_webhooks):
             if job["id"] in self.held:
                 continue
-            if await self.store.call(self.store.claim, job["id"], self.replica_id, now(), self.lease_s) is not None:
+            if await self.store.call(self.store.claim, job["id"], self.replica_id, self.lease_s) is not None:
                 self.held.add(job["id"])
                 self._spawn(self._after(job["id"]))
 
@@ -199,7 +199,7 @@ class Runner:
             if not ids:
                 continue
             try:
-                mine = await self.store.call(self.store.renew, ids, self.replica_id, now(), self.lease_s)
+                mine = await self.store.call(self.store.renew, ids, self.replica_id, self.lease_s)
             except Exception:
                 log.exception("jobs: the lease heartbeat failed; retrying")
                 continue

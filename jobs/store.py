@@ -10,6 +10,7 @@ Locking the job first in every write also gives every transaction the same lock 
 Leases: a replica runs a job only while it holds the job's lease (`lease_owner`, `lease_expires`), taken by
 one conditional UPDATE (atomic on both databases) and renewed by its heartbeat; page writes are fenced by
 it, so a replica that lost its lease (it stalled past the expiry and another took the job) writes nothing.
+Lease times come from the database's clock (replicas' clocks may disagree); other times are the writer's.
 Page results live on disk (`jobs.results`); the tables hold what lists and progress need. Times are UNIX
 seconds.
 """
@@ -102,6 +103,9 @@ class Store:
         else:
             self.engine = sa.create_engine(url, pool_pre_ping=True)
         self.sqlite = self.engine.dialect.name == "sqlite"
+        # Leases are timed by the database's clock, not each replica's: replicas' clocks may disagree.
+        self.clock = ((sa.func.julianday("now") - 2440587.5) * 86400.0 if self.sqlite
+                      else sa.cast(sa.func.extract("epoch", sa.func.now()), sa.Float))
         self._create_tables()
         self.lock = threading.Lock()
 
@@ -209,16 +213,15 @@ class Store:
         self._write(lambda conn: conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(**fields)))
 
     # --- leases ---------------------------------------------------------------------------------
-    def claim(self, job_id: str, owner: str, at: float, lease_s: float) -> dict[str, Any] | None:
+    def claim(self, job_id: str, owner: str, lease_s: float) -> dict[str, Any] | None:
         """Take the lease of a job that is due (active, or ended with its webhook pending) and that nobody
         holds (never claimed, released, or expired: its replica died); the job, or None when another
         replica holds it or took it first. A single conditional UPDATE: atomic on SQLite and PostgreSQL.
         The run that held it before is gone, so its pages left `running` are queued again."""
         def go(conn: sa.Connection) -> dict[str, Any] | None:
-            free = sa.or_(jobs_t.c.lease_owner.is_(None), jobs_t.c.lease_expires < at)
             due = sa.or_(jobs_t.c.status.in_(ACTIVE), jobs_t.c.webhook_status == "pending")
-            taken = conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, free, due)
-                                 .values(lease_owner=owner, lease_expires=at + lease_s)).rowcount
+            taken = conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, self._free(), due)
+                                 .values(lease_owner=owner, lease_expires=self.clock + lease_s)).rowcount
             if not taken:
                 return None
             conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.status == "running")
@@ -227,7 +230,7 @@ class Store:
 
         return self._write(go)
 
-    def renew(self, job_ids: Iterable[str], owner: str, at: float, lease_s: float) -> dict[str, str]:
+    def renew(self, job_ids: Iterable[str], owner: str, lease_s: float) -> dict[str, str]:
         """The heartbeat: push on the leases `owner` still holds; {job id: status} of those (a job missing
         was taken over by another replica; a `cancelled` one was cancelled through another replica)."""
         ids = list(job_ids)
@@ -236,7 +239,7 @@ class Store:
 
         def go(conn: sa.Connection) -> dict[str, str]:
             mine = [jobs_t.c.id.in_(ids), jobs_t.c.lease_owner == owner]
-            conn.execute(jobs_t.update().where(*mine).values(lease_expires=at + lease_s))
+            conn.execute(jobs_t.update().where(*mine).values(lease_expires=self.clock + lease_s))
             return {r.id: r.status for r in conn.execute(sa.select(jobs_t.c.id, jobs_t.c.status).where(*mine))}
 
         return self._write(go)
@@ -300,11 +303,14 @@ class Store:
                                 .limit(limit).offset(offset)).mappings()
             return [dict(r) for r in rows], total
 
-    def claimable(self, at: float) -> list[dict[str, Any]]:
+    def _free(self) -> Any:
+        """No replica holds the job: never claimed, released, or the lease expired (its replica died)."""
+        return sa.or_(jobs_t.c.lease_owner.is_(None), jobs_t.c.lease_expires < self.clock)
+
+    def claimable(self) -> list[dict[str, Any]]:
         """Queued and running jobs that no replica holds, oldest first: admission is FIFO."""
-        free = sa.or_(jobs_t.c.lease_owner.is_(None), jobs_t.c.lease_expires < at)
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs_t).where(jobs_t.c.status.in_(ACTIVE), free)
+            rows = conn.execute(sa.select(jobs_t).where(jobs_t.c.status.in_(ACTIVE), self._free())
                                 .order_by(jobs_t.c.created_at))
             return [dict(r) for r in rows.mappings()]
 
@@ -318,13 +324,12 @@ class Store:
                                                             jobs_t.c.finished_at < before))
             return [r[0] for r in rows]
 
-    def pending_webhooks(self, at: float) -> list[dict[str, Any]]:
+    def pending_webhooks(self) -> list[dict[str, Any]]:
         """Ended jobs whose webhook is still due and that no replica holds (it died while sending, or the job
         was cancelled before any replica ran it)."""
-        free = sa.or_(jobs_t.c.lease_owner.is_(None), jobs_t.c.lease_expires < at)
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(jobs_t).where(jobs_t.c.webhook_status == "pending",
-                                                        jobs_t.c.status.in_(TERMINAL), free))
+                                                        jobs_t.c.status.in_(TERMINAL), self._free()))
             return [dict(r) for r in rows.mappings()]
 
     def events_after(self, job_id: str, seq: int, limit: int = 500) -> list[dict[str, Any]]:

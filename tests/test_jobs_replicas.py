@@ -277,3 +277,71 @@ def test_sqlite_replicas_on_one_host_share_the_work(tiny_checkpoint: Path, tmp_p
             assert final["status"] == "done" and all(p["attempts"] == 1 for p in final["pages"]), final
             assert {p["worker"].rsplit("/", 1)[0] for p in final["pages"]} == {p_id(final)}, final
             assert home.pid_of(p_id(final)), final
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_claims_are_atomic_and_event_ids_gapless_across_stores(kind: str, tmp_path: Path) -> None:
+    """Six stores (six connection pools, as six replicas have) race for 20 jobs and write events to each:
+    every job is claimed exactly once, and every job's event ids are 1..6."""
+    from jobs.store import Store
+
+    with contextlib.ExitStack() as stack:
+        url = f"sqlite:///{tmp_path / 'jobs.sqlite'}" if kind == "sqlite" else stack.enter_context(postgres())
+        if url is None:
+            pytest.skip(f"PostgreSQL test skipped: {postgres.reason}")
+        stores = [Store(url) for _ in range(6)]  # each creates (or finds) the tables: they start together
+        for store in stores:
+            stack.callback(store.close)
+        for i in range(20):
+            job = {"id": f"j{i}", "owner": "", "kind": "pdf", "status": "queued", "spec": "{}", "filename": None,
+                   "page_count": 1, "pages_total": 1, "pages_done": 0, "pages_failed": 0, "created_at": float(i),
+                   "started_at": None, "finished_at": None, "error": None, "webhook_url": None,
+                   "webhook_status": None, "webhook_attempts": 0}
+            stores[0].create(job, [{"idx": 0, "page": 1, "status": "queued", "attempts": 0}])
+        claims: list[tuple[int, str]] = []
+        start = threading.Barrier(len(stores))
+
+        def replica(k: int) -> None:
+            start.wait()
+            for i in range(20):
+                if stores[k].claim(f"j{i}", f"r{k}", 30.0) is not None:
+                    claims.append((k, f"j{i}"))
+                stores[k].set_status(f"j{i}", "running", [("progress", {"from": k})])
+
+        threads = [threading.Thread(target=replica, args=(k,)) for k in range(len(stores))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(job for _, job in claims) == sorted(f"j{i}" for i in range(20)), claims
+        for i in range(20):
+            assert [e["seq"] for e in stores[0].events_after(f"j{i}", 0)] == [1, 2, 3, 4, 5, 6]
+        assert stores[0].claimable() == []  # all held
+        holder = {job: k for k, job in claims}["j0"]
+        assert not stores[holder - 1].claim_page("j0", 0, f"r{holder - 1}", "w")  # fenced: not its lease
+        assert stores[holder].claim_page("j0", 0, f"r{holder}", "w")
+
+
+def test_a_store_made_before_leases_gains_their_columns(tmp_path: Path) -> None:
+    """A SQLite file of the version before leases (no lease or worker columns, a job left running by a
+    crash): the store adds the columns at start, and the job is claimable, its running page queued again."""
+    import sqlalchemy as sa
+
+    from jobs.store import Store
+
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    Store(url).close()
+    with sa.create_engine(url).begin() as conn:
+        for table, column in (("jobs", "lease_owner"), ("jobs", "lease_expires"), ("pages", "worker")):
+            conn.exec_driver_sql(f"ALTER TABLE {table} DROP COLUMN {column}")
+        conn.exec_driver_sql("INSERT INTO jobs (id, owner, kind, status, spec, pages_total, pages_done, pages_failed,"
+                             " created_at, webhook_attempts) VALUES ('old', '', 'pdf', 'running', '{}', 1, 0, 0, 1, 0)")
+        conn.exec_driver_sql("INSERT INTO pages (job_id, idx, page, status, attempts)"
+                             " VALUES ('old', 0, 1, 'running', 1)")
+    store = Store(url)
+    try:
+        assert [j["id"] for j in store.claimable()] == ["old"]
+        assert store.claim("old", "r1", 30.0)["lease_owner"] == "r1"
+        assert store.page("old", 0)["status"] == "queued" and store.page("old", 0)["worker"] is None
+    finally:
+        store.close()

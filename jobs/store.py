@@ -138,14 +138,20 @@ class Store:
         with self.lock, self.engine.begin() as conn:
             return fn(conn)
 
-    def _lock_job(self, conn: sa.Connection, job_id: str) -> Any:
-        """Lock the job's row before anything else in this transaction; its (status, lease_owner), or None."""
+    def _lock_jobs(self, conn: sa.Connection, job_ids: list[str]) -> list[Any]:
+        """Lock the jobs' rows (in id order) before anything else in this transaction; their (id, status,
+        lease_owner)."""
+        where = jobs_t.c.id.in_(job_ids)
+        query = sa.select(jobs_t.c.id, jobs_t.c.status, jobs_t.c.lease_owner).where(where).order_by(jobs_t.c.id)
         if self.sqlite:  # a write as the first statement takes the database's write lock (waiting its turn)
-            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(lease_owner=jobs_t.c.lease_owner))
-            query = sa.select(jobs_t.c.status, jobs_t.c.lease_owner).where(jobs_t.c.id == job_id)
+            conn.execute(jobs_t.update().where(where).values(lease_owner=jobs_t.c.lease_owner))
         else:
-            query = sa.select(jobs_t.c.status, jobs_t.c.lease_owner).where(jobs_t.c.id == job_id).with_for_update()
-        return conn.execute(query).first()
+            query = query.with_for_update()
+        return list(conn.execute(query))
+
+    def _lock_job(self, conn: sa.Connection, job_id: str) -> Any:
+        rows = self._lock_jobs(conn, [job_id])
+        return rows[0] if rows else None
 
     def create(self, job: dict[str, Any], pages: list[dict[str, Any]], events: Iterable[tuple[str, dict]] = ()) -> None:
         def go(conn: sa.Connection) -> None:
@@ -238,9 +244,11 @@ class Store:
             return {}
 
         def go(conn: sa.Connection) -> dict[str, str]:
-            mine = [jobs_t.c.id.in_(ids), jobs_t.c.lease_owner == owner]
-            conn.execute(jobs_t.update().where(*mine).values(lease_expires=self.clock + lease_s))
-            return {r.id: r.status for r in conn.execute(sa.select(jobs_t.c.id, jobs_t.c.status).where(*mine))}
+            mine = {r.id: r.status for r in self._lock_jobs(conn, ids) if r.lease_owner == owner}
+            if mine:
+                conn.execute(jobs_t.update().where(jobs_t.c.id.in_(list(mine))).values(
+                    lease_expires=self.clock + lease_s))
+            return mine
 
         return self._write(go)
 
@@ -252,17 +260,19 @@ class Store:
             return
 
         def go(conn: sa.Connection) -> None:
-            mine = [jobs_t.c.id.in_(ids), jobs_t.c.lease_owner == owner]
+            mine = [r.id for r in self._lock_jobs(conn, ids) if r.lease_owner == owner]
+            if not mine:
+                return
             if requeue:
-                held = sa.select(jobs_t.c.id).where(*mine)
-                conn.execute(pages_t.update().where(pages_t.c.job_id.in_(held), pages_t.c.status == "running")
+                conn.execute(pages_t.update().where(pages_t.c.job_id.in_(mine), pages_t.c.status == "running")
                              .values(status="queued"))
-            conn.execute(jobs_t.update().where(*mine).values(lease_owner=None, lease_expires=None))
+            conn.execute(jobs_t.update().where(jobs_t.c.id.in_(mine)).values(lease_owner=None, lease_expires=None))
 
         self._write(go)
 
     def delete(self, job_id: str) -> None:
         def go(conn: sa.Connection) -> None:
+            self._lock_job(conn, job_id)
             for table in (events_t, pages_t):
                 conn.execute(table.delete().where(table.c.job_id == job_id))
             conn.execute(jobs_t.delete().where(jobs_t.c.id == job_id))

@@ -4,7 +4,8 @@ one real PostgreSQL and one DATA_DIR, on the tiny checkpoint.
 Whichever replica claims a job runs it (its `replica` field names it; the replica id holds its pid); the
 tests then act through the other one: follow a job to the end (status, SSE, result, ZIP, one webhook),
 cancel it, and SIGKILL the replica running it (the other takes the job over once the lease expired).
-The kill test comes last: it leaves one replica dead.
+The kill test is the last one on that pair: it leaves one replica dead. Then: two replicas on one SQLite
+file, and the store alone (six stores racing for claims; a store made before leases).
 """
 
 from __future__ import annotations

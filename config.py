@@ -127,6 +127,8 @@ class Settings(BaseSettings):
     max_job_pages: int = Field(10_000, ge=1, le=1_000_000, description="Pages (or files) of one job")
     job_max_inflight: int = Field(0, ge=0, le=100_000, description="Pages of one job in flight; 0 = the window")
     jobs_running: int = Field(4, ge=1, le=1024, description="Jobs run at once, oldest first")
+    job_lease_s: float = Field(30.0, ge=1.0, le=3600.0, description="A replica's hold on a job it runs, renewed "
+                               "every third of it; a dead replica's jobs go to another once it expired")
     webhook_allow: str | None = Field(None, description="Hosts (host or host:port, comma-separated) webhooks may call")
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of X-Signature-256")
     webhook_retries: int = Field(5, ge=0, le=50)

@@ -110,6 +110,8 @@ def _parameters(s: Any) -> dict[str, str]:
         "(WEBHOOK_ALLOW), signed `X-Signature-256: sha256=<hex>` under WEBHOOK_SECRET",
         "limits": f"{s.max_job_pages} pages per job (MAX_JOB_PAGES), {s.max_jobs_queued} jobs queued or running "
         f"(MAX_JOBS_QUEUED), results kept {s.job_ttl_s:g} s after the end (JOB_TTL_S)",
+        "replicas": "API servers sharing JOB_STORE_URL (PostgreSQL) and DATA_DIR all answer every job; one that "
+        f"dies leaves its jobs to the others after JOB_LEASE_S ({s.job_lease_s:g} s)",
     }
 
 
@@ -118,7 +120,7 @@ add_status_routes(
     router,
     "jobs",
     title="jobs",
-    features={"sse": True, "webhooks": True, "resume_after_crash": True, "cancel": True},
+    features={"sse": True, "webhooks": True, "resume_after_crash": True, "cancel": True, "replicas": True},
     description="Durable jobs: a PDF or a batch of images submitted once and run page by page in the server; "
     "follow it with Server-Sent Events, read the pages finished so far, cancel it, get a signed webhook.",
     endpoints={

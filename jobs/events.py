@@ -2,7 +2,9 @@
 
 Events live in the store (seq 1, 2, 3... per job), so a client that reconnects, even to a restarted server,
 gets every event after the last one it saw, none twice. The stream ends after the job's one terminal event
-(`done`, `failed` or `cancelled`). Served with sse-starlette.
+(`done`, `failed` or `cancelled`). New events wake the stream at once when this server's runner wrote
+them, else within `poll_s`: the stream reads the store, so a replica that does not run the job (another
+API replica sharing the store) streams it too. Served with sse-starlette.
 """
 
 from __future__ import annotations

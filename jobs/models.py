@@ -41,6 +41,8 @@ class JobPage(BaseModel):
     elapsed_s: float | None
     error: str | None
     attempts: int = Field(description="Times the page was started (a crash mid-page makes 2)")
+    worker: str | None = Field(None, description="Who ran the page's last attempt: the API replica "
+                               "(host:pid:random) and its engine")
 
 
 class WebhookState(BaseModel):
@@ -50,6 +52,8 @@ class WebhookState(BaseModel):
 
 class JobDetail(JobSummary):
     eta_s: float | None = Field(description="Seconds left at the pace so far, while running")
+    replica: str | None = Field(None, description="The API replica running the job now (host:pid:random), "
+                                "while it runs; any replica answers for it")
     webhook: WebhookState | None
     pages: list[JobPage]
 

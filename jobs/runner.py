@@ -7,7 +7,13 @@ one transaction. Nothing of a page stays in memory afterwards, so memory does no
 Fairness: pages of all jobs together are at most the service's window in flight (engine capacity plus the
 pages being rendered), taken in FIFO order, so several jobs interleave and a sync request waits for at most
 one engine step; JOB_MAX_INFLIGHT caps one job's share. JOBS_RUNNING jobs run at once, oldest first.
-Crash safety: on start, pages left `running` are queued again; finished pages are never run again.
+Replicas: several server processes may share one store. A replica runs a job only while it holds the job's
+lease (`Store.claim`, one atomic UPDATE); its heartbeat renews the leases it holds every third of
+JOB_LEASE_S (at most every HEARTBEAT_MAX_S) and there notices a cancel made through another replica; a
+job whose replica died is claimed by another once the lease expired, which queues the pages left
+`running` again (their attempt stays counted) and runs the rest: finished pages are never run again. The
+replica that ends a job (or that holds it when a cancel ends it) sends its webhook, once; a webhook that no
+replica holds (its sender died) is taken over the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,12 +32,18 @@ from typing import Any
 from config import Settings
 from errors import ServiceUnavailable
 from jobs import RUNNERS, results, views, webhooks
-from jobs.store import Store, now
+from jobs.store import TERMINAL, LeaseLost, Store, now
 from jobs.submit import page_event, page_fields, progress_event
 from pipeline import OcrService
 
 log = logging.getLogger("deepseek_ocr.jobs")
 _RETRY_S = 2.0  # after the engine went away, how soon a job tries again
+HEARTBEAT_MAX_S = 2.0  # the heartbeat also carries cancels made through other replicas: never rarer than this
+
+
+def replica_id() -> str:
+    """This server process among the replicas: host, pid and a random part (a restart is a new replica)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class Runner:
@@ -41,26 +56,42 @@ class Runner:
         self._loop_task: asyncio.Task[None] | None = None
         self._window = asyncio.Semaphore(max(1, service.window))
         self._next_cleanup = 0.0
+        self.replica_id = replica_id()
+        self.lease_s = settings.job_lease_s
+        self.held: set[str] = set()  # jobs whose lease this replica holds: running, or sending their webhook
+        self._stopping = False
+        self._heartbeat_task: asyncio.Task[None] | None = None
         RUNNERS[service] = self
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        requeued = await self.store.call(self.store.requeue_running)
-        if requeued:
-            log.info("jobs: %d pages left running by the last process will run again", requeued)
-        for job in await self.store.call(self.store.pending_webhooks):
-            self._spawn(self._webhook(job))
+        """Jobs left by a crashed process (this one before a restart, or another replica) are claimed by the
+        loop once their lease expired; their pages left `running` run again then."""
+        log.info("jobs: replica %s (lease %g s)", self.replica_id, self.lease_s)
         self._loop_task = asyncio.create_task(self._loop(), name="jobs-runner")
+        self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="jobs-heartbeat")
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop_task, *self.tasks.values(), *self.background) if t is not None]
+        self._stopping = True
+        tasks = [t for t in (self._loop_task, self._heartbeat_task, *self.tasks.values(), *self.background)
+                 if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Pages cut off by the shutdown run again at the next start (their attempt stays counted).
+        # The leases go back at once (no waiting for them to expire): another replica, or this server's next
+        # start, runs the pages cut off by the shutdown (their attempt stays counted).
         with contextlib.suppress(Exception):
-            await self.store.call(self.store.requeue_running)
+            await self.store.call(self.store.release, list(self.held), self.replica_id, requeue=True)
+        self.held.clear()
         self.store.close()
+
+    def page_worker(self, result: Any = None) -> str:
+        """Who runs a page, for its `worker` field: the result's own `worker` when it names one (an engine
+        worker), else this replica and its engine. The one place the field is filled from."""
+        named = getattr(result, "worker", None)
+        if named:
+            return str(named)
+        return f"{self.replica_id}/{self.service.admission.primary.name}"
 
     def kick(self) -> None:
         self._wake.set()
@@ -85,20 +116,23 @@ class Runner:
             finished_at=fresh["finished_at"], webhook_status="pending" if job["webhook_url"] else None,
         )
         task = self.tasks.get(job["id"])
-        if task is not None:
+        if task is not None:  # running here; on another replica, its heartbeat sees the cancel and stops it
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if ok:
             await self._write_searchable(job)
             await self._ended(job["id"])
+        self.kick()  # a webhook of a job no replica holds goes out from this replica's loop
         return ok
 
     # --- the loop -------------------------------------------------------------------------------
     async def _loop(self) -> None:
-        tick = max(0.1, min(30.0, self.settings.job_ttl_s / 4))
+        # Often enough to take over, soon after their leases expired, the jobs of a replica that died.
+        tick = max(0.1, min(30.0, self.settings.job_ttl_s / 4, self.lease_s / 3))
         while True:
             try:
                 await self._schedule()
+                await self._orphan_webhooks()
                 if time.monotonic() >= self._next_cleanup:
                     self._next_cleanup = time.monotonic() + tick
                     await self._cleanup()
@@ -109,17 +143,75 @@ class Runner:
             self._wake.clear()
 
     async def _schedule(self) -> None:
-        for job in await self.store.call(self.store.active):
+        if len(self.tasks) >= self.settings.jobs_running:
+            return
+        for job in await self.store.call(self.store.claimable):
             if len(self.tasks) >= self.settings.jobs_running:
                 break
-            if job["id"] not in self.tasks:
-                task = asyncio.create_task(self._run(job), name=f"job-{job['id']}")
-                self.tasks[job["id"]] = task
-                task.add_done_callback(lambda _t, job_id=job["id"]: self._job_done(job_id))
+            if job["id"] in self.tasks or job["id"] in self.held:
+                continue
+            claimed = await self.store.call(self.store.claim, job["id"], self.replica_id, self.lease_s)
+            if claimed is None:
+                continue  # another replica took it first
+            self.held.add(job["id"])
+            if claimed["status"] in TERMINAL:  # cancelled meanwhile: only its webhook is left to do
+                self._spawn(self._after(job["id"]))
+                continue
+            task = asyncio.create_task(self._run(claimed), name=f"job-{job['id']}")
+            self.tasks[job["id"]] = task
+            task.add_done_callback(lambda _t, job_id=job["id"]: self._job_done(job_id))
 
     def _job_done(self, job_id: str) -> None:
         self.tasks.pop(job_id, None)
+        if not self._stopping:
+            self._spawn(self._after(job_id))
         self.kick()
+
+    async def _after(self, job_id: str) -> None:
+        """A job's run here is over: if it ended, its webhook goes out (still under this replica's lease,
+        so no other replica sends it too); then the lease goes back."""
+        if job_id in self.held:
+            job = await self.store.call(self.store.get, job_id)
+            if (job is not None and job["status"] in TERMINAL and job["webhook_status"] == "pending"
+                    and job["lease_owner"] == self.replica_id):
+                await self._webhook(job)
+        if job_id in self.held and job_id not in self.tasks:
+            self.held.discard(job_id)
+            await self.store.call(self.store.release, [job_id], self.replica_id)
+
+    async def _orphan_webhooks(self) -> None:
+        """Webhooks due that no replica holds: the job was cancelled before anyone ran it, or the replica
+        sending it died (the lease expired)."""
+        for job in await self.store.call(self.store.pending_webhooks):
+            if job["id"] in self.held:
+                continue
+            if await self.store.call(self.store.claim, job["id"], self.replica_id, self.lease_s) is not None:
+                self.held.add(job["id"])
+                self._spawn(self._after(job["id"]))
+
+    async def _heartbeat(self) -> None:
+        """Renew the leases held here; stop a job that another replica took over (this one stalled past its
+        lease) or that was cancelled through another replica."""
+        period = min(self.lease_s / 3, HEARTBEAT_MAX_S)
+        while True:
+            await asyncio.sleep(period)
+            ids = list(self.held)
+            if not ids:
+                continue
+            try:
+                mine = await self.store.call(self.store.renew, ids, self.replica_id, self.lease_s)
+            except Exception:
+                log.exception("jobs: the lease heartbeat failed; retrying")
+                continue
+            for job_id in ids:
+                task = self.tasks.get(job_id)
+                if job_id not in mine and job_id in self.held:
+                    log.warning("jobs: %s was taken over by another replica; stopping it here", job_id)
+                    self.held.discard(job_id)
+                    if task is not None:
+                        task.cancel()
+                elif mine.get(job_id) == "cancelled" and task is not None:
+                    task.cancel()  # its webhook follows from _after, under this lease
 
     async def _cleanup(self) -> None:
         for job_id in await self.store.call(self.store.expired, now() - self.settings.job_ttl_s):
@@ -133,7 +225,8 @@ class Runner:
         spec = json.loads(job["spec"])
         try:
             if job["status"] == "queued":
-                await self.store.call(self.store.set_status, job_id, "running", started_at=now())
+                await self.store.call(self.store.set_status, job_id, "running", started_at=now(),
+                                      owner=self.replica_id)
             pending = await self.store.call(self.store.pages, job_id, ("queued", "running"))
             request = views.request_of(self.settings, spec)
             options = views.post_options(spec)
@@ -147,8 +240,12 @@ class Runner:
                 await self._pages(job_id, pending, request, options, spec, None)
         except ServiceUnavailable as exc:
             log.warning("jobs: %s paused, the engine is unavailable: %s", job_id, exc.detail)
-            await self.store.call(self.store.requeue_running, job_id)
+            self.held.discard(job_id)  # given back: a replica whose engine works may take it meanwhile
+            await self.store.call(self.store.release, [job_id], self.replica_id, requeue=True)
             await asyncio.sleep(_RETRY_S)
+            return
+        except LeaseLost:  # the heartbeat drops a lost lease; a cancelled job's webhook follows from _after
+            log.info("jobs: %s stopped here: it was cancelled or taken over through another replica", job_id)
             return
         except asyncio.CancelledError:
             raise
@@ -186,7 +283,8 @@ class Runner:
 
     async def _page(self, job_id: str, row: dict, request: Any, options: Any, spec: dict, doc: Any) -> None:
         idx = row["idx"]
-        await self.store.call(self.store.claim_page, job_id, idx)
+        if not await self.store.call(self.store.claim_page, job_id, idx, self.replica_id, self.page_worker()):
+            raise LeaseLost(job_id)
         if doc is not None:
             result = await self.service.page(request, doc, row["page"], dpi=spec["dpi"], options=options)
         else:
@@ -197,8 +295,11 @@ class Runner:
         path = await asyncio.to_thread(results.save_result, self.data_dir, job_id, idx, result)
         event = page_event(row, result)
         result.post = None  # the files hold it now
-        await self.store.call(self.store.finish_page, job_id, idx, page_fields(result, path),
-                              [("page", lambda _job: event), ("progress", progress_event)])
+        fields = {**page_fields(result, path), "worker": self.page_worker(result)}
+        if await self.store.call(self.store.finish_page, job_id, idx, fields,
+                                 [("page", lambda _job: event), ("progress", progress_event)],
+                                 self.replica_id) is None:
+            raise LeaseLost(job_id)
         self.notify(job_id)
 
     async def _finish(self, job_id: str, status: str, *, error: str | None = None) -> None:
@@ -211,7 +312,7 @@ class Runner:
         fresh = {**job, "status": status, "finished_at": now(), "error": error}
         if await self.store.call(
             self.store.set_status, job_id, status, [(status, views.summary(fresh))], finished_at=fresh["finished_at"],
-            error=error, webhook_status="pending" if job["webhook_url"] else None,
+            error=error, webhook_status="pending" if job["webhook_url"] else None, owner=self.replica_id,
         ):
             log.info("jobs: %s %s (%d pages, %d failed)", job_id, status, job["pages_done"], job["pages_failed"])
             await self._ended(job_id)
@@ -224,15 +325,14 @@ class Runner:
             log.exception("jobs: %s: the searchable PDF could not be made", job["id"])
 
     async def _ended(self, job_id: str) -> None:
-        """A job ended: its upload and a PDF password are no longer needed; its webhook is due."""
+        """A job ended: its upload and a PDF password are no longer needed. Its webhook is due: sent by the
+        replica holding the job (`_after`), or by any replica's loop when none does."""
         self.notify(job_id)
         await asyncio.to_thread(results.drop_inputs, self.data_dir, job_id)
         job = await self.store.call(self.store.get, job_id)
         if job is not None and json.loads(job["spec"]).get("password"):
             spec = {**json.loads(job["spec"]), "password": None}
             await self.store.call(self.store.update_job, job_id, spec=json.dumps(spec, ensure_ascii=False))
-        if job is not None and job["webhook_url"]:
-            self._spawn(self._webhook(job))
 
     # --- webhooks -------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:

@@ -1,10 +1,18 @@
 """The job store: jobs, their pages and their events in SQL tables (SQLAlchemy Core, SQLite or PostgreSQL).
 
 One sync SQLAlchemy engine; the event loop never waits on it: every call goes through `Store.call`, which
-runs it in a thread. Writes are serialised by one lock (one server process writes), so an event's `seq`
-(max + 1 within its job, in the same transaction as the change it reports) increases without gaps; SSE
-clients resume from it. Page results live on disk (`jobs.results`); the tables hold what lists and
-progress need. Times are UNIX seconds.
+runs it in a thread. Several server processes (API replicas) may share one store: a write to a job first
+locks that job's row (`SELECT ... FOR UPDATE` on PostgreSQL; on SQLite a no-op UPDATE, which takes the
+database's write lock), so an event's `seq` (max + 1 within its job, in the same transaction as the change
+it reports) increases without gaps or collisions whichever replica writes it; SSE clients resume from it.
+Locking the job first in every write also gives every transaction the same lock order (no deadlocks).
+
+Leases: a replica runs a job only while it holds the job's lease (`lease_owner`, `lease_expires`), taken by
+one conditional UPDATE (atomic on both databases) and renewed by its heartbeat; page writes are fenced by
+it, so a replica that lost its lease (it stalled past the expiry and another took the job) writes nothing.
+Lease times come from the database's clock (replicas' clocks may disagree); other times are the writer's.
+Page results live on disk (`jobs.results`); the tables hold what lists and progress need. Times are UNIX
+seconds.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ jobs_t = sa.Table(
     sa.Column("webhook_url", sa.Text),
     sa.Column("webhook_status", sa.String(16)),  # pending | delivered | failed
     sa.Column("webhook_attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("lease_owner", sa.String(128)),  # the replica running the job (or sending its webhook)
+    sa.Column("lease_expires", sa.Float),  # its heartbeat pushes this on; past it, another replica may claim
 )
 pages_t = sa.Table(
     "pages", meta,
@@ -59,6 +69,7 @@ pages_t = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("result_path", sa.String(512)),
+    sa.Column("worker", sa.String(256)),  # who ran the page's last attempt (replica and engine)
 )
 events_t = sa.Table(
     "events", meta,
@@ -69,8 +80,16 @@ events_t = sa.Table(
 )
 
 
+_SCHEMA_LOCK = 0x6A6F6273  # PostgreSQL advisory lock key for creating the tables ("jobs")
+
+
 def default_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'jobs.sqlite').resolve()}"
+
+
+class LeaseLost(Exception):
+    """Stop running the job here: this replica no longer holds its lease (another replica took it over), or
+    the job ended meanwhile (a cancel through another replica, before this one's heartbeat saw it)."""
 
 
 class Store:
@@ -83,8 +102,30 @@ class Store:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = sa.create_engine(url, pool_pre_ping=True)
-        meta.create_all(self.engine)
+        self.sqlite = self.engine.dialect.name == "sqlite"
+        # Leases are timed by the database's clock, not each replica's: replicas' clocks may disagree.
+        self.clock = ((sa.func.julianday("now") - 2440587.5) * 86400.0 if self.sqlite
+                      else sa.cast(sa.func.extract("epoch", sa.func.now()), sa.Float))
+        self._create_tables()
         self.lock = threading.Lock()
+
+    def _create_tables(self) -> None:
+        """The tables, and the columns a store made by an older version lacks (added, all nullable).
+        Replicas starting together take turns: an advisory lock on PostgreSQL, the write lock on SQLite."""
+        with self.engine.begin() as conn:
+            if self.sqlite:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            meta.create_all(conn)
+            inspector = sa.inspect(conn)
+            quote = conn.dialect.identifier_preparer.quote
+            for table in meta.sorted_tables:
+                present = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in present:
+                        kind = column.type.compile(dialect=conn.dialect)
+                        conn.exec_driver_sql(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} {kind}")
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.to_thread(fn, *args, **kwargs)
@@ -97,6 +138,21 @@ class Store:
         with self.lock, self.engine.begin() as conn:
             return fn(conn)
 
+    def _lock_jobs(self, conn: sa.Connection, job_ids: list[str]) -> list[Any]:
+        """Lock the jobs' rows (in id order) before anything else in this transaction; their (id, status,
+        lease_owner)."""
+        where = jobs_t.c.id.in_(job_ids)
+        query = sa.select(jobs_t.c.id, jobs_t.c.status, jobs_t.c.lease_owner).where(where).order_by(jobs_t.c.id)
+        if self.sqlite:  # a write as the first statement takes the database's write lock (waiting its turn)
+            conn.execute(jobs_t.update().where(where).values(lease_owner=jobs_t.c.lease_owner))
+        else:
+            query = query.with_for_update()
+        return list(conn.execute(query))
+
+    def _lock_job(self, conn: sa.Connection, job_id: str) -> Any:
+        rows = self._lock_jobs(conn, [job_id])
+        return rows[0] if rows else None
+
     def create(self, job: dict[str, Any], pages: list[dict[str, Any]], events: Iterable[tuple[str, dict]] = ()) -> None:
         def go(conn: sa.Connection) -> None:
             conn.execute(jobs_t.insert().values(**job))
@@ -105,56 +161,118 @@ class Store:
 
         self._write(go)
 
-    def claim_page(self, job_id: str, idx: int) -> None:
-        """The page starts (again): its attempt is counted before any engine work."""
-        self._write(lambda conn: conn.execute(
-            pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.idx == idx)
-            .values(status="running", attempts=pages_t.c.attempts + 1)
-        ))
+    def claim_page(self, job_id: str, idx: int, owner: str, worker: str) -> bool:
+        """The page starts (again) on `worker`: its attempt is counted before any engine work. False (nothing
+        written) when `owner` no longer holds the job's lease or the job ended: no page starts after that."""
+        def go(conn: sa.Connection) -> bool:
+            held = self._lock_job(conn, job_id)
+            if held is None or held.lease_owner != owner or held.status not in ACTIVE:
+                return False
+            conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.idx == idx)
+                         .values(status="running", attempts=pages_t.c.attempts + 1, worker=worker))
+            return True
 
-    def finish_page(self, job_id: str, idx: int, fields: dict[str, Any], events: Iterable[tuple[str, Any]]) -> dict:
-        """Record a finished page, count it on the job, and append its events, in one transaction."""
-        def go(conn: sa.Connection) -> dict:
-            where = [pages_t.c.job_id == job_id, pages_t.c.idx == idx]
-            if fields["status"] not in RESULTS:  # a page cut short by a cancel stays `cancelled`, not `failed`
+        return self._write(go)
+
+    def finish_page(self, job_id: str, idx: int, fields: dict[str, Any], events: Iterable[tuple[str, Any]],
+                    owner: str) -> dict | None:
+        """Record a finished page, count it on the job, and append its events, in one transaction. None (and
+        nothing written) when `owner` no longer holds the job's lease: the replica that took it runs the page."""
+        def go(conn: sa.Connection) -> dict | None:
+            held = self._lock_job(conn, job_id)
+            if held is None or held.lease_owner != owner:
+                return None
+            # Counted once: never a page already finished; a page cut short by a cancel stays `cancelled`.
+            where = [pages_t.c.job_id == job_id, pages_t.c.idx == idx, pages_t.c.status.notin_(PAGE_FINISHED)]
+            if fields["status"] not in RESULTS:
                 where.append(pages_t.c.status != "cancelled")
-            if conn.execute(pages_t.update().where(*where).values(**fields)).rowcount:
+            counted = conn.execute(pages_t.update().where(*where).values(**fields)).rowcount
+            if counted:
                 failed = 1 if fields["status"] == "failed" else 0
                 conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(
                     pages_done=jobs_t.c.pages_done + 1, pages_failed=jobs_t.c.pages_failed + failed))
             row = dict(conn.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id)).mappings().one())
-            if row["status"] in ACTIVE:  # nothing follows a job's terminal event (a cancel may have come first)
+            if counted and row["status"] in ACTIVE:  # nothing follows a job's terminal event (a cancel may come first)
                 _add_events(conn, job_id, [(kind, build(row)) for kind, build in events])
             return row
 
         return self._write(go)
 
-    def set_status(self, job_id: str, status: str, events: Iterable[tuple[str, dict]] = (), **fields: Any) -> bool:
-        """Move a job to `status` unless it already ended; False when it had (a cancel raced the end)."""
+    def set_status(self, job_id: str, status: str, events: Iterable[tuple[str, dict]] = (), *,
+                   owner: str | None = None, **fields: Any) -> bool:
+        """Move a job to `status` unless it already ended; False when it had (a cancel raced the end), or when
+        `owner` is given and no longer holds the lease. A cancel (no owner) may come from any replica."""
         def go(conn: sa.Connection) -> bool:
-            done = conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, jobs_t.c.status.in_(ACTIVE))
-                                .values(status=status, **fields)).rowcount
-            if done:
-                if status in TERMINAL:
-                    conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.status.in_(ACTIVE))
-                                 .values(status="cancelled" if status == "cancelled" else "failed"))
-                _add_events(conn, job_id, events)
-            return bool(done)
+            held = self._lock_job(conn, job_id)
+            if held is None or held.status not in ACTIVE or (owner is not None and held.lease_owner != owner):
+                return False
+            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(status=status, **fields))
+            if status in TERMINAL:
+                conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.status.in_(ACTIVE))
+                             .values(status="cancelled" if status == "cancelled" else "failed"))
+            _add_events(conn, job_id, events)
+            return True
 
         return self._write(go)
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         self._write(lambda conn: conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(**fields)))
 
-    def requeue_running(self, job_id: str | None = None) -> int:
-        """After a crash: pages left `running` run again (their attempt was counted when they started)."""
-        query = pages_t.update().where(pages_t.c.status == "running")
-        if job_id is not None:
-            query = query.where(pages_t.c.job_id == job_id)
-        return self._write(lambda conn: conn.execute(query.values(status="queued")).rowcount)
+    # --- leases ---------------------------------------------------------------------------------
+    def claim(self, job_id: str, owner: str, lease_s: float) -> dict[str, Any] | None:
+        """Take the lease of a job that is due (active, or ended with its webhook pending) and that nobody
+        holds (never claimed, released, or expired: its replica died); the job, or None when another
+        replica holds it or took it first. A single conditional UPDATE: atomic on SQLite and PostgreSQL.
+        The run that held it before is gone, so its pages left `running` are queued again."""
+        def go(conn: sa.Connection) -> dict[str, Any] | None:
+            due = sa.or_(jobs_t.c.status.in_(ACTIVE), jobs_t.c.webhook_status == "pending")
+            taken = conn.execute(jobs_t.update().where(jobs_t.c.id == job_id, self._free(), due)
+                                 .values(lease_owner=owner, lease_expires=self.clock + lease_s)).rowcount
+            if not taken:
+                return None
+            conn.execute(pages_t.update().where(pages_t.c.job_id == job_id, pages_t.c.status == "running")
+                         .values(status="queued"))
+            return dict(conn.execute(sa.select(jobs_t).where(jobs_t.c.id == job_id)).mappings().one())
+
+        return self._write(go)
+
+    def renew(self, job_ids: Iterable[str], owner: str, lease_s: float) -> dict[str, str]:
+        """The heartbeat: push on the leases `owner` still holds; {job id: status} of those (a job missing
+        was taken over by another replica; a `cancelled` one was cancelled through another replica)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+
+        def go(conn: sa.Connection) -> dict[str, str]:
+            mine = {r.id: r.status for r in self._lock_jobs(conn, ids) if r.lease_owner == owner}
+            if mine:
+                conn.execute(jobs_t.update().where(jobs_t.c.id.in_(list(mine))).values(
+                    lease_expires=self.clock + lease_s))
+            return mine
+
+        return self._write(go)
+
+    def release(self, job_ids: Iterable[str], owner: str, *, requeue: bool = False) -> None:
+        """Give leases back (the job ended, paused, or this replica stops): another replica may claim at once.
+        With `requeue`, the pages this replica left `running` are queued again."""
+        ids = list(job_ids)
+        if not ids:
+            return
+
+        def go(conn: sa.Connection) -> None:
+            mine = [r.id for r in self._lock_jobs(conn, ids) if r.lease_owner == owner]
+            if not mine:
+                return
+            if requeue:
+                conn.execute(pages_t.update().where(pages_t.c.job_id.in_(mine), pages_t.c.status == "running")
+                             .values(status="queued"))
+            conn.execute(jobs_t.update().where(jobs_t.c.id.in_(mine)).values(lease_owner=None, lease_expires=None))
+
+        self._write(go)
 
     def delete(self, job_id: str) -> None:
         def go(conn: sa.Connection) -> None:
+            self._lock_job(conn, job_id)
             for table in (events_t, pages_t):
                 conn.execute(table.delete().where(table.c.job_id == job_id))
             conn.execute(jobs_t.delete().where(jobs_t.c.id == job_id))
@@ -195,10 +313,15 @@ class Store:
                                 .limit(limit).offset(offset)).mappings()
             return [dict(r) for r in rows], total
 
-    def active(self) -> list[dict[str, Any]]:
-        """Queued and running jobs, oldest first: admission is FIFO."""
+    def _free(self) -> Any:
+        """No replica holds the job: never claimed, released, or the lease expired (its replica died)."""
+        return sa.or_(jobs_t.c.lease_owner.is_(None), jobs_t.c.lease_expires < self.clock)
+
+    def claimable(self) -> list[dict[str, Any]]:
+        """Queued and running jobs that no replica holds, oldest first: admission is FIFO."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs_t).where(jobs_t.c.status.in_(ACTIVE)).order_by(jobs_t.c.created_at))
+            rows = conn.execute(sa.select(jobs_t).where(jobs_t.c.status.in_(ACTIVE), self._free())
+                                .order_by(jobs_t.c.created_at))
             return [dict(r) for r in rows.mappings()]
 
     def count_active(self) -> int:
@@ -212,9 +335,11 @@ class Store:
             return [r[0] for r in rows]
 
     def pending_webhooks(self) -> list[dict[str, Any]]:
+        """Ended jobs whose webhook is still due and that no replica holds (it died while sending, or the job
+        was cancelled before any replica ran it)."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(jobs_t).where(jobs_t.c.webhook_status == "pending",
-                                                        jobs_t.c.status.in_(TERMINAL)))
+                                                        jobs_t.c.status.in_(TERMINAL), self._free()))
             return [dict(r) for r in rows.mappings()]
 
     def events_after(self, job_id: str, seq: int, limit: int = 500) -> list[dict[str, Any]]:

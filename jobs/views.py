@@ -84,13 +84,22 @@ def page_entry(row: dict[str, Any]) -> dict[str, Any]:
         "elapsed_s": row["elapsed"],
         "error": row["error"],
         "attempts": row["attempts"],
+        "worker": row["worker"],
     }
+
+
+def replica(job: dict[str, Any]) -> str | None:
+    """The replica running the job now: the holder of its lease while the job is active and the lease live."""
+    if job["status"] not in ("queued", "running") or not job["lease_owner"]:
+        return None
+    return job["lease_owner"] if (job["lease_expires"] or 0) >= time.time() else None
 
 
 def detail(job: dict[str, Any], pages: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         **summary(job),
         "eta_s": eta_s(job),
+        "replica": replica(job),
         "webhook": {"status": job["webhook_status"], "attempts": job["webhook_attempts"]} if job["webhook_url"]
         else None,
         "pages": [page_entry(p) for p in pages],

@@ -56,7 +56,8 @@ def test_sigkill_mid_job_then_restart_finishes_without_redoing_pages(
 ) -> None:
     with contextlib.ExitStack() as stack:
         env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DATA_DIR": str(tmp_path),
-               "MAX_CONCURRENCY": "2", "NUM_WORKERS": "2", "JOB_MAX_INFLIGHT": "1", "LOG_LEVEL": "WARNING"}
+               "MAX_CONCURRENCY": "2", "NUM_WORKERS": "2", "JOB_MAX_INFLIGHT": "1", "LOG_LEVEL": "WARNING",
+               "JOB_LEASE_S": "2"}  # the killed server's lease: the restart resumes the job once it expired
         if store == "postgresql":
             url = stack.enter_context(postgres())
             if url is None:

@@ -83,6 +83,12 @@ def image_info(data: bytes, *, max_pixels: int | None = None) -> ImageInfo:
 
 
 def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation found in the header. A PNG's eXIf chunk may follow the pixel data, and Pillow's
+    `getexif` then decodes the whole image to reach it: a 40 MP PNG was decoded here, before the pixel budget
+    (issue 18). Such a PNG reads as 1 here; `decode_image` still applies its rotation (the pixel count, what
+    admission counts, is the same either way)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
     try:
         value = im.getexif().get(0x0112, 1)  # reads the EXIF block only, no pixels
     except Exception:  # broken EXIF: same policy as decode_image, ignore the rotation
@@ -171,7 +177,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
         raise _too_many_pixels(size, max_pixels)
 
 
-def _too_many_pixels(size: tuple[int, int], max_pixels: int, why: str = "") -> PayloadTooLarge:
+def _too_many_pixels(size: tuple[int, int], max_pixels: int, why: str = " (MAX_IMAGE_PIXELS)") -> PayloadTooLarge:
     width, height = size
     return PayloadTooLarge(
         f"The image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "

@@ -32,6 +32,7 @@ from test_hostile_http import makefile_options, rss_mb
 ROOT = Path(__file__).resolve().parent.parent
 HEALTH_BOUND_S = 1.0  # every /health answer while hostile work runs
 POLL_S = 0.1
+MIN_WATCH_S = 1.0  # watched at least this long, however fast the hostile request was answered
 
 
 @dataclass
@@ -153,11 +154,13 @@ class Watch:
                 self.ordinary.append((0, float("inf"), repr(exc)))
 
     def __enter__(self) -> Watch:
+        self.entered = time.monotonic()
         for thread in self.threads:
             thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        time.sleep(max(0.0, self.entered + MIN_WATCH_S - time.monotonic()))
         self.stopping.set()
         for thread in self.threads:
             thread.join(60)

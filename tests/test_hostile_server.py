@@ -36,9 +36,15 @@ from PIL import Image
 from server import show
 from test_hostile_http import png_image
 
-ORDINARY_S = 10.0  # an ordinary request on this 2-core box takes ~0.3 s idle; beside hostile work, under this
+# An ordinary request takes 0.2-0.4 s on an idle 2-core box; beside the CPU-bound hostile work here (two cores
+# shared with the render workers and the engine) it took up to 6.5 s while the box was shared.
+ORDINARY_S = 8.0
+# Decoded pixels are bounded by MAX_DECODED_MPIX (default 400 MP = 1.2 GB of RGB) and by the items a request
+# has in flight (engine slots + render processes = 4 here), plus the decoders' own copies; measured +0.9 to +1.25 GB.
+PIXEL_HEAVY_MB = 1600
+RENDER_MB = 600  # replacement render workers (~150 MB each once PyMuPDF is in) and their heaps; measured +0.23 GB
 BODY_TIMEOUT_S = 2.0
-ENV = {"ENGINE": "torch", "DEVICE": "cpu", "DEFAULT_MAX_TOKENS": "4", "MAX_CONCURRENCY": "2", "NUM_WORKERS": "4",
+ENV = {"ENGINE": "torch", "DEVICE": "cpu", "DEFAULT_MAX_TOKENS": "4", "MAX_CONCURRENCY": "2",
        "PDF_RENDER_TIMEOUT_S": "2", "MAX_ANSWER_MB": "2", "BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
        "LOG_LEVEL": "INFO"}
 
@@ -60,8 +66,8 @@ def post_pdf(url: str, pdf: bytes, **form: str) -> httpx.Response:
     return post(url, "/pdf/ocr", {"file": ("h.pdf", pdf, "application/pdf")}, {"dpi": "72", **form})
 
 
-def post_image(url: str, data: bytes, name: str = "h.png") -> httpx.Response:
-    return post(url, "/ocr/image/simple", {"file": (name, data, "application/octet-stream")})
+def post_image(url: str, data: bytes, name: str = "h.png", **form: str) -> httpx.Response:
+    return post(url, "/ocr/image/simple", {"file": (name, data, "application/octet-stream")}, form)
 
 
 def problem(r: httpx.Response, status: int, *names: str) -> None:
@@ -126,8 +132,8 @@ def test_png_strips_of_1_by_40M_six_at_once(server: Server) -> None:
     """4. Six concurrent 77 KB PNG strips of 1 x 40,000,000 took the server from 1.1 to 6.17 GB. Now each
     waits for the decoded-pixel budget (MAX_DECODED_MPIX) and is resized with a reducing gap."""
     strip = png_image(40_000_000, 1)
-    with Watch(server, rss_bound_mb=2000, ordinary_bound_s=ORDINARY_S) as watch:
-        answers = concurrently(6, lambda _: post_image(server.url, strip))
+    with Watch(server, rss_bound_mb=PIXEL_HEAVY_MB, ordinary_bound_s=ORDINARY_S) as watch:
+        answers = concurrently(6, lambda _: post_image(server.url, strip, mode="tiny"))
     for r in answers:
         assert r.status_code == 200, show(r)
     print("strips", watch.summary())
@@ -137,11 +143,11 @@ def test_batch_of_twelve_40MP_pngs(server: Server) -> None:
     """4. One 1.5 MB batch of twelve 40 MP PNGs added 2.35 GB (~20 GB with the defaults of then)."""
     square = png_image(8000, 5000)
     files = [("files", (f"p{i}.png", square, "image/png")) for i in range(12)]
-    with Watch(server, rss_bound_mb=2000, ordinary_bound_s=ORDINARY_S) as watch:
-        r = post(server.url, "/batch/ocr/simple", files)
+    with Watch(server, rss_bound_mb=PIXEL_HEAVY_MB, ordinary_bound_s=ORDINARY_S) as watch:
+        r = post(server.url, "/batch/ocr/simple", files, {"mode": "tiny"})
     assert r.status_code == 200, show(r)
-    assert [x["status"] for x in r.json()["results"]] == ["ok"] * 12 or all(
-        x["status"] in ("ok", "truncated") for x in r.json()["results"]), show(r)
+    assert len(r.json()["results"]) == 12, show(r)
+    assert all(x["status"] in ("ok", "truncated") for x in r.json()["results"]), show(r)
     print("batch", watch.summary())
 
 
@@ -150,7 +156,7 @@ def test_render_timeout_pages_hold_no_engine_slot(server: Server) -> None:
     worker killed; while they render they hold no engine slot (2 here), so ordinary image requests and an
     ordinary PDF sent alongside succeed (the timeout no longer cancels other requests' pages)."""
     heavy = heavy_document(4)
-    with Watch(server, rss_bound_mb=600, ordinary_bound_s=ORDINARY_S) as watch:
+    with Watch(server, rss_bound_mb=RENDER_MB, ordinary_bound_s=ORDINARY_S) as watch:
         answers = concurrently(2, lambda i: post_pdf(server.url, heavy if i == 0 else text_document()))
     failed_pages(answers[0], "PDF_RENDER_TIMEOUT_S")
     assert answers[1].status_code == 200 and answers[1].json()["pages_failed"] == 0, show(answers[1])
@@ -160,7 +166,8 @@ def test_render_timeout_pages_hold_no_engine_slot(server: Server) -> None:
 def test_client_leaving_mid_render_stops_its_worker(server: Server) -> None:
     """3. A client that leaves while its page renders: the render worker is killed (it kept 100 % CPU)."""
     heavy = heavy_document(1)
-    with Watch(server, rss_bound_mb=600, ordinary_bound_s=ORDINARY_S), contextlib.suppress(httpx.TimeoutException):
+    watch = Watch(server, rss_bound_mb=RENDER_MB, ordinary_bound_s=ORDINARY_S)
+    with watch, contextlib.suppress(httpx.TimeoutException):
         post_pdf_with_timeout(server.url, heavy, 1.0)
     settled(server, within_s=1.5)
 
@@ -243,9 +250,10 @@ def test_filenames_with_lf_and_esc_stay_one_log_line(server: Server) -> None:
     assert b"forged: path\\x1b[2J" in log, log[-3000:]
 
 
-@pytest.mark.parametrize("key", [" ", ","])
-def test_api_key_that_holds_no_key_stops_the_server(key: str) -> None:
-    """`API_KEY=" "` silently opened every route: the server process now exits at start-up, saying why."""
+def test_api_key_that_holds_no_key_stops_the_server() -> None:
+    """`API_KEY=" "` silently opened every route: the server process now exits at start-up, saying why (","
+    and other spellings: tests/test_hostile_http.py, through `create_app`)."""
+    key = " "
     command = [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--port", "9"]
     run = subprocess.run(command, cwd=ROOT, env={**os.environ, "API_KEY": key}, capture_output=True, text=True,
                          timeout=120)

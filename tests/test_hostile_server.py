@@ -232,6 +232,35 @@ def test_slow_body_is_cut_with_408(server: Server) -> None:
     assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 5, elapsed
 
 
+def test_slow_or_silent_header_is_cut_after_body_timeout(server: Server) -> None:
+    """Slow clients, before any request exists: a header sent a line at a time (slowloris) and a connection
+    that sends nothing were kept open forever (LIMIT_CONCURRENCY of them make everyone a 503); each is closed
+    once BODY_TIMEOUT_S passes without complete headers."""
+    started = time.monotonic()
+    closed: dict[str, float] = {}
+    with Watch(server, rss_bound_mb=100, ordinary_bound_s=ORDINARY_S), \
+            socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=30) as silent:
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        slow.settimeout(0.3)
+        silent.settimeout(0.3)
+        while len(closed) < 2 and time.monotonic() - started < BODY_TIMEOUT_S + 10:
+            for name, sock in (("slow", slow), ("silent", silent)):
+                if name in closed:
+                    continue
+                try:
+                    if name == "slow":
+                        sock.sendall(b"X-Slow: 1\r\n")
+                    if sock.recv(1024) == b"":
+                        closed[name] = time.monotonic() - started
+                except TimeoutError:
+                    continue  # still open
+                except OSError:  # reset
+                    closed[name] = time.monotonic() - started
+    assert set(closed) == {"slow", "silent"}, closed
+    assert all(BODY_TIMEOUT_S - 0.5 <= t < BODY_TIMEOUT_S + 3 for t in closed.values()), closed
+
+
 def test_filenames_with_lf_and_esc_stay_one_log_line(server: Server) -> None:
     """Filenames with LF/ESC forged log lines: they are escaped (the name is sent raw, not as httpx quotes it)."""
     forged = "x\n2026-11-30 00:00:00,000 INFO forged: hi\x1b[2J"

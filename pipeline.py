@@ -14,7 +14,6 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,6 +31,7 @@ from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
 from errors import BadRequest, OcrError, Overloaded, ServiceUnavailable, ValidationFailed
+from inputs import content_hash
 from model_catalog import NGRAM_DEFAULTS
 from process.image_process import MODES, ModeSpec
 from searchable_pdf import searchable_from_images
@@ -404,10 +404,14 @@ class OcrService:
         try:
             data = await read()
             image = await self.decode(data)
+            pixels = image.width * image.height
             result = await self.image(request, image, options, label=label, kind="file")
+            del image  # out of the budget since `image` returned: free the pixels too
             if options.searchable and result.post is not None:
                 pages = [(data, result.text, None)]
-                result.post.searchable_pdf = await self.blocking(searchable_from_images, pages)
+                # It may decode the upload again (formats PDF cannot embed, EXIF rotation): budgeted too.
+                async with self.pixels.hold(min(pixels, self.pixels.max_pixels)):
+                    result.post.searchable_pdf = await self.blocking(searchable_from_images, pages)
             del data
         except ServiceUnavailable:
             raise
@@ -463,30 +467,6 @@ class DocumentRun:
 
     def counts(self) -> dict[str, int]:
         return {s: sum(p.status == s for p in self.pages) for s in get_args(ItemStatus)}
-
-
-HASH_CHUNK_PIXELS = 1 << 18  # ~1 MB of RGB: one `tobytes` call holds the GIL for about a millisecond
-
-
-def content_hash(image: Image.Image) -> str:
-    """The decoded pixels' identity: the same picture in another file format is the same input.
-
-    The bytes are hashed in pieces of HASH_CHUNK_PIXELS, in row order (the digest is that of `tobytes()`):
-    one `tobytes()` of a 1 x 40,000,000 strip held the GIL for ~0.3 s, and six of them stalled `/health`
-    for 2 s (issue 18); hashlib itself releases the GIL.
-    """
-    digest = hashlib.blake2b(digest_size=32)
-    digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
-    width, height = image.size
-    if width <= HASH_CHUNK_PIXELS:
-        rows = HASH_CHUNK_PIXELS // width
-        boxes = ((0, y, width, min(height, y + rows)) for y in range(0, height, rows))
-    else:  # rows wider than a piece: each row in segments, left to right
-        boxes = ((x, y, min(width, x + HASH_CHUNK_PIXELS), y + 1)
-                 for y in range(height) for x in range(0, width, HASH_CHUNK_PIXELS))
-    for box in boxes:
-        digest.update(image.crop(box).tobytes())
-    return digest.hexdigest()
 
 
 def _bug(exc: Exception) -> OcrError:

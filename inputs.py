@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import logging
 import math
@@ -82,7 +83,37 @@ def image_info(data: bytes, *, max_pixels: int | None = None) -> ImageInfo:
         return ImageInfo(im.format or "", im.width, im.height, getattr(im, "n_frames", 1), _orientation(im))
 
 
+HASH_CHUNK_PIXELS = 1 << 18  # ~1 MB of RGB: one `tobytes` call holds the GIL for about a millisecond
+
+
+def content_hash(image: Image.Image) -> str:
+    """The decoded pixels' identity: the same picture in another file format is the same input.
+
+    The bytes are hashed in pieces of HASH_CHUNK_PIXELS, in row order (the digest is that of `tobytes()`):
+    one `tobytes()` of a 1 x 40,000,000 strip held the GIL for ~0.3 s, and six of them stalled `/health`
+    for 2 s (issue 18); hashlib itself releases the GIL.
+    """
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+    width, height = image.size
+    if width <= HASH_CHUNK_PIXELS:
+        rows = HASH_CHUNK_PIXELS // width
+        boxes = ((0, y, width, min(height, y + rows)) for y in range(0, height, rows))
+    else:  # rows wider than a piece: each row in segments, left to right
+        boxes = ((x, y, min(width, x + HASH_CHUNK_PIXELS), y + 1)
+                 for y in range(height) for x in range(0, width, HASH_CHUNK_PIXELS))
+    for box in boxes:
+        digest.update(image.crop(box).tobytes())
+    return digest.hexdigest()
+
+
 def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation found in the header. A PNG's eXIf chunk may follow the pixel data, and Pillow's
+    `getexif` then decodes the whole image to reach it: a 40 MP PNG was decoded here, before the pixel budget
+    (issue 18). Such a PNG reads as 1 here; `decode_image` still applies its rotation (the pixel count, what
+    admission counts, is the same either way)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
     try:
         value = im.getexif().get(0x0112, 1)  # reads the EXIF block only, no pixels
     except Exception:  # broken EXIF: same policy as decode_image, ignore the rotation
@@ -171,7 +202,7 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
         raise _too_many_pixels(size, max_pixels)
 
 
-def _too_many_pixels(size: tuple[int, int], max_pixels: int, why: str = "") -> PayloadTooLarge:
+def _too_many_pixels(size: tuple[int, int], max_pixels: int, why: str = " (MAX_IMAGE_PIXELS)") -> PayloadTooLarge:
     width, height = size
     return PayloadTooLarge(
         f"The image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "

@@ -255,7 +255,8 @@ async def job_result(request: Request, job_id: str) -> Any:
     runner, job = await load_job(request, job_id)
     pages = await runner.store.call(runner.store.pages, job_id)
     if job["kind"] == "pdf":
-        run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages)
+        run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages,
+                                    max_answer_bytes=runner.settings.max_answer_bytes)
         return await asyncio.to_thread(pdf_response, run)
     return batch_response(await asyncio.to_thread(views.batch_run, runner.data_dir, job, pages))
 
@@ -271,7 +272,8 @@ async def job_download(request: Request, job_id: str) -> Response:
     pages = await runner.store.call(runner.store.pages, job_id)
     if job["kind"] == "pdf":
         stem = json.loads(job["spec"])["stem"]
-        run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages)
+        run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages,
+                                    max_answer_bytes=runner.settings.max_answer_bytes)
         searchable = await asyncio.to_thread(views.searchable_of_document, runner.data_dir, job_id)
         archive, name = await asyncio.to_thread(pdf_zip, run, stem, searchable), f"{stem}.zip"
     else:

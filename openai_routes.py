@@ -117,14 +117,11 @@ def _image_url(value: Any) -> str:
 
 
 async def decode_url(service: OcrService, url: str) -> Image.Image:
-    """Base64 data URL -> RGB image, in the worker pool (a 50 MB string is not decoded on the event loop)."""
+    """Base64 data URL -> RGB image, in the worker pool (a 50 MB string is not decoded on the event loop),
+    its pixels reserved in the decoded-pixel budget (MAX_DECODED_MPIX) first, like every route's uploads."""
     settings = service.settings
-
-    def decode() -> Image.Image:
-        data = inputs.decode_base64_image(url, max_bytes=settings.max_upload_bytes)
-        return inputs.decode_image(data, max_pixels=settings.max_image_pixels)
-
-    return await service.blocking(decode)
+    data = await service.blocking(inputs.decode_base64_image, url, max_bytes=settings.max_upload_bytes)
+    return await service.decode(data, max_pixels=settings.max_image_pixels, wait_s=settings.generate_timeout_s)
 
 
 # --------------------------------------------------------------------------------------- routes

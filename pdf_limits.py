@@ -191,7 +191,7 @@ def check_page_images(doc: pymupdf.Document, pg: pymupdf.Page, page: int, limits
                 )
 
 
-_ALLOC_FAILURE = re.compile(r"malloc|out of memory|cannot allocate|memory allocation", re.IGNORECASE)
+_ALLOC_FAILURE = re.compile(r"(?:m|c|re)alloc|out of memory|cannot allocate|memory allocation", re.IGNORECASE)
 
 
 def memory_or(exc: BaseException, other: OcrError) -> BaseException:

@@ -227,19 +227,33 @@ class RenderPool:
         for _ in range(3):
             worker = await self._acquire(doc_id)
             if doc_id not in worker.docs and message[0] == "render":
-                limit_s += self.open_timeout_s  # this worker must reopen the (already validated) file first
-            try:
-                worker.conn.send(message)
-            except OSError:  # it died while idle (the kernel's OOM killer, an operator): take another
-                self._discard(worker)
+                # This worker must reopen the (already validated) file first: under PDF_OPEN_TIMEOUT_S, as its
+                # own step, so that the page's deadline starts when its render starts (a reopen used to add
+                # the open timeout to the page's: a 2 s page deadline let a page render for 15 s).
+                reopen = ("open", doc_id, message[2], message[3], 10**9)
+                if not self._send(worker, reopen):
+                    continue
+                await self._answer(worker, doc_id, reopen, self.open_timeout_s, keep=True)
+            if not self._send(worker, message):
                 continue
             return await self._answer(worker, doc_id, message, limit_s)
         raise ServiceUnavailable("The PDF renderer's worker processes keep dying; try again later.")
 
-    async def _answer(self, worker: _Worker, doc_id: str, message: tuple, limit_s: float) -> tuple:
+    def _send(self, worker: _Worker, message: tuple) -> bool:
+        try:
+            worker.conn.send(message)
+        except OSError:  # it died while idle (the kernel's OOM killer, an operator): take another
+            self._discard(worker)
+            return False
+        return True
+
+    async def _answer(
+        self, worker: _Worker, doc_id: str, message: tuple, limit_s: float, *, keep: bool = False
+    ) -> tuple:
         """Await `worker`'s answer within `limit_s`. The worker goes back to the idle list only after a
-        normal answer; on anything else (deadline, cancellation, a crash, a memory failure) it is killed,
-        so it can never hold up or hand a stale answer to another page."""
+        normal answer (or stays with the caller, `keep`, unless the answer is an error); on anything else
+        (deadline, cancellation, a crash, a memory failure) it is killed, so it can never hold up or hand a
+        stale answer to another page."""
         healthy = False
         try:
             worker.docs.pop(doc_id, None)
@@ -267,10 +281,10 @@ class RenderPool:
                 )
             healthy = True
         finally:
-            if healthy:
-                self._release(worker)
-            else:
+            if not healthy:
                 self._discard(worker)
+            elif not keep or reply[0] == "error":
+                self._release(worker)
         if reply[0] == "error":
             _, name, detail, extra = reply
             cls = getattr(errors, name, None)

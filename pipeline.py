@@ -14,7 +14,6 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,6 +31,7 @@ from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
 from errors import BadRequest, OcrError, Overloaded, ServiceUnavailable, ValidationFailed
+from inputs import content_hash
 from model_catalog import NGRAM_DEFAULTS
 from process.image_process import MODES, ModeSpec
 from searchable_pdf import searchable_from_images
@@ -404,10 +404,14 @@ class OcrService:
         try:
             data = await read()
             image = await self.decode(data)
+            pixels = image.width * image.height
             result = await self.image(request, image, options, label=label, kind="file")
+            del image  # out of the budget since `image` returned: free the pixels too
             if options.searchable and result.post is not None:
                 pages = [(data, result.text, None)]
-                result.post.searchable_pdf = await self.blocking(searchable_from_images, pages)
+                # It may decode the upload again (formats PDF cannot embed, EXIF rotation): budgeted too.
+                async with self.pixels.hold(min(pixels, self.pixels.max_pixels)):
+                    result.post.searchable_pdf = await self.blocking(searchable_from_images, pages)
             del data
         except ServiceUnavailable:
             raise
@@ -463,14 +467,6 @@ class DocumentRun:
 
     def counts(self) -> dict[str, int]:
         return {s: sum(p.status == s for p in self.pages) for s in get_args(ItemStatus)}
-
-
-def content_hash(image: Image.Image) -> str:
-    """The decoded pixels' identity: the same picture in another file format is the same input."""
-    digest = hashlib.blake2b(digest_size=32)
-    digest.update(f"{image.mode}:{image.width}x{image.height}:".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 def _bug(exc: Exception) -> OcrError:

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import base_routes
 import observability
+import slow_clients
 import web
 from admission import Admission
 from config import Settings, load_settings
@@ -244,6 +245,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                                       None, None)
     install_error_handlers(app)
     install_middleware(app, settings)
+    slow_clients.install(settings.body_timeout_s)  # request headers get BODY_TIMEOUT_S too (h11)
     app.add_middleware(OpenAIErrorShape)  # outermost: /v1/* errors in OpenAI's shape, the guard's 401 too
     observability.install(app, settings)
     web.install(app)

@@ -110,13 +110,16 @@ def finished(pages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [p for p in pages if p["result_path"] and p["status"] not in ("queued", "running", "cancelled")]
 
 
-def document_run(data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]]) -> DocumentRun:
-    """The finished pages as the `DocumentRun` `/pdf/ocr` answers from (read from disk; CPU: worker pool)."""
+def document_run(
+    data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]], *, max_answer_bytes: int | None = None
+) -> DocumentRun:
+    """The finished pages as the `DocumentRun` `/pdf/ocr` answers from (read from disk; CPU: worker pool).
+    `max_answer_bytes` (MAX_ANSWER_MB) caps the images of the JSON answer built from it, as for /pdf/ocr."""
     spec = json.loads(job["spec"])
     items = [results.load_result(data_dir, p["result_path"]) for p in finished(pages)]
     end = job["finished_at"] or time.time()
     run = DocumentRun(spec["mode_name"], job["page_count"] or 0, spec["dpi"], items, list(spec.get("warnings", [])),
-                      time.perf_counter())
+                      time.perf_counter(), max_answer_bytes=max_answer_bytes)
     run.started -= end - (job["started_at"] or job["created_at"])
     return run
 

@@ -264,7 +264,7 @@ def preprocess(
 
     if not crop and image_size <= _STRETCH_MAX_IMAGE_SIZE:
         # Tiny and small modes see the page squashed to a square (the reference's behaviour), not padded.
-        rgb = rgb.resize((image_size, image_size), _RESAMPLE)
+        rgb = _resize(rgb, (image_size, image_size))  # a strip: reduced first, see _resize
     padded = _pad_square(rgb, base_size)
     global_view = _normalise(np.asarray(padded).transpose(2, 0, 1).copy())
 

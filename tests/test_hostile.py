@@ -131,12 +131,21 @@ def text_pdf() -> bytes:
     return doc.tobytes()
 
 
-def heavy_pdf(repeats: int = 40) -> bytes:
-    """A page drawing a form of 50,000 filled rectangles `repeats` times: ~50 ms of MuPDF work per repeat
-    (2 s at the default), from a 0.8 MB file."""
+def heavy_pdf(repeats: int = 40, pages: int = 1) -> bytes:
+    """Pages drawing one form of 50,000 filled rectangles `repeats` times: ~50 ms of MuPDF work per repeat
+    (2 s a page at the default), from a 0.8 MB file."""
     rects = b"".join(b"%d %d 3 3 re f\n" % (i % 197, (i // 197) % 197) for i in range(50_000))
-    form = stream(rects, b"/Type /XObject /Subtype /Form /BBox [0 0 200 200]")
-    return one_page(b"/Fm1 Do\n" * repeats, b"<< /XObject << /Fm1 5 0 R >> >>", o5=form)
+    kids = b" ".join(b"%d 0 R" % (5 + n) for n in range(pages))
+    objects = {
+        1: b"<< /Type /Catalog /Pages 2 0 R >>",
+        2: b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, pages),
+        3: stream(b"/Fm1 Do\n" * repeats),
+        4: stream(rects, b"/Type /XObject /Subtype /Form /BBox [0 0 200 200]"),
+    }
+    for n in range(pages):
+        objects[5 + n] = (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] "
+                          b"/Resources << /XObject << /Fm1 4 0 R >> >> /Contents 3 0 R >>")
+    return build_pdf(objects)
 
 
 def nested_page(depth: int = 100_000) -> bytes:
@@ -247,6 +256,37 @@ def test_page_past_the_deadline_kills_only_its_worker() -> None:
     err, _ = refused_beside_ordinary(lambda p: render(p, heavy_pdf()), pool)
     assert err.status == 413 and "PDF_RENDER_TIMEOUT_S" in err.detail and "0.3 s" in err.detail, err.detail
     assert time.perf_counter() - started < 20
+
+
+def test_page_deadline_starts_when_its_render_starts_on_a_worker_that_reopens() -> None:
+    """A page sent to a worker that has not opened the file reopens it first, under PDF_OPEN_TIMEOUT_S, and
+    only then gets PDF_RENDER_TIMEOUT_S (the two were added up: a 2 s page deadline let a page run 15 s)."""
+    pool = new_pool(2, page_timeout_s=0.5, open_timeout_s=30)
+
+    async def scenario() -> list[BaseException | RenderedPage]:
+        async with pool.document(heavy_pdf(400, pages=2), password=None, max_pages=10) as doc:
+            return await asyncio.gather(*(doc.render(n, dpi=72, max_pixels=BIG) for n in (1, 2)),
+                                        return_exceptions=True)
+
+    started = time.perf_counter()
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        pool.close()
+    for err in answers:
+        assert isinstance(err, PayloadTooLarge) and "PDF_RENDER_TIMEOUT_S" in err.detail, err
+    assert time.perf_counter() - started < 10  # each page ~20 s of work: both were cut at 0.5 s of rendering
+
+
+def test_allocation_failures_of_mupdf_are_memory_problems() -> None:
+    """MuPDF says "realloc (1073741824 bytes) failed" under RLIMIT_AS: a memory problem naming the limit,
+    not "the file is damaged"."""
+    from pdf_limits import MemoryLimitHit, memory_or
+
+    damaged = InvalidPdf("damaged")
+    for text in ("realloc (1073741824 bytes) failed", "malloc (12 bytes) failed", "calloc (1 x 2 bytes) failed"):
+        assert isinstance(memory_or(RuntimeError(f"code=2: {text}"), damaged), MemoryLimitHit), text
+    assert memory_or(RuntimeError("code=2: syntax error in content stream"), damaged) is damaged
 
 
 def test_cancelled_render_kills_its_worker_and_no_other_page() -> None:
@@ -364,3 +404,15 @@ def test_workers_die_with_the_server_and_its_spill_files_are_cleaned_on_start(tm
     finally:
         pool.close()
     assert os.listdir(spill_base) == []
+
+
+def test_image_info_of_a_png_reads_no_pixels() -> None:
+    """`image_info` counts pixels for the budget before decoding; for a PNG with no eXIf chunk ahead of its
+    pixel data, Pillow's `getexif` decoded the whole image to look for one after it (40 MP, outside the budget)."""
+    from test_hostile_http import png_image
+
+    data = png_image(8000, 5000)
+    started = time.perf_counter()
+    info = inputs.image_info(data, max_pixels=BIG)
+    assert (info.width, info.height, info.orientation) == (8000, 5000, 1)
+    assert time.perf_counter() - started < 0.1  # decoding it takes ~0.5 s

@@ -154,3 +154,23 @@ def test_webhook_signed_retried_and_hosts_allowed(tmp_path: Path) -> None:
         assert summary["id"] == job["id"] and summary["status"] == "done" and summary["pages_done"] == 2, summary
     finally:
         receiver.shutdown()
+
+
+def test_job_answer_images_are_capped_like_pdf_ocr(tmp_path: Path) -> None:
+    """A job's JSON result leaves images past MAX_ANSWER_MB out, with the warning naming it, as /pdf/ocr does;
+    its ZIP download keeps them all."""
+    import io
+    import zipfile
+
+    figure = "<|ref|>image<|/ref|><|det|>[[100, 100, 800, 600]]<|/det|>\n" + TEXT
+    with serve_app(app_with(tmp_path, ReplayEngine(figure), max_answer_mb=0.01)) as url:  # ~10 KB of images
+        job = submit(url, make_pdf(3), draw_layouts="true", extract_images="true")
+        assert wait(url, job["id"])["status"] == "done"
+        r = httpx.get(f"{url}/jobs/{job['id']}/result", timeout=60)
+        assert r.status_code == 200, show(r)
+        answer = r.json()
+        assert any("MAX_ANSWER_MB" in w for w in answer["warnings"]), show(r)
+        assert answer["layout_pdf"] is None and len(answer["images"]) < 3, show(r)
+        archive = httpx.get(f"{url}/jobs/{job['id']}/download", timeout=60)
+        with zipfile.ZipFile(io.BytesIO(archive.content)) as z:
+            assert len([n for n in z.namelist() if n.startswith("images/")]) == 3, z.namelist()

@@ -174,3 +174,17 @@ def test_client_disconnect_stops_the_stream_and_deadline_ends_it(tiny_checkpoint
         assert len(engine.aborted) == 2, engine.aborted
         r = httpx.post(base + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["type"] == "server_error", show(r)
+
+
+def test_data_url_image_is_counted_by_the_pixel_budget(tmp_path: Path) -> None:
+    """A data-URL image is decoded like every upload: its pixels reserved first (MAX_DECODED_MPIX); one over
+    the whole budget is a 413 before any pixel is decoded, in OpenAI's error shape."""
+    settings = make_settings(None, data_dir=str(tmp_path), max_decoded_mpix=0.005)  # 5,000 pixels
+    with serve_app(create_app(settings, engine_factory=factory(ReplayEngine("text")))) as base:
+        small = "data:image/png;base64," + base64.b64encode(png_bytes(64, 48)).decode()
+        body = {"model": "deepseek-ocr", "messages": user(url=small)}
+        ok = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+        assert ok.status_code == 200, show(ok)
+        r = httpx.post(base + "/v1/chat/completions", json={**body, "messages": user()}, timeout=60)  # 96 x 64
+        assert r.status_code == 413, show(r)
+        assert "MAX_DECODED_MPIX" in r.json()["error"]["message"], show(r)

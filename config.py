@@ -86,8 +86,10 @@ class Settings(BaseSettings):
     max_pdf_pages: int = Field(500, ge=1, le=100_000)
     max_batch_files: int = Field(100, ge=1, le=100_000)
     max_batch_mb: float = Field(500.0, gt=0, le=65536, description="Largest batch request body, all files")
-    max_decoded_mpix: float = Field(
-        400.0, gt=0, le=100_000, description="Decoded pixels held at once, all requests (400 MP = ~1.2 GB RGB)"
+    max_decoded_mpix: float | None = Field(
+        None, gt=0, le=100_000,
+        description="Decoded pixels held at once, all requests; unset = 400 MP (~1.2 GB RGB) or 4 MP per engine "
+        "sequence (MAX_CONCURRENCY x workers), whichever is more",
     )
     max_answer_mb: float = Field(
         64.0, gt=0, le=65536, description="Annotated images and crops in one JSON answer; past it they are dropped"
@@ -228,9 +230,12 @@ class Settings(BaseSettings):
     def max_batch_bytes(self) -> int:
         return int(self.max_batch_mb * 1024 * 1024)
 
-    @property
-    def max_decoded_pixels(self) -> int:
-        return int(self.max_decoded_mpix * 1_000_000)
+    def max_decoded_pixels(self, capacity: int = 0) -> int:
+        """MAX_DECODED_MPIX, or by default enough for `capacity` sequences in flight: a budget that holds
+        fewer pages than the engines take would cap their batch (A4 at 144 dpi is 2 MP; 4 MP leaves room)."""
+        if self.max_decoded_mpix is not None:
+            return int(self.max_decoded_mpix * 1_000_000)
+        return max(400_000_000, capacity * 4_000_000)
 
     @property
     def max_answer_bytes(self) -> int:

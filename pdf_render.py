@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -112,8 +113,8 @@ class RenderPool:
         try:
             await _finish_even_if_cancelled(asyncio.to_thread(self._spill, path, data))
             reply = await self._run(doc_id, ("open", doc_id, path, password, max_pages), self.open_timeout_s)
-            _, page_count, metadata, repaired, warnings = reply
-            yield PdfDocument(self, doc_id, path, password, page_count, metadata, warnings, repaired)
+            _, page_count, metadata, repaired, warnings, sizes = reply
+            yield PdfDocument(self, doc_id, path, password, page_count, metadata, warnings, repaired, sizes)
         finally:
             self._forget(doc_id)
             with contextlib.suppress(OSError):
@@ -348,10 +349,20 @@ class PdfDocument:
     metadata: dict[str, str]
     warnings: tuple[str, ...]  # MuPDF warnings while opening
     repaired: bool  # MuPDF rebuilt the cross-reference table (damaged but complete file)
+    page_sizes: tuple[tuple[float, float], ...] = ()  # crop boxes in points; empty when unknown
 
     @property
     def title(self) -> str | None:
         return self.metadata.get("title")
+
+    def expected_pixels(self, page: int, dpi: int, max_pixels: int) -> int:
+        """The most pixels rendering `page` at `dpi` can give (a render never exceeds `max_pixels`); without
+        the page's size, `max_pixels`."""
+        if not 1 <= page <= len(self.page_sizes):
+            return max_pixels
+        width, height = self.page_sizes[page - 1]
+        zoom = dpi / 72
+        return min(max_pixels, (math.ceil(width * zoom) + 2) * (math.ceil(height * zoom) + 2))
 
     async def render(self, page: int, *, dpi: int, max_pixels: int) -> RenderedPage:
         """Render one 1-based page in a worker (see `pdf_worker.render_page` for dpi reduction and refusals)."""

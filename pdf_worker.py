@@ -61,6 +61,16 @@ class PdfSource:
     def closed(self) -> bool:
         return self._doc is None
 
+    def page_sizes(self) -> tuple[tuple[float, float], ...]:
+        """Each page's crop box (points), read without loading the pages: what the server reserves pixel
+        budget by before a render. Empty when the document cannot say (the server then reserves the most)."""
+        try:
+            with MUPDF_LOCK:
+                doc = self._doc
+                return tuple((r.width, r.height) for r in (doc.page_cropbox(i) for i in range(self.page_count)))
+        except Exception:  # a damaged page tree: render-time checks report it per page
+            return ()
+
     def close(self) -> None:
         with MUPDF_LOCK:
             if self._doc is not None:
@@ -317,7 +327,7 @@ _PR_SET_PDEATHSIG = 1
 def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits: PdfLimits) -> None:
     """A render worker: answer ("open" | "render") messages one at a time; "forget" has no answer.
 
-    Replies are tuples: ("opened", page_count, metadata, repaired, warnings), ("page", size, page, dpi,
+    Replies are tuples: ("opened", page_count, metadata, repaired, warnings, page sizes), ("page", size, page, dpi,
     requested_dpi, reduced, note, warnings) followed by the RGB bytes as one raw message, ("error",
     OcrError class name, detail, extra), or
     ("memory", detail), after which the worker exits (its heap is suspect) and the parent replaces it.
@@ -368,7 +378,7 @@ def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list,
     while len(docs) > KEEP_OPEN:
         docs.popitem(last=False)[1].close()
     if op == "open":
-        return ("opened", source.page_count, source.metadata, source.repaired, source.warnings)
+        return ("opened", source.page_count, source.metadata, source.repaired, source.warnings, source.page_sizes())
     page, dpi, max_pixels = rest
     size, samples, used_dpi, note, warnings = render_samples(
         source, page, dpi=dpi, max_pixels=max_pixels, limits=limits

@@ -248,7 +248,7 @@ class OcrService:
         self.executor = executor
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
-        self.pixels = PixelBudget(settings.max_decoded_pixels)  # decoded pixels held at once (MAX_DECODED_MPIX)
+        self.pixels = PixelBudget(settings.max_decoded_pixels(admission.capacity))  # held at once (MAX_DECODED_MPIX)
 
     def admit(self, request: OcrRequest | None = None) -> OcrRequest | None:
         """Bind a request to its model and refuse it up front: unknown model (400), mode the model does not
@@ -387,12 +387,17 @@ class OcrService:
         return result
 
     async def _render(self, doc: Any, page: int, dpi: int) -> Any:
-        """Render a page with MAX_IMAGE_PIXELS reserved (the most a render returns; the page size is known only
-        in the worker), shrunk to the real size after."""
+        """Render a page with its pixels reserved first (from the page's size when the PDF gives it, else
+        MAX_IMAGE_PIXELS, the most a render returns), then held at the real size until post-processed."""
         limit = self.settings.max_image_pixels
-        async with self.pixels.hold(min(limit, self.pixels.max_pixels)) as reservation:
+        expected = doc.expected_pixels(page, dpi, limit) if hasattr(doc, "expected_pixels") else limit
+        async with self.pixels.hold(min(expected, self.pixels.max_pixels)) as reservation:
             rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
-            reservation = self.pixels.handover(reservation, rendered.image.width * rendered.image.height)
+            actual = rendered.image.width * rendered.image.height
+            if actual > reservation.pixels:  # a size the crop box did not tell (UserUnit...): top up
+                extra = await self.pixels.reserve(actual - reservation.pixels)
+                reservation.pixels, extra.pixels = reservation.pixels + extra.pixels, 0
+            reservation = self.pixels.handover(reservation, actual)
         self.pixels.hold_for(rendered.image, reservation)
         return rendered
 

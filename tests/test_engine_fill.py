@@ -1,0 +1,48 @@
+"""A long PDF keeps every engine sequence busy: nothing between the render pool and the engine caps the batch.
+
+The vLLM engine's throughput follows its batch: on the H200 a 256-page PDF through the service ran at 0.58x
+raw vLLM while the decoded-pixel budget (400 MP, each page in flight holding ~2 MP and each page being
+rendered 40 MP) let only ~180 pages reach the engine at once. Now a render reserves its page's real size
+and the default budget covers 4 MP per engine sequence. A replay engine that holds each item for a while
+shows the engine's peak of items at once reaching its full MAX_CONCURRENCY.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from replay import ReplayEngine, factory
+from server import make_settings, serve_app, show
+from test_pdf_routes import make_pdf
+
+from serve_ocr import create_app
+
+CONCURRENCY = 256
+
+
+def test_a_long_pdf_fills_every_engine_sequence(tiny_checkpoint: Path) -> None:
+    engine = ReplayEngine("# Page\n", max_concurrency=CONCURRENCY, delay_s=6.0)
+    settings = make_settings(tiny_checkpoint, max_concurrency=CONCURRENCY, pdf_timeout_s=600, max_pdf_pages=400)
+    app = create_app(settings, engine_factory=factory(engine))
+    with serve_app(app) as url:
+        assert app.state.service.pixels.max_pixels >= CONCURRENCY * 4_000_000, app.state.service.pixels.max_pixels
+        pdf = make_pdf(CONCURRENCY + 20)
+        r = httpx.post(url + "/pdf/ocr", files={"file": ("long.pdf", pdf)},
+                       data={"dpi": "144", "draw_layouts": "false", "extract_images": "false"}, timeout=600)
+        assert r.status_code == 200, show(r)
+        assert len(r.json()["pages"]) == CONCURRENCY + 20, show(r)
+        assert app.state.service.pixels.used == 0, app.state.service.pixels.used
+    assert engine.peak_running == CONCURRENCY, f"only {engine.peak_running} of {CONCURRENCY} sequences were ever busy"
+
+
+def test_an_explicit_budget_is_kept(tiny_checkpoint: Path) -> None:
+    engine = ReplayEngine("# Page\n", max_concurrency=64, delay_s=2.0)
+    settings = make_settings(tiny_checkpoint, max_concurrency=64, max_decoded_mpix=20)
+    app = create_app(settings, engine_factory=factory(engine))
+    with serve_app(app) as url:
+        assert app.state.service.pixels.max_pixels == 20_000_000
+        r = httpx.post(url + "/pdf/ocr", files={"file": ("r.pdf", make_pdf(30))}, data={"dpi": "144"}, timeout=300)
+        assert r.status_code == 200, show(r)
+    # Pages of 1 to 2 MP at 144 dpi: a 20 MP budget holds 10 to 20 at once, whatever the engine takes.
+    assert 5 <= engine.peak_running <= 20 and engine.peak_running < 64, engine.peak_running

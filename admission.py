@@ -247,18 +247,20 @@ class PixelBudget:
     def waiting(self) -> int:
         return sum(1 for fut, _ in self._waiters if not fut.done())
 
-    def check(self, pixels: int) -> None:
+    def check(self, pixels: int, copies: int = 1) -> None:
         if pixels > self.max_pixels:
+            twice = " (counted twice: it is held by the server and by an engine worker)" if copies > 1 else ""
             raise PayloadTooLarge(
-                f"this item decodes to {pixels / 1e6:.1f} megapixels, over the decoded-pixel budget of "
+                f"this item decodes to {pixels / copies / 1e6:.1f} megapixels{twice}, over the decoded-pixel budget of "
                 f"{self.max_pixels / 1e6:.0f} megapixels (MAX_DECODED_MPIX)",
                 pixels=pixels, max_decoded_pixels=self.max_pixels,
             )
 
-    async def reserve(self, pixels: int) -> PixelReservation:
-        """Wait (FIFO) until `pixels` fit; 413 when they never can."""
-        pixels = max(0, int(pixels))
-        self.check(pixels)
+    async def reserve(self, pixels: int, copies: int = 1) -> PixelReservation:
+        """Wait (FIFO) until `pixels` x `copies` fit (an image handed to an engine worker process exists twice:
+        here and there); 413 when they never can."""
+        pixels = max(0, int(pixels)) * copies
+        self.check(pixels, copies)
         if not self._waiters and self.used + pixels <= self.max_pixels:
             self.used += pixels
             return PixelReservation(self, pixels)
@@ -279,8 +281,8 @@ class PixelBudget:
         return PixelReservation(self, pixels)
 
     @contextlib.asynccontextmanager
-    async def hold(self, pixels: int) -> AsyncIterator[PixelReservation]:
-        token = await self.reserve(pixels)
+    async def hold(self, pixels: int, copies: int = 1) -> AsyncIterator[PixelReservation]:
+        token = await self.reserve(pixels, copies)
         try:
             yield token
         finally:
@@ -293,6 +295,15 @@ class PixelBudget:
         kept = PixelReservation(self, reservation.pixels)
         reservation.pixels = 0
         return kept
+
+    async def settle(self, reservation: PixelReservation, pixels: int, copies: int = 1) -> PixelReservation:
+        """`handover` at the real size, growing first (waiting for budget) when the item came out larger than
+        reserved (a page whose crop box did not tell its render size)."""
+        missing = pixels * copies - reservation.pixels
+        if missing > 0:
+            extra = await self.reserve(missing)
+            reservation.pixels, extra.pixels = reservation.pixels + extra.pixels, 0
+        return self.handover(reservation, pixels * copies)
 
     def _give(self, pixels: int) -> None:
         self.used -= pixels

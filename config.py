@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     max_batch_mb: float = Field(500.0, gt=0, le=65536, description="Largest batch request body, all files")
     max_decoded_mpix: float | None = Field(
         None, gt=0, le=100_000,
-        description="Decoded pixels held at once, all requests; unset = 400 MP (~1.2 GB RGB) or 4 MP per engine "
+        description="Decoded pixels held at once, all requests; unset = 400 MP (~1.2 GB RGB) or 5 MP per engine "
         "sequence (MAX_CONCURRENCY x workers), whichever is more",
     )
     max_answer_mb: float = Field(
@@ -232,10 +232,11 @@ class Settings(BaseSettings):
 
     def max_decoded_pixels(self, capacity: int = 0) -> int:
         """MAX_DECODED_MPIX, or by default enough for `capacity` sequences in flight: a budget that holds
-        fewer pages than the engines take would cap their batch (A4 at 144 dpi is 2 MP; 4 MP leaves room)."""
+        fewer pages than the engines take would cap their batch (A4 at 144 dpi is 2 MP, held twice while an
+        engine worker process has it: 5 MP leaves room)."""
         if self.max_decoded_mpix is not None:
             return int(self.max_decoded_mpix * 1_000_000)
-        return max(400_000_000, capacity * 4_000_000)
+        return max(400_000_000, capacity * 5_000_000)
 
     @property
     def max_answer_bytes(self) -> int:

@@ -249,6 +249,8 @@ class OcrService:
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
         self.pixels = PixelBudget(settings.max_decoded_pixels(admission.capacity))  # held at once (MAX_DECODED_MPIX)
+        # An image sent to an engine worker process exists twice while the engine has it (here and there).
+        self.copies = 2 if any(getattr(e, "copies_images", False) for e in admission.engines) else 1
 
     def admit(self, request: OcrRequest | None = None) -> OcrRequest | None:
         """Bind a request to its model and refuse it up front: unknown model (400), mode the model does not
@@ -295,7 +297,7 @@ class OcrService:
         info = await self.blocking(inputs.image_info, data, max_pixels=limit)
         try:
             async with asyncio.timeout(wait_s):
-                reservation = await self.pixels.reserve(info.pixels)
+                reservation = await self.pixels.reserve(info.pixels, self.copies)
         except TimeoutError:
             raise Overloaded(f"no decoded-pixel budget came free in {wait_s:g} s (MAX_DECODED_MPIX); retry later",
                              retry_after=5) from None
@@ -391,13 +393,11 @@ class OcrService:
         MAX_IMAGE_PIXELS, the most a render returns), then held at the real size until post-processed."""
         limit = self.settings.max_image_pixels
         expected = doc.expected_pixels(page, dpi, limit) if hasattr(doc, "expected_pixels") else limit
-        async with self.pixels.hold(min(expected, self.pixels.max_pixels)) as reservation:
+        copies = self.copies
+        async with self.pixels.hold(min(expected, self.pixels.max_pixels // copies), copies) as reservation:
             rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
             actual = rendered.image.width * rendered.image.height
-            if actual > reservation.pixels:  # a size the crop box did not tell (UserUnit...): top up
-                extra = await self.pixels.reserve(actual - reservation.pixels)
-                reservation.pixels, extra.pixels = reservation.pixels + extra.pixels, 0
-            reservation = self.pixels.handover(reservation, actual)
+            reservation = await self.pixels.settle(reservation, actual, copies)
         self.pixels.hold_for(rendered.image, reservation)
         return rendered
 

@@ -25,7 +25,7 @@ from config import Settings
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest
 from errors import ModelNotReady, OcrError
 from workers import WorkerSpec
-from workers.wire import decode_error, frame, read_frame
+from workers.wire import decode_error, frame, read_frame, request_frames, write_pixels
 
 log = logging.getLogger("deepseek_ocr.workers")
 
@@ -35,6 +35,8 @@ _DEAD = object()
 
 
 class WorkerEngine(BaseEngine):
+    copies_images = True  # an image it runs exists here and in the worker: the pixel budget counts it twice
+
     def __init__(self, settings: Settings, kind: str, spec: WorkerSpec) -> None:
         super().__init__(settings.max_concurrency)
         self.settings, self.kind, self.spec = settings, kind, spec
@@ -44,6 +46,7 @@ class WorkerEngine(BaseEngine):
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._streams: dict[str, asyncio.Queue[Any]] = {}
+        self._send_lock = asyncio.Lock()
         self._served: tuple[str, ...] = ()
         self._detail: dict[str, Any] = {}
         self._worker_running = 0
@@ -97,8 +100,10 @@ class WorkerEngine(BaseEngine):
         writer, self._writer = self._writer, None
         if writer is not None:
             with contextlib.suppress(Exception):
-                writer.write(frame(("close",)))
-                await writer.drain()
+                async with asyncio.timeout(5):
+                    async with self._send_lock:
+                        writer.write(frame(("close",)))
+                        await writer.drain()
         if self.process is not None and self.process.returncode is None:
             try:
                 await asyncio.wait_for(self.process.wait(), CLOSE_WAIT_S)
@@ -145,16 +150,26 @@ class WorkerEngine(BaseEngine):
         self._writer.write(frame(message))
 
     async def abort(self, request_id: str) -> None:
-        with contextlib.suppress(ModelNotReady, ConnectionError, RuntimeError):
-            self._send(("abort", request_id))
+        async with self._send_lock:  # never between another request's header and its pixels
+            with contextlib.suppress(ModelNotReady, ConnectionError, RuntimeError):
+                self._send(("abort", request_id))
 
     async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request.request_id] = queue
         try:
-            self._send(("run", request))
-            assert self._writer is not None
-            await self._writer.drain()
+            head, raw = await request_frames(request)
+            async with self._send_lock:  # header and pixels together: no other message between them
+                if self._writer is None:
+                    raise ModelNotReady(self._reason or f"engine worker {self.spec.label} is not running",
+                                        retry_after=5)
+                try:
+                    self._writer.write(head)
+                    await write_pixels(self._writer, raw)
+                except (ConnectionError, OSError):  # the worker went away mid-send: its reader marks it dead
+                    raise ModelNotReady(self._reason or f"engine worker {self.spec.label} died",
+                                        retry_after=10) from None
+            del raw
             while True:
                 item = await queue.get()
                 if item is _DEAD:

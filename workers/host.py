@@ -1,7 +1,8 @@
 """The worker side: one engine in this process, serving the server's requests over the worker socket.
 
 Messages from the server: ("start", settings, model spec, worker spec, engine kind) once, then
-("run", EngineRequest), ("abort", request id) and ("close",). Answers: ("ready", info) or
+("run", EngineRequest without its image, image mode and size, byte count) followed by the image's raw
+pixels, ("abort", request id) and ("close",). Answers: ("ready", info) or
 ("failed", error) once, then ("chunk", request id, EngineChunk), ("error", request id, error, engine ready, reason) and
 ("health", ready, reason, running, detail) whenever the engine's state changes (and every few seconds).
 The engine is the ordinary `engines.build_engine` one; this module only moves its work across the socket.
@@ -20,7 +21,7 @@ from config import Settings
 from engines.base import BaseEngine, EngineRequest
 from errors import OcrError
 from workers import WorkerSpec
-from workers.wire import encode_error, frame, read_frame
+from workers.wire import encode_error, frame, read_frame, read_request
 
 log = logging.getLogger("deepseek_ocr.worker")
 
@@ -91,7 +92,7 @@ class EngineHost:
             message = await read_frame(self.reader)
             op = message[0]
             if op == "run":
-                request: EngineRequest = message[1]
+                request: EngineRequest = await read_request(message, self.reader)
                 task = asyncio.create_task(self._run(request))
                 self.tasks[request.request_id] = task
                 task.add_done_callback(lambda _, rid=request.request_id: self.tasks.pop(rid, None))

@@ -9,6 +9,8 @@ shows the engine's peak of items at once reaching its full MAX_CONCURRENCY.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 import httpx
@@ -19,10 +21,28 @@ from test_pdf_routes import make_pdf
 from serve_ocr import create_app
 
 CONCURRENCY = 256
+HOLD_S = 90.0  # an item waits this long at most for the engine to fill up
+
+
+class FillingEngine(ReplayEngine):
+    """Holds every item until all its sequences are busy (or HOLD_S passed): the peak then shows how many
+    items the pipeline lets reach the engine at once, whatever the box's speed at rendering."""
+
+    full: asyncio.Event | None = None
+
+    async def _stream(self, request):  # type: ignore[no-untyped-def]
+        if self.full is None:
+            self.full = asyncio.Event()
+        if self.running >= self.max_concurrency:
+            self.full.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.full.wait(), HOLD_S)
+        async for chunk in super()._stream(request):
+            yield chunk
 
 
 def test_a_long_pdf_fills_every_engine_sequence(tiny_checkpoint: Path) -> None:
-    engine = ReplayEngine("# Page\n", max_concurrency=CONCURRENCY, delay_s=6.0)
+    engine = FillingEngine("# Page\n", max_concurrency=CONCURRENCY)
     settings = make_settings(tiny_checkpoint, max_concurrency=CONCURRENCY, pdf_timeout_s=600, max_pdf_pages=400)
     app = create_app(settings, engine_factory=factory(engine))
     with serve_app(app) as url:

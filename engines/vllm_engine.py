@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import deepseek_ocr
+import engines.vllm_modes as vllm_modes
 from config import MODES, ModeSpec, Settings
-from engines import vllm_modes
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
 

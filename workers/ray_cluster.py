@@ -20,6 +20,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 900.0  # an actor waiting for room, or loading vLLM, this long is given up and tried again
 PING_S = 1.0  # how often each engine asks its actor how it is
 PING_TIMEOUT_S = 15.0
+NODE_WAIT_S = 5.0  # at start-up, while the cluster has no node for workers, how often it is checked
 SCALE_EVERY_S = 5.0  # how often the cluster is compared with the engines (nodes that joined take work)
 _STANDARD = ("CPU", "GPU", "memory", "object_store_memory")
 
@@ -137,6 +139,12 @@ def ray_engines(settings: Settings) -> list[BaseEngine]:
     except (ConnectionError, RuntimeError) as exc:  # start_engines reports a ValueError as the model's 503
         raise ValueError(f"ORCHESTRATOR=ray could not join the Ray cluster at RAY_ADDRESS={cluster.address}: "
                          f"{exc}") from None
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not cluster.slots() and time.monotonic() < deadline:  # the API's head node came up first
+        log.warning("Ray cluster at %s: no node with a GPU or CPU for workers yet; waiting for one to join",
+                    cluster.address)
+        time.sleep(NODE_WAIT_S)  # start-up: nothing is served before the engines exist
+        cluster.refresh()
     if kind is None:  # auto: vLLM when the cluster has GPUs (the API host itself may have none)
         cluster.kind = "vllm" if cluster.gpus else engine_kind(settings)
     slots = cluster.slots()

@@ -6,16 +6,22 @@ Each replica joins the cluster and places one CPU engine worker (a Ray actor) on
 (the later tests run on what the earlier left): a job followed to the end through the other replica has
 pages done on both nodes; the second node's processes killed mid-job (its `ray start --block` process group:
 raylet, agents and its actors) and the job still completes, each page once, the pages cut off re-run on the
-first node; the replica running a job SIGKILLed and the other completes it. Every Ray process is killed at
+first node; the replica running a job SIGKILLed and the other completes it; a third node that joins gets a
+worker within seconds and takes pages. Every Ray process is killed at
 the end by its process group and, for strays, by the cluster's temp dir in its command line.
 
 Worker nodes use the head's temp dir (Ray ignores --temp-dir on a non-head node), so each node is told apart
-by its process group, not by a temp dir.
+by its process group, not by a temp dir. The head is 127.0.0.1 and the other nodes take loopback addresses of
+their own (127.0.0.2, 127.0.0.3). A driver (an API replica) attaches to the raylet of the node whose IP
+the session's node_ip_address.json names, which the last `ray start` on this host wrote: `head_ip()` writes
+the head's back, else the replicas would attach to node b, whose loss then takes a replica's whole Ray
+session with it (as the loss of an API host would). On real hosts each API runs on its own node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -35,6 +41,7 @@ from test_pdf_routes import make_pdf
 
 pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-cluster.txt")
 
+HEAD = "127.0.0.1"
 RAY = str(Path(sys.executable).parent / "ray")
 LEASE_S = 2.0
 FIELDS = {"mode": "tiny", "dpi": "72", "max_tokens": "8"}
@@ -66,6 +73,13 @@ def kill_strays(temp_dir: str) -> None:
         with contextlib.suppress(OSError):
             if temp_dir.encode() in (entry / "cmdline").read_bytes():
                 os.kill(int(entry.name), signal.SIGKILL)
+
+
+def head_ip(temp_dir: str) -> None:
+    """Drivers started from now on attach to the head's raylet (see the module docstring)."""
+    from ray._private.ray_constants import RAY_NODE_IP_FILENAME
+
+    (Path(temp_dir) / "session_latest" / RAY_NODE_IP_FILENAME).write_text(json.dumps({"node_ip_address": HEAD}))
 
 
 def alive_nodes(address: str, want: int, log: Path) -> None:
@@ -110,12 +124,15 @@ def cluster(tiny_checkpoint: Path) -> Iterator[dict]:
         with postgres() as store:
             if store is None:
                 pytest.skip(f"PostgreSQL tests skipped: {postgres.reason}")
-            nodes["a"] = ray_node(["--head", f"--port={port}", '--resources={"node_a": 1}', f"--temp-dir={temp_dir}",
-                                   "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+            nodes["a"] = ray_node(["--head", f"--port={port}", f"--node-ip-address={HEAD}",
+                                   '--resources={"node_a": 1}', f"--temp-dir={temp_dir}", "--include-dashboard=false",
+                                   f"--ray-client-server-port={free_port()}",
                                    f"--dashboard-port={free_port()}"], root / "node_a.log")
             alive_nodes(address, 1, root / "node_a.log")
-            nodes["b"] = ray_node([f"--address={address}", '--resources={"node_b": 1}'], root / "node_b.log")
+            nodes["b"] = ray_node([f"--address={address}", '--resources={"node_b": 1}', "--node-ip-address=127.0.0.2"],
+                                  root / "node_b.log")
             alive_nodes(address, 2, root / "node_b.log")
+            head_ip(temp_dir)
             env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu",
                    "DATA_DIR": str(root / "data"), "JOB_STORE_URL": store, "JOB_LEASE_S": str(LEASE_S),
                    "MAX_CONCURRENCY": "2", "NUM_WORKERS": "1", "LOG_LEVEL": "WARNING",
@@ -123,7 +140,8 @@ def cluster(tiny_checkpoint: Path) -> Iterator[dict]:
             pair += [serve(env, root / "a.log"), serve(env, root / "b.log")]
             try:
                 healths = [workers_ready(r, root / f"{n}.log") for r, n in zip(pair, "ab", strict=True)]
-                yield {"replicas": pair, "nodes": nodes, "health": healths, "root": root}
+                yield {"replicas": pair, "nodes": nodes, "health": healths, "root": root, "port": port,
+                       "temp_dir": temp_dir}
             finally:
                 for r in pair:  # before their store goes
                     stop(r.proc)
@@ -215,3 +233,28 @@ def test_the_replica_running_a_job_killed_the_other_completes_it(cluster: dict) 
     assert len(set(seen)) > 2, seen  # progress reported by the surviving replica
     result = httpx.get(f"{other.url}/jobs/{job['id']}/result", timeout=60)
     assert [p["page"] for p in result.json()["pages"]] == list(range(1, 41)), show(result)
+
+
+def test_a_node_that_joins_gets_a_worker_and_takes_pages(cluster: dict) -> None:
+    survivor = next(r for r in cluster["replicas"] if r.proc.poll() is None)
+    job = submit(survivor.url, make_pdf(40), **FIELDS | {"max_tokens": "24"})  # running as the node joins
+    address = f"127.0.0.1:{cluster['port']}"
+    cluster["nodes"]["c"] = ray_node([f"--address={address}", '--resources={"node_c": 1}',
+                                      "--node-ip-address=127.0.0.3"], cluster["root"] / "node_c.log")
+    alive_nodes(address, 2, cluster["root"] / "node_c.log")  # a and c
+    head_ip(cluster["temp_dir"])
+    deadline = time.monotonic() + 120
+    while True:  # the scaler checks every few seconds and starts a worker there
+        health = httpx.get(f"{survivor.url}/health", timeout=10).json()
+        ids = node_ids(health)
+        if "node_c" in ids and any(e["ready"] and e["detail"].get("node_id") == ids["node_c"]
+                                   for e in health["engines"]):
+            break
+        assert time.monotonic() < deadline, health
+        time.sleep(0.5)
+    final = wait(survivor.url, job["id"], timeout=180)
+    assert final["status"] == "done" and final["pages_failed"] == 0, final
+    if not any(on_node(p["worker"], ids["node_c"]) for p in final["pages"]):  # it joined late in that job
+        job = submit(survivor.url, make_pdf(40), **FIELDS | {"max_tokens": "24"})
+        final = wait(survivor.url, job["id"], timeout=180)
+    assert any(on_node(p["worker"], ids["node_c"]) for p in final["pages"]), (ids, final["pages"])

@@ -176,6 +176,9 @@ def test_health_shows_the_cluster(cluster: dict) -> None:
     details = [e["detail"] for e in health["engines"]]
     assert {d["node_id"] for d in details} == set(ids.values()), details
     assert all(d["orchestrator"] == "ray" and d["pid"] and d["worker"].startswith("ray/") for d in details), details
+    metrics = httpx.get(cluster["replicas"][0].url + "/metrics", timeout=10).text
+    for d in details:  # one gauge per worker, named by its node
+        assert f'worker_ready{{worker="{d["worker"]}"}} 1.0' in metrics, metrics[-3000:]
 
 
 def test_a_job_runs_on_both_nodes_and_is_followed_through_the_other_replica(cluster: dict) -> None:

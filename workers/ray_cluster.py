@@ -155,7 +155,8 @@ def ray_engines(settings: Settings) -> list[BaseEngine]:
         raise ValueError(f"the Ray cluster at {cluster.address} has no node with a CPU or GPU to place a worker on")
     log.info("Ray cluster at %s: %d nodes, %d GPUs: %d %s workers", cluster.address, len(cluster.nodes),
              cluster.gpus, len(slots), cluster.kind)
-    CLUSTER = cluster
+    if CLUSTER is None:  # MODELS: the default (first) model's workers are the ones the scaler adds to
+        CLUSTER = cluster
     return [cluster.new_engine(node) for node in slots]
 
 
@@ -211,6 +212,7 @@ class RayWorkerEngine(BaseEngine):
         self.set_ready()
 
     async def close(self) -> None:
+        serving = self._ready  # a dead or still-pending actor is not asked to close: it is killed
         await super().close()
         if self._monitor is not None:
             self._monitor.cancel()
@@ -218,7 +220,7 @@ class RayWorkerEngine(BaseEngine):
                 await self._monitor
             self._monitor = None
         actor = self.actor
-        if actor is not None:
+        if actor is not None and serving:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(actor.close.remote(), 10)
         self._kill()

@@ -47,8 +47,7 @@ class EngineActor:
 
         configure_logging(settings)
         gpus = tuple(str(g) for g in ray.get_gpu_ids())
-        spec = WorkerSpec(index, gpus or ())
-        self.engine = build_engine(worker_settings(settings, spec, kind))
+        self.engine = build_engine(worker_settings(settings, WorkerSpec(index, gpus or ()), kind))
         self.engine.model = model
         await self.engine.start()
         context = ray.get_runtime_context()

@@ -130,8 +130,6 @@ class RayCluster:
 def ray_engines(settings: Settings) -> list[BaseEngine]:
     """The engines for ORCHESTRATOR=ray: one per worker slot of the cluster (DATA_PARALLEL_SIZE: that many)."""
     global CLUSTER
-    from engines import engine_kind
-
     kind = settings.engine if settings.engine != "auto" else None
     cluster = RayCluster(settings, kind or "torch")
     try:
@@ -146,7 +144,7 @@ def ray_engines(settings: Settings) -> list[BaseEngine]:
         time.sleep(NODE_WAIT_S)  # start-up: nothing is served before the engines exist
         cluster.refresh()
     if kind is None:  # auto: vLLM when the cluster has GPUs (the API host itself may have none)
-        cluster.kind = "vllm" if cluster.gpus else engine_kind(settings)
+        cluster.kind = "vllm" if cluster.gpus else "torch"
     slots = cluster.slots()
     if settings.data_parallel_size is not None:
         nodes = slots or [None]

@@ -100,8 +100,8 @@ class RayCluster:
 
     def actor_options(self, node_id: str | None) -> dict[str, Any]:
         options: dict[str, Any] = {"num_gpus": self.group} if self.on_gpus else {"num_cpus": 1}
-        if node_id is not None:  # soft: a node that left lets the actor go wherever there is room
-            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        if node_id is not None:  # hard: one per node; it waits for room there (a restart goes anywhere)
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
         return options
 
     def new_engine(self, node_id: str | None) -> RayWorkerEngine:
@@ -159,6 +159,9 @@ def ray_engines(settings: Settings) -> list[BaseEngine]:
 
 
 class RayWorkerEngine(BaseEngine):
+    """One Ray actor as an engine: requests stream from its `run`; its death is noticed by the failing call
+    or by the health ping (PING_S), whichever comes first."""
+
     def __init__(self, cluster: RayCluster, index: int, node_id: str | None) -> None:
         super().__init__(cluster.settings.max_concurrency)
         self.cluster, self.index = cluster, index
@@ -296,15 +299,16 @@ class Scaler:
     def __init__(self, cluster: RayCluster, service: Any) -> None:
         self.cluster, self.service = cluster, service
         self._task: asyncio.Task[None] | None = None
+        self._joining: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="ray-scaler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        tasks = [t for t in (self._task, *self._joining) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
@@ -314,31 +318,34 @@ class Scaler:
             except Exception:
                 log.exception("Ray scaler: checking the cluster failed; retrying")
 
-    async def check(self) -> list[RayWorkerEngine]:
-        """Engines for the slots no engine fills, started and handed to admission and the supervisor."""
+    async def check(self) -> None:
+        """An engine for each slot no engine fills (or is being started for); each starts on its own, so one
+        that waits for room does not hold up the others."""
         cluster = self.cluster
         await asyncio.to_thread(cluster.refresh)
         if cluster.settings.data_parallel_size is not None or not cluster.engines:
-            return []
+            return
         slots = cluster.slots()
         if cluster.on_gpus:
             missing: list[str | None] = slots[len(cluster.engines):]
         else:
             placed = {e.node_id for e in cluster.engines}
             missing = [node for node in slots if node not in placed]
-        added = []
         template = cluster.engines[0]
         for node in missing:
-            engine = cluster.new_engine(node)
+            engine = cluster.new_engine(node)  # counted from now on: not added twice
             engine.model, engine.demo = template.model, template.demo
-            try:
-                await engine.start()
-            except Exception as exc:
-                log.warning("Ray scaler: a new worker for node %s did not start: %s", node, exc)
-                cluster.engines.remove(engine)
-                continue
-            self.service.admission.add_engine(engine)
-            self.service.supervisor.engines.append(engine)
-            log.info("Ray scaler: worker %s joined", engine.worker_id)
-            added.append(engine)
-        return added
+            task = asyncio.create_task(self._join(engine), name=f"ray-join-{engine.index}")
+            self._joining.add(task)
+            task.add_done_callback(self._joining.discard)
+
+    async def _join(self, engine: RayWorkerEngine) -> None:
+        try:
+            await engine.start()
+        except Exception as exc:
+            log.warning("Ray scaler: a new worker for node %s did not start: %s", engine.node_id, exc)
+            self.cluster.engines.remove(engine)
+            return
+        self.service.admission.add_engine(engine)
+        self.service.supervisor.engines.append(engine)
+        log.info("Ray scaler: worker %s joined", engine.worker_id)

@@ -20,8 +20,11 @@ RUN apt-get update \
  && python3 -m venv /opt/venv
 
 WORKDIR /app
-COPY requirements.txt requirements-gpu.txt ./
+COPY requirements.txt requirements-gpu.txt requirements-cluster.txt ./
 RUN pip install --upgrade pip && pip install -r requirements-gpu.txt
+# CLUSTER=1 (the compose profile `cluster`): Ray too, for ORCHESTRATOR=ray (README "Scale out").
+ARG CLUSTER=0
+RUN if [ "$CLUSTER" = "1" ]; then pip install -r requirements-cluster.txt; fi
 
 # The whole service (every module and package); .dockerignore keeps out weights, caches and the venv.
 COPY . ./

@@ -50,6 +50,12 @@ class Admission:
         self._waiters: deque[tuple[asyncio.Future[Engine], ModeSpec | None, str | None]] = deque()
         self.admitted = 0
 
+    def add_engine(self, engine: Engine) -> None:
+        """One more engine (a Ray worker that joined the cluster): it takes waiting items at once."""
+        self._busy.setdefault(id(engine), 0)
+        self.engines.append(engine)
+        self._wake()
+
     # --- state --------------------------------------------------------------------------------
     @property
     def primary(self) -> Engine:

@@ -112,7 +112,20 @@ def health_body(request: Request) -> HealthResponse:
         models=admission.model_infos(),
         restarts=service.supervisor.restarts,
         quarantined=len(service.supervisor.quarantined),
+        orchestrator=request.app.state.settings.orchestrator,
+        cluster=cluster_view(request.app.state.settings, admission),
     )
+
+
+def cluster_view(settings: Any, admission: Any) -> dict[str, Any] | None:
+    """ORCHESTRATOR=ray: the cluster's nodes and workers (workers/ray_cluster.py); Ray is not imported otherwise."""
+    if settings.orchestrator != "ray":
+        return None
+    from workers import ray_cluster
+
+    if ray_cluster.CLUSTER is None:
+        return None
+    return ray_cluster.CLUSTER.view(lambda e: admission.busy(e) if e in admission.engines else 0)
 
 
 @router.post(

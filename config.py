@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     data_parallel_size: int | None = Field(
         None, ge=1, le=1024, description="Engine workers to run (each on its own GPUs); unset = one per GPU"
     )
+    # Beyond one host (workers/ray_cluster.py): the engine workers as Ray actors across a cluster's nodes.
+    orchestrator: Literal["local", "ray"] = Field(
+        "local", description="local: engine workers on this host; ray: one Ray actor per GPU of the cluster "
+        "at RAY_ADDRESS (one per node where it has no GPU)",
+    )
+    ray_address: str | None = Field(None, description="The Ray cluster to join (host:port); unset = auto")
     ngram_impl: Literal["batched", "vllm"] = Field(
         "batched", description="vLLM n-gram guard: batched (one tensor pass per step) or vLLM's per-request processor"
     )

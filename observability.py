@@ -320,6 +320,13 @@ class _CallbackCollector(Collector):
             if key in state:
                 family.add_metric([], float(state[key]))
             yield family
+        ready = GaugeMetricFamily(f"{p}_worker_ready", "1 when this engine worker can serve", labels=["worker"])
+        busy = GaugeMetricFamily(f"{p}_worker_in_flight", "Items on this engine worker now", labels=["worker"])
+        for worker, (is_ready, in_flight) in sorted(state.get("workers", {}).items()):
+            ready.add_metric([worker], float(is_ready))
+            busy.add_metric([worker], float(in_flight))
+        yield ready
+        yield busy
         jobs = GaugeMetricFamily(f"{p}_jobs", "Jobs by status", labels=["status"])
         for status, count in sorted(_call(self.metrics._jobs_source).items()):
             jobs.add_metric([str(status)], float(count))
@@ -344,7 +351,10 @@ def engine_state(app: FastAPI) -> StateSource:
         if service is None:
             return {}
         a = service.admission
-        return {"in_flight": a.in_flight, "waiting": a.waiting, "engine_ready": a.ready, "engines": len(a.engines)}
+        # Per worker (engine workers, Ray actors: named with their host or node), else per engine name.
+        workers = {str(getattr(e, "worker_id", e.name)): (e.ready, a.busy(e)) for e in a.engines}
+        return {"in_flight": a.in_flight, "waiting": a.waiting, "engine_ready": a.ready, "engines": len(a.engines),
+                "workers": workers}
 
     return read
 

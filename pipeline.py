@@ -191,6 +191,7 @@ class ItemResult:
     mode: str | None = None  # the mode of the attempt kept (the retry ladder may have changed it)
     attempts: int = 1
     retries: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt after the first
+    worker: str | None = None  # the engine worker that ran the kept attempt (jobs' per-page `worker`)
 
     def fail(self, exc: OcrError) -> ItemResult:
         self.status, self.error, self.problem = "failed", exc.detail, exc.to_problem()
@@ -323,7 +324,9 @@ class OcrService:
             input_hash = await self.blocking(content_hash, image)
         self.supervisor.check(input_hash)
         async with self.admission.slot(request.mode, request.model) as slot:
-            return await slot.engine.generate(request.engine_request(image, stream=stream, input_hash=input_hash))
+            out = await slot.engine.generate(request.engine_request(image, stream=stream, input_hash=input_hash))
+            out.worker = getattr(slot.engine, "result_worker", None)  # engines that name their results (Ray)
+            return out
 
     async def image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None = None,
@@ -344,6 +347,7 @@ class OcrService:
         input_hash = await self.blocking(content_hash, image)
         out = await self.generate(request, image, input_hash=input_hash)
         result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
+        result.worker = out.worker
         result.status = item_status(out.finish_reason)
         if result.status == "aborted":
             result.error = "the engine aborted this item's generation"
@@ -367,6 +371,7 @@ class OcrService:
             )
             if not retry_ladder.runaway(out.text, out.finish_reason, out.usage.completion_tokens):
                 result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
+                result.worker = out.worker
                 result.mode = step.request.mode.name
                 result.status = "degraded" if step.degraded else "retried"
                 return

@@ -155,6 +155,11 @@ class HealthResponse(BaseModel):
     models: list[ModelInfo] = Field(default_factory=list, description="The models served (MODEL_PATH or MODELS)")
     restarts: int = Field(0, description="Engine restarts since the service started")
     quarantined: int = Field(0, description="Inputs refused because they crashed an engine twice")
+    orchestrator: str = Field("local", description="local: engine workers on this host; ray: on a Ray cluster")
+    cluster: dict[str, Any] | None = Field(
+        None, description="ORCHESTRATOR=ray: the cluster's nodes (resources, the workers on each, their items in "
+        "flight) and its worker counts"
+    )
 
 
 class LimitsModel(BaseModel):

@@ -93,6 +93,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.service = service = build_service(settings, engines, executor, render_pool)
     service.observers.append(observability.item_observer(app.state.metrics))
     service.supervisor.start()
+    scaler = start_scaler(settings, service)
     mcp_sessions = app.state.mcp_sessions
     app.state.jobs = await start_jobs(settings, service)
     try:
@@ -100,12 +101,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             yield
     finally:
         await service.supervisor.stop()
+        if scaler is not None:
+            await scaler.stop()
         if app.state.jobs is not None:
             await app.state.jobs.stop()
-        for engine in engines:
+        for engine in service.admission.engines:  # with the ones a Ray scaler added
             await engine.close()
         executor.shutdown(wait=False, cancel_futures=True)
         render_pool.close()
+
+
+def start_scaler(settings: Settings, service: OcrService) -> Any:
+    """ORCHESTRATOR=ray: Ray workers for nodes that join the cluster later (workers/ray_cluster.py)."""
+    if settings.orchestrator != "ray":
+        return None
+    from workers import ray_cluster
+
+    if ray_cluster.CLUSTER is None:  # no model: nothing to scale
+        return None
+    scaler = ray_cluster.Scaler(ray_cluster.CLUSTER, service)
+    scaler.start()
+    return scaler
 
 
 async def start_jobs(settings: Settings, service: OcrService) -> Any:

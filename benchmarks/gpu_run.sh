@@ -14,10 +14,12 @@
 #        ngram  the n-gram guard's cost: raw vLLM, 128 pages, batched vs per-request (vllm) processor,
 #               guard on and off, median of 3 runs each (one engine per processor)         ~8 min
 #        ngram-test  pytest -m gpu tests/test_gpu_ngram.py: batched bans == vLLM's per request  ~4 min
+#        ray1 / ray2  ORCHESTRATOR=ray (nvidia-h200-x2): a one-host Ray cluster holding both GPUs, the
+#               1,024-page PDF through POST /pdf/ocr on one actor (ray1), then on two (ray2)  ~6-8 min each
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -127,13 +129,24 @@ case "$phase" in
       --concurrency 256 --ngram 20 50 --repeat 3 --impls batched,vllm --out "$OUT/ngram.json" 2>&1 |
       tee "$OUT/ngram.log"
     ;;
+  ray1|ray2)
+    real_ckpt
+    python3 -m pip install -q -r requirements-cluster.txt
+    export RAY_USAGE_STATS_ENABLED=0
+    ray start --head --port=6399 --num-gpus=2 --include-dashboard=false --disable-usage-stats > "$OUT/ray-head.log" 2>&1
+    n=${phase#ray}
+    ORCHESTRATOR=ray RAY_ADDRESS=127.0.0.1:6399 DATA_PARALLEL_SIZE=$n timeout 540 python3 benchmarks/bench_vllm.py \
+      service --model "$CK/real" --pages 1024 --max-tokens 1000 --concurrency 256 --ngram 20 50 \
+      --log "$OUT/service-ray$n.log" --out "$OUT/bench-ray$n.json" 2>&1 | tee "$OUT/bench-ray$n.log"
+    ray stop --force > /dev/null 2>&1
+    ;;
   ngram-test)
     real_ckpt
     GPU_TEST_MODEL="$CK/real" timeout 570 python3 -m pytest -m gpu tests/test_gpu_ngram.py -v -s -rs \
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)
-    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram or ngram-test" >&2
+    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1 or ray2" >&2
     exit 2
     ;;
 esac

@@ -62,7 +62,12 @@ def build_engine(settings: Settings) -> BaseEngine:
 
 
 def default_factory(settings: Settings) -> list[Engine]:
-    """One engine in this process (ENGINE_WORKERS=inline), or one worker process per GPU (the default)."""
+    """One engine in this process (ENGINE_WORKERS=inline), one worker process per GPU (the default), or
+    one Ray actor per GPU of a cluster (ORCHESTRATOR=ray; Ray is imported only then)."""
+    if settings.orchestrator == "ray":
+        from workers.ray_cluster import ray_engines
+
+        return ray_engines(settings)
     if settings.engine_workers == "inline":
         return [build_engine(settings)]
     from workers import worker_plan

@@ -63,6 +63,7 @@ class EngineResult:
     finish_reason: str
     usage: Usage
     elapsed_s: float
+    worker: str | None = None  # the engine worker that ran it (its `result_worker`): a job page's `worker` field
 
 
 @dataclass

@@ -34,11 +34,12 @@ from errors import ServiceUnavailable
 from jobs import RUNNERS, results, views, webhooks
 from jobs.store import TERMINAL, LeaseLost, Store, now
 from jobs.submit import page_event, page_fields, progress_event
-from pipeline import OcrService
+from pipeline import ItemResult, OcrService
 
 log = logging.getLogger("deepseek_ocr.jobs")
 _RETRY_S = 2.0  # after the engine went away, how soon a job tries again
 HEARTBEAT_MAX_S = 2.0  # the heartbeat also carries cancels made through other replicas: never rarer than this
+PAGE_ATTEMPTS = 3  # a page whose engine worker died under it this many times is `failed` (a page that kills workers)
 
 
 def replica_id() -> str:
@@ -282,16 +283,27 @@ class Runner:
                 task.add_done_callback(lambda _t: (mine.release(), self._window.release()))
 
     async def _page(self, job_id: str, row: dict, request: Any, options: Any, spec: dict, doc: Any) -> None:
-        idx = row["idx"]
-        if not await self.store.call(self.store.claim_page, job_id, idx, self.replica_id, self.page_worker()):
-            raise LeaseLost(job_id)
-        if doc is not None:
-            result = await self.service.page(request, doc, row["page"], dpi=spec["dpi"], options=options)
-        else:
-            async def read() -> bytes:
-                return await asyncio.to_thread(results.read_input, self.data_dir, job_id, idx)
-
-            result = await self.service.file(request, read, options, label=spec["stems"][idx])
+        """One page, re-run at once on another engine worker when its worker dies under it (each start is an
+        attempt); `failed` after PAGE_ATTEMPTS; with no engine left the whole job pauses (ServiceUnavailable)."""
+        idx, attempts = row["idx"], row["attempts"]
+        while True:
+            if not await self.store.call(self.store.claim_page, job_id, idx, self.replica_id, self.page_worker()):
+                raise LeaseLost(job_id)
+            attempts += 1
+            try:
+                result = await self._attempt(job_id, row, request, options, spec, doc)
+                break
+            except ServiceUnavailable as exc:
+                if not self.service.admission.ready:
+                    raise  # no engine left: the job pauses until one is back
+                if attempts >= PAGE_ATTEMPTS:
+                    label = row["page"] if doc is not None else spec["stems"][idx]
+                    result = ItemResult(label, dpi=spec.get("dpi") if doc is not None else None).fail(
+                        ServiceUnavailable(f"the engine worker died under this page on {attempts} attempts; "
+                                           f"last: {exc.detail}", retry_after=None))
+                    log.error("jobs: %s page %s failed after %d attempts: %s", job_id, label, attempts, exc.detail)
+                    break
+                log.warning("jobs: %s page index %d: %s; re-running it on another worker", job_id, idx, exc.detail)
         path = await asyncio.to_thread(results.save_result, self.data_dir, job_id, idx, result)
         event = page_event(row, result)
         result.post = None  # the files hold it now
@@ -301,6 +313,15 @@ class Runner:
                                  self.replica_id) is None:
             raise LeaseLost(job_id)
         self.notify(job_id)
+
+    async def _attempt(self, job_id: str, row: dict, request: Any, options: Any, spec: dict, doc: Any) -> ItemResult:
+        if doc is not None:
+            return await self.service.page(request, doc, row["page"], dpi=spec["dpi"], options=options)
+
+        async def read() -> bytes:
+            return await asyncio.to_thread(results.read_input, self.data_dir, job_id, row["idx"])
+
+        return await self.service.file(request, read, options, label=spec["stems"][row["idx"]])
 
     async def _finish(self, job_id: str, status: str, *, error: str | None = None) -> None:
         job = await self.store.call(self.store.get, job_id)

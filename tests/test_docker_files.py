@@ -156,3 +156,24 @@ def test_compose_mounts_no_code_and_the_context_leaves_out_weights() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
     assert {"models/", ".venv/", ".git", "data/"} <= ignored
     assert "COPY . ./" in DOCKERFILE
+
+
+def test_compose_cluster_profile_is_valid_and_configures_ray() -> None:
+    """`--profile cluster`: the API (the Ray head too) with ORCHESTRATOR=ray and PostgreSQL, a GPU worker node."""
+    from config import Settings
+
+    done = compose("--profile", "cluster", "config")
+    assert done.returncode == 0, done.stdout + done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    api, worker = services["ocr-cluster-api"], services["ocr-ray-gpu"]
+    environment = {k: str(v) for k, v in api["environment"].items()}
+    unknown = {k for k in environment if k.lower() not in Settings.model_fields} - NOT_SETTINGS
+    assert not unknown, f"compose sets variables the service does not read: {sorted(unknown)}"
+    assert environment["ORCHESTRATOR"] == "ray" and environment["JOB_STORE_URL"].startswith("postgresql+psycopg://")
+    assert "ray start --head" in " ".join(api["command"]) and "uvicorn serve_ocr:app" in " ".join(api["command"])
+    assert "ray start --address=ocr-cluster-api:6379" in " ".join(worker["command"])
+    assert worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert {"ocr-postgres", "ocr-ray-gpu"} <= set(api["depends_on"]) and "ocr-postgres" in services
+    # `docker compose up` alone stays the one-host service: every other service is in the profile
+    assert {name for name, s in services.items() if not s.get("profiles")} == {"deepseek-ocr"}, services
+    assert all(s["profiles"] == ["cluster"] for name, s in services.items() if name != "deepseek-ocr")

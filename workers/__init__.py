@@ -7,7 +7,8 @@ With `ENGINE_WORKERS=process` (the default) the server starts one worker process
 engine, vLLM or PyTorch, with its own image preprocessing, and talks to the server over a socket pair
 (`workers.wire`). In the server each worker is a `workers.client.WorkerEngine`: an ordinary engine to
 admission, which balances items over workers by in-flight work, and to the supervisor, which replaces a
-worker that dies. `ENGINE_WORKERS=inline` runs the engine inside the server process (tests, debugging).
+worker that dies. `ENGINE_WORKERS=inline` runs the engine inside the server process (tests, debugging). With
+`ORCHESTRATOR=ray` the workers are Ray actors across a cluster's hosts instead (`workers.ray_cluster`).
 """
 
 from __future__ import annotations

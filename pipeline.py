@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_args
@@ -26,7 +26,7 @@ from PIL import Image
 import inputs
 import ocr_utils
 import retry_ladder
-from admission import Admission, PixelBudget, release_soon
+from admission import Admission, PixelBudget, in_window, release_soon
 from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
@@ -481,23 +481,3 @@ class DocumentRun:
 
 def _bug(exc: Exception) -> OcrError:
     return OcrError(f"internal error ({type(exc).__name__}) on this item; this is a bug, see the server log")
-
-
-async def in_window(items: Iterable[Any], limit: int, fn: Callable[[Any], Awaitable[T]]) -> list[T]:
-    """`fn` over `items` with at most `limit` tasks alive at once; results in item order.
-
-    A TaskGroup, so that a cancellation (deadline, client gone) or an error in one task cancels and
-    awaits all the others: no item keeps running once the request is over.
-    """
-    slots = asyncio.Semaphore(max(1, limit))
-    tasks: list[asyncio.Task[T]] = []
-    try:
-        async with asyncio.TaskGroup() as group:
-            for item in items:
-                await slots.acquire()
-                task = group.create_task(fn(item))
-                task.add_done_callback(lambda _: slots.release())
-                tasks.append(task)
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None  # the request's error handler knows single errors, not groups
-    return [task.result() for task in tasks]

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from config import Settings
-from engines.base import BaseEngine, Engine, UnavailableEngine
+from engines.base import Engine, UnavailableEngine
+from engines.registry import REGISTRY, build_engine, engine_kind
 from model_catalog import ModelSpec, model_specs
+
+__all__ = ["REGISTRY", "build_engine", "engine_kind", "start_engines"]
 
 log = logging.getLogger("deepseek_ocr.engine")
 
@@ -35,32 +36,6 @@ NO_MODEL_HINT = (
 EngineFactory = Callable[[Settings], list[Engine]]
 
 
-def _torch(settings: Settings) -> BaseEngine:
-    from engines.torch_engine import TorchEngine
-
-    return TorchEngine(settings)
-
-
-def _vllm(settings: Settings) -> BaseEngine:
-    from engines.vllm_engine import VllmEngine
-
-    return VllmEngine(settings)
-
-
-REGISTRY: dict[str, Callable[[Settings], BaseEngine]] = {"torch": _torch, "vllm": _vllm}
-
-
-def engine_kind(settings: Settings) -> str:
-    """The registry name ENGINE resolves to; `auto` takes vLLM when it imports and a GPU is present."""
-    if settings.engine != "auto":
-        return settings.engine
-    return "vllm" if _vllm_usable() else "torch"
-
-
-def build_engine(settings: Settings) -> BaseEngine:
-    return REGISTRY[engine_kind(settings)](settings)
-
-
 def default_factory(settings: Settings) -> list[Engine]:
     """One engine in this process (ENGINE_WORKERS=inline), one worker process per GPU (the default), or
     one Ray actor per GPU of a cluster (ORCHESTRATOR=ray; Ray is imported only then)."""
@@ -75,19 +50,6 @@ def default_factory(settings: Settings) -> list[Engine]:
 
     kind = engine_kind(settings)
     return [WorkerEngine(settings, kind, spec) for spec in worker_plan(settings, kind)]
-
-
-def _vllm_usable() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    # NVML answers without initialising CUDA here; a CUDA init now would break vLLM's forked workers.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
 
 
 def is_random_weights(settings: Settings) -> bool:

@@ -18,11 +18,12 @@ from typing import Any
 
 import inputs
 import observability
+from admission import in_window
 from deps import deadline, read_upload
 from errors import DeadlineExceeded, OcrError
 from jobs import runner_of
 from jobs.submit import create_job, document_notes, owner_of
-from pipeline import DocumentRun, ItemResult, OcrRequest, OcrService, PostOptions, in_window
+from pipeline import DocumentRun, ItemResult, OcrRequest, OcrService, PostOptions
 
 log = logging.getLogger("deepseek_ocr.jobs")
 

@@ -133,7 +133,7 @@ def test_admission_waiters_wake_in_order_and_leave_when_cancelled() -> None:
 
 # --------------------------------------------------------------------------------------- the import graph
 
-PACKAGES = ("engines", "process", "web", "jobs")
+PACKAGES = ("engines", "process", "web", "jobs", "workers")
 
 
 def project_modules() -> dict[str, Path]:

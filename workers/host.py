@@ -66,7 +66,7 @@ class EngineHost:
             await self._shutdown()
 
     async def _start(self, message: Any) -> bool:
-        from engines import build_engine
+        from engines.registry import build_engine
         from observability import configure_logging
 
         op, settings, model, spec, kind = message

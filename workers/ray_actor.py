@@ -42,7 +42,7 @@ class EngineActor:
 
     async def start(self, settings: Settings, model: ModelSpec | None, index: int, kind: str) -> dict[str, Any]:
         """Build and start the engine on the GPUs Ray gave this actor (none: a CPU worker)."""
-        from engines import build_engine
+        from engines.registry import build_engine
         from observability import configure_logging
 
         configure_logging(settings)

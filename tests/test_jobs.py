@@ -107,9 +107,12 @@ def test_result_while_running_then_cancel_frees_the_engine(url: str) -> None:
     health = idle(url)
     assert health["in_flight"] == 0 and health["waiting"] == 0, health  # within a decoding step
     final = wait(url, job["id"])
-    done = [p for p in final["pages"] if p["status"] in ("ok", "truncated")]
+    # A page with text may also have been retried by the ladder (random weights run away at times).
+    done = [p for p in final["pages"] if p["status"] in ("ok", "truncated", "retried", "degraded")]
     # A page whose generation the cancel cut short may be stored as `aborted` (its engine work was stopped).
-    assert done and all(p["status"] in ("ok", "truncated", "aborted", "cancelled") for p in final["pages"]), final
+    statuses = [p["status"] for p in final["pages"]]
+    assert done and all(s in ("ok", "truncated", "retried", "degraded", "aborted", "cancelled") for s in statuses), (
+        statuses, final)
     assert httpx.get(f"{url}/jobs/{job['id']}/pages/{done[0]['page']}").status_code == 200
     events = sse(url, job["id"])
     assert [e["event"] for e in events if e["event"] in ("done", "failed", "cancelled")] == ["cancelled"], events

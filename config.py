@@ -56,6 +56,20 @@ NGRAM_PDF = NGRAM_DEFAULTS["ocr"]["pdf"]  # (20, 50)
 NGRAM_BATCH = NGRAM_DEFAULTS["ocr"]["batch"]  # (40, 90)
 
 
+
+def vllm_renderer_threads() -> int:
+    """Threads of vLLM's async renderer (image preprocessing) in each engine's process."""
+    return max(1, min(8, usable_cpus()))
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask (a container's cpuset, `taskset`), not the
+    machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 class Settings(BaseSettings):
     """Every knob of the service; each field is read from the env variable of the same name in capitals."""
 
@@ -221,12 +235,12 @@ class Settings(BaseSettings):
     @property
     def workers(self) -> int:
         """NUM_WORKERS capped to what this machine can use (threads beyond 4 per core only queue)."""
-        return max(1, min(self.num_workers, 4 * (os.cpu_count() or 1)))
+        return max(1, min(self.num_workers, 4 * usable_cpus()))
 
     @property
     def render_processes(self) -> int:
         """Processes that render PDF pages: NUM_WORKERS, at most one per core (rendering is CPU-bound)."""
-        return max(1, min(self.num_workers, os.cpu_count() or 1))
+        return max(1, min(self.num_workers, usable_cpus()))
 
     @property
     def max_upload_bytes(self) -> int:

@@ -101,23 +101,36 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
                            builder.whitelist, delta=False)
     llm.generate([builder.prompt(DOCUMENT_PROMPT, vllm_image(images[0], gundam), gundam)] * 2, warm,
                  use_tqdm=False)
-    images = images * args.files[0]  # the same pages the service gets from --files copies of the PDF
     # --also-off: the same engine, the requests without n-gram settings (extra_args None: no guard).
     off = sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=0), builder.whitelist, delta=False)
     kinds = [("on", params), ("off", off)] if args.also_off else [("on", params)]
-    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind, _ in kinds}
-    for _ in range(args.repeat):
-        for kind, sp in kinds:  # interleaved, so drift (clocks, memory) hits both alike
-            t = time.perf_counter()
-            # Preprocessing counted in (a) as the service counts it: vllm_image + the renderer's processor.
-            prompts = [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
-            outs = llm.generate(prompts, sp, use_tqdm=False)
-            runs[kind].append(_run_figures(outs, time.perf_counter() - t))
-    result = {"path": "raw LLM.generate", "ngram_impl": args.ngram_impl, "engine_start_s": round(start_s, 1),
-              "render_s_not_timed": round(render_s, 2), **_median_run(runs["on"])}
-    if args.also_off:
-        result["guard_off"] = _median_run(runs["off"])
-    return result
+    by_files = []
+    for files, repeat in zip(args.files, repeats(args), strict=True):
+        pages = images * files  # the same pages the service gets from `files` copies of the PDF at once
+        runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind, _ in kinds}
+        for _ in range(repeat):
+            for kind, sp in kinds:  # interleaved, so drift (clocks, memory) hits both alike
+                t = time.perf_counter()
+                # Preprocessing counted in (a) as the service counts it: vllm_image + the renderer's processor.
+                prompts = [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in pages]
+                outs = llm.generate(prompts, sp, use_tqdm=False)
+                runs[kind].append({**_run_figures(outs, time.perf_counter() - t), "files": files})
+                print(json.dumps({"raw run": runs[kind][-1], "guard": kind}), flush=True)
+        result = {"path": "raw LLM.generate", "ngram_impl": args.ngram_impl, "engine_start_s": round(start_s, 1),
+                  "render_s_not_timed": round(render_s, 2), **_median_run(runs["on"])}
+        if args.also_off:
+            result["guard_off"] = _median_run(runs["off"])
+        by_files.append(result)
+    return by_files[0] if len(by_files) == 1 else {**by_files[0], "by_files": by_files}
+
+
+def repeats(args: argparse.Namespace) -> list[int]:
+    """Timed runs for each --files entry: one --repeat for all, or one per entry ("3,1")."""
+    if len(args.repeat) == 1:
+        return args.repeat * len(args.files)
+    if len(args.repeat) != len(args.files):
+        raise SystemExit(f"--repeat {args.repeat} must give one count, or one per --files entry {args.files}")
+    return args.repeat
 
 
 def _run_figures(outs: list[Any], elapsed: float) -> dict[str, Any]:
@@ -184,11 +197,16 @@ def service(args: argparse.Namespace, log_path: Path) -> Iterator[str]:
     env = {**os.environ, "MODEL_PATH": args.model, "ENGINE": args.engine, "LOAD_FORMAT": args.load_format,
            "MAX_CONCURRENCY": str(args.concurrency), "GPU_MEM_UTILIZATION": str(args.gpu_mem),
            "PDF_TIMEOUT_S": "3600", "GENERATE_TIMEOUT_S": "600", "MAX_PDF_PAGES": str(max(500, args.pages)),
-           "MAX_QUEUE": str(max(512, args.pages * max(args.files))), "LOG_LEVEL": "WARNING",
-           "ENGINE_WORKERS": args.workers, "NGRAM_IMPL": args.ngram_impl}
+           "MAX_QUEUE": str(max(512, args.pages * max(args.files))),
+           "LOG_LEVEL": "INFO",  # start-up phases (workers, warm-up steps), then one line per PDF
+           "ENGINE_WORKERS": args.workers, "NGRAM_IMPL": args.ngram_impl,
+           # Raw vLLM has no retry ladder: with random weights many pages end in a repeating tail at
+           # max_tokens, and the ladder would run them up to three times more (--ladder keeps it on).
+           "RETRY_LADDER": "true" if args.ladder else "false"}
     if args.gpus:
         env["GPUS"] = args.gpus
-    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    log_path.write_text("")
+    log = open(log_path, "a")  # noqa: SIM115 - closed below; O_APPEND: our mark lands after the child's lines
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -209,6 +227,8 @@ def service(args: argparse.Namespace, log_path: Path) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"service not ready: {log_path.read_text()[-3000:]}")
             time.sleep(1)
+        log.write(f"{READY_MARK} {time.strftime('%H:%M:%S')}\n")  # the child appends to the same file
+        log.flush()
         yield url
     finally:
         proc.terminate()
@@ -237,7 +257,8 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
     with service(args, Path(args.log)) as url:
         start_s = time.perf_counter() - t
         post_pdf(url, pdf, {**fields, "pages": "1-2", "max_tokens": "16"}, timeout=300)  # warm-up
-        for files, n in [(f, n) for f in args.files for n in range(args.repeat)]:
+        plan = [(f, n) for f, repeat in zip(args.files, repeats(args), strict=True) for n in range(repeat)]
+        for files, n in plan:
             profiler = start_profile(args, url, n if files == args.files[0] else 1)
             t = time.perf_counter()
             with ThreadPoolExecutor(files) as pool:  # copies of the PDF sent at once
@@ -254,11 +275,35 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                 "mean_completion_tokens": round(sum(completion) / max(1, len(completion)), 1),
                 "finish_length": sum(1 for p in pages if p.get("finish_reason") == "length"),
                 "pages_failed": sum(int(a.get("pages_failed") or 0) for a in answers),
+                "ladder_attempts": sum(len(p.get("retries") or []) for p in pages),
                 "engine_start_s": round(start_s, 1),
             })
             print(json.dumps(runs[-1]), flush=True)
-    by_files = [median_run([r for r in runs if r["files"] == f]) for f in args.files]
+    jit = jit_after_ready(Path(args.log))
+    by_files = [{**median_run([r for r in runs if r["files"] == f]), "jit_lines_after_ready": jit}
+                for f in args.files]
     return by_files[0] if len(by_files) == 1 else {**by_files[0], "by_files": by_files}
+
+
+READY_MARK = "=== bench_vllm: the service answered /ready"
+
+
+def jit_after_ready(log_path: Path) -> int:
+    """Triton JIT compiles that vLLM logged after the service reported ready (the warm-up's own compiles
+    come before the mark and are the point of the warm-up). By the lines' own clock: Ray forwards an
+    actor's lines to the server's log seconds late, past the mark."""
+    import re
+
+    text = log_path.read_text(errors="replace")
+    mark = re.search(re.escape(READY_MARK) + r" (\d\d:\d\d:\d\d)", text)
+    count = 0
+    for line in text.splitlines():
+        if "JIT compilation during inference" not in line:
+            continue
+        stamp = re.search(r"\d\d-\d\d (\d\d:\d\d:\d\d)", line)
+        if mark is None or stamp is None or stamp.group(1) >= mark.group(1):
+            count += 1
+    return count
 
 
 def start_profile(args: argparse.Namespace, url: str, n: int) -> list[subprocess.Popen[bytes]]:
@@ -295,6 +340,183 @@ def stop_profile(profilers: list[subprocess.Popen[bytes]]) -> None:
             profiler.kill()
 
 
+# --------------------------------------------------------------------------------------- interactive
+
+
+def page_png(args: argparse.Namespace) -> bytes:
+    """The first page of the benchmark PDF as the PNG a client would upload (A4 at --dpi)."""
+    import io
+
+    import pdf_worker
+
+    with pdf_worker.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
+        image = pdf_worker.render_page(source, 1, dpi=args.dpi, max_pixels=40_000_000).image
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _interactive_figures(path: str, load: list[tuple[float, int]], wall: float,
+                         single: list[tuple[float, int]]) -> dict[str, Any]:
+    import statistics
+
+    return {
+        "path": path, "clients": INTERACTIVE_CLIENTS, "requests": len(load), "elapsed_s": round(wall, 2),
+        "pages_per_s": round(len(load) / wall, 3),
+        "mean_completion_tokens": round(sum(n for _, n in load) / len(load), 1),
+        "p50_s_under_load": round(statistics.median(t for t, _ in load), 3),
+        "one_client_median_s": round(statistics.median(t for t, _ in single), 4),
+        "one_client_runs_s": [round(t, 4) for t, _ in single],
+        "one_client_tokens": sorted({n for _, n in single}),
+    }
+
+
+INTERACTIVE_CLIENTS = 64
+
+
+def run_interactive_raw(args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM's AsyncLLM with the service's engine settings: 64 concurrent single-page requests (the image
+    prompt in Gundam, n-gram 30/90 as the image routes default), then one client alone."""
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    from config import IMAGE_PROMPT, MODES
+    from engines.base import SamplingParams as Sampling
+    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+
+    prepare_environment()
+    import vllm
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    png = page_png(args)
+    gundam = MODES["gundam"]
+    builder = PromptBuilder.from_checkpoint(args.model)
+    params = sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0],
+                                      ngram_window=args.ngram[1]), builder.whitelist, delta=False)
+
+    async def main() -> dict[str, Any]:
+        t = time.perf_counter()
+        engine = AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**engine_kwargs(settings_for(args),
+                                                                                 ngram_impl=args.ngram_impl)))
+        start_s = time.perf_counter() - t
+
+        def view() -> Image.Image:
+            return vllm_image(Image.open(io.BytesIO(png)).convert("RGB"), gundam)
+
+        async def one() -> tuple[float, int]:
+            t = time.perf_counter()
+            # Decoding the upload and the view preparation are counted, as the service counts them; both run
+            # off the event loop, and the image processor in vLLM's renderer threads (as `vllm serve` does).
+            prompt = builder.prompt(IMAGE_PROMPT, await asyncio.to_thread(view), gundam)
+            (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
+            tokens = 0
+            async for out in engine.generate(engine_input, params, uuid.uuid4().hex):
+                tokens = len(out.outputs[0].token_ids)
+            return time.perf_counter() - t, tokens
+
+        try:
+            await asyncio.gather(*(one() for _ in range(4)))  # warm-up
+            load, wall = await _closed_loop(one, args.requests)
+            single = [await one() for _ in range(args.latency_runs)]
+        finally:
+            engine.shutdown()
+        return {**_interactive_figures("raw AsyncLLM", load, wall, single), "engine_start_s": round(start_s, 1)}
+
+    return asyncio.run(main())
+
+
+async def _closed_loop(one: Any, requests: int) -> tuple[list[tuple[float, int]], float]:
+    """INTERACTIVE_CLIENTS clients, each sending its next request when its last one is answered."""
+    import asyncio
+
+    left = list(range(requests))
+    results: list[tuple[float, int]] = []
+
+    async def client() -> None:
+        while left:
+            left.pop()
+            results.append(await one())
+
+    t = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(INTERACTIVE_CLIENTS)))
+    return results, time.perf_counter() - t
+
+
+def run_interactive_service(args: argparse.Namespace) -> dict[str, Any]:
+    """The same page posted to `/ocr/image/advanced` by 64 clients (threads, one request each at a time),
+    then by one client; a last one-client series with the default boxes drawing on."""
+    import statistics
+
+    png = page_png(args)
+    fields = {"max_tokens": str(args.max_tokens), "ngram_size": str(args.ngram[0]),
+              "ngram_window": str(args.ngram[1]), "mode": "gundam", "draw_boxes": "false",
+              "crop_regions": "false"}
+
+    def post(url: str, extra: dict[str, str] | None = None) -> tuple[float, int]:
+        body, ctype = multipart({**fields, **(extra or {})}, "file", "page.png", png, "image/png")
+        t = time.perf_counter()
+        status, raw = http("POST", url + "/ocr/image/advanced", body, {"Content-Type": ctype}, timeout=600)
+        elapsed = time.perf_counter() - t
+        if status != 200:
+            raise RuntimeError(f"/ocr/image/advanced answered {status}: {raw[:2000]!r}")
+        return elapsed, int(json.loads(raw)["usage"]["completion_tokens"])
+
+    t = time.perf_counter()
+    with service(args, Path(args.log)) as url:
+        start_s = time.perf_counter() - t
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: post(url), range(4)))  # warm-up
+        left = list(range(args.requests))
+        load: list[tuple[float, int]] = []
+
+        def client() -> None:
+            while True:
+                try:
+                    left.pop()
+                except IndexError:
+                    return
+                load.append(post(url))
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(INTERACTIVE_CLIENTS) as pool:
+            for f in [pool.submit(client) for _ in range(INTERACTIVE_CLIENTS)]:
+                f.result()
+        wall = time.perf_counter() - t
+        single = [post(url) for _ in range(args.latency_runs)]
+        drawn = [post(url, {"draw_boxes": "true", "crop_regions": "true"}) for _ in range(args.latency_runs)]
+    return {**_interactive_figures("service /ocr/image/advanced", load, wall, single),
+            "one_client_median_s_with_drawing": round(statistics.median(t for t, _ in drawn), 4),
+            "engine_start_s": round(start_s, 1), "jit_lines_after_ready": jit_after_ready(Path(args.log))}
+
+
+def interactive(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Raw AsyncLLM in a child process (its GPU memory goes with it), then the service; the comparison."""
+    results = []
+    if args.only in (None, "raw"):
+        raw_json = Path(args.pdf).with_suffix(".interactive-raw.json")
+        cmd = [sys.executable, __file__, "interactive", *sys.argv[2:], "--only", "raw-child", "--out", str(raw_json)]
+        if subprocess.run(cmd).returncode == 0:
+            results.append(json.loads(raw_json.read_text())[0])
+    if args.only in (None, "service"):
+        results.append(run_interactive_service(args))
+        print(json.dumps(results[-1]), flush=True)
+    if len(results) == 2:
+        a, b = results
+        print(f"\ninteractive: one A4 page a request, max_tokens {args.max_tokens}, n-gram {args.ngram[0]}/"
+              f"{args.ngram[1]}, {INTERACTIVE_CLIENTS} clients x {args.requests} requests, then one client")
+        for r in results:
+            print(f"  {r['path']:28} {r['pages_per_s']:7.3f} pages/s  one client median "
+                  f"{r['one_client_median_s']:.4f} s  mean {r['mean_completion_tokens']} tokens")
+        results.append({"ratio_pages_per_s": round(b["pages_per_s"] / a["pages_per_s"], 3),
+                        "one_client_median_over_raw_ms": round(1000 * (b["one_client_median_s"]
+                                                                        - a["one_client_median_s"]), 1)})
+        print(f"  service/raw pages/s {results[-1]['ratio_pages_per_s']:.3f}; one client, median over raw "
+              f"{results[-1]['one_client_median_over_raw_ms']} ms")
+    return results
+
+
 # --------------------------------------------------------------------------------------- n-gram guard
 
 
@@ -306,7 +528,7 @@ def ngram_table(args: argparse.Namespace) -> int:
         cmd = [sys.executable, __file__, "raw", "--model", args.model, "--pages", str(args.pages),
                "--max-tokens", str(args.max_tokens), "--concurrency", str(args.concurrency),
                "--ngram", *map(str, args.ngram), "--gpu-mem", str(args.gpu_mem), "--load-format",
-               args.load_format, "--pdf", args.pdf, "--ngram-impl", impl, "--repeat", str(args.repeat),
+               args.load_format, "--pdf", args.pdf, "--ngram-impl", impl, "--repeat", ",".join(map(str, args.repeat)),
                "--also-off", "--out", str(out)]
         if subprocess.run(cmd).returncode != 0:
             print(f"{impl}: the raw run failed", flush=True)
@@ -314,7 +536,7 @@ def ngram_table(args: argparse.Namespace) -> int:
         result = json.loads(out.read_text())[0]
         rows += [{"impl": impl, "guard": "on", **result}, {"impl": impl, "guard": "off", **result["guard_off"]}]
     print(f"\n{args.pages} A4 pages, max_tokens {args.max_tokens}, max_num_seqs {args.concurrency}, "
-          f"n-gram {args.ngram[0]}/{args.ngram[1]}, median of {args.repeat}")
+          f"n-gram {args.ngram[0]}/{args.ngram[1]}, median of {args.repeat[0]}")
     print(f"  {'processor':9} {'guard':5} {'pages/s':>8} {'tok/s':>9} {'tokens/page':>11} {'runs (s)':24} "
           "tokens (sha256 per run)")
     for r in rows:
@@ -336,8 +558,9 @@ def ngram_table(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["all", "raw", "service", "ngram"],
-                        help="ngram: raw runs per --impls, guard on and off, median of --repeat (a table)")
+    parser.add_argument("what", choices=["all", "raw", "service", "ngram", "interactive"],
+                        help="ngram: raw runs per --impls, guard on and off, median of --repeat (a table); "
+                             "interactive: single pages from 64 clients, raw AsyncLLM vs /ocr/image/advanced")
     parser.add_argument("--model", required=True)
     parser.add_argument("--pages", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1000)
@@ -357,9 +580,14 @@ def main() -> int:
     parser.add_argument("--profile", help="py-spy raw stacks of the first timed service run go here")
     parser.add_argument("--ngram-impl", choices=["batched", "vllm", "off"], default="batched",
                         help="the n-gram logits processor of the raw engine (engine_kwargs ngram_impl)")
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs on one engine; median")
+    parser.add_argument("--repeat", type=lambda v: [int(x) for x in v.split(",")], default=[1],
+                        help="timed runs on one engine, median; one count, or one per --files entry (3,1)")
     parser.add_argument("--also-off", action="store_true", help="raw: also time runs with the guard off")
     parser.add_argument("--impls", default="batched,vllm", help="ngram: the processors compared")
+    parser.add_argument("--ladder", action="store_true", help="service: keep the retry ladder on (RETRY_LADDER)")
+    parser.add_argument("--requests", type=int, default=256, help="interactive: requests under load")
+    parser.add_argument("--latency-runs", type=int, default=10, help="interactive: one-client requests")
+    parser.add_argument("--only", choices=["raw", "service", "raw-child"], help="interactive: one side")
     args = parser.parse_args()
     args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
     if not Path(args.pdf).is_file():
@@ -368,6 +596,12 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     if args.what == "ngram":
         return ngram_table(args)
+    if args.what == "interactive":
+        results = [run_interactive_raw(args)] if args.only == "raw-child" else interactive(args)
+        print(json.dumps(results[-1]), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        return 0 if args.only or len(results) == 3 else 1
     if args.what == "raw":
         results.append(run_raw(args))
         print(json.dumps(results[-1]), flush=True)

@@ -16,10 +16,21 @@
 #        ngram-test  pytest -m gpu tests/test_gpu_ngram.py: batched bans == vLLM's per request  ~4 min
 #        ray1 / ray2  ORCHESTRATOR=ray (nvidia-h200-x2): a one-host Ray cluster holding both GPUs, the
 #               1,024-page PDF through POST /pdf/ocr on one actor (ray1), then on two (ray2)  ~6-8 min each
+#        pair   (nvidia-h200-x2, standing in for two nvidia-h200 at once) raw LLM.generate on GPU 0 and cores
+#               0-15 while the service runs on GPU 1 and cores 16-31: 256 pages median of REPEAT (3), then
+#               four 256-page PDFs at once (1,024 pages) once                              ~9 min
+#        scale  (nvidia-h200-x2) the 1,024 pages through the service on both GPUs (two local workers), then
+#               the same with ORCHESTRATOR=ray and two actors                              ~9 min
+#        ray1i  (nvidia-h200-x2) ORCHESTRATOR=ray with one actor on GPU 0 (cores 0-15), 1,024 pages; beside it
+#               on GPU 1 (cores 16-31) the interactive run: 64 clients of single A4 pages, raw AsyncLLM vs
+#               /ocr/image/advanced, then one client                                       ~7 min
+#        pair1024  (nvidia-h200-x2) as pair, the 1,024 pages only (needs the compile caches of an earlier call) ~7 min
+#        ray12  (nvidia-h200-x2) one Ray cluster holding both GPUs: 1,024 pages on one actor, then on two ~9 min
+#        inter  the interactive run alone (GPU 0, a quiet machine for the one-client latency)    ~6 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|scale|ray1i|ray12|inter}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -54,7 +65,92 @@ ocr2_real_ckpt() {
     python3 deepseek_ocr.py make-tiny "$CK/ocr2-real" --arch ocr2 --vision real --decoder real --config-only
 }
 
+# The benchmark PDF, written once (concurrent runs would race to write it).
+bench_pdf() {
+  [ -f /tmp/bench-256.pdf ] && return 0
+  python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import bench_vllm
+open('/tmp/bench-256.tmp', 'wb').write(bench_vllm.text_pdf(256))" && mv -f /tmp/bench-256.tmp /tmp/bench-256.pdf
+}
+# Run "$2..." on the cores "$1" (taskset), where taskset exists.
+pin() {
+  local cores=$1; shift
+  if command -v taskset > /dev/null; then taskset -c "$cores" "$@"; else "$@"; fi
+}
+# A one-host Ray cluster (kit: ray is in it; no network here). $1: GPUs it holds.
+ray_up() {
+  export RAY_USAGE_STATS_ENABLED=0
+  ray start --head --port=6399 --num-gpus="$1" --include-dashboard=false --disable-usage-stats \
+    > "$OUT/ray-head.log" 2>&1 || { cat "$OUT/ray-head.log"; return 1; }
+}
+# The engine-workers benchmark: 256-page PDFs, 1000 tokens a page, n-gram 20/50, MAX_CONCURRENCY 256.
+big=(--pages 256 --max-tokens 1000 --concurrency 256 --ngram 20 50 --pdf /tmp/bench-256.pdf)
+
 case "$phase" in
+  pair)
+    real_ckpt; bench_pdf
+    VLLM_CACHE_ROOT=/root/.cache/vllm-raw CUDA_VISIBLE_DEVICES=0 pin 0-15 timeout 545 \
+      python3 benchmarks/bench_vllm.py raw --model "$CK/real" "${big[@]}" --files 1,4 --repeat "${REPEAT:-3},1" \
+      --out "$OUT/pair-raw.json" > "$OUT/pair-raw.log" 2>&1 &
+    raw=$!
+    pin 16-31 timeout 545 python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" \
+      --gpus 1 --files 1,4 --repeat "${REPEAT:-3},1" --log "$OUT/service-pair.log" --out "$OUT/pair-service.json" \
+      2>&1 | tee "$OUT/pair-service.log"
+    wait $raw
+    grep '^{' "$OUT/pair-raw.log"
+    ;;
+  pair1024)
+    real_ckpt; bench_pdf
+    VLLM_CACHE_ROOT=/root/.cache/vllm-raw CUDA_VISIBLE_DEVICES=0 pin 0-15 timeout 560 \
+      python3 benchmarks/bench_vllm.py raw --model "$CK/real" "${big[@]}" --files 4 \
+      --out "$OUT/pair1024-raw.json" > "$OUT/pair1024-raw.log" 2>&1 &
+    raw=$!
+    pin 16-31 timeout 560 python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" \
+      --gpus 1 --files 4 --log "$OUT/service-pair1024.log" --out "$OUT/pair1024-service.json" \
+      2>&1 | tee "$OUT/pair1024-service.log"
+    wait $raw
+    grep '^{' "$OUT/pair1024-raw.log"
+    ;;
+  ray12)
+    real_ckpt; bench_pdf
+    ray_up 2 || exit 1
+    for n in 1 2; do
+      ORCHESTRATOR=ray RAY_ADDRESS=127.0.0.1:6399 DATA_PARALLEL_SIZE=$n timeout 290 \
+        python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --files 4 \
+        --log "$OUT/service-ray$n.log" --out "$OUT/ray$n.json" 2>&1 | tee "$OUT/ray$n.log"
+    done
+    ray stop --force > /dev/null 2>&1
+    ;;
+  inter)
+    real_ckpt; bench_pdf
+    CUDA_VISIBLE_DEVICES=0 timeout 560 python3 benchmarks/bench_vllm.py interactive --model "$CK/real" \
+      --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 --requests 256 \
+      --latency-runs 20 --log "$OUT/service-interactive.log" --out "$OUT/interactive.json" 2>&1 |
+      grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
+    ;;
+  scale)
+    real_ckpt; bench_pdf
+    timeout 280 python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0,1 --files 4 \
+      --log "$OUT/service-2gpu.log" --out "$OUT/scale-2gpu.json" 2>&1 | tee "$OUT/scale-2gpu.log"
+    ray_up 2 && ORCHESTRATOR=ray RAY_ADDRESS=127.0.0.1:6399 DATA_PARALLEL_SIZE=2 timeout 285 \
+      python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --files 4 \
+      --log "$OUT/service-ray2.log" --out "$OUT/scale-ray2.json" 2>&1 | tee "$OUT/scale-ray2.log"
+    ray stop --force > /dev/null 2>&1
+    ;;
+  ray1i)
+    real_ckpt; bench_pdf
+    CUDA_VISIBLE_DEVICES=1 pin 16-31 timeout 530 python3 benchmarks/bench_vllm.py interactive \
+      --model "$CK/real" --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 \
+      --requests 256 --latency-runs 10 --log "$OUT/service-interactive.log" --out "$OUT/interactive.json" \
+      > "$OUT/interactive.log" 2>&1 &
+    inter=$!
+    export CUDA_VISIBLE_DEVICES=0
+    ray_up 1 && ORCHESTRATOR=ray RAY_ADDRESS=127.0.0.1:6399 DATA_PARALLEL_SIZE=1 pin 0-15 timeout 530 \
+      python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --files 4 \
+      --log "$OUT/service-ray1.log" --out "$OUT/ray1.json" 2>&1 | tee "$OUT/ray1.log"
+    ray stop --force > /dev/null 2>&1
+    wait $inter
+    grep -v "^INFO\|^(EngineCore\|^\[" "$OUT/interactive.log" | tail -12
+    ;;
   views)
     real_ckpt
     timeout 240 python3 benchmarks/vllm_views.py --ckpt "$CK/real" 2>&1 | tee "$OUT/views.log"
@@ -131,9 +227,7 @@ case "$phase" in
     ;;
   ray1|ray2)
     real_ckpt
-    python3 -m pip install -q -r requirements-cluster.txt
-    export RAY_USAGE_STATS_ENABLED=0
-    ray start --head --port=6399 --num-gpus=2 --include-dashboard=false --disable-usage-stats > "$OUT/ray-head.log" 2>&1
+    ray_up 2 || exit 1
     n=${phase#ray}
     ORCHESTRATOR=ray RAY_ADDRESS=127.0.0.1:6399 DATA_PARALLEL_SIZE=$n timeout 540 python3 benchmarks/bench_vllm.py \
       service --model "$CK/real" --pages 1024 --max-tokens 1000 --concurrency 256 --ngram 20 50 \
@@ -146,7 +240,7 @@ case "$phase" in
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)
-    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1 or ray2" >&2
+    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, scale, ray1i, ray12 or inter" >&2
     exit 2
     ;;
 esac

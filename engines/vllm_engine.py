@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import deepseek_ocr
 import engines.vllm_modes as vllm_modes
-from config import MODES, ModeSpec, Settings
+from config import MODES, ModeSpec, Settings, vllm_renderer_threads
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
 
@@ -83,7 +83,7 @@ def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides
         "limit_mm_per_prompt": {"image": 1},
         "logits_processors": [] if impl == "off" else [ngram_processor],
         # Image preprocessing runs in the renderer's threads (async path); several pages decode at once.
-        "renderer_num_workers": max(1, min(8, os.cpu_count() or 1)),
+        "renderer_num_workers": vllm_renderer_threads(),
     }
     kwargs.update(overrides)
     return kwargs
@@ -281,18 +281,32 @@ class VllmEngine(BaseEngine):
             async for _ in self._stream(EngineRequest(prompt, image, mode, sampling)):
                 pass
 
+        steps: list[str] = []
+        clock = time.perf_counter()
+
+        def lap(what: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            steps.append(f"{what} {now - clock:.1f} s")
+            clock = now
+
         shapes = [(modes[GUNDAM], (640, 480)), (modes[GUNDAM], (1190, 1684))]
         shapes += [(mode, (1190, 1684)) for name, mode in modes.items() if name != GUNDAM]
         await run("Hello", modes[GUNDAM], None)
+        lap("text")
         for mode, size in shapes:
             await run("<image>\nFree OCR.", mode, size)
+            lap(f"{mode.name} {size[0]}x{size[1]}")
         await asyncio.gather(*(run("<image>\nFree OCR.", mode, size) for mode, size in shapes))
+        lap("all at once")
         # A step of over 8,256 tokens (64 experts x 129: vLLM's default fused-MoE config switches to grouped
         # M tiles past 128 tokens per expert) is what a burst of PDF pages brings; twelve A4 pages give
         # ~11,000 prefill tokens, so that kernel is compiled here and not mid-benchmark.
         burst = min(12, self.max_concurrency)
         await asyncio.gather(*(run("<image>\nFree OCR.", modes[GUNDAM], (1190, 1684)) for _ in range(burst)))
-        log.info("vLLM warm-up took %.1f s (modes %s)", time.perf_counter() - started, ", ".join(modes))
+        lap(f"burst of {burst}")
+        log.info("vLLM warm-up took %.1f s (modes %s): %s", time.perf_counter() - started, ", ".join(modes),
+                 "; ".join(steps))
 
     def health(self) -> EngineHealth:
         if self._ready and self._engine is not None and self._engine.errored:

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import psutil
 from PIL import Image
-from server import free_port, show
+from server import free_port, scratch_root, show
 from test_hostile_http import makefile_options, rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +58,8 @@ class Server:
 def start(env: dict[str, str]) -> tuple[subprocess.Popen, Server]:
     """`uvicorn serve_ocr:app` with the Makefile's options; returns once /health answers 200."""
     port = free_port()
-    tmp = Path(env.get("TMPDIR") or tempfile.mkdtemp(prefix="ocr-tmp-"))
-    log = Path(tempfile.mkstemp(prefix="uvicorn-", suffix=".log")[1])
+    tmp = Path(env.get("TMPDIR") or tempfile.mkdtemp(prefix="ocr-tmp-", dir=scratch_root()))
+    log = Path(tempfile.mkstemp(prefix="uvicorn-", suffix=".log", dir=scratch_root())[1])
     command = [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)]
     with open(log, "w") as out:
         proc = subprocess.Popen([*command, *makefile_options()], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +19,23 @@ import httpx
 import uvicorn
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+_DATA_ROOT: str | None = None
+
+
+def scratch_root() -> str:
+    """One folder per test process for servers' data and logs, removed when the process exits."""
+    global _DATA_ROOT
+    if _DATA_ROOT is None:
+        _DATA_ROOT = tempfile.mkdtemp(prefix="ocr-data-")
+        atexit.register(shutil.rmtree, _DATA_ROOT, True)
+    return _DATA_ROOT
+
+
+def data_dir() -> str:
+    """A fresh DATA_DIR for one app or server (under `scratch_root`)."""
+    return tempfile.mkdtemp(prefix="app-", dir=scratch_root())
 
 
 def free_port() -> int:
@@ -60,7 +79,7 @@ def serve_process(env: dict[str, str], *, port: int | None = None, timeout: floa
     Its output goes to a file, not a pipe: an unread pipe fills up and blocks the server's logging.
     """
     port = port or free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="uvicorn-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile("w+", prefix="uvicorn-", suffix=".log", delete=False, dir=scratch_root())
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
@@ -110,7 +129,7 @@ def make_settings(model_path: Path | str | None, **overrides: object):
         "default_max_tokens": 8,
         "max_concurrency": 8,
         "num_workers": 4,
-        "data_dir": tempfile.mkdtemp(prefix="ocr-data-"),  # job store and files: never the checkout's ./data
+        "data_dir": data_dir(),  # job store and files: never the checkout's ./data
         # The engine in the test's own process: seconds saved per app. Worker processes (the default) have
         # their own tests (test_workers.py), and every `serve_process` server runs them.
         "engine_workers": "inline",

@@ -23,7 +23,7 @@ import httpx
 import psutil
 import pytest
 from PIL import Image
-from server import free_port, show
+from server import data_dir, free_port, scratch_root, show
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def makefile_options() -> list[str]:
 @contextlib.contextmanager
 def serve_with_limits(env: dict[str, str]) -> Iterator[tuple[str, psutil.Process]]:
     port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="uvicorn-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile("w+", prefix="uvicorn-", suffix=".log", delete=False, dir=scratch_root())
     command = [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen([*command, *makefile_options()], cwd=ROOT, env={**os.environ, **env},
                             stdout=log, stderr=subprocess.STDOUT)
@@ -91,7 +91,7 @@ def problem(r: httpx.Response, status: int, names: str) -> None:
 def test_item_over_the_whole_budget_is_413(tiny_checkpoint: Path) -> None:
     """An image larger than MAX_DECODED_MPIX can never be decoded: 413 naming the setting, nothing waits."""
     env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DEFAULT_MAX_TOKENS": "4",
-           "MAX_DECODED_MPIX": "1", "NUM_WORKERS": "2", "DATA_DIR": tempfile.mkdtemp(prefix="ocr-data-")}
+           "MAX_DECODED_MPIX": "1", "NUM_WORKERS": "2", "DATA_DIR": data_dir()}
     with serve_with_limits(env) as (url, _):
         files = {"file": ("big.png", png_image(2000, 1000), "image/png")}
         problem(httpx.post(url + "/ocr/image/simple", files=files, timeout=60), 413, "MAX_DECODED_MPIX")

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ import pytest
 import test_hostile as h
 from hostile_server import ROOT, Server, Watch, concurrently, deflated_zeros_pdf, ordinary, serving, settled, start
 from PIL import Image
-from server import show
+from server import data_dir, show
 from test_hostile_http import png_image
 
 # An ordinary request takes 0.2-0.4 s on an idle 2-core box; beside the CPU-bound hostile work here (two cores
@@ -54,7 +53,7 @@ ENV = {"ENGINE": "torch", "DEVICE": "cpu", "DEFAULT_MAX_TOKENS": "4", "MAX_CONCU
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path) -> Iterator[Server]:
-    env = {**ENV, "MODEL_PATH": str(tiny_checkpoint), "DATA_DIR": tempfile.mkdtemp(prefix="ocr-data-")}
+    env = {**ENV, "MODEL_PATH": str(tiny_checkpoint), "DATA_DIR": data_dir()}
     with serving(env) as running:
         ok, _ = ordinary(running.url)  # warm: the first request loads what the later ones reuse
         assert ok.status_code == 200, show(ok)

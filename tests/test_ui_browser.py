@@ -19,7 +19,7 @@ import httpx
 import pytest
 from replay import ReplayEngine, factory
 from selenium import webdriver
-from server import make_settings, serve_app, show
+from server import make_settings, scratch_root, serve_app, show
 from test_docs_browser import CHROMEDRIVER, CHROMIUM, foreign, requested_urls
 
 from serve_ocr import create_app
@@ -41,7 +41,7 @@ def browser():
 
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
-    downloads = Path(tempfile.mkdtemp(prefix="ui-downloads-"))
+    downloads = Path(tempfile.mkdtemp(prefix="ui-downloads-", dir=scratch_root()))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",

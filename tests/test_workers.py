@@ -21,7 +21,7 @@ from server import make_settings, serve_app, serve_process, show
 from test_pdf_routes import make_pdf
 from test_service import png_bytes
 
-from config import Settings
+from config import Settings, usable_cpus, vllm_renderer_threads
 from serve_ocr import create_app
 from workers import WorkerSpec, worker_plan
 
@@ -32,18 +32,40 @@ def plan(visible: list[str], kind: str = "vllm", **values: object) -> list[Worke
     return worker_plan(Settings(**values), kind, visible)  # type: ignore[arg-type]
 
 
+def where(specs: list[WorkerSpec]) -> list[tuple[int, tuple[str, ...] | None]]:
+    return [(s.index, s.gpus) for s in specs]
+
+
 def test_worker_plan_one_worker_per_gpu() -> None:
-    assert plan(["0", "1"]) == [WorkerSpec(0, ("0",)), WorkerSpec(1, ("1",))]
-    assert plan(["0", "1", "2", "3"], tensor_parallel_size=2) == [WorkerSpec(0, ("0", "1")), WorkerSpec(1, ("2", "3"))]
-    assert plan(["0", "1"], gpus="1") == [WorkerSpec(0, ("1",))]
-    assert plan(["3", "5"], gpus="5,3") == [WorkerSpec(0, ("5",)), WorkerSpec(1, ("3",))]
-    assert plan(["0", "1", "2"], data_parallel_size=2) == [WorkerSpec(0, ("0",)), WorkerSpec(1, ("1",))]
-    assert plan(["0", "1"], "torch") == [WorkerSpec(0, ("0",)), WorkerSpec(1, ("1",))]
+    assert where(plan(["0", "1"])) == [(0, ("0",)), (1, ("1",))]
+    assert where(plan(["0", "1", "2", "3"], tensor_parallel_size=2)) == [(0, ("0", "1")), (1, ("2", "3"))]
+    assert where(plan(["0", "1"], gpus="1")) == [(0, ("1",))]
+    assert where(plan(["3", "5"], gpus="5,3")) == [(0, ("5",)), (1, ("3",))]
+    assert where(plan(["0", "1", "2"], data_parallel_size=2)) == [(0, ("0",)), (1, ("1",))]
+    assert where(plan(["0", "1"], "torch")) == [(0, ("0",)), (1, ("1",))]
     assert plan(["0", "1"], "torch", device="cpu") == [WorkerSpec(0, ())]
     assert plan([], "torch") == [WorkerSpec(0, ())]
-    share = max(1, (os.cpu_count() or 1) // 2)
+    share = max(1, usable_cpus() // 2)
     assert plan([], "torch", data_parallel_size=2) == [WorkerSpec(0, (), share), WorkerSpec(1, (), share)]
     assert plan(["0"], "torch", gpus="none") == [WorkerSpec(0, ())]
+
+
+def test_gpu_workers_share_the_cores() -> None:
+    """Each GPU worker's operations get its share of the cores; a vLLM worker's share is split again over
+    its renderer threads, which preprocess images side by side."""
+    cores, renderers = usable_cpus(), vllm_renderer_threads()
+    assert [s.threads for s in plan(["0", "1"])] == [max(1, cores // 2 // renderers)] * 2
+    assert [s.threads for s in plan(["0"])] == [max(1, cores // renderers)]
+    assert [s.threads for s in plan(["0", "1"], "torch")] == [max(1, cores // 2)] * 2
+
+
+def test_cpu_workers_are_capped_at_the_usable_cores() -> None:
+    cores = usable_cpus()
+    assert len(plan([], "torch", data_parallel_size=cores)) == cores
+    with pytest.raises(ValueError, match=f"DATA_PARALLEL_SIZE={cores + 1} CPU workers on {cores} usable cores"):
+        plan([], "torch", data_parallel_size=cores + 1)
+    with pytest.raises(ValueError, match="CPU workers on"):  # GPUS=none: CPU workers for the torch engine
+        plan(["0"], "torch", gpus="none", data_parallel_size=cores + 1)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from config import Settings
+from config import Settings, usable_cpus, vllm_renderer_threads
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,9 @@ class WorkerSpec:
 
     index: int
     gpus: tuple[str, ...] | None
-    threads: int | None = None  # CPU workers: torch threads each, so that several do not oversubscribe the cores
+    # Threads each torch/OpenMP operation of the worker may use (OMP_NUM_THREADS), so that workers together
+    # do not oversubscribe the cores; None: the library's default (every core).
+    threads: int | None = None
 
     @property
     def label(self) -> str:
@@ -56,22 +58,36 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
     Raises ValueError naming the setting when GPUS asks for GPUs that are not there.
     """
     count = settings.data_parallel_size or 1
-    share = max(1, (os.cpu_count() or 1) // count) if count > 1 else None
+    cores = usable_cpus()
+    share = max(1, cores // count) if count > 1 else None
     cpu_workers = [WorkerSpec(i, (), share) for i in range(count)]
+
+    def on_cpus() -> list[WorkerSpec]:
+        # Each CPU worker holds its own model and torch threads: more of them than cores only costs memory.
+        if count > cores:
+            raise ValueError(f"DATA_PARALLEL_SIZE={count} CPU workers on {cores} usable cores: at most {cores}")
+        return cpu_workers
+
     if kind == "torch" and settings.device == "cpu":
-        return cpu_workers  # several only when DATA_PARALLEL_SIZE asks (each uses its own torch threads)
+        return on_cpus()  # several only when DATA_PARALLEL_SIZE asks (each uses its own torch threads)
     available = visible_gpus() if gpus is None else gpus
     chosen = _chosen(settings, available, cpu=kind != "vllm")
     if not chosen:
         if kind == "vllm":
             raise ValueError("ENGINE=vllm needs a GPU, and GPUS selects none (visible: "
                              f"{', '.join(available) or 'none'})")
-        return cpu_workers
+        return on_cpus()
     group = settings.tensor_parallel_size if kind == "vllm" else 1
     if len(chosen) % group:
         raise ValueError(f"GPUS gives {len(chosen)} GPUs ({', '.join(chosen)}), not a multiple of "
                          f"TENSOR_PARALLEL_SIZE={group}: every worker needs {group}")
-    return [WorkerSpec(i, tuple(chosen[i * group:(i + 1) * group])) for i in range(len(chosen) // group)]
+    count = len(chosen) // group
+    # A GPU worker's CPU work is image preprocessing: vLLM runs it in its renderer threads, each of which would
+    # otherwise start an OpenMP team as wide as the machine (8 threads x every core, per worker). Ray actors
+    # run with one thread per operation and were the faster ones on two H200s (docs/BENCHMARKS.md section 13).
+    fan_out = vllm_renderer_threads() if kind == "vllm" else 1
+    threads = max(1, cores // count // fan_out)
+    return [WorkerSpec(i, tuple(chosen[i * group:(i + 1) * group]), threads) for i in range(count)]
 
 
 def _chosen(settings: Settings, available: list[str], *, cpu: bool) -> list[str]:

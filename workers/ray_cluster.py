@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -65,8 +66,11 @@ class RayCluster:
             # job leases back and closes the engines, must keep it.
             kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
             try:
+                # Our code first, then the node's own PYTHONPATH (Ray expands ${...} on the node): packages
+                # installed with --target (a GPU host's vLLM, say) stay importable in the actors.
+                path = f"{ROOT}{os.pathsep}${{PYTHONPATH}}"
                 ray.init(address=self.address, namespace="deepseek-ocr", log_to_driver=True,
-                         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+                         runtime_env={"env_vars": {"PYTHONPATH": path}})
             finally:
                 if threading.current_thread() is threading.main_thread():
                     for sig, handler in kept.items():
@@ -161,6 +165,8 @@ def ray_engines(settings: Settings) -> list[BaseEngine]:
 class RayWorkerEngine(BaseEngine):
     """One Ray actor as an engine: requests stream from its `run`; its death is noticed by the failing call
     or by the health ping (PING_S), whichever comes first."""
+
+    copies_images = True  # an image it runs is also serialized into Ray's object store: the budget counts it twice
 
     def __init__(self, cluster: RayCluster, index: int, node_id: str | None) -> None:
         super().__init__(cluster.settings.max_concurrency)

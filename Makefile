@@ -41,7 +41,7 @@ serve: setup
 
 test: setup-dev
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 fuzz: setup-dev
 	$(PY) -m pytest -q tests/test_fuzz.py

@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from PIL import Image
 
@@ -35,6 +35,9 @@ from inputs import content_hash
 from model_catalog import NGRAM_DEFAULTS
 from process.image_process import MODES, ModeSpec
 from searchable_pdf import searchable_from_images
+
+if TYPE_CHECKING:  # PyMuPDF is optional to this module: the PDF routes degrade without it
+    from pdf_render import PdfDocument
 
 log = logging.getLogger("deepseek_ocr.service")
 T = TypeVar("T")
@@ -393,11 +396,11 @@ class OcrService:
             self._observe("page", result.fail(_bug(exc)), request.mode)
         return result
 
-    async def _render(self, doc: Any, page: int, dpi: int) -> Any:
+    async def _render(self, doc: PdfDocument, page: int, dpi: int) -> Any:
         """Render a page with its pixels reserved first (from the page's size when the PDF gives it, else
         MAX_IMAGE_PIXELS, the most a render returns), then held at the real size until post-processed."""
         limit = self.settings.max_image_pixels
-        expected = doc.expected_pixels(page, dpi, limit) if hasattr(doc, "expected_pixels") else limit
+        expected = doc.expected_pixels(page, dpi, limit)
         copies = self.copies
         async with self.pixels.hold(min(expected, self.pixels.max_pixels // copies), copies) as reservation:
             rendered = await doc.render(page, dpi=dpi, max_pixels=limit)

@@ -42,7 +42,8 @@ class JobPage(BaseModel):
     error: str | None
     attempts: int = Field(description="Times the page was started (a crash mid-page makes 2)")
     worker: str | None = Field(None, description="Who ran the page's last attempt: the API replica "
-                               "(host:pid:random) and its engine")
+                               "(host:pid:random) and its engine worker (`w0 (gpu 0)`), or a Ray worker "
+                               "(`ray/<node ip>/<node id>/a0`)")
 
 
 class WebhookState(BaseModel):

@@ -87,12 +87,13 @@ class Runner:
         self.store.close()
 
     def page_worker(self, result: Any = None) -> str:
-        """Who runs a page, for its `worker` field: the result's own `worker` when it names one (an engine
-        worker), else this replica and its engine. The one place the field is filled from."""
+        """Who runs a page, for its `worker` field: a Ray worker's cluster-wide name (`ray/...`), else this
+        replica and its engine worker (`host:pid:random/w0 (gpu 0)`) or inline engine (`.../vllm`). The one
+        place the field is filled from."""
         named = getattr(result, "worker", None)
-        if named:
+        if named and str(named).startswith("ray/"):
             return str(named)
-        return f"{self.replica_id}/{self.service.admission.primary.name}"
+        return f"{self.replica_id}/{named or self.service.admission.primary.name}"
 
     def kick(self) -> None:
         self._wake.set()

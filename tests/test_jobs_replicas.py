@@ -182,7 +182,8 @@ def test_a_job_submitted_to_one_replica_is_followed_through_the_other(cluster: d
     assert state["status"] == "done" and state["pages_done"] == 40 and state["replica"] is None, state
     home_id = p_id(state)
     assert home.pid_of(home_id) and {p["worker"].rsplit("/", 1)[0] for p in state["pages"]} == {home_id}, state
-    assert all(p["attempts"] == 1 and p["worker"].endswith("/torch") for p in state["pages"]), state
+    # Each page names its replica and the replica's engine worker (a process of its own: ENGINE_WORKERS default).
+    assert all(p["attempts"] == 1 and p["worker"].endswith("/w0 (cpu)") for p in state["pages"]), state
 
     assert [int(e["id"]) for e in events] == list(range(1, len(events) + 1)), events  # in order, no gap, no repeat
     assert sorted(json.loads(e["data"])["page"] for e in events if e["event"] == "page") == list(range(1, 41))

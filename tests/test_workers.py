@@ -170,6 +170,9 @@ def test_worker_killed_mid_load_heals_and_the_job_completes(tiny_checkpoint: Pat
         assert new_pid != pid and alive(new_pid) and not alive(pid), body
         done = wait(url, job["id"], timeout=120)
         assert done["status"] == "done" and done["pages_done"] == 4, done
+        # Each page names the worker that ran it (the one replaced or its successor: the same slot, w0).
+        workers = {p["worker"] for p in done["pages"]}
+        assert workers and all(w and w.endswith("/w0 (cpu)") for w in workers), done["pages"]
         r = ocr(url)
         assert r.status_code == 200, show(r)
 

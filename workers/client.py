@@ -136,6 +136,12 @@ class WorkerEngine(BaseEngine):
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
 
+    @property
+    def result_worker(self) -> str:
+        """What `pipeline.OcrService.generate` writes into each result it ran: this replica's worker (the job
+        runner puts the replica's id before it in a page's `worker` field)."""
+        return self.spec.label
+
     # --- health ------------------------------------------------------------------------------------
     def health(self) -> EngineHealth:
         h = super().health()

@@ -40,6 +40,18 @@ def worker_settings(settings: Settings, spec: WorkerSpec, kind: str) -> Settings
     return settings.model_copy(update=update)
 
 
+async def stop_engine(engine: BaseEngine | None, tasks: dict[str, asyncio.Task[None]]) -> None:
+    """A worker's end (socket or Ray actor): its requests cancelled (each aborts itself in the engine), then
+    the engine closed."""
+    for task in list(tasks.values()):
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+    if engine is not None:
+        with contextlib.suppress(Exception):
+            await engine.close()
+
+
 class EngineHost:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
@@ -135,11 +147,5 @@ class EngineHost:
             await asyncio.sleep(HEALTH_EVERY_S)
 
     async def _shutdown(self) -> None:
-        for task in list(self.tasks.values()):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        if self.engine is not None:
-            with contextlib.suppress(Exception):
-                await self.engine.close()
+        await stop_engine(self.engine, self.tasks)
         self.writer.close()

@@ -12,7 +12,6 @@ Imported only in Ray worker processes and by `workers.ray_cluster` (ORCHESTRATOR
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from engines.base import BaseEngine, EngineRequest
 from errors import OcrError
 from model_catalog import ModelSpec
 from workers import WorkerSpec
-from workers.host import worker_settings
+from workers.host import stop_engine, worker_settings
 from workers.wire import encode_error
 
 log = logging.getLogger("deepseek_ocr.worker")
@@ -99,10 +98,4 @@ class EngineActor:
         return h.ready, h.reason, h.running, h.detail
 
     async def close(self) -> None:
-        for task in list(self.tasks.values()):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        if self.engine is not None:
-            with contextlib.suppress(Exception):
-                await self.engine.close()
+        await stop_engine(self.engine, self.tasks)

@@ -2,9 +2,13 @@
 
 Every engine keeps its own in-flight limit (`engine.max_concurrency`). Work asks for an explicit `Slot`
 token (`async with admission.slot() as slot: await slot.engine.generate(...)`): it goes to the ready engine
-with the least work in flight, or waits in one FIFO queue. A new request is refused up front with 503 and
-`Retry-After` when MAX_QUEUE items already wait (`check`). Only engine work holds a slot: rendering,
-decoding and post-processing happen outside it, so they never hold an engine idle.
+with the least work in flight, or waits. A freed slot goes to the waiting item whose request (its `flow`:
+one HTTP request's pages, one job) has the fewest items in flight; among equals, to the flow served longest
+ago (one never served first), then to the earliest arrival. So one photo posted while a 2,000-page PDF fills
+the engines waits for one free slot, not for the PDF's queue, and several big requests share the engines
+evenly. A new request is refused up front with 503 and `Retry-After`
+when MAX_QUEUE items already wait (`check`). Only engine work holds a slot: rendering, decoding and
+post-processing happen outside it, so they never hold an engine idle.
 """
 
 from __future__ import annotations
@@ -35,12 +39,13 @@ class Slot:
 
     engine: Engine
     admission: Admission
+    flow: object = None
     released: bool = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.admission._release(self.engine)
+            self.admission._release(self.engine, self.flow)
 
 
 class Admission:
@@ -50,7 +55,10 @@ class Admission:
         self.engines: list[Engine] = list(engines)
         self.max_queue = max_queue
         self._busy: dict[int, int] = {id(e): 0 for e in self.engines}
-        self._waiters: deque[tuple[asyncio.Future[Engine], ModeSpec | None, str | None]] = deque()
+        self._flows: dict[object, int] = {}  # items in flight per flow (absent: none)
+        self._served: dict[object, int] = {}  # each flow's latest grant (a rising count), while it has work
+        self._grants = 0
+        self._waiters: deque[_Waiter] = deque()  # in arrival order
         self.admitted = 0
 
     def add_engine(self, engine: Engine) -> None:
@@ -128,7 +136,7 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for fut, _, _ in self._waiters if not fut.done())
+        return sum(1 for w in self._waiters if not w.future.done())
 
     def busy(self, engine: Engine) -> int:
         return self._busy[id(engine)]
@@ -155,15 +163,17 @@ class Admission:
                 retry_after=max(1, min(60, math.ceil(waiting / capacity))),
             )
 
-    async def acquire(self, mode: ModeSpec | None = None, model: str | None = None) -> Slot:
-        """A slot on the least busy ready engine of `model` serving `mode`; waits (FIFO) while all are full."""
+    async def acquire(self, mode: ModeSpec | None = None, model: str | None = None, flow: object = None) -> Slot:
+        """A slot on the least busy ready engine of `model` serving `mode`. While all are full it waits, and
+        a freed slot goes to the waiter whose `flow` has the fewest items in flight (None: a flow of its own)."""
+        flow = object() if flow is None else flow
         engine = self._free(mode, model) if not self.waiting else None
         if engine is not None:
-            self._busy[id(engine)] += 1
+            self._grant(engine, flow)
             self.admitted += 1
-            return Slot(engine, self)
+            return Slot(engine, self, flow)
         future: asyncio.Future[Engine] = asyncio.get_running_loop().create_future()
-        entry = (future, mode, model)
+        entry = _Waiter(future, mode, model, flow)
         self._waiters.append(entry)
         self._wake()  # a slot may be free already (waiters ahead of us may have left)
         try:
@@ -175,18 +185,19 @@ class Admission:
                     break
         except BaseException:
             if future.done() and not future.cancelled():
-                self._release(future.result())  # handed a slot as we were cancelled: pass it on
+                self._release(future.result(), flow)  # handed a slot as we were cancelled: pass it on
             future.cancel()
             raise
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(entry)
         self.admitted += 1
-        return Slot(engine, self)
+        return Slot(engine, self, flow)
 
     @contextlib.asynccontextmanager
-    async def slot(self, mode: ModeSpec | None = None, model: str | None = None) -> AsyncIterator[Slot]:
-        token = await self.acquire(mode, model)
+    async def slot(self, mode: ModeSpec | None = None, model: str | None = None,
+                   flow: object = None) -> AsyncIterator[Slot]:
+        token = await self.acquire(mode, model, flow)
         try:
             yield token
         finally:
@@ -206,21 +217,51 @@ class Admission:
                 best, best_load = engine, load
         return best
 
-    def _release(self, engine: Engine) -> None:
+    def _grant(self, engine: Engine, flow: object) -> None:
+        self._busy[id(engine)] += 1
+        self._flows[flow] = self._flows.get(flow, 0) + 1
+        self._grants += 1
+        self._served[flow] = self._grants
+
+    def _release(self, engine: Engine, flow: object) -> None:
         self._busy[id(engine)] -= 1
+        left = self._flows.get(flow, 0) - 1
+        if left > 0:
+            self._flows[flow] = left
+        else:
+            self._flows.pop(flow, None)
+            if not any(w.flow == flow and not w.future.done() for w in self._waiters):
+                self._served.pop(flow, None)  # the flow is over (or between items): forget it
         self._wake()
 
     def _wake(self) -> None:
-        """Hand free slots to waiters in arrival order (a waiter whose mode no free engine serves is skipped)."""
-        for entry in list(self._waiters):
-            future, mode, model = entry
-            if future.done():
-                continue
-            engine = self._free(mode, model)
-            if engine is None:
-                continue
-            self._busy[id(engine)] += 1
-            future.set_result(engine)
+        """Hand free slots to waiters, each to the first by (its flow's items in flight, its flow's latest
+        grant, arrival); a waiter whose mode no free engine serves is skipped."""
+        while True:
+            best: tuple[_Waiter, Engine] | None = None
+            best_key: tuple[float, float] = (math.inf, math.inf)
+            for waiter in self._waiters:
+                if waiter.future.done():
+                    continue
+                key = (self._flows.get(waiter.flow, 0), self._served.get(waiter.flow, -1))
+                if key >= best_key:
+                    continue  # an earlier waiter with no worse a key is already chosen
+                engine = self._free(waiter.mode, waiter.model)
+                if engine is not None:
+                    best, best_key = (waiter, engine), key
+            if best is None:
+                return
+            waiter, engine = best
+            self._grant(engine, waiter.flow)
+            waiter.future.set_result(engine)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: asyncio.Future[Engine]
+    mode: ModeSpec | None
+    model: str | None
+    flow: object
 
 
 class PixelBudget:

@@ -224,7 +224,7 @@ async def stream_chunks(
     try:
         try:
             async with asyncio.timeout_at(end):
-                slot = await service.admission.acquire(req.mode)
+                slot = await service.admission.acquire(req.mode, req.model, req.flow)
             try:
                 pieces = slot.engine.stream(req.engine_request(image, stream=True))
                 try:

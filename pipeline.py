@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ class OcrRequest:
     mode_given: bool = True
     ngram_given: bool = True
     ngram_sent: tuple[int | None, int | None] = (None, None)
+    # The request's items share it: admission gives a freed engine slot to the flow with the fewest in flight.
+    flow: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
 
     @classmethod
     def build(
@@ -326,7 +329,7 @@ class OcrService:
         if input_hash is None and image is not None:
             input_hash = await self.blocking(content_hash, image)
         self.supervisor.check(input_hash)
-        async with self.admission.slot(request.mode, request.model) as slot:
+        async with self.admission.slot(request.mode, request.model, request.flow) as slot:
             out = await slot.engine.generate(request.engine_request(image, stream=stream, input_hash=input_hash))
             out.worker = getattr(slot.engine, "result_worker", None)  # engines that name their results (Ray)
             return out

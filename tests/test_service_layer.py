@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -129,6 +130,82 @@ def test_admission_waiters_wake_in_order_and_leave_when_cancelled() -> None:
         return order
 
     assert asyncio.run(scenario()) == ["a", "c"]
+
+
+async def _granted_in_order(capacity: int, held: list[str], queued: list[str], late: list[str]) -> list[str]:
+    """Items named `<flow><n>`: `held` get slots at once, `queued` then wait (in that order), `late` arrive
+    after the first slot is freed. Slots are then freed one at a time, the oldest grant first; returns the
+    order in which the waiting items got theirs."""
+    from admission import Admission
+
+    engine = ReplayEngine(TEXT, max_concurrency=capacity)
+    await engine.start()
+    admission = Admission([engine], max_queue=100)
+    slots = {name: await admission.acquire(flow=name[0]) for name in held}
+    granted: list[str] = []
+    tasks = []
+
+    async def wait(name: str) -> None:
+        slots[name] = await admission.acquire(flow=name[0])
+        granted.append(name)
+
+    for name in queued:
+        tasks.append(asyncio.create_task(wait(name)))
+        await asyncio.sleep(0)  # arrival order = list order
+    await asyncio.sleep(0.01)
+    assert admission.waiting == len(queued) and not granted
+    order = list(held)
+    for n in range(len(held) + len(queued) + len(late)):
+        if n == 1:
+            for name in late:
+                tasks.append(asyncio.create_task(wait(name)))
+                await asyncio.sleep(0)
+        if n >= len(order):
+            break
+        slots[order[n]].release()
+        await asyncio.sleep(0.01)
+        order = list(held) + granted
+    await asyncio.gather(*tasks)
+    for name in order[len(order) - capacity:]:
+        slots[name].release()
+    assert admission.in_flight == 0 and admission.waiting == 0 and not admission._flows and not admission._served
+    return granted
+
+
+def test_admission_shares_slots_between_requests() -> None:
+    """A freed slot goes to the request (flow) with the fewest items in flight: two big requests take turns,
+    and a photo posted behind them goes next instead of waiting for their queues."""
+    assert asyncio.run(_granted_in_order(2, ["A1", "A2"], ["A3", "A4", "A5", "B1", "B2", "B3"], [])) == [
+        "B1", "A3", "B2", "A4", "B3", "A5"]
+    assert asyncio.run(_granted_in_order(2, ["A1", "A2"], ["A3", "A4", "A5", "A6"], ["C1"])) == [
+        "A3", "C1", "A4", "A5", "A6"]
+    # One slot: both flows have nothing in flight when it frees; the one served longest ago goes first.
+    assert asyncio.run(_granted_in_order(1, ["A1"], ["A2", "A3", "A4"], ["C1"])) == ["A2", "C1", "A3", "A4"]
+
+
+def test_a_photo_does_not_wait_for_a_long_pdfs_queue(tiny_checkpoint: Path) -> None:
+    """Over HTTP: with the engine full of a PDF's pages and more of them queued, a photo posted meanwhile
+    runs on the next free slot (FIFO would put it behind every queued page)."""
+    engine = ReplayEngine(TEXT, max_concurrency=1, delay_s=1.0)
+    settings = make_settings(tiny_checkpoint, max_concurrency=1, num_workers=4, pdf_timeout_s=120)
+    app = create_app(settings, engine_factory=factory(engine))
+    with serve_app(app) as url, ThreadPoolExecutor(1) as pool:
+        pdf = pool.submit(httpx.post, url + "/pdf/ocr", files={"file": ("long.pdf", make_pdf(8))},
+                          data={"dpi": "72", "draw_layouts": "false"}, timeout=120)
+        deadline = time.monotonic() + 30
+        while app.state.service.admission.waiting < 2:  # one page running, the rest of its window queued
+            assert time.monotonic() < deadline, app.state.service.admission.waiting
+            time.sleep(0.02)
+        started = len(engine.requests)
+        r = httpx.post(url + "/ocr/image/advanced", files={"file": ("photo.png", png_bytes(200, 120))},
+                       data={"draw_boxes": "false"}, timeout=60)
+        assert r.status_code == 200, show(r)
+        assert pdf.result().status_code == 200, show(pdf.result())
+    pages = [r.image.size if r.image is not None else None for r in engine.requests]
+    at = pages.index((200, 120))
+    # Started on the first or second slot freed after it was posted (a page takes 1 s: at most one more
+    # starts while the photo's upload is read); behind the two queued pages it would have been third.
+    assert started <= at <= started + 1, (started, at, len(pages))
 
 
 # --------------------------------------------------------------------------------------- the import graph

@@ -6,9 +6,9 @@ with the least work in flight, or waits. A freed slot goes to the waiting item w
 one HTTP request's pages, one job) has the fewest items in flight; among equals, to the flow served longest
 ago (one never served first), then to the earliest arrival. So one photo posted while a 2,000-page PDF fills
 the engines waits for one free slot, not for the PDF's queue, and several big requests share the engines
-evenly. A new request is refused up front with 503 and `Retry-After`
-when MAX_QUEUE items already wait (`check`). Only engine work holds a slot: rendering, decoding and
-post-processing happen outside it, so they never hold an engine idle.
+evenly. A new request is refused up front with 503 and `Retry-After` when MAX_QUEUE items already wait
+(`check`). Only engine work holds a slot: rendering, decoding and post-processing happen outside it, so they
+never hold an engine idle.
 """
 
 from __future__ import annotations
@@ -191,6 +191,7 @@ class Admission:
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(entry)
+            self._forget_if_idle(flow)  # a waiter that gave up may have been its flow's last
         self.admitted += 1
         return Slot(engine, self, flow)
 
@@ -230,9 +231,15 @@ class Admission:
             self._flows[flow] = left
         else:
             self._flows.pop(flow, None)
-            if not any(w.flow == flow and not w.future.done() for w in self._waiters):
-                self._served.pop(flow, None)  # the flow is over (or between items): forget it
+            self._forget_if_idle(flow)
         self._wake()
+
+    def _forget_if_idle(self, flow: object) -> None:
+        """A flow with nothing in flight and nothing waiting is over (or between items): forget it."""
+        if flow in self._served and flow not in self._flows and not any(
+            w.flow == flow and not w.future.done() for w in self._waiters
+        ):
+            del self._served[flow]
 
     def _wake(self) -> None:
         """Hand free slots to waiters, each to the first by (its flow's items in flight, its flow's latest

@@ -127,6 +127,7 @@ def test_admission_waiters_wake_in_order_and_leave_when_cancelled() -> None:
         first.release()
         await asyncio.gather(a, c, return_exceptions=True)
         assert admission.in_flight == 0 and admission.waiting == 0
+        assert not admission._flows and not admission._served  # nothing kept of finished or cancelled flows
         return order
 
     assert asyncio.run(scenario()) == ["a", "c"]
@@ -170,6 +171,29 @@ async def _granted_in_order(capacity: int, held: list[str], queued: list[str], l
         slots[name].release()
     assert admission.in_flight == 0 and admission.waiting == 0 and not admission._flows and not admission._served
     return granted
+
+
+def test_admission_forgets_a_flow_whose_last_waiter_gave_up() -> None:
+    from admission import Admission
+
+    async def scenario() -> None:
+        engine = ReplayEngine(TEXT, max_concurrency=1)
+        await engine.start()
+        admission = Admission([engine], max_queue=10)
+        first = await admission.acquire(flow="pdf")
+        second = asyncio.create_task(admission.acquire(flow="pdf"))
+        photo = asyncio.create_task(admission.acquire(flow="photo"))
+        await asyncio.sleep(0.05)
+        first.release()  # the photo's flow was never served: it goes first
+        photo_slot = await photo
+        assert not second.done() and "pdf" not in admission._flows and "pdf" in admission._served
+        second.cancel()  # the PDF's client went away while its next page waited
+        await asyncio.gather(second, return_exceptions=True)
+        assert "pdf" not in admission._served, admission._served
+        photo_slot.release()
+        assert admission.in_flight == 0 and admission.waiting == 0 and not admission._flows and not admission._served
+
+    asyncio.run(scenario())
 
 
 def test_admission_shares_slots_between_requests() -> None:

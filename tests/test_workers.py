@@ -21,7 +21,7 @@ from server import make_settings, serve_app, serve_process, show
 from test_pdf_routes import make_pdf
 from test_service import png_bytes
 
-from config import Settings, usable_cpus, vllm_renderer_threads
+from config import Settings, usable_cpus
 from serve_ocr import create_app
 from workers import WorkerSpec, worker_plan
 
@@ -50,13 +50,12 @@ def test_worker_plan_one_worker_per_gpu() -> None:
     assert plan(["0"], "torch", gpus="none") == [WorkerSpec(0, ())]
 
 
-def test_gpu_workers_share_the_cores() -> None:
-    """Each GPU worker's operations get its share of the cores; a vLLM worker's share is split again over
-    its renderer threads, which preprocess images side by side."""
-    cores, renderers = usable_cpus(), vllm_renderer_threads()
-    assert [s.threads for s in plan(["0", "1"])] == [max(1, cores // 2 // renderers)] * 2
-    assert [s.threads for s in plan(["0"])] == [max(1, cores // renderers)]
-    assert [s.threads for s in plan(["0", "1"], "torch")] == [max(1, cores // 2)] * 2
+def test_gpu_workers_do_not_oversubscribe_the_cores() -> None:
+    """A vLLM worker's operations run one thread each (its renderer threads preprocess pages side by side);
+    a PyTorch GPU worker's get its share of the cores."""
+    assert [s.threads for s in plan(["0", "1"])] == [1, 1]
+    assert [s.threads for s in plan(["0"])] == [1]
+    assert [s.threads for s in plan(["0", "1"], "torch")] == [max(1, usable_cpus() // 2)] * 2
 
 
 def test_cpu_workers_are_capped_at_the_usable_cores() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from config import Settings, usable_cpus, vllm_renderer_threads
+from config import Settings, usable_cpus
 
 
 @dataclass(frozen=True)
@@ -82,11 +82,12 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
         raise ValueError(f"GPUS gives {len(chosen)} GPUs ({', '.join(chosen)}), not a multiple of "
                          f"TENSOR_PARALLEL_SIZE={group}: every worker needs {group}")
     count = len(chosen) // group
-    # A GPU worker's CPU work is image preprocessing: vLLM runs it in its renderer threads, each of which would
-    # otherwise start an OpenMP team as wide as the machine (8 threads x every core, per worker). Ray actors
-    # run with one thread per operation and were the faster ones on two H200s (docs/BENCHMARKS.md section 13).
-    fan_out = vllm_renderer_threads() if kind == "vllm" else 1
-    threads = max(1, cores // count // fan_out)
+    # A vLLM worker's CPU work is image preprocessing in vLLM's renderer threads (several pages side by side),
+    # each of which would otherwise start an OpenMP team as wide as the machine, in every worker. One thread
+    # per operation is what vLLM itself gives its GPU worker processes, and what Ray gives actors; Ray actors
+    # were the faster ones on two H200s (docs/BENCHMARKS.md section 13). The PyTorch engine preprocesses in
+    # its own process, one page at a time: its share of the cores.
+    threads = 1 if kind == "vllm" else max(1, cores // count)
     return [WorkerSpec(i, tuple(chosen[i * group:(i + 1) * group]), threads) for i in range(count)]
 
 

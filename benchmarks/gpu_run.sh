@@ -19,8 +19,8 @@
 #        pair   (nvidia-h200-x2, standing in for two nvidia-h200 at once) raw LLM.generate on GPU 0 and cores
 #               0-15 while the service runs on GPU 1 and cores 16-31: 256 pages median of REPEAT (3), then
 #               four 256-page PDFs at once (1,024 pages) once                              ~9 min
-#        scale  (nvidia-h200-x2) the 1,024 pages through the service on both GPUs (two local workers), then
-#               the same with ORCHESTRATOR=ray and two actors                              ~9 min
+#        scale  (nvidia-h200-x2) the 1,024 pages through the service on both GPUs (two local workers),
+#               REPEAT (2) runs on one start                                               ~7 min
 #        ray1i  (nvidia-h200-x2) ORCHESTRATOR=ray with one actor on GPU 0 (cores 0-15), 1,024 pages; beside it
 #               on GPU 1 (cores 16-31) the interactive run: 64 clients of single A4 pages, raw AsyncLLM vs
 #               /ocr/image/advanced, then one client                                       ~7 min
@@ -127,14 +127,11 @@ case "$phase" in
       --latency-runs 20 --log "$OUT/service-interactive.log" --out "$OUT/interactive.json" 2>&1 |
       grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
     ;;
-  scale)
+  scale)  # local workers only since 2026-11-30 (Ray: ray12); its first run also had Ray and cut this at 280 s
     real_ckpt; bench_pdf
-    timeout 280 python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0,1 --files 4 \
-      --log "$OUT/service-2gpu.log" --out "$OUT/scale-2gpu.json" 2>&1 | tee "$OUT/scale-2gpu.log"
-    ray_up 2 && ORCHESTRATOR=ray RAY_ADDRESS=127.0.0.1:6399 DATA_PARALLEL_SIZE=2 timeout 285 \
-      python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --files 4 \
-      --log "$OUT/service-ray2.log" --out "$OUT/scale-ray2.json" 2>&1 | tee "$OUT/scale-ray2.log"
-    ray stop --force > /dev/null 2>&1
+    timeout 560 python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0,1 --files 4 \
+      --repeat "${REPEAT:-2}" --log "$OUT/service-2gpu.log" --out "$OUT/scale-2gpu.json" 2>&1 |
+      tee "$OUT/scale-2gpu.log"
     ;;
   ray1i)
     real_ckpt; bench_pdf

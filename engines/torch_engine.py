@@ -47,6 +47,7 @@ class TorchEngine(BaseEngine):
         self._by_id: dict[str, _Job] = {}
         self._worker: threading.Thread | None = None
         self._closing = False
+        self._stopped = False  # the worker thread is ending: requests must not wait for it
         self.device = device or settings.device
         self.dtype = settings.dtype
         self.decoding = 0  # rows the worker is decoding now; an aborted row leaves within one step
@@ -72,6 +73,7 @@ class TorchEngine(BaseEngine):
         )
         self._jobs = queue.Queue()
         self._closing = False
+        self._stopped = False
         self._worker = threading.Thread(target=self._run, name="torch-engine", daemon=True)
         self._worker.start()
         self.set_ready()
@@ -111,7 +113,9 @@ class TorchEngine(BaseEngine):
         job = _Job(request, asyncio.get_running_loop(), asyncio.Queue())
         self._by_id[request.request_id] = job
         self._jobs.put(job)
-        if self._worker is None or not self._worker.is_alive():  # it ended between our check and the put
+        # The worker sets `_stopped` before it fails the requests it finds here: one that sees it unset was
+        # registered in time to be found; one that sees it set fails itself.
+        if self._worker is None or self._stopped:
             self._fail_waiting("the engine stopped; retry")
         try:
             while True:
@@ -130,7 +134,9 @@ class TorchEngine(BaseEngine):
         try:
             self._serve()
         finally:
-            # However the thread ends, nobody may wait for it: every request still here gets a 503.
+            # However the thread ends, nobody may wait for it: every request still here gets a 503. The flag
+            # goes up first (see `_stream`): `is_alive()` stays true until after the requests were collected.
+            self._stopped = True
             if not self._closing:
                 self.mark_dead("the PyTorch engine's worker thread stopped")
             self._fail_waiting("the engine stopped while this request was running; retry")

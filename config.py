@@ -56,7 +56,6 @@ NGRAM_PDF = NGRAM_DEFAULTS["ocr"]["pdf"]  # (20, 50)
 NGRAM_BATCH = NGRAM_DEFAULTS["ocr"]["batch"]  # (40, 90)
 
 
-
 def vllm_renderer_threads() -> int:
     """Threads of vLLM's async renderer (image preprocessing) in each engine's process."""
     return max(1, min(8, usable_cpus()))
@@ -69,6 +68,7 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
 
 class Settings(BaseSettings):
     """Every knob of the service; each field is read from the env variable of the same name in capitals."""

@@ -174,6 +174,11 @@ class Settings(BaseSettings):
     # vLLM engine only.
     tensor_parallel_size: int = Field(1, ge=1, le=64)
     enforce_eager: bool = False
+    max_num_batched_tokens: int = Field(
+        0, ge=0, le=1_048_576,
+        description="Tokens one vLLM step may schedule (prefill chunks and image encodes); 0 = vLLM's offline "
+        "default for the GPU (16,384 on H100/H200-class, 8,192 on smaller ones)",
+    )
     quantization: str | None = None
     load_format: str = Field("auto", description="'dummy' = random weights from config.json (tests only)")
 

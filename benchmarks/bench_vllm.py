@@ -33,6 +33,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -239,6 +240,63 @@ def service(args: argparse.Namespace, log_path: Path) -> Iterator[str]:
         log.close()
 
 
+class Sampler:
+    """Polls the service once a second while a run goes on: items done (`/metrics`) and each engine's items
+    in flight (`/health`). The timeline tells a slow start (engines not yet full), a slow middle and a long
+    tail apart, which one pages/s figure cannot."""
+
+    def __init__(self, url: str, period_s: float = 1.0) -> None:
+        self.url, self.period_s = url, period_s
+        self.samples: list[tuple[float, int, list[int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._t0 = time.perf_counter()
+        self._base = self._done()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _done(self) -> int:
+        with contextlib.suppress(OSError, ValueError):
+            status, body = http("GET", self.url + "/metrics", timeout=5)
+            if status == 200:
+                return int(sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                               if line.startswith("ocr_items_total{")))
+        return -1
+
+    def _in_flight(self) -> list[int]:
+        with contextlib.suppress(OSError, ValueError):
+            status, body = http("GET", self.url + "/health", timeout=5)
+            if status == 200:
+                return [int(e.get("in_flight", 0)) for e in json.loads(body).get("engines", [])]
+        return []
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            done = self._done()
+            self.samples.append((round(time.perf_counter() - self._t0, 1), done - self._base if done >= 0 else -1,
+                                 self._in_flight()))
+
+    def summary(self, pages: int, capacity: int) -> dict[str, Any]:
+        """When the engines first held 95% of their slots, the mean fill, and pages/s over the middle 60%
+        of the pages (20% to 80% done: the steady rate, without the start and the tail)."""
+        rows = [(t, d, sum(f)) for t, d, f in self.samples if d >= 0]
+        if not rows or pages <= 0:
+            return {}
+        full = next((t for t, _, f in rows if f >= 0.95 * capacity), None)
+        at = {q: next((t for t, d, _ in rows if d >= q * pages), None) for q in (0.2, 0.8)}
+        steady = (round(0.6 * pages / (at[0.8] - at[0.2]), 3)
+                  if at[0.2] is not None and at[0.8] is not None and at[0.8] > at[0.2] else None)
+        return {"full_at_s": full, "mean_in_flight": round(sum(f for _, _, f in rows) / len(rows), 1),
+                "steady_pages_per_s": steady, "done_20_80_s": [at[0.2], at[0.8]],
+                "timeline": [[t, d, f] for t, d, f in self.samples]}
+
+
 def post_pdf(url: str, pdf: bytes, fields: dict[str, str], timeout: float) -> dict[str, Any]:
     body, ctype = multipart(fields, "file", "bench.pdf", pdf, "application/pdf")
     status, raw = http("POST", url + "/pdf/ocr", body, {"Content-Type": ctype}, timeout=timeout)
@@ -261,7 +319,7 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
         for files, n in plan:
             profiler = start_profile(args, url, n if files == args.files[0] else 1)
             t = time.perf_counter()
-            with ThreadPoolExecutor(files) as pool:  # copies of the PDF sent at once
+            with Sampler(url) as sampler, ThreadPoolExecutor(files) as pool:  # copies of the PDF sent at once
                 answers = list(pool.map(lambda _: post_pdf(url, pdf, fields, timeout=3600), range(files)))
             elapsed = time.perf_counter() - t
             stop_profile(profiler)
@@ -278,11 +336,25 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                 "ladder_attempts": sum(len(p.get("retries") or []) for p in pages),
                 "engine_start_s": round(start_s, 1),
             })
-            print(json.dumps(runs[-1]), flush=True)
+            engines = engines_of(url)
+            runs[-1]["max_num_batched_tokens"] = [(e.get("detail") or {}).get("max_num_batched_tokens")
+                                                  for e in engines]
+            timeline = sampler.summary(len(pages), sum(int(e.get("max_concurrency", 0)) for e in engines))
+            print(json.dumps(runs[-1] | {k: v for k, v in timeline.items() if k != "timeline"}), flush=True)
+            runs[-1]["fill"] = timeline
     jit = jit_after_ready(Path(args.log))
     by_files = [{**median_run([r for r in runs if r["files"] == f]), "jit_lines_after_ready": jit}
                 for f in args.files]
     return by_files[0] if len(by_files) == 1 else {**by_files[0], "by_files": by_files}
+
+
+def engines_of(url: str) -> list[dict[str, Any]]:
+    """The service's engines as /health lists them."""
+    with contextlib.suppress(OSError, ValueError):
+        status, body = http("GET", url + "/health", timeout=5)
+        if status == 200:
+            return list(json.loads(body).get("engines", []))
+    return []
 
 
 READY_MARK = "=== bench_vllm: the service answered /ready"

@@ -26,11 +26,13 @@
 #               /ocr/image/advanced, then one client                                       ~7 min
 #        pair1024  (nvidia-h200-x2) as pair, the 1,024 pages only (needs the compile caches of an earlier call) ~7 min
 #        ray12  (nvidia-h200-x2) one Ray cluster holding both GPUs: 1,024 pages on one actor, then on two ~9 min
+#        scale12  (nvidia-h200-x2) 1,024 pages through the service on one local worker (GPUS=0), then on two
+#               (GPUS=0,1), each on its own start                                          ~9 min
 #        inter  the interactive run alone (GPU 0, a quiet machine for the one-client latency)    ~6 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|scale|ray1i|ray12|inter}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|scale|scale12|ray1i|ray12|inter}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -126,12 +128,21 @@ case "$phase" in
       --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 --requests 256 \
       --latency-runs 20 --log "$OUT/service-interactive.log" --out "$OUT/interactive.json" 2>&1 |
       grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
+    grep -h "warm-up took" "$OUT/service-interactive.log" | cut -c1-600
     ;;
   scale)  # local workers only since 2026-11-30 (Ray: ray12); its first run also had Ray and cut this at 280 s
     real_ckpt; bench_pdf
     timeout 560 python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0,1 --files 4 \
       --repeat "${REPEAT:-2}" --log "$OUT/service-2gpu.log" --out "$OUT/scale-2gpu.json" 2>&1 |
       tee "$OUT/scale-2gpu.log"
+    ;;
+  scale12)  # the same-run pair: one local worker (GPUS=0), then two (GPUS=0,1), 1,024 pages each
+    real_ckpt; bench_pdf
+    timeout "${T1:-300}" python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0 --files 4 \
+      --log "$OUT/service-scale1.log" --out "$OUT/scale-1gpu.json" 2>&1 | tee "$OUT/scale-1gpu.log"
+    timeout "${T2:-270}" python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0,1 --files 4 \
+      --log "$OUT/service-scale2.log" --out "$OUT/scale-2gpu.json" 2>&1 | tee "$OUT/scale-2gpu.log"
+    grep -h "warm-up took" "$OUT"/service-scale*.log | cut -c1-600
     ;;
   ray1i)
     real_ckpt; bench_pdf
@@ -237,7 +248,7 @@ case "$phase" in
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)
-    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, scale, ray1i, ray12 or inter" >&2
+    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, scale, scale12, ray1i, ray12 or inter" >&2
     exit 2
     ;;
 esac

@@ -72,6 +72,8 @@ def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides
         "dtype": settings.dtype,  # "auto" = the checkpoint's torch_dtype (bfloat16)
         "gpu_memory_utilization": settings.gpu_mem_utilization,
         "max_num_seqs": settings.max_concurrency,
+        "max_num_batched_tokens": settings.max_num_batched_tokens or offline_batched_tokens(
+            settings.tensor_parallel_size),
         "max_model_len": settings.max_model_len,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "enforce_eager": settings.enforce_eager,
@@ -87,6 +89,25 @@ def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides
     }
     kwargs.update(overrides)
     return kwargs
+
+
+def offline_batched_tokens(world_size: int = 1) -> int | None:
+    """vLLM's `max_num_batched_tokens` for its offline `LLM` on this GPU (16,384 on H100/H200-class GPUs).
+
+    `AsyncLLM` left to itself takes 2,048 (its engine context), a quarter of what `vllm serve` takes and an
+    eighth of `LLM`: a burst of pages then prefills ~2 pages a step and fills 256 sequences slowly. The
+    service batches pages as offline inference does, so it takes the offline figure. None (vLLM decides)
+    where vLLM's table cannot be read."""
+    try:
+        from vllm import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        tokens, _ = EngineArgs.get_batch_defaults(world_size)
+        value = tokens.get(UsageContext.LLM_CLASS)
+    except Exception:  # another vLLM version: its own default stands
+        log.debug("vLLM's batch defaults could not be read", exc_info=True)
+        return None
+    return int(value) if value else None
 
 
 def prepare_environment() -> None:
@@ -320,6 +341,9 @@ class VllmEngine(BaseEngine):
             "tensor_parallel_size": self.settings.tensor_parallel_size,
             "served_modes": list(self.served_modes),
         }
+        scheduler = getattr(getattr(self._engine, "vllm_config", None), "scheduler_config", None)
+        if scheduler is not None:  # what vLLM settled on (MAX_NUM_BATCHED_TOKENS, or its default)
+            h.detail["max_num_batched_tokens"] = scheduler.max_num_batched_tokens
         processor = getattr(self._engine, "output_processor", None)
         if processor is not None and hasattr(processor, "get_num_unfinished_requests"):
             # vLLM's own count: sequences it still holds (0 after every abort has landed).

@@ -426,6 +426,12 @@ async def _in_process(model_dir: Path) -> None:
     await engine.start()
     try:
         assert engine.served_modes == tuple(MODES), engine.health()
+        # vLLM's offline step budget, not AsyncLLM's 2,048 (engines/vllm_engine.offline_batched_tokens).
+        from vllm import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        offline = EngineArgs.get_batch_defaults(1)[0][UsageContext.LLM_CLASS]
+        assert engine.health().detail["max_num_batched_tokens"] == offline >= 8192, engine.health()
         page = Image.open(io.BytesIO(png(*PDF_PAGE_A4)))
 
         def request(max_tokens: int, mode: str = "base", stream: bool = True) -> EngineRequest:

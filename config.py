@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     pdf_render_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest one PDF page may take to render")
     pdf_open_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest opening and checking a PDF may take")
     pdf_render_memory_mb: int = Field(1024, ge=64, le=65536, description="Memory one render process may add")
+    pdf_render_prestart: bool = Field(
+        True, description="Start the PDF render processes with the service, not on the first PDF"
+    )
     pdf_max_stream_mb: int = Field(256, ge=1, le=65536, description="Largest decompressed stream of a PDF")
     pdf_max_objects: int = Field(1_000_000, ge=1000, le=100_000_000, description="Largest xref /Size of a PDF")
     pdf_max_image_pixels: int = Field(100_000_000, ge=1_000_000, le=2_000_000_000, description="Largest PDF image")

@@ -77,7 +77,6 @@ def build_service(settings: Settings, engines: list[Any], executor: Any, render_
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="ocr-worker")
-    # Processes start on the first PDF, not here.
     render_pool = RenderPool(
         settings.render_processes,
         page_timeout_s=settings.pdf_render_timeout_s,
@@ -89,6 +88,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             max_image_pixels=settings.pdf_max_image_pixels,
         ),
     )
+    # The render processes start while the engines load (PDF_RENDER_PRESTART; else on the first PDF).
+    prestart = asyncio.create_task(prestart_renderers(render_pool)) if settings.pdf_render_prestart else None
     engines = await start_engines(settings, app.state.engine_factory)
     app.state.service = service = build_service(settings, engines, executor, render_pool)
     service.observers.append(observability.item_observer(app.state.metrics))
@@ -108,7 +109,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for engine in service.admission.engines:  # with the ones a Ray scaler added
             await engine.close()
         executor.shutdown(wait=False, cancel_futures=True)
+        if prestart is not None:
+            prestart.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await prestart
         render_pool.close()
+
+
+async def prestart_renderers(pool: RenderPool) -> None:
+    try:
+        running = await pool.prestart()
+    except Exception:  # the first PDF starts them instead (and says why if it cannot)
+        log.warning("the PDF render processes could not be started ahead", exc_info=True)
+        return
+    log.info("PDF render processes ready: %d", running)
 
 
 def start_scaler(settings: Settings, service: OcrService) -> Any:

@@ -27,7 +27,8 @@
 #        pair1024  (nvidia-h200-x2) as pair, the 1,024 pages only (needs the compile caches of an earlier call) ~7 min
 #        ray12  (nvidia-h200-x2) one Ray cluster holding both GPUs: 1,024 pages on one actor, then on two ~9 min
 #        scale12  (nvidia-h200-x2) 1,024 pages through the service on one local worker (GPUS=0), then on two
-#               (GPUS=0,1), each on its own start                                          ~9 min
+#               (GPUS=0,1), each on its own start                                          ~8 min
+#               SCALE_GPUS="0" or "0,1" runs one half; REPEAT=3 T1=560 (or T2=560) for a median per start
 #        inter  the interactive run alone (GPU 0, a quiet machine for the one-client latency)    ~6 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
@@ -136,12 +137,15 @@ case "$phase" in
       --repeat "${REPEAT:-2}" --log "$OUT/service-2gpu.log" --out "$OUT/scale-2gpu.json" 2>&1 |
       tee "$OUT/scale-2gpu.log"
     ;;
-  scale12)  # the issue's same-run pair: one local worker (GPUS=0), then two (GPUS=0,1), 1,024 pages each
+  scale12)  # the issue's pair: one local worker (GPUS=0), then two (GPUS=0,1), 1,024 pages, REPEAT runs a start
     real_ckpt; bench_pdf
-    timeout "${T1:-300}" python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0 --files 4 \
-      --log "$OUT/service-scale1.log" --out "$OUT/scale-1gpu.json" 2>&1 | tee "$OUT/scale-1gpu.log"
-    timeout "${T2:-270}" python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0,1 --files 4 \
-      --log "$OUT/service-scale2.log" --out "$OUT/scale-2gpu.json" 2>&1 | tee "$OUT/scale-2gpu.log"
+    for gpus in ${SCALE_GPUS:-0 0,1}; do
+      n=$(( $(tr -cd , <<< "$gpus" | wc -c) + 1 ))
+      limit=$([ "$n" = 1 ] && echo "${T1:-300}" || echo "${T2:-270}")
+      timeout "$limit" python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus "$gpus" \
+        --files 4 --repeat "${REPEAT:-1}" --log "$OUT/service-scale$n.log" --out "$OUT/scale-${n}gpu.json" 2>&1 |
+        tee "$OUT/scale-${n}gpu.log"
+    done
     grep -h "warm-up took" "$OUT"/service-scale*.log | cut -c1-600
     ;;
   ray1i)

@@ -58,7 +58,11 @@ class Admission:
         self._flows: dict[object, int] = {}  # items in flight per flow (absent: none)
         self._served: dict[object, int] = {}  # each flow's latest grant (a rising count), while it has work
         self._grants = 0
-        self._waiters: deque[_Waiter] = deque()  # in arrival order
+        # Waiting items by flow, each flow's in arrival order: a freed slot compares flows, not items, so a
+        # grant costs O(flows waiting), however many items wait (MAX_QUEUE allows 100,000).
+        self._queues: dict[object, deque[_Waiter]] = {}
+        self._waiting = 0  # items waiting (their futures not done)
+        self._arrivals = 0
         self.admitted = 0
 
     def add_engine(self, engine: Engine) -> None:
@@ -136,7 +140,7 @@ class Admission:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for w in self._waiters if not w.future.done())
+        return self._waiting
 
     def busy(self, engine: Engine) -> int:
         return self._busy[id(engine)]
@@ -173,8 +177,10 @@ class Admission:
             self.admitted += 1
             return Slot(engine, self, flow)
         future: asyncio.Future[Engine] = asyncio.get_running_loop().create_future()
-        entry = _Waiter(future, mode, model, flow)
-        self._waiters.append(entry)
+        self._arrivals += 1
+        entry = _Waiter(future, mode, model, flow, self._arrivals)
+        self._queues.setdefault(flow, deque()).append(entry)
+        self._waiting += 1
         self._wake()  # a slot may be free already (waiters ahead of us may have left)
         try:
             while True:
@@ -186,11 +192,12 @@ class Admission:
         except BaseException:
             if future.done() and not future.cancelled():
                 self._release(future.result(), flow)  # handed a slot as we were cancelled: pass it on
+            elif not future.done():
+                self._waiting -= 1  # leaves without a slot
             future.cancel()
             raise
         finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(entry)
+            self._leave(entry)
             self._forget_if_idle(flow)  # a waiter that gave up may have been its flow's last
         self.admitted += 1
         return Slot(engine, self, flow)
@@ -234,10 +241,19 @@ class Admission:
             self._forget_if_idle(flow)
         self._wake()
 
+    def _leave(self, entry: _Waiter) -> None:
+        queue = self._queues.get(entry.flow)
+        if queue is None:
+            return
+        with contextlib.suppress(ValueError):
+            queue.remove(entry)  # O(that flow's waiters); the one granted is usually at the front
+        if not queue:
+            del self._queues[entry.flow]
+
     def _forget_if_idle(self, flow: object) -> None:
         """A flow with nothing in flight and nothing waiting is over (or between items): forget it."""
         if flow in self._served and flow not in self._flows and not any(
-            w.flow == flow and not w.future.done() for w in self._waiters
+            not w.future.done() for w in self._queues.get(flow, ())
         ):
             del self._served[flow]
 
@@ -246,20 +262,25 @@ class Admission:
         grant, arrival); a waiter whose mode no free engine serves is skipped."""
         while True:
             best: tuple[_Waiter, Engine] | None = None
-            best_key: tuple[float, float] = (math.inf, math.inf)
-            for waiter in self._waiters:
-                if waiter.future.done():
+            best_key: tuple[float, float, int] = (math.inf, math.inf, 0)
+            for flow, queue in self._queues.items():
+                key = (self._flows.get(flow, 0), self._served.get(flow, -1))
+                if key > best_key[:2]:
                     continue
-                key = (self._flows.get(waiter.flow, 0), self._served.get(waiter.flow, -1))
-                if key >= best_key:
-                    continue  # an earlier waiter with no worse a key is already chosen
-                engine = self._free(waiter.mode, waiter.model)
-                if engine is not None:
-                    best, best_key = (waiter, engine), key
+                for waiter in queue:  # this flow's first waiter that a free engine can take
+                    if waiter.future.done():
+                        continue
+                    if (*key, waiter.arrival) >= best_key:
+                        break  # an earlier waiter with no worse a key is already chosen
+                    engine = self._free(waiter.mode, waiter.model)
+                    if engine is not None:
+                        best, best_key = (waiter, engine), (*key, waiter.arrival)
+                        break
             if best is None:
                 return
             waiter, engine = best
             self._grant(engine, waiter.flow)
+            self._waiting -= 1
             waiter.future.set_result(engine)
 
 
@@ -269,6 +290,7 @@ class _Waiter:
     mode: ModeSpec | None
     model: str | None
     flow: object
+    arrival: int
 
 
 class PixelBudget:

@@ -207,6 +207,112 @@ def test_admission_shares_slots_between_requests() -> None:
     assert asyncio.run(_granted_in_order(1, ["A1"], ["A2", "A3", "A4"], ["C1"])) == ["A2", "C1", "A3", "A4"]
 
 
+class _ModesEngine(ReplayEngine):
+    """A replay engine serving only some modes."""
+
+    def __init__(self, modes: tuple[str, ...], capacity: int) -> None:
+        super().__init__(TEXT, max_concurrency=capacity)
+        self._served = modes
+
+    @property
+    def served_modes(self) -> tuple[str, ...]:
+        return self._served
+
+
+class _Rule:
+    """Admission's documented rule, computed item by item over every waiting item: the reference that the
+    grouped-by-flow implementation must agree with."""
+
+    def __init__(self, engines: list[ReplayEngine]) -> None:
+        self.engines = engines
+        self.busy = {id(e): 0 for e in engines}
+        self.flows: dict[str, int] = {}
+        self.served: dict[str, int] = {}
+        self.grants = 0
+        self.waiting: list[tuple[int, str, str]] = []  # (arrival, flow, mode)
+
+    def free(self, mode: str) -> ReplayEngine | None:
+        usable = [e for e in self.engines if mode in e.served_modes and self.busy[id(e)] < e.max_concurrency]
+        return min(usable, key=lambda e: self.busy[id(e)] / e.max_concurrency, default=None)
+
+    def grant(self, engine: ReplayEngine, flow: str) -> None:
+        self.busy[id(engine)] += 1
+        self.flows[flow] = self.flows.get(flow, 0) + 1
+        self.grants += 1
+        self.served[flow] = self.grants
+
+    def release(self, engine: ReplayEngine, flow: str) -> tuple[int, ReplayEngine] | None:
+        """Free a slot; returns the waiting item (its arrival) that gets it, and where, or None."""
+        self.busy[id(engine)] -= 1
+        self.flows[flow] -= 1
+        if not self.flows[flow]:
+            del self.flows[flow]
+            if not any(f == flow for _, f, _ in self.waiting):
+                self.served.pop(flow, None)
+        candidates = [(self.flows.get(f, 0), self.served.get(f, -1), arrival, f, mode)
+                      for arrival, f, mode in self.waiting if self.free(mode) is not None]
+        if not candidates:
+            return None
+        _, _, arrival, f, mode = min(candidates)
+        engine = self.free(mode)
+        assert engine is not None
+        self.waiting = [w for w in self.waiting if w[0] != arrival]
+        self.grant(engine, f)
+        return arrival, engine
+
+
+def test_admission_grants_follow_the_rule_over_random_traffic() -> None:
+    """Random flows and modes on two engines that serve different modes: every freed slot goes where the
+    rule says (fewest in flight for the flow, then served longest ago, then arrival; only to an item that
+    a free engine can run), whatever the grouping of waiters inside `Admission`."""
+    import random
+
+    from admission import Admission
+    from config import MODES
+
+    async def trial(rng: random.Random) -> int:
+        engines = [_ModesEngine(("base", "gundam"), 2), _ModesEngine(("tiny", "gundam"), 3)]
+        for engine in engines:
+            await engine.start()
+        admission = Admission(engines, max_queue=1000)
+        rule = _Rule(engines)
+        held: list[tuple[object, str]] = []  # (slot, flow)
+        for _ in range(5):
+            slot = await admission.acquire(MODES["gundam"], flow="x")
+            rule.grant(slot.engine, "x")
+            held.append((slot, "x"))
+        tasks: dict[int, tuple[asyncio.Task, str]] = {}
+        for arrival in range(1, 41):
+            flow, mode = rng.choice("abcdef"), rng.choice(("tiny", "base", "gundam"))
+            tasks[arrival] = (asyncio.create_task(admission.acquire(MODES[mode], flow=flow)), flow)
+            rule.waiting.append((arrival, flow, mode))
+            await asyncio.sleep(0)
+        assert admission.waiting == 40
+        checked = 0
+        while held:
+            slot, flow = held.pop(rng.randrange(len(held)))
+            expected = rule.release(slot.engine, flow)
+            slot.release()
+            for _ in range(20):  # the granted waiter resumes through wait_for and shield: a few loop turns
+                await asyncio.sleep(0)
+            done = [a for a, (t, _) in tasks.items() if t.done()]
+            if expected is None:
+                assert not done, done
+            else:
+                arrival, engine = expected
+                assert done == [arrival], (done, arrival)
+                task, f = tasks.pop(arrival)
+                assert task.result().engine is engine
+                held.append((task.result(), f))
+                checked += 1
+            assert admission.waiting == len(rule.waiting) == len(tasks)
+        assert not tasks and admission.in_flight == 0 and not admission._flows and not admission._served
+        return checked
+
+    rng = random.Random(20261130)
+    assert sum(asyncio.run(trial(rng)) for _ in range(25)) == 25 * 40
+
+
 def test_a_photo_does_not_wait_for_a_long_pdfs_queue(tiny_checkpoint: Path) -> None:
     """Over HTTP: with the engine full of a PDF's pages and more of them queued, a photo posted meanwhile
     runs on the next free slot (FIFO would put it behind every queued page)."""

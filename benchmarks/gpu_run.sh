@@ -29,11 +29,13 @@
 #        scale12  (nvidia-h200-x2) 1,024 pages through the service on one local worker (GPUS=0), then on two
 #               (GPUS=0,1), each on its own start                                          ~8 min
 #               SCALE_GPUS="0" or "0,1" runs one half; REPEAT=3 T1=560 (or T2=560) for a median per start
+#        dp     (nvidia-h200-x2) vLLM's own data parallelism (data_parallel_size=2, one AsyncLLM) on the
+#               1,024 pages, to set against scale12's two independent workers            ~5 min
 #        inter  the interactive run alone (GPU 0, a quiet machine for the one-client latency)    ~6 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|scale|scale12|ray1i|ray12|inter}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|scale|scale12|dp|ray1i|ray12|inter}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -148,6 +150,11 @@ case "$phase" in
     done
     grep -h "warm-up took" "$OUT"/service-scale*.log | cut -c1-600
     ;;
+  dp)  # vLLM's data_parallel_size=2 (one AsyncLLM over both GPUs) on the 1,024 pages: vs scale12's two workers
+    real_ckpt; bench_pdf
+    timeout "${T1:-400}" python3 benchmarks/bench_vllm.py dp --model "$CK/real" "${big[@]}" --files 4 --dp 2 \
+      --repeat "${REPEAT:-1}" --out "$OUT/dp2.json" 2>&1 | grep -v "^INFO\|^(EngineCore" | tee "$OUT/dp2.log"
+    ;;
   ray1i)
     real_ckpt; bench_pdf
     CUDA_VISIBLE_DEVICES=1 pin 16-31 timeout 530 python3 benchmarks/bench_vllm.py interactive \
@@ -252,7 +259,7 @@ case "$phase" in
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)
-    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, scale, scale12, ray1i, ray12 or inter" >&2
+    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, scale, scale12, dp, ray1i, ray12 or inter" >&2
     exit 2
     ;;
 esac

@@ -68,6 +68,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+PRESTART_WAIT_S = 30.0  # the longest start-up waits for the render processes once the engines are up
+
+
 def build_service(settings: Settings, engines: list[Any], executor: Any, render_pool: Any) -> OcrService:
     supervisor = EngineSupervisor(engines, enabled=settings.engine_restart)
     return OcrService(settings, Admission(engines, max_queue=settings.max_queue), executor, render_pool, supervisor)
@@ -91,6 +94,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The render processes start while the engines load (PDF_RENDER_PRESTART; else on the first PDF).
     prestart = asyncio.create_task(prestart_renderers(render_pool)) if settings.pdf_render_prestart else None
     engines = await start_engines(settings, app.state.engine_factory)
+    if prestart is not None:  # usually done by now; a slow one finishes in the background
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(prestart), PRESTART_WAIT_S)
     app.state.service = service = build_service(settings, engines, executor, render_pool)
     service.observers.append(observability.item_observer(app.state.metrics))
     service.supervisor.start()

@@ -164,18 +164,18 @@ class WorkerEngine(BaseEngine):
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request.request_id] = queue
         try:
-            head, raw = await request_frames(request)
+            head, image = request_frames(request)
             async with self._send_lock:  # header and pixels together: no other message between them
                 if self._writer is None:
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} is not running",
                                         retry_after=5)
                 try:
                     self._writer.write(head)
-                    await write_pixels(self._writer, raw)
+                    await write_pixels(self._writer, image)
                 except (ConnectionError, OSError):  # the worker went away mid-send: its reader marks it dead
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} died",
                                         retry_after=10) from None
-            del raw
+            del image
             while True:
                 item = await queue.get()
                 if item is _DEAD:

@@ -14,6 +14,8 @@ import pickle
 import struct
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 import errors
 from errors import OcrError
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
 
 _HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 31  # 2 GiB: larger than any image admission lets through
-CHUNK = 1 << 20  # image pixels cross the socket a megabyte at a time
+CHUNK = 1 << 20  # image pixels cross the socket in bands of rows of about a megabyte
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
@@ -38,54 +40,62 @@ def frame(message: Any) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-async def request_frames(request: EngineRequest) -> tuple[bytes, bytes]:
-    """A ("run", ...) message and the image's raw pixels after it, made off the event loop.
+def request_frames(request: EngineRequest) -> tuple[bytes, Image.Image | None]:
+    """A ("run", ...) message, and the image whose raw pixels follow it (`write_pixels`).
 
-    A 40 MP page is 120 MB: pickled on the event loop it held the server's GIL for half a second per image
-    (`/health` stalled 2 s on a batch of them). `tobytes` in a thread is chunked, so other threads run.
+    The pixels are never pickled or copied whole: a 40 MP page is 120 MB, and pickling it on the event loop
+    held the server's GIL for half a second per image (`/health` stalled 2 s on a batch of them), while one
+    `tobytes` copy doubled the page in the server for as long as it took to send.
     """
     image = request.image
     if image is None:
-        return frame(("run", request, None, 0)), b""
-    raw = await asyncio.to_thread(image.tobytes)
+        return frame(("run", request, None, 0)), None
     header = dataclasses.replace(request, image=None)
-    return frame(("run", header, (image.mode, image.size), len(raw))), raw
+    return frame(("run", header, (image.mode, image.size), _row_bytes(image) * image.height)), image
+
+
+def _row_bytes(image: Image.Image) -> int:
+    return len(image.crop((0, 0, image.width, 1)).tobytes())
+
+
+def _rows_per_chunk(row_bytes: int) -> int:
+    return max(1, CHUNK // max(1, row_bytes))
+
+
+async def write_pixels(writer: asyncio.StreamWriter, image: Image.Image | None) -> None:
+    """Send the image's raw pixels a band of rows (about CHUNK bytes) at a time, draining between: neither
+    this process nor the transport ever holds a second copy of the whole image. The caller holds the
+    connection's send lock from the header to the last band."""
+    if image is None:
+        return
+    width, height = image.size
+    rows = _rows_per_chunk(_row_bytes(image))
+    for top in range(0, height, rows):
+        writer.write(image.crop((0, top, width, min(height, top + rows))).tobytes())
+        await writer.drain()
 
 
 async def read_request(message: tuple[Any, ...], reader: asyncio.StreamReader) -> EngineRequest:
-    """The request of a ("run", ...) message, its image rebuilt from the raw pixels that follow it."""
-    from PIL import Image
-
+    """The request of a ("run", ...) message, its image rebuilt band by band from the raw pixels that
+    follow it: the image and one band exist here, never a whole raw copy beside the image."""
     _, request, meta, size = message
     if size > MAX_FRAME:
         raise ValueError(f"worker image of {size} bytes is over {MAX_FRAME}")
-    if meta is not None:
-        # Read into one buffer of the final size: `readexactly` would grow its own buffer to the whole image
-        # and then copy it out (three copies of a 120 MB page at once instead of two).
-        raw = bytearray(size)
-        view = memoryview(raw)
-        got = 0
-        while got < size:
-            chunk = await reader.read(min(CHUNK, size - got))
-            if not chunk:
-                raise asyncio.IncompleteReadError(bytes(view[:0]), size)
-            view[got:got + len(chunk)] = chunk
-            got += len(chunk)
-        view.release()
-        mode, dims = meta
-        request.image = await asyncio.to_thread(Image.frombytes, mode, dims, raw)
-        del raw
+    if meta is None:
+        return request
+    mode, (width, height) = meta
+    row_bytes = size // height if height else 0
+    if height < 1 or width < 1 or row_bytes * height != size:
+        raise ValueError(f"worker image of {width}x{height} ({mode}) cannot be {size} bytes")
+    image = await asyncio.to_thread(Image.new, mode, (width, height))
+    rows = _rows_per_chunk(row_bytes)
+    for top in range(0, height, rows):
+        band = min(rows, height - top)
+        data = await reader.readexactly(row_bytes * band)
+        image.paste(Image.frombytes(mode, (width, band), data), (0, top))
+        del data
+    request.image = image
     return request
-
-
-async def write_pixels(writer: asyncio.StreamWriter, raw: bytes) -> None:
-    """Send `raw` a chunk at a time, draining between: the transport never buffers a copy of the whole
-    image. The caller holds the connection's send lock from the header to the last chunk."""
-    view = memoryview(raw)
-    for start in range(0, len(raw), CHUNK):
-        writer.write(view[start:start + CHUNK])
-        await writer.drain()
-    view.release()
 
 
 def encode_error(exc: BaseException) -> tuple[str, str, dict[str, str], dict[str, Any]]:

@@ -1,0 +1,71 @@
+"""The worker socket's image transfer (`workers.wire`) over a real socket pair: pixels arrive exactly as
+sent, for every mode and for sizes around the band boundaries, and the next message still reads cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engines.base import EngineRequest, SamplingParams
+from process.image_process import MODES
+from workers import wire
+
+
+def noise(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(rgb).convert(mode)
+
+
+async def send_and_read(images: list[Image.Image | None]) -> list[EngineRequest]:
+    left, right = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=left)
+    peer_reader, peer_writer = await asyncio.open_connection(sock=right)
+
+    async def send() -> None:
+        for n, image in enumerate(images):
+            head, pixels = wire.request_frames(EngineRequest(f"prompt {n}", image, MODES["base"], SamplingParams(max_tokens=4)))
+            writer.write(head)
+            await wire.write_pixels(writer, pixels)
+        writer.write(wire.frame(("end",)))
+        await writer.drain()
+
+    async def receive() -> list[EngineRequest]:
+        got = []
+        while (message := await wire.read_frame(peer_reader))[0] == "run":
+            got.append(await wire.read_request(message, peer_reader))
+        return got
+
+    try:
+        _, received = await asyncio.gather(send(), receive())
+    finally:
+        writer.close()
+        peer_writer.close()
+    return received
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16", "1"])
+def test_images_cross_the_socket_unchanged(mode: str) -> None:
+    row = wire.CHUNK // 3  # an RGB row of a third of a band: bands of 3 rows, and a last short one
+    sizes = [(1, 1), (7, 5), (row, 7), (1190, 1684), (wire.CHUNK // 2 + 1, 3)]
+    images = [noise(mode, size, seed) for seed, size in enumerate(sizes)]
+    received = asyncio.run(send_and_read([*images, None]))
+    assert [r.prompt for r in received] == [f"prompt {n}" for n in range(len(images) + 1)]
+    for sent, got in zip(images, received, strict=False):
+        assert got.image is not None and (got.image.mode, got.image.size) == (sent.mode, sent.size)
+        assert got.image.tobytes() == sent.tobytes(), f"{mode} {sent.size}: pixels differ"
+    assert received[-1].image is None
+
+
+def test_a_size_that_does_not_match_the_image_is_refused() -> None:
+    async def scenario() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(b"\0" * 30)
+        request = EngineRequest("p", None, MODES["base"], SamplingParams(max_tokens=4))
+        with pytest.raises(ValueError, match="cannot be 31 bytes"):
+            await wire.read_request(("run", request, ("RGB", (5, 2)), 31), reader)
+
+    asyncio.run(scenario())

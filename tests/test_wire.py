@@ -27,7 +27,8 @@ async def send_and_read(images: list[Image.Image | None]) -> list[EngineRequest]
 
     async def send() -> None:
         for n, image in enumerate(images):
-            head, pixels = wire.request_frames(EngineRequest(f"prompt {n}", image, MODES["base"], SamplingParams(max_tokens=4)))
+            request = EngineRequest(f"prompt {n}", image, MODES["base"], SamplingParams(max_tokens=4))
+            head, pixels = wire.request_frames(request)
             writer.write(head)
             await wire.write_pixels(writer, pixels)
         writer.write(wire.frame(("end",)))

@@ -51,7 +51,8 @@ async def send_and_read(images: list[Image.Image | None]) -> list[EngineRequest]
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16", "1"])
 def test_images_cross_the_socket_unchanged(mode: str) -> None:
     row = wire.CHUNK // 3  # an RGB row of a third of a band: bands of 3 rows, and a last short one
-    sizes = [(1, 1), (7, 5), (row, 7), (1190, 1684), (wire.CHUNK // 2 + 1, 3)]
+    # A strip whose one row is 2.5 bands (RGB) crosses in pieces of a row; a 1-bit row never splits.
+    sizes = [(1, 1), (7, 5), (row, 7), (1190, 1684), (wire.CHUNK // 2 + 1, 3), (wire.CHUNK * 5 // 6, 2)]
     images = [noise(mode, size, seed) for seed, size in enumerate(sizes)]
     received = asyncio.run(send_and_read([*images, None]))
     assert [r.prompt for r in received] == [f"prompt {n}" for n in range(len(images) + 1)]
@@ -70,3 +71,15 @@ def test_a_size_that_does_not_match_the_image_is_refused() -> None:
             await wire.read_request(("run", request, ("RGB", (5, 2)), 31), reader)
 
     asyncio.run(scenario())
+
+
+def test_tiles_cover_the_image_once_and_none_is_over_a_band() -> None:
+    for mode, size in [("RGB", (40_000_000, 1)), ("RGB", (1190, 1684)), ("L", (3, 2_000_000)), ("1", (9, 3)),
+                       ("1", (40_000_000, 1)), ("I;16", (700_001, 2))]:
+        boxes = list(wire.tiles(mode, *size))
+        covered = sum((r - left) * (b - t) for left, t, r, b in boxes)
+        assert covered == size[0] * size[1], (mode, size)
+        sizes = [wire.row_bytes(mode, r - left) * (b - t) for left, t, r, b in boxes]
+        assert sum(sizes) == wire.row_bytes(mode, size[0]) * size[1], (mode, size)
+        if mode != "1":
+            assert max(sizes) <= wire.CHUNK, (mode, size, max(sizes))

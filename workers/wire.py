@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import pickle
 import struct
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -51,58 +53,75 @@ def request_frames(request: EngineRequest) -> tuple[bytes, Image.Image | None]:
     if image is None:
         return frame(("run", request, None, 0)), None
     header = dataclasses.replace(request, image=None)
-    return frame(("run", header, (image.mode, image.size), _row_bytes(image) * image.height)), image
+    size = row_bytes(image.mode, image.width) * image.height
+    return frame(("run", header, (image.mode, image.size), size)), image
 
 
-def _row_bytes(image: Image.Image) -> int:
-    return len(image.crop((0, 0, image.width, 1)).tobytes())
+def row_bytes(mode: str, width: int) -> int:
+    """Raw bytes of `width` pixels of `mode` (PIL's raw layout), without touching any image."""
+    if mode == "1":
+        return (width + 7) // 8  # a bit a pixel, each row padded to a byte
+    return width * _pixel_bytes(mode)
 
 
-def _rows_per_chunk(row_bytes: int) -> int:
-    return max(1, CHUNK // max(1, row_bytes))
+@functools.cache
+def _pixel_bytes(mode: str) -> int:
+    return len(Image.new(mode, (1, 1)).tobytes())
+
+
+def tiles(mode: str, width: int, height: int) -> Iterator[tuple[int, int, int, int]]:
+    """The boxes an image crosses the socket in, in order, each about CHUNK bytes: bands of whole rows, or
+    pieces of one row where a row alone is larger (a 1 x 40,000,000 strip is 120 MB a row). Both ends make
+    the same boxes from the image's mode and size."""
+    row = row_bytes(mode, width)
+    if row <= CHUNK or mode == "1":  # a 1-bit row is whole bytes only at its end: never split
+        rows = max(1, CHUNK // max(1, row))
+        for top in range(0, height, rows):
+            yield 0, top, width, min(height, top + rows)
+        return
+    step = max(1, width * CHUNK // row)
+    for top in range(height):
+        for left in range(0, width, step):
+            yield left, top, min(width, left + step), top + 1
 
 
 async def write_pixels(writer: asyncio.StreamWriter, image: Image.Image | None) -> None:
-    """Send the image's raw pixels a band of rows (about CHUNK bytes) at a time, draining between: neither
-    this process nor the transport ever holds a second copy of the whole image. The caller holds the
-    connection's send lock from the header to the last band."""
+    """Send the image's raw pixels a tile (about CHUNK bytes) at a time, draining between: neither this
+    process nor the transport ever holds a second copy of the whole image. The caller holds the
+    connection's send lock from the header to the last tile."""
     if image is None:
         return
-    width, height = image.size
-    rows = _rows_per_chunk(_row_bytes(image))
-    for top in range(0, height, rows):
-        # Off the event loop: an A4 page's bands take ~5 ms of copying, which the loop has better uses for.
-        band = await asyncio.to_thread(_band, image, top, min(height, top + rows))
-        writer.write(band)
+    for box in tiles(image.mode, *image.size):
+        # Off the event loop: an A4 page's copies take ~5 ms, which the loop has better uses for.
+        writer.write(await asyncio.to_thread(_copy, image, box))
         await writer.drain()
 
 
-def _paste(image: Image.Image, data: bytes, top: int, rows: int) -> None:
-    image.paste(Image.frombytes(image.mode, (image.width, rows), data), (0, top))
+def _copy(image: Image.Image, box: tuple[int, int, int, int]) -> bytes:
+    return image.crop(box).tobytes()
 
 
-def _band(image: Image.Image, top: int, bottom: int) -> bytes:
-    return image.crop((0, top, image.width, bottom)).tobytes()
+def _paste(image: Image.Image, data: bytes, box: tuple[int, int, int, int]) -> None:
+    left, top, right, bottom = box
+    image.paste(Image.frombytes(image.mode, (right - left, bottom - top), data), (left, top))
 
 
 async def read_request(message: tuple[Any, ...], reader: asyncio.StreamReader) -> EngineRequest:
-    """The request of a ("run", ...) message, its image rebuilt band by band from the raw pixels that
-    follow it: the image and one band exist here, never a whole raw copy beside the image."""
+    """The request of a ("run", ...) message, its image rebuilt tile by tile from the raw pixels that
+    follow it: the image and one tile exist here, never a whole raw copy beside the image."""
     _, request, meta, size = message
     if size > MAX_FRAME:
         raise ValueError(f"worker image of {size} bytes is over {MAX_FRAME}")
     if meta is None:
         return request
     mode, (width, height) = meta
-    row_bytes = size // height if height else 0
-    if height < 1 or width < 1 or row_bytes * height != size:
+    if height < 1 or width < 1 or row_bytes(mode, width) * height != size:
         raise ValueError(f"worker image of {width}x{height} ({mode}) cannot be {size} bytes")
     image = await asyncio.to_thread(Image.new, mode, (width, height))
-    rows = _rows_per_chunk(row_bytes)
-    for top in range(0, height, rows):
-        band = min(rows, height - top)
-        data = await reader.readexactly(row_bytes * band)
-        await asyncio.to_thread(_paste, image, data, top, band)
+    for box in tiles(mode, width, height):
+        left, top, right, bottom = box
+        data = await reader.readexactly(row_bytes(mode, right - left) * (bottom - top))
+        await asyncio.to_thread(_paste, image, data, box)
         del data
     request.image = image
     return request

@@ -29,7 +29,8 @@ from process.image_process import ModeSpec
 
 T = TypeVar("T")
 
-# How often a waiting item re-checks that some engine is still alive (a dead engine never frees its slots).
+# How often a waiting item re-checks that some engine is still alive (a dead engine never frees its slots)
+# and hands out slots freed while no engine could take them.
 _RECHECK_S = 0.5
 
 
@@ -189,6 +190,10 @@ class Admission:
                 with contextlib.suppress(TimeoutError):
                     engine = await asyncio.wait_for(asyncio.shield(future), _RECHECK_S)
                     break
+                # A slot freed while no engine could take it (one was down, and came back since) wakes
+                # nobody at the time: look again. Without this, two requests waited out their 60 s deadline
+                # behind a PyTorch engine restarted in 0.3 s.
+                self._wake()
         except BaseException:
             if future.done() and not future.cancelled():
                 self._release(future.result(), flow)  # handed a slot as we were cancelled: pass it on

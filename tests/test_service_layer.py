@@ -173,6 +173,30 @@ async def _granted_in_order(capacity: int, held: list[str], queued: list[str], l
     return granted
 
 
+def test_a_slot_freed_while_the_engine_was_down_goes_out_when_it_is_back() -> None:
+    """The engine dies with an item waiting; the item holding its slot ends (nothing can take the slot
+    then); the engine is restarted within the waiters' re-check period. The waiting item gets the slot
+    instead of waiting out its deadline (CI saw two 504s after 60 s this way)."""
+    from admission import Admission
+
+    async def scenario() -> None:
+        engine = ReplayEngine(TEXT, max_concurrency=1)
+        await engine.start()
+        admission = Admission([engine], max_queue=10)
+        held = await admission.acquire(flow="a")
+        waiter = asyncio.create_task(admission.acquire(flow="b"))
+        await asyncio.sleep(0.05)
+        engine.kill()
+        held.release()  # no ready engine: the slot goes to nobody now
+        await engine.start()  # back before the waiter looked (re-check period 0.5 s)
+        slot = await asyncio.wait_for(waiter, 3)
+        assert slot.engine is engine and admission.busy(engine) == 1
+        slot.release()
+        assert admission.in_flight == 0 and admission.waiting == 0
+
+    asyncio.run(scenario())
+
+
 def test_admission_forgets_a_flow_whose_last_waiter_gave_up() -> None:
     from admission import Admission
 

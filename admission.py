@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -64,6 +65,7 @@ class Admission:
         self._queues: dict[object, deque[_Waiter]] = {}
         self._waiting = 0  # items waiting (their futures not done)
         self._arrivals = 0
+        self._swept = 0.0  # when a waiter last looked for slots freed while no engine could take them
         self.admitted = 0
 
     def add_engine(self, engine: Engine) -> None:
@@ -190,10 +192,7 @@ class Admission:
                 with contextlib.suppress(TimeoutError):
                     engine = await asyncio.wait_for(asyncio.shield(future), _RECHECK_S)
                     break
-                # A slot freed while no engine could take it (one was down, and came back since) wakes
-                # nobody at the time: look again. Without this, two requests waited out their 60 s deadline
-                # behind a PyTorch engine restarted in 0.3 s.
-                self._wake()
+                self._sweep()
         except BaseException:
             if future.done() and not future.cancelled():
                 self._release(future.result(), flow)  # handed a slot as we were cancelled: pass it on
@@ -245,6 +244,15 @@ class Admission:
             self._flows.pop(flow, None)
             self._forget_if_idle(flow)
         self._wake()
+
+    def _sweep(self) -> None:
+        """A slot freed while no engine could take it (one was down, and came back since) wakes nobody at the
+        time: the waiters' re-checks look again, once a period between them all, not once each. Without this,
+        two requests waited out their 60 s deadline behind a PyTorch engine restarted in 0.3 s."""
+        now = time.monotonic()
+        if now - self._swept >= _RECHECK_S:
+            self._swept = now
+            self._wake()
 
     def _leave(self, entry: _Waiter) -> None:
         queue = self._queues.get(entry.flow)

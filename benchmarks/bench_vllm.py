@@ -77,11 +77,41 @@ def settings_for(args: argparse.Namespace) -> Any:
                     max_concurrency=args.concurrency, gpu_mem_utilization=args.gpu_mem)
 
 
+def rendered_pages(args: argparse.Namespace) -> list[Any]:
+    """Every page of --pdf at --dpi, rendered as the service renders them (the raw paths do it untimed)."""
+    import pdf_worker
+
+    with pdf_worker.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
+        return [pdf_worker.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
+                for p in range(1, source.page_count + 1)]
+
+
+def page_params(args: argparse.Namespace, builder: Any) -> Any:
+    """vLLM sampling parameters for --max-tokens and --ngram, as the service builds them."""
+    from engines.base import SamplingParams as Sampling
+    from engines.vllm_engine import sampling_params
+
+    return sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0],
+                                    ngram_window=args.ngram[1]), builder.whitelist, delta=False)
+
+
+def async_engine(args: argparse.Namespace, **extra: Any) -> tuple[Any, float]:
+    """An AsyncLLM with the service's engine settings (and `extra` engine arguments), and its start time."""
+    from engines.vllm_engine import engine_kwargs, prepare_environment
+
+    prepare_environment()
+    import vllm
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    t = time.perf_counter()
+    kwargs = engine_kwargs(settings_for(args), ngram_impl=args.ngram_impl) | extra
+    return AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**kwargs)), time.perf_counter() - t
+
+
 # --------------------------------------------------------------------------------------- (a) raw vLLM
 
 
 def run_raw(args: argparse.Namespace) -> dict[str, Any]:
-    import pdf_worker
     from config import DOCUMENT_PROMPT, MODES
     from engines.base import SamplingParams as Sampling
     from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
@@ -89,16 +119,12 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     prepare_environment()
     from vllm import LLM
 
-    data = Path(args.pdf).read_bytes()
     t = time.perf_counter()
-    with pdf_worker.open_pdf(data, max_pages=100_000) as source:
-        images = [pdf_worker.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
-                  for p in range(1, source.page_count + 1)]
+    images = rendered_pages(args)
     render_s = time.perf_counter() - t
     gundam = MODES["gundam"]
     builder = PromptBuilder.from_checkpoint(args.model)
-    sampling = Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0], ngram_window=args.ngram[1])
-    params = sampling_params(sampling, builder.whitelist, delta=False)
+    params = page_params(args, builder)
     t = time.perf_counter()
     llm = LLM(**engine_kwargs(settings_for(args), ngram_impl=args.ngram_impl))
     start_s = time.perf_counter() - t
@@ -459,24 +485,15 @@ def run_interactive_raw(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from config import IMAGE_PROMPT, MODES
-    from engines.base import SamplingParams as Sampling
-    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
-
-    prepare_environment()
-    import vllm
-    from vllm.v1.engine.async_llm import AsyncLLM
+    from engines.vllm_engine import PromptBuilder, vllm_image
 
     png = page_png(args)
     gundam = MODES["gundam"]
     builder = PromptBuilder.from_checkpoint(args.model)
-    params = sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0],
-                                      ngram_window=args.ngram[1]), builder.whitelist, delta=False)
+    params = page_params(args, builder)
 
     async def main() -> dict[str, Any]:
-        t = time.perf_counter()
-        engine = AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**engine_kwargs(settings_for(args),
-                                                                                 ngram_impl=args.ngram_impl)))
-        start_s = time.perf_counter() - t
+        engine, start_s = async_engine(args)
 
         def view() -> Image.Image:
             return vllm_image(Image.open(io.BytesIO(png)).convert("RGB"), gundam)
@@ -511,28 +528,16 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
     preparation and vLLM's processor run per page inside the timing, off the event loop."""
     import asyncio
 
-    import pdf_worker
     from config import DOCUMENT_PROMPT, MODES
-    from engines.base import SamplingParams as Sampling
-    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+    from engines.vllm_engine import PromptBuilder, vllm_image
 
-    prepare_environment()
-    import vllm
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    with pdf_worker.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
-        images = [pdf_worker.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
-                  for p in range(1, source.page_count + 1)]
+    images = rendered_pages(args)
     gundam = MODES["gundam"]
     builder = PromptBuilder.from_checkpoint(args.model)
-    params = sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0],
-                                      ngram_window=args.ngram[1]), builder.whitelist, delta=False)
+    params = page_params(args, builder)
 
     async def main() -> dict[str, Any]:
-        t = time.perf_counter()
-        kwargs = engine_kwargs(settings_for(args), ngram_impl=args.ngram_impl) | {"data_parallel_size": args.dp}
-        engine = AsyncLLM.from_engine_args(vllm.AsyncEngineArgs(**kwargs))
-        start_s = time.perf_counter() - t
+        engine, start_s = async_engine(args, data_parallel_size=args.dp)
 
         async def one(image: Any) -> int:
             prompt = builder.prompt(DOCUMENT_PROMPT, await asyncio.to_thread(vllm_image, image, gundam), gundam)

@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -106,13 +107,19 @@ def test_two_engines_behind_one_admission_each_keep_their_limit(tiny_checkpoint:
     assert health["in_flight"] == 0 and health["waiting"] == 0, health
 
 
-def test_admission_waiters_wake_in_order_and_leave_when_cancelled() -> None:
+async def one_slot_admission() -> tuple[ReplayEngine, Any]:
+    """A started replay engine of one slot, and admission over it alone."""
     from admission import Admission
 
+    engine = ReplayEngine(TEXT, max_concurrency=1)
+    await engine.start()
+    return engine, Admission([engine], max_queue=10)
+
+
+def test_admission_waiters_wake_in_order_and_leave_when_cancelled() -> None:
+
     async def scenario() -> list[str]:
-        engine = ReplayEngine(TEXT, max_concurrency=1)
-        await engine.start()
-        admission = Admission([engine], max_queue=10)
+        engine, admission = await one_slot_admission()
         first = await admission.acquire()
         order: list[str] = []
 
@@ -177,12 +184,9 @@ def test_a_slot_freed_while_the_engine_was_down_goes_out_when_it_is_back() -> No
     """The engine dies with an item waiting; the item holding its slot ends (nothing can take the slot
     then); the engine is restarted within the waiters' re-check period. The waiting item gets the slot
     instead of waiting out its deadline (CI saw two 504s after 60 s this way)."""
-    from admission import Admission
 
     async def scenario() -> None:
-        engine = ReplayEngine(TEXT, max_concurrency=1)
-        await engine.start()
-        admission = Admission([engine], max_queue=10)
+        engine, admission = await one_slot_admission()
         held = await admission.acquire(flow="a")
         waiter = asyncio.create_task(admission.acquire(flow="b"))
         await asyncio.sleep(0.05)
@@ -198,12 +202,9 @@ def test_a_slot_freed_while_the_engine_was_down_goes_out_when_it_is_back() -> No
 
 
 def test_admission_forgets_a_flow_whose_last_waiter_gave_up() -> None:
-    from admission import Admission
 
     async def scenario() -> None:
-        engine = ReplayEngine(TEXT, max_concurrency=1)
-        await engine.start()
-        admission = Admission([engine], max_queue=10)
+        engine, admission = await one_slot_admission()
         first = await admission.acquire(flow="pdf")
         second = asyncio.create_task(admission.acquire(flow="pdf"))
         photo = asyncio.create_task(admission.acquire(flow="photo"))

@@ -27,8 +27,11 @@ def test_max_num_batched_tokens_default_is_vllms_offline_figure() -> None:
     if importlib.util.find_spec("vllm") is None:
         assert offline_batched_tokens() is None
         assert kwargs["max_num_batched_tokens"] is None
-    else:
-        assert kwargs["max_num_batched_tokens"] == offline_batched_tokens()
+    else:  # vLLM's own table, read here directly
+        from vllm import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        assert kwargs["max_num_batched_tokens"] == EngineArgs.get_batch_defaults(1)[0][UsageContext.LLM_CLASS]
 
 
 @pytest.mark.parametrize("value", ["-1", "2000000", "many"])

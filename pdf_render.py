@@ -385,8 +385,9 @@ class PdfDocument:
         check_render_args(page, self.page_count, dpi=dpi, max_pixels=max_pixels)
         message = ("render", self._id, self._path, self._password, page, dpi, max_pixels)
         reply = await self._pool._run(self._id, message, self._pool.page_timeout_s)
-        _, size, number, used_dpi, requested, reduced, note, warnings, pixels = reply
-        return RenderedPage(Image.frombytes("RGB", size, pixels), number, used_dpi, requested, reduced, note, warnings)
+        _, size, number, used_dpi, requested, reduced, note, warnings, digest, pixels = reply
+        return RenderedPage(Image.frombytes("RGB", size, pixels), number, used_dpi, requested, reduced, note, warnings,
+                            digest)
 
 
 def _fresh_spill_dir(base: str) -> str:

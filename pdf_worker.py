@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from errors import InvalidPageRange, InvalidPdf, OcrError, PayloadTooLarge, PdfPasswordRequired
-from inputs import not_a_pdf
+from inputs import not_a_pdf, pixels_hash
 from pdf_limits import MemoryLimitHit, PdfLimits, check_page_images, memory_or, prescan
 
 if TYPE_CHECKING:
@@ -95,6 +95,7 @@ class RenderedPage:
     reduced: bool  # True when dpi < requested_dpi to stay within max_pixels
     note: str | None = None  # why the dpi was reduced, for the response
     warnings: tuple[str, ...] = ()  # MuPDF warnings while rendering (damaged content streams...)
+    content_hash: str | None = None  # `inputs.content_hash` of `image`, where the renderer computed it
 
 
 # ------------------------------------------------------------------------------------ open
@@ -328,7 +329,7 @@ def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits:
     """A render worker: answer ("open" | "render") messages one at a time; "forget" has no answer.
 
     Replies are tuples: ("opened", page_count, metadata, repaired, warnings, page sizes), ("page", size, page, dpi,
-    requested_dpi, reduced, note, warnings) followed by the RGB bytes as one raw message, ("error",
+    requested_dpi, reduced, note, warnings, content hash) followed by the RGB bytes as one raw message, ("error",
     OcrError class name, detail, extra), or
     ("memory", detail), after which the worker exits (its heap is suspect) and the parent replaces it.
     """
@@ -383,7 +384,8 @@ def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list,
     size, samples, used_dpi, note, warnings = render_samples(
         source, page, dpi=dpi, max_pixels=max_pixels, limits=limits
     )
-    return ("page", size, page, used_dpi, dpi, used_dpi < dpi, note, warnings), samples
+    digest = pixels_hash("RGB", size, samples)  # here, not in the server: see `inputs.pixels_hash`
+    return ("page", size, page, used_dpi, dpi, used_dpi < dpi, note, warnings, digest), samples
 
 
 def _limit_address_space(memory_limit_mb: int) -> None:

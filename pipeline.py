@@ -336,21 +336,23 @@ class OcrService:
 
     async def image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None = None,
-        kind: str = "image", dpi: int | None = None,
+        kind: str = "image", dpi: int | None = None, input_hash: str | None = None,
     ) -> ItemResult:
-        """Engine (with the retry ladder) + post-processing of one decoded image; errors propagate."""
+        """Engine (with the retry ladder) + post-processing of one decoded image; errors propagate.
+        `input_hash`: the image's `content_hash` where its producer computed it (a PDF render process)."""
         try:
-            return await self._image(request, image, options, label=label, kind=kind, dpi=dpi)
+            return await self._image(request, image, options, label=label, kind=kind, dpi=dpi, input_hash=input_hash)
         finally:
             self.pixels.release_for(image)  # post-processed (or failed): its pixels leave the budget
 
     async def _image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None,
-        kind: str, dpi: int | None,
+        kind: str, dpi: int | None, input_hash: str | None,
     ) -> ItemResult:
         started = time.perf_counter()
         result = ItemResult(label, width=image.width, height=image.height, dpi=dpi)
-        input_hash = await self.blocking(content_hash, image)
+        if input_hash is None:
+            input_hash = await self.blocking(content_hash, image)
         out = await self.generate(request, image, input_hash=input_hash)
         result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
         result.worker = out.worker
@@ -388,7 +390,8 @@ class OcrService:
         result = ItemResult(page, dpi=dpi)
         try:
             rendered = await self._render(doc, page, dpi)
-            result = await self.image(request, rendered.image, options, label=page, kind="page", dpi=rendered.dpi)
+            result = await self.image(request, rendered.image, options, label=page, kind="page", dpi=rendered.dpi,
+                                      input_hash=rendered.content_hash)
             result.note, result.render_warnings = rendered.note, rendered.warnings
         except ServiceUnavailable:
             raise  # the engine went away: the request is a 503, not N failed pages

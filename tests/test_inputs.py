@@ -660,6 +660,9 @@ def test_render_pool_matches_direct_render_pixel_for_pixel() -> None:
                     direct = pdf_worker.render_page(source, page, dpi=100, max_pixels=10**8)
                     assert via_pool.image.size == direct.image.size and via_pool.dpi == direct.dpi == 100
                     assert via_pool.image.tobytes() == direct.image.tobytes()
+                    # The render process hashes its samples: the same digest the server would compute.
+                    assert via_pool.content_hash == inputs.content_hash(via_pool.image)
+                    assert via_pool.content_hash != inputs.content_hash(Image.new("RGB", via_pool.image.size, "white"))
             with pytest.raises(PayloadTooLarge):
                 await doc.render(1, dpi=100, max_pixels=1)  # not even 1 dpi fits: the worker's 413
             with pytest.raises(InvalidPageRange):
@@ -707,3 +710,17 @@ def test_render_pool_deadline_kills_a_runaway_page_and_keeps_the_loop_free() -> 
         assert asyncio.run(after()).image.size == (595, 842)  # a replacement worker renders
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (7, 5), (1190, 1684), (inputs.HASH_CHUNK_PIXELS + 3, 2)])
+def test_pixels_hash_is_content_hash_of_the_raw_bytes(size: tuple[int, int]) -> None:
+    """The render process's digest of its samples and the server's digest of the image agree, also where
+    `content_hash` walks rows in pieces (a row wider than HASH_CHUNK_PIXELS)."""
+    rng = np.random.default_rng(size[0])
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    digest = inputs.pixels_hash("RGB", image.size, image.tobytes())
+    assert digest == inputs.content_hash(image)
+    flipped = image.copy()
+    last = (size[0] - 1, size[1] - 1)
+    flipped.putpixel(last, (1, 2, 3) if image.getpixel(last) != (1, 2, 3) else (4, 5, 6))
+    assert inputs.pixels_hash("RGB", flipped.size, flipped.tobytes()) != digest

@@ -346,36 +346,45 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
         start_s = time.perf_counter() - t
         post_pdf(url, pdf, {**fields, "pages": "1-2", "max_tokens": "16"}, timeout=300)  # warm-up
         plan = [(f, n) for f, repeat in zip(args.files, repeats(args), strict=True) for n in range(repeat)]
-        for files, n in plan:
-            profiler = start_profile(args, url, n if files == args.files[0] else 1)
-            t = time.perf_counter()
-            with Sampler(url) as sampler, ThreadPoolExecutor(files) as pool:  # copies of the PDF sent at once
-                answers = list(pool.map(lambda _: post_pdf(url, pdf, fields, timeout=3600), range(files)))
-            elapsed = time.perf_counter() - t
+        for files, _ in plan:
+            runs.append(timed_pdf_run(url, pdf, fields, files, args, start_s))
+        if args.profile:  # one more run under py-spy, after the timed ones and not among them
+            profiler = start_profile(args, url)
+            profiled = timed_pdf_run(url, pdf, fields, args.files[-1], args, start_s)
             stop_profile(profiler)
-            pages = [p for answer in answers for p in answer.get("pages", [])]
-            completion = [int((p.get("usage") or {}).get("completion_tokens", 0)) for p in pages]
-            runs.append({
-                "path": "service POST /pdf/ocr", "pages": len(pages), "files": files,
-                "gpus": args.gpus or "auto", "workers": args.workers, "elapsed_s": round(elapsed, 2),
-                "pages_per_s": round(len(pages) / elapsed, 3),
-                "output_tokens_per_s": round(sum(completion) / elapsed, 1),
-                "mean_completion_tokens": round(sum(completion) / max(1, len(completion)), 1),
-                "finish_length": sum(1 for p in pages if p.get("finish_reason") == "length"),
-                "pages_failed": sum(int(a.get("pages_failed") or 0) for a in answers),
-                "ladder_attempts": sum(len(p.get("retries") or []) for p in pages),
-                "engine_start_s": round(start_s, 1),
-            })
-            engines = engines_of(url)
-            runs[-1]["max_num_batched_tokens"] = [(e.get("detail") or {}).get("max_num_batched_tokens")
-                                                  for e in engines]
-            timeline = sampler.summary(len(pages), sum(int(e.get("max_concurrency", 0)) for e in engines))
-            print(json.dumps(runs[-1] | {k: v for k, v in timeline.items() if k != "timeline"}), flush=True)
-            runs[-1]["fill"] = timeline
+            print(json.dumps({"profiled_run": {k: profiled[k] for k in ("files", "elapsed_s", "pages_per_s")}}))
     jit = jit_after_ready(Path(args.log))
     by_files = [{**median_run([r for r in runs if r["files"] == f]), "jit_lines_after_ready": jit}
                 for f in args.files]
     return by_files[0] if len(by_files) == 1 else {**by_files[0], "by_files": by_files}
+
+
+def timed_pdf_run(url: str, pdf: bytes, fields: dict[str, str], files: int, args: argparse.Namespace,
+                  start_s: float) -> dict[str, Any]:
+    """`files` copies of the PDF sent at once, timed; its figures and the fill timeline, printed as one line."""
+    t = time.perf_counter()
+    with Sampler(url) as sampler, ThreadPoolExecutor(files) as pool:
+        answers = list(pool.map(lambda _: post_pdf(url, pdf, fields, timeout=3600), range(files)))
+    elapsed = time.perf_counter() - t
+    pages = [p for answer in answers for p in answer.get("pages", [])]
+    completion = [int((p.get("usage") or {}).get("completion_tokens", 0)) for p in pages]
+    run = {
+        "path": "service POST /pdf/ocr", "pages": len(pages), "files": files,
+        "gpus": args.gpus or "auto", "workers": args.workers, "elapsed_s": round(elapsed, 2),
+        "pages_per_s": round(len(pages) / elapsed, 3),
+        "output_tokens_per_s": round(sum(completion) / elapsed, 1),
+        "mean_completion_tokens": round(sum(completion) / max(1, len(completion)), 1),
+        "finish_length": sum(1 for p in pages if p.get("finish_reason") == "length"),
+        "pages_failed": sum(int(a.get("pages_failed") or 0) for a in answers),
+        "ladder_attempts": sum(len(p.get("retries") or []) for p in pages),
+        "engine_start_s": round(start_s, 1),
+    }
+    engines = engines_of(url)
+    run["max_num_batched_tokens"] = [(e.get("detail") or {}).get("max_num_batched_tokens") for e in engines]
+    timeline = sampler.summary(len(pages), sum(int(e.get("max_concurrency", 0)) for e in engines))
+    print(json.dumps(run | {k: v for k, v in timeline.items() if k != "timeline"}), flush=True)
+    run["fill"] = timeline
+    return run
 
 
 def engines_of(url: str) -> list[dict[str, Any]]:
@@ -408,16 +417,14 @@ def jit_after_ready(log_path: Path) -> int:
     return count
 
 
-def start_profile(args: argparse.Namespace, url: str, n: int) -> list[subprocess.Popen[bytes]]:
+def start_profile(args: argparse.Namespace, url: str) -> list[subprocess.Popen[bytes]]:
     """py-spy on the server and on each of its children (engine workers, vLLM engine cores, render
-    processes), one non-blocking recorder per process (`--subprocesses` needs blocking mode), for the first
-    timed run: `<profile>.<pid>.txt` each."""
+    processes), one non-blocking recorder per process (`--subprocesses` needs blocking mode), for the
+    extra profiled run, or its first --profile-s seconds: `<profile>.<pid>.txt` each."""
     import shutil
 
     import psutil
 
-    if not args.profile or n > 0:
-        return []
     if shutil.which("py-spy") is None:
         print("py-spy is not on PATH: no profile", file=sys.stderr)
         return []
@@ -427,8 +434,9 @@ def start_profile(args: argparse.Namespace, url: str, n: int) -> list[subprocess
     Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
     names = {pid: " ".join(psutil.Process(pid).cmdline())[:160] for pid in pids}
     Path(f"{args.profile}.pids.json").write_text(json.dumps(names, indent=1))
+    limit = ["--duration", str(args.profile_s)] if args.profile_s else []
     return [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate", "40",
-                              "--format", "raw", "--output", f"{args.profile}.{pid}.txt"],
+                              *limit, "--format", "raw", "--output", f"{args.profile}.{pid}.txt"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT) for pid in pids]
 
 
@@ -719,7 +727,9 @@ def main() -> int:
                         help="copies of the PDF sent at once (raw: as many pages); 1,2 = each in turn, one engine")
     parser.add_argument("--gpus", help="GPUS of the service (default: every visible GPU)")
     parser.add_argument("--workers", default="process", choices=["process", "inline"], help="ENGINE_WORKERS")
-    parser.add_argument("--profile", help="py-spy raw stacks of the first timed service run go here")
+    parser.add_argument("--profile", help="service: one more run after the timed ones, under py-spy; its raw "
+                        "stacks go here (<profile>.<pid>.txt)")
+    parser.add_argument("--profile-s", type=int, default=0, help="profile only the profiled run's first seconds")
     parser.add_argument("--ngram-impl", choices=["batched", "vllm", "off"], default="batched",
                         help="the n-gram logits processor of the raw engine (engine_kwargs ngram_impl)")
     parser.add_argument("--repeat", type=lambda v: [int(x) for x in v.split(",")], default=[1],

@@ -28,7 +28,8 @@
 #        ray12  (nvidia-h200-x2) one Ray cluster holding both GPUs: 1,024 pages on one actor, then on two ~9 min
 #        scale12  (nvidia-h200-x2) 1,024 pages through the service on one local worker (GPUS=0), then on two
 #               (GPUS=0,1), each on its own start                                          ~8 min
-#               SCALE_GPUS="0" or "0,1" runs one half; REPEAT=3 T1=560 (or T2=560) for a median per start
+#               SCALE_GPUS="0" or "0,1" runs one half; REPEAT=3 T1=560 (or T2=560) for a median per start;
+#               PROFILE=1 adds a run under py-spy (first PROFILE_S=20 s), summarised in profile-scaleN-summary.txt
 #        dp     (nvidia-h200-x2) vLLM's own data parallelism (data_parallel_size=2, one AsyncLLM) on the
 #               1,024 pages, to set against scale12's two independent workers            ~5 min
 #        inter  the interactive run alone (GPU 0, a quiet machine for the one-client latency)    ~6 min
@@ -144,9 +145,13 @@ case "$phase" in
     for gpus in ${SCALE_GPUS:-0 0,1}; do
       n=$(( $(tr -cd , <<< "$gpus" | wc -c) + 1 ))
       limit=$([ "$n" = 1 ] && echo "${T1:-300}" || echo "${T2:-270}")
+      prof=()  # PROFILE=1: one more run under py-spy (its first PROFILE_S seconds), after the timed ones
+      [ -n "${PROFILE:-}" ] && prof=(--profile "$OUT/prof-scale$n" --profile-s "${PROFILE_S:-20}")
       timeout "$limit" python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus "$gpus" \
-        --files 4 --repeat "${REPEAT:-1}" --log "$OUT/service-scale$n.log" --out "$OUT/scale-${n}gpu.json" 2>&1 |
-        tee "$OUT/scale-${n}gpu.log"
+        --files 4 --repeat "${REPEAT:-1}" "${prof[@]}" --log "$OUT/service-scale$n.log" \
+        --out "$OUT/scale-${n}gpu.json" 2>&1 | tee "$OUT/scale-${n}gpu.log"
+      [ -n "${PROFILE:-}" ] && python3 benchmarks/profile_summary.py "$OUT"/prof-scale$n.*.txt \
+        --seconds "${PROFILE_S:-20}" > "$OUT/profile-scale$n-summary.txt" 2>&1
     done
     grep -h "warm-up took" "$OUT"/service-scale*.log | cut -c1-600
     ;;
@@ -203,8 +208,8 @@ case "$phase" in
     ;;
   bench)
     # One GPU: raw LLM.generate vs the service (one engine worker, GPUS=0) on 256 pages, then two 256-page
-    # PDFs at once on one worker and on two (GPUS=0,1): the scaling figure. py-spy profiles the first
-    # service run. A JIT compile of the fused-MoE kernel during serving shows as a "JIT" line in the logs.
+    # PDFs at once on one worker and on two (GPUS=0,1): the scaling figure. py-spy profiles one more
+    # service run after the timed ones. A JIT compile of the fused-MoE kernel during serving shows as a "JIT" line in the logs.
     real_ckpt
     common=(--model "$CK/real" --pages 256 --max-tokens 1000 --concurrency 256 --ngram 20 50)
     CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/bench_vllm.py raw "${common[@]}" --repeat "${REPEAT:-1}" \

@@ -258,6 +258,23 @@ case "$phase" in
       --log "$OUT/service-ray$n.log" --out "$OUT/bench-ray$n.json" 2>&1 | tee "$OUT/bench-ray$n.log"
     ray stop --force > /dev/null 2>&1
     ;;
+  warmdump)  # where an engine's warm-up waits: py-spy dumps of the worker and its engine core every 4 s
+    real_ckpt
+    MODEL_PATH="$CK/real" ENGINE=vllm LOAD_FORMAT=dummy GPUS=0 MAX_CONCURRENCY=256 GPU_MEM_UTILIZATION=0.75 \
+      LOG_LEVEL=INFO timeout "${T1:-300}" python3 -m uvicorn serve_ocr:app --host 127.0.0.1 --port 8765 \
+      --log-level warning > "$OUT/service-warmdump.log" 2>&1 &
+    server=$!
+    for _ in $(seq 1 "${DUMPS:-70}"); do
+      sleep 4
+      grep -q "warm-up took" "$OUT/service-warmdump.log" && break
+      for pid in $(pgrep -f "workers.main|EngineCore"); do
+        { echo "=== $(date -u +%T) pid $pid: $(tr '\0' ' ' < /proc/$pid/cmdline | cut -c1-100)"
+          py-spy dump --pid "$pid" 2>&1 | head -120; } >> "$OUT/warmdump.txt"
+      done
+    done
+    kill "$server"; wait "$server"
+    grep -h "warm-up took\|Loading weights took\|Graph capturing finished\|init engine" "$OUT/service-warmdump.log" | cut -c1-400
+    ;;
   ngram-test)
     real_ckpt
     GPU_TEST_MODEL="$CK/real" timeout 570 python3 -m pytest -m gpu tests/test_gpu_ngram.py -v -s -rs \

@@ -288,8 +288,8 @@ class VllmEngine(BaseEngine):
 
         Triton compiles the fused-MoE kernel for new token counts on first use: on an H100 the first image
         prompt after start took over 20 s, past a 10 s GENERATE_TIMEOUT_S. Text-only; then Gundam's one-view
-        image and tiled A4 page and every other mode (each has its own prompt length) all together (a mixed
-        batch, as traffic brings it), then each alone; then a burst of A4 pages; two tokens each, n-gram on.
+        image and tiled A4 page and every other mode (each has its own prompt length), each alone, then all
+        together (a mixed batch, as traffic brings it); then a burst of A4 pages; two tokens each, n-gram on.
         """
         from PIL import Image
 
@@ -315,14 +315,14 @@ class VllmEngine(BaseEngine):
         shapes += [(mode, (1190, 1684)) for name, mode in modes.items() if name != GUNDAM]
         await run("Hello", modes[GUNDAM], None)
         lap("text")
-        # Every shape at once first: each mode's first request cost 7-13 s on an H200, one after another
-        # (docs/BENCHMARKS.md section 14); side by side, whatever part of that is not serial overlaps. Then
-        # each alone, as a batch of one mode.
-        await asyncio.gather(*(run("<image>\nFree OCR.", mode, size) for mode, size in shapes))
-        lap("all at once")
+        # Each shape alone (a batch of one mode), then all at once (a mixed batch). The other order cost
+        # 110-134 s instead of 41-60 s on an H200 (docs/BENCHMARKS.md section 15), when each mode's first
+        # request still built its own processor.
         for mode, size in shapes:
             await run("<image>\nFree OCR.", mode, size)
             lap(f"{mode.name} {size[0]}x{size[1]}")
+        await asyncio.gather(*(run("<image>\nFree OCR.", mode, size) for mode, size in shapes))
+        lap("all at once")
         # A step of over 8,256 tokens (64 experts x 129: vLLM's default fused-MoE config switches to grouped
         # M tiles past 128 tokens per expert) is what a burst of PDF pages brings; twelve A4 pages give
         # ~11,000 prefill tokens, so that kernel is compiled here and not mid-benchmark.

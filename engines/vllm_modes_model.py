@@ -2,9 +2,9 @@
 
 Imported only inside vLLM processes (through `engines.vllm_modes.register`): it imports vLLM at the top.
 
-- `ModesProcessingInfo`: the processor is built with the request's `image_size` / `base_size` (vLLM caches
-  one per set of arguments), and the placeholder count follows the request's sizes instead of the module
-  constants. A processor that did not take the sizes is refused rather than used.
+- `ModesProcessingInfo`: the processor has the request's `image_size` / `base_size` (a copy of vLLM's
+  Gundam processor with the two sides set, `resized_processor`), and the placeholder count follows the
+  request's sizes instead of the module constants. A processor without the sizes is refused rather than used.
 - `ModesMultiModalProcessor`: the request's kwargs drive the processor and the prompt update, and every
   image item carries a `view_sizes` *shared* field. vLLM's encoder batching
   (`vllm.multimodal.utils.group_and_batch_mm_items`) starts a new group wherever two consecutive items differ
@@ -19,8 +19,11 @@ Imported only inside vLLM processes (through `engines.vllm_modes.register`): it 
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from transformers import BatchFeature
@@ -69,10 +72,38 @@ def _check_processed(out: BatchFeature, mm_data: Mapping[str, object], sizes: Vi
                          f"for images {[im.size for im in images]} in {sizes}")
 
 
+_RESIZED: dict[tuple[int, int, int], tuple[object, object]] = {}  # (id(default), base, image) -> (default, copy)
+_RESIZED_LOCK = threading.Lock()
+_RESIZED_MAX = 64  # sizes come from the five modes; anything past this is not kept
+
+
+def resized_processor(default: Any, sizes: ViewSizes) -> Any:
+    """vLLM's processor for Gundam, with `sizes`'s global-view and tile sides: a shallow copy sharing its
+    tokenizer. The processor's constructor only stores the two sides (vllm 0.26,
+    `transformers_utils/processors/deepseek_ocr.py`), so the copy cuts the same views and counts the same
+    tokens as one built with them. Building one went through `ProcessorMixin.from_pretrained`, which
+    deep-copied vLLM's tokenizer: 7-13 s for each mode's first request on an H200, and 110-134 s with
+    the five built side by side at warm-up (docs/BENCHMARKS.md section 15)."""
+    if (default.base_size, default.image_size) == (sizes.base_size, sizes.image_size):
+        return default
+    key = (id(default), sizes.base_size, sizes.image_size)
+    with _RESIZED_LOCK:
+        hit = _RESIZED.get(key)
+        if hit is None or hit[0] is not default:
+            if len(_RESIZED) >= _RESIZED_MAX:
+                _RESIZED.clear()
+            clone = copy.copy(default)
+            clone.base_size, clone.image_size = sizes.base_size, sizes.image_size
+            hit = _RESIZED[key] = (default, clone)
+    return hit[1]
+
+
 class ModesProcessingInfo(DeepseekOCRProcessingInfo):
     def get_hf_processor(self, **kwargs: object):
         sizes = ViewSizes.from_kwargs(kwargs)
-        processor = super().get_hf_processor(**{**kwargs, **sizes.as_kwargs()})
+        # vLLM builds and caches this one (Gundam, its module defaults) once, at start-up.
+        default = super().get_hf_processor(**{**kwargs, **GUNDAM.as_kwargs()})
+        processor = resized_processor(default, sizes)
         got = (getattr(processor, "base_size", None), getattr(processor, "image_size", None))
         if got != (sizes.base_size, sizes.image_size):
             # A transformers version that dropped the constructor arguments would cut the wrong views.

@@ -500,3 +500,37 @@ async def _in_process(model_dir: Path) -> None:
         assert (await engine.generate(request(4))).usage.image_tokens == 273
     finally:
         await engine.close()
+
+
+@pytest.mark.skipif(not VLLM, reason="vLLM's processor")
+def test_resized_processor_cuts_what_a_built_one_cuts(model_dir: Path) -> None:
+    """Each mode's processor is a copy of vLLM's Gundam one with the two sides set (`resized_processor`): its
+    views and tokens equal those of a processor vLLM's class builds with the mode's sizes, and the Gundam
+    original is left as it was."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from vllm.transformers_utils.processors.deepseek_ocr import DeepseekOCRProcessor
+
+    from engines.vllm_modes import GUNDAM, ViewSizes
+    from engines.vllm_modes_model import resized_processor
+    from process.image_process import MODES
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    default = DeepseekOCRProcessor(tokenizer, image_size=GUNDAM.image_size, base_size=GUNDAM.base_size)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype="uint8")) for w, h in MODE_SIZES]
+    for mode in ALL_MODES:
+        sizes = ViewSizes.for_mode(MODES[mode])
+        copied = resized_processor(default, sizes)
+        assert resized_processor(default, sizes) is copied  # one copy per size, reused
+        assert copied.tokenizer is default.tokenizer
+        built = DeepseekOCRProcessor(tokenizer, image_size=sizes.image_size, base_size=sizes.base_size)
+        assert set(vars(copied)) == set(vars(built)), mode
+        for image in images:
+            a = built(prompt="<image>\nFree OCR.", images=[image], crop_mode=sizes.crop)
+            b = copied(prompt="<image>\nFree OCR.", images=[image], crop_mode=sizes.crop)
+            assert set(a) == set(b), mode
+            for key in a:
+                assert a[key].shape == b[key].shape and bool((a[key] == b[key]).all()), (mode, image.size, key)
+    assert (default.base_size, default.image_size) == (GUNDAM.base_size, GUNDAM.image_size)

@@ -348,6 +348,8 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
         plan = [(f, n) for f, repeat in zip(args.files, repeats(args), strict=True) for n in range(repeat)]
         for files, _ in plan:
             runs.append(timed_pdf_run(url, pdf, fields, files, args, start_s))
+            if args.out:  # each run as it ends: a call cut off by its time limit keeps the runs it finished
+                Path(f"{args.out}.runs").write_text(json.dumps(runs, indent=1))
         if args.profile:  # one more run under py-spy, after the timed ones and not among them
             profiler = start_profile(args, url)
             profiled = timed_pdf_run(url, pdf, fields, args.files[-1], args, start_s)

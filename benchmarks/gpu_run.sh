@@ -150,8 +150,11 @@ case "$phase" in
       timeout "$limit" python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus "$gpus" \
         --files 4 --repeat "${REPEAT:-1}" "${prof[@]}" --log "$OUT/service-scale$n.log" \
         --out "$OUT/scale-${n}gpu.json" 2>&1 | tee "$OUT/scale-${n}gpu.log"
-      [ -n "${PROFILE:-}" ] && python3 benchmarks/profile_summary.py "$OUT"/prof-scale$n.*.txt \
-        --seconds "${PROFILE_S:-20}" > "$OUT/profile-scale$n-summary.txt" 2>&1
+      if [ -n "${PROFILE:-}" ]; then  # one summary and one archive: the device tool returns few files
+        python3 benchmarks/profile_summary.py "$OUT"/prof-scale$n.*.txt --seconds "${PROFILE_S:-20}" \
+          > "$OUT/profile-scale$n-summary.txt" 2>&1
+        tar -czf "$OUT/prof-scale$n.tar.gz" -C "$OUT" $(cd "$OUT" && ls prof-scale$n.*) && rm -f "$OUT"/prof-scale$n.*.txt "$OUT"/prof-scale$n.pids.json
+      fi
     done
     grep -h "warm-up took" "$OUT"/service-scale*.log | cut -c1-600
     ;;

@@ -33,6 +33,7 @@
 #        dp     (nvidia-h200-x2) vLLM's own data parallelism (data_parallel_size=2, one AsyncLLM) on the
 #               1,024 pages, to set against scale12's two independent workers            ~5 min
 #        inter  the interactive run alone (GPU 0, a quiet machine for the one-client latency)    ~6 min
+#               REPEAT=3: three rounds on each start, medians over them                          ~8 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
@@ -130,7 +131,7 @@ case "$phase" in
     real_ckpt; bench_pdf
     CUDA_VISIBLE_DEVICES=0 timeout 560 python3 benchmarks/bench_vllm.py interactive --model "$CK/real" \
       --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 --requests 256 \
-      --latency-runs 20 --log "$OUT/service-interactive.log" --out "$OUT/interactive.json" 2>&1 |
+      --latency-runs 20 --rounds "${REPEAT:-1}" --log "$OUT/service-interactive.log" --out "$OUT/interactive.json" 2>&1 |
       grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
     grep -h "warm-up took" "$OUT/service-interactive.log" | cut -c1-600
     ;;

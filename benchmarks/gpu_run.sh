@@ -26,6 +26,10 @@
 #               /ocr/image/advanced, then one client                                       ~7 min
 #        pair1024  (nvidia-h200-x2) as pair, the 1,024 pages only (needs the compile caches of an earlier call) ~7 min
 #        ray12  (nvidia-h200-x2) one Ray cluster holding both GPUs: 1,024 pages on one actor, then on two ~9 min
+#        solo   (nvidia-h200) raw LLM.generate then the service on the one GPU: FILES=1 (256 pages) both in
+#               one call, REPEAT (3) runs each ~8 min; FILES=4 (1,024 pages) WHAT=raw or WHAT=service, one a
+#               call                                                                        ~8 min each
+#        warmdump  py-spy dumps of an engine worker and its engine core every 4 s during the warm-up ~4 min
 #        scale12  (nvidia-h200-x2) 1,024 pages through the service on one local worker (GPUS=0), then on two
 #               (GPUS=0,1), each on its own start                                          ~8 min
 #               SCALE_GPUS="0" or "0,1" runs one half; REPEAT=3 T1=560 (or T2=560) for a median per start;
@@ -37,7 +41,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|scale|scale12|dp|ray1i|ray12|inter}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -104,6 +108,24 @@ case "$phase" in
       2>&1 | tee "$OUT/pair-service.log"
     wait $raw
     grep '^{' "$OUT/pair-raw.log"
+    ;;
+  solo)  # nvidia-h200: raw LLM.generate, then the service, one after the other on GPU 0 (one GPU: not side by
+    # side as `pair` does on two). FILES=1: the 256-page PDF, REPEAT runs each (~8 min); FILES=4: the 1,024
+    # pages, REPEAT runs of WHAT=raw or WHAT=service alone (~7-9 min each: both do not fit in one call).
+    real_ckpt; bench_pdf
+    files=${FILES:-1}
+    long=$([ "$files" = 1 ] && echo 290 || echo 570)  # both halves in one call, or one half a call
+    if [ "${WHAT:-both}" != service ]; then
+      CUDA_VISIBLE_DEVICES=0 timeout "${T1:-$long}" python3 benchmarks/bench_vllm.py raw --model "$CK/real" \
+        "${big[@]}" --files "$files" --repeat "${REPEAT:-3}" --out "$OUT/solo-raw-$files.json" > "$OUT/solo-raw-$files.log" 2>&1
+      grep '^{' "$OUT/solo-raw-$files.log" | cut -c1-400
+    fi
+    if [ "${WHAT:-both}" != raw ]; then
+      timeout "${T2:-$long}" python3 benchmarks/bench_vllm.py service --model "$CK/real" "${big[@]}" --gpus 0 \
+        --files "$files" --repeat "${REPEAT:-3}" --log "$OUT/service-solo-$files.log" \
+        --out "$OUT/solo-service-$files.json" 2>&1 | grep -v '"timeline"' | tee "$OUT/solo-service-$files.log"
+      grep -h "warm-up took" "$OUT/service-solo-$files.log" | cut -c1-600
+    fi
     ;;
   pair1024)
     real_ckpt; bench_pdf
@@ -285,7 +307,7 @@ case "$phase" in
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)
-    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, scale, scale12, dp, ray1i, ray12 or inter" >&2
+    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, solo, scale, scale12, dp, ray1i, ray12, inter or warmdump" >&2
     exit 2
     ;;
 esac

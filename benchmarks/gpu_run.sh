@@ -29,6 +29,7 @@
 #        solo   (nvidia-h200) raw LLM.generate then the service on the one GPU: FILES=1 (256 pages) both in
 #               one call, REPEAT (3) runs each ~8 min; FILES=4 (1,024 pages) WHAT=raw or WHAT=service, one a
 #               call                                                                        ~8 min each
+#        moetune  benchmarks/tune_moe.py: fused-MoE tile sizes for this model's experts on this GPU ~9 min
 #        warmdump  py-spy dumps of an engine worker and its engine core every 4 s during the warm-up ~4 min
 #        scale12  (nvidia-h200-x2) 1,024 pages through the service on one local worker (GPUS=0), then on two
 #               (GPUS=0,1), each on its own start                                          ~8 min
@@ -41,7 +42,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|moetune|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -284,6 +285,13 @@ case "$phase" in
       --log "$OUT/service-ray$n.log" --out "$OUT/bench-ray$n.json" 2>&1 | tee "$OUT/bench-ray$n.log"
     ray stop --force > /dev/null 2>&1
     ;;
+  moetune)  # benchmarks/tune_moe.py: the fused-MoE table for this GPU into $OUT/moe-configs (no engine start).
+    # Keep it (engines/moe_configs/) only if the service is faster with it: scale12 with
+    # VLLM_TUNED_CONFIG_FOLDER=/nonexistent (vLLM's defaults) against without (the shipped table).
+    real_ckpt
+    timeout 575 python3 benchmarks/tune_moe.py --model "$CK/real" --out "$OUT/moe-configs" \
+      --budget-s "${BUDGET_S:-500}" 2>&1 | grep -v "^INFO\|^WARNING" | tee "$OUT/moetune.log"
+    ;;
   warmdump)  # where an engine's warm-up waits: py-spy dumps of the worker and its engine core every 4 s
     real_ckpt
     MODEL_PATH="$CK/real" ENGINE=vllm LOAD_FORMAT=dummy GPUS=0 MAX_CONCURRENCY=256 GPU_MEM_UTILIZATION=0.75 \
@@ -307,7 +315,7 @@ case "$phase" in
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)
-    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, solo, scale, scale12, dp, ray1i, ray12, inter or warmdump" >&2
+    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, solo, scale, scale12, dp, ray1i, ray12, inter, moetune or warmdump" >&2
     exit 2
     ;;
 esac

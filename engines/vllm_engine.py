@@ -121,6 +121,18 @@ def prepare_environment() -> None:
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     # Per-request modes: our DeepSeek-OCR classes here and, by entry point, in the processes vLLM spawns.
     vllm_modes.install_plugin()
+    use_moe_configs()
+
+
+MOE_CONFIGS = Path(__file__).resolve().parent / "moe_configs"
+
+
+def use_moe_configs() -> None:
+    """Point vLLM at the fused-MoE tables shipped for this model's expert shape (`benchmarks/tune_moe.py`):
+    vLLM reads `VLLM_TUNED_CONFIG_FOLDER` first and falls back to its own tables and defaults for any shape
+    or GPU without a file there. An operator's own VLLM_TUNED_CONFIG_FOLDER is kept."""
+    if MOE_CONFIGS.is_dir():
+        os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(MOE_CONFIGS))
 
 
 # --------------------------------------------------------------------------------------- modes

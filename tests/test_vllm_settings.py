@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +41,19 @@ def test_max_num_batched_tokens_out_of_range_is_refused(monkeypatch: pytest.Monk
     monkeypatch.setenv("MAX_NUM_BATCHED_TOKENS", value)
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         Settings(model_path="/models/ocr")
+
+
+def test_vllm_reads_the_shipped_moe_tables_unless_the_operator_points_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`prepare_environment` points vLLM's fused-MoE table lookup at engines/moe_configs; an operator's
+    own folder wins."""
+    from engines import vllm_engine
+
+    assert vllm_engine.MOE_CONFIGS.is_dir() and (vllm_engine.MOE_CONFIGS / "README.md").is_file()
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    vllm_engine.use_moe_configs()
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(vllm_engine.MOE_CONFIGS)
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    vllm_engine.use_moe_configs()
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(tmp_path)

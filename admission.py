@@ -17,14 +17,13 @@ import asyncio
 import contextlib
 import math
 import time
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from engines.base import Engine, not_ready
-from errors import Overloaded, PayloadTooLarge, UnknownModel, UnsupportedMode
+from errors import Overloaded, UnknownModel, UnsupportedMode
 from model_catalog import ModelSpec
 from process.image_process import ModeSpec
 
@@ -304,145 +303,6 @@ class _Waiter:
     model: str | None
     flow: object
     arrival: int
-
-
-class PixelBudget:
-    """A memory budget for decoded pixels (MAX_DECODED_MPIX), counted before any pixel exists.
-
-    Engine slots bound engine work only; decoded images were bounded by nothing, so six 77 KB PNG strips
-    of 1 x 40,000,000 took a server from 1.1 to 6.2 GB. An item reserves the pixels its header declares
-    (a PDF page: MAX_IMAGE_PIXELS until its render says less) before decoding and holds them until it is
-    post-processed. Waiters are served in arrival order; a waiter's wait is bounded by its request's
-    deadline (the caller's cancellation) and a cancelled waiter takes nothing. One item larger than the
-    whole budget can never run: 413 naming the setting.
-    """
-
-    def __init__(self, max_pixels: int) -> None:
-        self.max_pixels = max(1, max_pixels)
-        self.used = 0
-        self._waiters: deque[tuple[asyncio.Future[None], int]] = deque()
-        self._held: dict[int, PixelReservation] = {}  # id(image) -> its reservation, until post-processed
-
-    def hold_for(self, image: object, reservation: PixelReservation) -> None:
-        """Tie `reservation` to `image`: `release_for(image)` gives it back, or, failing that, freeing the
-        image does (a route that decodes and never post-processes, or fails in between)."""
-        key = id(image)
-        self._held[key] = reservation
-        weakref.finalize(image, release_soon, asyncio.get_running_loop(), reservation, self._held, key)
-
-    def release_for(self, image: object) -> None:
-        reservation = self._held.pop(id(image), None)
-        if reservation is not None:
-            reservation.release()
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for fut, _ in self._waiters if not fut.done())
-
-    def check(self, pixels: int, copies: int = 1) -> None:
-        if pixels > self.max_pixels:
-            twice = " (counted twice: it is held by the server and by an engine worker)" if copies > 1 else ""
-            raise PayloadTooLarge(
-                f"this item decodes to {pixels / copies / 1e6:.1f} megapixels{twice}, over the decoded-pixel budget of "
-                f"{self.max_pixels / 1e6:.0f} megapixels (MAX_DECODED_MPIX)",
-                pixels=pixels, max_decoded_pixels=self.max_pixels,
-            )
-
-    async def reserve(self, pixels: int, copies: int = 1) -> PixelReservation:
-        """Wait (FIFO) until `pixels` x `copies` fit (an image handed to an engine worker process exists twice:
-        here and there); 413 when they never can."""
-        pixels = max(0, int(pixels)) * copies
-        self.check(pixels, copies)
-        if not self._waiters and self.used + pixels <= self.max_pixels:
-            self.used += pixels
-            return PixelReservation(self, pixels)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (future, pixels)
-        self._waiters.append(entry)
-        try:
-            await future
-        except BaseException:
-            if future.done() and not future.cancelled():
-                self._give(pixels)  # granted as we were cancelled: hand it on
-            future.cancel()
-            raise
-        finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(entry)
-            self._wake()
-        return PixelReservation(self, pixels)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, pixels: int, copies: int = 1) -> AsyncIterator[PixelReservation]:
-        token = await self.reserve(pixels, copies)
-        try:
-            yield token
-        finally:
-            token.release()
-
-    def handover(self, reservation: PixelReservation, pixels: int) -> PixelReservation:
-        """A new reservation of `pixels` (at most the old one's) taken over from `reservation`, which `hold`
-        then releases as empty: used to keep a page's budget past the `hold` block, shrunk to its real size."""
-        reservation.resize(pixels)
-        kept = PixelReservation(self, reservation.pixels)
-        reservation.pixels = 0
-        return kept
-
-    async def settle(self, reservation: PixelReservation, pixels: int, copies: int = 1) -> PixelReservation:
-        """`handover` at the real size, growing first (waiting for budget) when the item came out larger than
-        reserved (a page whose crop box did not tell its render size)."""
-        missing = pixels * copies - reservation.pixels
-        if missing > 0:
-            extra = await self.reserve(missing)
-            reservation.pixels, extra.pixels = reservation.pixels + extra.pixels, 0
-        return self.handover(reservation, pixels * copies)
-
-    def _give(self, pixels: int) -> None:
-        self.used -= pixels
-        self._wake()
-
-    def _wake(self) -> None:
-        """Grant waiters in arrival order while they fit (the head blocks the rest: no starvation of big items)."""
-        while self._waiters:
-            future, pixels = self._waiters[0]
-            if future.done():
-                self._waiters.popleft()
-                continue
-            if self.used + pixels > self.max_pixels:
-                return
-            self.used += pixels
-            future.set_result(None)
-            self._waiters.popleft()
-
-
-@dataclass(eq=False)
-class PixelReservation:
-    """Pixels held in a `PixelBudget`; `resize` to the real size once known, `release` exactly once."""
-
-    budget: PixelBudget
-    pixels: int
-    released: bool = False
-
-    def resize(self, pixels: int) -> None:
-        """Shrink to what was really decoded (never grows: growth would bypass the queue)."""
-        if not self.released and 0 <= pixels < self.pixels:
-            self.budget._give(self.pixels - pixels)
-            self.pixels = pixels
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.budget._give(self.pixels)
-
-
-def release_soon(
-    loop: asyncio.AbstractEventLoop, reservation: PixelReservation, held: dict | None = None, key: int = 0
-) -> None:
-    """Release from any thread (a finaliser, a worker's callback): the budget lives on the event loop."""
-    if held is not None and held.get(key) is reservation:
-        held.pop(key, None)
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits any more
-        loop.call_soon_threadsafe(reservation.release)
 
 
 async def in_window(items: Iterable[Any], limit: int, fn: Callable[[Any], Awaitable[T]]) -> list[T]:

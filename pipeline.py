@@ -27,13 +27,14 @@ from PIL import Image
 import inputs
 import ocr_utils
 import retry_ladder
-from admission import Admission, PixelBudget, in_window, release_soon
+from admission import Admission, in_window
 from config import Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
 from errors import BadRequest, OcrError, Overloaded, ServiceUnavailable, ValidationFailed
 from inputs import content_hash
 from model_catalog import NGRAM_DEFAULTS
+from pixel_budget import PixelBudget, release_soon
 from process.image_process import MODES, ModeSpec
 from searchable_pdf import searchable_from_images
 
@@ -296,15 +297,17 @@ class OcrService:
         call = functools.partial(contextvars.copy_context().run, functools.partial(fn, *args, **kwargs))
         return await loop.run_in_executor(self.executor, call)
 
-    async def decode(self, data: bytes, *, max_pixels: int | None = None, wait_s: float | None = None) -> Image.Image:
+    async def decode(self, data: bytes, *, max_pixels: int | None = None, wait_s: float | None = None,
+                     flow: object = None) -> Image.Image:
         """Decode an upload in the worker pool with its pixels (read from the header) reserved first; held until
         `image` post-processed it or the image is freed; a cancelled decode holds them until its thread ends.
-        `wait_s` bounds the wait for budget where no request deadline does (503 with Retry-After past it)."""
+        `wait_s` bounds the wait for budget where no request deadline does (503 with Retry-After past it).
+        `flow`: the request it belongs to, for the budget's turn (None: a request of its own)."""
         limit = max_pixels or self.settings.max_image_pixels
         info = await self.blocking(inputs.image_info, data, max_pixels=limit)
         try:
             async with asyncio.timeout(wait_s):
-                reservation = await self.pixels.reserve(info.pixels, self.copies)
+                reservation = await self.pixels.reserve(info.pixels, self.copies, flow)
         except TimeoutError:
             raise Overloaded(f"no decoded-pixel budget came free in {wait_s:g} s (MAX_DECODED_MPIX); retry later",
                              retry_after=5) from None
@@ -389,7 +392,7 @@ class OcrService:
         """Render (no engine slot), then OCR one PDF page; its failure is a `failed` result."""
         result = ItemResult(page, dpi=dpi)
         try:
-            rendered = await self._render(doc, page, dpi)
+            rendered = await self._render(doc, page, dpi, request.flow)
             result = await self.image(request, rendered.image, options, label=page, kind="page", dpi=rendered.dpi,
                                       input_hash=rendered.content_hash)
             result.note, result.render_warnings = rendered.note, rendered.warnings
@@ -402,13 +405,13 @@ class OcrService:
             self._observe("page", result.fail(_bug(exc)), request.mode)
         return result
 
-    async def _render(self, doc: PdfDocument, page: int, dpi: int) -> Any:
+    async def _render(self, doc: PdfDocument, page: int, dpi: int, flow: object = None) -> Any:
         """Render a page with its pixels reserved first (from the page's size when the PDF gives it, else
         MAX_IMAGE_PIXELS, the most a render returns), then held at the real size until post-processed."""
         limit = self.settings.max_image_pixels
         expected = doc.expected_pixels(page, dpi, limit)
         copies = self.copies
-        async with self.pixels.hold(min(expected, self.pixels.max_pixels // copies), copies) as reservation:
+        async with self.pixels.hold(min(expected, self.pixels.max_pixels // copies), copies, flow) as reservation:
             rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
             actual = rendered.image.width * rendered.image.height
             reservation = await self.pixels.settle(reservation, actual, copies)
@@ -422,14 +425,14 @@ class OcrService:
         result = ItemResult(label)
         try:
             data = await read()
-            image = await self.decode(data)
+            image = await self.decode(data, flow=request.flow)
             pixels = image.width * image.height
             result = await self.image(request, image, options, label=label, kind="file")
             del image  # out of the budget since `image` returned: free the pixels too
             if options.searchable and result.post is not None:
                 pages = [(data, result.text, None)]
                 # It may decode the upload again (formats PDF cannot embed, EXIF rotation): budgeted too.
-                async with self.pixels.hold(min(pixels, self.pixels.max_pixels)):
+                async with self.pixels.hold(min(pixels, self.pixels.max_pixels), flow=request.flow):
                     result.post.searchable_pdf = await self.blocking(searchable_from_images, pages)
             del data
         except ServiceUnavailable:

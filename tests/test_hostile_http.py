@@ -143,8 +143,8 @@ def test_pixel_budget_is_fifo_and_released_on_cancel() -> None:
     budget is a 413 naming MAX_DECODED_MPIX."""
     import asyncio
 
-    from admission import PixelBudget
     from errors import PayloadTooLarge
+    from pixel_budget import PixelBudget
 
     async def scenario() -> None:
         budget = PixelBudget(100)
@@ -164,5 +164,47 @@ def test_pixel_budget_is_fifo_and_released_on_cancel() -> None:
         assert budget.used == 0 and budget.waiting == 0
         with pytest.raises(PayloadTooLarge, match="MAX_DECODED_MPIX"):
             await budget.reserve(101)
+
+    asyncio.run(scenario())
+
+
+def test_pixel_budget_serves_the_request_holding_least_first() -> None:
+    """Freed pixels go to the flow holding the fewest (then the one served longest ago, then arrival), a
+    flow's own waiters in order; the chosen waiter blocks the rest until it fits (no bypass)."""
+    import asyncio
+
+    from pixel_budget import PixelBudget
+
+    async def scenario() -> None:
+        budget = PixelBudget(100)
+        pdf = object()
+        held = [await budget.reserve(40, flow=pdf), await budget.reserve(40, flow=pdf)]
+        queued = [asyncio.create_task(budget.reserve(40, flow=pdf)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        photo = asyncio.create_task(budget.reserve(15))  # its own flow, holding nothing: fits at once
+        await asyncio.sleep(0.01)
+        assert photo.done() and not any(t.done() for t in queued) and budget.used == 95
+        big = asyncio.create_task(budget.reserve(90))  # a new flow, first in turn, but 90 do not fit yet
+        small = asyncio.create_task(budget.reserve(5))  # would fit now; waits behind the chosen big one
+        await asyncio.sleep(0.01)
+        assert not big.done() and not small.done()
+        held.pop().release()  # 55 used: the big one still does not fit, so nobody goes
+        await asyncio.sleep(0.01)
+        assert not big.done() and not small.done() and not any(t.done() for t in queued)
+        held.pop().release()
+        photo.result().release()  # nothing used: the big one goes first, then the small one fits
+        await asyncio.sleep(0.01)
+        assert big.done() and small.done() and budget.used == 95 and not any(t.done() for t in queued)
+        big.result().release()
+        small.result().release()
+        await asyncio.sleep(0.01)
+        # The PDF's own waiters, in their order, as pixels allow (two of 40 fit in 100).
+        assert [t.done() for t in queued] == [True, True, False] and budget.used == 80
+        for t in queued[:2]:
+            t.result().release()
+        await asyncio.sleep(0.01)
+        queued[2].result().release()
+        assert budget.used == 0 and budget.waiting == 0
+        assert not budget._flow_pixels and not budget._queues and not budget._served  # nothing kept per flow
 
     asyncio.run(scenario())

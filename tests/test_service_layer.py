@@ -363,6 +363,53 @@ def test_a_photo_does_not_wait_for_a_long_pdfs_queue(tiny_checkpoint: Path) -> N
     assert started <= at <= started + 1, (started, at, len(pages))
 
 
+def sized_pdf(pages: int, width: int, height: int) -> bytes:
+    import pymupdf
+
+    doc = pymupdf.open()
+    for n in range(pages):
+        doc.new_page(width=width, height=height).insert_text((56, 72), f"Page {n + 1}", fontsize=22)
+    data = doc.tobytes()
+    doc.close()
+    return data
+
+
+def test_a_photo_does_not_wait_behind_pdf_pages_for_pixel_budget(tiny_checkpoint: Path) -> None:
+    """Over HTTP: three PDFs whose rendered pages fill the decoded-pixel budget (MAX_DECODED_MPIX), more pages
+    waiting for it; a photo posted meanwhile gets budget before them (its request holds none) and then the
+    next engine slot. In arrival order it would wait until every page queued ahead had run."""
+    engine = ReplayEngine(TEXT, max_concurrency=1, delay_s=0.4)
+    # About two pages at 72 dpi (0.25-0.5 MP each): the PDFs' windows (3 pages each) queue for budget.
+    settings = make_settings(tiny_checkpoint, max_concurrency=1, num_workers=2, pdf_timeout_s=120,
+                             max_decoded_mpix=0.75)
+    app = create_app(settings, engine_factory=factory(engine))
+    widths = (595, 500, 420)  # one PDF of each page width: a page's width says which PDF it is from
+
+    def pdf_of(size: tuple[int, int] | None) -> int | None:
+        return None if size is None else min(widths, key=lambda w: abs(size[0] - w))
+
+    with serve_app(app) as url, ThreadPoolExecutor(3) as pool:
+        pdfs = [pool.submit(httpx.post, url + "/pdf/ocr", files={"file": (f"{w}.pdf", sized_pdf(8, w, 842))},
+                            data={"dpi": "72", "draw_layouts": "false"}, timeout=120) for w in widths]
+        deadline = time.monotonic() + 60
+        # Every PDF has had a page run (each has been served), and pages wait for budget.
+        while {pdf_of(r.image.size if r.image else None) for r in engine.requests} < set(widths) \
+                or app.state.service.pixels.waiting < 3:
+            assert time.monotonic() < deadline, (len(engine.requests), app.state.service.pixels.waiting)
+            time.sleep(0.02)
+        started, queued = len(engine.requests), app.state.service.pixels.waiting
+        r = httpx.post(url + "/ocr/image/advanced", files={"file": ("photo.png", png_bytes(200, 120))},
+                       data={"draw_boxes": "false"}, timeout=60)
+        assert r.status_code == 200, show(r)
+        for pdf in pdfs:
+            assert pdf.result().status_code == 200, show(pdf.result())
+    sizes = [r.image.size if r.image is not None else None for r in engine.requests]
+    at = sizes.index((200, 120))
+    # The first or second engine slot freed after it was posted (a page takes 0.4 s: at most one more
+    # starts while the photo's upload is read); in arrival order, behind the `queued` pages.
+    assert started <= at <= started + 1, (started, at, queued, len(sizes))
+
+
 # --------------------------------------------------------------------------------------- the import graph
 
 PACKAGES = ("engines", "process", "web", "jobs", "workers")

@@ -34,6 +34,40 @@ T = TypeVar("T")
 _RECHECK_S = 0.5
 
 
+class FlowTurns:
+    """Whose turn it is among requests (`flow`s) waiting for a shared capacity: the flow holding the least,
+    among equals the one served longest ago (one never served first). Engine slots (counted in items) and
+    the decoded-pixel budget (`pixel_budget`, counted in pixels) hand out what is freed in this order."""
+
+    def __init__(self) -> None:
+        self.held: dict[object, int] = {}  # what each flow holds (absent: nothing)
+        self.served: dict[object, int] = {}  # each flow's latest grant (a rising count), while it has any
+        self._grants = 0
+
+    def key(self, flow: object) -> tuple[int, int]:
+        """Lower goes first."""
+        return self.held.get(flow, 0), self.served.get(flow, -1)
+
+    def grant(self, flow: object, amount: int) -> None:
+        self.held[flow] = self.held.get(flow, 0) + amount
+        self._grants += 1
+        self.served[flow] = self._grants
+
+    def give(self, flow: object, amount: int) -> bool:
+        """`amount` given back by `flow`; True when it holds nothing any more."""
+        left = self.held.get(flow, 0) - amount
+        if left > 0:
+            self.held[flow] = left
+            return False
+        self.held.pop(flow, None)
+        return True
+
+    def forget(self, flow: object) -> None:
+        """Call when `flow` waits for nothing: holding nothing either, it is over (or between items)."""
+        if flow not in self.held:
+            self.served.pop(flow, None)
+
+
 @dataclass(eq=False)
 class Slot:
     """One admitted item on one engine; release it exactly once (the context manager does)."""
@@ -56,9 +90,7 @@ class Admission:
         self.engines: list[Engine] = list(engines)
         self.max_queue = max_queue
         self._busy: dict[int, int] = {id(e): 0 for e in self.engines}
-        self._flows: dict[object, int] = {}  # items in flight per flow (absent: none)
-        self._served: dict[object, int] = {}  # each flow's latest grant (a rising count), while it has work
-        self._grants = 0
+        self._turns = FlowTurns()  # items in flight per flow, and when each was last served
         # Waiting items by flow, each flow's in arrival order: a freed slot compares flows, not items, so a
         # grant costs O(flows waiting), however many items wait (MAX_QUEUE allows 100,000).
         self._queues: dict[object, deque[_Waiter]] = {}
@@ -230,17 +262,11 @@ class Admission:
 
     def _grant(self, engine: Engine, flow: object) -> None:
         self._busy[id(engine)] += 1
-        self._flows[flow] = self._flows.get(flow, 0) + 1
-        self._grants += 1
-        self._served[flow] = self._grants
+        self._turns.grant(flow, 1)
 
     def _release(self, engine: Engine, flow: object) -> None:
         self._busy[id(engine)] -= 1
-        left = self._flows.get(flow, 0) - 1
-        if left > 0:
-            self._flows[flow] = left
-        else:
-            self._flows.pop(flow, None)
+        if self._turns.give(flow, 1):
             self._forget_if_idle(flow)
         self._wake()
 
@@ -264,10 +290,8 @@ class Admission:
 
     def _forget_if_idle(self, flow: object) -> None:
         """A flow with nothing in flight and nothing waiting is over (or between items): forget it."""
-        if flow in self._served and flow not in self._flows and not any(
-            not w.future.done() for w in self._queues.get(flow, ())
-        ):
-            del self._served[flow]
+        if not any(not w.future.done() for w in self._queues.get(flow, ())):
+            self._turns.forget(flow)
 
     def _wake(self) -> None:
         """Hand free slots to waiters, each to the first by (its flow's items in flight, its flow's latest
@@ -276,7 +300,7 @@ class Admission:
             best: tuple[_Waiter, Engine] | None = None
             best_key: tuple[float, float, int] = (math.inf, math.inf, 0)
             for flow, queue in self._queues.items():
-                key = (self._flows.get(flow, 0), self._served.get(flow, -1))
+                key = self._turns.key(flow)
                 if key > best_key[:2]:
                     continue
                 for waiter in queue:  # this flow's first waiter that a free engine can take

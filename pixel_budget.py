@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from admission import FlowTurns
 from errors import PayloadTooLarge
 
 
@@ -38,9 +39,7 @@ class PixelBudget:
         self.max_pixels = max(1, max_pixels)
         self.used = 0
         self._queues: dict[object, deque[_PixelWaiter]] = {}  # waiters by flow, each in arrival order
-        self._flow_pixels: dict[object, int] = {}  # pixels each flow holds (absent: none)
-        self._served: dict[object, int] = {}  # each flow's latest grant (a rising count), while it has any
-        self._grants = 0
+        self._turns = FlowTurns()  # pixels each flow holds, and when each was last served
         self._arrivals = 0
         self._held: dict[int, PixelReservation] = {}  # id(image) -> its reservation, until post-processed
 
@@ -119,13 +118,8 @@ class PixelBudget:
 
     def _give(self, pixels: int, flow: object) -> None:
         self.used -= pixels
-        left = self._flow_pixels.get(flow, 0) - pixels
-        if left > 0:
-            self._flow_pixels[flow] = left
-        else:
-            self._flow_pixels.pop(flow, None)
-            if flow not in self._queues:
-                self._served.pop(flow, None)  # the flow is over (or between items): forget it
+        if self._turns.give(flow, pixels) and flow not in self._queues:
+            self._turns.forget(flow)
         self._wake()
 
     def _leave(self, entry: _PixelWaiter) -> None:
@@ -136,8 +130,7 @@ class PixelBudget:
             queue.remove(entry)
         if not queue:
             del self._queues[entry.flow]
-            if entry.flow not in self._flow_pixels:
-                self._served.pop(entry.flow, None)
+            self._turns.forget(entry.flow)
 
     def _wake(self) -> None:
         """Grant the chosen waiter (each flow's first live waiter, ordered by the flow's pixels held, its
@@ -150,15 +143,13 @@ class PixelBudget:
                     queue.popleft()  # granted or cancelled: `_leave` drops the empty queue
                 if not queue:
                     continue
-                key = (self._flow_pixels.get(flow, 0), self._served.get(flow, -1), queue[0].arrival)
+                key = (*self._turns.key(flow), queue[0].arrival)
                 if key < best_key:
                     best, best_key = queue[0], key
             if best is None or self.used + best.pixels > self.max_pixels:
                 return
             self.used += best.pixels
-            self._flow_pixels[best.flow] = self._flow_pixels.get(best.flow, 0) + best.pixels
-            self._grants += 1
-            self._served[best.flow] = self._grants
+            self._turns.grant(best.flow, best.pixels)
             self._queues[best.flow].popleft()
             best.future.set_result(None)
 

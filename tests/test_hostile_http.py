@@ -205,6 +205,6 @@ def test_pixel_budget_serves_the_request_holding_least_first() -> None:
         await asyncio.sleep(0.01)
         queued[2].result().release()
         assert budget.used == 0 and budget.waiting == 0
-        assert not budget._flow_pixels and not budget._queues and not budget._served  # nothing kept per flow
+        assert not budget._turns.held and not budget._queues and not budget._turns.served  # nothing kept per flow
 
     asyncio.run(scenario())

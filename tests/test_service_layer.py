@@ -134,7 +134,7 @@ def test_admission_waiters_wake_in_order_and_leave_when_cancelled() -> None:
         first.release()
         await asyncio.gather(a, c, return_exceptions=True)
         assert admission.in_flight == 0 and admission.waiting == 0
-        assert not admission._flows and not admission._served  # nothing kept of finished or cancelled flows
+        assert not admission._turns.held and not admission._turns.served  # nothing kept of finished or cancelled flows
         return order
 
     assert asyncio.run(scenario()) == ["a", "c"]
@@ -176,7 +176,8 @@ async def _granted_in_order(capacity: int, held: list[str], queued: list[str], l
     await asyncio.gather(*tasks)
     for name in order[len(order) - capacity:]:
         slots[name].release()
-    assert admission.in_flight == 0 and admission.waiting == 0 and not admission._flows and not admission._served
+    assert admission.in_flight == 0 and admission.waiting == 0
+    assert not admission._turns.held and not admission._turns.served
     return granted
 
 
@@ -211,12 +212,13 @@ def test_admission_forgets_a_flow_whose_last_waiter_gave_up() -> None:
         await asyncio.sleep(0.05)
         first.release()  # the photo's flow was never served: it goes first
         photo_slot = await photo
-        assert not second.done() and "pdf" not in admission._flows and "pdf" in admission._served
+        assert not second.done() and "pdf" not in admission._turns.held and "pdf" in admission._turns.served
         second.cancel()  # the PDF's client went away while its next page waited
         await asyncio.gather(second, return_exceptions=True)
-        assert "pdf" not in admission._served, admission._served
+        assert "pdf" not in admission._turns.served, admission._turns.served
         photo_slot.release()
-        assert admission.in_flight == 0 and admission.waiting == 0 and not admission._flows and not admission._served
+        assert admission.in_flight == 0 and admission.waiting == 0
+        assert not admission._turns.held and not admission._turns.served
 
     asyncio.run(scenario())
 
@@ -331,7 +333,7 @@ def test_admission_grants_follow_the_rule_over_random_traffic() -> None:
                 held.append((task.result(), f))
                 checked += 1
             assert admission.waiting == len(rule.waiting) == len(tasks)
-        assert not tasks and admission.in_flight == 0 and not admission._flows and not admission._served
+        assert not tasks and admission.in_flight == 0 and not admission._turns.held and not admission._turns.served
         return checked
 
     rng = random.Random(20261130)

@@ -8,8 +8,10 @@ workers dying with a `kill -9`ed server.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,13 +19,18 @@ from pathlib import Path
 import httpx
 import pytest
 from jobs_helpers import submit, wait
+from PIL import Image
 from server import make_settings, serve_app, serve_process, show
 from test_pdf_routes import make_pdf
 from test_service import png_bytes
 
 from config import Settings, usable_cpus
+from engines.base import EngineRequest, SamplingParams
+from errors import ModelNotReady
+from process.image_process import MODES
 from serve_ocr import create_app
 from workers import WorkerSpec, worker_plan
+from workers.client import WorkerEngine
 
 POISON_SIZE = (321, 123)
 
@@ -174,6 +181,31 @@ def test_worker_killed_mid_load_heals_and_the_job_completes(tiny_checkpoint: Pat
         assert workers and all(w and w.endswith("/w0 (cpu)") for w in workers), done["pages"]
         r = ocr(url)
         assert r.status_code == 200, show(r)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_request_sent_after_the_socket_closed_is_503(loop: str) -> None:
+    """Between a worker's socket closing and its reader noticing, a request sent to it is a 503 with
+    Retry-After, not a 500: uvloop (the server's loop) raises RuntimeError for a write on a closed socket."""
+    async def scenario() -> None:
+        engine = WorkerEngine(Settings(), "torch", WorkerSpec(0, ()))
+        ours, theirs = socket.socketpair()
+        _, engine._writer = await asyncio.open_unix_connection(sock=ours)
+        engine.set_ready()
+        theirs.close()
+        engine._writer.transport.abort()  # closed; nothing has read its end of stream yet
+        await asyncio.sleep(0)
+        request = EngineRequest("<image>\nFree OCR.", Image.new("RGB", (64, 48)), MODES["tiny"],
+                                SamplingParams(max_tokens=4))
+        with pytest.raises(ModelNotReady) as caught:
+            await engine.generate(request)
+        assert caught.value.headers == {"Retry-After": "10"} and "engine worker w0" in str(caught.value), caught.value
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(scenario())
+    else:
+        asyncio.run(scenario())
 
 
 def test_input_in_flight_at_two_worker_deaths_is_quarantined(tiny_checkpoint: Path) -> None:

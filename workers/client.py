@@ -170,9 +170,13 @@ class WorkerEngine(BaseEngine):
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} is not running",
                                         retry_after=5)
                 try:
+                    if self._writer.is_closing():
+                        raise ConnectionResetError
                     self._writer.write(head)
                     await write_pixels(self._writer, image)
-                except (ConnectionError, OSError):  # the worker went away mid-send: its reader marks it dead
+                # The worker went away before or during the send (its reader marks it dead). uvloop's
+                # transport says so with a RuntimeError ("the handler is closed") where asyncio's says nothing.
+                except (ConnectionError, OSError, RuntimeError):
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} died",
                                         retry_after=10) from None
             del image

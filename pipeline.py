@@ -407,11 +407,13 @@ class OcrService:
 
     async def _render(self, doc: PdfDocument, page: int, dpi: int, flow: object = None) -> Any:
         """Render a page with its pixels reserved first (from the page's size when the PDF gives it, else
-        MAX_IMAGE_PIXELS, the most a render returns), then held at the real size until post-processed."""
-        limit = self.settings.max_image_pixels
-        expected = doc.expected_pixels(page, dpi, limit)
+        the most a render returns), then held at the real size until post-processed. A page that would not
+        fit in the whole budget (MAX_DECODED_MPIX under MAX_IMAGE_PIXELS) is rendered at the dpi that fits,
+        as for MAX_IMAGE_PIXELS: growing past the budget after the render can never be granted."""
         copies = self.copies
-        async with self.pixels.hold(min(expected, self.pixels.max_pixels // copies), copies, flow) as reservation:
+        limit = max(1, min(self.settings.max_image_pixels, self.pixels.max_pixels // copies))
+        expected = doc.expected_pixels(page, dpi, limit)
+        async with self.pixels.hold(expected, copies, flow) as reservation:
             rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
             actual = rendered.image.width * rendered.image.height
             reservation = await self.pixels.settle(reservation, actual, copies)

@@ -112,6 +112,7 @@ class PixelBudget:
         reserved (a page whose crop box did not tell its render size)."""
         missing = pixels * copies - reservation.pixels
         if missing > 0:
+            self.check(pixels * copies, copies)  # more than the whole budget: growing would wait for ever
             extra = await self.reserve(missing, flow=reservation.flow)
             reservation.pixels, extra.pixels = reservation.pixels + extra.pixels, 0
         return self.handover(reservation, pixels * copies)

@@ -97,6 +97,26 @@ def test_item_over_the_whole_budget_is_413(tiny_checkpoint: Path) -> None:
         problem(httpx.post(url + "/ocr/image/simple", files=files, timeout=60), 413, "MAX_DECODED_MPIX")
 
 
+def test_pdf_page_over_the_whole_budget_is_rendered_to_fit(tiny_checkpoint: Path) -> None:
+    """A PDF page that would render to more than MAX_DECODED_MPIX failed with a 413 naming a size it does not
+    have (the budget it reserved, grown by twice its render), or, where the shortfall alone fitted, waited for
+    ever for pixels only its own release could free. It is rendered at the dpi that fits instead, as for
+    MAX_IMAGE_PIXELS, with a note saying so."""
+    from test_pdf_routes import make_pdf
+
+    env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DEFAULT_MAX_TOKENS": "4",
+           "MAX_DECODED_MPIX": "1", "DATA_DIR": data_dir()}
+    with serve_with_limits(env) as (url, _):
+        r = httpx.post(url + "/pdf/ocr", files={"file": ("a4.pdf", make_pdf(2))}, data={"dpi": "144"},
+                       timeout=60)
+        assert r.status_code == 200, show(r)
+        pages = r.json()["pages"]
+        assert len(pages) == 2 and {p["status"] for p in pages} <= {"ok", "truncated"}, pages
+        for p in pages:
+            assert p["width"] * p["height"] <= 1_000_000 and p["dpi"] < 144, p
+            assert "instead of 144 dpi" in (p.get("note") or ""), p
+
+
 @pytest.mark.parametrize("key", [" ", ",", " , ,"])
 def test_api_key_without_a_key_stops_startup(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`API_KEY=" "` silently opened every route: building the app (start-up) now stops, saying why."""
@@ -164,6 +184,29 @@ def test_pixel_budget_is_fifo_and_released_on_cancel() -> None:
         assert budget.used == 0 and budget.waiting == 0
         with pytest.raises(PayloadTooLarge, match="MAX_DECODED_MPIX"):
             await budget.reserve(101)
+
+    asyncio.run(scenario())
+
+
+def test_pixel_budget_settle_past_the_whole_budget_is_413_not_a_wait() -> None:
+    """An item that grows (`settle`) past the whole budget can never fit: growing waited for ever when the
+    shortfall alone fitted in the budget. Growth that fits waits its turn and is then held."""
+    import asyncio
+
+    from errors import PayloadTooLarge
+    from pixel_budget import PixelBudget
+
+    async def scenario() -> None:
+        budget = PixelBudget(100)
+        held = await budget.reserve(100)
+        with pytest.raises(PayloadTooLarge, match="MAX_DECODED_MPIX"):
+            await asyncio.wait_for(budget.settle(held, 150), 1)
+        held.resize(40)
+        grown = await asyncio.wait_for(budget.settle(held, 70), 1)
+        assert grown.pixels == 70 and budget.used == 70
+        grown.release()
+        held.release()
+        assert budget.used == 0
 
     asyncio.run(scenario())
 

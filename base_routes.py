@@ -8,10 +8,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import JSONResponse
 
-import inputs
-from answers import usage_model
+import images
 from config import Settings
-from deps import (
+from service.ocr import OcrRequest, OcrService
+from web.answers import usage_model
+from web.deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
@@ -28,9 +29,8 @@ from deps import (
     read_upload,
     shown,
 )
-from engines import DEMO_NOTICE
-from pipeline import OcrRequest, OcrService
-from schemas import EngineState, GenerateRequest, GenerateResponse, HealthResponse, RootResponse
+from web.schemas.common import EngineState, GenerateRequest, GenerateResponse, HealthResponse, RootResponse
+from workers.start import DEMO_NOTICE
 
 __version__ = "1.0.0"
 GENERATE_PROMPT = "<image>\nFree OCR."
@@ -147,8 +147,8 @@ async def generate(body: GenerateRequest, service: ServiceDep, settings: Setting
     req = service.admit(req)
     image = None
     if body.image_base64 is not None:
-        data = inputs.decode_base64_image(body.image_base64, max_bytes=settings.max_upload_bytes)
-        image = await service.blocking(inputs.decode_image, data, max_pixels=settings.max_image_pixels)
+        data = images.decode_base64_image(body.image_base64, max_bytes=settings.max_upload_bytes)
+        image = await service.blocking(images.decode_image, data, max_pixels=settings.max_image_pixels)
     return await _generate(service, req, image)
 
 
@@ -185,7 +185,7 @@ async def generate_with_file(
     )
     req = service.admit(req)
     data = await read_upload(file, settings)
-    image = await service.blocking(inputs.decode_image, data, max_pixels=settings.max_image_pixels)
+    image = await service.blocking(images.decode_image, data, max_pixels=settings.max_image_pixels)
     return await _generate(service, req, image)
 
 

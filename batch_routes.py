@@ -17,10 +17,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Form, UploadFile
 from fastapi.responses import Response
 
-from answers import BatchRun, attachment, batch_response, batch_simple_response, batch_zip, member_stems
-from batch_schemas import BatchResponse, BatchSimpleResponse
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_BATCH, Settings
-from deps import (
+from errors import PayloadTooLarge
+from jobs import handoff
+from service.ocr import OcrRequest, OcrService, PostOptions
+from web.answers import BatchRun, attachment, batch_response, batch_simple_response, batch_zip, member_stems
+from web.deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
@@ -32,10 +34,8 @@ from deps import (
     prompt_form,
     shown,
 )
-from errors import PayloadTooLarge
-from jobs import handoff
-from pipeline import OcrRequest, OcrService, PostOptions
-from router_status import add_status_routes
+from web.schemas.batch import BatchResponse, BatchSimpleResponse
+from web.status import add_status_routes
 
 router = APIRouter(prefix="/batch", tags=["batch OCR"], dependencies=[KnownFieldsOnly])
 

@@ -1,7 +1,7 @@
 """The service's one exception family and its RFC 9457 problem+json rendering.
 
 Everything below raises an `OcrError` subclass; `serve_ocr.py` installs one handler that renders
-each as `application/problem+json`. Plain modules (`ocr_utils`, `inputs`, `process/`) raise these
+each as `application/problem+json`. Plain modules (`ocr_utils`, `images`, `process/`) raise these
 without importing FastAPI.
 """
 

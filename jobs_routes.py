@@ -1,7 +1,7 @@
 """Jobs API: submit a PDF or a batch of images, follow it page by page (SSE), read or download its results,
 cancel it. A thin router over `jobs/`: the runner, the store, the files and the answers live there.
 
-Results are the sync routes' answers rebuilt from stored pages (`answers.py`): `/jobs/{id}/result` is
+Results are the sync routes' answers rebuilt from stored pages (`web.web/answers.py`): `/jobs/{id}/result` is
 shaped like `/pdf/ocr` (or `/batch/ocr`), `/jobs/{id}/download` is `/pdf/ocr/download`'s ZIP (or
 `/batch/ocr/download`'s). With API keys set, a job is visible only to the key that made it.
 """
@@ -15,8 +15,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-import inputs
-from answers import (
+import images
+from config import DOCUMENT_PROMPT
+from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from jobs import events, results, views, webhooks
+from jobs.schemas import JobDetail, JobList, JobSummary
+from jobs.store import ACTIVE, TERMINAL
+from jobs.submit import create_job, document_notes, owner_of
+from service.ocr import OcrRequest
+from web.answers import (
     BatchRun,
     attachment,
     batch_response,
@@ -27,9 +34,7 @@ from answers import (
     pdf_response,
     pdf_zip,
 )
-from batch_schemas import BatchFileResult, BatchResponse
-from config import DOCUMENT_PROMPT
-from deps import (
+from web.deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
@@ -44,15 +49,10 @@ from deps import (
     read_upload,
     shown,
 )
-from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
-from jobs import events, results, views, webhooks
-from jobs.models import JobDetail, JobList, JobSummary
-from jobs.store import ACTIVE, TERMINAL
-from jobs.submit import create_job, document_notes, owner_of
-from pdf_schemas import PdfOcrResponse, PdfPageModel
-from pipeline import OcrRequest
-from router_status import add_status_routes
-from schemas import Problem
+from web.schemas.batch import BatchFileResult, BatchResponse
+from web.schemas.common import Problem
+from web.schemas.pdf import PdfOcrResponse, PdfPageModel
+from web.status import add_status_routes
 
 _PROBLEM = {"model": Problem, "content": {PROBLEM_MEDIA_TYPE: {}}}
 router = APIRouter(
@@ -193,7 +193,7 @@ async def submit(
     if kind == "pdf":
         async with service.render_pool.document(blobs[0], password=password, max_pages=10**9) as doc:
             page_count = doc.page_count
-            items = [{"page": n} for n in inputs.parse_page_ranges(pages, page_count)]
+            items = [{"page": n} for n in images.parse_page_ranges(pages, page_count)]
             spec["warnings"] = document_notes(doc)
     else:
         for name, blob in zip(names, blobs, strict=True):

@@ -33,8 +33,8 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field
 
-import inputs
-import observability
+import images
+import logging_config
 from config import Settings, load_settings
 from errors import OcrError
 
@@ -110,7 +110,7 @@ async def load_input(settings: Settings, b64: str | None, path: str | None, *, d
     if b64 is not None:
         payload = b64.partition(",")[2] if b64[:5].lower() == "data:" else b64  # data:application/pdf too
         try:
-            data = await asyncio.to_thread(inputs.decode_base64_image, payload, max_bytes=settings.max_upload_bytes)
+            data = await asyncio.to_thread(images.decode_base64_image, payload, max_bytes=settings.max_upload_bytes)
         except OcrError as exc:
             raise ToolError(exc.detail) from None
         return default_name, data
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", help="the key to send (default: the first of API_KEY)")
     args = parser.parse_args(argv)
     settings = load_settings()
-    observability.configure_logging(settings)  # stderr: stdout carries the protocol
+    logging_config.configure_logging(settings)  # stderr: stdout carries the protocol
     stdio_server(args, settings).run("stdio")
 
 

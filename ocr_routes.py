@@ -6,10 +6,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, UploadFile
 
-import inputs
-from answers import image_response, usage_model
+import images
 from config import FREE_PROMPT, IMAGE_PROMPT, MODES, NGRAM_IMAGE, ModeSpec, Settings
-from deps import (
+from service.ocr import OcrRequest, OcrService, PostOptions
+from web.answers import image_response, usage_model
+from web.deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
@@ -26,9 +27,8 @@ from deps import (
     read_upload,
     shown,
 )
-from pipeline import OcrRequest, OcrService, PostOptions
-from router_status import add_status_routes
-from schemas import ImageOcrResponse, SimpleTextResponse
+from web.schemas.common import ImageOcrResponse, SimpleTextResponse
+from web.status import add_status_routes
 
 router = APIRouter(prefix="/ocr", tags=["image OCR"], dependencies=[KnownFieldsOnly])
 
@@ -52,7 +52,7 @@ def mode_for(mode: str | None, crop_mode: str | None, service: OcrService, setti
 
 async def decoded(service: OcrService, file: UploadFile) -> object:
     data = await read_upload(file, service.settings)
-    return await service.blocking(inputs.decode_image, data, max_pixels=service.settings.max_image_pixels)
+    return await service.blocking(images.decode_image, data, max_pixels=service.settings.max_image_pixels)
 
 
 @router.post(

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-from archives import build_zip, encode_jpeg, encode_png, layout_pdf, safe_member_name, to_rgb
+from outputs.archive import build_zip, encode_jpeg, encode_png, layout_pdf, safe_member_name, to_rgb
 
 Box = tuple[int, int, int, int]
 
@@ -467,7 +467,7 @@ def _at_least_one(lo: int, hi: int, size: int) -> tuple[int, int]:
     return lo, lo + 1
 
 
-__all__ = [  # the packaging helpers live in archives.py; these names stay importable from here
+__all__ = [  # the packaging helpers live in outputs/archive.py; these names stay importable from here
     "build_zip",
     "encode_jpeg",
     "encode_png",

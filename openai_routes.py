@@ -5,7 +5,7 @@ only a base URL and `API_KEY` as their api_key. One request is one image (an `im
 prompt (the text parts of the last user message; `<image>` is placed as the other routes place it). Our
 options (`mode`, `ngram_size`, `ngram_window`) travel as extra body fields. Streaming answers OpenAI's SSE
 chunks and ends with `data: [DONE]`; a client that goes away stops the engine's generation. Errors come out
-in OpenAI's error shape (`openai_schemas.OpenAIErrorShape`). The model's text is returned raw, as
+in OpenAI's error shape (`web.schemas.openai.OpenAIErrorShape`). The model's text is returned raw, as
 `vllm serve` does: a grounding prompt gives grounding tags.
 """
 
@@ -23,12 +23,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
 
-import inputs
+import images
 from config import FREE_PROMPT
-from deps import PROMPT_MAX_CHARS, ServiceDep, SettingsDep, deadline
 from engines.base import Usage
 from errors import BadRequest, DeadlineExceeded, OcrError, ServiceUnavailable
-from openai_schemas import (
+from service.ocr import OcrRequest, OcrService
+from web.deps import PROMPT_MAX_CHARS, ServiceDep, SettingsDep, deadline
+from web.schemas.openai import (
     ERROR_RESPONSES,
     AssistantMessage,
     ChatCompletion,
@@ -41,7 +42,6 @@ from openai_schemas import (
     ModelNotFound,
     openai_error,
 )
-from pipeline import OcrRequest, OcrService
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
 _STARTED = int(time.time())
@@ -120,7 +120,7 @@ async def decode_url(service: OcrService, url: str) -> Image.Image:
     """Base64 data URL -> RGB image, in the worker pool (a 50 MB string is not decoded on the event loop),
     its pixels reserved in the decoded-pixel budget (MAX_DECODED_MPIX) first, like every route's uploads."""
     settings = service.settings
-    data = await service.blocking(inputs.decode_base64_image, url, max_bytes=settings.max_upload_bytes)
+    data = await service.blocking(images.decode_base64_image, url, max_bytes=settings.max_upload_bytes)
     return await service.decode(data, max_pixels=settings.max_image_pixels, wait_s=settings.generate_timeout_s)
 
 

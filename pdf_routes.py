@@ -14,9 +14,11 @@ from typing import Annotated
 import pymupdf  # noqa: F401  # this router's own dependency: the app leaves the router out when it is missing
 from fastapi import APIRouter, Depends, Form, Response, UploadFile
 
-from answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
-from deps import (
+from jobs import handoff
+from service.ocr import DocumentRun, OcrRequest, OcrService, PostOptions
+from web.answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
+from web.deps import (
     KnownFieldsOnly,
     MaxTokensForm,
     ModeForm,
@@ -30,10 +32,8 @@ from deps import (
     read_upload,
     shown,
 )
-from jobs import handoff
-from pdf_schemas import PdfOcrResponse, PdfSimpleResponse
-from pipeline import DocumentRun, OcrRequest, OcrService, PostOptions
-from router_status import add_status_routes
+from web.schemas.pdf import PdfOcrResponse, PdfSimpleResponse
+from web.status import add_status_routes
 
 router = APIRouter(prefix="/pdf", tags=["PDF OCR"], dependencies=[KnownFieldsOnly])
 
@@ -167,7 +167,7 @@ def _parameters(s: Settings) -> dict[str, str]:
         "password": "Password of an encrypted PDF",
         "mode": f"One of {', '.join(MODES)}; default {s.default_mode.name}",
         "draw_layouts / extract_images": "true/false, default true (ocr, download)",
-        "searchable_pdf": "true/false, default false (ocr): the original pages with the text laid under them; "
+        "outputs.searchable": "true/false, default false (ocr): the original pages with the text laid under them; "
         "always `{name}_searchable.pdf` in the download",
         "max_tokens": f"Per page, 1..{s.max_model_len}; default {min(s.default_max_tokens, s.max_model_len)}",
         "ngram_size / ngram_window": f"No-repeat guard, default {NGRAM_PDF[0]}/{NGRAM_PDF[1]} "

@@ -1,8 +1,8 @@
 """DeepSeek-OCR API: the FastAPI app, its lifecycle, error handling and router loading.
 
 `create_app(settings, engine_factory=None)` builds the app. Its lifespan starts the engines (the configured
-one, or the factory's: tests inject replay engines), puts them behind one `admission.Admission` and builds
-the `pipeline.OcrService` every router calls (`app.state.service`). The image, PDF, batch and OpenAI (`/v1`)
+one, or the factory's: tests inject replay engines), puts them behind one `service.admission.Admission` and builds
+the `service.ocr.OcrService` every router calls (`app.state.service`). The image, PDF, batch and OpenAI (`/v1`)
 routers are included when they import; one that does not is reported by `/` and by its `/status`, and the
 rest keeps working. The MCP server (`mcp_server.py`) is mounted at `/mcp` the same way.
 Run: `uvicorn serve_ocr:app` (or `python serve_ocr.py`).
@@ -27,22 +27,22 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import base_routes
-import observability
-import slow_clients
+import logging_config
 import web
-from admission import Admission
 from config import Settings, load_settings
-from deps import accepted_fields, unknown_field_error
-from engines import DEMO_NOTICE, EngineFactory, start_engines
 from engines.base import UnavailableEngine
 from engines.supervisor import EngineSupervisor
 from errors import PROBLEM_MEDIA_TYPE, OcrError
-from middleware import install_middleware
-from openai_schemas import OpenAIErrorShape
-from pdf_limits import PdfLimits
-from pdf_render import RenderPool
-from pipeline import OcrService
-from schemas import Problem, RouterState
+from pdf.limits import PdfLimits
+from pdf.render_pool import RenderPool
+from service.admission import Admission
+from service.ocr import OcrService
+from web import metrics, slow_clients
+from web.deps import accepted_fields, unknown_field_error
+from web.guard import install_middleware
+from web.schemas.common import Problem, RouterState
+from web.schemas.openai import OpenAIErrorShape
+from workers.start import DEMO_NOTICE, EngineFactory, start_engines
 
 __version__ = base_routes.__version__
 log = logging.getLogger("deepseek_ocr")
@@ -98,7 +98,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(prestart), PRESTART_WAIT_S)
     app.state.service = service = build_service(settings, engines, executor, render_pool)
-    service.observers.append(observability.item_observer(app.state.metrics))
+    service.observers.append(metrics.item_observer(app.state.metrics))
     service.supervisor.start()
     scaler = start_scaler(settings, service)
     mcp_sessions = app.state.mcp_sessions
@@ -253,7 +253,7 @@ def mount_mcp(app: FastAPI) -> Any:
 
 
 def _unavailable_status(name: str, reason: str) -> Any:
-    from router_status import route_status
+    from web.status import route_status
 
     async def status(request: Request) -> Any:
         return route_status(request, name, available=False, reason=reason)
@@ -263,7 +263,7 @@ def _unavailable_status(name: str, reason: str) -> Any:
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
     settings = settings or load_settings()
-    observability.configure_logging(settings)
+    logging_config.configure_logging(settings)
     app = FastAPI(
         title="DeepSeek-OCR API",
         version=__version__,
@@ -283,7 +283,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     install_middleware(app, settings)
     slow_clients.install(settings.body_timeout_s)  # request headers get BODY_TIMEOUT_S too (h11)
     app.add_middleware(OpenAIErrorShape)  # outermost: /v1/* errors in OpenAI's shape, the guard's 401 too
-    observability.install(app, settings)
+    metrics.install(app, settings)
     web.install(app)
     app.include_router(base_routes.router)
     app.state.routers = include_routers(app)

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-ARCHITECTURES = {"ocr": "DeepseekOCRForCausalLM", "ocr2": "DeepseekOCR2ForCausalLM"}
+from process.modes import ARCHITECTURES
+
 SAM_KEY = "sam_vit_b"
 CLIP_KEY = "clip-l-14-224"
 # vision_config key of DeepSeek-OCR-2's Qwen2-shaped encoder (vLLM hard-codes its sizes and ignores the key).

@@ -1,6 +1,6 @@
 """Benchmark of the PDF route: PyMuPDF rendering speed, and the server's peak memory on long PDFs.
 
-(a) pages/s of `pdf_worker.render_page` at 144 dpi on A4 text pages, one thread.
+(a) pages/s of `render_process.render_page` at 144 dpi on A4 text pages, one thread.
 (b) peak RSS of `uvicorn serve_ocr:app` (a fresh process per run, on a tiny random checkpoint written with
     `python deepseek_ocr.py make-tiny DIR`; the server process and its page-rendering child processes apart)
     while it answers `POST /pdf/ocr` for PDFs of 30, 100 and 300 pages, sampled with psutil every 0.2 s;
@@ -38,7 +38,7 @@ import pymupdf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import pdf_worker  # noqa: E402  (the repository root is on sys.path only from here)
+from pdf import render_process  # noqa: E402  (the repository root is on sys.path only from here)
 
 PARAGRAPH = (
     "The quarterly results show revenue growth across all regions, driven by new contracts and a steady "
@@ -59,13 +59,13 @@ def text_pdf(pages: int) -> bytes:
 
 
 def bench_render(pages: int, dpi: int) -> tuple[float, int]:
-    """Pages per second of `pdf_worker.render_page`, one thread, after one warm-up page; and the image size."""
-    source = pdf_worker.open_pdf(text_pdf(pages), max_pages=pages)
+    """Pages per second of `render_process.render_page`, one thread, after one warm-up page; and the image size."""
+    source = render_process.open_pdf(text_pdf(pages), max_pages=pages)
     with source:
-        size = pdf_worker.render_page(source, 1, dpi=dpi, max_pixels=10**9).image.size
+        size = render_process.render_page(source, 1, dpi=dpi, max_pixels=10**9).image.size
         start = time.perf_counter()
         for page in range(1, pages + 1):
-            pdf_worker.render_page(source, page, dpi=dpi, max_pixels=10**9)
+            render_process.render_page(source, page, dpi=dpi, max_pixels=10**9)
         elapsed = time.perf_counter() - start
     return pages / elapsed, size[0] * size[1]
 

@@ -79,17 +79,17 @@ def settings_for(args: argparse.Namespace) -> Any:
 
 def rendered_pages(args: argparse.Namespace) -> list[Any]:
     """Every page of --pdf at --dpi, rendered as the service renders them (the raw paths do it untimed)."""
-    import pdf_worker
+    from pdf import render_process
 
-    with pdf_worker.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
-        return [pdf_worker.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
+    with render_process.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
+        return [render_process.render_page(source, p, dpi=args.dpi, max_pixels=40_000_000).image
                 for p in range(1, source.page_count + 1)]
 
 
 def page_params(args: argparse.Namespace, builder: Any) -> Any:
     """vLLM sampling parameters for --max-tokens and --ngram, as the service builds them."""
     from engines.base import SamplingParams as Sampling
-    from engines.vllm_engine import sampling_params
+    from engines.vllm.engine import sampling_params
 
     return sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0],
                                     ngram_window=args.ngram[1]), builder.whitelist, delta=False)
@@ -97,7 +97,7 @@ def page_params(args: argparse.Namespace, builder: Any) -> Any:
 
 def async_engine(args: argparse.Namespace, **extra: Any) -> tuple[Any, float]:
     """An AsyncLLM with the service's engine settings (and `extra` engine arguments), and its start time."""
-    from engines.vllm_engine import engine_kwargs, prepare_environment
+    from engines.vllm.engine import engine_kwargs, prepare_environment
 
     prepare_environment()
     import vllm
@@ -114,7 +114,7 @@ def async_engine(args: argparse.Namespace, **extra: Any) -> tuple[Any, float]:
 def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     from config import DOCUMENT_PROMPT, MODES
     from engines.base import SamplingParams as Sampling
-    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+    from engines.vllm.engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
 
     prepare_environment()
     from vllm import LLM
@@ -459,10 +459,10 @@ def page_png(args: argparse.Namespace) -> bytes:
     """The first page of the benchmark PDF as the PNG a client would upload (A4 at --dpi)."""
     import io
 
-    import pdf_worker
+    from pdf import render_process
 
-    with pdf_worker.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
-        image = pdf_worker.render_page(source, 1, dpi=args.dpi, max_pixels=40_000_000).image
+    with render_process.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
+        image = render_process.render_page(source, 1, dpi=args.dpi, max_pixels=40_000_000).image
     buf = io.BytesIO()
     image.save(buf, "PNG")
     return buf.getvalue()
@@ -503,7 +503,7 @@ def run_interactive_raw(args: argparse.Namespace) -> dict[str, Any]:
     from PIL import Image
 
     from config import IMAGE_PROMPT, MODES
-    from engines.vllm_engine import PromptBuilder, vllm_image
+    from engines.vllm.engine import PromptBuilder, vllm_image
 
     png = page_png(args)
     gundam = MODES["gundam"]
@@ -549,7 +549,7 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
     from config import DOCUMENT_PROMPT, MODES
-    from engines.vllm_engine import PromptBuilder, vllm_image
+    from engines.vllm.engine import PromptBuilder, vllm_image
 
     images = rendered_pages(args)
     gundam = MODES["gundam"]

@@ -4,7 +4,7 @@ One random checkpoint with the real SAM/CLIP sizes and a 2-layer real-width deco
 vision="real", decoder="small")`) is loaded by both. For each case (an image, a mode, a fixed 64-token
 continuation) both see prompt + continuation; at each of the 64 continuation positions the next-token
 choice of our full forward pass is compared with vLLM's top-1 prompt logprob. Every mode runs, all of them
-on one vLLM engine in one `generate` call (per-request modes, `engines.vllm_modes`: mixed batches too).
+on one vLLM engine in one `generate` call (per-request modes, `engines.vllm.modes`: mixed batches too).
 Also compared: prompt ids (so prompt and image token counts), free-running greedy decoding (64 tokens,
 n-gram off), and two probes of a balanced black/white page (its tiles' pixels sum to exactly 0, which
 vLLM's own class took for "no image"), raw and through `vllm_image`.
@@ -115,7 +115,7 @@ def balanced_page() -> Any:
 def run_vllm(ckpt: str, dtype: str, out: str, probe: bool) -> None:
     from config import Settings
     from engines.base import SamplingParams as Sampling
-    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+    from engines.vllm.engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
 
     prepare_environment()  # the per-request-mode plugin, here and in the engine core vLLM spawns
     from vllm import LLM, SamplingParams
@@ -166,7 +166,7 @@ def probe_balanced(llm: Any, builder: Any) -> dict[str, str]:
     """Whether vLLM survives a page whose tiles sum to 0: first through vllm_image, then raw (the plugin's
     model decides "no image" by tensor size, so raw should pass too)."""
     from engines.base import SamplingParams as Sampling
-    from engines.vllm_engine import sampling_params, vllm_image
+    from engines.vllm.engine import sampling_params, vllm_image
 
     gundam = MODES["gundam"]
     params = sampling_params(Sampling(max_tokens=4, ngram_size=0), builder.whitelist, delta=False)

@@ -4,7 +4,7 @@ No engine and no GPU: for each mode and image size, vLLM's `DeepseekOCRProcessor
 builds it for a request (`cached_get_processor_without_dynamic_kwargs` with the request's
 `mm_processor_kwargs`, the kwargs filtered as `call_hf_processor` filters them) and run on `vllm_image(image)`.
 Checked: the processor got the mode's sizes (a transformers version could drop them), its token count equals
-the plugin's (`engines.vllm_modes.count_placeholders` with vLLM's grid), ours and DEEPSEEK_OCR_FACTS; its
+the plugin's (`engines.vllm.modes.count_placeholders` with vLLM's grid), ours and DEEPSEEK_OCR_FACTS; its
 global view and tiles equal `process.image_process.preprocess` bit for bit. Needs vllm importable (and
 torchvision, which vLLM's processor imports). Exit status 1 on any mismatch.
 
@@ -52,8 +52,8 @@ def main() -> int:
     )
     from vllm.utils.func_utils import get_allowed_kwarg_only_overrides
 
-    from engines.vllm_engine import vllm_image
-    from engines.vllm_modes import ViewSizes, count_placeholders, mode_kwargs
+    from engines.vllm.engine import vllm_image
+    from engines.vllm.modes import ViewSizes, count_placeholders, mode_kwargs
     from process.image_process import MODES, count_image_tokens, preprocess
 
     def grid(w: int, h: int, s: int) -> tuple[int, int]:

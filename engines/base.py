@@ -2,9 +2,9 @@
 
 An engine turns one `EngineRequest` (prompt, optional image, mode, sampling) into streamed text. It owns
 nothing of admission: how many requests may run on it at once is its `max_concurrency`, and the service's
-`admission.Admission` keeps that limit with explicit slot tokens, so several engines can stand behind one
+`service.admission.Admission` keeps that limit with explicit slot tokens, so several engines can stand behind one
 service. Implementations: `engines.torch_engine.TorchEngine` (our `deepseek_ocr.py`, any device) and
-`engines.vllm_engine.VllmEngine` (vLLM on GPUs); `UnavailableEngine` stands in when no model loads.
+`engines.vllm.engine.VllmEngine` (vLLM on GPUs); `UnavailableEngine` stands in when no model loads.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from deepseek_ocr import SamplingParams
+from config import ModelSpec
 from errors import ModelNotReady, UnsupportedMode
-from model_catalog import ModelSpec
-from process.image_process import MODES, ModeSpec
+from process.modes import MODES, ModeSpec
+from process.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -114,7 +114,7 @@ class BaseEngine:
         self.peak_running = 0  # the most at once since start: admission must keep it <= max_concurrency
         self.completed = 0
         self.demo = False
-        self.model: ModelSpec | None = None  # which model it serves (set by `engines.start_engines`)
+        self.model: ModelSpec | None = None  # which model it serves (set by `workers.start.start_engines`)
         self.started = False  # has served at least once: only those are restarted when they die
         self.restarting = False
         self._ready = False

@@ -21,7 +21,7 @@ def _torch(settings: Settings) -> BaseEngine:
 
 
 def _vllm(settings: Settings) -> BaseEngine:
-    from engines.vllm_engine import VllmEngine
+    from engines.vllm.engine import VllmEngine
 
     return VllmEngine(settings)
 

@@ -4,7 +4,7 @@
 cancelled (their engine work aborted), and a job is created from the request's input and the items already
 finished (stored as done, never redone); the 504 names it (`job_id`, and in the detail text), and the job
 runs the rest. A client that disconnects cancels the request instead: no job, everything aborted.
-Without a job runner (it failed to start) this is the plain deadline of `deps.deadline`.
+Without a job runner (it failed to start) this is the plain deadline of `web.deps.deadline`.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import inputs
-import observability
-from admission import in_window
-from deps import deadline, read_upload
+import images
 from errors import DeadlineExceeded, OcrError
 from jobs import runner_of
 from jobs.submit import create_job, document_notes, owner_of
-from pipeline import DocumentRun, ItemResult, OcrRequest, OcrService, PostOptions
+from service.admission import in_window
+from service.ocr import DocumentRun, ItemResult, OcrRequest, OcrService, PostOptions
+from web import metrics
+from web.deps import deadline, read_upload
 
 log = logging.getLogger("deepseek_ocr.jobs")
 
@@ -41,7 +41,7 @@ async def document(
     started = time.perf_counter()
     finished: dict[int, ItemResult] = {}
     async with service.render_pool.document(data, password=options.password, max_pages=settings.max_pdf_pages) as doc:
-        selected = inputs.parse_page_ranges(options.pages, doc.page_count)
+        selected = images.parse_page_ranges(options.pages, doc.page_count)
 
         async def one(i: int) -> ItemResult:
             finished[i] = result = await service.page(req, doc, selected[i], dpi=options.dpi, options=post)
@@ -50,7 +50,7 @@ async def document(
         results = await _within(settings.pdf_timeout_s, range(len(selected)), service.window, one)
         notes = document_notes(doc)
     if results is None:
-        from answers import download_stem
+        from web.answers import download_stem
 
         spec = _spec("pdf", req, options.mode, options.max_tokens, options.ngram, post, [filename or "document.pdf"])
         spec.update(dpi=options.dpi, pages=options.pages, password=options.password, stem=download_stem(filename),
@@ -108,7 +108,7 @@ async def _within(seconds: float, items: Any, window: int, fn: Callable[[Any], A
 
 def _spec(kind: str, req: OcrRequest, mode: str | None, max_tokens: int | None, ngram: tuple[int, int],
           post: PostOptions, names: list[str]) -> dict[str, Any]:
-    from answers import member_stems
+    from web.answers import member_stems
 
     return {
         "kind": kind, "prompt": req.prompt, "default_prompt": req.prompt, "mode": mode, "max_tokens": max_tokens,
@@ -120,7 +120,7 @@ def _spec(kind: str, req: OcrRequest, mode: str | None, max_tokens: int | None, 
 
 
 def _owner(settings: Any) -> str:
-    scope = observability.current_scope.get() or {}
+    scope = metrics.current_scope.get() or {}
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
     return owner_of(settings, headers)
 

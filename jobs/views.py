@@ -1,5 +1,5 @@
 """What a job looks like to clients: its summary and status document, and the sync routes' answers rebuilt
-from its stored page results (the same `answers.py` functions as `/pdf/ocr` and `/batch/ocr`).
+from its stored page results (the same `web.web/answers.py` functions as `/pdf/ocr` and `/batch/ocr`).
 
 Also how a stored job spec (the form options) becomes the `OcrRequest` and `PostOptions` its pages run with.
 """
@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from answers import BatchRun
 from config import Settings
 from jobs import results
-from pipeline import DocumentRun, OcrRequest, PostOptions
-from searchable_pdf import searchable_from_images, searchable_from_pdf
+from outputs.searchable import searchable_from_images, searchable_from_pdf
+from service.ocr import DocumentRun, OcrRequest, PostOptions
+from web.answers import BatchRun
 
 
 def request_of(settings: Settings, spec: dict[str, Any]) -> OcrRequest:

@@ -2,8 +2,8 @@
 
 The seed README's batch examples run verbatim (only host:port changed to the test server's). The random model
 cannot be asked for formulas or figures, so markdown building, crop naming and ZIP assembly are checked on given
-model texts through the service's own functions (`pipeline.postprocess`, `answers.member_stems`,
-`answers.batch_zip`), no mocks.
+model texts through the service's own functions (`service.ocr.postprocess`, `web.answers.member_stems`,
+`web.answers.batch_zip`), no mocks.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import requests
 from PIL import Image
 from server import make_settings, serve_app, show
 
-from answers import BatchRun, batch_zip, member_stems
 from config import DOCUMENT_PROMPT
 from engines.base import Usage
 from errors import InvalidImage
-from pipeline import ItemResult, PostOptions, postprocess
 from serve_ocr import create_app
+from service.ocr import ItemResult, PostOptions, postprocess
+from web.answers import BatchRun, batch_zip, member_stems
 
 FAST = {"mode": "tiny", "max_tokens": "4"}  # 73 image tokens, 4 generated: a file costs ~0.1 s on a CPU
 HOSTILE_NAMES = ["../../evil.png", "/abs.png", "a\\b.png", "same.png", "same.png"]
@@ -277,7 +277,7 @@ def test_status_info_and_openapi(base_url: str) -> None:
     assert "413" in download and "504" in download, download
     ocr = spec["paths"]["/batch/ocr"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert ocr["$ref"].endswith("/BatchResponse"), ocr
-    result = spec["components"]["schemas"]["BatchFileResult"]["properties"]
+    result = spec["components"]["web.schemas.common"]["BatchFileResult"]["properties"]
     assert all("description" in result[f] for f in ("markdown", "text", "status", "error")), result
 
 

@@ -3,7 +3,7 @@
 Skipped unless CUDA is available and `vllm` imports. The model is a real-size config-only checkpoint
 served with LOAD_FORMAT=dummy (random weights): GPU_TEST_MODEL names it, else one is written to a temp dir.
 One server for the `TestService` class (vLLM starts in about a minute) serves all five DeepSeek-OCR modes on
-one engine (the `engines.vllm_modes` plugin); after it has stopped, one in-process `VllmEngine` (MODE=base
+one engine (the `engines.vllm.modes` plugin); after it has stopped, one in-process `VllmEngine` (MODE=base
 as its default, every mode served) checks streaming, abort and engine-death reporting.
 Run: `python -m pytest -m gpu tests/test_gpu.py -v` (about 5 min on an H100).
 
@@ -109,7 +109,7 @@ FACTS_GUNDAM = {(600, 500): 273, (1190, 1684): 903, (300, 2000): 933}
 
 def facts_tokens(mode: str, size: tuple[int, int]) -> int:
     """Image tokens by DEEPSEEK_OCR_FACTS section 3 (checked against our own count too)."""
-    from process.image_process import MODES, count_image_tokens
+    from process.modes import MODES, count_image_tokens
 
     facts = FACTS_TOKENS[mode] if mode != "gundam" else FACTS_GUNDAM[size]
     spec = MODES[mode]
@@ -118,13 +118,13 @@ def facts_tokens(mode: str, size: tuple[int, int]) -> int:
 
 
 def gundam_tokens(width: int, height: int) -> int:
-    from process.image_process import count_image_tokens
+    from process.modes import count_image_tokens
 
     return count_image_tokens(width, height, 1024, 640, True)
 
 
 def prompt_ids(model: Path, prompt: str, has_image: bool) -> list[int]:
-    from engines.vllm_engine import PromptBuilder
+    from engines.vllm.engine import PromptBuilder
 
     return PromptBuilder.from_checkpoint(model).token_ids(prompt, 1 if has_image else None)
 
@@ -417,7 +417,7 @@ async def _in_process(model_dir: Path) -> None:
     from config import MODES, Settings
     from engines.base import EngineRequest
     from engines.base import SamplingParams as Sampling
-    from engines.vllm_engine import VllmEngine
+    from engines.vllm.engine import VllmEngine
     from errors import ModelNotReady
 
     settings = Settings(model_path=str(model_dir), engine="vllm", load_format="dummy", mode="base",
@@ -512,9 +512,9 @@ def test_resized_processor_cuts_what_a_built_one_cuts(model_dir: Path) -> None:
     from transformers import AutoTokenizer
     from vllm.transformers_utils.processors.deepseek_ocr import DeepseekOCRProcessor
 
-    from engines.vllm_modes import GUNDAM, ViewSizes
-    from engines.vllm_modes_model import resized_processor
-    from process.image_process import MODES
+    from engines.vllm.modes import GUNDAM, ViewSizes
+    from engines.vllm.modes_model import resized_processor
+    from process.modes import MODES
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     default = DeepseekOCRProcessor(tokenizer, image_size=GUNDAM.image_size, base_size=GUNDAM.base_size)

@@ -1,4 +1,4 @@
-"""GPU test: the batched n-gram processor (engines/vllm_ngram.py) bans what vLLM's per-request one bans.
+"""GPU test: the batched n-gram processor (engines/vllm/ngram.py) bans what vLLM's per-request one bans.
 
 Two vLLM engines on a real-size config with random weights (LOAD_FORMAT=dummy; greedy decoding with random
 weights loops, so the guard bans a lot), each in a child process (tests/data/vllm_ngram_audit.py):

@@ -66,7 +66,7 @@ def test_v2_is_served_with_its_one_mode(url2: str) -> None:
 
 @pytest.mark.parametrize("size", [(600, 400), (768, 768), (769, 768), (1190, 1684), (2000, 700), (300, 3000)])
 def test_v2_image_tokens_over_http(url2: str, size: tuple[int, int]) -> None:
-    from process.image_process import count_image_tokens_v2
+    from process.modes import count_image_tokens_v2
 
     r = post_image(url2, "/generate_with_file", {"max_tokens": "4"}, png(*size))
     assert r.status_code == 200, show(r)

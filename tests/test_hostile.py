@@ -25,10 +25,10 @@ import pymupdf
 import pytest
 from PIL import Image
 
-import inputs
+import images
 from errors import InvalidPdf, OcrError, PayloadTooLarge
-from pdf_limits import PdfLimits
-from pdf_render import RenderedPage, RenderPool
+from pdf.limits import PdfLimits
+from pdf.render_pool import RenderedPage, RenderPool
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG = 100_000_000
@@ -239,12 +239,12 @@ def test_xref_size_8388607_is_refused_before_mupdf_allocates() -> None:
 def test_progressive_jpeg_of_20000_scans_is_refused_before_decoding() -> None:
     data = progressive_jpeg(20_000)
     started = time.perf_counter()
-    for call in (lambda: inputs.image_info(data), lambda: inputs.decode_image(data, max_pixels=BIG)):
+    for call in (lambda: images.image_info(data), lambda: images.decode_image(data, max_pixels=BIG)):
         with pytest.raises(PayloadTooLarge) as caught:
             call()
         assert "JPEG_MAX_SCANS" in caught.value.detail and "20010 scans" in caught.value.detail, caught.value.detail
     assert time.perf_counter() - started < 1
-    assert inputs.decode_image(progressive_jpeg(20), max_pixels=BIG).size == (64, 64)  # under the cap: decodes
+    assert images.decode_image(progressive_jpeg(20), max_pixels=BIG).size == (64, 64)  # under the cap: decodes
     # The same JPEG inside a PDF is refused by the render worker before MuPDF decodes it.
     err, _ = refused_beside_ordinary(lambda pool: render(pool, image_page(data, 64, 64, b"DCTDecode")))
     assert err.status == 413 and "JPEG_MAX_SCANS" in err.detail, err.detail
@@ -281,7 +281,7 @@ def test_page_deadline_starts_when_its_render_starts_on_a_worker_that_reopens() 
 def test_allocation_failures_of_mupdf_are_memory_problems() -> None:
     """MuPDF says "realloc (1073741824 bytes) failed" under RLIMIT_AS: a memory problem naming the limit,
     not "the file is damaged"."""
-    from pdf_limits import MemoryLimitHit, memory_or
+    from pdf.limits import MemoryLimitHit, memory_or
 
     damaged = InvalidPdf("damaged")
     for text in ("realloc (1073741824 bytes) failed", "malloc (12 bytes) failed", "calloc (1 x 2 bytes) failed"):
@@ -353,10 +353,10 @@ def running(pid: int) -> bool:
 
 SERVER = """
 import asyncio, json, sys
-import pdf_render
+from pdf import render_pool
 
 async def main():
-    pool = pdf_render.RenderPool(2, page_timeout_s=60, open_timeout_s=30, memory_limit_mb=1024, spill_dir=sys.argv[1])
+    pool = render_pool.RenderPool(2, page_timeout_s=60, open_timeout_s=30, memory_limit_mb=1024, spill_dir=sys.argv[1])
     async with pool.document(open(sys.argv[2], "rb").read(), password=None, max_pages=5) as doc:
         rendered = await doc.render(1, dpi=72, max_pixels=10**8)
         async with pool.document(open(sys.argv[3], "rb").read(), password=None, max_pages=5) as heavy:
@@ -413,6 +413,6 @@ def test_image_info_of_a_png_reads_no_pixels() -> None:
 
     data = png_image(8000, 5000)
     started = time.perf_counter()
-    info = inputs.image_info(data, max_pixels=BIG)
+    info = images.image_info(data, max_pixels=BIG)
     assert (info.width, info.height, info.orientation) == (8000, 5000, 1)
     assert time.perf_counter() - started < 0.1  # decoding it takes ~0.5 s

@@ -134,8 +134,8 @@ def test_json_answer_images_are_capped() -> None:
     import zipfile
 
     import ocr_utils
-    from answers import pdf_response, pdf_zip
-    from pipeline import DocumentRun, ItemResult, PagePost
+    from service.ocr import DocumentRun, ItemResult, PagePost
+    from web.answers import pdf_response, pdf_zip
 
     def page(n: int) -> ItemResult:
         buf = io.BytesIO()
@@ -164,7 +164,7 @@ def test_pixel_budget_is_fifo_and_released_on_cancel() -> None:
     import asyncio
 
     from errors import PayloadTooLarge
-    from pixel_budget import PixelBudget
+    from service.pixel_budget import PixelBudget
 
     async def scenario() -> None:
         budget = PixelBudget(100)
@@ -194,7 +194,7 @@ def test_pixel_budget_settle_past_the_whole_budget_is_413_not_a_wait() -> None:
     import asyncio
 
     from errors import PayloadTooLarge
-    from pixel_budget import PixelBudget
+    from service.pixel_budget import PixelBudget
 
     async def scenario() -> None:
         budget = PixelBudget(100)
@@ -216,7 +216,7 @@ def test_pixel_budget_serves_the_request_holding_least_first() -> None:
     flow's own waiters in order; the chosen waiter blocks the rest until it fits (no bypass)."""
     import asyncio
 
-    from pixel_budget import PixelBudget
+    from service.pixel_budget import PixelBudget
 
     async def scenario() -> None:
         budget = PixelBudget(100)

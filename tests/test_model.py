@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import deepseek_ocr as dso
-from process.image_process import count_image_tokens
+from process.modes import count_image_tokens
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent

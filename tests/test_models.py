@@ -102,7 +102,7 @@ def test_two_models_side_by_side(tiny_checkpoint: Path, tiny_checkpoint_v2: Path
 
 def test_v2_ngram_defaults_differ_from_v1(tiny_checkpoint: Path, tiny_checkpoint_v2: Path) -> None:
     """The official v2 image script guards with 20/90; v1's image routes with 30/90 (both as defaults)."""
-    from model_catalog import NGRAM_DEFAULTS
+    from config import NGRAM_DEFAULTS
 
     assert NGRAM_DEFAULTS["ocr2"]["image"] == (20, 90) and NGRAM_DEFAULTS["ocr"]["image"] == (30, 90)
     settings = make_settings(None, models=f"ocr={tiny_checkpoint},ocr2={tiny_checkpoint_v2}")
@@ -110,7 +110,7 @@ def test_v2_ngram_defaults_differ_from_v1(tiny_checkpoint: Path, tiny_checkpoint
     with serve_app(app) as url:
         service = app.state.service
         from config import IMAGE_PROMPT
-        from pipeline import OcrRequest
+        from service.ocr import OcrRequest
 
         for name, expected in (("ocr", (30, 90)), ("ocr2", (20, 90))):
             req = service.admit(OcrRequest.build(service.settings, prompt="", default_prompt=IMAGE_PROMPT,

@@ -15,8 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from server import make_settings, serve_app, show
 from test_service import png_bytes
 
-import observability
+import logging_config
 from serve_ocr import create_app
+from web import metrics
 
 KEY = "obs-key"
 AUTH = {"X-API-Key": KEY}
@@ -43,7 +44,7 @@ def served(tiny_checkpoint: Path):
     @app.get("/echo/{item}")
     async def echo(item: str) -> dict[str, str | None]:
         logging.getLogger("deepseek_ocr.test").info("echo handler for %s", item)
-        return {"item": item, "request_id": observability.request_id()}
+        return {"item": item, "request_id": logging_config.request_id()}
 
     @app.get("/boom")
     async def boom() -> None:
@@ -51,7 +52,7 @@ def served(tiny_checkpoint: Path):
 
     with serve_app(app) as url:
         yield app, url
-    observability.configure_logging(make_settings(None))
+    logging_config.configure_logging(make_settings(None))
 
 
 def scrape(url: str, headers: dict[str, str] | None = None) -> dict[tuple[str, tuple], float]:
@@ -152,7 +153,7 @@ def test_413_from_the_guard_carries_the_request_id(served) -> None:
 def test_record_item_moves_item_token_and_finish_counters(served) -> None:
     """The service layer will call this per page; until it is wired, call it as that layer will."""
     app, url = served
-    metrics: observability.Metrics = app.state.metrics
+    metrics: metrics.Metrics = app.state.metrics
     before = scrape(url)
     metrics.record_item("/pdf/ocr", "gundam", "truncated", "length", 10, 603, 5)
     metrics.record_item("/pdf/ocr", "gundam", "ok", "stop", 12, 273, 7)
@@ -177,7 +178,7 @@ def test_record_item_moves_item_token_and_finish_counters(served) -> None:
 
 def test_state_and_jobs_sources_are_read_at_scrape_time(served) -> None:
     app, url = served
-    metrics: observability.Metrics = app.state.metrics
+    metrics: metrics.Metrics = app.state.metrics
     jobs = {"queued": 2, "running": 1}
     metrics.set_jobs_source(lambda: jobs)
     try:
@@ -192,7 +193,7 @@ def test_state_and_jobs_sources_are_read_at_scrape_time(served) -> None:
 
 def test_request_id_round_trips_into_header_handler_and_log(served, capsys) -> None:
     _, url = served
-    observability.configure_logging(make_settings(None, log_level="INFO"))
+    logging_config.configure_logging(make_settings(None, log_level="INFO"))
     capsys.readouterr()
     r = httpx.get(url + "/echo/x", headers={**AUTH, "X-Request-ID": "trace-42.A_b"})
     assert r.status_code == 200, show(r)
@@ -207,7 +208,7 @@ def test_request_id_round_trips_into_header_handler_and_log(served, capsys) -> N
 
 def test_unhandled_error_500_carries_the_request_id(served, capsys) -> None:
     _, url = served
-    observability.configure_logging(make_settings(None, log_level="INFO"))
+    logging_config.configure_logging(make_settings(None, log_level="INFO"))
     capsys.readouterr()
     r = httpx.get(url + "/boom", headers={**AUTH, "X-Request-ID": "bug-7"})
     assert r.status_code == 500, show(r)
@@ -233,7 +234,7 @@ def test_invalid_request_id_is_replaced(served, capsys, given: str) -> None:
 
 def test_text_logs_escape_control_characters(served, capsys) -> None:
     _, url = served
-    observability.configure_logging(make_settings(None, log_level="INFO"))
+    logging_config.configure_logging(make_settings(None, log_level="INFO"))
     capsys.readouterr()
     # The raw path reaches the access line decoded: a client-chosen newline and ESC sequence.
     r = httpx.get(url + "/forged%0A2026-01-01 00:00:00,000 INFO fake: hi%1B[2J", headers=AUTH)
@@ -249,7 +250,7 @@ def test_text_logs_escape_control_characters(served, capsys) -> None:
 
 def test_json_logs_one_object_per_line(served, capsys) -> None:
     _, url = served
-    observability.configure_logging(make_settings(None, log_format="json", log_level="INFO"))
+    logging_config.configure_logging(make_settings(None, log_format="json", log_level="INFO"))
     try:
         capsys.readouterr()
         r = httpx.get(url + "/echo/z%0Aq", headers={**AUTH, "X-Request-ID": "json-1"})
@@ -269,7 +270,7 @@ def test_json_logs_one_object_per_line(served, capsys) -> None:
         failure = next(e for e in entries if e["message"] == "outside a request")
         assert failure["request_id"] is None and "ValueError" in failure["exception"], failure
     finally:
-        observability.configure_logging(make_settings(None))
+        logging_config.configure_logging(make_settings(None))
 
 
 def test_metrics_public_setting_and_separate_registries(tiny_checkpoint: Path) -> None:

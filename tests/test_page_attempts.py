@@ -17,8 +17,8 @@ from replay import ReplayEngine, factory
 from server import make_settings, serve_app
 from test_pdf_routes import make_pdf
 
-from admission import Admission
 from serve_ocr import create_app
+from service.admission import Admission
 
 POISON = (595, 420)  # make_pdf's page 3 (A5 landscape) at 72 dpi
 

@@ -19,9 +19,9 @@ from PIL import Image
 from replay import ReplayEngine, factory
 from server import curl_form_string, make_settings, serve_app, show
 
-from answers import attachment, download_stem
 from engines.base import Usage
 from serve_ocr import create_app
+from web.answers import attachment, download_stem
 
 PROBLEM = "application/problem+json"
 PAGE_SPLIT = "\n<--- Page Split --->\n"

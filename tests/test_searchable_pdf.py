@@ -23,8 +23,8 @@ import pymupdf
 import pytest
 from PIL import Image
 
-import searchable_pdf as sp
 from ocr_utils import GRID_MAX, plain_text
+from outputs import searchable as sp
 
 LATIN_PAGES = [
     [["Quarterly Report 2024"], ["Revenue grew by twelve percent", "while costs stayed flat"]],

@@ -109,7 +109,7 @@ def test_two_engines_behind_one_admission_each_keep_their_limit(tiny_checkpoint:
 
 async def one_slot_admission() -> tuple[ReplayEngine, Any]:
     """A started replay engine of one slot, and admission over it alone."""
-    from admission import Admission
+    from service.admission import Admission
 
     engine = ReplayEngine(TEXT, max_concurrency=1)
     await engine.start()
@@ -144,7 +144,7 @@ async def _granted_in_order(capacity: int, held: list[str], queued: list[str], l
     """Items named `<flow><n>`: `held` get slots at once, `queued` then wait (in that order), `late` arrive
     after the first slot is freed. Slots are then freed one at a time, the oldest grant first; returns the
     order in which the waiting items got theirs."""
-    from admission import Admission
+    from service.admission import Admission
 
     engine = ReplayEngine(TEXT, max_concurrency=capacity)
     await engine.start()
@@ -294,8 +294,8 @@ def test_admission_grants_follow_the_rule_over_random_traffic() -> None:
     a free engine can run), whatever the grouping of waiters inside `Admission`."""
     import random
 
-    from admission import Admission
     from config import MODES
+    from service.admission import Admission
 
     async def trial(rng: random.Random) -> int:
         engines = [_ModesEngine(("base", "gundam"), 2), _ModesEngine(("tiny", "gundam"), 3)]

@@ -1,4 +1,4 @@
-"""The vLLM per-request-mode plugin's pure parts, on CPU without vLLM (`engines.vllm_modes`).
+"""The vLLM per-request-mode plugin's pure parts, on CPU without vLLM (`engines.vllm.modes`).
 
 The placeholder count vLLM will use (`count_placeholders`) against DEEPSEEK_OCR_FACTS section 3 and our own
 `process.image_process` count for all five modes; the per-request kwargs; the plugin's distribution
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from engines import vllm_modes
-from engines.vllm_modes import GUNDAM, ViewSizes, count_placeholders, mode_kwargs, write_dist_info
-from process.image_process import MODES, choose_grid, count_image_tokens
+from engines.vllm import modes as vllm_modes
+from engines.vllm.modes import GUNDAM, ViewSizes, count_placeholders, mode_kwargs, write_dist_info
+from process.modes import MODES, choose_grid, count_image_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [(1, 1), (64, 64), (600, 500), (640, 640), (641, 640), (640, 641), (1024, 1024), (1190, 1684),
@@ -78,8 +78,8 @@ def test_prompt_builder_sends_the_modes_kwargs_for_ocr_only(tiny_checkpoint: Pat
                                                             tiny_checkpoint_v2: Path) -> None:
     from PIL import Image
 
-    from engines.vllm_engine import PromptBuilder, mm_processor_kwargs
-    from process.image_process import MODES_V2
+    from engines.vllm.engine import PromptBuilder, mm_processor_kwargs
+    from process.modes import MODES_V2
 
     image = Image.new("RGB", (300, 200), "white")
     v1 = PromptBuilder.from_checkpoint(tiny_checkpoint)
@@ -112,7 +112,7 @@ def test_dist_info_is_written_once_and_found_by_importlib_metadata(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     # Loading it (importing engines.vllm_modes) is the next test's part.
     found = json.loads(out.stdout)
-    assert [vllm_modes.PLUGIN_NAME, "engines.vllm_modes:register", vllm_modes.DIST_NAME] in found, found
+    assert [vllm_modes.PLUGIN_NAME, "engines.vllm.modes:register", vllm_modes.DIST_NAME] in found, found
 
 
 STAND_IN_VLLM = '''
@@ -151,7 +151,7 @@ def child() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, sys.argv[1])  # the stand-in vllm, as if installed
-    from engines import vllm_modes
+    from engines.vllm import modes as vllm_modes
 
     import time
 

@@ -1,4 +1,4 @@
-"""CPU tests of engines/vllm_ngram.py: the batched n-gram bans equal vLLM's per-request processor's.
+"""CPU tests of engines/vllm/ngram.py: the batched n-gram bans equal vLLM's per-request processor's.
 
 The reference is vLLM's own `NoRepeatNGramLogitsProcessor` / `NGramPerReqLogitsProcessor` when vllm imports;
 otherwise `reference_bans` below (vLLM's rule written out plainly) together with our PyTorch engine's
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 
-from engines.vllm_ngram import (
+from engines.vllm.ngram import (
     MoveDirectionality,
     NGramBatchProcessor,
     apply_bans,

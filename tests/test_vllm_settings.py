@@ -1,5 +1,5 @@
 """vLLM engine settings that reach `vllm.AsyncEngineArgs`, checked on the CPU without vLLM
-(`engines.vllm_engine.engine_kwargs`); on the GPU, tests/test_gpu.py reads back what vLLM settled on."""
+(`engines.vllm.engine.engine_kwargs`); on the GPU, tests/test_gpu.py reads back what vLLM settled on."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from config import Settings
-from engines.vllm_engine import engine_kwargs, offline_batched_tokens
+from engines.vllm.engine import engine_kwargs, offline_batched_tokens
 
 
 def test_max_num_batched_tokens_setting_reaches_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,7 +48,7 @@ def test_vllm_reads_the_shipped_moe_tables_unless_the_operator_points_elsewhere(
 ) -> None:
     """`prepare_environment` points vLLM's fused-MoE table lookup at engines/moe_configs; an operator's
     own folder wins."""
-    from engines import vllm_engine
+    from engines.vllm import engine as vllm_engine
 
     assert vllm_engine.MOE_CONFIGS.is_dir() and (vllm_engine.MOE_CONFIGS / "README.md").is_file()
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from engines.base import EngineRequest, SamplingParams
-from process.image_process import MODES
+from process.modes import MODES
 from workers import wire
 
 

@@ -27,10 +27,10 @@ from test_service import png_bytes
 from config import Settings, usable_cpus
 from engines.base import EngineRequest, SamplingParams
 from errors import ModelNotReady
-from process.image_process import MODES
+from process.modes import MODES
 from serve_ocr import create_app
-from workers import WorkerSpec, worker_plan
 from workers.client import WorkerEngine
+from workers.plan import WorkerSpec, worker_plan
 
 POISON_SIZE = (321, 123)
 

@@ -24,7 +24,7 @@ from typing import Any
 from config import Settings
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest
 from errors import ModelNotReady, OcrError
-from workers import WorkerSpec
+from workers.plan import WorkerSpec
 from workers.wire import decode_error, frame, read_frame, request_frames, write_pixels
 
 log = logging.getLogger("deepseek_ocr.workers")
@@ -138,7 +138,7 @@ class WorkerEngine(BaseEngine):
 
     @property
     def result_worker(self) -> str:
-        """What `pipeline.OcrService.generate` writes into each result it ran: this replica's worker (the job
+        """What `service.ocr.OcrService.generate` writes into each result it ran: this replica's worker (the job
         runner puts the replica's id before it in a page's `worker` field)."""
         return self.spec.label
 

@@ -5,7 +5,7 @@ Messages from the server: ("start", settings, model spec, worker spec, engine ki
 pixels, ("abort", request id) and ("close",). Answers: ("ready", info) or
 ("failed", error) once, then ("chunk", request id, EngineChunk), ("error", request id, error, engine ready, reason) and
 ("health", ready, reason, running, detail) whenever the engine's state changes (and every few seconds).
-The engine is the ordinary `engines.build_engine` one; this module only moves its work across the socket.
+The engine is the ordinary `engines.registry.build_engine` one; this module only moves its work across the socket.
 A request the server cancels is cancelled here too: `BaseEngine.stream` then aborts it in the engine.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from config import Settings
 from engines.base import BaseEngine, EngineRequest
 from errors import OcrError
-from workers import WorkerSpec
+from workers.plan import WorkerSpec
 from workers.wire import encode_error, frame, read_frame, read_request
 
 log = logging.getLogger("deepseek_ocr.worker")
@@ -79,7 +79,7 @@ class EngineHost:
 
     async def _start(self, message: Any) -> bool:
         from engines.registry import build_engine
-        from observability import configure_logging
+        from logging_config import configure_logging
 
         op, settings, model, spec, kind = message
         if op != "start":

@@ -1,6 +1,6 @@
 """The Ray side of an engine worker: `EngineActor`, one engine in a Ray actor on some node of the cluster.
 
-It is `workers.host.EngineHost` for a Ray cluster: the same engine (`engines.build_engine` with the worker's
+It is `workers.host.EngineHost` for a Ray cluster: the same engine (`engines.registry.build_engine` with the worker's
 settings), started once, then requests streamed back. Ray carries the messages instead of our socket: `run`
 is a streaming generator method, so chunks reach the server as the engine makes them, and `abort` cancels a
 request by id. Errors cross as data (`("error", ...)` items, encoded as `workers.wire` does), never as Ray
@@ -19,12 +19,11 @@ from typing import Any
 
 import ray
 
-from config import Settings
+from config import ModelSpec, Settings
 from engines.base import BaseEngine, EngineRequest
 from errors import OcrError
-from model_catalog import ModelSpec
-from workers import WorkerSpec
 from workers.host import stop_engine, worker_settings
+from workers.plan import WorkerSpec
 from workers.wire import encode_error
 
 log = logging.getLogger("deepseek_ocr.worker")
@@ -42,7 +41,7 @@ class EngineActor:
     async def start(self, settings: Settings, model: ModelSpec | None, index: int, kind: str) -> dict[str, Any]:
         """Build and start the engine on the GPUs Ray gave this actor (none: a CPU worker)."""
         from engines.registry import build_engine
-        from observability import configure_logging
+        from logging_config import configure_logging
 
         configure_logging(settings)
         gpus = tuple(str(g) for g in ray.get_gpu_ids())

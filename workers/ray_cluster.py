@@ -187,7 +187,7 @@ class RayWorkerEngine(BaseEngine):
 
     @property
     def result_worker(self) -> str:
-        """What `pipeline.OcrService.generate` writes into each result it ran: a job page's `worker` field."""
+        """What `service.ocr.OcrService.generate` writes into each result it ran: a job page's `worker` field."""
         return self.worker_id
 
     # --- life cycle -------------------------------------------------------------------------------

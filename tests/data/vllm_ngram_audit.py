@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from engines.vllm_ngram import NGramBatchProcessor  # noqa: E402
+from engines.vllm.ngram import NGramBatchProcessor  # noqa: E402
 
 # (ngram_size, window_size or None = vLLM's default 100, whitelist?, max_tokens); None settings = guard off.
 REQUESTS: list[tuple[int, int | None, bool, int] | None] = [
@@ -81,7 +81,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from config import Settings
-    from engines.vllm_engine import PromptBuilder, engine_kwargs, prepare_environment, vllm_image
+    from engines.vllm.engine import PromptBuilder, engine_kwargs, prepare_environment, vllm_image
 
     prepare_environment()
     from PIL import Image

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE, OcrError
-from schemas import EXAMPLE_PNG_BASE64
+from web.schemas.common import EXAMPLE_PNG_BASE64
 
 OPENAI_PREFIX = "/v1/"
 

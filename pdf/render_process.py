@@ -1,9 +1,9 @@
 """What runs inside a PDF render worker process: open, validate and render PDFs under caps.
 
-The server process never runs MuPDF on an upload: `pdf_render.RenderPool` sends work here, to
+The server process never runs MuPDF on an upload: `pdf.render_pool.RenderPool` sends work here, to
 killable child processes under RLIMIT_AS (opening a hostile PDF can hold the GIL for tens of seconds
 and allocate gigabytes). `worker_main` is the child's loop; `open_pdf`/`render_page` are plain
-functions that tests also call directly. Caps checked before MuPDF works are in `pdf_limits`.
+functions that tests also call directly. Caps checked before MuPDF works are in `pdf.limits`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from errors import InvalidPageRange, InvalidPdf, OcrError, PayloadTooLarge, PdfPasswordRequired
-from inputs import not_a_pdf, pixels_hash
-from pdf_limits import MemoryLimitHit, PdfLimits, check_page_images, memory_or, prescan
+from images import not_a_pdf, pixels_hash
+from pdf.limits import MemoryLimitHit, PdfLimits, check_page_images, memory_or, prescan
 
 if TYPE_CHECKING:
     import pymupdf
@@ -95,7 +95,7 @@ class RenderedPage:
     reduced: bool  # True when dpi < requested_dpi to stay within max_pixels
     note: str | None = None  # why the dpi was reduced, for the response
     warnings: tuple[str, ...] = ()  # MuPDF warnings while rendering (damaged content streams...)
-    content_hash: str | None = None  # `inputs.content_hash` of `image`, where the renderer computed it
+    content_hash: str | None = None  # `images.content_hash` of `image`, where the renderer computed it
 
 
 # ------------------------------------------------------------------------------------ open
@@ -384,7 +384,7 @@ def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list,
     size, samples, used_dpi, note, warnings = render_samples(
         source, page, dpi=dpi, max_pixels=max_pixels, limits=limits
     )
-    digest = pixels_hash("RGB", size, samples)  # here, not in the server: see `inputs.pixels_hash`
+    digest = pixels_hash("RGB", size, samples)  # here, not in the server: see `images.pixels_hash`
     return ("page", size, page, used_dpi, dpi, used_dpi < dpi, note, warnings, digest), samples
 
 

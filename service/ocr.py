@@ -24,22 +24,21 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
 
 from PIL import Image
 
-import inputs
+import images
 import ocr_utils
-import retry_ladder
-from admission import Admission, in_window
-from config import Settings
+from config import NGRAM_DEFAULTS, Settings
 from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
 from engines.supervisor import EngineSupervisor
 from errors import BadRequest, OcrError, Overloaded, ServiceUnavailable, ValidationFailed
-from inputs import content_hash
-from model_catalog import NGRAM_DEFAULTS
-from pixel_budget import PixelBudget, release_soon
-from process.image_process import MODES, ModeSpec
-from searchable_pdf import searchable_from_images
+from images import content_hash
+from outputs.searchable import searchable_from_images
+from process.modes import MODES, ModeSpec
+from service import retry_ladder
+from service.admission import Admission, in_window
+from service.pixel_budget import PixelBudget, release_soon
 
 if TYPE_CHECKING:  # PyMuPDF is optional to this module: the PDF routes degrade without it
-    from pdf_render import PdfDocument
+    from pdf.render_pool import PdfDocument
 
 log = logging.getLogger("deepseek_ocr.service")
 T = TypeVar("T")
@@ -288,9 +287,9 @@ class OcrService:
         return self.admission.capacity + self.settings.render_processes
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop. `inputs.decode_image`
+        """CPU work (PIL, drawing, encoding) in the worker pool, off the event loop. `images.decode_image`
         called through here goes through `decode`: routes that decode uploads themselves are budgeted too."""
-        if fn is inputs.decode_image:
+        if fn is images.decode_image:
             return await self.decode(*args, wait_s=self.settings.generate_timeout_s, **kwargs)  # type: ignore
         loop = asyncio.get_running_loop()
         # The worker thread runs in a copy of this context: its log lines carry the request id.
@@ -304,7 +303,7 @@ class OcrService:
         `wait_s` bounds the wait for budget where no request deadline does (503 with Retry-After past it).
         `flow`: the request it belongs to, for the budget's turn (None: a request of its own)."""
         limit = max_pixels or self.settings.max_image_pixels
-        info = await self.blocking(inputs.image_info, data, max_pixels=limit)
+        info = await self.blocking(images.image_info, data, max_pixels=limit)
         try:
             async with asyncio.timeout(wait_s):
                 reservation = await self.pixels.reserve(info.pixels, self.copies, flow)
@@ -312,7 +311,7 @@ class OcrService:
             raise Overloaded(f"no decoded-pixel budget came free in {wait_s:g} s (MAX_DECODED_MPIX); retry later",
                              retry_after=5) from None
         loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, inputs.decode_image, data, max_pixels=limit)
+        call = functools.partial(contextvars.copy_context().run, images.decode_image, data, max_pixels=limit)
         work = self.executor.submit(call)
         try:
             image = await asyncio.wrap_future(work)
@@ -454,7 +453,7 @@ class OcrService:
         """Open the PDF (in a render process), check the selection, OCR the pages in order."""
         started = time.perf_counter()
         async with self.render_pool.document(data, password=password, max_pages=self.settings.max_pdf_pages) as doc:
-            selected = inputs.parse_page_ranges(pages, doc.page_count)
+            selected = images.parse_page_ranges(pages, doc.page_count)
             work = functools.partial(self._page_of, request, doc, dpi, options)
             results = await in_window(selected, self.window, work)
             notes = list(doc.warnings[:20])

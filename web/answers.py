@@ -1,7 +1,7 @@
 """Route answers from the service's results: JSON models, ZIP archives and the layout PDF.
 
-Plain functions from `pipeline.ItemResult` / `pipeline.DocumentRun` to the models of `schemas.py`,
-`pdf_schemas.py` and `batch_schemas.py`. The sync routes and the jobs API build the same answers here.
+Plain functions from `service.ocr.ItemResult` / `service.ocr.DocumentRun` to the models of `web.schemas.common.py`,
+`web.schemas.pdf.py` and `web.schemas.batch.py`. The sync routes and the jobs API build the same answers here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import ocr_utils
-from batch_schemas import (
+from engines.base import Usage
+from outputs.searchable import searchable_from_pdf
+from service.ocr import DocumentRun, ItemResult, PagePost
+from web.schemas.batch import (
     BatchFileResult,
     BatchResponse,
     BatchSimpleResponse,
@@ -25,11 +28,8 @@ from batch_schemas import (
     BatchTotals,
     ZipMembers,
 )
-from engines.base import Usage
-from pdf_schemas import PdfOcrResponse, PdfPageModel, PdfSimplePage, PdfSimpleResponse
-from pipeline import DocumentRun, ItemResult, PagePost
-from schemas import BlockModel, BoxModel, CropModel, ImageOcrResponse, UsageModel
-from searchable_pdf import searchable_from_pdf
+from web.schemas.common import BlockModel, BoxModel, CropModel, ImageOcrResponse, UsageModel
+from web.schemas.pdf import PdfOcrResponse, PdfPageModel, PdfSimplePage, PdfSimpleResponse
 
 # MAX_ANSWER_MB's default, for callers that pass no cap (the PDF run carries the setting's value).
 DEFAULT_MAX_ANSWER_BYTES = 64 * 1024 * 1024

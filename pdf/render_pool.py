@@ -2,7 +2,7 @@
 
 The server process never parses an upload (a hostile PDF can hold the GIL for 36 s and allocate
 gigabytes while MuPDF opens it). It writes the bytes to a private spill file and sends work to
-`RenderPool` workers (`pdf_worker.worker_main`), one message at a time per worker:
+`RenderPool` workers (`pdf.render_process.worker_main`), one message at a time per worker:
 
     async with pool.document(data, password=pw, max_pages=n) as doc:   # opened + validated in a worker
         page = await doc.render(3, dpi=144, max_pixels=40_000_000)
@@ -38,8 +38,8 @@ from PIL import Image
 
 import errors
 from errors import InvalidPdf, OcrError, PayloadTooLarge, ServiceUnavailable
-from pdf_limits import PdfLimits
-from pdf_worker import KEEP_OPEN, PDF_EOF_WINDOW, RenderedPage, check_pdf_header, check_render_args, worker_main
+from pdf.limits import PdfLimits
+from pdf.render_process import KEEP_OPEN, PDF_EOF_WINDOW, RenderedPage, check_pdf_header, check_render_args, worker_main
 
 __all__ = ["PdfDocument", "PdfLimits", "RenderPool", "RenderedPage"]
 
@@ -381,7 +381,7 @@ class PdfDocument:
         return min(max_pixels, (math.ceil(width * zoom) + 2) * (math.ceil(height * zoom) + 2))
 
     async def render(self, page: int, *, dpi: int, max_pixels: int) -> RenderedPage:
-        """Render one 1-based page in a worker (see `pdf_worker.render_page` for dpi reduction and refusals)."""
+        """Render one 1-based page in a worker (see `pdf.render_process.render_page` for dpi reduction and refusals)."""
         check_render_args(page, self.page_count, dpi=dpi, max_pixels=max_pixels)
         message = ("render", self._id, self._path, self._password, page, dpi, max_pixels)
         reply = await self._pool._run(self._id, message, self._pool.page_timeout_s)

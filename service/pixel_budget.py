@@ -1,6 +1,6 @@
 """The decoded-pixel budget (MAX_DECODED_MPIX): how many pixels the server and its engine workers hold at once.
 
-Engine slots (`admission`) bound engine work; this bounds memory. Every item reserves its pixels before any
+Engine slots (`service.admission`) bound engine work; this bounds memory. Every item reserves its pixels before any
 exist (an upload's header, a PDF page's size) and holds them until it is post-processed.
 """
 
@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from admission import FlowTurns
 from errors import PayloadTooLarge
+from service.admission import FlowTurns
 
 
 class PixelBudget:

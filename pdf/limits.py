@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from errors import OcrError, PayloadTooLarge
-from inputs import jpeg_scans
+from images import jpeg_scans
 
 if TYPE_CHECKING:
     import pymupdf

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from fastapi import APIRouter, Request
 
 from config import MODES, PROMPTS, Settings
-from pipeline import OcrService
-from schemas import LimitsModel, RouteInfo, RouteStatus
+from service.ocr import OcrService
+from web.schemas.common import LimitsModel, RouteInfo, RouteStatus
 
 
 def limits(settings: Settings) -> LimitsModel:

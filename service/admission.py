@@ -22,10 +22,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from config import ModelSpec
 from engines.base import Engine, not_ready
 from errors import Overloaded, UnknownModel, UnsupportedMode
-from model_catalog import ModelSpec
-from process.image_process import ModeSpec
+from process.modes import ModeSpec
 
 T = TypeVar("T")
 
@@ -37,7 +37,7 @@ _RECHECK_S = 0.5
 class FlowTurns:
     """Whose turn it is among requests (`flow`s) waiting for a shared capacity: the flow holding the least,
     among equals the one served longest ago (one never served first). Engine slots (counted in items) and
-    the decoded-pixel budget (`pixel_budget`, counted in pixels) hand out what is freed in this order."""
+    the decoded-pixel budget (`service.pixel_budget`, counted in pixels) hand out what is freed in this order."""
 
     def __init__(self) -> None:
         self.held: dict[object, int] = {}  # what each flow holds (absent: nothing)

@@ -28,8 +28,8 @@ from pydantic import BaseModel
 
 from config import Settings
 from errors import BadRequest, DeadlineExceeded, PayloadTooLarge, ValidationFailed
-from pipeline import OcrService
-from schemas import ModeName
+from service.ocr import OcrService
+from web.schemas.common import ModeName
 
 _CHUNK = 1 << 20
 

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from process.image_process import MODES
+from process.modes import MODES
 
 OcrRequest = Any  # a pipeline.OcrRequest (a frozen dataclass: prompt, mode, sampling); no import, no cycle
 

@@ -18,9 +18,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-import observability
+import logging_config
 from config import Settings
 from errors import PROBLEM_MEDIA_TYPE, OcrError, PayloadTooLarge, Unauthorized
+from web import metrics
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -215,7 +216,7 @@ async def send_problem(send: Send, scope: Scope, exc: OcrError) -> None:
 class ObservabilityMiddleware:
     """Outside the guard: every answer (the guard's 401/413 too) gets the request id and is counted.
 
-    Sets the request id for the request's task (`observability.request_id()`, every log record), echoes it
+    Sets the request id for the request's task (`logging_config.request_id()`, every log record), echoes it
     in `X-Request-ID`, counts the request by route template and status, times it, and writes one access line.
     """
 
@@ -226,9 +227,9 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = observability.accept_request_id(dict(scope.get("headers") or []).get(b"x-request-id"))
-        token = observability.bind_request_id(rid)
-        observability.current_scope.set(scope)
+        rid = logging_config.accept_request_id(dict(scope.get("headers") or []).get(b"x-request-id"))
+        token = logging_config.bind_request_id(rid)
+        metrics.current_scope.set(scope)
         status: int | None = None
         start = time.perf_counter()
 
@@ -258,14 +259,14 @@ class ObservabilityMiddleware:
             # No answer at all: the client went away first (499, nginx's code for it).
             self.account(scope, status or 499, time.perf_counter() - start)
             if not failed:
-                observability.reset_request_id(token)
+                logging_config.reset_request_id(token)
 
     @staticmethod
     def account(scope: Scope, status: int, elapsed: float) -> None:
-        metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
-        if metrics is not None:
+        app_metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+        if app_metrics is not None:
             method = scope["method"] if scope["method"] in _METHODS else "other"  # any token is a method in HTTP
-            metrics.observe_request(observability.route_template(scope), method, status, elapsed)
+            app_metrics.observe_request(metrics.route_template(scope), method, status, elapsed)
         quiet = scope["path"] in _QUIET_PATHS and status < 400
         level = logging.DEBUG if quiet else logging.INFO
         access_log.log(level, "%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from schemas import STATUS_TEXT, BlockModel, CropModel, FinishReason, ItemStatus, ModeName, RetryModel, UsageModel
+from web.schemas.common import (
+    STATUS_TEXT,
+    BlockModel,
+    CropModel,
+    FinishReason,
+    ItemStatus,
+    ModeName,
+    RetryModel,
+    UsageModel,
+)
 
 PageStatus = ItemStatus
 

@@ -1,6 +1,6 @@
-"""vLLM 0.26's DeepSeek-OCR classes with the view sizes taken per request (see `engines.vllm_modes`).
+"""vLLM 0.26's DeepSeek-OCR classes with the view sizes taken per request (see `engines.vllm.modes`).
 
-Imported only inside vLLM processes (through `engines.vllm_modes.register`): it imports vLLM at the top.
+Imported only inside vLLM processes (through `engines.vllm.modes.register`): it imports vLLM at the top.
 
 - `ModesProcessingInfo`: the processor has the request's `image_size` / `base_size` (a copy of vLLM's
   Gundam processor with the two sides set, `resized_processor`), and the placeholder count follows the
@@ -40,7 +40,7 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, Mult
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.transformers_utils.processors.deepseek_ocr import MAX_CROPS, MIN_CROPS, count_tiles
 
-from engines.vllm_modes import GUNDAM, ViewSizes, count_placeholders
+from engines.vllm.modes import GUNDAM, ViewSizes, count_placeholders
 
 VIEW_SIZES = "view_sizes"
 

@@ -5,7 +5,7 @@ service's prompt construction is kept: plain `bos + prompt`, one `<image>` id wh
 by our own tokenizer loader; vLLM only expands that id into the image's placeholder run.
 
 Resolution modes: every mode of the model is served on one engine, chosen per request. vLLM's DeepSeek-OCR
-processing counts placeholders from module constants (Gundam only, vLLM issue #28160); `engines.vllm_modes`
+processing counts placeholders from module constants (Gundam only, vLLM issue #28160); `engines.vllm.modes`
 installs a vLLM plugin (in this process and, through an entry point, in every process vLLM spawns) whose
 classes take the view sizes from each request's `mm_processor_kwargs` and keep images of different modes out
 of one encoder batch. vLLM stretches base/large images to a square where the reference pads them; those are
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import deepseek_ocr
-import engines.vllm_modes as vllm_modes
 from config import MODES, ModeSpec, Settings, vllm_renderer_threads
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
+from engines.vllm import modes as vllm_modes
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
 
 if TYPE_CHECKING:
@@ -52,12 +52,12 @@ def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides
     """Keyword arguments for `AsyncEngineArgs` / `EngineArgs` / `LLM`, from the service settings.
 
     ngram_impl (default: NGRAM_IMPL, else "batched") picks the n-gram guard's logits processor: "batched"
-    (engines/vllm_ngram.py, the whole batch in tensor ops), "vllm" (vLLM's per-request processor, same bans),
+    (engines/vllm/ngram.py, the whole batch in tensor ops), "vllm" (vLLM's per-request processor, same bans),
     or "off" (none registered: requests' n-gram settings are then ignored; for benchmarks).
     """
     impl = ngram_impl or getattr(settings, "ngram_impl", "batched")
     if impl == "batched":
-        from engines.vllm_ngram import NGramBatchProcessor as ngram_processor
+        from engines.vllm.ngram import NGramBatchProcessor as ngram_processor
     elif impl == "vllm":
         from vllm.model_executor.models.deepseek_ocr import NGramPerReqLogitsProcessor as ngram_processor
     elif impl != "off":
@@ -153,7 +153,7 @@ def vllm_image(image: Image.Image, mode: ModeSpec) -> Image.Image:
     """
     from PIL import ImageOps
 
-    from process.image_process import PAD_COLOR
+    from process.modes import PAD_COLOR
 
     if image.mode != "RGB":
         image = image.convert("RGB")
@@ -190,7 +190,7 @@ class PromptBuilder(deepseek_ocr.PromptBuilder):
     def from_checkpoint(cls, path: str | Path, arch: str | None = None) -> PromptBuilder:
         """`arch` None: read from the checkpoint's config.json ("ocr" when it names no known one)."""
         if arch is None:
-            from model_catalog import read_arch
+            from config import read_arch
 
             try:
                 arch = read_arch(path)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from schemas import STATUS_TEXT, FinishReason, ItemStatus, RetryModel, UsageModel
+from web.schemas.common import STATUS_TEXT, FinishReason, ItemStatus, RetryModel, UsageModel
 
 FileStatus = ItemStatus
 _STATUS = STATUS_TEXT

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from process.image_process import MODES
+from process.modes import MODES
 
 ModeName = Literal[tuple(MODES)]  # type: ignore[valid-type]
 ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]

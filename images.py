@@ -6,7 +6,7 @@ subclass whose message says what was wrong and what is allowed; anything else es
 Images come back as RGB `PIL.Image.Image` objects as the user sees them (EXIF orientation applied,
 transparency on white, 16-bit scaled to 8-bit). `image_info` reads only the header, so admission can
 count an image's pixels (`ImageInfo.pixels`) before any are decoded. PDFs are opened and rendered only
-in worker processes: see `pdf_render`.
+in worker processes: see `pdf.render_pool`.
 
 Why images decode in threads, not in the PDF workers: Pillow releases the GIL while decoding, and with
 the caps below the work is bounded before it starts (pixels by `max_pixels`; a progressive JPEG by
@@ -207,7 +207,7 @@ def jpeg_scans(data: bytes) -> int:
 
 
 def not_a_pdf(head: bytes) -> UnsupportedMediaType:
-    """The 415 for an upload to a PDF route that has no %PDF- header (used by `pdf_worker`)."""
+    """The 415 for an upload to a PDF route that has no %PDF- header (used by `pdf.render_process`)."""
     return UnsupportedMediaType(f"Expected a PDF (a file starting with %PDF-), but this looks like {_describe(head)}.")
 
 

@@ -5,7 +5,7 @@ out of the box one engine serves one mode (vLLM issue #28160). Its processor its
 `base_size` and `crop_mode` per request (`mm_processor_kwargs` reach `get_hf_processor(**kwargs)` and the
 processor's `__call__`), and its model takes the view sizes from the pixel tensors. What is missing is a
 placeholder count from the request's sizes, and an encoder batch that never mixes modes (vLLM pads crops of
-different sizes into one tensor with zeros). `engines.vllm_modes_model` adds both by subclassing vLLM's
+different sizes into one tensor with zeros). `engines.vllm.modes_model` adds both by subclassing vLLM's
 DeepSeek-OCR classes; `register()` puts its model class in place of the built-in `DeepseekOCRForCausalLM`
 (`DeepseekOCR2ForCausalLM` is left alone).
 
@@ -13,7 +13,7 @@ vLLM spawns its engine core (and tensor-parallel workers) as new processes, so r
 enough: each vLLM process loads the entry points of group `vllm.general_plugins` on start-up
 (`vllm.plugins.load_general_plugins`, called in `EngineCore.__init__`, in workers and in the model-registry
 probe subprocess). `install_plugin()` writes a minimal distribution metadata directory whose entry point is
-`engines.vllm_modes:register`, puts its folder and the repository root on `sys.path` (copied into spawned
+`engines.vllm.modes:register`, puts its folder and the repository root on `sys.path` (copied into spawned
 children) and `PYTHONPATH` (seen by `subprocess` children), and registers in this process too. A process
 spawned by multiprocessing that registers leaves a mark (`children_registered`), so the engine can refuse to
 start when its engine core did not load the plugin: vLLM only logs a plugin that fails to load.
@@ -34,11 +34,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from process.image_process import ModeSpec
+from process.modes import ModeSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHITECTURE = "DeepseekOCRForCausalLM"  # the checkpoint's architecture; OCR-2's is another name
-MODEL_CLASS = "engines.vllm_modes_model:DeepseekOCRModesForCausalLM"
+MODEL_CLASS = "engines.vllm.modes_model:DeepseekOCRModesForCausalLM"
 PLUGIN_NAME = "deepseek_ocr_modes"  # the entry point's name: what VLLM_PLUGINS must list when it is set
 PLUGIN_GROUP = "vllm.general_plugins"
 # Its own distribution name: importlib.metadata keeps one distribution per name, so sharing the project's

@@ -1,0 +1,115 @@
+"""Engine workers: each engine in its own process (one per GPU), the HTTP edge apart from them.
+
+One Python process tops out near 4.3 pages/s on vLLM whatever GPU it drives: HTTP, the PDF pipeline,
+vLLM's frontend (tokenising, image preprocessing, detokenising) and our post-processing share one GIL.
+With `ENGINE_WORKERS=process` (the default) the server starts one worker process per GPU (`GPUS`, or
+`DATA_PARALLEL_SIZE`; `auto` = every visible GPU, one CPU worker where there is none). Each worker holds one
+engine, vLLM or PyTorch, with its own image preprocessing, and talks to the server over a socket pair
+(`workers.wire`). In the server each worker is a `workers.client.WorkerEngine`: an ordinary engine to
+admission, which balances items over workers by in-flight work, and to the supervisor, which replaces a
+worker that dies. `ENGINE_WORKERS=inline` runs the engine inside the server process (tests, debugging). With
+`ORCHESTRATOR=ray` the workers are Ray actors across a cluster's hosts instead (`workers.ray_cluster`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from config import Settings, usable_cpus
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One engine worker: its index and the GPUs it sees (None: no GPU given, the engine's own choice)."""
+
+    index: int
+    gpus: tuple[str, ...] | None
+    # Threads each torch/OpenMP operation of the worker may use (OMP_NUM_THREADS), so that workers together
+    # do not oversubscribe the cores; None: the library's default (every core).
+    threads: int | None = None
+
+    @property
+    def label(self) -> str:
+        where = f"gpu {','.join(self.gpus)}" if self.gpus else "cpu" if self.gpus == () else "default device"
+        return f"w{self.index} ({where})"
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this process may hand out: CUDA_VISIBLE_DEVICES when set, else every GPU NVML counts.
+
+    NVML answers without initialising CUDA here, which would break vLLM's and torch's children.
+    """
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) -> list[WorkerSpec]:
+    """The workers for `settings`: one per GPU (per TENSOR_PARALLEL_SIZE GPUs for vLLM), or one CPU worker.
+
+    Raises ValueError naming the setting when GPUS asks for GPUs that are not there.
+    """
+    count = settings.data_parallel_size or 1
+    cores = usable_cpus()
+    share = max(1, cores // count) if count > 1 else None
+    cpu_workers = [WorkerSpec(i, (), share) for i in range(count)]
+
+    def on_cpus() -> list[WorkerSpec]:
+        # Each CPU worker holds its own model and torch threads: more of them than cores only costs memory.
+        if count > cores:
+            raise ValueError(f"DATA_PARALLEL_SIZE={count} CPU workers on {cores} usable cores: at most {cores}")
+        return cpu_workers
+
+    if kind == "torch" and settings.device == "cpu":
+        return on_cpus()  # several only when DATA_PARALLEL_SIZE asks (each uses its own torch threads)
+    available = visible_gpus() if gpus is None else gpus
+    chosen = _chosen(settings, available, cpu=kind != "vllm")
+    if not chosen:
+        if kind == "vllm":
+            raise ValueError("ENGINE=vllm needs a GPU, and GPUS selects none (visible: "
+                             f"{', '.join(available) or 'none'})")
+        return on_cpus()
+    group = settings.tensor_parallel_size if kind == "vllm" else 1
+    if len(chosen) % group:
+        raise ValueError(f"GPUS gives {len(chosen)} GPUs ({', '.join(chosen)}), not a multiple of "
+                         f"TENSOR_PARALLEL_SIZE={group}: every worker needs {group}")
+    count = len(chosen) // group
+    # A vLLM worker's CPU work is image preprocessing in vLLM's renderer threads (several pages side by side),
+    # each of which would otherwise start an OpenMP team as wide as the machine, in every worker. One thread
+    # per operation is what vLLM itself gives its GPU worker processes, and what Ray gives actors; Ray actors
+    # were the faster ones on two H200s (docs/BENCHMARKS.md section 13). The PyTorch engine preprocesses in
+    # its own process, one page at a time: its share of the cores.
+    threads = 1 if kind == "vllm" else max(1, cores // count)
+    return [WorkerSpec(i, tuple(chosen[i * group:(i + 1) * group]), threads) for i in range(count)]
+
+
+def _chosen(settings: Settings, available: list[str], *, cpu: bool) -> list[str]:
+    """GPUS is a list of ids as CUDA_VISIBLE_DEVICES writes them (`0,1`), `auto` or `none`;
+    DATA_PARALLEL_SIZE takes that many workers' worth of the visible GPUs."""
+    value = settings.gpus.strip().lower()
+    if value == "none":
+        return []
+    if value == "auto":
+        chosen = available
+    else:
+        chosen = [g.strip() for g in value.split(",") if g.strip()]
+        missing = [g for g in chosen if g not in available]
+        if missing:
+            raise ValueError(f"GPUS={settings.gpus}: GPU {', '.join(missing)} is not visible here (visible: "
+                             f"{', '.join(available) or 'none'})")
+    if settings.data_parallel_size is not None and (chosen or not cpu):
+        group = settings.tensor_parallel_size if settings.engine != "torch" else 1
+        wanted = settings.data_parallel_size * group
+        if wanted > len(chosen):
+            raise ValueError(f"DATA_PARALLEL_SIZE={settings.data_parallel_size} needs {wanted} GPUs; GPUS gives "
+                             f"{len(chosen)} ({', '.join(chosen) or 'none'})")
+        chosen = chosen[:wanted]
+    return chosen

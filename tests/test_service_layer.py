@@ -459,7 +459,7 @@ def test_no_import_cycle_among_project_modules() -> None:
         if state.get(name) is None and visit(name, []):
             break
     assert not cycle, " -> ".join(cycle)
-    assert graph["engines"] >= {"engines.base"} and "engines" not in graph["engines.torch_engine"], graph
+    assert graph["workers.start"] >= {"engines.base"} and "workers.start" not in graph["engines.torch_engine"], graph
 
 
 def test_no_module_but_the_model_over_500_lines() -> None:

@@ -18,12 +18,11 @@ the requests show in /metrics under their routes, and a job stays visible only t
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,8 +33,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field
 
 import images
-import logging_config
-from config import Settings, load_settings
+from config import Settings
 from errors import OcrError
 
 log = logging.getLogger("deepseek_ocr.mcp")
@@ -237,35 +235,3 @@ def remote(url: str, key: str | None, timeout_s: float) -> Connect:
                                  timeout=httpx.Timeout(30.0, read=timeout_s))
 
     return connect
-
-
-def stdio_server(args: argparse.Namespace, settings: Settings) -> MCPServer:
-    """The server for `--stdio`: tools against `--url`, or against the app started in this process."""
-    key = args.api_key or (settings.api_keys[0] if settings.api_keys else None)
-    if args.url:
-        return build_server(settings, remote(args.url, key, settings.pdf_timeout_s + 60))
-    from serve_ocr import create_app
-
-    app = create_app(settings)
-
-    @contextlib.asynccontextmanager
-    async def engine(_: MCPServer) -> AsyncIterator[None]:
-        async with app.router.lifespan_context(app):  # loads the model while stdio already diverts fd 1
-            yield
-
-    return build_server(settings, in_process(app, key=key), lifespan=engine)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="DeepSeek-OCR MCP server over stdio")
-    parser.add_argument("--stdio", action="store_true", required=True, help="serve MCP over stdin/stdout")
-    parser.add_argument("--url", help="a running server's base URL; without it the model is loaded here")
-    parser.add_argument("--api-key", help="the key to send (default: the first of API_KEY)")
-    args = parser.parse_args(argv)
-    settings = load_settings()
-    logging_config.configure_logging(settings)  # stderr: stdout carries the protocol
-    stdio_server(args, settings).run("stdio")
-
-
-if __name__ == "__main__":
-    main()

@@ -167,7 +167,7 @@ def _parameters(s: Settings) -> dict[str, str]:
         "password": "Password of an encrypted PDF",
         "mode": f"One of {', '.join(MODES)}; default {s.default_mode.name}",
         "draw_layouts / extract_images": "true/false, default true (ocr, download)",
-        "outputs.searchable": "true/false, default false (ocr): the original pages with the text laid under them; "
+        "searchable_pdf": "true/false, default false (ocr): the original pages with the text laid under them; "
         "always `{name}_searchable.pdf` in the download",
         "max_tokens": f"Per page, 1..{s.max_model_len}; default {min(s.default_max_tokens, s.max_model_len)}",
         "ngram_size / ngram_window": f"No-repeat guard, default {NGRAM_PDF[0]}/{NGRAM_PDF[1]} "

@@ -29,7 +29,7 @@ lost connection) follow the same job; it is removed when the outputs are written
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepseek-ocr", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", type=Path, help="images, PDFs, or folders of them")
+    p.add_argument("inputs", nargs="+", type=Path, help="images, PDFs, or folders of them")
     p.add_argument("--out", type=Path, help="folder for the outputs (default: beside each input)")
     p.add_argument("--recursive", action="store_true", help="also the subfolders of a folder input")
     p.add_argument("--zip", action="store_true", help="also write the job's ZIP as {stem}.zip")

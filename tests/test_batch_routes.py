@@ -277,7 +277,7 @@ def test_status_info_and_openapi(base_url: str) -> None:
     assert "413" in download and "504" in download, download
     ocr = spec["paths"]["/batch/ocr"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert ocr["$ref"].endswith("/BatchResponse"), ocr
-    result = spec["components"]["web.schemas.common"]["BatchFileResult"]["properties"]
+    result = spec["components"]["schemas"]["BatchFileResult"]["properties"]
     assert all("description" in result[f] for f in ("markdown", "text", "status", "error")), result
 
 

@@ -174,7 +174,7 @@ def test_stdio_round_trip_against_the_server(url: str) -> None:
     expected = route_markdown(url)
     params = StdioServerParameters(
         command=sys.executable,
-        args=[str(ROOT / "mcp_server.py"), "--stdio", "--url", url],
+        args=[str(ROOT / "mcp_stdio.py"), "--stdio", "--url", url],
         env={**os.environ, "API_KEY": KEY, "LOG_LEVEL": "WARNING"},
         cwd=str(ROOT),
     )

@@ -1,6 +1,6 @@
 """Searchable PDFs through the routes, on the tiny checkpoint: the layer holds what the answer says.
 
-`outputs.searchable.py` itself is tested on known text at known places in tests/test_searchable_pdf.py; here the
+`outputs/searchable.py` itself is tested on known text at known places in tests/test_searchable_pdf.py; here the
 real service makes the text, and each page's extracted text must equal the plain text of that page's answer
 (whitespace aside: the layer wraps lines to the block's box).
 """
@@ -31,12 +31,12 @@ def test_pdf_searchable_layer_equals_the_answer_page_by_page(base_url: str) -> N
     r = httpx.post(
         base_url + "/pdf/ocr",
         files={"file": ("r.pdf", source)},
-        data={"dpi": "72", "outputs.searchable": "true", "pages": "1,3"},
+        data={"dpi": "72", "searchable_pdf": "true", "pages": "1,3"},
         timeout=120,
     )
     assert r.status_code == 200, show(r)
     body = r.json()
-    with pymupdf.open(stream=base64.b64decode(body["outputs.searchable"]), filetype="pdf") as doc, pymupdf.open(
+    with pymupdf.open(stream=base64.b64decode(body["searchable_pdf"]), filetype="pdf") as doc, pymupdf.open(
         stream=source, filetype="pdf"
     ) as original:
         assert doc.page_count == 2, show(r)

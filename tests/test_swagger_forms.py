@@ -43,7 +43,7 @@ def spec(base_url: str) -> dict[str, Any]:
 
 def resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     while "$ref" in schema:
-        schema = spec["components"]["web.schemas.common"][schema["$ref"].rsplit("/", 1)[-1]]
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
     return schema
 
 

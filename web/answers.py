@@ -1,6 +1,6 @@
 """Route answers from the service's results: JSON models, ZIP archives and the layout PDF.
 
-Plain functions from `service.ocr.ItemResult` / `service.ocr.DocumentRun` to the models of `web.schemas.common.py`,
+Plain functions from `service.ocr.ItemResult` / `service.ocr.DocumentRun` to the models of `web/schemas/`,
 `web.schemas.pdf.py` and `web.schemas.batch.py`. The sync routes and the jobs API build the same answers here.
 """
 

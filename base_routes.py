@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 
 import images
 from config import Settings
-from service.ocr import OcrRequest, OcrService
+from service.ocr import OcrService
+from service.request import OcrRequest
 from web.answers import usage_model
 from web.deps import (
     KnownFieldsOnly,

@@ -20,7 +20,9 @@ from fastapi.responses import Response
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_BATCH, Settings
 from errors import PayloadTooLarge
 from jobs import handoff
-from service.ocr import OcrRequest, OcrService, PostOptions
+from service.ocr import OcrService
+from service.postprocess import PostOptions
+from service.request import OcrRequest
 from web.answers import BatchRun, attachment, batch_response, batch_simple_response, batch_zip, member_stems
 from web.deps import (
     KnownFieldsOnly,

@@ -22,7 +22,7 @@ from jobs import events, results, views, webhooks
 from jobs.schemas import JobDetail, JobList, JobSummary
 from jobs.store import ACTIVE, TERMINAL
 from jobs.submit import create_job, document_notes, owner_of
-from service.ocr import OcrRequest
+from service.request import OcrRequest
 from web.answers import (
     BatchRun,
     attachment,

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Form, UploadFile
 
 import images
 from config import FREE_PROMPT, IMAGE_PROMPT, MODES, NGRAM_IMAGE, ModeSpec, Settings
-from service.ocr import OcrRequest, OcrService, PostOptions
+from service.ocr import OcrService
+from service.postprocess import PostOptions
+from service.request import OcrRequest
 from web.answers import image_response, usage_model
 from web.deps import (
     KnownFieldsOnly,

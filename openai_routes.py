@@ -27,7 +27,8 @@ import images
 from config import FREE_PROMPT
 from engines.base import Usage
 from errors import BadRequest, DeadlineExceeded, OcrError, ServiceUnavailable
-from service.ocr import OcrRequest, OcrService
+from service.ocr import OcrService
+from service.request import OcrRequest
 from web.deps import PROMPT_MAX_CHARS, ServiceDep, SettingsDep, deadline
 from web.schemas.openai import (
     ERROR_RESPONSES,

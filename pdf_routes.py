@@ -16,7 +16,10 @@ from fastapi import APIRouter, Depends, Form, Response, UploadFile
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
 from jobs import handoff
-from service.ocr import DocumentRun, OcrRequest, OcrService, PostOptions
+from service.ocr import OcrService
+from service.postprocess import PostOptions
+from service.request import OcrRequest
+from service.results import DocumentRun
 from web.answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
 from web.deps import (
     KnownFieldsOnly,

@@ -21,7 +21,10 @@ from errors import DeadlineExceeded, OcrError
 from jobs import runner_of
 from jobs.submit import create_job, document_notes, owner_of
 from service.admission import in_window
-from service.ocr import DocumentRun, ItemResult, OcrRequest, OcrService, PostOptions
+from service.ocr import OcrService
+from service.postprocess import PostOptions
+from service.request import OcrRequest
+from service.results import DocumentRun, ItemResult
 from web import metrics
 from web.deps import deadline, read_upload
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import ocr_utils
 from engines.base import Usage
-from service.ocr import ItemResult, PagePost
+from service.results import ItemResult, PagePost
 
 
 def job_dir(data_dir: Path, job_id: str) -> Path:

@@ -34,7 +34,8 @@ from errors import ServiceUnavailable
 from jobs import RUNNERS, results, views, webhooks
 from jobs.store import TERMINAL, LeaseLost, Store, now
 from jobs.submit import page_event, page_fields, progress_event
-from service.ocr import ItemResult, OcrService
+from service.ocr import OcrService
+from service.results import ItemResult
 
 log = logging.getLogger("deepseek_ocr.jobs")
 _RETRY_S = 2.0  # after the engine went away, how soon a job tries again

@@ -16,7 +16,7 @@ from typing import Any
 
 from errors import OcrError, PayloadTooLarge
 from jobs import results, views
-from service.ocr import ItemResult
+from service.results import ItemResult
 
 
 class TooManyJobs(OcrError):

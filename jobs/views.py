@@ -15,7 +15,9 @@ from typing import Any
 from config import Settings
 from jobs import results
 from outputs.searchable import searchable_from_images, searchable_from_pdf
-from service.ocr import DocumentRun, OcrRequest, PostOptions
+from service.postprocess import PostOptions
+from service.request import OcrRequest
+from service.results import DocumentRun
 from web.answers import BatchRun
 
 

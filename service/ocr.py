@@ -16,226 +16,32 @@ import dataclasses
 import functools
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from PIL import Image
 
 import images
-import ocr_utils
-from config import NGRAM_DEFAULTS, Settings
-from engines.base import EngineRequest, EngineResult, SamplingParams, Usage
+from config import Settings
+from engines.base import EngineResult
 from engines.supervisor import EngineSupervisor
-from errors import BadRequest, OcrError, Overloaded, ServiceUnavailable, ValidationFailed
+from errors import OcrError, Overloaded, ServiceUnavailable
 from images import content_hash
 from outputs.searchable import searchable_from_images
-from process.modes import MODES, ModeSpec
+from process.modes import ModeSpec
 from service import retry_ladder
 from service.admission import Admission, in_window
 from service.pixel_budget import PixelBudget, release_soon
+from service.postprocess import PostOptions, postprocess
+from service.request import OcrRequest, check_ngram, fill_ngram
+from service.results import DocumentRun, ItemResult, bug, item_status
 
 if TYPE_CHECKING:  # PyMuPDF is optional to this module: the PDF routes degrade without it
     from pdf.render_pool import PdfDocument
 
 log = logging.getLogger("deepseek_ocr.service")
 T = TypeVar("T")
-ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]
-SAMPLING_EPS = 1e-5  # below vLLM's sampling epsilon a temperature means greedy
-
-
-# --------------------------------------------------------------------------------------- requests
-
-
-def resolve_mode(name: str | None, settings: Settings) -> ModeSpec:
-    if name is None or name == "":
-        return settings.default_mode
-    key = name.strip().lower()
-    if key not in MODES:
-        raise ValidationFailed(f"mode {name!r} is not a mode; allowed: {', '.join(MODES)}")
-    return MODES[key]
-
-
-def normalize_prompt(prompt: str | None, default: str, *, has_image: bool) -> str:
-    """The prompt the model sees: the default when empty, `<image>\\n` in front when an image has no tag.
-
-    A literal backslash-n typed after `<image>` in a shell (`-F "prompt=<image>\\n..."`) means a newline.
-    """
-    text = (prompt or "").strip() or default
-    text = text.replace("<image>\\n", "<image>\n")
-    if has_image and "<image>" not in text:
-        text = "<image>\n" + text
-    if not has_image and "<image>" in text:
-        raise BadRequest("the prompt has an <image> tag but no image was sent; send an image or drop the tag")
-    if text.count("<image>") > 1:
-        raise BadRequest("the prompt has several <image> tags; one image per request is supported")
-    return text
-
-
-def fill_ngram(sent: tuple[int | None, int | None], default: tuple[int, int]) -> tuple[int, int]:
-    return (sent[0] if sent[0] is not None else default[0], sent[1] if sent[1] is not None else default[1])
-
-
-def check_ngram(size: int, window: int) -> None:
-    if size and (size < 2 or window < size):
-        raise ValidationFailed(
-            f"ngram_size={size}, ngram_window={window}: the size must be 0 (off) or >= 2, "
-            "and the window at least the size"
-        )
-
-
-@dataclass(frozen=True)
-class OcrRequest:
-    """What every item of one request shares, validated once before any item is touched."""
-
-    prompt: str
-    mode: ModeSpec
-    sampling: SamplingParams
-    model: str | None = None  # None: the default model; `OcrService.admit` binds it
-    kind: str = "image"  # image, pdf or batch: picks the model's n-gram defaults when none were sent
-    mode_given: bool = True
-    ngram_given: bool = True
-    ngram_sent: tuple[int | None, int | None] = (None, None)
-    # The request's items share it: admission gives a freed engine slot to the flow with the fewest in flight.
-    flow: str = field(default_factory=lambda: uuid.uuid4().hex, compare=False)
-
-    @classmethod
-    def build(
-        cls,
-        settings: Settings,
-        *,
-        prompt: str | None,
-        default_prompt: str,
-        has_image: bool = True,
-        mode: str | ModeSpec | None = None,
-        max_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        ngram: tuple[int | None, int | None] | None = None,
-        model: str | None = None,
-        kind: str = "image",
-    ) -> OcrRequest:
-        """`ngram` parts left None take the model's defaults for `kind` when `OcrService.admit` binds it."""
-        spec = mode if isinstance(mode, ModeSpec) else resolve_mode(mode, settings)
-        sent = ngram if ngram is not None else (None, None)
-        given = sent[0] is not None and sent[1] is not None
-        ngram = fill_ngram(sent, NGRAM_DEFAULTS["ocr"][kind])
-        text = normalize_prompt(prompt, default_prompt, has_image=has_image)
-        limit = settings.max_model_len
-        if max_tokens is not None and not 1 <= max_tokens <= limit:
-            raise ValidationFailed(f"max_tokens={max_tokens} is out of range; allowed 1..{limit} (MAX_MODEL_LEN)")
-        size, window = ngram
-        if given:
-            check_ngram(size, window)
-        sampling = SamplingParams(
-            max_tokens=min(max_tokens or settings.default_max_tokens, limit),
-            # Dividing logits by a subnormal temperature overflows: below the epsilon it is greedy.
-            temperature=temperature if temperature >= SAMPLING_EPS else 0.0,
-            top_p=top_p,
-            ngram_size=size,
-            ngram_window=window if size else 0,
-        )
-        return cls(text, spec, sampling, model or None, kind, bool(mode), given, sent)
-
-    def engine_request(
-        self, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
-    ) -> EngineRequest:
-        sampling = SamplingParams(**vars(self.sampling))  # engines may not share one mutable object
-        return EngineRequest(self.prompt, image, self.mode, sampling, stream=stream, input_hash=input_hash)
-
-
-# --------------------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class PostOptions:
-    """What to make of the model's text beside markdown and plain text."""
-
-    draw: bool = False  # the image with boxes drawn
-    annotated_format: Literal["png", "jpeg"] = "png"
-    crop: bool = False  # JPEG crops of regions labelled `image`
-    clean_formulas: bool = False  # the batch-eval formula clean-up of the markdown
-    searchable: bool = False  # a one-page searchable PDF of an uploaded image (the upload embedded as is)
-
-
-@dataclass
-class PagePost:
-    """Post-processed output of one image or page."""
-
-    markdown: str
-    plain: str
-    blocks: list[ocr_utils.Block]
-    warnings: list[str]
-    width: int
-    height: int
-    annotated_png: bytes | None = None
-    annotated_jpeg: bytes | None = None
-    crops: list[ocr_utils.Crop] = field(default_factory=list)
-    searchable_pdf: bytes | None = None
-
-
-@dataclass
-class ItemResult:
-    """One item's outcome; never the image itself, so a long document is not held as pixels."""
-
-    label: int | str | None = None  # page number, or the file's ZIP stem
-    status: ItemStatus = "failed"
-    error: str | None = None
-    problem: dict[str, Any] | None = None  # the failure as problem+json (batch entries carry it)
-    text: str = ""
-    finish_reason: str | None = None
-    usage: Usage = field(default_factory=Usage)
-    post: PagePost | None = None
-    width: int | None = None
-    height: int | None = None
-    dpi: int | None = None
-    note: str | None = None
-    render_warnings: tuple[str, ...] = ()
-    elapsed_s: float = 0.0
-    mode: str | None = None  # the mode of the attempt kept (the retry ladder may have changed it)
-    attempts: int = 1
-    retries: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt after the first
-    worker: str | None = None  # the engine worker that ran the kept attempt (jobs' per-page `worker`)
-
-    def fail(self, exc: OcrError) -> ItemResult:
-        self.status, self.error, self.problem = "failed", exc.detail, exc.to_problem()
-        return self
-
-
-def item_status(finish_reason: str) -> ItemStatus:
-    """The one status policy: `truncated` at max_tokens (kept, never dropped), `aborted` when aborted."""
-    return {"length": "truncated", "abort": "aborted"}.get(finish_reason, "ok")  # type: ignore[return-value]
-
-
-def postprocess(
-    text: str, image: Image.Image, *, label: int | str | None = None, options: PostOptions = PostOptions(), dpi=None
-) -> PagePost:
-    """Parse grounded `text` against `image`: markdown, blocks with pixel boxes, drawing and crops."""
-    parsed = ocr_utils.parse_grounding(text)
-    markdown = ocr_utils.to_markdown(text, page=label)
-    post = PagePost(
-        markdown=ocr_utils.clean_formula(markdown) if options.clean_formulas else markdown,
-        plain=ocr_utils.plain_text(text),
-        blocks=parsed.blocks,
-        warnings=parsed.warnings,
-        width=image.width,
-        height=image.height,
-    )
-    if options.draw:
-        annotated = ocr_utils.draw_layout(image, parsed)
-        if options.annotated_format == "png":
-            post.annotated_png = ocr_utils.encode_png(annotated)
-        else:
-            # The dpi makes img2pdf size the layout PDF's page like the original page.
-            post.annotated_jpeg = ocr_utils.encode_jpeg(annotated, quality=95, dpi=dpi)
-    if options.crop:
-        post.crops = ocr_utils.crop_images(image, parsed, page=label)
-    return post
-
-
-# --------------------------------------------------------------------------------------- the service
 
 
 class OcrService:
@@ -401,7 +207,7 @@ class OcrService:
             self._observe("page", result.fail(exc), request.mode)
         except Exception as exc:  # a bug on one page must not lose the other pages; it is logged as one
             log.exception("PDF page %d hit a bug", page)
-            self._observe("page", result.fail(_bug(exc)), request.mode)
+            self._observe("page", result.fail(bug(exc)), request.mode)
         return result
 
     async def _render(self, doc: PdfDocument, page: int, dpi: int, flow: object = None) -> Any:
@@ -443,7 +249,7 @@ class OcrService:
             self._observe("file", result.fail(exc), request.mode)
         except Exception as exc:  # a bug on one file's data must not sink the other files
             log.exception("file %s hit a bug", label)
-            self._observe("file", result.fail(_bug(exc)), request.mode)
+            self._observe("file", result.fail(bug(exc)), request.mode)
         return result
 
     async def document(
@@ -470,27 +276,3 @@ class OcrService:
     def _observe(self, kind: str, result: ItemResult, mode: ModeSpec) -> None:
         for observer in self.observers:
             observer(kind, result, mode)
-
-
-@dataclass
-class DocumentRun:
-    """The pages of one PDF request, in page order."""
-
-    mode: str
-    page_count: int
-    dpi: int
-    pages: list[ItemResult]
-    warnings: list[str]
-    started: float
-    max_answer_bytes: int | None = None  # MAX_ANSWER_MB: images past it are left out of the JSON answer
-
-    @property
-    def elapsed_s(self) -> float:
-        return round(time.perf_counter() - self.started, 4)
-
-    def counts(self) -> dict[str, int]:
-        return {s: sum(p.status == s for p in self.pages) for s in get_args(ItemStatus)}
-
-
-def _bug(exc: Exception) -> OcrError:
-    return OcrError(f"internal error ({type(exc).__name__}) on this item; this is a bug, see the server log")

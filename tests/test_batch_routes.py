@@ -28,7 +28,8 @@ from config import DOCUMENT_PROMPT
 from engines.base import Usage
 from errors import InvalidImage
 from serve_ocr import create_app
-from service.ocr import ItemResult, PostOptions, postprocess
+from service.postprocess import PostOptions, postprocess
+from service.results import ItemResult
 from web.answers import BatchRun, batch_zip, member_stems
 
 FAST = {"mode": "tiny", "max_tokens": "4"}  # 73 image tokens, 4 generated: a file costs ~0.1 s on a CPU

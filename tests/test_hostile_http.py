@@ -134,7 +134,7 @@ def test_json_answer_images_are_capped() -> None:
     import zipfile
 
     import ocr_utils
-    from service.ocr import DocumentRun, ItemResult, PagePost
+    from service.results import DocumentRun, ItemResult, PagePost
     from web.answers import pdf_response, pdf_zip
 
     def page(n: int) -> ItemResult:

@@ -110,7 +110,7 @@ def test_v2_ngram_defaults_differ_from_v1(tiny_checkpoint: Path, tiny_checkpoint
     with serve_app(app) as url:
         service = app.state.service
         from config import IMAGE_PROMPT
-        from service.ocr import OcrRequest
+        from service.request import OcrRequest
 
         for name, expected in (("ocr", (30, 90)), ("ocr2", (20, 90))):
             req = service.admit(OcrRequest.build(service.settings, prompt="", default_prompt=IMAGE_PROMPT,

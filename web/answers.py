@@ -17,7 +17,7 @@ from typing import Any
 import ocr_utils
 from engines.base import Usage
 from outputs.searchable import searchable_from_pdf
-from service.ocr import DocumentRun, ItemResult, PagePost
+from service.results import DocumentRun, ItemResult, PagePost
 from web.schemas.batch import (
     BatchFileResult,
     BatchResponse,

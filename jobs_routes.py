@@ -1,7 +1,7 @@
 """Jobs API: submit a PDF or a batch of images, follow it page by page (SSE), read or download its results,
 cancel it. A thin router over `jobs/`: the runner, the store, the files and the answers live there.
 
-Results are the sync routes' answers rebuilt from stored pages (`web.web/answers.py`): `/jobs/{id}/result` is
+Results are the sync routes' answers rebuilt from stored pages (`web/answers.py`): `/jobs/{id}/result` is
 shaped like `/pdf/ocr` (or `/batch/ocr`), `/jobs/{id}/download` is `/pdf/ocr/download`'s ZIP (or
 `/batch/ocr/download`'s). With API keys set, a job is visible only to the key that made it.
 """

@@ -1,6 +1,6 @@
 """Job files on disk: the input, and each finished page's result, written atomically under DATA_DIR/jobs/<id>/.
 
-A page result is everything `web.web/answers.py` needs to rebuild the sync routes' answers (text, markdown, plain
+A page result is everything `web/answers.py` needs to rebuild the sync routes' answers (text, markdown, plain
 text, blocks on the 0..999 grid with the image size, crops, the drawn page for the layout PDF) and nothing
 else: a 2,000-page job holds no page in memory, and `/jobs/{id}/result` reads them back one by one.
 Every file is written to a temporary name and `os.replace`d, so a crash never leaves half a result.

@@ -1,5 +1,5 @@
 """What a job looks like to clients: its summary and status document, and the sync routes' answers rebuilt
-from its stored page results (the same `web.web/answers.py` functions as `/pdf/ocr` and `/batch/ocr`).
+from its stored page results (the same `web/answers.py` functions as `/pdf/ocr` and `/batch/ocr`).
 
 Also how a stored job spec (the form options) becomes the `OcrRequest` and `PostOptions` its pages run with.
 """

@@ -426,7 +426,7 @@ async def _in_process(model_dir: Path) -> None:
     await engine.start()
     try:
         assert engine.served_modes == tuple(MODES), engine.health()
-        # vLLM's offline step budget, not AsyncLLM's 2,048 (engines/vllm_engine.offline_batched_tokens).
+        # vLLM's offline step budget, not AsyncLLM's 2,048 (engines/vllm/engine.offline_batched_tokens).
         from vllm import EngineArgs
         from vllm.usage.usage_lib import UsageContext
 

@@ -110,7 +110,7 @@ def test_dist_info_is_written_once_and_found_by_importlib_metadata(tmp_path: Pat
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    # Loading it (importing engines.vllm_modes) is the next test's part.
+    # Loading it (importing engines.vllm.modes) is the next test's part.
     found = json.loads(out.stdout)
     assert [vllm_modes.PLUGIN_NAME, "engines.vllm.modes:register", vllm_modes.DIST_NAME] in found, found
 

@@ -124,7 +124,7 @@ def prepare_environment() -> None:
     use_moe_configs()
 
 
-MOE_CONFIGS = Path(__file__).resolve().parent / "moe_configs"
+MOE_CONFIGS = Path(__file__).resolve().parent.parent / "moe_configs"
 
 
 def use_moe_configs() -> None:

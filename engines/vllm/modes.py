@@ -36,7 +36,7 @@ from pathlib import Path
 
 from process.modes import ModeSpec
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (engines/vllm/modes.py)
 ARCHITECTURE = "DeepseekOCRForCausalLM"  # the checkpoint's architecture; OCR-2's is another name
 MODEL_CLASS = "engines.vllm.modes_model:DeepseekOCRModesForCausalLM"
 PLUGIN_NAME = "deepseek_ocr_modes"  # the entry point's name: what VLLM_PLUGINS must list when it is set
@@ -135,7 +135,7 @@ def write_dist_info(directory: Path) -> Path:
     """Write `<directory>/<dist>-<ver>.dist-info/` (METADATA, entry_points.txt); idempotent, atomic per file.
 
     With `directory` on `sys.path`, `importlib.metadata.entry_points(group="vllm.general_plugins")` lists
-    `deepseek_ocr_modes = engines.vllm_modes:register`.
+    `deepseek_ocr_modes = engines.vllm.modes:register`.
     """
     info = directory / f"{DIST_NAME}-{DIST_VERSION}.dist-info"
     files = {

@@ -3,10 +3,12 @@
 `swagger_prefill` mimics how Swagger UI 5 fills a multipart form from an OpenAPI 3.1 document
 (`request-body.jsx` and the JSON Schema 2020-12 sampler): each property, merged with its first
 `anyOf`/`oneOf` alternative, starts with `examples[0]`, else `default`, else `example`, else a value made
-from its type (`"string"`, the minimum or 0, `true`, the first enum value). An empty optional field goes out
-as `""` ("Send empty value" starts checked); a `null` goes out as the text `null`. Both were checked against
-the real Swagger UI in headless Chromium (the curl it shows). The test sends exactly that plus the files a
-user picks, for every POST route, and wants 200.
+from its type (`"string"`, the minimum or 0, `true`, the first enum value, an array of one item's value).
+An empty optional field goes out as `""` ("Send empty value" starts checked); a `null` goes out as the text
+`null`. A file array goes out as one part per item: the file picked, else the item's pre-fill as text; an
+empty array as one empty part (`files=`). All were checked against the real Swagger UI in headless Chromium
+(the request it sent; test_swagger_browser.py drives it). The test sends exactly that plus the files a user
+picks, for every POST route, and wants 200 (202 for a job).
 """
 
 from __future__ import annotations
@@ -84,7 +86,9 @@ def type_sample(prop: dict[str, Any]) -> Any:
         if "maximum" in prop:
             value = min(value, prop["maximum"])
         return int(value) if kind == "integer" else value
-    return {"string": "string", "boolean": True, "array": [], "object": {}}.get(kind, "string")
+    if kind == "array":
+        return [swagger_prefill(prop["items"])] if "items" in prop else []
+    return {"string": "string", "boolean": True, "object": {}}.get(kind, "string")
 
 
 def swagger_prefill(prop: dict[str, Any]) -> Any:
@@ -109,15 +113,17 @@ def form_text(value: Any) -> str:
     return str(value)
 
 
-def swagger_request(path: str, schema: dict[str, Any]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+def swagger_request(path: str, schema: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
     """The form fields Swagger UI sends with its pre-fill, and the files a user picks for this route."""
-    data, files = {}, []
+    data: dict[str, Any] = {}
+    files = []
     properties = schema.get("properties", {})
     for name, prop in properties.items():
         prop = merged(prop)
         if name == "files" and "file" in properties:
-            continue  # `file` or `files` (POST /jobs): a user picks one of them
-        if prop.get("type") == "array" and is_file(prop.get("items", {})):
+            # POST /jobs: the user picks `file`; the array goes out as its items' pre-fill, or one empty part.
+            data[name] = [form_text(v) for v in swagger_prefill(prop)] or [""]
+        elif prop.get("type") == "array" and is_file(prop.get("items", {})):
             files += [(name, ("a.png", PNG, "image/png")), (name, ("b.png", PNG, "image/png"))]
         elif is_file(prop):
             pdf = path.startswith("/pdf")
@@ -153,6 +159,69 @@ def test_every_post_route_answers_200_to_swaggers_prefilled_form(spec: dict[str,
         assert r.status_code == ok, f"{path} with {media} Swagger pre-fill: " + show(r)
 
 
+def multipart(*parts: tuple[str, str | None, bytes]) -> dict[str, Any]:
+    """httpx arguments for a multipart body written byte for byte: (name, file name or None, content).
+
+    httpx leaves out an empty file name; a browser's file input with no file picked sends `filename=""`.
+    """
+    boundary = "swagger-form-test"
+    body = b""
+    for name, filename, content in parts:
+        head = f'Content-Disposition: form-data; name="{name}"'
+        if filename is not None:
+            head += f'; filename="{filename}"\r\nContent-Type: application/octet-stream'
+        body += f"--{boundary}\r\n{head}\r\n\r\n".encode() + content + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return {"content": body, "headers": {"Content-Type": f"multipart/form-data; boundary={boundary}"}}
+
+
+EMPTY_FILE = (None, b"")  # Swagger UI's empty file field: a text part with no value (`files=`)
+NO_FILE_PICKED = ("", b"")  # a browser's file input with nothing picked: a file part without name or bytes
+PDF_FILE = ("doc.pdf", two_page_pdf())
+PNG_FILE = ("a.png", PNG)
+
+
+@pytest.mark.parametrize(
+    ("path", "parts", "ok"),
+    [
+        # Swagger UI on POST /jobs: `file` picked, `files` as one empty part (its item removed, or left empty).
+        ("/jobs", [("file", *PDF_FILE), ("files", *EMPTY_FILE)], 202),
+        # Images picked as `files`: the unpicked `file` goes out empty, and so does an item added but not picked.
+        ("/jobs", [("file", *EMPTY_FILE), ("files", *PNG_FILE), ("files", *EMPTY_FILE), ("files", *PNG_FILE)], 202),
+        ("/jobs", [("file", *NO_FILE_PICKED), ("files", *PNG_FILE), ("files", *NO_FILE_PICKED)], 202),
+        ("/batch/ocr", [("files", *EMPTY_FILE), ("files", *PNG_FILE), ("files", *EMPTY_FILE)], 200),
+        ("/batch/ocr/simple", [("files", *PNG_FILE), ("files", *NO_FILE_PICKED)], 200),
+    ],
+)
+def test_empty_file_parts_beside_a_file_are_absent(
+    base_url: str, path: str, parts: list[tuple[str, str | None, bytes]], ok: int
+) -> None:
+    r = httpx.post(base_url + path, timeout=300, **multipart(*parts))
+    assert r.status_code == ok, show(r)
+    if path.startswith("/batch"):
+        assert [f["filename"] for f in r.json()["results"]] == ["a.png"], show(r)
+
+
+@pytest.mark.parametrize(
+    ("path", "parts", "named"),
+    [
+        ("/jobs", [("file", *EMPTY_FILE), ("files", *EMPTY_FILE)], ["`file`", "`files`"]),
+        ("/jobs", [("file", *NO_FILE_PICKED), ("files", *NO_FILE_PICKED)], ["`file`", "`files`"]),
+        ("/batch/ocr", [("files", *EMPTY_FILE)], ["files: Field required"]),
+        ("/batch/ocr/download", [("files", *EMPTY_FILE), ("files", *NO_FILE_PICKED)], ["files: Field required"]),
+        ("/ocr/image/advanced", [("file", *EMPTY_FILE)], ["file: Field required"]),
+        ("/pdf/ocr", [("file", *NO_FILE_PICKED)], ["file: Field required"]),
+    ],
+)
+def test_only_empty_file_parts_is_a_422_saying_what_to_send(
+    base_url: str, path: str, parts: list[tuple[str, str | None, bytes]], named: list[str]
+) -> None:
+    r = httpx.post(base_url + path, timeout=60, **multipart(*parts))
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem+json"), show(r)
+    for text in named:
+        assert text in r.json()["detail"], show(r)
+
+
 def test_form_fields_are_documented_and_prefill_is_author_given(spec: dict[str, Any]) -> None:
     for path, media, schema in post_bodies(spec):
         if media != "multipart/form-data":
@@ -165,6 +234,8 @@ def test_form_fields_are_documented_and_prefill_is_author_given(spec: dict[str, 
             flat = merged(prop)
             if flat.get("type") == "array":
                 assert flat["items"] == {**flat["items"], "type": "string", "format": "binary"}, where
+                # An item's pre-fill goes out as a text part when no file is picked: it must be empty.
+                assert swagger_prefill(flat["items"]) == "", where
             elif not is_file(flat) and name not in required:
                 assert "default" in prop or prop.get("examples"), where  # else Swagger UI makes one up
             # Swagger UI and ReDoc render descriptions as markdown: a bare `<image>` would vanish as an HTML tag.

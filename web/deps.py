@@ -10,7 +10,10 @@ value), and sends it. An empty field goes out as `""` ("Send empty value" starts
 reads as "not given", so the server's default applies; a `null` pre-fill would go out as the text `null`
 (checked in a real browser). So every optional field carries `examples: [""]`: an empty box. Fields with a
 real default show it. File arrays declare `format: binary` items, which Swagger UI renders as file
-pickers. Descriptions are markdown: prompts go in backticks so `<image>` is not eaten as an HTML tag.
+pickers; an item without a file goes out as its pre-fill, a text part, and an empty array as one empty
+part (`files=`, even beside `file` on `POST /jobs`). So the items carry `examples: [""]` too, and
+`files_field` reads empty parts as absent (tests/test_swagger_browser.py drives the real page).
+Descriptions are markdown: prompts go in backticks so `<image>` is not eaten as an HTML tag.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from fastapi import Depends, File, Form, Request, UploadFile
 from fastapi import params as params_module
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError, ValidatorFunctionWrapHandler, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from config import Settings
 from errors import BadRequest, DeadlineExceeded, PayloadTooLarge, ValidationFailed
@@ -116,9 +120,30 @@ def file_field(description: str) -> object:
 
 
 def files_field(description: str) -> object:
-    """A repeated file field; items `format: binary` so Swagger UI shows file pickers, not text boxes."""
-    binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
-    return File(description=description, json_schema_extra={"items": binary})
+    """A repeated file field; items `format: binary` so Swagger UI shows file pickers, not text boxes.
+
+    An item's pre-fill is empty, not Swagger UI's made-up `string`; empty parts are dropped (see
+    `_drop_empty_parts`). A browser's file input with nothing picked (no name, no bytes) FastAPI drops
+    itself (tests/test_swagger_forms.py checks both).
+    """
+    binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream", "examples": [""]}
+    field = File(description=description, json_schema_extra={"items": binary})
+    field.metadata.append(WrapValidator(_drop_empty_parts))  # File() takes no validator; pydantic runs these
+    return field
+
+
+def _drop_empty_parts(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+    """The parts without the empty text ones (`files=`); none left is the field absent, as FastAPI reads one
+    empty part of a single field: the default, or "Field required"."""
+    if not isinstance(value, list) or "" not in value:
+        return handler(value)
+    parts = [part for part in value if part != ""]
+    if parts:
+        return handler(parts)
+    try:
+        return handler(None)  # an optional field: absent
+    except ValidationError:
+        raise PydanticCustomError("missing", "Field required") from None
 
 
 def _body_fields(dependant: Dependant) -> list[str]:

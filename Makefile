@@ -39,8 +39,12 @@ serve: setup
 	fi; \
 	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} exec $(VENV)/bin/uvicorn serve_ocr:app --host $(HOST) --port $(PORT) $(UVICORN_LIMITS)
 
-test: setup-dev
+# Lint: ruff, and deptry: every package the product imports is named in requirements.txt itself (.ci/deptry.toml).
+lint: setup-dev
 	$(PY) -m ruff check .
+	$(PY) -m deptry . --config .ci/deptry.toml
+
+test: lint
 	$(PY) -m pytest -q --durations=25
 
 fuzz: setup-dev

@@ -84,13 +84,15 @@ def health_body(request: Request) -> HealthResponse:
     h = engine.health()
     ready = admission.ready
     restarting = not ready and any(getattr(e, "restarting", False) for e in admission.engines)
+    unavailable = unavailable_parts(request.app)
+    degraded = "failed to load: " + "; ".join(f"{name} ({why})" for name, why in unavailable.items())
     return HealthResponse(
-        status="ok" if ready else "restarting" if restarting else "not_ready",
+        status=("degraded" if unavailable else "ok") if ready else "restarting" if restarting else "not_ready",
         ready=ready,
         engine=engine.name,
         model=request.app.state.settings.model_path,
         model_loaded=ready,
-        reason=None if ready else h.reason,
+        reason=h.reason if not ready else degraded if unavailable else None,
         demo=engine.demo,
         notice=DEMO_NOTICE if engine.demo else None,
         in_flight=admission.in_flight,
@@ -111,11 +113,20 @@ def health_body(request: Request) -> HealthResponse:
             for e in admission.engines
         ],
         models=admission.model_infos(),
+        unavailable=unavailable,
         restarts=service.supervisor.restarts,
         quarantined=len(service.supervisor.quarantined),
         orchestrator=request.app.state.settings.orchestrator,
         cluster=cluster_view(request.app.state.settings, admission),
     )
+
+
+def unavailable_parts(app: Any) -> dict[str, str]:
+    """The routers and subsystems that failed to load, each with why: what serve_ocr recorded (`/` shows the
+    routers' states too). They make `/health` say `degraded`; `/ready` is about the engines only."""
+    parts = {name: state.reason or "failed to load" for name, state in app.state.routers.items() if not state.available}
+    parts.update(app.state.subsystems_down)
+    return parts
 
 
 def cluster_view(settings: Any, admission: Any) -> dict[str, Any] | None:

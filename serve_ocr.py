@@ -102,7 +102,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.supervisor.start()
     scaler = start_scaler(settings, service)
     mcp_sessions = app.state.mcp_sessions
-    app.state.jobs = await start_jobs(settings, service)
+    app.state.jobs = await start_jobs(settings, service, app.state.subsystems_down)
     try:
         async with mcp_sessions.run() if mcp_sessions is not None else contextlib.nullcontext():
             yield
@@ -144,8 +144,8 @@ def start_scaler(settings: Settings, service: OcrService) -> Any:
     return scaler
 
 
-async def start_jobs(settings: Settings, service: OcrService) -> Any:
-    """The job runner (jobs/), or None when its package cannot load (the jobs router then says why)."""
+async def start_jobs(settings: Settings, service: OcrService, down: dict[str, str]) -> Any:
+    """The job runner (jobs/), or None when it cannot start: `down` then says why (`/health` is `degraded`)."""
     try:
         from jobs import store_url
         from jobs.runner import Runner
@@ -154,9 +154,11 @@ async def start_jobs(settings: Settings, service: OcrService) -> Any:
         store = await asyncio.to_thread(Store, store_url(settings))  # creates the tables: off the event loop
         runner = Runner(service, store, settings, Path(settings.data_dir))
         await runner.start()
+        down.pop("job_runner", None)  # an app whose lifespan runs again
         return runner
-    except Exception:
+    except Exception as exc:
         log.exception("the job runner could not start; /jobs answers 503")
+        down["job_runner"] = f"the job runner could not start: {type(exc).__name__}: {exc}"
         return None
 
 
@@ -287,6 +289,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     web.install(app)
     app.include_router(base_routes.router)
     app.state.routers = include_routers(app)
+    app.state.subsystems_down = {}  # what is not a router and failed to start (the job runner), with why
     app.state.mcp_sessions = mount_mcp(app)
     install_security_schemes(app, settings)
     return app

@@ -137,14 +137,18 @@ class EngineState(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "not_ready", "restarting"] = Field(
-        description="`ok` when OCR requests can be served; `restarting` while a dead engine is being restarted"
+    status: Literal["ok", "degraded", "not_ready", "restarting"] = Field(
+        description="`ok` when OCR requests can be served and every router and subsystem loaded; `degraded` when "
+        "OCR can be served but some failed to load (`unavailable` says which and why); `restarting` while a dead "
+        "engine is being restarted"
     )
     ready: bool
     engine: str
     model: str | None = Field(description="MODEL_PATH in use")
     model_loaded: bool
-    reason: str | None = Field(None, description="Why the model is not loaded, and what to set")
+    reason: str | None = Field(
+        None, description="Why the model is not loaded, and what to set; when `degraded`, what failed to load"
+    )
     demo: bool = Field(description="True when serving the tiny random-weights demo checkpoint")
     notice: str | None = None
     in_flight: int = Field(description="Engine sequences running now")
@@ -153,6 +157,11 @@ class HealthResponse(BaseModel):
     detail: dict[str, Any] = Field(default_factory=dict, description="Engine specifics (device, dtype, ...)")
     engines: list[EngineState] = Field(default_factory=list, description="Every engine behind the service")
     models: list[ModelInfo] = Field(default_factory=list, description="The models served (MODEL_PATH or MODELS)")
+    unavailable: dict[str, str] = Field(
+        default_factory=dict,
+        description="Routers and subsystems that failed to load, each with why (the rest of the service works)",
+        examples=[{"jobs": "jobs_routes failed to import: ModuleNotFoundError: No module named 'httpx'"}],
+    )
     restarts: int = Field(0, description="Engine restarts since the service started")
     quarantined: int = Field(0, description="Inputs refused because they crashed an engine twice")
     orchestrator: str = Field("local", description="local: engine workers on this host; ray: on a Ray cluster")

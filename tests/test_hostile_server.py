@@ -29,11 +29,21 @@ import httpx
 import psutil
 import pymupdf
 import pytest
-import test_hostile as h
-from hostile_server import ROOT, Server, Watch, concurrently, deflated_zeros_pdf, ordinary, serving, settled, start
+from helpers import hostile as h
+from helpers.hostile_server import (
+    ROOT,
+    Server,
+    Watch,
+    concurrently,
+    deflated_zeros_pdf,
+    ordinary,
+    serving,
+    settled,
+    start,
+)
+from helpers.images import png_image
+from helpers.server import data_dir, show
 from PIL import Image
-from server import data_dir, show
-from test_hostile_http import png_image
 
 # An ordinary request takes 0.2-0.4 s on an idle 2-core box; beside the CPU-bound hostile work here (two cores
 # shared with the render workers and the engine) it took up to 6.5 s while the box was shared.

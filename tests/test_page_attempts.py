@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
-from jobs_helpers import submit, wait
-from replay import ReplayEngine, factory
-from server import make_settings, serve_app
-from test_pdf_routes import make_pdf
+from helpers.jobs import submit, wait
+from helpers.pdfs import make_pdf
+from helpers.replay import ReplayEngine, factory
+from helpers.server import make_settings, serve_app
 
 from serve_ocr import create_app
 from service.admission import Admission

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from replay import ReplayEngine, factory
+from helpers.browser import CHROMEDRIVER, CHROMIUM, foreign, requested_urls
+from helpers.replay import ReplayEngine, factory
+from helpers.server import make_settings, scratch_root, serve_app, show
 from selenium import webdriver
-from server import make_settings, scratch_root, serve_app, show
-from test_docs_browser import CHROMEDRIVER, CHROMIUM, foreign, requested_urls
 
 from serve_ocr import create_app
 

@@ -1,7 +1,7 @@
 """Issue 18 pieces checked below the full HTTP scenarios of tests/test_hostile_server.py (which covers every
 finding against a real server): an item over the whole pixel budget, `API_KEY` spellings that hold no key,
-the JSON answer cap, the pixel budget's order and cancellation. Also the helpers those tests share: the
-Makefile's uvicorn options, a server process with them, a PNG writer that never allocates the pixels.
+the JSON answer cap, the pixel budget's order and cancellation. A server process with the Makefile's uvicorn
+options is started here; the options and the PNG writer are in tests/helpers/.
 """
 
 from __future__ import annotations

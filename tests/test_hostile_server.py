@@ -5,7 +5,7 @@ For each: the answer is a 4xx problem+json naming the limit, or a 200 whose page
 `/health` answers every ~100 ms poll within 1 s, ordinary requests (a small PNG to /ocr/image/simple) keep
 succeeding within ORDINARY_S, and the server's RSS (render children included) stays under the bound the
 case states; afterwards no render worker is busy and no spill file is left; when the server stops no
-child process is left (tests/hostile_server.py).
+child process is left (tests/helpers/hostile_server.py).
 
 The server runs the defaults but for: MAX_CONCURRENCY 2 (two engine slots, so a page holding one while it
 renders would show), PDF_RENDER_TIMEOUT_S 2, MAX_ANSWER_MB 2 and BODY_TIMEOUT_S 2 (to meet those caps in

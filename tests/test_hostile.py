@@ -95,11 +95,11 @@ def refused_beside_ordinary(
 
 def test_objstm_bomb_is_refused_by_the_stream_cap_quickly() -> None:
     assert asyncio.run(_render_closed(objstm_bomb(1000))).image.size == (200, 200)  # the shape is a valid PDF
-    started = time.perf_counter()
+    # How fast it is refused is a figure, printed by benchmarks/bench_hostile.py; the detail shows which guard
+    # refused it (the stream cap, not the open timeout).
     err, _ = refused_beside_ordinary(lambda pool: render(pool, objstm_bomb(16 << 20)))
     assert isinstance(err, PayloadTooLarge) and err.status == 413
     assert "PDF_MAX_STREAM_MB" in err.detail and "8 MB" in err.detail, err.detail
-    assert time.perf_counter() - started < 15
 
 
 async def _render_closed(data: bytes) -> RenderedPage:
@@ -120,12 +120,12 @@ def test_xref_size_8388607_is_refused_before_mupdf_allocates() -> None:
 
 def test_progressive_jpeg_of_20000_scans_is_refused_before_decoding() -> None:
     data = progressive_jpeg(20_000)
-    started = time.perf_counter()
+    # The scan count in the detail shows the refusal came from counting scans; the time it takes is a figure
+    # (benchmarks/bench_hostile.py): Pillow itself gets through 20,000 empty scans of 64x64 in ~40 ms.
     for call in (lambda: images.image_info(data), lambda: images.decode_image(data, max_pixels=BIG)):
         with pytest.raises(PayloadTooLarge) as caught:
             call()
         assert "JPEG_MAX_SCANS" in caught.value.detail and "20010 scans" in caught.value.detail, caught.value.detail
-    assert time.perf_counter() - started < 1
     assert images.decode_image(progressive_jpeg(20), max_pixels=BIG).size == (64, 64)  # under the cap: decodes
     # The same JPEG inside a PDF is refused by the render worker before MuPDF decodes it.
     err, _ = refused_beside_ordinary(lambda pool: render(pool, image_page(data, 64, 64, b"DCTDecode")))
@@ -137,7 +137,9 @@ def test_page_past_the_deadline_kills_only_its_worker() -> None:
     started = time.perf_counter()
     err, _ = refused_beside_ordinary(lambda p: render(p, heavy_pdf()), pool)
     assert err.status == 413 and "PDF_RENDER_TIMEOUT_S" in err.detail and "0.3 s" in err.detail, err.detail
-    assert time.perf_counter() - started < 20
+    # The pool did not wait for the killed page's worker: without the kill, close() waits for the worker up to
+    # its 30 s open timeout. The page's own 2 s of work and a respawn fit many times in 25 s on a loaded box.
+    assert time.perf_counter() - started < 25
 
 
 def test_page_deadline_starts_when_its_render_starts_on_a_worker_that_reopens() -> None:
@@ -157,7 +159,9 @@ def test_page_deadline_starts_when_its_render_starts_on_a_worker_that_reopens() 
         pool.close()
     for err in answers:
         assert isinstance(err, PayloadTooLarge) and "PDF_RENDER_TIMEOUT_S" in err.detail, err
-    assert time.perf_counter() - started < 10  # each page ~20 s of work: both were cut at 0.5 s of rendering
+    # Each page is ~20 s of MuPDF work (more on a loaded box) and both were cut at 0.5 s of rendering: under 15 s
+    # whatever the load, where a deadline that let the pages run would take 20 s or more.
+    assert time.perf_counter() - started < 15
 
 
 def test_allocation_failures_of_mupdf_are_memory_problems() -> None:
@@ -296,5 +300,10 @@ def test_image_info_of_a_png_reads_no_pixels() -> None:
     data = png_image(8000, 5000)
     started = time.perf_counter()
     info = images.image_info(data, max_pixels=BIG)
+    info_s = time.perf_counter() - started
     assert (info.width, info.height, info.orientation) == (8000, 5000, 1)
-    assert time.perf_counter() - started < 0.1  # decoding it takes ~0.5 s
+    # Against a decode of the same image timed here, not a figure in seconds: a loaded box slows both. Idle, the
+    # header takes ~10 ms and the decode ~550 ms; reading the pixels would make the two about equal.
+    started = time.perf_counter()
+    images.decode_image(data, max_pixels=BIG)
+    assert info_s < (time.perf_counter() - started) / 4, info_s

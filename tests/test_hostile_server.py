@@ -246,7 +246,9 @@ def test_slow_body_is_cut_with_408(server: Server) -> None:
                 reply += data
     assert reply.startswith(b"HTTP/1.1 408"), reply[:500]
     assert b"application/problem+json" in reply and b"BODY_TIMEOUT_S" in reply, reply[:1000]
-    assert BODY_TIMEOUT_S <= elapsed < BODY_TIMEOUT_S + 5, elapsed
+    # Cut by the server's BODY_TIMEOUT_S timer (never before it), not when this client stops dripping at 20 s:
+    # for the cut to come 13 s late the server's loop would have to stall 13 s, which Watch reports on its own.
+    assert BODY_TIMEOUT_S <= elapsed < 15, elapsed
 
 
 def test_slow_or_silent_header_is_cut_after_body_timeout(server: Server) -> None:
@@ -275,7 +277,9 @@ def test_slow_or_silent_header_is_cut_after_body_timeout(server: Server) -> None
                 except OSError:  # reset
                     closed[name] = time.monotonic() - started
     assert set(closed) == {"slow", "silent"}, closed
-    assert all(BODY_TIMEOUT_S - 0.5 <= t < BODY_TIMEOUT_S + 3 for t in closed.values()), closed
+    # Closed by the server's timer: not before BODY_TIMEOUT_S (less one 0.3 s poll of this loop), and well
+    # before the loop's own limit of BODY_TIMEOUT_S + 10 s (a late timer means a stalled loop, which Watch reports).
+    assert all(BODY_TIMEOUT_S - 0.5 <= t < BODY_TIMEOUT_S + 8 for t in closed.values()), closed
 
 
 def test_filenames_with_lf_and_esc_stay_one_log_line(server: Server) -> None:

@@ -68,7 +68,7 @@ def children(pid: int) -> list[int]:
 
 @contextlib.contextmanager
 def server(checkpoint: Path, data_dir: Path, max_tokens: int) -> Iterator[tuple[str, int]]:
-    from server import free_port
+    from helpers.server import free_port
 
     port = free_port()
     env = {**os.environ, "MODEL_PATH": str(checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DATA_DIR": str(data_dir),

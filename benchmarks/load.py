@@ -9,7 +9,7 @@ With --serve-model it starts `uvicorn serve_ocr:app` itself (MAX_CONCURRENCY 16,
 given, so backpressure 503s do happen) and samples that process's memory; with --url it loads a server
 that is already running and (with --pid) samples that process.
 
---hostile adds issue 18's hostile inputs to the mix (built here with tests/test_hostile.py's builders): a PDF
+--hostile adds issue 18's hostile inputs to the mix (built here with tests/helpers/hostile.py's builders): a PDF
 whose catalog follows 512 MB of deflated zeros, an xref of /Size 8388607, a JPEG 2000 image claiming
 24000 x 24000, a page nested 100k deep, a page of 2 M fill operations, a progressive JPEG of 20,000 scans,
 a 1 x 40,000,000 PNG strip, a batch of three 40 MP PNGs and a decompression-bomb PNG. Each must answer 4xx,
@@ -135,8 +135,8 @@ def route_mix(max_tokens: int) -> list[Call]:
 def hostile_mix(max_tokens: int) -> list[Call]:
     """Issue 18's hostile inputs; expected answers in the docstring of the module."""
     sys.path.insert(0, str(ROOT / "tests"))
-    import test_hostile as h
-    from test_hostile_http import png_image
+    from helpers import hostile as h
+    from helpers.images import png_image
 
     def pdf_call(name: str, data: bytes) -> Call:
         form = {"dpi": "72", **tokens}

@@ -25,7 +25,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def base_url(tiny_checkpoint: Path):
     """One real uvicorn server on the tiny checkpoint for the whole session (default test settings)."""
-    from server import make_settings, serve_app
+    from helpers.server import make_settings, serve_app
 
     from serve_ocr import create_app
 

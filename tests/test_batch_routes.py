@@ -18,11 +18,11 @@ import zipfile
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import requests
+from helpers.images import image_bytes
+from helpers.server import make_settings, serve_app, show
 from PIL import Image
-from server import make_settings, serve_app, show
 
 from config import DOCUMENT_PROMPT
 from engines.base import Usage
@@ -35,14 +35,6 @@ from web.answers import BatchRun, batch_zip, member_stems
 FAST = {"mode": "tiny", "max_tokens": "4"}  # 73 image tokens, 4 generated: a file costs ~0.1 s on a CPU
 HOSTILE_NAMES = ["../../evil.png", "/abs.png", "a\\b.png", "same.png", "same.png"]
 LINK_RE = re.compile(r"!\[\]\(([^)]+)\)")
-
-
-def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (48, 32), seed: int = 0) -> bytes:
-    """Noise, so a PNG does not compress to a few bytes and truncating it cuts into the pixel data."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def truncated_png() -> bytes:

@@ -22,10 +22,10 @@ from pathlib import Path
 import httpx
 import pymupdf
 import pytest
-from replay import ReplayEngine, factory
-from server import ROOT, make_settings, serve_app, show
-from test_batch_routes import image_bytes
-from test_pdf_routes import FAILING_SIZE, make_pdf
+from helpers.images import image_bytes
+from helpers.pdfs import FAILING_SIZE, make_pdf
+from helpers.replay import ReplayEngine, factory
+from helpers.server import ROOT, make_settings, serve_app, show
 
 from ocr_client import sse
 from ocr_client.api import Client, follow

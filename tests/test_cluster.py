@@ -34,10 +34,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jobs_helpers import postgres, submit, wait
-from server import ROOT, free_port, show
-from test_jobs_replicas import Replica, home_and_other, stop
-from test_pdf_routes import make_pdf
+from helpers.jobs import postgres, submit, wait
+from helpers.pdfs import make_pdf
+from helpers.replicas import Replica, home_and_other, stop
+from helpers.server import ROOT, free_port, show
 
 pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-cluster.txt")
 

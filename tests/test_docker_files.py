@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from server import ROOT, free_port, show
+from helpers.server import ROOT, free_port, show
 
 KEY = "docker-files-key"
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

@@ -10,20 +10,17 @@ The performance log then shows that the page did not even try another origin.
 from __future__ import annotations
 
 import http.client
-import json
-import shutil
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers.browser import CHROMEDRIVER, CHROMIUM, foreign, requested_urls
+from helpers.server import make_settings, serve_app, show
 from selenium import webdriver
-from server import make_settings, serve_app, show
 
 from serve_ocr import create_app
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 
 
@@ -70,15 +67,6 @@ def allow_only(driver, base_url: str) -> None:
     driver.execute_cdp_cmd("Network.setBlockedURLs", {"urlPatterns": patterns})
 
 
-def requested_urls(driver) -> list[str]:
-    urls = []
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message.get("method") == "Network.requestWillBeSent":
-            urls.append(message["params"]["request"]["url"])
-    return urls
-
-
 def operation_count(base_url: str) -> int:
     r = httpx.get(base_url + "/openapi.json", timeout=30)
     assert r.status_code == 200, show(r)
@@ -94,10 +82,6 @@ def wait_for(driver, css: str, count: int, timeout: float = 60.0) -> int:
             return found
         time.sleep(0.25)
     return found
-
-
-def foreign(urls: list[str], base_url: str) -> list[str]:
-    return [u for u in urls if not u.startswith((base_url, "data:", "blob:", "about:", "chrome"))]
 
 
 def test_swagger_ui_renders_every_operation_offline(server: str, browser) -> None:

@@ -14,9 +14,9 @@ import contextlib
 from pathlib import Path
 
 import httpx
-from replay import ReplayEngine, factory
-from server import make_settings, serve_app, show
-from test_pdf_routes import make_pdf
+from helpers.pdfs import make_pdf
+from helpers.replay import ReplayEngine, factory
+from helpers.server import make_settings, serve_app, show
 
 from serve_ocr import create_app
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from server import serve_process
+from helpers.server import serve_process
 
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 

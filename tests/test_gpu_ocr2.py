@@ -14,14 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_gpu import (
-    VLLM,
-    post_image,
-    post_pdf,
-    pytestmark,  # noqa: F401  # the gpu mark, and the skip where CUDA or vLLM is missing
-    serve,
-    show,
-)
+from helpers.gpu import GPU_ONLY, VLLM, post_image, post_pdf, serve, show
+
+pytestmark = GPU_ONLY
 
 
 def png(width: int, height: int) -> bytes:

@@ -20,7 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from test_gpu import VLLM, _gpu_ready, png, post_image, serve, show
+from helpers.gpu import VLLM, png, post_image, serve, show
+from helpers.gpu import gpu_ready as _gpu_ready
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not VLLM or not _gpu_ready(), reason="needs CUDA and vllm")]
 POISON = (777, 555)

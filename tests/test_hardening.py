@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers.facts import facts_image_tokens
+from helpers.images import png_bytes
+from helpers.server import make_settings, serve_app, show
 from PIL import Image
-from server import make_settings, serve_app, show
-from test_service import facts_image_tokens, png_bytes
 
 from serve_ocr import create_app
 

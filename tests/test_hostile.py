@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
-import pymupdf
 import pytest
-from PIL import Image
+from helpers.hostile import (
+    build_pdf,
+    heavy_pdf,
+    image_page,
+    jbig2_claiming,
+    jpx_claiming,
+    nested_page,
+    objstm_bomb,
+    progressive_jpeg,
+    text_pdf,
+)
 
 import images
 from errors import InvalidPdf, OcrError, PayloadTooLarge
@@ -33,131 +40,6 @@ from pdf.render_pool import RenderedPage, RenderPool
 ROOT = Path(__file__).resolve().parent.parent
 BIG = 100_000_000
 LIMITS = PdfLimits(max_stream_mb=8, max_objects=100_000, max_image_pixels=50_000_000, max_jpeg_scans=100)
-
-
-def build_pdf(objects: dict[int, bytes], *, size: int | None = None) -> bytes:
-    """A classic-xref PDF from numbered object bodies; object 1 is the catalog."""
-    out = bytearray(b"%PDF-1.7\n")
-    offsets = {}
-    for number in sorted(objects):
-        offsets[number] = len(out)
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, objects[number])
-    xref, count = len(out), max(objects) + 1
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % count
-    out += b"".join(b"%010d 00000 n \n" % offsets[n] for n in range(1, count))
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (size or count, xref)
-    return bytes(out)
-
-
-def stream(data: bytes, extra: bytes = b"") -> bytes:
-    return b"<< /Length %d %s >>\nstream\n%s\nendstream" % (len(data), extra, data)
-
-
-def one_page(content: bytes, resources: bytes = b"<< >>", **more: bytes) -> bytes:
-    objects = {
-        1: b"<< /Type /Catalog /Pages 2 0 R >>",
-        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Resources %s /Contents 4 0 R >>" % resources,
-        4: stream(content),
-    }
-    objects.update({int(k[1:]): v for k, v in more.items()})
-    return build_pdf(objects)
-
-
-def objstm_bomb(zero_bytes: int) -> bytes:
-    """The catalog in an object stream, after `zero_bytes` of NULs (PDF whitespace), behind an xref stream."""
-    catalog = b"<< /Type /Catalog /Pages 2 0 R >>"
-    header = b"1 %d\n" % zero_bytes
-    packer = zlib.compressobj(9)
-    packed = packer.compress(header)
-    chunk = bytes(1 << 20)
-    for _ in range(zero_bytes >> 20):
-        packed += packer.compress(chunk)
-    packed += packer.compress(bytes(zero_bytes & 0xFFFFF) + catalog) + packer.flush()
-    out = bytearray(b"%PDF-1.7\n")
-    offsets = {}
-    bodies = {
-        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
-        4: stream(packed, b"/Type /ObjStm /N 1 /First %d /Filter /FlateDecode" % len(header)),
-    }
-    for number, body in bodies.items():
-        offsets[number] = len(out)
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    offsets[5] = len(out)
-    rows = [b"\x00" + bytes(4) + b"\xff\xff", b"\x02" + (4).to_bytes(4, "big") + bytes(2)]
-    rows += [b"\x01" + offsets[n].to_bytes(4, "big") + bytes(2) for n in (2, 3, 4, 5)]
-    out += b"5 0 obj\n%s\nendobj\n" % stream(b"".join(rows), b"/Type /XRef /Size 6 /W [1 4 2] /Root 1 0 R")
-    out += b"startxref\n%d\n%%%%EOF\n" % offsets[5]
-    return bytes(out)
-
-
-def progressive_jpeg(extra_scans: int, size: tuple[int, int] = (64, 64)) -> bytes:
-    """A progressive JPEG followed by `extra_scans` empty scans (a scan header and no data)."""
-    buf = io.BytesIO()
-    Image.new("RGB", size, (200, 30, 30)).save(buf, "JPEG", progressive=True)
-    data = buf.getvalue()
-    at = data.rfind(b"\xff\xda")
-    header = data[at : at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")]
-    return data[:-2] + header * extra_scans + b"\xff\xd9"
-
-
-def image_page(image: bytes, width: int, height: int, filt: bytes) -> bytes:
-    xobject = b"/Type /XObject /Subtype /Image /Width %d /Height %d /ColorSpace /DeviceRGB /BitsPerComponent 8 "
-    return one_page(
-        b"q 100 0 0 100 0 0 cm /Im1 Do Q",
-        b"<< /XObject << /Im1 5 0 R >> >>",
-        o5=stream(image, xobject % (width, height) + b"/Filter /" + filt),
-    )
-
-
-def jpx_claiming(width: int, height: int) -> bytes:
-    """A JPEG 2000 codestream header (SOC, SIZ for 3 components, EOC) claiming width x height."""
-    siz = (0).to_bytes(2, "big") + b"".join(v.to_bytes(4, "big") for v in (width, height, 0, 0, 512, 512, 0, 0))
-    siz += (3).to_bytes(2, "big") + b"\x07\x01\x01" * 3
-    return b"\xff\x4f\xff\x51" + (len(siz) + 2).to_bytes(2, "big") + siz + b"\xff\xd9"
-
-
-def jbig2_claiming(width: int, height: int) -> bytes:
-    """An embedded JBIG2 stream of one page information segment for a width x height page."""
-    header = (0).to_bytes(4, "big") + bytes([48, 0, 1]) + (19).to_bytes(4, "big")  # number, type, refs, page
-    return header + width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes(11)
-
-
-def text_pdf() -> bytes:
-    doc = pymupdf.open()
-    page = doc.new_page(width=200, height=200)
-    page.insert_text((20, 40), "An ordinary page", fontsize=12)
-    return doc.tobytes()
-
-
-def heavy_pdf(repeats: int = 40, pages: int = 1) -> bytes:
-    """Pages drawing one form of 50,000 filled rectangles `repeats` times: ~50 ms of MuPDF work per repeat
-    (2 s a page at the default), from a 0.8 MB file."""
-    rects = b"".join(b"%d %d 3 3 re f\n" % (i % 197, (i // 197) % 197) for i in range(50_000))
-    kids = b" ".join(b"%d 0 R" % (5 + n) for n in range(pages))
-    objects = {
-        1: b"<< /Type /Catalog /Pages 2 0 R >>",
-        2: b"<< /Type /Pages /Kids [%s] /Count %d >>" % (kids, pages),
-        3: stream(b"/Fm1 Do\n" * repeats),
-        4: stream(rects, b"/Type /XObject /Subtype /Form /BBox [0 0 200 200]"),
-    }
-    for n in range(pages):
-        objects[5 + n] = (b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] "
-                          b"/Resources << /XObject << /Fm1 4 0 R >> >> /Contents 3 0 R >>")
-    return build_pdf(objects)
-
-
-def nested_page(depth: int = 100_000) -> bytes:
-    """The page object is a dictionary nested `depth` deep: MuPDF cannot load it and draws nothing."""
-    nest = b"<< /A " * depth + b"1" + b" >>" * depth
-    objects = {
-        1: b"<< /Type /Catalog /Pages 2 0 R >>",
-        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        3: b"<< /Type /Page /Parent 2 0 R /X %s /MediaBox [0 0 200 200] /Contents 4 0 R >>" % nest,
-        4: stream(b"0 0 1 rg 10 10 100 100 re f"),
-    }
-    return build_pdf(objects)
 
 
 # ------------------------------------------------------------------------------------ harness
@@ -213,11 +95,11 @@ def refused_beside_ordinary(
 
 def test_objstm_bomb_is_refused_by_the_stream_cap_quickly() -> None:
     assert asyncio.run(_render_closed(objstm_bomb(1000))).image.size == (200, 200)  # the shape is a valid PDF
-    started = time.perf_counter()
+    # How fast it is refused is a figure, printed by benchmarks/bench_hostile.py; the detail shows which guard
+    # refused it (the stream cap, not the open timeout).
     err, _ = refused_beside_ordinary(lambda pool: render(pool, objstm_bomb(16 << 20)))
     assert isinstance(err, PayloadTooLarge) and err.status == 413
     assert "PDF_MAX_STREAM_MB" in err.detail and "8 MB" in err.detail, err.detail
-    assert time.perf_counter() - started < 15
 
 
 async def _render_closed(data: bytes) -> RenderedPage:
@@ -238,12 +120,12 @@ def test_xref_size_8388607_is_refused_before_mupdf_allocates() -> None:
 
 def test_progressive_jpeg_of_20000_scans_is_refused_before_decoding() -> None:
     data = progressive_jpeg(20_000)
-    started = time.perf_counter()
+    # The scan count in the detail shows the refusal came from counting scans; the time it takes is a figure
+    # (benchmarks/bench_hostile.py): Pillow itself gets through 20,000 empty scans of 64x64 in ~40 ms.
     for call in (lambda: images.image_info(data), lambda: images.decode_image(data, max_pixels=BIG)):
         with pytest.raises(PayloadTooLarge) as caught:
             call()
         assert "JPEG_MAX_SCANS" in caught.value.detail and "20010 scans" in caught.value.detail, caught.value.detail
-    assert time.perf_counter() - started < 1
     assert images.decode_image(progressive_jpeg(20), max_pixels=BIG).size == (64, 64)  # under the cap: decodes
     # The same JPEG inside a PDF is refused by the render worker before MuPDF decodes it.
     err, _ = refused_beside_ordinary(lambda pool: render(pool, image_page(data, 64, 64, b"DCTDecode")))
@@ -255,7 +137,9 @@ def test_page_past_the_deadline_kills_only_its_worker() -> None:
     started = time.perf_counter()
     err, _ = refused_beside_ordinary(lambda p: render(p, heavy_pdf()), pool)
     assert err.status == 413 and "PDF_RENDER_TIMEOUT_S" in err.detail and "0.3 s" in err.detail, err.detail
-    assert time.perf_counter() - started < 20
+    # The pool did not wait for the killed page's worker: without the kill, close() waits for the worker up to
+    # its 30 s open timeout. The page's own 2 s of work and a respawn fit many times in 25 s on a loaded box.
+    assert time.perf_counter() - started < 25
 
 
 def test_page_deadline_starts_when_its_render_starts_on_a_worker_that_reopens() -> None:
@@ -275,7 +159,9 @@ def test_page_deadline_starts_when_its_render_starts_on_a_worker_that_reopens() 
         pool.close()
     for err in answers:
         assert isinstance(err, PayloadTooLarge) and "PDF_RENDER_TIMEOUT_S" in err.detail, err
-    assert time.perf_counter() - started < 10  # each page ~20 s of work: both were cut at 0.5 s of rendering
+    # Each page is ~20 s of MuPDF work (more on a loaded box) and both were cut at 0.5 s of rendering: under 15 s
+    # whatever the load, where a deadline that let the pages run would take 20 s or more.
+    assert time.perf_counter() - started < 15
 
 
 def test_allocation_failures_of_mupdf_are_memory_problems() -> None:
@@ -409,10 +295,15 @@ def test_workers_die_with_the_server_and_its_spill_files_are_cleaned_on_start(tm
 def test_image_info_of_a_png_reads_no_pixels() -> None:
     """`image_info` counts pixels for the budget before decoding; for a PNG with no eXIf chunk ahead of its
     pixel data, Pillow's `getexif` decoded the whole image to look for one after it (40 MP, outside the budget)."""
-    from test_hostile_http import png_image
+    from helpers.images import png_image
 
     data = png_image(8000, 5000)
     started = time.perf_counter()
     info = images.image_info(data, max_pixels=BIG)
+    info_s = time.perf_counter() - started
     assert (info.width, info.height, info.orientation) == (8000, 5000, 1)
-    assert time.perf_counter() - started < 0.1  # decoding it takes ~0.5 s
+    # Against a decode of the same image timed here, not a figure in seconds: a loaded box slows both. Idle, the
+    # header takes ~10 ms and the decode ~550 ms; reading the pixels would make the two about equal.
+    started = time.perf_counter()
+    images.decode_image(data, max_pixels=BIG)
+    assert info_s < (time.perf_counter() - started) / 4, info_s

@@ -1,7 +1,7 @@
 """Issue 18 pieces checked below the full HTTP scenarios of tests/test_hostile_server.py (which covers every
 finding against a real server): an item over the whole pixel budget, `API_KEY` spellings that hold no key,
-the JSON answer cap, the pixel budget's order and cancellation. Also the helpers those tests share: the
-Makefile's uvicorn options, a server process with them, a PNG writer that never allocates the pixels.
+the JSON answer cap, the pixel budget's order and cancellation. A server process with the Makefile's uvicorn
+options is started here; the options and the PNG writer are in tests/helpers/.
 """
 
 from __future__ import annotations
@@ -9,29 +9,22 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import shlex
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+from helpers.hostile_server import makefile_options
+from helpers.images import png_image
+from helpers.server import data_dir, free_port, scratch_root, show
 from PIL import Image
-from server import data_dir, free_port, scratch_root, show
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def makefile_options() -> list[str]:
-    """The uvicorn options of `make serve`, with the shell default of LIMIT_CONCURRENCY filled in."""
-    line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith("UVICORN_LIMITS"))
-    return shlex.split(line.split("=", 1)[1].replace("$${LIMIT_CONCURRENCY:-1000}", "1000"))
 
 
 @contextlib.contextmanager
@@ -66,22 +59,6 @@ def serve_with_limits(env: dict[str, str]) -> Iterator[tuple[str, psutil.Process
         os.unlink(log.name)
 
 
-def rss_mb(proc: psutil.Process) -> float:
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
-
-
-def png_image(width: int, height: int) -> bytes:
-    """A grey PNG of any size, written directly (Pillow would allocate the pixels first)."""
-    row = b"\x00" + b"\x80" * width
-    body = zlib.compress(row * height, 9)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
-
-
 def problem(r: httpx.Response, status: int, names: str) -> None:
     assert r.status_code == status, show(r)
     assert r.headers["content-type"].startswith("application/problem+json"), show(r)
@@ -102,7 +79,7 @@ def test_pdf_page_over_the_whole_budget_is_rendered_to_fit(tiny_checkpoint: Path
     have (the budget it reserved, grown by twice its render), or, where the shortfall alone fitted, waited for
     ever for pixels only its own release could free. It is rendered at the dpi that fits instead, as for
     MAX_IMAGE_PIXELS, with a note saying so."""
-    from test_pdf_routes import make_pdf
+    from helpers.pdfs import make_pdf
 
     env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DEFAULT_MAX_TOKENS": "4",
            "MAX_DECODED_MPIX": "1", "DATA_DIR": data_dir()}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jobs_helpers import idle, postgres, problem, sse, submit, wait
-from server import make_settings, serve_app, show
-from test_pdf_routes import make_pdf
+from helpers.jobs import idle, postgres, problem, sse, submit, wait
+from helpers.pdfs import make_pdf
+from helpers.server import make_settings, serve_app, show
 
 from serve_ocr import create_app
 
@@ -120,7 +120,7 @@ def test_result_while_running_then_cancel_frees_the_engine(url: str) -> None:
 
 
 def test_image_and_batch_jobs_answer_like_the_batch_routes(url: str) -> None:
-    from test_batch_routes import image_bytes
+    from helpers.images import image_bytes
 
     files = [("files", (f"img{i}.png", image_bytes(seed=i), "image/png")) for i in range(3)]
     fields = {"mode": "tiny", "max_tokens": "4"}
@@ -191,7 +191,7 @@ def test_client_gone_before_the_deadline_aborts_without_a_job(tiny_checkpoint: P
 
 
 def test_batch_deadline_hands_finished_files_to_a_job(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from test_batch_routes import image_bytes
+    from helpers.images import image_bytes
 
     files = [("files", (f"im{i}.png", image_bytes(seed=i), "image/png")) for i in range(40)]
     fields = {"mode": "tiny", "max_tokens": "60"}  # 40 x 60 tokens cannot finish in 2 s here; the first files do
@@ -210,7 +210,7 @@ def test_batch_deadline_hands_finished_files_to_a_job(tiny_checkpoint: Path, tmp
 
 
 def test_fairness_jobs_interleave_and_a_sync_image_gets_a_slot(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from test_batch_routes import image_bytes
+    from helpers.images import image_bytes
 
     settings = make_settings(tiny_checkpoint, data_dir=str(tmp_path), max_concurrency=2, job_max_inflight=1)
     with serve_app(create_app(settings)) as base:
@@ -238,7 +238,7 @@ def test_searchable_pdf_of_an_image_job_is_made_inside_the_pixel_budget(
     """An image or batch job's searchable PDF may decode its images again (formats PDF cannot embed as they
     are): the runner holds the largest image's pixels of the decoded-pixel budget while it writes one. A PDF
     job's pages are never decoded, so it holds none."""
-    from test_batch_routes import image_bytes
+    from helpers.images import image_bytes
 
     from jobs import views
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jobs_helpers import postgres, sse, submit, wait
-from server import ROOT, free_port
-from test_pdf_routes import make_pdf
+from helpers.jobs import postgres, sse, submit, wait
+from helpers.pdfs import make_pdf
+from helpers.server import ROOT, free_port
 
 FIELDS = {"mode": "tiny", "dpi": "72", "max_tokens": "40"}
 

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import httpx
-from jobs_helpers import problem, submit, wait
-from replay import ReplayEngine, factory
-from server import make_settings, serve_app, show
-from test_pdf_routes import make_pdf
+from helpers.jobs import problem, submit, wait
+from helpers.pdfs import make_pdf
+from helpers.replay import ReplayEngine, factory
+from helpers.server import make_settings, serve_app, show
 
 from serve_ocr import create_app
 
@@ -50,7 +50,7 @@ def test_limits_are_problem_json(tmp_path: Path) -> None:
 
 
 def test_a_batch_job_may_pass_max_upload_mb_in_all_but_not_per_file(tmp_path: Path) -> None:
-    from test_batch_routes import image_bytes
+    from helpers.images import image_bytes
 
     files = [("files", (f"n{i}.png", image_bytes(size=(170, 170), seed=i), "image/png")) for i in range(14)]
     assert all(len(f[1][1]) < 100_000 for f in files) and sum(len(f[1][1]) for f in files) > 1.2e6

@@ -24,27 +24,17 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from jobs_helpers import idle, postgres, sse, submit, wait
-from server import ROOT, free_port, show
-from test_pdf_routes import make_pdf
+from helpers.jobs import idle, postgres, sse, submit, wait
+from helpers.pdfs import make_pdf
+from helpers.replicas import TERMINAL, Replica, home_and_other, stop
+from helpers.server import ROOT, free_port, show
 
 LEASE_S = 2.0
 FIELDS = {"mode": "tiny", "dpi": "72", "max_tokens": "8"}
-TERMINAL = ("done", "failed", "cancelled")
-
-
-@dataclass
-class Replica:
-    url: str
-    proc: subprocess.Popen
-
-    def pid_of(self, replica_id: str | None) -> bool:
-        return replica_id is not None and replica_id.split(":")[-2] == str(self.proc.pid)
 
 
 class Hooks(http.server.BaseHTTPRequestHandler):
@@ -118,28 +108,6 @@ def ready(r: Replica, log: Path) -> None:
                 return
         assert time.monotonic() < deadline, log.read_text()[-4000:]
         time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def home_and_other(cluster: dict, job_id: str) -> tuple[Replica, Replica, dict]:
-    """The replica running the job (its lease holder) and the other one."""
-    a, b = cluster["replicas"]
-    deadline = time.monotonic() + 30
-    while True:
-        state = httpx.get(f"{a.url}/jobs/{job_id}", timeout=30).json()
-        for home, other in ((a, b), (b, a)):
-            if home.pid_of(state["replica"]) and state["pages_done"] >= 1:
-                return home, other, state
-        assert time.monotonic() < deadline and state["status"] not in TERMINAL, state
-        time.sleep(0.05)
 
 
 def hooks_for(job_id: str, settle_s: float = 2 * LEASE_S) -> list[dict]:

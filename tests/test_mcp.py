@@ -20,12 +20,11 @@ import httpx
 import httpx2
 import pymupdf
 import pytest
+from helpers.images import png_bytes
+from helpers.replay import ReplayEngine, SlowEngine, factory
+from helpers.server import ROOT, make_settings, serve_app, show
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
-from replay import ReplayEngine, factory
-from server import ROOT, make_settings, serve_app, show
-from test_openai_api import SlowEngine
-from test_service import png_bytes
 
 from serve_ocr import create_app
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.facts import facts_image_tokens
+from helpers.server import make_settings, serve_app, show
 from PIL import Image
-from server import make_settings, serve_app, show
-from test_service import facts_image_tokens
 
 from serve_ocr import create_app
 

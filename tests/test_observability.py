@@ -10,10 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.images import png_bytes
+from helpers.server import make_settings, serve_app, show
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
-from server import make_settings, serve_app, show
-from test_service import png_bytes
 
 import logging_config
 from serve_ocr import create_app

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.facts import facts_image_tokens
+from helpers.images import jpeg_bytes, png_bytes
+from helpers.replay import ReplayEngine, factory
+from helpers.server import curl_form_string, make_settings, serve_app, show
 from PIL import Image
-from replay import ReplayEngine, factory
-from server import curl_form_string, make_settings, serve_app, show
-from test_service import facts_image_tokens, jpeg_bytes, png_bytes
 
 from serve_ocr import create_app
 

@@ -7,21 +7,19 @@ that is still running (client disconnect, deadline).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from replay import ReplayEngine, factory
-from server import make_settings, serve_app, show
-from test_service import facts_image_tokens, png_bytes
+from helpers.facts import facts_image_tokens
+from helpers.images import png_bytes
+from helpers.replay import ReplayEngine, SlowEngine, factory
+from helpers.server import make_settings, serve_app, show
 
-from engines.base import EngineChunk, EngineRequest, Usage
 from serve_ocr import create_app
 
 KEY = "test-key-1"
@@ -131,24 +129,6 @@ def test_errors_on_v1_are_openai_shaped_and_elsewhere_problem_json(url: str) -> 
     assert r.status_code == 404 and r.json()["error"]["code"] == "http_404", show(r)
     r = httpx.get(url + "/ocr/status")  # no key: the rest of the API keeps problem+json
     assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json", show(r)
-
-
-# --------------------------------------------------------------------------------------- slow engine
-
-
-class SlowEngine(ReplayEngine):
-    """Replayed text, one piece every `step_s`: a generation still running when the client acts."""
-
-    def __init__(self, step_s: float) -> None:
-        super().__init__("word " * 200, usage=Usage(10, 0, 200))
-        self.step_s = step_s
-
-    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
-        self.requests.append(request)
-        for _ in range(200):
-            await asyncio.sleep(self.step_s)
-            yield EngineChunk("word ")
-        yield EngineChunk("", "stop", Usage(**vars(self.usage)))
 
 
 def test_client_disconnect_stops_the_stream_and_deadline_ends_it(tiny_checkpoint: Path) -> None:

@@ -1,7 +1,7 @@
 """Job pages whose engine worker dies under them: re-run at once on another worker, each start an attempt,
 and `failed` with the reason after 3 (jobs/runner.py PAGE_ATTEMPTS); the other pages are unaffected.
 
-Four replay engines stand in for four engine workers (tests/replay.py: the model only; the service, the
+Four replay engines stand in for four engine workers (tests/helpers/replay.py: the model only; the service, the
 supervisor that restarts them, the job runner and store are the real ones). Every one of them dies on page
 3's image, as a worker dies on an input that crashes its engine; the supervisor brings each back.
 """
@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
-from jobs_helpers import submit, wait
-from replay import ReplayEngine, factory
-from server import make_settings, serve_app
-from test_pdf_routes import make_pdf
+from helpers.jobs import submit, wait
+from helpers.pdfs import make_pdf
+from helpers.replay import ReplayEngine, factory
+from helpers.server import make_settings, serve_app
 
 from serve_ocr import create_app
 from service.admission import Admission

@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pymupdf
 import pytest
+from helpers.pdfs import FAILING_SIZE, make_pdf
+from helpers.replay import ReplayEngine, factory
+from helpers.server import curl_form_string, make_settings, serve_app, show
 from PIL import Image
-from replay import ReplayEngine, factory
-from server import curl_form_string, make_settings, serve_app, show
 
 from engines.base import Usage
 from serve_ocr import create_app
@@ -28,31 +29,6 @@ PAGE_SPLIT = "\n<--- Page Split --->\n"
 # (width, height) in points as displayed; page 4 is an A4 page with /Rotate 90.
 PAGE_SIZES = [(595, 842), (612, 792), (595, 420), (842, 595), (595, 842)]
 FAST = {"mode": "tiny", "dpi": "72", "max_tokens": "2"}  # cheapest real OCR: 73 image tokens a page
-
-
-def picture_png() -> bytes:
-    image = Image.new("RGB", (240, 160), (250, 250, 250))
-    image.paste((30, 110, 200), (20, 20, 220, 140))
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def make_pdf(pages: int = 5, **save: object) -> bytes:
-    """A4, Letter and A5-landscape text pages; page 2 holds a picture, page 4 is rotated 90 degrees."""
-    doc = pymupdf.open()
-    for n in range(pages):
-        width, height = [(595, 842), (612, 792), (595, 420), (595, 842), (595, 842)][n % 5]
-        page = doc.new_page(width=width, height=height)
-        page.insert_text((56, 72), f"Chapter {n + 1}", fontsize=22)
-        page.insert_textbox(pymupdf.Rect(56, 100, width - 56, height - 56), "Lorem ipsum dolor sit amet. " * 12)
-        if n % 5 == 1:
-            page.insert_image(pymupdf.Rect(56, 260, 296, 420), stream=picture_png())
-        if n % 5 == 3:
-            page.set_rotation(90)
-    data = doc.tobytes(**save)
-    doc.close()
-    return data
 
 
 def post(url: str, path: str, data: bytes, name: str = "report.pdf", **fields: str) -> httpx.Response:
@@ -150,7 +126,6 @@ REPLAY_TEXT = (
     "<|ref|>image<|/ref|><|det|>[[0, 500, 499, 999], [500, 500, 999, 999]]<|/det|>\n"
     "<|ref|>image_caption<|/ref|><|det|>[[100, 960, 900, 990]]<|/det|>\nFigure 1: growth\n"
 )
-FAILING_SIZE = (612, 792)  # the Letter page at 72 dpi: the replay engine fails on it
 
 
 @pytest.fixture(scope="module")

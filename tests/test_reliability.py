@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from replay import ReplayEngine, factory
-from server import make_settings, serve_app, show
-from test_service import png_bytes
+from helpers.images import png_bytes
+from helpers.replay import ReplayEngine, factory
+from helpers.server import make_settings, serve_app, show
 
 from serve_ocr import create_app
 
@@ -106,7 +106,7 @@ def ladder_engine(cures: str | None) -> ReplayEngine:
 
 
 def test_retry_ladder_changes_settings_and_keeps_the_page(tiny_checkpoint: Path) -> None:
-    from test_pdf_routes import make_pdf
+    from helpers.pdfs import make_pdf
 
     for cures, status, attempts in (("ngram", "retried", 2), ("mode", "retried", 3), ("prompt", "degraded", 4),
                                     (None, "truncated", 4)):
@@ -132,7 +132,7 @@ def test_retry_ladder_changes_settings_and_keeps_the_page(tiny_checkpoint: Path)
 
 
 def test_retry_ladder_can_be_turned_off(tiny_checkpoint: Path) -> None:
-    from test_pdf_routes import make_pdf
+    from helpers.pdfs import make_pdf
 
     engine = ladder_engine("ngram")
     app = create_app(make_settings(tiny_checkpoint, retry_ladder=False), engine_factory=factory(engine))
@@ -145,8 +145,8 @@ def test_retry_ladder_can_be_turned_off(tiny_checkpoint: Path) -> None:
 def test_job_completes_across_an_engine_death(tiny_checkpoint: Path) -> None:
     """A PDF job runs on the real PyTorch engine; its worker stops mid-job; the engine is restarted in place
     and the job completes with every page (the pages caught by the death are run again, none lost)."""
-    from jobs_helpers import submit, wait
-    from test_pdf_routes import make_pdf
+    from helpers.jobs import submit, wait
+    from helpers.pdfs import make_pdf
 
     app = create_app(make_settings(tiny_checkpoint, default_max_tokens=48, max_concurrency=2))
     with serve_app(app) as url:

@@ -14,9 +14,9 @@ import zipfile
 
 import httpx
 import pymupdf
-from server import show
-from test_pdf_routes import make_pdf
-from test_service import png_bytes
+from helpers.images import png_bytes
+from helpers.pdfs import make_pdf
+from helpers.server import show
 
 from ocr_utils import plain_text
 from outputs.searchable import layer_text

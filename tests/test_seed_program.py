@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from server import ROOT, free_port, make_settings, serve_app
+from helpers.server import ROOT, free_port, make_settings, serve_app
 
 from serve_ocr import create_app
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
-import math
 import os
 import shlex
 import subprocess
@@ -15,29 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 import requests
-from PIL import Image
-from server import ROOT, curl_form_string, make_settings, port_is_free, serve_app, serve_process, show
+from helpers.facts import MODE_SIZES, facts_image_tokens
+from helpers.images import jpeg_bytes, png_bytes
+from helpers.server import ROOT, curl_form_string, make_settings, port_is_free, serve_app, serve_process, show
 
 from serve_ocr import create_app
 
 PROBLEM = "application/problem+json"
-
-
-def png_bytes(width: int = 64, height: int = 48, color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def jpeg_bytes(width: int, height: int, orientation: int | None = None) -> bytes:
-    image = Image.new("RGB", (width, height), (240, 240, 240))
-    image.paste((0, 0, 0), (0, 0, width // 4, height // 4))
-    buf = io.BytesIO()
-    exif = Image.Exif()
-    if orientation:
-        exif[0x0112] = orientation
-    image.save(buf, "JPEG", exif=exif)
-    return buf.getvalue()
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -49,41 +31,6 @@ def png_header_only(width: int, height: int) -> bytes:
 
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
-# --- FACTS section 3, written out independently of process/image_process.py ---------------------
-MODE_SIZES = {
-    "tiny": (512, 512, False),
-    "small": (640, 640, False),
-    "base": (1024, 1024, False),
-    "large": (1280, 1280, False),
-    "gundam": (1024, 640, True),
-}
-
-
-def facts_grid(w: int, h: int) -> tuple[int, int]:
-    grids = sorted(
-        {(i, j) for n in range(2, 7) for i in range(1, n + 1) for j in range(1, n + 1) if 2 <= i * j <= 6},
-        key=lambda g: g[0] * g[1],
-    )
-    best, best_diff = (1, 1), float("inf")
-    for tw, th in grids:
-        diff = abs(w / h - tw / th)
-        if diff < best_diff:
-            best, best_diff = (tw, th), diff
-        elif diff == best_diff and w * h > 0.5 * 640 * 640 * tw * th:
-            best = (tw, th)
-    return best
-
-
-def facts_image_tokens(w: int, h: int, mode: str) -> int:
-    base, size, crop = MODE_SIZES[mode]
-    q_b, q_i = math.ceil(base / 16 / 4), math.ceil(size / 16 / 4)
-    tokens = q_b * (q_b + 1) + 1
-    if crop and (w > size or h > size):
-        tw, th = facts_grid(w, h)
-        tokens += q_i * th * (q_i * tw + 1)
-    return tokens
 
 
 def test_facts_anchors() -> None:

@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-from replay import ReplayEngine, factory
-from server import make_settings, serve_app, show
-from test_pdf_routes import make_pdf
-from test_service import png_bytes
+from helpers.images import png_bytes
+from helpers.pdfs import make_pdf
+from helpers.replay import ReplayEngine, factory
+from helpers.server import make_settings, serve_app, show
 
 from serve_ocr import create_app
 

@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 import pymupdf
 import pytest
-from server import show
-from test_service import png_bytes
+from helpers.images import png_bytes
+from helpers.server import show
 
 PNG = png_bytes(64, 48)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from replay import ReplayEngine, factory
+from helpers.browser import CHROMEDRIVER, CHROMIUM, foreign, requested_urls
+from helpers.replay import ReplayEngine, factory
+from helpers.server import make_settings, scratch_root, serve_app, show
 from selenium import webdriver
-from server import make_settings, scratch_root, serve_app, show
-from test_docs_browser import CHROMEDRIVER, CHROMIUM, foreign, requested_urls
 
 from serve_ocr import create_app
 
@@ -163,7 +163,8 @@ def test_pdf_job_progress_markdown_boxes_and_zip(tiny_checkpoint: Path, browser,
         urls = requested_urls(browser)
     assert not foreign(urls, url), f"requests to other origins: {foreign(urls, url)}"
     assert any(u.endswith(f"/jobs/{job_id}/events") for u in urls), urls
-    assert time.monotonic() - started < 40
+    # The time the whole flow took is a figure, not a property (each wait above has its own limit): shown with -s.
+    print(f"ui flow: {time.monotonic() - started:.1f} s")
 
 
 def test_image_boxes_over_the_picture_and_model_markup_stays_text(browser, tmp_path: Path) -> None:

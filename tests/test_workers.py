@@ -18,11 +18,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from jobs_helpers import submit, wait
+from helpers.images import png_bytes
+from helpers.jobs import submit, wait
+from helpers.pdfs import make_pdf
+from helpers.server import make_settings, serve_app, serve_process, show
 from PIL import Image
-from server import make_settings, serve_app, serve_process, show
-from test_pdf_routes import make_pdf
-from test_service import png_bytes
 
 from config import Settings, usable_cpus
 from engines.base import EngineRequest, SamplingParams

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from server import free_port, show
+
+from helpers.server import free_port, show
 
 PROBLEM = "application/problem+json"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 _DATA_ROOT: str | None = None

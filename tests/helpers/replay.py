@@ -69,3 +69,18 @@ class ReplayEngine(BaseEngine):
 
 def factory(*engines: BaseEngine) -> Callable[[object], list[BaseEngine]]:
     return lambda settings: list(engines)
+
+
+class SlowEngine(ReplayEngine):
+    """Replayed text, one piece every `step_s`: a generation still running when the client acts."""
+
+    def __init__(self, step_s: float) -> None:
+        super().__init__("word " * 200, usage=Usage(10, 0, 200))
+        self.step_s = step_s
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
+        self.requests.append(request)
+        for _ in range(200):
+            await asyncio.sleep(self.step_s)
+            yield EngineChunk("word ")
+        yield EngineChunk("", "stop", Usage(**vars(self.usage)))

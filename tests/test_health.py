@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
-from server import data_dir, serve_process, show
+from helpers.server import data_dir, serve_process, show
 
 READY_S = 120.0  # the engine worker loads the tiny checkpoint
 

@@ -11,7 +11,6 @@ runs this may be small and busy.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,14 +18,13 @@ from typing import Any
 
 import pymupdf
 import pytest
+from helpers.browser import CHROMEDRIVER, CHROMIUM
+from helpers.server import make_settings, serve_app
 from PIL import Image
 from selenium import webdriver
-from server import make_settings, serve_app
 
 from serve_ocr import create_app
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 RENDER_S = 120.0  # /docs: the bundle, /openapi.json and every operation rendered
 ANSWER_S = 300.0  # one OCR request on the tiny checkpoint, on a loaded 2-core machine
 

@@ -30,6 +30,11 @@
 #               one call, REPEAT (3) runs each ~8 min; FILES=4 (1,024 pages) WHAT=raw or WHAT=service, one a
 #               call                                                                        ~8 min each
 #        moetune  benchmarks/tune_moe.py: fused-MoE tile sizes for this model's experts on this GPU ~9 min
+#        moeab  the service on the 256-page PDF (as solo's service half) with vLLM's default fused-MoE tiles
+#               (VLLM_TUNED_CONFIG_FOLDER an empty folder), then with engines/moe_configs/ (the service's
+#               default), each on its own start, REPEAT (3) runs each; MOEAB_ORDER="tuned default" swaps ~8 min
+#        conc   MAX_CONCURRENCY 256 then 512 on the service (CONC="256 512"), FILES (2) copies of the 256-page
+#               PDF at once, REPEAT (1) runs on each start                                  ~6-8 min
 #        warmdump  py-spy dumps of an engine worker and its engine core every 4 s during the warm-up ~4 min
 #        scale12  (nvidia-h200-x2) 1,024 pages through the service on one local worker (GPUS=0), then on two
 #               (GPUS=0,1), each on its own start                                          ~8 min
@@ -42,7 +47,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|moetune|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|moetune|moeab|conc|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -96,6 +101,38 @@ ray_up() {
 }
 # The engine-workers benchmark: 256-page PDFs, 1000 tokens a page, n-gram 20/50, MAX_CONCURRENCY 256.
 big=(--pages 256 --max-tokens 1000 --concurrency 256 --ngram 20 50 --pdf /tmp/bench-256.pdf)
+
+# One service start of an on/off phase (moeab, conc) on GPU 0: $1 its name, $2 its time limit (s), then
+# environment settings for it (VAR=value, or -u VAR), then -- and bench_vllm.py service arguments. SIGINT
+# at the limit, so that the benchmark stops its server on the way out and the next start has the GPU.
+ab_run() {
+  local name=$1 limit=$2 envs=()
+  shift 2
+  while [ "$1" != -- ]; do envs+=("$1"); shift; done
+  shift
+  echo "=== $name: up to $limit s, env ${envs[*]:-(none)}, $(date -u +%T)"
+  env "${envs[@]}" timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py service --model "$CK/real" \
+    --gpus 0 --log "$OUT/service-$name.log" --out "$OUT/$name.json" "$@" 2>&1 | grep -v '"timeline"' |
+    tee "$OUT/$name.log"
+  grep -h "Using configuration from\|Using default MoE config\|Asynchronous scheduling\|warm-up took\|JIT compilation during inference\|Maximum concurrency for" \
+    "$OUT/service-$name.log" | cut -c1-260 | sort | uniq -c | sort -rn | head -8
+}
+# Each start's runs (written as each ends: <name>.json.runs), one line each, and the median.
+ab_summary() {
+  python3 - "$OUT" "$@" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for name in sys.argv[2:]:
+    path = out / f"{name}.json.runs"
+    runs = json.loads(path.read_text()) if path.is_file() else []
+    rates = [r["pages_per_s"] for r in runs]
+    steady = [r.get("fill", {}).get("steady_pages_per_s") for r in runs]
+    med = statistics.median(rates) if rates else None
+    print(f"{name:16} runs {rates} median {med} steady(20-80%) {steady} "
+          f"tokens/page {[r['mean_completion_tokens'] for r in runs]} failed {[r['pages_failed'] for r in runs]}")
+PY
+}
 
 case "$phase" in
   pair)
@@ -270,10 +307,12 @@ case "$phase" in
     GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/test_gpu_workers.py -v -rs \
       -p no:cacheprovider 2>&1 | tee "$OUT/workers.log"
     ;;
-  ngram)
+  ngram)  # PAGES, MAX_TOKENS, IMPLS, T1 change the run (2026-12-06, BENCHMARKS section 16: PAGES=256
+    # MAX_TOKENS=1000 IMPLS=batched T1=330, the service benchmark's pages, ~5 min)
     real_ckpt
-    timeout 570 python3 benchmarks/bench_vllm.py ngram --model "$CK/real" --pages 128 --max-tokens 400 \
-      --concurrency 256 --ngram 20 50 --repeat 3 --impls batched,vllm --out "$OUT/ngram.json" 2>&1 |
+    timeout -s INT -k 20 "${T1:-570}" python3 benchmarks/bench_vllm.py ngram --model "$CK/real" \
+      --pages "${PAGES:-128}" --max-tokens "${MAX_TOKENS:-400}" --concurrency 256 --ngram 20 50 --repeat 3 \
+      --impls "${IMPLS:-batched,vllm}" --out "$OUT/ngram.json" 2>&1 | grep -v "^INFO\|^(EngineCore\|^WARNING" |
       tee "$OUT/ngram.log"
     ;;
   ray1|ray2)
@@ -291,6 +330,38 @@ case "$phase" in
     real_ckpt
     timeout 575 python3 benchmarks/tune_moe.py --model "$CK/real" --out "$OUT/moe-configs" \
       --budget-s "${BUDGET_S:-500}" 2>&1 | grep -v "^INFO\|^WARNING" | tee "$OUT/moetune.log"
+    rc=$?
+    # The device tool does not return vLLM's file name ('=' and ','): a copy under a plain one comes back.
+    for f in "$OUT"/moe-configs/E=*.json; do if [ -f "$f" ]; then cp "$f" "$OUT/moe-configs/table.json"; fi; done
+    (exit "$rc")
+    ;;
+  moeab)  # vLLM's default fused-MoE tiles against the table in engines/moe_configs/, each on its own start
+    real_ckpt; bench_pdf
+    mkdir -p /tmp/no-moe-configs
+    ls engines/moe_configs/*.json 2>/dev/null || echo "no table in engines/moe_configs/: both starts use vLLM's defaults"
+    names=()
+    for v in ${MOEAB_ORDER:-default tuned}; do
+      if [ "$v" = default ]; then set_env=(VLLM_TUNED_CONFIG_FOLDER=/tmp/no-moe-configs); else set_env=(-u VLLM_TUNED_CONFIG_FOLDER); fi
+      # the first start at most T1 (it also fills the compile caches); the last one what is left of T_TOTAL
+      limit=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-300}" ] && limit=${T1:-300}
+      ab_run "moeab-$v" "$limit" "${set_env[@]}" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
+      names+=("moeab-$v")
+      ab_summary "${names[@]}"
+    done
+    ;;
+  conc)  # MAX_CONCURRENCY (vLLM's max_num_seqs) 256 against 512: 512 pages at once (two 256-page PDFs), since
+    # 256 pages fit in 256 sequences either way
+    real_ckpt; bench_pdf
+    names=()
+    for c in ${CONC:-256 512}; do
+      limit=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-290}" ] && limit=${T1:-290}
+      ab_run "conc-$c" "$limit" -- --pages 256 --max-tokens 1000 --concurrency "$c" \
+        --ngram 20 50 --pdf /tmp/bench-256.pdf --files "${FILES:-2}" --repeat "${REPEAT:-1}"
+      names+=("conc-$c")
+      ab_summary "${names[@]}"
+    done
     ;;
   warmdump)  # where an engine's warm-up waits: py-spy dumps of the worker and its engine core every 4 s
     real_ckpt
@@ -315,7 +386,7 @@ case "$phase" in
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)
-    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, solo, scale, scale12, dp, ray1i, ray12, inter, moetune or warmdump" >&2
+    echo "unknown phase $phase; use views, equiv, tests, tests-v1, tests-v2, bench, workers, ocr2, ngram, ngram-test, ray1, ray2, pair, pair1024, solo, scale, scale12, dp, ray1i, ray12, inter, moetune, moeab, conc or warmdump" >&2
     exit 2
     ;;
 esac

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 # Tokens in one step: decode batches (up to max_num_seqs 256, and 512 for two-token steps), chunked prefill
-# up to max_num_batched_tokens (16,384 on an H200).
-BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192, 16384)
+# up to max_num_batched_tokens (16,384 on an H100/H200). Tuned in this order, the sizes the service's steps
+# have most first (decode near 256 sequences, full prefill chunks), so that a budget cut leaves the small
+# ones: vLLM takes the nearest size in the table, and tiny batches are rare (warm-up, the tail of a wave).
+BATCH_SIZES = (256, 16384, 512, 128, 192, 384, 64, 1024, 2048, 4096, 8192, 96, 48, 32, 24, 16, 8, 4, 2, 1)
 
 
 def search_space() -> list[dict[str, int]]:
@@ -100,9 +102,31 @@ class Bench:
         return start.elapsed_time(end) * 1000 / (replays * 10)
 
 
-def tune(shape: dict[str, int], sizes: list[int], budget_s: float) -> tuple[dict[str, dict[str, int]], list[dict]]:
+def worth_trying(config: dict[str, int], tokens: int, shape: dict[str, int]) -> bool:
+    """Whether a configuration can win at `tokens` a step. Each one tried costs Triton compiles (about a
+    second each), so two kinds are left out: an M tile over four times the tokens an expert gets on average
+    (padding only), and grouping (GROUP_SIZE_M > 1), which lets M-blocks of one expert share weight tiles in
+    L2, where an expert gets under two M-blocks of tokens."""
+    per_expert = -(-tokens * shape["topk"] // shape["experts"])  # ceil
+    block_m = config["BLOCK_SIZE_M"]
+    if block_m > 16 and block_m > 4 * per_expert:
+        return False
+    return config["GROUP_SIZE_M"] == 1 or per_expert >= 2 * block_m
+
+
+def default_config(shape: dict[str, int], tokens: int) -> dict[str, int]:
+    """vLLM's own tile configuration for `tokens` in a step (what it runs without a table)."""
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
+
+    return dict(get_default_config(tokens, shape["experts"], shape["intermediate"], shape["hidden"],
+                                   shape["topk"], None))
+
+
+def tune(shape: dict[str, int], sizes: list[int], budget_s: float,
+         save: Any = None) -> tuple[dict[str, dict[str, int]], list[dict]]:
     """The fastest configuration for each batch size, and a row of figures for each; stops early (keeping
-    the sizes done) when the time budget runs out."""
+    the sizes done) when the time budget runs out. `save(table, rows)` after each size: a call cut off
+    from outside keeps the sizes it finished."""
     import triton
 
     started = time.monotonic()
@@ -114,8 +138,8 @@ def tune(shape: dict[str, int], sizes: list[int], budget_s: float) -> tuple[dict
         default_us = bench.time_us(None)
         best, best_us, tried = None, float("inf"), 0
         for config in space:
-            if config["BLOCK_SIZE_M"] > 16 and config["BLOCK_SIZE_M"] > 4 * tokens * shape["topk"]:
-                continue  # an M tile far taller than the tokens routed anywhere: padding only
+            if not worth_trying(config, tokens, shape):
+                continue
             if time.monotonic() - started > budget_s:
                 break
             try:
@@ -128,10 +152,16 @@ def tune(shape: dict[str, int], sizes: list[int], budget_s: float) -> tuple[dict
         if best is None:
             print(f"tokens {tokens}: out of time before any configuration ran", flush=True)
             break
+        kept = "tuned"
+        if default_us <= best_us:  # none tried beat vLLM's own choice (or the budget cut the search short)
+            best, best_us, kept = default_config(shape, tokens), default_us, "default"
         table[str(tokens)] = best
         rows.append({"tokens": tokens, "default_us": round(default_us, 2), "tuned_us": round(best_us, 2),
-                     "speedup": round(default_us / best_us, 3), "configs_tried": tried, "config": best})
+                     "speedup": round(default_us / best_us, 3), "configs_tried": tried, "kept": kept,
+                     "config": best})
         print(json.dumps(rows[-1]), flush=True)
+        if save is not None:
+            save(table, rows)
         if time.monotonic() - started > budget_s:
             print(f"time budget of {budget_s:g} s spent after {tokens} tokens", flush=True)
             break
@@ -153,13 +183,17 @@ def main() -> int:
     shape = moe_shape(args.model)
     name = get_config_file_name(shape["experts"], shape["intermediate"], None)
     print(f"{torch.cuda.get_device_name()}: {shape}; {len(search_space())} configurations; -> {name}", flush=True)
-    table, rows = tune(shape, args.sizes, args.budget_s)
-    if not table:
-        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps({**table, "triton_version": triton.__version__}, indent=1) + "\n")
-    (out / "tune_moe_rows.json").write_text(json.dumps({"shape": shape, "rows": rows}, indent=1) + "\n")
+
+    def save(table: dict[str, dict[str, int]], rows: list[dict]) -> None:
+        by_size = dict(sorted(table.items(), key=lambda item: int(item[0])))
+        (out / name).write_text(json.dumps({**by_size, "triton_version": triton.__version__}, indent=1) + "\n")
+        (out / "tune_moe_rows.json").write_text(json.dumps({"shape": shape, "rows": rows}, indent=1) + "\n")
+
+    table, rows = tune(shape, args.sizes, args.budget_s, save)
+    if not table:
+        return 1
     print(f"wrote {out / name}: {len(table)} batch sizes", flush=True)
     return 0
 

@@ -52,8 +52,8 @@ class JobSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _upgrade(cls, data: Any) -> Any:
-        """A pre-typed row (a flat dict, no `version`) becomes a version-2 spec."""
-        if not isinstance(data, dict) or "version" in data:
+        """A pre-typed row (a flat dict: no `version`, no `options`) becomes a version-2 spec."""
+        if not isinstance(data, dict) or "version" in data or "options" in data:
             return data
         old = dict(data)
         options = {k: old.pop(k) for k in _LEGACY_OPTIONS if k in old}

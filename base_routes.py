@@ -5,36 +5,21 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, Depends, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 import images
 from config import Settings
 from service.ocr import OcrService
+from service.options import GenerateOptions
 from service.request import OcrRequest
 from web.answers import usage_model
-from web.deps import (
-    KnownFieldsOnly,
-    MaxTokensForm,
-    ModeForm,
-    ModelForm,
-    NgramSizeForm,
-    NgramWindowForm,
-    ServiceDep,
-    SettingsDep,
-    TemperatureForm,
-    TopPForm,
-    deadline,
-    file_field,
-    prompt_form,
-    read_upload,
-    shown,
-)
+from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, read_upload
+from web.forms import form_of
 from web.schemas.common import EngineState, GenerateRequest, GenerateResponse, HealthResponse, RootResponse
 from workers.start import DEMO_NOTICE
 
 __version__ = "1.0.0"
-GENERATE_PROMPT = "<image>\nFree OCR."
 router = APIRouter(tags=["base"], dependencies=[KnownFieldsOnly])
 
 
@@ -144,18 +129,7 @@ def cluster_view(settings: Any, admission: Any) -> dict[str, Any] | None:
     "/generate", response_model=GenerateResponse, summary="Generate from a prompt and an optional base64 image (JSON)"
 )
 async def generate(body: GenerateRequest, service: ServiceDep, settings: SettingsDep) -> GenerateResponse:
-    req = OcrRequest.build(
-        settings,
-        prompt=body.prompt,
-        default_prompt=GENERATE_PROMPT,
-        has_image=body.image_base64 is not None,
-        mode=body.mode,
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        ngram=(body.ngram_size, body.ngram_window),
-        model=body.model,
-    )
+    req = body.request(settings, has_image=body.image_base64 is not None)
     req = service.admit(req)
     image = None
     if body.image_base64 is not None:
@@ -173,29 +147,9 @@ async def generate_with_file(
     service: ServiceDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, file_field("Image: PNG, JPEG, WebP, TIFF, BMP, GIF. PDFs go to `/pdf/ocr`")],
-    prompt: Annotated[
-        str, prompt_form(f"Empty: {shown(GENERATE_PROMPT)}. Without an `<image>` tag, `<image>\\n` is put in front")
-    ] = "",
-    max_tokens: MaxTokensForm = None,
-    temperature: TemperatureForm = 0.0,
-    top_p: TopPForm = 1.0,
-    mode: ModeForm = None,
-    ngram_size: NgramSizeForm = None,
-    ngram_window: NgramWindowForm = None,
-    model: ModelForm = None,
+    options: Annotated[GenerateOptions, Depends(form_of(GenerateOptions))],
 ) -> GenerateResponse:
-    req = OcrRequest.build(
-        settings,
-        prompt=prompt,
-        default_prompt=GENERATE_PROMPT,
-        mode=mode,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        ngram=(ngram_size, ngram_window),
-        model=model,
-    )
-    req = service.admit(req)
+    req = service.admit(options.request(settings))
     data = await read_upload(file, settings)
     image = await service.blocking(images.decode_image, data, max_pixels=settings.max_image_pixels)
     return await _generate(service, req, image)

@@ -11,31 +11,20 @@ go to a job (named in the 504) that runs the rest.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, UploadFile
+from fastapi import APIRouter, Depends, UploadFile
 from fastapi.responses import Response
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_BATCH, Settings
 from errors import PayloadTooLarge
 from jobs import handoff
 from service.ocr import OcrService
+from service.options import BatchOptions, BatchSimpleOptions
 from service.postprocess import PostOptions
-from service.request import OcrRequest
 from web.answers import BatchRun, attachment, batch_response, batch_simple_response, batch_zip, member_stems
-from web.deps import (
-    KnownFieldsOnly,
-    MaxTokensForm,
-    ModeForm,
-    ModelForm,
-    NgramSizeForm,
-    NgramWindowForm,
-    ServiceDep,
-    files_field,
-    prompt_form,
-    shown,
-)
+from web.deps import KnownFieldsOnly, ServiceDep, files_field
+from web.forms import form_of
 from web.schemas.batch import BatchResponse, BatchSimpleResponse
 from web.status import add_status_routes
 
@@ -52,39 +41,11 @@ FilesField = Annotated[
     list[UploadFile],
     files_field("Images (repeat the field): PNG, JPEG, WebP, TIFF, BMP, GIF. PDFs go to `/pdf/ocr` or `/jobs`"),
 ]
-CleanField = Annotated[bool, Form(description="Clean formulas: drop `\\quad (n)` tags inside `\\[...\\]`")]
+FullOptions = Annotated[BatchOptions, Depends(form_of(BatchOptions))]
 
 
-@dataclass(frozen=True)
-class BatchOptions:
-    """The form fields every batch route takes besides the files."""
-
-    prompt: str
-    mode: str | None
-    max_tokens: int | None
-    ngram: tuple[int | None, int | None]
-    model: str | None = None
-
-
-def batch_options(
-    prompt: Annotated[
-        str, prompt_form(f"Empty: {shown(DOCUMENT_PROMPT)}; {shown(FREE_PROMPT)} for `/batch/ocr/simple`")
-    ] = "",
-    mode: ModeForm = None,
-    max_tokens: MaxTokensForm = None,
-    ngram_size: NgramSizeForm = None,
-    ngram_window: NgramWindowForm = None,
-    model: ModelForm = None,
-) -> BatchOptions:
-    return BatchOptions(prompt, mode, max_tokens, (ngram_size, ngram_window), model)
-
-
-OptionsDep = Annotated[BatchOptions, Depends(batch_options)]
-
-
-async def run_batch(
-    service: OcrService, files: list[UploadFile], options: BatchOptions, default_prompt: str, post: PostOptions
-) -> BatchRun:
+async def run_batch(service: OcrService, files: list[UploadFile], options: BatchSimpleOptions, post: PostOptions
+                    ) -> BatchRun:
     """Refuse a bad batch as a whole, then every file through the service; results in input order."""
     settings = service.settings
     if len(files) > settings.max_batch_files:
@@ -94,17 +55,7 @@ async def run_batch(
             files=len(files),
             max_batch_files=settings.max_batch_files,
         )
-    req = OcrRequest.build(
-        settings,
-        prompt=options.prompt,
-        default_prompt=default_prompt,
-        mode=options.mode,
-        max_tokens=options.max_tokens,
-        ngram=options.ngram,
-        model=options.model,
-        kind="batch",
-    )
-    req = service.admit(req)
+    req = service.admit(options.request(settings))
     names = [f.filename or "" for f in files]
     stems = member_stems(names)
 
@@ -116,10 +67,8 @@ async def run_batch(
 
 
 @router.post("/ocr", response_model=BatchResponse, summary="OCR many images to markdown (JSON, one entry per file)")
-async def batch_ocr(
-    service: ServiceDep, files: FilesField, options: OptionsDep, clean_formulas: CleanField = True
-) -> BatchResponse:
-    run = await run_batch(service, files, options, DOCUMENT_PROMPT, PostOptions(clean_formulas=clean_formulas))
+async def batch_ocr(service: ServiceDep, files: FilesField, options: FullOptions) -> BatchResponse:
+    run = await run_batch(service, files, options, PostOptions(clean_formulas=options.clean_formulas))
     return batch_response(run)
 
 
@@ -129,18 +78,18 @@ async def batch_ocr(
     responses={200: {"content": {"application/zip": {}}, "description": _ZIP_DESCRIPTION}},
     summary="OCR many images and download the markdown, raw output, figure crops and summary as a ZIP",
 )
-async def batch_ocr_download(
-    service: ServiceDep, files: FilesField, options: OptionsDep, clean_formulas: CleanField = True
-) -> Response:
-    post = PostOptions(crop=True, clean_formulas=clean_formulas, searchable=True)
-    run = await run_batch(service, files, options, DOCUMENT_PROMPT, post)
+async def batch_ocr_download(service: ServiceDep, files: FilesField, options: FullOptions) -> Response:
+    post = PostOptions(crop=True, clean_formulas=options.clean_formulas, searchable=True)
+    run = await run_batch(service, files, options, post)
     archive = await service.blocking(batch_zip, run)
     return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(ZIP_FILENAME)})
 
 
 @router.post("/ocr/simple", response_model=BatchSimpleResponse, summary="Plain text of many images (JSON)")
-async def batch_ocr_simple(service: ServiceDep, files: FilesField, options: OptionsDep) -> BatchSimpleResponse:
-    return batch_simple_response(await run_batch(service, files, options, FREE_PROMPT, PostOptions()))
+async def batch_ocr_simple(
+    service: ServiceDep, files: FilesField, options: Annotated[BatchSimpleOptions, Depends(form_of(BatchSimpleOptions))]
+) -> BatchSimpleResponse:
+    return batch_simple_response(await run_batch(service, files, options, PostOptions()))
 
 
 def _parameters(s: Settings) -> dict[str, str]:

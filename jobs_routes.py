@@ -9,20 +9,19 @@ shaped like `/pdf/ocr` (or `/batch/ocr`), `/jobs/{id}/download` is `/pdf/ocr/dow
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Header, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import images
-from config import DOCUMENT_PROMPT
 from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
 from jobs import events, results, views, webhooks
 from jobs.schemas import JobDetail, JobList, JobSummary
+from jobs.spec import JobSpec
 from jobs.store import ACTIVE, TERMINAL
 from jobs.submit import create_job, document_notes, owner_of
-from service.request import OcrRequest
+from service.options import JobForm
 from web.answers import (
     BatchRun,
     attachment,
@@ -34,21 +33,8 @@ from web.answers import (
     pdf_response,
     pdf_zip,
 )
-from web.deps import (
-    KnownFieldsOnly,
-    MaxTokensForm,
-    ModeForm,
-    ModelForm,
-    NgramSizeForm,
-    NgramWindowForm,
-    ServiceDep,
-    file_field,
-    files_field,
-    optional_form,
-    prompt_form,
-    read_upload,
-    shown,
-)
+from web.deps import KnownFieldsOnly, ServiceDep, file_field, files_field, read_upload
+from web.forms import form_of
 from web.schemas.batch import BatchFileResult, BatchResponse
 from web.schemas.common import Problem
 from web.schemas.pdf import PdfOcrResponse, PdfPageModel
@@ -152,54 +138,37 @@ add_status_routes(
 async def submit(
     request: Request,
     service: ServiceDep,
+    form: Annotated[JobForm, Depends(form_of(JobForm))],
     file: Annotated[UploadFile | None, file_field("One PDF or image (or send `files` instead)")] = None,
     files: Annotated[list[UploadFile] | None, files_field("Several images, the field repeated (or send `file`)")]
     = None,
-    prompt: Annotated[str, prompt_form(f"Empty: {shown(DOCUMENT_PROMPT)}")] = "",
-    mode: ModeForm = None,
-    dpi: Annotated[int, Form(ge=72, le=300, description="PDF render resolution, 72..300")] = 144,
-    pages: Annotated[str | None, optional_form("PDF pages, 1-based: `1-3,7`; empty: all", max_length=4096)] = None,
-    password: Annotated[str | None, optional_form("Password of an encrypted PDF", max_length=1024)] = None,
-    max_tokens: MaxTokensForm = None,
-    draw_layouts: Annotated[bool, Form(description="PDF: the layout PDF of the download")] = True,
-    extract_images: Annotated[bool, Form(description="Regions labelled `image` as JPEG")] = True,
-    clean_formulas: Annotated[bool, Form(description="Images: drop `\\quad (n)` tags in formulas")] = True,
-    ngram_size: NgramSizeForm = None,
-    ngram_window: NgramWindowForm = None,
-    model: ModelForm = None,
-    webhook_url: Annotated[
-        str | None, optional_form("POSTed the summary when the job ends (hosts in WEBHOOK_ALLOW)", max_length=2048)
-    ] = None,
 ) -> JSONResponse:
     runner = runner_dep(request)
     settings = service.settings
     if (file is None) == (not files):
         raise ValidationFailed("send either `file` (one PDF or image) or `files` (several images), not both or none")
-    hook = webhooks.check_url(webhook_url, settings.webhook_allow) if webhook_url else None
+    hook = webhooks.check_url(form.webhook_url, settings.webhook_allow) if form.webhook_url else None
+    options = form.job_options()
     uploads = [file] if file is not None else list(files or [])
     blobs = [await read_upload(u, settings) for u in uploads]
     kind = "pdf" if file is not None and blobs[0][:1024].find(b"%PDF-") >= 0 else "batch"
-    req = OcrRequest.build(settings, prompt=prompt, default_prompt=DOCUMENT_PROMPT, mode=mode,
-                           max_tokens=max_tokens, ngram=(ngram_size, ngram_window), model=model, kind=kind)
-    req = service.admit(req)  # bound to its model: the mode and n-gram guard the pages will run with
-    ngram = (req.sampling.ngram_size, req.sampling.ngram_window)
+    # Bound to its model: the mode and n-gram guard the pages will run with.
+    req = service.admit(options.request(settings, kind=kind))
     names = [u.filename or f"file_{i}" for i, u in enumerate(uploads)]
-    spec = {"kind": kind, "prompt": prompt, "default_prompt": DOCUMENT_PROMPT, "mode": mode, "max_tokens": max_tokens,
-            "ngram": list(ngram), "dpi": dpi, "pages": pages, "password": password, "draw_layouts": draw_layouts,
-            "extract_images": extract_images, "clean_formulas": clean_formulas, "filenames": names,
-            "stems": member_stems(names), "mode_name": req.mode.name, "prompt_text": req.prompt,
-            "stem": download_stem(names[0]), "model": req.model}
+    warnings: list[str] = []
     page_count = None
     if kind == "pdf":
-        async with service.render_pool.document(blobs[0], password=password, max_pages=10**9) as doc:
+        async with service.render_pool.document(blobs[0], password=options.password, max_pages=10**9) as doc:
             page_count = doc.page_count
-            items = [{"page": n} for n in images.parse_page_ranges(pages, page_count)]
-            spec["warnings"] = document_notes(doc)
+            items = [{"page": n} for n in images.parse_page_ranges(options.pages, page_count)]
+            warnings = document_notes(doc)
     else:
         for name, blob in zip(names, blobs, strict=True):
             if blob[:1024].find(b"%PDF-") >= 0:
                 raise UnsupportedMediaType(f"{name} is a PDF; send one PDF per job as `file` (not in `files`)")
         items = [{"file": name} for name in names]
+    spec = JobSpec.admitted(kind, options, req, filenames=names, stems=member_stems(names),
+                            stem=download_stem(names[0]), warnings=warnings)
     job = await create_job(runner, owner=owner_of(settings, request.headers), kind=kind, spec=spec, inputs=blobs,
                            items=items, filename=names[0] if kind == "pdf" else None, page_count=page_count,
                            webhook_url=hook)
@@ -271,7 +240,7 @@ async def job_download(request: Request, job_id: str) -> Response:
     runner, job = await load_job(request, job_id)
     pages = await runner.store.call(runner.store.pages, job_id)
     if job["kind"] == "pdf":
-        stem = json.loads(job["spec"])["stem"]
+        stem = JobSpec.load(job["spec"], job_id).stem
         run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages,
                                     max_answer_bytes=runner.settings.max_answer_bytes)
         searchable = await asyncio.to_thread(views.searchable_of_document, runner.data_dir, job_id)
@@ -300,8 +269,8 @@ async def job_page(request: Request, job_id: str, n: int) -> Any:
     item = await asyncio.to_thread(results.load_result, runner.data_dir, row["result_path"])
     if key == "page":
         return page_model(item)
-    spec = json.loads(job["spec"])
-    body = batch_response(BatchRun([spec["filenames"][n]], [item], "", "", False, 0.0)).results[0]
+    filename = JobSpec.load(job["spec"], job_id).filenames[n]
+    body = batch_response(BatchRun([filename], [item], "", "", False, 0.0)).results[0]
     return BatchFileResult(**{**body.model_dump(), "index": n})
 
 

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Depends, UploadFile
 
 import images
 from config import FREE_PROMPT, IMAGE_PROMPT, MODES, NGRAM_IMAGE, ModeSpec, Settings
 from service.ocr import OcrService
+from service.options import ImageOptions, ImageSimpleOptions
 from service.postprocess import PostOptions
-from service.request import OcrRequest
 from web.answers import image_response, usage_model
-from web.deps import (
-    KnownFieldsOnly,
-    MaxTokensForm,
-    ModeForm,
-    ModelForm,
-    NgramSizeForm,
-    NgramWindowForm,
-    ServiceDep,
-    SettingsDep,
-    TemperatureForm,
-    deadline,
-    file_field,
-    optional_form,
-    prompt_form,
-    read_upload,
-    shown,
-)
+from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, read_upload
+from web.forms import form_of
 from web.schemas.common import ImageOcrResponse, SimpleTextResponse
 from web.status import add_status_routes
 
@@ -66,37 +51,12 @@ async def image_advanced(
     service: ServiceDep,
     settings: SettingsDep,
     file: FileField,
-    prompt: Annotated[str, prompt_form(f"Empty: the grounding OCR prompt {shown(IMAGE_PROMPT)}")] = "",
-    draw_boxes: Annotated[bool, Form(description="Return the image with boxes drawn (base64 PNG)")] = True,
-    crop_regions: Annotated[bool, Form(description="Return regions labelled `image` as JPEG crops")] = True,
-    crop_mode: Annotated[
-        Literal["singlepage", "tiling"] | None,
-        optional_form(
-            "Seed option: `singlepage` = global view only (mode base), `tiling` = dynamic tiles (mode gundam); "
-            "`mode` wins when both are set. Empty: the server's default mode"
-        ),
-    ] = None,
-    mode: ModeForm = None,
-    max_tokens: MaxTokensForm = None,
-    temperature: TemperatureForm = 0.0,
-    ngram_size: NgramSizeForm = None,
-    ngram_window: NgramWindowForm = None,
-    model: ModelForm = None,
+    options: Annotated[ImageOptions, Depends(form_of(ImageOptions))],
 ) -> ImageOcrResponse:
-    req = OcrRequest.build(
-        settings,
-        prompt=prompt,
-        default_prompt=IMAGE_PROMPT,
-        mode=mode_for(mode, crop_mode, service, settings),
-        max_tokens=max_tokens,
-        temperature=temperature,
-        ngram=(ngram_size, ngram_window),
-        model=model,
-    )
-    req = service.admit(req)
+    req = service.admit(options.request(settings, mode=mode_for(options.mode, options.crop_mode, service, settings)))
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
-        result = await service.image(req, image, PostOptions(draw=draw_boxes, crop=crop_regions))
+        result = await service.image(req, image, PostOptions(draw=options.draw_boxes, crop=options.crop_regions))
     return image_response(result, req.mode.name, settings.max_answer_bytes)
 
 
@@ -105,15 +65,9 @@ async def image_simple(
     service: ServiceDep,
     settings: SettingsDep,
     file: FileField,
-    prompt: Annotated[str, prompt_form(f"Empty: {shown(FREE_PROMPT)}")] = "",
-    mode: ModeForm = None,
-    max_tokens: MaxTokensForm = None,
-    model: ModelForm = None,
+    options: Annotated[ImageSimpleOptions, Depends(form_of(ImageSimpleOptions))],
 ) -> SimpleTextResponse:
-    req = OcrRequest.build(
-        settings, prompt=prompt, default_prompt=FREE_PROMPT, mode=mode, max_tokens=max_tokens, model=model
-    )
-    req = service.admit(req)
+    req = service.admit(options.request(settings))
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
         result = await service.image(req, image, PostOptions())

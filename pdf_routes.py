@@ -8,33 +8,20 @@ only for its generation, and results come back in page order. A page that fails 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated
 
 import pymupdf  # noqa: F401  # this router's own dependency: the app leaves the router out when it is missing
-from fastapi import APIRouter, Depends, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, Response, UploadFile
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
 from jobs import handoff
 from service.ocr import OcrService
+from service.options import PdfOptions, PdfSimpleOptions
 from service.postprocess import PostOptions
-from service.request import OcrRequest
 from service.results import DocumentRun
 from web.answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
-from web.deps import (
-    KnownFieldsOnly,
-    MaxTokensForm,
-    ModeForm,
-    ModelForm,
-    NgramSizeForm,
-    NgramWindowForm,
-    ServiceDep,
-    file_field,
-    optional_form,
-    prompt_form,
-    read_upload,
-    shown,
-)
+from web.deps import KnownFieldsOnly, ServiceDep, file_field, read_upload
+from web.forms import form_of
 from web.schemas.pdf import PdfOcrResponse, PdfSimpleResponse
 from web.status import add_status_routes
 
@@ -43,77 +30,18 @@ router = APIRouter(prefix="/pdf", tags=["PDF OCR"], dependencies=[KnownFieldsOnl
 PdfFile = Annotated[
     UploadFile, file_field("The PDF; at most MAX_UPLOAD_MB and MAX_PDF_PAGES pages (long documents: `/jobs`)")
 ]
-Pages = Annotated[
-    str | None,
-    optional_form("Pages to process, 1-based: `1-3,7`, `5-`, `-2`. Empty: all pages", max_length=4096),
-]
-Dpi = Annotated[int, Form(ge=72, le=300, description="Render resolution, 72..300 (lowered per page to fit)")]
-Password = Annotated[
-    str | None, optional_form("Password of an encrypted PDF. Empty: the PDF is not encrypted", max_length=1024)
-]
 ZIP_RESPONSE = {200: {"content": {"application/zip": {}}, "description": "ZIP: markdown, raw text, layouts, images"}}
+FullOptions = Annotated[PdfOptions, Depends(form_of(PdfOptions))]
 
 
-@dataclass(frozen=True)
-class PdfOptions:
-    """What to do with a PDF, from the form fields."""
-
-    prompt: str = ""
-    dpi: int = 144
-    pages: str | None = None
-    password: str | None = None
-    mode: str | None = None
-    draw_layouts: bool = False
-    extract_images: bool = False
-    max_tokens: int | None = None
-    ngram: tuple[int | None, int | None] = (None, None)  # None: the model's default
-    default_prompt: str = DOCUMENT_PROMPT
-    searchable_pdf: bool = False
-    model: str | None = None
-
-
-def full_options(
-    prompt: Annotated[str, prompt_form(f"Empty: {shown(DOCUMENT_PROMPT)}; a typed `\\n` is a newline")] = "",
-    dpi: Dpi = 144,
-    pages: Pages = None,
-    password: Password = None,
-    mode: ModeForm = None,
-    draw_layouts: Annotated[bool, Form(description="Return a PDF of the pages with boxes drawn")] = True,
-    extract_images: Annotated[bool, Form(description="Return regions labelled `image` as JPEG")] = True,
-    max_tokens: MaxTokensForm = None,
-    ngram_size: NgramSizeForm = None,
-    ngram_window: NgramWindowForm = None,
-    model: ModelForm = None,
-    searchable_pdf: Annotated[
-        bool, Form(description="Return the PDF with the recognised text laid under each page (always in the ZIP)")
-    ] = False,
-) -> PdfOptions:
-    return PdfOptions(
-        prompt, dpi, pages, password, mode, draw_layouts, extract_images, max_tokens, (ngram_size, ngram_window),
-        searchable_pdf=searchable_pdf,
-        model=model,
-    )
-
-
-FullOptions = Annotated[PdfOptions, Depends(full_options)]
-
-
-async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) -> tuple[DocumentRun, bytes]:
+async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfSimpleOptions) -> tuple[DocumentRun, bytes]:
     """Validate the options, read the upload and OCR the selected pages under PDF_TIMEOUT_S."""
     settings = service.settings
-    req = OcrRequest.build(
-        settings,
-        prompt=options.prompt,
-        default_prompt=options.default_prompt,
-        mode=options.mode,
-        max_tokens=options.max_tokens,
-        ngram=options.ngram,
-        model=options.model,
-        kind="pdf",
-    )
-    req = service.admit(req)
+    req = service.admit(options.request(settings))
     data = await read_upload(file, settings)
-    post = PostOptions(draw=options.draw_layouts, annotated_format="jpeg", crop=options.extract_images)
+    full = isinstance(options, PdfOptions)  # /pdf/ocr/simple draws nothing and crops nothing
+    draw, crop = full and options.draw_layouts, full and options.extract_images
+    post = PostOptions(draw=draw, annotated_format="jpeg", crop=crop)
     # Under PDF_TIMEOUT_S; past it the finished pages go to a job that the 504 names (jobs/handoff.py).
     run = await handoff.document(service, req, data, options, post, filename=file.filename)
     return run, data
@@ -145,18 +73,8 @@ async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions)
 
 @router.post("/ocr/simple", response_model=PdfSimpleResponse, summary="Plain text of a PDF's pages, no tags")
 async def pdf_simple(
-    service: ServiceDep,
-    file: PdfFile,
-    pages: Pages = None,
-    dpi: Dpi = 144,
-    mode: ModeForm = None,
-    password: Password = None,
-    max_tokens: MaxTokensForm = None,
-    model: ModelForm = None,
+    service: ServiceDep, file: PdfFile, options: Annotated[PdfSimpleOptions, Depends(form_of(PdfSimpleOptions))]
 ) -> PdfSimpleResponse:
-    options = PdfOptions(
-        FREE_PROMPT, dpi, pages, password, mode, max_tokens=max_tokens, default_prompt=FREE_PROMPT, model=model
-    )
     run, _ = await ocr_pdf(service, file, options)
     return pdf_simple_response(run)
 

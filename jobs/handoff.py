@@ -19,6 +19,7 @@ from typing import Any
 import images
 from errors import DeadlineExceeded, OcrError
 from jobs import runner_of
+from jobs.spec import JobSpec
 from jobs.submit import create_job, document_notes, owner_of
 from service.admission import in_window
 from service.ocr import OcrService
@@ -53,11 +54,11 @@ async def document(
         results = await _within(settings.pdf_timeout_s, range(len(selected)), service.window, one)
         notes = document_notes(doc)
     if results is None:
-        from web.answers import download_stem
+        from web.answers import download_stem, member_stems
 
-        spec = _spec("pdf", req, options.mode, options.max_tokens, options.ngram, post, [filename or "document.pdf"])
-        spec.update(dpi=options.dpi, pages=options.pages, password=options.password, stem=download_stem(filename),
-                    warnings=notes)
+        names = [filename or "document.pdf"]
+        spec = JobSpec.of_request("pdf", options, req, post, filenames=names, stems=member_stems(names),
+                                  stem=download_stem(filename), warnings=notes)
         job = await _create(runner, owner=_owner(settings), kind="pdf", spec=spec, inputs=[data],
                                items=[{"page": n} for n in selected], filename=filename, page_count=doc.page_count,
                                webhook_url=None, done=finished, started_at=time.time())
@@ -93,7 +94,7 @@ async def batch(
             continue
         await upload.seek(0)
         blobs.append(await read_upload(upload, settings))
-    spec = _spec("batch", req, options.mode, options.max_tokens, options.ngram, post, names)
+    spec = JobSpec.of_request("batch", options, req, post, filenames=names, stems=stems)
     job = await _create(runner, owner=_owner(settings), kind="batch", spec=spec, inputs=blobs,
                            items=[{"file": n} for n in names], filename=None, page_count=None, webhook_url=None,
                            done=finished, started_at=time.time())
@@ -107,19 +108,6 @@ async def _within(seconds: float, items: Any, window: int, fn: Callable[[Any], A
             return await in_window(items, window, fn)
     except TimeoutError:
         return None
-
-
-def _spec(kind: str, req: OcrRequest, mode: str | None, max_tokens: int | None, ngram: tuple[int, int],
-          post: PostOptions, names: list[str]) -> dict[str, Any]:
-    from web.answers import member_stems
-
-    return {
-        "kind": kind, "prompt": req.prompt, "default_prompt": req.prompt, "mode": mode, "max_tokens": max_tokens,
-        "dpi": 144, "pages": None, "password": None, "draw_layouts": post.draw,
-        "extract_images": post.crop, "clean_formulas": post.clean_formulas, "filenames": names,
-        "stems": member_stems(names), "mode_name": req.mode.name, "prompt_text": req.prompt, "stem": "document",
-        "model": req.model, "ngram": [req.sampling.ngram_size, req.sampling.ngram_window],
-    }
 
 
 def _owner(settings: Any) -> str:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -32,6 +31,7 @@ from typing import Any
 from config import Settings
 from errors import ServiceUnavailable
 from jobs import RUNNERS, results, views, webhooks
+from jobs.spec import JobSpec, JobSpecUnreadable
 from jobs.store import TERMINAL, LeaseLost, Store, now
 from jobs.submit import page_event, page_fields, progress_event
 from service.ocr import OcrService
@@ -225,18 +225,18 @@ class Runner:
     # --- one job --------------------------------------------------------------------------------
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
-        spec = json.loads(job["spec"])
         try:
+            spec = JobSpec.load(job["spec"], job_id)
             if job["status"] == "queued":
                 await self.store.call(self.store.set_status, job_id, "running", started_at=now(),
                                       owner=self.replica_id)
             pending = await self.store.call(self.store.pages, job_id, ("queued", "running"))
-            request = views.request_of(self.settings, spec)
-            options = views.post_options(spec)
-            if spec["kind"] == "pdf":
+            request = spec.request(self.settings)
+            options = spec.post()
+            if spec.kind == "pdf":
                 data = await asyncio.to_thread(results.read_input, self.data_dir, job_id, 0)
                 pool = self.service.render_pool
-                async with pool.document(data, password=spec["password"], max_pages=10**9) as doc:
+                async with pool.document(data, password=spec.options.password, max_pages=10**9) as doc:
                     del data
                     await self._pages(job_id, pending, request, options, spec, doc)
             else:
@@ -262,7 +262,8 @@ class Runner:
             await self._finish(job_id, "failed" if everything_failed else "done",
                                error="every page failed" if everything_failed else None)
 
-    async def _pages(self, job_id: str, pending: list[dict], request: Any, options: Any, spec: dict, doc: Any) -> None:
+    async def _pages(self, job_id: str, pending: list[dict], request: Any, options: Any, spec: JobSpec, doc: Any
+                     ) -> None:
         cap = self.settings.job_max_inflight or self.service.window
         mine = asyncio.Semaphore(max(1, cap))
         try:
@@ -270,7 +271,7 @@ class Runner:
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None  # ServiceUnavailable pauses the job; anything else fails it
 
-    async def _feed(self, job_id: str, pending: list[dict], request: Any, options: Any, spec: dict, doc: Any,
+    async def _feed(self, job_id: str, pending: list[dict], request: Any, options: Any, spec: JobSpec, doc: Any,
                     mine: asyncio.Semaphore) -> None:
         """Pages in order, each once a slot of this job (JOB_MAX_INFLIGHT) and of the window are free (FIFO)."""
         async with asyncio.TaskGroup() as group:
@@ -284,7 +285,7 @@ class Runner:
                 task = group.create_task(self._page(job_id, row, request, options, spec, doc))
                 task.add_done_callback(lambda _t: (mine.release(), self._window.release()))
 
-    async def _page(self, job_id: str, row: dict, request: Any, options: Any, spec: dict, doc: Any) -> None:
+    async def _page(self, job_id: str, row: dict, request: Any, options: Any, spec: JobSpec, doc: Any) -> None:
         """One page, re-run at once on another engine worker when its worker dies under it (each start is an
         attempt); `failed` after PAGE_ATTEMPTS; with no engine left the whole job pauses (ServiceUnavailable)."""
         idx, attempts = row["idx"], row["attempts"]
@@ -299,8 +300,8 @@ class Runner:
                 if not self.service.admission.ready:
                     raise  # no engine left: the job pauses until one is back
                 if attempts >= PAGE_ATTEMPTS:
-                    label = row["page"] if doc is not None else spec["stems"][idx]
-                    result = ItemResult(label, dpi=spec.get("dpi") if doc is not None else None).fail(
+                    label = row["page"] if doc is not None else spec.stems[idx]
+                    result = ItemResult(label, dpi=spec.options.dpi if doc is not None else None).fail(
                         ServiceUnavailable(f"the engine worker died under this page on {attempts} attempts; "
                                            f"last: {exc.detail}", retry_after=None))
                     log.error("jobs: %s page %s failed after %d attempts: %s", job_id, label, attempts, exc.detail)
@@ -316,14 +317,15 @@ class Runner:
             raise LeaseLost(job_id)
         self.notify(job_id)
 
-    async def _attempt(self, job_id: str, row: dict, request: Any, options: Any, spec: dict, doc: Any) -> ItemResult:
+    async def _attempt(self, job_id: str, row: dict, request: Any, options: Any, spec: JobSpec, doc: Any
+                       ) -> ItemResult:
         if doc is not None:
-            return await self.service.page(request, doc, row["page"], dpi=spec["dpi"], options=options)
+            return await self.service.page(request, doc, row["page"], dpi=spec.options.dpi, options=options)
 
         async def read() -> bytes:
             return await asyncio.to_thread(results.read_input, self.data_dir, job_id, row["idx"])
 
-        return await self.service.file(request, read, options, label=spec["stems"][row["idx"]])
+        return await self.service.file(request, read, options, label=spec.stems[row["idx"]])
 
     async def _finish(self, job_id: str, status: str, *, error: str | None = None) -> None:
         job = await self.store.call(self.store.get, job_id)
@@ -357,9 +359,12 @@ class Runner:
         self.notify(job_id)
         await asyncio.to_thread(results.drop_inputs, self.data_dir, job_id)
         job = await self.store.call(self.store.get, job_id)
-        if job is not None and json.loads(job["spec"]).get("password"):
-            spec = {**json.loads(job["spec"]), "password": None}
-            await self.store.call(self.store.update_job, job_id, spec=json.dumps(spec, ensure_ascii=False))
+        if job is None:
+            return
+        with contextlib.suppress(JobSpecUnreadable):  # such a job failed on it: nothing to clear
+            spec = JobSpec.load(job["spec"], job_id)
+            if spec.options.password:
+                await self.store.call(self.store.update_job, job_id, spec=spec.without_password().dump())
 
     # --- webhooks -------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 
 from errors import OcrError, PayloadTooLarge
 from jobs import results, views
+from jobs.spec import JobSpec
 from service.results import ItemResult
 
 
@@ -69,7 +69,7 @@ async def create_job(
     *,
     owner: str,
     kind: str,
-    spec: dict[str, Any],
+    spec: JobSpec,
     inputs: Sequence[bytes],
     items: list[dict[str, Any]],
     filename: str | None,
@@ -112,7 +112,7 @@ async def create_job(
     failed = sum(1 for r in rows if r["status"] == "failed")
     job = {
         "id": job_id, "owner": owner, "kind": kind, "status": "running" if started_at else "queued",
-        "spec": json.dumps(spec, ensure_ascii=False), "filename": filename, "page_count": page_count,
+        "spec": spec.dump(), "filename": filename, "page_count": page_count,
         "pages_total": len(items),
         "pages_done": finished, "pages_failed": failed, "created_at": time.time(), "started_at": started_at,
         "finished_at": None, "error": None, "webhook_url": webhook_url, "webhook_status": None, "webhook_attempts": 0,

@@ -1,44 +1,21 @@
 """What a job looks like to clients: its summary and status document, and the sync routes' answers rebuilt
 from its stored page results (the same `web/answers.py` functions as `/pdf/ocr` and `/batch/ocr`).
 
-Also how a stored job spec (the form options) becomes the `OcrRequest` and `PostOptions` its pages run with.
+The job's options and names come from its typed spec (`jobs.spec.JobSpec`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from config import Settings
 from jobs import results
+from jobs.spec import JobSpec
 from outputs.searchable import searchable_from_images, searchable_from_pdf
-from service.postprocess import PostOptions
-from service.request import OcrRequest
 from service.results import DocumentRun
 from web.answers import BatchRun
-
-
-def request_of(settings: Settings, spec: dict[str, Any]) -> OcrRequest:
-    """The request the job was admitted with: its model, mode and n-gram guard as they were bound then."""
-    return OcrRequest.build(
-        settings,
-        prompt=spec["prompt"],
-        default_prompt=spec["default_prompt"],
-        mode=spec.get("mode_name") or spec["mode"],
-        max_tokens=spec["max_tokens"],
-        ngram=tuple(spec["ngram"]),  # type: ignore[arg-type]
-        model=spec.get("model"),
-        kind=spec["kind"],
-    )
-
-
-def post_options(spec: dict[str, Any]) -> PostOptions:
-    if spec["kind"] == "pdf":
-        return PostOptions(draw=spec["draw_layouts"], annotated_format="jpeg", crop=spec["extract_images"])
-    return PostOptions(crop=spec["extract_images"], clean_formulas=spec["clean_formulas"])
 
 
 def iso(ts: float | None) -> str | None:
@@ -117,10 +94,10 @@ def document_run(
 ) -> DocumentRun:
     """The finished pages as the `DocumentRun` `/pdf/ocr` answers from (read from disk; CPU: worker pool).
     `max_answer_bytes` (MAX_ANSWER_MB) caps the images of the JSON answer built from it, as for /pdf/ocr."""
-    spec = json.loads(job["spec"])
+    spec = JobSpec.load(job["spec"], job["id"])
     items = [results.load_result(data_dir, p["result_path"]) for p in finished(pages)]
     end = job["finished_at"] or time.time()
-    run = DocumentRun(spec["mode_name"], job["page_count"] or 0, spec["dpi"], items, list(spec.get("warnings", [])),
+    run = DocumentRun(spec.mode_name, job["page_count"] or 0, spec.options.dpi, items, list(spec.warnings),
                       time.perf_counter(), max_answer_bytes=max_answer_bytes)
     run.started -= end - (job["started_at"] or job["created_at"])
     return run
@@ -129,7 +106,7 @@ def document_run(
 def write_searchable(data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]]) -> None:
     """The searchable PDF(s) of an ended job, from its upload (kept until now): one for a PDF job (the original
     pages with the text laid under them), one per finished image of a batch job."""
-    spec = json.loads(job["spec"])
+    spec = JobSpec.load(job["spec"], job["id"])
     done = finished(pages)
     if not done:
         return
@@ -137,7 +114,7 @@ def write_searchable(data_dir: Path, job: dict[str, Any], pages: list[dict[str, 
     if job["kind"] == "pdf":
         texts = [(p["page"], results.load_result(data_dir, p["result_path"]).text) for p in done]
         source = results.read_input(data_dir, job["id"], 0)
-        pdf = searchable_from_pdf(source, texts, password=spec.get("password"))
+        pdf = searchable_from_pdf(source, texts, password=spec.options.password)
         results.write_atomic(folder / "searchable.pdf", pdf)
         return
     for p in done:
@@ -155,7 +132,7 @@ def searchable_of_document(data_dir: Path, job_id: str) -> bytes | None:
 
 
 def batch_run(data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]]) -> BatchRun:
-    spec = json.loads(job["spec"])
+    spec = JobSpec.load(job["spec"], job["id"])
     done = finished(pages)
     items = [results.load_result(data_dir, p["result_path"]) for p in done]
     for p, item in zip(done, items, strict=True):
@@ -164,5 +141,5 @@ def batch_run(data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]]) 
             item.post.searchable_pdf = path.read_bytes()
     end = job["finished_at"] or time.time()
     elapsed = round(end - (job["started_at"] or job["created_at"]), 3)
-    return BatchRun([spec["filenames"][p["idx"]] for p in done], items, spec["prompt_text"], spec["mode_name"],
-                    spec["clean_formulas"], elapsed)
+    return BatchRun([spec.filenames[p["idx"]] for p in done], items, spec.prompt_text, spec.mode_name,
+                    spec.options.clean_formulas, elapsed)

@@ -4,16 +4,12 @@ Settings and the service come from `app.state` (never a global); the service dep
 front when no engine is ready or too much is waiting; uploads are read under their size limit; shared form
 fields are declared once; deadlines end in 504; a form field no route declares is a 422, not ignored.
 
-Form fields and Swagger UI's "Try it out": Swagger UI 5 pre-fills every multipart field from the schema's
-`examples[0]`, else `default`, else a value made from the type (`string`, the minimum, the first enum
-value), and sends it. An empty field goes out as `""` ("Send empty value" starts checked), which FastAPI
-reads as "not given", so the server's default applies; a `null` pre-fill would go out as the text `null`
-(checked in a real browser). So every optional field carries `examples: [""]`: an empty box. Fields with a
-real default show it. File arrays declare `format: binary` items, which Swagger UI renders as file
-pickers; an item without a file goes out as its pre-fill, a text part, and an empty array as one empty
-part (`files=`, even beside `file` on `POST /jobs`). So the items carry `examples: [""]` too, and
-`files_field` reads empty parts as absent (tests/test_swagger_browser.py drives the real page).
-Descriptions are markdown: prompts go in backticks so `<image>` is not eaten as an HTML tag.
+The option fields (and their Swagger UI pre-fills) are typed once in `service/options.py` and turned into
+form fields by `web/forms.py`; the file fields are declared here. Swagger UI's "Try it out": file arrays
+declare `format: binary` items, which Swagger UI renders as file pickers; an item without a file goes out as
+its pre-fill, a text part, and an empty array as one empty part (`files=`, even beside `file` on
+`POST /jobs`). So the items carry `examples: [""]`, and `files_field` reads empty parts as absent
+(tests/test_swagger_browser.py drives the real page).
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, File, Form, Request, UploadFile
+from fastapi import Depends, File, Request, UploadFile
 from fastapi import params as params_module
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
@@ -33,7 +29,7 @@ from pydantic_core import PydanticCustomError
 from config import Settings
 from errors import BadRequest, DeadlineExceeded, PayloadTooLarge, ValidationFailed
 from service.ocr import OcrService
-from web.schemas.common import ModeName
+from service.options import PROMPT_MAX_CHARS  # noqa: F401  # the faces' prompt cap, typed once
 
 _CHUNK = 1 << 20
 
@@ -51,69 +47,6 @@ def get_service(request: Request) -> OcrService:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[OcrService, Depends(get_service)]
-
-PROMPT_MAX_CHARS = 100_000  # far above any prompt that fits MAX_MODEL_LEN; bounds tokenizer work
-
-# An optional field's pre-fill in Swagger UI: an empty box (sent as "", read as absent: the default applies).
-UNSET = [""]
-
-# Form fields shared by the multipart routes (each route sets its own default).
-ModeForm = Annotated[
-    ModeName | None,
-    Form(
-        examples=UNSET,
-        description="Resolution mode: `tiny`, `small`, `base`, `large` or `gundam`. "
-        "Empty: the server's DEFAULT_MODE (see `GET /`)",
-    ),
-]
-MaxTokensForm = Annotated[
-    int | None,
-    Form(
-        ge=1,
-        le=131072,
-        examples=UNSET,
-        description="Most tokens to generate (per image or page), at most MAX_MODEL_LEN. "
-        "Empty: the server's DEFAULT_MAX_TOKENS",
-    ),
-]
-TemperatureForm = Annotated[float, Form(ge=0.0, le=2.0, description="0 = greedy (recommended for OCR); 0..2")]
-TopPForm = Annotated[float, Form(gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0; (0, 1]")]
-_NGRAM_DEFAULTS = (
-    "Empty: the model's default for this route (DeepSeek-OCR: 30/90 images, 20/50 PDFs, 40/90 batches; "
-    "DeepSeek-OCR-2: 20/90)"
-)
-NgramSizeForm = Annotated[
-    int | None,
-    Form(ge=0, le=512, examples=UNSET, description=f"No-repeat n-gram size; 0 turns the guard off. {_NGRAM_DEFAULTS}"),
-]
-NgramWindowForm = Annotated[
-    int | None,
-    Form(ge=0, le=8192, examples=UNSET, description=f"Recent tokens the n-gram guard looks back at. {_NGRAM_DEFAULTS}"),
-]
-ModelForm = Annotated[
-    str | None,
-    Form(
-        max_length=64,
-        examples=UNSET,
-        description="Which model: a `name` listed by `GET /` (`MODELS`). Empty: the first (default) model",
-    ),
-]
-
-
-def prompt_form(description: str) -> object:
-    """A prompt field: default "" (an empty box; "" means the route's own prompt)."""
-    return Form(max_length=PROMPT_MAX_CHARS, description=description)
-
-
-def shown(prompt: str) -> str:
-    """A prompt as a markdown code span: `<image>` stays visible in /docs, newlines shown as `\\n`."""
-    return "`" + prompt.replace("\n", "\\n") + "`"
-
-
-def optional_form(description: str, **constraints: object) -> object:
-    """An optional text field: an empty box in Swagger UI, absent from the request unless filled in."""
-    return Form(examples=UNSET, description=description, **constraints)  # type: ignore[arg-type]
-
 
 def file_field(description: str) -> object:
     return File(description=description, json_schema_extra={"format": "binary"})

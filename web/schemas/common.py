@@ -9,9 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from process.modes import MODES
+from service.options import GenerateOptions, ModeName
 
-ModeName = Literal[tuple(MODES)]  # type: ignore[valid-type]
 ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]
 STATUS_TEXT = (
     "`ok`: finished; `retried`: it ran away (a repeating loop to max_tokens) and a retry with other settings "
@@ -51,17 +50,21 @@ EXAMPLE_PNG_BASE64 = (
 )
 
 
-class GenerateRequest(BaseModel):
-    """JSON body of `POST /generate`. Unknown fields are refused (422), not ignored."""
+def _generate_schema(schema: dict[str, Any]) -> None:
+    # The options' `examples: [""]` is the form's empty box; in a JSON body an absent field is "not set".
+    for prop in schema.get("properties", {}).values():
+        if prop.get("examples") == [""]:
+            del prop["examples"]
+    schema["examples"] = [
+        {"prompt": "<image>\nFree OCR.", "image_base64": f"data:image/png;base64,{EXAMPLE_PNG_BASE64}"}
+    ]
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"prompt": "<image>\nFree OCR.", "image_base64": f"data:image/png;base64,{EXAMPLE_PNG_BASE64}"}
-            ]
-        },
-    )
+
+class GenerateRequest(GenerateOptions):
+    """JSON body of `POST /generate`: the options of `/generate_with_file` with a base64 image instead of a file.
+    Unknown fields are refused (422), not ignored."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_generate_schema)
     prompt: str = Field(
         min_length=1,
         max_length=100_000,
@@ -72,17 +75,6 @@ class GenerateRequest(BaseModel):
         None,
         description="Image as raw base64 or a data URL (`data:image/png;base64,...`); omit for text only",
     )
-    max_tokens: int | None = Field(None, ge=1, le=131072, description="Most tokens to generate")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy (recommended for OCR)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass when temperature > 0")
-    mode: ModeName | None = Field(None, description="Resolution mode; default from the server's settings")
-    ngram_size: int | None = Field(
-        None, ge=0, le=512, description="No-repeat n-gram size; 0 turns the guard off; default the model's"
-    )
-    ngram_window: int | None = Field(
-        None, ge=0, le=8192, description="How many recent tokens the guard looks at; default the model's"
-    )
-    model: str | None = Field(None, max_length=64, description="A model name from `GET /` (MODELS); default the first")
 
 
 class GenerateResponse(BaseModel):

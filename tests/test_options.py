@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pymupdf
 import pytest
-from jobs_helpers import problem, wait
+from helpers.jobs import problem, wait
+from helpers.server import make_settings, serve_app, show
 from pydantic import BaseModel
-from server import make_settings, serve_app, show
 
 from config import DOCUMENT_PROMPT
 from jobs import results

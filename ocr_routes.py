@@ -11,6 +11,7 @@ from config import FREE_PROMPT, IMAGE_PROMPT, MODES, NGRAM_IMAGE, ModeSpec, Sett
 from service.ocr import OcrService
 from service.postprocess import PostOptions
 from service.request import OcrRequest
+from service.results import only
 from web.answers import image_response, usage_model
 from web.deps import (
     KnownFieldsOnly,
@@ -96,7 +97,7 @@ async def image_advanced(
     req = service.admit(req)
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
-        result = await service.image(req, image, PostOptions(draw=draw_boxes, crop=crop_regions))
+        result = only(await service.image(req, image, PostOptions(draw=draw_boxes, crop=crop_regions)))
     return image_response(result, req.mode.name, settings.max_answer_bytes)
 
 
@@ -116,7 +117,7 @@ async def image_simple(
     req = service.admit(req)
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
-        result = await service.image(req, image, PostOptions())
+        result = only(await service.image(req, image, PostOptions()))
     return SimpleTextResponse(
         text=result.post.plain if result.post else "",
         finish_reason=result.finish_reason,  # type: ignore[arg-type]

@@ -192,7 +192,7 @@ def engine_state(app: FastAPI) -> StateSource:
             return {}
         a = service.admission
         # Per worker (engine workers, Ray actors: named with their host or node), else per engine name.
-        workers = {str(getattr(e, "worker_id", e.name)): (e.ready, a.busy(e)) for e in a.engines}
+        workers = {str(e.worker_id or e.name): (e.ready, a.busy(e)) for e in a.engines}
         return {"in_flight": a.in_flight, "waiting": a.waiting, "engine_ready": a.ready, "engines": len(a.engines),
                 "workers": workers}
 

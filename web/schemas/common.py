@@ -10,9 +10,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from process.modes import MODES
+from service.results import ItemStatus as ItemStatus  # the one vocabulary, re-exported for the schemas
 
 ModeName = Literal[tuple(MODES)]  # type: ignore[valid-type]
-ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]
 STATUS_TEXT = (
     "`ok`: finished; `retried`: it ran away (a repeating loop to max_tokens) and a retry with other settings "
     "finished; `degraded`: only the plain `Free OCR.` retry finished (text without layout); `truncated`: stopped "

@@ -68,7 +68,7 @@ def health_body(request: Request) -> HealthResponse:
     engine = admission.primary
     h = engine.health()
     ready = admission.ready
-    restarting = not ready and any(getattr(e, "restarting", False) for e in admission.engines)
+    restarting = not ready and any(e.restarting for e in admission.engines)
     unavailable = unavailable_parts(request.app)
     degraded = "failed to load: " + "; ".join(f"{name} ({why})" for name, why in unavailable.items())
     return HealthResponse(
@@ -88,7 +88,7 @@ def health_body(request: Request) -> HealthResponse:
             EngineState(
                 name=e.name,
                 ready=e.ready,
-                restarting=getattr(e, "restarting", False),
+                restarting=e.restarting,
                 model=e.model.name if e.model is not None else None,
                 reason=(eh := e.health()).reason,
                 in_flight=admission.busy(e),
@@ -157,7 +157,7 @@ async def generate_with_file(
 
 async def _generate(service: OcrService, req: OcrRequest, image: Any) -> GenerateResponse:
     async with deadline(service.settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
-        result = await service.generate(req, image)
+        result = await service.complete(req, image)
     return GenerateResponse(
         result=result.text,
         finish_reason=result.finish_reason,  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tiny_checkpoint
+from errors import PromptTooLong
 from process.modes import MODES, modes_for
 from process.sampling import SamplingParams
 from tiny_checkpoint import random_init_, tiny_config  # noqa: F401 - re-exported for benchmarks and tests
@@ -1304,7 +1305,7 @@ class DeepseekOCR:
             images = self._preprocess(image, base_size, image_size, crop, min_crops, max_crops)
             ids = self.prompts.token_ids(prompt, images.image_tokens)
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise PromptTooLong(
                 f"prompt is {len(ids)} tokens, which leaves no room under max_model_len {self.max_model_len}"
             )
         return GenerationRequest(ids, images, images.image_tokens if images else 0, sampling)
@@ -1336,7 +1337,9 @@ class DeepseekOCR:
     def _check_request(self, request: GenerationRequest) -> None:
         request.sampling.check()
         n = len(request.input_ids)
-        if n == 0 or n >= self.max_model_len:
+        if n >= self.max_model_len:
+            raise PromptTooLong(f"prompt is {n} tokens; it must be 1 .. {self.max_model_len - 1} (max_model_len)")
+        if n == 0:
             raise ValueError(f"prompt is {n} tokens; it must be 1 .. {self.max_model_len - 1} (max_model_len)")
         placeholders = sum(1 for t in request.input_ids if t == self.image_token_id)
         if placeholders != request.image_tokens:

@@ -67,7 +67,9 @@ class UnknownModel(BadRequest):
     slug, title = "unknown-model", "The model is not served here"
 
 
-class PromptTooLong(BadRequest):
+class PromptTooLong(BadRequest, ValueError):
+    """Raised by the model itself (a `ValueError` to its own callers), mapped by type by the engines."""
+
     slug, title = "prompt-too-long", "The prompt does not fit the model's context"
 
 
@@ -101,6 +103,13 @@ class ServiceUnavailable(OcrError):
 
 class ModelNotReady(ServiceUnavailable):
     slug, title = "model-not-ready", "The model is not loaded"
+
+
+class Aborted(ServiceUnavailable):
+    """The engine gave up on a generation (stopped, preempted): a request of one item answers this, with
+    Retry-After, since retrying is the remedy; an item of a PDF, batch or job keeps `status: aborted`."""
+
+    slug, title = "aborted", "The engine aborted the generation"
 
 
 class Overloaded(ServiceUnavailable):

@@ -35,6 +35,7 @@ from pydantic import Field
 import images
 from config import Settings
 from errors import OcrError
+from service.results import ITEM_STATUSES
 
 log = logging.getLogger("deepseek_ocr.mcp")
 MCP_PATH = "/mcp"
@@ -42,8 +43,8 @@ _FORWARDED = ("authorization", "x-api-key")
 Connect = Callable[[Context], httpx.AsyncClient]
 INSTRUCTIONS = (
     "DeepSeek-OCR: documents and images to markdown. Send files as base64 (or a path under the server's "
-    "MCP_ALLOWED_DIR). ocr_pdf returns each page's status; a long PDF can also run as a job (POST /jobs) "
-    "whose result get_job_result reads."
+    "MCP_ALLOWED_DIR). ocr_pdf returns each page's status (" + ", ".join(ITEM_STATUSES) + "); a long PDF can "
+    "also run as a job (POST /jobs) whose result get_job_result reads."
 )
 
 ImageB64 = Annotated[str | None, Field(description="The image as base64, raw or a data URL (PNG, JPEG, WebP ...)")]
@@ -185,7 +186,7 @@ def _headers(ctx: Context) -> Mapping[str, str] | None:
 def pdf_markdown(answer: dict[str, Any], name: str) -> str:
     """`/pdf/ocr`'s answer (or a job's) as one markdown text: a status line per page, then the pages."""
     pages = answer.get("pages") or []
-    counts = {s: sum(p.get("status") == s for p in pages) for s in ("ok", "truncated", "failed", "aborted")}
+    counts = {s: sum(p.get("status") == s for p in pages) for s in ITEM_STATUSES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     lines = [f"<!-- {name}: {len(pages)} of {answer.get('page_count', '?')} pages processed ({summary or 'none'}) -->"]
     for page in pages:

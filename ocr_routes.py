@@ -11,6 +11,7 @@ from config import FREE_PROMPT, IMAGE_PROMPT, MODES, NGRAM_IMAGE, ModeSpec, Sett
 from service.ocr import OcrService
 from service.options import ImageOptions, ImageSimpleOptions
 from service.postprocess import PostOptions
+from service.results import only
 from web.answers import image_response, usage_model
 from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, read_upload
 from web.forms import form_of
@@ -56,7 +57,7 @@ async def image_advanced(
     req = service.admit(options.request(settings, mode=mode_for(options.mode, options.crop_mode, service, settings)))
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
-        result = await service.image(req, image, PostOptions(draw=options.draw_boxes, crop=options.crop_regions))
+        result = only(await service.image(req, image, PostOptions(draw=options.draw_boxes, crop=options.crop_regions)))
     return image_response(result, req.mode.name, settings.max_answer_bytes)
 
 
@@ -70,7 +71,7 @@ async def image_simple(
     req = service.admit(options.request(settings))
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
-        result = await service.image(req, image, PostOptions())
+        result = only(await service.image(req, image, PostOptions()))
     return SimpleTextResponse(
         text=result.post.plain if result.post else "",
         finish_reason=result.finish_reason,  # type: ignore[arg-type]

@@ -4,7 +4,8 @@ Every OpenAI SDK, Open WebUI, LangChain and LlamaIndex speak this format, so the
 only a base URL and `API_KEY` as their api_key. One request is one image (an `image_url` data URL) and a
 prompt (the text parts of the last user message; `<image>` is placed as the other routes place it). Our
 options (`mode`, `ngram_size`, `ngram_window`) travel as extra body fields. Streaming answers OpenAI's SSE
-chunks and ends with `data: [DONE]`; a client that goes away stops the engine's generation. Errors come out
+chunks and ends with `data: [DONE]`; a client that goes away stops the engine's generation. Both go through
+`OcrService.stream` like every route (quarantine, admission, crash strikes, metrics). Errors come out
 in OpenAI's error shape (`web.schemas.openai.OpenAIErrorShape`). The model's text is returned raw, as
 `vllm serve` does: a grounding prompt gives grounding tags.
 """
@@ -15,7 +16,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import PurePath
 from typing import Any
 
@@ -25,8 +26,8 @@ from PIL import Image
 
 import images
 from config import FREE_PROMPT
-from engines.base import Usage
-from errors import BadRequest, DeadlineExceeded, OcrError, ServiceUnavailable
+from engines.base import EngineChunk, Usage
+from errors import BadRequest, DeadlineExceeded, OcrError
 from service.ocr import OcrService
 from service.request import OcrRequest
 from web.deps import PROMPT_MAX_CHARS, ServiceDep, SettingsDep, deadline
@@ -46,14 +47,13 @@ from web.schemas.openai import (
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
 _STARTED = int(time.time())
-_ABORTED = "the engine aborted this generation (it was stopped or preempted); retry the request"
 
 
 def model_ids(service: OcrService) -> dict[str, str | None]:
     """Accepted model ids -> the served model they mean. Each served model by its name (MODELS, or
     deepseek-ocr / deepseek-ocr-2 for MODEL_PATH); SERVED_MODEL_NAME and checkpoint folder names are aliases."""
     settings = service.settings
-    models = service.admission.models
+    models = service.models
     ids: dict[str, str | None] = {m.name: m.name for m in models}
     default = models[0].name if models else None
     ids.setdefault(settings.served_model_name, default)
@@ -68,7 +68,7 @@ def check_model(name: str, service: OcrService) -> str | None:
     """The served model `name` refers to; 404 model_not_found listing the served ones otherwise."""
     ids = model_ids(service)
     if name not in ids:
-        served = ", ".join(repr(m) for m in (m.name for m in service.admission.models) or ids)
+        served = ", ".join(repr(m) for m in (m.name for m in service.models) or ids)
         raise ModelNotFound(f"The model {name!r} does not exist; this server serves {served}", param="model")
     return ids[name]
 
@@ -131,7 +131,7 @@ async def decode_url(service: OcrService, url: str) -> Image.Image:
 @router.get("/models", response_model=ModelList, summary="The served model (OpenAI format)")
 async def list_models(request: Request) -> ModelList:
     service: OcrService = request.app.state.service
-    names = [m.name for m in service.admission.models] or [service.settings.served_model_name]
+    names = [m.name for m in service.models] or [service.settings.served_model_name]
     return ModelList(data=[ModelCard(id=name, created=_STARTED) for name in names])
 
 
@@ -167,15 +167,14 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, set
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        pieces = await service.stream(req, image, kind="chat")  # a quarantined input is refused before the 200
         return StreamingResponse(
-            stream_chunks(service, req, image, head, include_usage=include_usage),
+            stream_chunks(service, pieces, head, include_usage=include_usage),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
-        out = await service.generate(req, image)
-    if out.finish_reason == "abort":
-        raise ServiceUnavailable(_ABORTED)
+        out = await service.complete(req, image, kind="chat")
     return ChatCompletion(
         **head,
         choices=[Choice(message=AssistantMessage(content=out.text), finish_reason=_finish(out.finish_reason))],
@@ -208,7 +207,7 @@ def _chunk(head: dict[str, Any], delta: dict[str, Any], finish: str | None = Non
 
 
 async def stream_chunks(
-    service: OcrService, req: OcrRequest, image: Image.Image | None, head: dict[str, Any], *, include_usage: bool
+    service: OcrService, pieces: AsyncGenerator[EngineChunk, None], head: dict[str, Any], *, include_usage: bool
 ) -> AsyncIterator[str]:
     """OpenAI's chunk sequence: a role delta, content deltas, the finish chunk, [usage], `[DONE]`.
 
@@ -224,35 +223,26 @@ async def stream_chunks(
     finish, usage = "length", Usage()
     try:
         try:
-            async with asyncio.timeout_at(end):
-                slot = await service.admission.acquire(req.mode, req.model, req.flow)
-            try:
-                pieces = slot.engine.stream(req.engine_request(image, stream=True))
-                try:
-                    while True:
-                        async with asyncio.timeout_at(end):
-                            piece = await anext(pieces, None)
-                        if piece is None:
-                            break
-                        if piece.text:
-                            yield _chunk(head, {"content": piece.text})
-                        if piece.finish_reason is not None:
-                            finish, usage = piece.finish_reason, piece.usage or usage
-                finally:
-                    await pieces.aclose()
-            finally:
-                slot.release()
+            while True:
+                async with asyncio.timeout_at(end):  # the slot wait and each engine wait, never a send
+                    piece = await anext(pieces, None)
+                if piece is None:
+                    break
+                if piece.text:
+                    yield _chunk(head, {"content": piece.text})
+                if piece.finish_reason is not None:
+                    finish, usage = piece.finish_reason, piece.usage or usage
         except TimeoutError:
             raise DeadlineExceeded(
                 f"the request did not finish within {seconds:g} s (GENERATE_TIMEOUT_S); its engine work was "
                 "aborted. Send less work per request or raise GENERATE_TIMEOUT_S"
             ) from None
-        if finish == "abort":
-            raise ServiceUnavailable(_ABORTED)
     except OcrError as exc:
         yield _event(openai_error(exc.to_problem()))
         yield "data: [DONE]\n\n"
         return
+    finally:
+        await pieces.aclose()  # a client gone (cancelled here) aborts the engine's generation
     yield _chunk(head, {}, _finish(finish))
     if include_usage:
         yield _event({**head, "object": "chat.completion.chunk", "choices": [],

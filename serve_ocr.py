@@ -103,6 +103,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     scaler = start_scaler(settings, service)
     mcp_sessions = app.state.mcp_sessions
     app.state.jobs = await start_jobs(settings, service, app.state.subsystems_down)
+    if app.state.jobs is not None:  # the `ocr_jobs` gauge: the store's counts, read at each scrape
+        app.state.metrics.set_jobs_source(app.state.jobs.store.count_by_status)
     try:
         async with mcp_sessions.run() if mcp_sessions is not None else contextlib.nullcontext():
             yield
@@ -111,6 +113,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if scaler is not None:
             await scaler.stop()
         if app.state.jobs is not None:
+            app.state.metrics.set_jobs_source(None)
             await app.state.jobs.stop()
         for engine in service.admission.engines:  # with the ones a Ray scaler added
             await engine.close()

@@ -75,7 +75,8 @@ class EngineHealth:
 
 
 class Engine(Protocol):
-    """What the service and admission use. `BaseEngine` implements the shared parts."""
+    """Every member the service, admission, the supervisor and the web layer use; `BaseEngine` gives the
+    defaults, so an engine declares only what it changes."""
 
     name: str
     demo: bool
@@ -83,11 +84,21 @@ class Engine(Protocol):
     model: ModelSpec | None
     # False when the model can never load (bad MODEL_PATH): 503 without Retry-After, a person must act.
     recoverable: bool
+    # True where an image it runs is held twice (here and in a worker process or Ray's object store).
+    copies_images: bool
+    # Where it runs, for /health, /metrics and logs (`host/w0 (gpu 0)`, `ray/...`); None: inline, its `name`.
+    worker_id: str | None
+    started: bool  # has served at least once: only those are restarted when they die
+    restarting: bool  # the supervisor is restarting it (/health says `restarting`)
 
     @property
     def served_modes(self) -> tuple[str, ...]: ...
     @property
     def ready(self) -> bool: ...
+    @property
+    def retry_after(self) -> int: ...
+    @property
+    def result_worker(self) -> str | None: ...
     async def start(self) -> None: ...
     def stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]: ...
     async def generate(self, request: EngineRequest) -> EngineResult: ...
@@ -105,6 +116,8 @@ class BaseEngine:
 
     name = "base"
     recoverable = True
+    copies_images = False
+    worker_id: str | None = None
 
     def __init__(self, max_concurrency: int) -> None:
         if max_concurrency < 1:
@@ -135,6 +148,16 @@ class BaseEngine:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def retry_after(self) -> int:
+        """Seconds a client should wait while it is down (the supervisor's next restart)."""
+        return self._retry_after
+
+    @property
+    def result_worker(self) -> str | None:
+        """The name its results carry (a job page's `worker`); None: the service names it (inline engines)."""
+        return None
 
     def health(self) -> EngineHealth:
         return EngineHealth(self._ready, self._reason, self.running)
@@ -231,7 +254,7 @@ def not_ready(engine: Engine) -> ModelNotReady:
     """503 for an engine that cannot serve: with Retry-After while it may come back, without when it cannot."""
     reason = engine.health().reason or "the model is not loaded"
     if engine.recoverable:
-        return ModelNotReady(reason, retry_after=getattr(engine, "_retry_after", 30))
+        return ModelNotReady(reason, retry_after=engine.retry_after)
     return ModelNotReady(reason, retry_after=None)
 
 

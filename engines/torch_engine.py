@@ -190,9 +190,10 @@ class TorchEngine(BaseEngine):
             try:
                 prepared.append(self._prepare(job))
                 jobs.append(job)
-            except ValueError as exc:
-                err = PromptTooLong(str(exc)) if "max_model_len" in str(exc) else BadRequest(str(exc))
-                self._deliver(job, err)
+            except PromptTooLong as exc:  # an OcrError already (400 prompt-too-long)
+                self._deliver(job, PromptTooLong(f"{exc.detail} (MAX_MODEL_LEN={self.settings.max_model_len})"))
+            except ValueError as exc:  # the model's other input checks (tags, sizes, sampling)
+                self._deliver(job, BadRequest(str(exc)))
         if not prepared:
             return
         usage = [Usage(len(p.input_ids), p.image_tokens, 0) for p in prepared]

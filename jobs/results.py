@@ -85,6 +85,10 @@ def save_result(data_dir: Path, job_id: str, index: int, result: ItemResult) -> 
         "note": result.note,
         "render_warnings": list(result.render_warnings),
         "elapsed_s": result.elapsed_s,
+        "mode": result.mode,
+        "attempts": result.attempts,
+        "retries": result.retries,
+        "worker": result.worker,
         "post": None,
     }
     if post is not None:
@@ -131,6 +135,11 @@ def load_result(data_dir: Path, relative: str, *, images: bool = True) -> ItemRe
         note=record["note"],
         render_warnings=tuple(record["render_warnings"]),
         elapsed_s=record["elapsed_s"],
+        # Results stored before these were kept read as one attempt of an unknown mode and worker.
+        mode=record.get("mode"),
+        attempts=record.get("attempts", 1),
+        retries=record.get("retries", []),
+        worker=record.get("worker"),
     )
     post = record["post"]
     if post is not None:

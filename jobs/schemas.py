@@ -6,7 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from service.results import ITEM_STATUSES
+
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+# A job page: waiting or running, one of the item statuses once finished, or cut off by a cancel.
+PageStatus = Literal[("queued", "running", *ITEM_STATUSES, "cancelled")]  # type: ignore[valid-type]
 
 
 class JobLinks(BaseModel):
@@ -35,7 +39,7 @@ class JobPage(BaseModel):
     page: int | None = Field(None, description="PDF page number (PDF jobs)")
     index: int | None = Field(None, description="File index (batch jobs)")
     file: str | None = Field(None, description="File name (batch jobs)")
-    status: Literal["queued", "running", "ok", "truncated", "failed", "aborted", "retried", "degraded", "cancelled"]
+    status: PageStatus
     finish_reason: str | None
     completion_tokens: int | None
     elapsed_s: float | None

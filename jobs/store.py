@@ -27,11 +27,14 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from service.results import ITEM_STATUSES
+
 T = TypeVar("T")
 ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
-PAGE_FINISHED = ("ok", "truncated", "failed", "aborted", "retried", "degraded")
-RESULTS = ("ok", "truncated", "retried", "degraded")  # a page with text: kept even when a cancel came first
+PAGE_FINISHED = ITEM_STATUSES
+# A page with text: kept even when a cancel came first.
+RESULTS = tuple(s for s in ITEM_STATUSES if s not in ("failed", "aborted"))
 
 meta = sa.MetaData()
 jobs_t = sa.Table(
@@ -327,6 +330,12 @@ class Store:
     def count_active(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).where(jobs_t.c.status.in_(ACTIVE))).scalar_one()
+
+    def count_by_status(self) -> dict[str, int]:
+        """Jobs of every replica by status (the `ocr_jobs` gauge), each status present, 0 when none."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs_t.c.status, sa.func.count()).group_by(jobs_t.c.status))
+            return {**dict.fromkeys((*ACTIVE, *TERMINAL), 0), **{status: n for status, n in rows}}
 
     def expired(self, before: float) -> list[str]:
         with self.engine.connect() as conn:

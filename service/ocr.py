@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,9 +24,9 @@ from PIL import Image
 
 import images
 from config import Settings
-from engines.base import EngineResult
+from engines.base import EngineChunk, EngineResult, Usage
 from engines.supervisor import EngineSupervisor
-from errors import OcrError, Overloaded, ServiceUnavailable
+from errors import Aborted, OcrError, Overloaded, ServiceUnavailable
 from images import content_hash
 from outputs.searchable import searchable_from_images
 from process.modes import ModeSpec
@@ -35,7 +35,7 @@ from service.admission import Admission, in_window
 from service.pixel_budget import PixelBudget, release_soon
 from service.postprocess import PostOptions, postprocess
 from service.request import OcrRequest, check_ngram, fill_ngram
-from service.results import DocumentRun, ItemResult, bug, item_status
+from service.results import ABORTED, DocumentRun, ItemResult, bug, item_status
 
 if TYPE_CHECKING:  # PyMuPDF is optional to this module: the PDF routes degrade without it
     from pdf.render_pool import PdfDocument
@@ -63,7 +63,7 @@ class OcrService:
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
         self.pixels = PixelBudget(settings.max_decoded_pixels(admission.capacity))  # held at once (MAX_DECODED_MPIX)
         # An image sent to an engine worker process exists twice while the engine has it (here and there).
-        self.copies = 2 if any(getattr(e, "copies_images", False) for e in admission.engines) else 1
+        self.copies = 2 if any(e.copies_images for e in admission.engines) else 1
 
     def admit(self, request: OcrRequest | None = None) -> OcrRequest | None:
         """Bind a request to its model and refuse it up front: unknown model (400), mode the model does not
@@ -139,8 +139,70 @@ class OcrService:
         self.supervisor.check(input_hash)
         async with self.admission.slot(request.mode, request.model, request.flow) as slot:
             out = await slot.engine.generate(request.engine_request(image, stream=stream, input_hash=input_hash))
-            out.worker = getattr(slot.engine, "result_worker", None)  # engines that name their results (Ray)
+            out.worker = slot.engine.result_worker  # engines that name their results (Ray)
             return out
+
+    @property
+    def models(self) -> list[Any]:
+        """The models served (`config.ModelSpec`), the default first: `/v1/models` lists them."""
+        return self.admission.models
+
+    async def stream(
+        self, request: OcrRequest, image: Image.Image | None, *, deltas: bool = True, input_hash: str | None = None,
+        kind: str = "generate",
+    ) -> AsyncGenerator[EngineChunk, None]:
+        """One generation piece by piece, for the faces that answer a prompt and an image (`/v1`, `/generate`).
+        Awaiting it refuses a quarantined input (422) before any answer starts; iterating it takes one admission
+        slot, keeps the input in flight on the engine (a crash strikes it) and counts the item with the
+        observers at its end. An abort by the engine is `Aborted` (503, Retry-After) after the pieces so far.
+        A consumer that stops early calls `aclose()` (the engine's generation is aborted).
+        `deltas=False`: the engine sends only the final piece (vLLM's FINAL_ONLY)."""
+        if input_hash is None and image is not None:
+            input_hash = await self.blocking(content_hash, image)
+        self.supervisor.check(input_hash)
+        return self._pieces(request, image, deltas, input_hash, kind)
+
+    async def _pieces(
+        self, request: OcrRequest, image: Image.Image | None, deltas: bool, input_hash: str | None, kind: str
+    ) -> AsyncGenerator[EngineChunk, None]:
+        started = time.perf_counter()
+        result = ItemResult(None, width=image.width if image else None, height=image.height if image else None,
+                            mode=request.mode.name)
+        finish, usage = "length", Usage()
+        try:
+            async with self.admission.slot(request.mode, request.model, request.flow) as slot:
+                pieces = slot.engine.stream(request.engine_request(image, stream=deltas, input_hash=input_hash))
+                try:
+                    async for piece in pieces:
+                        if piece.finish_reason is not None:
+                            finish, usage = piece.finish_reason, piece.usage or usage
+                        yield piece
+                finally:
+                    await pieces.aclose()
+                result.worker = slot.engine.result_worker
+        finally:
+            if image is not None:
+                self.pixels.release_for(image)  # the engine is done with it: its pixels leave the budget
+        result.finish_reason, result.usage, result.status = finish, usage, item_status(finish)
+        result.elapsed_s = round(time.perf_counter() - started, 4)
+        self._observe(kind, result, request.mode)
+        if result.status == "aborted":
+            raise Aborted(ABORTED)
+
+    async def complete(self, request: OcrRequest, image: Image.Image | None, *, kind: str = "generate") -> EngineResult:
+        """`stream` gathered into one answer (`/generate`, `/v1` without `stream`)."""
+        started = time.perf_counter()
+        parts: list[str] = []
+        finish, usage = "length", Usage()
+        pieces = await self.stream(request, image, deltas=False, kind=kind)
+        try:
+            async for piece in pieces:
+                parts.append(piece.text)
+                if piece.finish_reason is not None:
+                    finish, usage = piece.finish_reason, piece.usage or usage
+        finally:
+            await pieces.aclose()
+        return EngineResult("".join(parts), finish, usage, round(time.perf_counter() - started, 4))
 
     async def image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None = None,
@@ -165,8 +227,9 @@ class OcrService:
         result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
         result.worker = out.worker
         result.status = item_status(out.finish_reason)
-        if result.status == "aborted":
-            result.error = "the engine aborted this item's generation"
+        if result.status == "aborted":  # kept as an item of its request; a request of one item is a 503 (`only`)
+            result.problem = Aborted(ABORTED).to_problem()
+            result.error = ABORTED
         result.mode = request.mode.name
         ran_away = retry_ladder.runaway(out.text, out.finish_reason, out.usage.completion_tokens)
         if self.settings.retry_ladder and ran_away:

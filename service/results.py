@@ -8,11 +8,12 @@ from typing import Any, Literal, get_args
 
 import ocr_utils
 from engines.base import Usage
-from errors import OcrError
+from errors import Aborted, OcrError
 
 # The one item status vocabulary of every route, job page, metric label and MCP answer.
 ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]
 ITEM_STATUSES: tuple[str, ...] = get_args(ItemStatus)
+ABORTED = "the engine aborted this generation (it was stopped or preempted); retry the request"
 
 
 @dataclass
@@ -62,6 +63,14 @@ class ItemResult:
 def item_status(finish_reason: str) -> ItemStatus:
     """The one status policy: `truncated` at max_tokens (kept, never dropped), `aborted` when aborted."""
     return {"length": "truncated", "abort": "aborted"}.get(finish_reason, "ok")  # type: ignore[return-value]
+
+
+def only(result: ItemResult) -> ItemResult:
+    """The result of a request of one item (the image routes): an item the engine aborted is the request's
+    503 `aborted` problem with Retry-After, as on `/generate` and `/v1`, since retrying is the remedy."""
+    if result.status == "aborted":
+        raise Aborted(result.error or ABORTED)
+    return result
 
 
 @dataclass

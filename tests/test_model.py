@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import deepseek_ocr as dso
+from errors import PromptTooLong
 from process.modes import count_image_tokens
 
 DATA = Path(__file__).parent / "data"
@@ -216,7 +217,7 @@ def test_prepare_rejects_bad_prompts(ocr: dso.DeepseekOCR) -> None:
         ocr.prepare("<image>\nFree OCR.", None)
     short = copy.copy(ocr)
     short.max_model_len = 100
-    with pytest.raises(ValueError, match=r"prompt is 275 tokens.*max_model_len 100"):
+    with pytest.raises(PromptTooLong, match=r"prompt is 275 tokens.*max_model_len 100"):  # typed, still a ValueError
         short.prepare("<image>\n", img, base_size=1024, image_size=640, crop=True)
     text_only = ocr.prepare("Just text.", None)
     assert text_only.images is None and text_only.image_tokens == 0

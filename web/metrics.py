@@ -7,6 +7,7 @@ scrape time, so they are never stale. Served at `GET /metrics`.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from prometheus_client.registry import Collector
 from starlette.routing import Match
 
 from config import Settings
+from service.results import ITEM_STATUSES
 
 log = logging.getLogger("deepseek_ocr.metrics")
 
@@ -49,7 +51,6 @@ def route_template(scope: Any) -> str:
 
 # ------------------------------------------------------------------------------------------------- metrics
 
-ITEM_STATUSES = ("ok", "truncated", "failed", "aborted", "retried", "degraded")
 TOKEN_KINDS = ("prompt", "image", "completion")
 # Image tokens per mode (FACTS): tiny 73, small 111, base 273, large 421, gundam 273 + 110 per tile (2..6).
 IMAGE_TOKEN_BUCKETS = (73, 111, 273, 421, 493, 603, 713, 823, 933, 2048)
@@ -113,7 +114,7 @@ class Metrics:
         image_tokens: int,
         completion_tokens: int,
     ) -> None:
-        """One page or image finished (status: ok, truncated, failed, aborted); route is the template."""
+        """One page or image finished (status: one of `ITEM_STATUSES`); route is the template."""
         if status not in ITEM_STATUSES:
             raise ValueError(f"item status {status!r} is not one of {', '.join(ITEM_STATUSES)}")
         self.items.labels(route, mode, status).inc()
@@ -192,7 +193,7 @@ def engine_state(app: FastAPI) -> StateSource:
             return {}
         a = service.admission
         # Per worker (engine workers, Ray actors: named with their host or node), else per engine name.
-        workers = {str(getattr(e, "worker_id", e.name)): (e.ready, a.busy(e)) for e in a.engines}
+        workers = {str(e.worker_id or e.name): (e.ready, a.busy(e)) for e in a.engines}
         return {"in_flight": a.in_flight, "waiting": a.waiting, "engine_ready": a.ready, "engines": len(a.engines),
                 "workers": workers}
 
@@ -221,7 +222,9 @@ def install(app: FastAPI, settings: Settings) -> Metrics:
         },
     )
     async def metrics_endpoint(request: Request) -> Response:
-        return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+        # In a thread: the jobs gauge asks the job store (SQL), which must not hold the event loop.
+        body = await asyncio.to_thread(request.app.state.metrics.exposition)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return metrics
 

@@ -100,7 +100,7 @@ async def _start_model(settings: Settings, spec: ModelSpec) -> list[Engine]:
     outcomes = await asyncio.gather(*(engine.start() for engine in engines), return_exceptions=True)
     failed = [(e, o) for e, o in zip(engines, outcomes, strict=True) if isinstance(o, BaseException)]
     for engine, exc in failed:
-        log.error("model load failed: %s on %s: %s", where, getattr(engine, "worker_id", engine.name), exc,
+        log.error("model load failed: %s on %s: %s", where, engine.worker_id or engine.name, exc,
                   exc_info=exc)
         with contextlib.suppress(Exception):
             await engine.close()

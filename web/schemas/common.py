@@ -10,8 +10,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.options import GenerateOptions, ModeName
+from service.results import ItemStatus as ItemStatus  # the one vocabulary, re-exported for the schemas
 
-ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]
 STATUS_TEXT = (
     "`ok`: finished; `retried`: it ran away (a repeating loop to max_tokens) and a retry with other settings "
     "finished; `degraded`: only the plain `Free OCR.` retry finished (text without layout); `truncated`: stopped "

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-import pymupdf  # noqa: F401  # this router's own dependency: the app leaves the router out when it is missing
 from fastapi import APIRouter, Depends, Form, Response, UploadFile
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
 from jobs import handoff
+from pdf.render_pool import mupdf_missing
 from service.ocr import OcrService
 from service.postprocess import PostOptions
 from service.request import OcrRequest
@@ -37,6 +37,11 @@ from web.deps import (
 )
 from web.schemas.pdf import PdfOcrResponse, PdfSimpleResponse
 from web.status import add_status_routes
+
+# PyMuPDF is this router's own dependency, imported only by render processes: the app leaves the router out,
+# saying why, when they cannot import it.
+if (_missing := mupdf_missing()) is not None:
+    raise ImportError(_missing)
 
 router = APIRouter(prefix="/pdf", tags=["PDF OCR"], dependencies=[KnownFieldsOnly])
 
@@ -124,7 +129,7 @@ async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> P
     run, data = await ocr_pdf(service, file, options)
     searchable = None
     if options.searchable_pdf:
-        searchable = await service.blocking(searchable_document, run, data, options.password)
+        searchable = await searchable_document(service.render_pool, run, data, options.password)
     return await service.blocking(pdf_response, run, searchable)
 
 
@@ -138,7 +143,7 @@ async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> P
 async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions) -> Response:
     run, data = await ocr_pdf(service, file, options)
     stem = download_stem(file.filename)
-    searchable = await service.blocking(searchable_document, run, data, options.password)
+    searchable = await searchable_document(service.render_pool, run, data, options.password)
     archive = await service.blocking(pdf_zip, run, stem, searchable)
     return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(f"{stem}.zip")})
 

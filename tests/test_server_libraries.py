@@ -145,3 +145,22 @@ def test_without_pymupdf_the_pdf_router_drops_out_and_the_rest_works(tiny_checkp
         with zipfile.ZipFile(io.BytesIO(r.content)) as z:
             names = z.namelist()
         assert "b.md" in names and "b_searchable.pdf" not in names, names
+
+
+def test_a_searchable_pdf_past_its_deadline_is_a_504_naming_the_setting(tiny_checkpoint: Path) -> None:
+    """A render process that does not finish the text layer in time is killed: a problem naming the setting, not a
+    500 or a hung request; the pages' OCR still answers without it, on a fresh render process."""
+    from server import make_settings, serve_app
+
+    from serve_ocr import create_app
+
+    # No text layer is written in a millisecond (the font subsetting alone takes longer).
+    settings = make_settings(tiny_checkpoint, pdf_searchable_timeout_s=0.001)
+    with serve_app(create_app(settings)) as url:
+        for route, fields in (("/pdf/ocr", {"searchable_pdf": "true"}), ("/pdf/ocr/download", {})):
+            r = httpx.post(url + route, files={"file": ("r.pdf", make_pdf(1))}, data={"dpi": "72", **fields},
+                           timeout=120)
+            assert r.status_code == 504 and r.headers["content-type"].startswith("application/problem+json"), show(r)
+            assert "PDF_SEARCHABLE_TIMEOUT_S" in r.json()["detail"], show(r)
+        r = httpx.post(url + "/pdf/ocr", files={"file": ("r.pdf", make_pdf(1))}, data={"dpi": "72"}, timeout=120)
+        assert r.status_code == 200 and r.json()["searchable_pdf"] is None, show(r)

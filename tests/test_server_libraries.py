@@ -85,7 +85,8 @@ def wait_job(url: str, job_id: str) -> dict:
 
 
 def test_server_process_maps_no_mupdf_and_no_torch(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DEFAULT_MAX_TOKENS": "12",
+    # ENGINE, DEVICE and GPUS at their defaults (auto): choosing them must not import torch here either.
+    env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "auto", "DEVICE": "auto", "DEFAULT_MAX_TOKENS": "12",
            "DATA_DIR": str(tmp_path / "data"), "ENGINE_WORKERS": "process"}
     with serve_process(env) as url:
         pid = server_pid(url)

@@ -198,6 +198,9 @@ class Settings(BaseSettings):
     pdf_render_timeout_s: float = Field(60.0, gt=0, le=3600, description="Longest one PDF page may take to render")
     pdf_open_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest opening and checking a PDF may take")
     pdf_render_memory_mb: int = Field(1024, ge=64, le=65536, description="Memory one render process may add")
+    pdf_searchable_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest writing one searchable PDF (in a render process) may take"
+    )
     pdf_render_prestart: bool = Field(
         True, description="Start the PDF render processes with the service, not on the first PDF"
     )

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import pymupdf  # noqa: F401  # this router's own dependency: the app leaves the router out when it is missing
 from fastapi import APIRouter, Depends, Response, UploadFile
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
 from jobs import handoff
+from pdf.render_pool import mupdf_missing
 from service.ocr import OcrService
 from service.options import PdfOptions, PdfSimpleOptions
 from service.postprocess import PostOptions
@@ -24,6 +24,11 @@ from web.deps import KnownFieldsOnly, ServiceDep, file_field, read_upload
 from web.forms import form_of
 from web.schemas.pdf import PdfOcrResponse, PdfSimpleResponse
 from web.status import add_status_routes
+
+# PyMuPDF is this router's own dependency, imported only by render processes: the app leaves the router out,
+# saying why, when they cannot import it.
+if (_missing := mupdf_missing()) is not None:
+    raise ImportError(_missing)
 
 router = APIRouter(prefix="/pdf", tags=["PDF OCR"], dependencies=[KnownFieldsOnly])
 
@@ -52,7 +57,7 @@ async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> P
     run, data = await ocr_pdf(service, file, options)
     searchable = None
     if options.searchable_pdf:
-        searchable = await service.blocking(searchable_document, run, data, options.password)
+        searchable = await searchable_document(service.render_pool, run, data, options.password)
     return await service.blocking(pdf_response, run, searchable)
 
 
@@ -66,7 +71,7 @@ async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> P
 async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions) -> Response:
     run, data = await ocr_pdf(service, file, options)
     stem = download_stem(file.filename)
-    searchable = await service.blocking(searchable_document, run, data, options.password)
+    searchable = await searchable_document(service.render_pool, run, data, options.password)
     archive = await service.blocking(pdf_zip, run, stem, searchable)
     return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(f"{stem}.zip")})
 

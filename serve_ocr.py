@@ -85,6 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         page_timeout_s=settings.pdf_render_timeout_s,
         open_timeout_s=settings.pdf_open_timeout_s,
         memory_limit_mb=settings.pdf_render_memory_mb,
+        searchable_timeout_s=settings.pdf_searchable_timeout_s,
         limits=PdfLimits(
             max_stream_mb=settings.pdf_max_stream_mb,
             max_objects=settings.pdf_max_objects,

@@ -6,6 +6,7 @@ workers, which build their engine here, do not import the code that starts them.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 from collections.abc import Callable
@@ -41,13 +42,23 @@ def build_engine(settings: Settings) -> BaseEngine:
 
 
 def _vllm_usable() -> bool:
-    if importlib.util.find_spec("vllm") is None:
-        return False
-    # NVML answers without initialising CUDA here; a CUDA init now would break vLLM's forked workers.
+    return importlib.util.find_spec("vllm") is not None and nvml_gpu_count() > 0
+
+
+def nvml_gpu_count() -> int:
+    """GPUs NVML counts (0 without a driver), asked through the driver's own library: torch is not imported (the
+    server with engines in worker processes never loads it) and CUDA is not initialised (that would break vLLM's
+    and torch's forked children). What `torch.cuda.device_count()` answers with PYTORCH_NVML_BASED_CUDA_CHECK."""
+    # Children (engine workers, vLLM's) that import torch check CUDA through NVML too, as they always did here.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return 0
+    if nvml.nvmlInit_v2() != 0:
+        return 0
+    try:
+        count = ctypes.c_uint(0)
+        return count.value if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0 else 0
+    finally:
+        nvml.nvmlShutdown()

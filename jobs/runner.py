@@ -344,12 +344,8 @@ class Runner:
 
     async def _write_searchable(self, job: dict[str, Any]) -> None:
         pages = await self.store.call(self.store.pages, job["id"])
-        # A batch job's images that PDF cannot embed as they are get decoded, one at a time: inside the
-        # decoded-pixel budget, as much as the largest image may take. A PDF job's pages are not decoded.
-        pixels = 0 if job["kind"] == "pdf" else min(self.settings.max_image_pixels, self.service.pixels.max_pixels)
-        try:
-            async with self.service.pixels.hold(pixels) if pixels else contextlib.nullcontext():
-                await asyncio.to_thread(views.write_searchable, self.data_dir, job, pages)
+        try:  # in render processes: an image PDF cannot embed as it is is decoded there, under their memory limit
+            await views.write_searchable(self.service.render_pool, self.data_dir, job, pages)
         except Exception:  # the text results stand without it; the download then has no searchable PDF
             log.exception("jobs: %s: the searchable PDF could not be made", job["id"])
 

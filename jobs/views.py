@@ -6,6 +6,7 @@ The job's options and names come from its typed spec (`jobs.spec.JobSpec`).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 from pathlib import Path
@@ -13,7 +14,6 @@ from typing import Any
 
 from jobs import results
 from jobs.spec import JobSpec
-from outputs.searchable import searchable_from_images, searchable_from_pdf
 from service.results import DocumentRun
 from web.answers import BatchRun
 
@@ -103,27 +103,29 @@ def document_run(
     return run
 
 
-def write_searchable(data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]]) -> None:
+async def write_searchable(render_pool: Any, data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]]) -> None:
     """The searchable PDF(s) of an ended job, from its upload (kept until now): one for a PDF job (the original
-    pages with the text laid under them), one per finished image of a batch job."""
+    pages with the text laid under them), one per finished image of a batch job. Written by render processes
+    (`pdf.render_pool.RenderPool`); files are read and written in threads, off the event loop."""
     spec = JobSpec.load(job["spec"], job["id"])
     done = finished(pages)
-    if not done:
+    if not done or render_pool.unavailable is not None:  # without PyMuPDF the download has no searchable PDF
         return
     folder = results.job_dir(data_dir, job["id"])
     if job["kind"] == "pdf":
-        texts = [(p["page"], results.load_result(data_dir, p["result_path"]).text) for p in done]
-        source = results.read_input(data_dir, job["id"], 0)
-        pdf = searchable_from_pdf(source, texts, password=spec.options.password)
-        results.write_atomic(folder / "searchable.pdf", pdf)
+        items = await asyncio.to_thread(lambda: [results.load_result(data_dir, p["result_path"]) for p in done])
+        source = await asyncio.to_thread(results.read_input, data_dir, job["id"], 0)
+        texts = [(p["page"], item.text) for p, item in zip(done, items, strict=True)]
+        pdf = await render_pool.searchable_pdf(source, texts, password=spec.options.password)
+        await asyncio.to_thread(results.write_atomic, folder / "searchable.pdf", pdf)
         return
     for p in done:
-        item = results.load_result(data_dir, p["result_path"])
+        item = await asyncio.to_thread(results.load_result, data_dir, p["result_path"])
         if item.post is None:
             continue
-        source = results.read_input(data_dir, job["id"], p["idx"])
-        pdf = searchable_from_images([(source, item.text, None)])
-        results.write_atomic(folder / "searchable" / f"{p['idx']}.pdf", pdf)
+        source = await asyncio.to_thread(results.read_input, data_dir, job["id"], p["idx"])
+        pdf = await render_pool.searchable_image(source, item.text)
+        await asyncio.to_thread(results.write_atomic, folder / "searchable" / f"{p['idx']}.pdf", pdf)
 
 
 def searchable_of_document(data_dir: Path, job_id: str) -> bytes | None:

@@ -7,28 +7,36 @@ gigabytes while MuPDF opens it). It writes the bytes to a private spill file and
     async with pool.document(data, password=pw, max_pages=n) as doc:   # opened + validated in a worker
         page = await doc.render(3, dpi=144, max_pixels=40_000_000)
 
+The searchable PDF (the text layer) is a request of its own, written in a worker too:
+
+    pdf = await pool.searchable_pdf(data, [(1, text_of_page_1), (3, text_of_page_3)], password=pw)
+
 Each worker keeps the documents it opened, so one request's PDF is parsed once per worker that renders
 it, and pages prefer a worker that has their document open. A deadline starts when the page is handed
 to a worker (never while it waits for one); past it, or when the awaiting task is cancelled (client
 gone, request deadline), that one worker is killed and later replaced. No other request's page shares
 that worker, so nothing else can fail with it. Workers run under RLIMIT_AS and die with the server
 (PR_SET_PDEATHSIG); spill files live in a per-process directory, and directories of dead servers are
-removed when a pool starts.
+removed when a pool starts. The server process never imports PyMuPDF (`mupdf_missing` asks a child interpreter).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.util
 import itertools
 import logging
 import math
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -37,17 +45,18 @@ from multiprocessing.process import BaseProcess
 from PIL import Image
 
 import errors
-from errors import InvalidPdf, OcrError, PayloadTooLarge, ServiceUnavailable
+from errors import DeadlineExceeded, InvalidPdf, OcrError, PayloadTooLarge, ServiceUnavailable
 from pdf.limits import PdfLimits
 from pdf.render_process import KEEP_OPEN, PDF_EOF_WINDOW, RenderedPage, check_pdf_header, check_render_args, worker_main
 
-__all__ = ["PdfDocument", "PdfLimits", "RenderPool", "RenderedPage"]
+__all__ = ["PdfDocument", "PdfLimits", "RenderPool", "RenderedPage", "mupdf_missing"]
 
 log = logging.getLogger(__name__)
 
 # Defaults until the settings carry them (PDF_OPEN_TIMEOUT_S, PDF_RENDER_MEMORY_MB).
 DEFAULT_OPEN_TIMEOUT_S = 30.0
 DEFAULT_MEMORY_LIMIT_MB = 1024  # measured: an A4 page at 600 dpi (35 MP) renders under a 200 MB limit
+DEFAULT_SEARCHABLE_TIMEOUT_S = 120.0  # PDF_SEARCHABLE_TIMEOUT_S's default
 
 _SPILL_PREFIX = "ocr-render-"
 _START_TIMEOUT_S = 120.0  # a worker importing PyMuPDF on a busy machine; not part of any page's deadline
@@ -74,6 +83,7 @@ class RenderPool:
         memory_limit_mb: int,
         spill_dir: str | None = None,
         limits: PdfLimits | None = None,
+        searchable_timeout_s: float = DEFAULT_SEARCHABLE_TIMEOUT_S,
     ) -> None:
         if workers < 1 or page_timeout_s <= 0 or open_timeout_s <= 0 or memory_limit_mb < 1:
             raise ValueError(
@@ -84,6 +94,7 @@ class RenderPool:
         self.page_timeout_s = page_timeout_s
         self.open_timeout_s = open_timeout_s
         self.memory_limit_mb = memory_limit_mb
+        self.searchable_timeout_s = searchable_timeout_s
         self.limits = limits or PdfLimits()
         self.spill_dir = _fresh_spill_dir(spill_dir or tempfile.gettempdir())
         self._idle: list[_Worker] = []
@@ -117,6 +128,36 @@ class RenderPool:
             yield PdfDocument(self, doc_id, path, password, page_count, metadata, warnings, repaired, sizes)
         finally:
             self._forget(doc_id)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the workers cannot run PyMuPDF (no PDFs, no searchable PDFs), or None."""
+        return mupdf_missing()
+
+    async def searchable_pdf(self, data: bytes, pages: Sequence[tuple[int, str]], *, password: str | None) -> bytes:
+        """The PDF's `pages` (1-based number, the model's grounded text), in that order, with their text laid under
+        them, written in a worker (`pdf.render_process.text_layer`) within PDF_SEARCHABLE_TIMEOUT_S and
+        PDF_RENDER_MEMORY_MB: past them a 504 or a 413, a crash a 400, each naming the setting."""
+        return await self._text_layer("pdf", data, [(int(n), text) for n, text in pages], password)
+
+    async def searchable_image(self, data: bytes, text: str) -> bytes:
+        """One uploaded image as a PDF page with its text laid over it, written in a worker like `searchable_pdf`."""
+        return await self._text_layer("image", data, [(1, text)], None)
+
+    async def _text_layer(self, kind: str, data: bytes, pages: list[tuple[int, str]], password: str | None) -> bytes:
+        if not pages:
+            raise ValueError("a searchable PDF needs at least one page")
+        if self._closed:
+            raise ServiceUnavailable("The PDF renderer is shutting down.")
+        job_id = f"{os.getpid()}-{next(_ids)}"
+        path = os.path.join(self.spill_dir, f"{job_id}.{kind}")
+        try:
+            await _finish_even_if_cancelled(asyncio.to_thread(self._spill, path, data))
+            message = ("searchable", job_id, path, password, kind, pages)
+            return (await self._run(job_id, message, self.searchable_timeout_s))[-1]
+        finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
@@ -273,10 +314,11 @@ class RenderPool:
         stale answer to another page."""
         healthy = False
         try:
-            worker.docs.pop(doc_id, None)
-            worker.docs[doc_id] = None
-            while len(worker.docs) > KEEP_OPEN:
-                worker.docs.popitem(last=False)
+            if message[0] != "searchable":  # a searchable PDF's document is not kept open
+                worker.docs.pop(doc_id, None)
+                worker.docs[doc_id] = None
+                while len(worker.docs) > KEEP_OPEN:
+                    worker.docs.popitem(last=False)
             try:
                 reply = await self._read(worker, limit_s)
             except TimeoutError:
@@ -308,7 +350,13 @@ class RenderPool:
             raise (cls if isinstance(cls, type) and issubclass(cls, OcrError) else InvalidPdf)(detail, **extra)
         return reply
 
-    def _timeout_error(self, message: tuple) -> PayloadTooLarge:
+    def _timeout_error(self, message: tuple) -> OcrError:
+        if message[0] == "searchable":
+            return DeadlineExceeded(
+                f"The searchable PDF was not written within {self.searchable_timeout_s:g} s "
+                "(PDF_SEARCHABLE_TIMEOUT_S); the document is too costly to rewrite. Ask without it (searchable_pdf) "
+                "or raise the setting.",
+            )
         if message[0] == "open":
             return PayloadTooLarge(
                 f"The PDF could not be opened within {self.open_timeout_s:g} s (PDF_OPEN_TIMEOUT_S): its structure "
@@ -346,11 +394,37 @@ async def _finish_even_if_cancelled(work: Awaitable[None]) -> None:
 def _receive(conn: Connection) -> tuple:
     """One answer from a worker; a rendered page's pixels follow its tuple as a raw message."""
     reply = conn.recv()
-    return (*reply, conn.recv_bytes()) if reply[0] == "page" else reply
+    return (*reply, conn.recv_bytes()) if reply[0] in ("page", "searchable") else reply
 
 
 def _what(message: tuple) -> str:
-    return "Opening the PDF" if message[0] == "open" else f"Page {message[4]}"
+    return {"open": "Opening the PDF", "searchable": "Writing the searchable PDF"}.get(message[0], f"Page {message[4]}")
+
+
+def mupdf_missing() -> str | None:
+    """Why a render process cannot import PyMuPDF, or None when it can. The server never imports it (a hostile
+    PDF must not run in its process, nor MuPDF's 100 MB sit in it), so a child interpreter with the server's
+    `sys.path`, as a render process gets it, tries. The PDF router leaves the app when this says why."""
+    try:
+        if importlib.util.find_spec("pymupdf") is None:
+            return "PyMuPDF (pymupdf) is not installed; the PDF routes and searchable PDFs need it (requirements.txt)"
+    except (ImportError, ValueError) as exc:
+        return f"PyMuPDF (pymupdf) cannot be found ({exc})"
+    return _child_import_failure()
+
+
+@functools.cache
+def _child_import_failure() -> str | None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        done = subprocess.run([sys.executable, "-c", "import pymupdf"], env=env, capture_output=True, text=True,
+                              timeout=_START_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"PyMuPDF (pymupdf) could not be checked in a child process ({exc})"
+    if done.returncode == 0:
+        return None
+    last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    return f"PyMuPDF (pymupdf) cannot be imported ({last}); the PDF routes and searchable PDFs need it"
 
 
 @dataclass(eq=False)

@@ -1,9 +1,11 @@
-"""What runs inside a PDF render worker process: open, validate and render PDFs under caps.
+"""What runs inside a PDF render worker process: open, validate and render PDFs, and write searchable PDFs (the
+text layer, `outputs.searchable`), under caps.
 
 The server process never runs MuPDF on an upload: `pdf.render_pool.RenderPool` sends work here, to
 killable child processes under RLIMIT_AS (opening a hostile PDF can hold the GIL for tens of seconds
-and allocate gigabytes). `worker_main` is the child's loop; `open_pdf`/`render_page` are plain
-functions that tests also call directly. Caps checked before MuPDF works are in `pdf.limits`.
+and allocate gigabytes). `worker_main` is the child's loop; `open_pdf`/`render_page`/`text_layer` are plain
+functions that tests also call directly. PyMuPDF is imported here (and by `outputs.searchable`) only.
+Caps checked before MuPDF works are in `pdf.limits`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from errors import InvalidPageRange, InvalidPdf, OcrError, PayloadTooLarge, PdfPasswordRequired
+from errors import InvalidImage, InvalidPageRange, InvalidPdf, OcrError, PayloadTooLarge, PdfPasswordRequired
 from images import not_a_pdf, pixels_hash
 from pdf.limits import MemoryLimitHit, PdfLimits, check_page_images, memory_or, prescan
 
@@ -326,10 +328,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits: PdfLimits) -> None:
-    """A render worker: answer ("open" | "render") messages one at a time; "forget" has no answer.
+    """A render worker: answer ("open" | "render" | "searchable") messages one at a time; "forget" has no answer.
 
     Replies are tuples: ("opened", page_count, metadata, repaired, warnings, page sizes), ("page", size, page, dpi,
-    requested_dpi, reduced, note, warnings, content hash) followed by the RGB bytes as one raw message, ("error",
+    requested_dpi, reduced, note, warnings, content hash) followed by the RGB bytes as one raw message,
+    ("searchable",) followed by the PDF's bytes as one raw message, ("error",
     OcrError class name, detail, extra), or
     ("memory", detail), after which the worker exits (its heap is suspect) and the parent replaces it.
     """
@@ -370,6 +373,8 @@ def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits:
 
 
 def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list, limits: PdfLimits) -> tuple:
+    if op == "searchable":
+        return ("searchable",), text_layer(*args, limits=limits)
     path, password, *rest = args
     source = docs.pop(doc_id, None)
     if source is None:  # "open" validates; "render" on another worker reopens an already validated file
@@ -386,6 +391,28 @@ def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list,
     )
     digest = pixels_hash("RGB", size, samples)  # here, not in the server: see `images.pixels_hash`
     return ("page", size, page, used_dpi, dpi, used_dpi < dpi, note, warnings, digest), samples
+
+
+def text_layer(path: str, password: str | None, kind: str, pages: list[tuple[int, str]], *, limits: PdfLimits) -> bytes:
+    """The searchable PDF of a spilled upload: a PDF's `pages` (1-based number, grounded text), or one image
+    (`kind` "image") as a page, with the text laid invisibly over it (`outputs.searchable`). Run here, never in the
+    server: writing it opens the whole upload with MuPDF (a 45 MB PDF without an xref table held the server's GIL
+    for 82-129 s)."""
+    from outputs import searchable  # PyMuPDF: only render processes import it
+
+    with open(path, "rb") as f:
+        data = f.read()
+    failed = InvalidImage if kind == "image" else InvalidPdf
+    try:
+        if kind == "image":
+            return searchable.searchable_from_images([(data, pages[0][1], None)])
+        check_pdf_header(data[:PDF_EOF_WINDOW])
+        prescan(data, limits)  # the caps a render has: this file may come from a job's store, not a fresh open
+        return searchable.searchable_from_pdf(data, pages, password=password)
+    except OcrError:
+        raise
+    except Exception as exc:
+        raise memory_or(exc, failed(f"The searchable PDF could not be written ({exc}).")) from exc
 
 
 def _limit_address_space(memory_limit_mb: int) -> None:

@@ -28,7 +28,6 @@ from engines.base import EngineChunk, EngineResult, Usage
 from engines.supervisor import EngineSupervisor
 from errors import Aborted, OcrError, Overloaded, ServiceUnavailable
 from images import content_hash
-from outputs.searchable import searchable_from_images
 from process.modes import ModeSpec
 from service import retry_ladder
 from service.admission import Admission, in_window
@@ -296,14 +295,12 @@ class OcrService:
         try:
             data = await read()
             image = await self.decode(data, flow=request.flow)
-            pixels = image.width * image.height
             result = await self.image(request, image, options, label=label, kind="file")
             del image  # out of the budget since `image` returned: free the pixels too
-            if options.searchable and result.post is not None:
-                pages = [(data, result.text, None)]
-                # It may decode the upload again (formats PDF cannot embed, EXIF rotation): budgeted too.
-                async with self.pixels.hold(min(pixels, self.pixels.max_pixels), flow=request.flow):
-                    result.post.searchable_pdf = await self.blocking(searchable_from_images, pages)
+            if options.searchable and result.post is not None and self.render_pool.unavailable is None:
+                # Written by a render process (MuPDF never runs here), which decodes the upload again where PDF
+                # cannot embed it as it is, under that process's memory limit. Without PyMuPDF: no searchable PDF.
+                result.post.searchable_pdf = await self.render_pool.searchable_image(data, result.text)
             del data
         except ServiceUnavailable:
             raise

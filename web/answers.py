@@ -16,7 +16,6 @@ from typing import Any
 
 import ocr_utils
 from engines.base import Usage
-from outputs.searchable import searchable_from_pdf
 from service.results import DocumentRun, ItemResult, PagePost
 from web.schemas.batch import (
     BatchFileResult,
@@ -199,9 +198,11 @@ def document_crops(run: DocumentRun) -> list[ocr_utils.Crop]:
     return [c for p in run.pages if p.post is not None for c in p.post.crops]
 
 
-def searchable_document(run: DocumentRun, source: bytes, password: str | None) -> bytes:
-    """The original PDF's processed pages with the text laid under them (a failed page stays as it was)."""
-    return searchable_from_pdf(source, [(int(p.label or 0), p.text) for p in run.pages], password=password)
+async def searchable_document(render_pool: Any, run: DocumentRun, source: bytes, password: str | None) -> bytes:
+    """The original PDF's processed pages with the text laid under them (a failed page stays as it was), written
+    in a render process (`pdf.render_pool.RenderPool.searchable_pdf`): MuPDF never opens an upload here."""
+    return await render_pool.searchable_pdf(source, [(int(p.label or 0), p.text) for p in run.pages],
+                                            password=password)
 
 
 def pdf_response(run: DocumentRun, searchable: bytes | None = None) -> PdfOcrResponse:

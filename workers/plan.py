@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass
 
 from config import Settings, usable_cpus
+from engines.registry import nvml_gpu_count
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,7 @@ def visible_gpus() -> list[str]:
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    try:
-        import torch
-
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:
-        return []
+    return [str(i) for i in range(nvml_gpu_count())]  # not torch: the server never imports it
 
 
 def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) -> list[WorkerSpec]:

@@ -19,10 +19,10 @@ from fastapi.responses import Response
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_BATCH, Settings
 from errors import PayloadTooLarge
-from jobs import handoff
 from service.ocr import OcrService
 from service.postprocess import PostOptions
 from service.request import OcrRequest
+from service.run import Deadline
 from web.answers import BatchRun, attachment, batch_response, batch_simple_response, batch_zip, member_stems
 from web.deps import (
     KnownFieldsOnly,
@@ -31,10 +31,12 @@ from web.deps import (
     ModelForm,
     NgramSizeForm,
     NgramWindowForm,
+    OwnerDep,
     ServiceDep,
     files_field,
     prompt_form,
     shown,
+    upload_reader,
 )
 from web.schemas.batch import BatchResponse, BatchSimpleResponse
 from web.status import add_status_routes
@@ -83,7 +85,8 @@ OptionsDep = Annotated[BatchOptions, Depends(batch_options)]
 
 
 async def run_batch(
-    service: OcrService, files: list[UploadFile], options: BatchOptions, default_prompt: str, post: PostOptions
+    service: OcrService, files: list[UploadFile], options: BatchOptions, default_prompt: str, post: PostOptions,
+    owner: str,
 ) -> BatchRun:
     """Refuse a bad batch as a whole, then every file through the service; results in input order."""
     settings = service.settings
@@ -109,17 +112,19 @@ async def run_batch(
     stems = member_stems(names)
 
     start = time.perf_counter()
-    # Under BATCH_TIMEOUT_S; past it the finished files go to a job that the 504 names (jobs/handoff.py).
-    results = await handoff.batch(service, req, files, names, stems, options, post)
+    # Under BATCH_TIMEOUT_S; past it the finished files go to a job (`owner`'s) that the 504 names.
+    results = await service.batch(req, [upload_reader(f, settings) for f in files], post, labels=stems,
+                                  filenames=names, owner=owner,
+                                  deadline=Deadline(settings.batch_timeout_s, "BATCH_TIMEOUT_S"))
     elapsed = round(time.perf_counter() - start, 3)
     return BatchRun(names, results, req.prompt, req.mode.name, post.clean_formulas, elapsed)
 
 
 @router.post("/ocr", response_model=BatchResponse, summary="OCR many images to markdown (JSON, one entry per file)")
 async def batch_ocr(
-    service: ServiceDep, files: FilesField, options: OptionsDep, clean_formulas: CleanField = True
+    service: ServiceDep, files: FilesField, options: OptionsDep, owner: OwnerDep, clean_formulas: CleanField = True
 ) -> BatchResponse:
-    run = await run_batch(service, files, options, DOCUMENT_PROMPT, PostOptions(clean_formulas=clean_formulas))
+    run = await run_batch(service, files, options, DOCUMENT_PROMPT, PostOptions(clean_formulas=clean_formulas), owner)
     return batch_response(run)
 
 
@@ -130,17 +135,19 @@ async def batch_ocr(
     summary="OCR many images and download the markdown, raw output, figure crops and summary as a ZIP",
 )
 async def batch_ocr_download(
-    service: ServiceDep, files: FilesField, options: OptionsDep, clean_formulas: CleanField = True
+    service: ServiceDep, files: FilesField, options: OptionsDep, owner: OwnerDep, clean_formulas: CleanField = True
 ) -> Response:
     post = PostOptions(crop=True, clean_formulas=clean_formulas, searchable=True)
-    run = await run_batch(service, files, options, DOCUMENT_PROMPT, post)
+    run = await run_batch(service, files, options, DOCUMENT_PROMPT, post, owner)
     archive = await service.blocking(batch_zip, run)
     return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(ZIP_FILENAME)})
 
 
 @router.post("/ocr/simple", response_model=BatchSimpleResponse, summary="Plain text of many images (JSON)")
-async def batch_ocr_simple(service: ServiceDep, files: FilesField, options: OptionsDep) -> BatchSimpleResponse:
-    return batch_simple_response(await run_batch(service, files, options, FREE_PROMPT, PostOptions()))
+async def batch_ocr_simple(
+    service: ServiceDep, files: FilesField, options: OptionsDep, owner: OwnerDep
+) -> BatchSimpleResponse:
+    return batch_simple_response(await run_batch(service, files, options, FREE_PROMPT, PostOptions(), owner))
 
 
 def _parameters(s: Settings) -> dict[str, str]:

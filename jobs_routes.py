@@ -21,7 +21,8 @@ from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, Unsupported
 from jobs import events, results, views, webhooks
 from jobs.schemas import JobDetail, JobList, JobSummary
 from jobs.store import ACTIVE, TERMINAL
-from jobs.submit import create_job, document_notes, owner_of
+from jobs.submit import create_job
+from service.ocr import document_notes
 from service.request import OcrRequest
 from web.answers import (
     BatchRun,
@@ -45,6 +46,7 @@ from web.deps import (
     file_field,
     files_field,
     optional_form,
+    owner_of,
     prompt_form,
     read_upload,
     shown,

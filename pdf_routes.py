@@ -15,11 +15,11 @@ import pymupdf  # noqa: F401  # this router's own dependency: the app leaves the
 from fastapi import APIRouter, Depends, Form, Response, UploadFile
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
-from jobs import handoff
 from service.ocr import OcrService
 from service.postprocess import PostOptions
 from service.request import OcrRequest
 from service.results import DocumentRun
+from service.run import Deadline
 from web.answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
 from web.deps import (
     KnownFieldsOnly,
@@ -28,6 +28,7 @@ from web.deps import (
     ModelForm,
     NgramSizeForm,
     NgramWindowForm,
+    OwnerDep,
     ServiceDep,
     file_field,
     optional_form,
@@ -98,7 +99,9 @@ def full_options(
 FullOptions = Annotated[PdfOptions, Depends(full_options)]
 
 
-async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) -> tuple[DocumentRun, bytes]:
+async def ocr_pdf(
+    service: OcrService, file: UploadFile, options: PdfOptions, owner: str
+) -> tuple[DocumentRun, bytes]:
     """Validate the options, read the upload and OCR the selected pages under PDF_TIMEOUT_S."""
     settings = service.settings
     req = OcrRequest.build(
@@ -114,14 +117,16 @@ async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfOptions) ->
     req = service.admit(req)
     data = await read_upload(file, settings)
     post = PostOptions(draw=options.draw_layouts, annotated_format="jpeg", crop=options.extract_images)
-    # Under PDF_TIMEOUT_S; past it the finished pages go to a job that the 504 names (jobs/handoff.py).
-    run = await handoff.document(service, req, data, options, post, filename=file.filename)
+    # Under PDF_TIMEOUT_S; past it the finished pages go to a job (`owner`'s) that the 504 names.
+    run = await service.document(req, data, password=options.password, pages=options.pages, dpi=options.dpi,
+                                 options=post, deadline=Deadline(settings.pdf_timeout_s, "PDF_TIMEOUT_S"),
+                                 owner=owner, filename=file.filename)
     return run, data
 
 
 @router.post("/ocr", response_model=PdfOcrResponse, summary="OCR a PDF: per-page text, markdown, boxes, figures")
-async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> PdfOcrResponse:
-    run, data = await ocr_pdf(service, file, options)
+async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions, owner: OwnerDep) -> PdfOcrResponse:
+    run, data = await ocr_pdf(service, file, options, owner)
     searchable = None
     if options.searchable_pdf:
         searchable = await service.blocking(searchable_document, run, data, options.password)
@@ -135,8 +140,8 @@ async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> P
     summary="OCR a PDF and download a ZIP: {name}.md, {name}_det.mmd, {name}_layouts.pdf, {name}_searchable.pdf, "
     "images/, pages.json",
 )
-async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions) -> Response:
-    run, data = await ocr_pdf(service, file, options)
+async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions, owner: OwnerDep) -> Response:
+    run, data = await ocr_pdf(service, file, options, owner)
     stem = download_stem(file.filename)
     searchable = await service.blocking(searchable_document, run, data, options.password)
     archive = await service.blocking(pdf_zip, run, stem, searchable)
@@ -147,6 +152,7 @@ async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions)
 async def pdf_simple(
     service: ServiceDep,
     file: PdfFile,
+    owner: OwnerDep,
     pages: Pages = None,
     dpi: Dpi = 144,
     mode: ModeForm = None,
@@ -157,7 +163,7 @@ async def pdf_simple(
     options = PdfOptions(
         FREE_PROMPT, dpi, pages, password, mode, max_tokens=max_tokens, default_prompt=FREE_PROMPT, model=model
     )
-    run, _ = await ocr_pdf(service, file, options)
+    run, _ = await ocr_pdf(service, file, options, owner)
     return pdf_simple_response(run)
 
 

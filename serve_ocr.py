@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -111,6 +112,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if scaler is not None:
             await scaler.stop()
         if app.state.jobs is not None:
+            service.handoff = None  # a deadline from now on is the plain 504
             await app.state.jobs.stop()
         for engine in service.admission.engines:  # with the ones a Ray scaler added
             await engine.close()
@@ -145,15 +147,18 @@ def start_scaler(settings: Settings, service: OcrService) -> Any:
 
 
 async def start_jobs(settings: Settings, service: OcrService) -> Any:
-    """The job runner (jobs/), or None when its package cannot load (the jobs router then says why)."""
+    """The job runner (jobs/), or None when its package cannot load (the jobs router then says why). With it
+    the service hands a sync request over to a job at its deadline; without it the deadline is a plain 504."""
     try:
         from jobs import store_url
+        from jobs.handoff import take_over
         from jobs.runner import Runner
         from jobs.store import Store
 
         store = await asyncio.to_thread(Store, store_url(settings))  # creates the tables: off the event loop
         runner = Runner(service, store, settings, Path(settings.data_dir))
         await runner.start()
+        service.handoff = functools.partial(take_over, runner)
         return runner
     except Exception:
         log.exception("the job runner could not start; /jobs answers 503")

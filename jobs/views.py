@@ -17,8 +17,7 @@ from jobs import results
 from outputs.searchable import searchable_from_images, searchable_from_pdf
 from service.postprocess import PostOptions
 from service.request import OcrRequest
-from service.results import DocumentRun
-from web.answers import BatchRun
+from service.results import BatchRun, DocumentRun
 
 
 def request_of(settings: Settings, spec: dict[str, Any]) -> OcrRequest:

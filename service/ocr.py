@@ -279,9 +279,9 @@ class OcrService:
 
             async def leftover(done: dict[int, ItemResult]) -> None:
                 await hand_off(self.handoff, Leftover(
-                    "pdf", request, options, owner, [filename or "document.pdf"], [data], done, deadline,
-                    pages=selected, dpi=dpi, selection=pages, password=password, page_count=doc.page_count,
-                    warnings=notes))
+                    kind="pdf", request=request, post=options, owner=owner, filenames=[filename or "document.pdf"],
+                    inputs=[data], done=done, deadline=deadline, pages=selected, dpi=dpi, selection=pages,
+                    password=password, page_count=doc.page_count, warnings=notes))
 
             results = await run_items(selected, page, window=self.window, deadline=deadline,
                                       on_deadline=leftover)
@@ -301,11 +301,11 @@ class OcrService:
             return await self.file(request, reads[index], options, label=labels[index])
 
         async def leftover(done: dict[int, ItemResult]) -> None:
-            if self.handoff is None:  # the job runner stopped meanwhile: the plain 504
+            if self.handoff is None:  # no job runner (or it stopped meanwhile): the plain 504
                 return
             inputs = [b"" if index in done else await read() for index, read in enumerate(reads)]
-            await hand_off(self.handoff, Leftover(
-                "batch", request, options, owner, filenames, inputs, done, deadline))
+            await hand_off(self.handoff, Leftover(kind="batch", request=request, post=options, owner=owner,
+                                                  filenames=filenames, inputs=inputs, done=done, deadline=deadline))
 
         return await run_items(range(len(reads)), one, window=self.window, deadline=deadline,
                                on_deadline=leftover)

@@ -18,12 +18,12 @@ from fastapi.responses import Response
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_BATCH, Settings
 from errors import PayloadTooLarge
-from jobs import handoff
 from service.ocr import OcrService
 from service.options import BatchOptions, BatchSimpleOptions
 from service.postprocess import PostOptions
+from service.run import Deadline
 from web.answers import BatchRun, attachment, batch_response, batch_simple_response, batch_zip, member_stems
-from web.deps import KnownFieldsOnly, ServiceDep, files_field
+from web.deps import KnownFieldsOnly, OwnerDep, ServiceDep, files_field, upload_reader
 from web.forms import form_of
 from web.schemas.batch import BatchResponse, BatchSimpleResponse
 from web.status import add_status_routes
@@ -44,8 +44,9 @@ FilesField = Annotated[
 FullOptions = Annotated[BatchOptions, Depends(form_of(BatchOptions))]
 
 
-async def run_batch(service: OcrService, files: list[UploadFile], options: BatchSimpleOptions, post: PostOptions
-                    ) -> BatchRun:
+async def run_batch(
+    service: OcrService, files: list[UploadFile], options: BatchSimpleOptions, post: PostOptions, owner: str
+) -> BatchRun:
     """Refuse a bad batch as a whole, then every file through the service; results in input order."""
     settings = service.settings
     if len(files) > settings.max_batch_files:
@@ -60,15 +61,17 @@ async def run_batch(service: OcrService, files: list[UploadFile], options: Batch
     stems = member_stems(names)
 
     start = time.perf_counter()
-    # Under BATCH_TIMEOUT_S; past it the finished files go to a job that the 504 names (jobs/handoff.py).
-    results = await handoff.batch(service, req, files, names, stems, options, post)
+    # Under BATCH_TIMEOUT_S; past it the finished files go to a job (`owner`'s) that the 504 names.
+    results = await service.batch(req, [upload_reader(f, settings) for f in files], post, labels=stems,
+                                  filenames=names, owner=owner,
+                                  deadline=Deadline(settings.batch_timeout_s, "BATCH_TIMEOUT_S"), form=options)
     elapsed = round(time.perf_counter() - start, 3)
     return BatchRun(names, results, req.prompt, req.mode.name, post.clean_formulas, elapsed)
 
 
 @router.post("/ocr", response_model=BatchResponse, summary="OCR many images to markdown (JSON, one entry per file)")
-async def batch_ocr(service: ServiceDep, files: FilesField, options: FullOptions) -> BatchResponse:
-    run = await run_batch(service, files, options, PostOptions(clean_formulas=options.clean_formulas))
+async def batch_ocr(service: ServiceDep, files: FilesField, options: FullOptions, owner: OwnerDep) -> BatchResponse:
+    run = await run_batch(service, files, options, PostOptions(clean_formulas=options.clean_formulas), owner)
     return batch_response(run)
 
 
@@ -78,18 +81,21 @@ async def batch_ocr(service: ServiceDep, files: FilesField, options: FullOptions
     responses={200: {"content": {"application/zip": {}}, "description": _ZIP_DESCRIPTION}},
     summary="OCR many images and download the markdown, raw output, figure crops and summary as a ZIP",
 )
-async def batch_ocr_download(service: ServiceDep, files: FilesField, options: FullOptions) -> Response:
+async def batch_ocr_download(service: ServiceDep, files: FilesField, options: FullOptions, owner: OwnerDep) -> Response:
     post = PostOptions(crop=True, clean_formulas=options.clean_formulas, searchable=True)
-    run = await run_batch(service, files, options, post)
+    run = await run_batch(service, files, options, post, owner)
     archive = await service.blocking(batch_zip, run)
     return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(ZIP_FILENAME)})
 
 
 @router.post("/ocr/simple", response_model=BatchSimpleResponse, summary="Plain text of many images (JSON)")
 async def batch_ocr_simple(
-    service: ServiceDep, files: FilesField, options: Annotated[BatchSimpleOptions, Depends(form_of(BatchSimpleOptions))]
+    service: ServiceDep,
+    files: FilesField,
+    options: Annotated[BatchSimpleOptions, Depends(form_of(BatchSimpleOptions))],
+    owner: OwnerDep,
 ) -> BatchSimpleResponse:
-    return batch_simple_response(await run_batch(service, files, options, PostOptions()))
+    return batch_simple_response(await run_batch(service, files, options, PostOptions(), owner))
 
 
 def _parameters(s: Settings) -> dict[str, str]:

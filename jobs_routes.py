@@ -20,7 +20,8 @@ from jobs import events, results, views, webhooks
 from jobs.schemas import JobDetail, JobList, JobSummary
 from jobs.spec import JobSpec
 from jobs.store import ACTIVE, TERMINAL
-from jobs.submit import create_job, document_notes, owner_of
+from jobs.submit import create_job
+from service.ocr import document_notes
 from service.options import JobForm
 from web.answers import (
     BatchRun,
@@ -33,7 +34,7 @@ from web.answers import (
     pdf_response,
     pdf_zip,
 )
-from web.deps import KnownFieldsOnly, ServiceDep, file_field, files_field, read_upload
+from web.deps import KnownFieldsOnly, ServiceDep, file_field, files_field, owner_of, read_upload
 from web.forms import form_of
 from web.schemas.batch import BatchFileResult, BatchResponse
 from web.schemas.common import Problem

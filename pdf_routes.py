@@ -13,14 +13,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response, UploadFile
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
-from jobs import handoff
 from pdf.render_pool import mupdf_missing
 from service.ocr import OcrService
 from service.options import PdfOptions, PdfSimpleOptions
 from service.postprocess import PostOptions
 from service.results import DocumentRun
+from service.run import Deadline
 from web.answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
-from web.deps import KnownFieldsOnly, ServiceDep, file_field, read_upload
+from web.deps import KnownFieldsOnly, OwnerDep, ServiceDep, file_field, read_upload
 from web.forms import form_of
 from web.schemas.pdf import PdfOcrResponse, PdfSimpleResponse
 from web.status import add_status_routes
@@ -39,7 +39,9 @@ ZIP_RESPONSE = {200: {"content": {"application/zip": {}}, "description": "ZIP: m
 FullOptions = Annotated[PdfOptions, Depends(form_of(PdfOptions))]
 
 
-async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfSimpleOptions) -> tuple[DocumentRun, bytes]:
+async def ocr_pdf(
+    service: OcrService, file: UploadFile, options: PdfSimpleOptions, owner: str
+) -> tuple[DocumentRun, bytes]:
     """Validate the options, read the upload and OCR the selected pages under PDF_TIMEOUT_S."""
     settings = service.settings
     req = service.admit(options.request(settings))
@@ -47,14 +49,16 @@ async def ocr_pdf(service: OcrService, file: UploadFile, options: PdfSimpleOptio
     full = isinstance(options, PdfOptions)  # /pdf/ocr/simple draws nothing and crops nothing
     draw, crop = full and options.draw_layouts, full and options.extract_images
     post = PostOptions(draw=draw, annotated_format="jpeg", crop=crop)
-    # Under PDF_TIMEOUT_S; past it the finished pages go to a job that the 504 names (jobs/handoff.py).
-    run = await handoff.document(service, req, data, options, post, filename=file.filename)
+    # Under PDF_TIMEOUT_S; past it the finished pages go to a job (`owner`'s) that the 504 names.
+    run = await service.document(req, data, password=options.password, pages=options.pages, dpi=options.dpi,
+                                 options=post, deadline=Deadline(settings.pdf_timeout_s, "PDF_TIMEOUT_S"),
+                                 owner=owner, filename=file.filename, form=options)
     return run, data
 
 
 @router.post("/ocr", response_model=PdfOcrResponse, summary="OCR a PDF: per-page text, markdown, boxes, figures")
-async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> PdfOcrResponse:
-    run, data = await ocr_pdf(service, file, options)
+async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions, owner: OwnerDep) -> PdfOcrResponse:
+    run, data = await ocr_pdf(service, file, options, owner)
     searchable = None
     if options.searchable_pdf:
         searchable = await searchable_document(service.render_pool, run, data, options.password)
@@ -68,8 +72,8 @@ async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions) -> P
     summary="OCR a PDF and download a ZIP: {name}.md, {name}_det.mmd, {name}_layouts.pdf, {name}_searchable.pdf, "
     "images/, pages.json",
 )
-async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions) -> Response:
-    run, data = await ocr_pdf(service, file, options)
+async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions, owner: OwnerDep) -> Response:
+    run, data = await ocr_pdf(service, file, options, owner)
     stem = download_stem(file.filename)
     searchable = await searchable_document(service.render_pool, run, data, options.password)
     archive = await service.blocking(pdf_zip, run, stem, searchable)
@@ -78,9 +82,12 @@ async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions)
 
 @router.post("/ocr/simple", response_model=PdfSimpleResponse, summary="Plain text of a PDF's pages, no tags")
 async def pdf_simple(
-    service: ServiceDep, file: PdfFile, options: Annotated[PdfSimpleOptions, Depends(form_of(PdfSimpleOptions))]
+    service: ServiceDep,
+    file: PdfFile,
+    options: Annotated[PdfSimpleOptions, Depends(form_of(PdfSimpleOptions))],
+    owner: OwnerDep,
 ) -> PdfSimpleResponse:
-    run, _ = await ocr_pdf(service, file, options)
+    run, _ = await ocr_pdf(service, file, options, owner)
     return pdf_simple_response(run)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -115,6 +116,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await scaler.stop()
         if app.state.jobs is not None:
             app.state.metrics.set_jobs_source(None)
+            service.handoff = None  # a deadline from now on is the plain 504
             await app.state.jobs.stop()
         for engine in service.admission.engines:  # with the ones a Ray scaler added
             await engine.close()
@@ -149,9 +151,12 @@ def start_scaler(settings: Settings, service: OcrService) -> Any:
 
 
 async def start_jobs(settings: Settings, service: OcrService, down: dict[str, str]) -> Any:
-    """The job runner (jobs/), or None when it cannot start: `down` then says why (`/health` is `degraded`)."""
+    """The job runner (jobs/), or None when it cannot start: `down` then says why (`/health` is `degraded`).
+    With it the service hands a sync request over to a job at its deadline; without it the deadline is a
+    plain 504."""
     try:
         from jobs import store_url
+        from jobs.handoff import take_over
         from jobs.runner import Runner
         from jobs.store import Store
 
@@ -159,6 +164,7 @@ async def start_jobs(settings: Settings, service: OcrService, down: dict[str, st
         runner = Runner(service, store, settings, Path(settings.data_dir))
         await runner.start()
         down.pop("job_runner", None)  # an app whose lifespan runs again
+        service.handoff = functools.partial(take_over, runner)
         return runner
     except Exception as exc:
         log.exception("the job runner could not start; /jobs answers 503")

@@ -1,8 +1,9 @@
 """The job runner: an asyncio task in the server process that runs queued jobs page by page.
 
 Each page goes through the service like a sync request's (`service.page` for PDF pages, `service.file`
-for images), is written to disk as soon as it finishes, and is recorded in the store with its events in
-one transaction. Nothing of a page stays in memory afterwards, so memory does not grow with page count.
+for images), in the service's one item loop (`service.run.run_items`), is written to disk as soon as it
+finishes, and is recorded in the store with its events in one transaction. Nothing of a page stays in
+memory afterwards, so memory does not grow with page count.
 
 Fairness: pages of all jobs together are at most the service's window in flight (engine capacity plus the
 pages being rendered), taken in FIFO order, so several jobs interleave and a sync request waits for at most
@@ -30,12 +31,13 @@ from typing import Any
 
 from config import Settings
 from errors import ServiceUnavailable
-from jobs import RUNNERS, results, views, webhooks
+from jobs import results, views, webhooks
 from jobs.spec import JobSpec, JobSpecUnreadable
 from jobs.store import TERMINAL, LeaseLost, Store, now
 from jobs.submit import page_event, page_fields, progress_event
 from service.ocr import OcrService
 from service.results import ItemResult
+from service.run import run_items
 
 log = logging.getLogger("deepseek_ocr.jobs")
 _RETRY_S = 2.0  # after the engine went away, how soon a job tries again
@@ -63,7 +65,6 @@ class Runner:
         self.held: set[str] = set()  # jobs whose lease this replica holds: running, or sending their webhook
         self._stopping = False
         self._heartbeat_task: asyncio.Task[None] | None = None
-        RUNNERS[service] = self
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -264,28 +265,22 @@ class Runner:
 
     async def _pages(self, job_id: str, pending: list[dict], request: Any, options: Any, spec: JobSpec, doc: Any
                      ) -> None:
+        """The pages left, through the service's item loop: each once a slot of this job (JOB_MAX_INFLIGHT) and
+        of the runner's window are free (FIFO), written as soon as it finishes. ServiceUnavailable pauses the
+        job; anything else fails it."""
         cap = self.settings.job_max_inflight or self.service.window
         mine = asyncio.Semaphore(max(1, cap))
-        try:
-            await self._feed(job_id, pending, request, options, spec, doc, mine)
-        except BaseExceptionGroup as failed:
-            raise failed.exceptions[0] from None  # ServiceUnavailable pauses the job; anything else fails it
 
-    async def _feed(self, job_id: str, pending: list[dict], request: Any, options: Any, spec: JobSpec, doc: Any,
-                    mine: asyncio.Semaphore) -> None:
-        """Pages in order, each once a slot of this job (JOB_MAX_INFLIGHT) and of the window are free (FIFO)."""
-        async with asyncio.TaskGroup() as group:
-            for row in pending:
-                await mine.acquire()
-                try:
-                    await self._window.acquire()
-                except BaseException:
-                    mine.release()
-                    raise
-                task = group.create_task(self._page(job_id, row, request, options, spec, doc))
-                task.add_done_callback(lambda _t: (mine.release(), self._window.release()))
+        async def page(row: dict) -> ItemResult:
+            return await self._page(job_id, row, request, options, spec, doc)
 
-    async def _page(self, job_id: str, row: dict, request: Any, options: Any, spec: JobSpec, doc: Any) -> None:
+        async def save(index: int, result: ItemResult) -> None:
+            await self._save(job_id, pending[index], result)
+
+        await run_items(pending, page, window=(mine, self._window), on_item=save)
+
+    async def _page(self, job_id: str, row: dict, request: Any, options: Any, spec: JobSpec, doc: Any
+                    ) -> ItemResult:
         """One page, re-run at once on another engine worker when its worker dies under it (each start is an
         attempt); `failed` after PAGE_ATTEMPTS; with no engine left the whole job pauses (ServiceUnavailable)."""
         idx, attempts = row["idx"], row["attempts"]
@@ -294,19 +289,21 @@ class Runner:
                 raise LeaseLost(job_id)
             attempts += 1
             try:
-                result = await self._attempt(job_id, row, request, options, spec, doc)
-                break
+                return await self._attempt(job_id, row, request, options, spec, doc)
             except ServiceUnavailable as exc:
                 if not self.service.admission.ready:
                     raise  # no engine left: the job pauses until one is back
                 if attempts >= PAGE_ATTEMPTS:
                     label = row["page"] if doc is not None else spec.stems[idx]
-                    result = ItemResult(label, dpi=spec.options.dpi if doc is not None else None).fail(
+                    log.error("jobs: %s page %s failed after %d attempts: %s", job_id, label, attempts, exc.detail)
+                    return ItemResult(label, dpi=spec.options.dpi if doc is not None else None).fail(
                         ServiceUnavailable(f"the engine worker died under this page on {attempts} attempts; "
                                            f"last: {exc.detail}", retry_after=None))
-                    log.error("jobs: %s page %s failed after %d attempts: %s", job_id, label, attempts, exc.detail)
-                    break
                 log.warning("jobs: %s page index %d: %s; re-running it on another worker", job_id, idx, exc.detail)
+
+    async def _save(self, job_id: str, row: dict, result: ItemResult) -> None:
+        """A finished page: its files on disk, then its row and events in one transaction."""
+        idx = row["idx"]
         path = await asyncio.to_thread(results.save_result, self.data_dir, job_id, idx, result)
         event = page_event(row, result)
         result.post = None  # the files hold it now

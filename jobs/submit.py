@@ -2,12 +2,12 @@
 
 Used by `POST /jobs` and by the sync routes' deadline handoff (`jobs.handoff`): a job created from a sync
 request starts with the pages that request finished, stored as done (one attempt each), so none is redone.
+Who owns a job (`owner`, a hash of the API key) is the caller's to say: jobs/ reads no HTTP request.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -21,25 +21,6 @@ from service.results import ItemResult
 
 class TooManyJobs(OcrError):
     status, slug, title = 429, "too-many-jobs", "Too many jobs are waiting"
-
-
-def owner_of(settings: Any, headers: Any) -> str:
-    """Who made a job: a hash of the API key sent (keys are never stored); '' when the server has no keys."""
-    if not settings.api_keys:
-        return ""
-    given = headers.get("x-api-key", "")
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        given = auth[7:].strip()
-    return hashlib.sha256(given.encode()).hexdigest()
-
-
-def document_notes(doc: Any) -> list[str]:
-    """The PDF's warnings as `/pdf/ocr` reports them (kept with the job for its result)."""
-    notes = list(doc.warnings[:20])
-    if doc.repaired:
-        notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages")
-    return notes
 
 
 def page_fields(result: ItemResult, path: str) -> dict[str, Any]:

@@ -14,8 +14,7 @@ from typing import Any
 
 from jobs import results
 from jobs.spec import JobSpec
-from service.results import DocumentRun
-from web.answers import BatchRun
+from service.results import BatchRun, DocumentRun
 
 
 def iso(ts: float | None) -> str | None:

@@ -12,6 +12,7 @@ import time
 import unicodedata
 import zipfile
 from collections.abc import Iterable
+from pathlib import PurePosixPath
 
 import img2pdf
 from PIL import Image
@@ -125,3 +126,40 @@ def _zip_time() -> tuple[int, int, int, int, int, int]:
     return (max(now.tm_year, 1980), now.tm_mon, now.tm_mday, now.tm_hour, now.tm_min, now.tm_sec)
 
 
+# ------------------------------------------------------------------------------ names of downloads
+
+SUMMARY_MEMBER = "summary.json"
+MAX_STEM = 80  # leaves room for "_det.md" / ".error.json" under the 100-character part cap
+
+
+def download_stem(filename: str | None) -> str:
+    """The upload's name without folder or extension, safe as a ZIP member and file name."""
+    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return safe_member_name(PurePosixPath(base).stem or "document", set()).replace("/", "_")
+
+
+def stem_members(stem: str) -> tuple[str, str, str, str]:
+    return f"{stem}.md", f"{stem}_det.md", f"{stem}.error.json", f"{stem}_searchable.pdf"
+
+
+def member_stems(filenames: list[str]) -> list[str]:
+    """One stem per file, distinct (case-insensitively) and safe, at the ZIP's root.
+
+    Each name goes through `safe_member_name` (no absolute paths, `..`, backslashes or control
+    characters), is flattened (folders become `_`, so `{stem}.md` sits beside `images/` and its links resolve)
+    and loses its extension. A stem is taken only when all of its members are free: `x_det.png` must not
+    overwrite the `x_det.md` of `x.png`. Crops `images/{stem}_{n}.jpg` of distinct stems never collide.
+    """
+    used: set[str] = {SUMMARY_MEMBER}
+    stems: list[str] = []
+    for index, name in enumerate(filenames):
+        flat = safe_member_name(name or f"file_{index}", set()).replace("/", "_")
+        candidate = (flat.rpartition(".")[0] or flat)[:MAX_STEM].rstrip(". ") or f"file_{index}"
+        while True:
+            stem = safe_member_name(f"{candidate}.md", used).removesuffix(".md")
+            others = [m.casefold() for m in stem_members(stem)[1:]]
+            if not used.intersection(others):
+                used.update(others)
+                stems.append(stem)
+                break
+    return stems

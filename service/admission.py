@@ -18,16 +18,13 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 from config import ModelSpec
 from engines.base import Engine, not_ready
 from errors import Overloaded, UnknownModel, UnsupportedMode
 from process.modes import ModeSpec
-
-T = TypeVar("T")
 
 # How often a waiting item re-checks that some engine is still alive (a dead engine never frees its slots)
 # and hands out slots freed while no engine could take them.
@@ -327,23 +324,3 @@ class _Waiter:
     model: str | None
     flow: object
     arrival: int
-
-
-async def in_window(items: Iterable[Any], limit: int, fn: Callable[[Any], Awaitable[T]]) -> list[T]:
-    """`fn` over `items` with at most `limit` tasks alive at once; results in item order.
-
-    A TaskGroup, so that a cancellation (deadline, client gone) or an error in one task cancels and
-    awaits all the others: no item keeps running once the request is over.
-    """
-    slots = asyncio.Semaphore(max(1, limit))
-    tasks: list[asyncio.Task[T]] = []
-    try:
-        async with asyncio.TaskGroup() as group:
-            for item in items:
-                await slots.acquire()
-                task = group.create_task(fn(item))
-                task.add_done_callback(lambda _: slots.release())
-                tasks.append(task)
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None  # the request's error handler knows single errors, not groups
-    return [task.result() for task in tasks]

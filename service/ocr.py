@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,17 +30,26 @@ from errors import Aborted, OcrError, Overloaded, ServiceUnavailable
 from images import content_hash
 from process.modes import ModeSpec
 from service import retry_ladder
-from service.admission import Admission, in_window
+from service.admission import Admission
 from service.pixel_budget import PixelBudget, release_soon
 from service.postprocess import PostOptions, postprocess
 from service.request import OcrRequest, check_ngram, fill_ngram
 from service.results import ABORTED, DocumentRun, ItemResult, bug, item_status
+from service.run import Deadline, Handoff, Leftover, hand_off, run_items
 
 if TYPE_CHECKING:  # PyMuPDF is optional to this module: the PDF routes degrade without it
     from pdf.render_pool import PdfDocument
 
 log = logging.getLogger("deepseek_ocr.service")
 T = TypeVar("T")
+
+
+def document_notes(doc: Any) -> list[str]:
+    """The PDF's warnings as `/pdf/ocr` reports them (kept with a job for its result)."""
+    notes = list(doc.warnings[:20])
+    if doc.repaired:
+        notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages")
+    return notes
 
 
 class OcrService:
@@ -60,6 +69,8 @@ class OcrService:
         self.executor = executor
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
+        # Takes a sync request over at its deadline: the lifespan sets it when the job runner started.
+        self.handoff: Handoff | None = None
         self.pixels = PixelBudget(settings.max_decoded_pixels(admission.capacity))  # held at once (MAX_DECODED_MPIX)
         # An image sent to an engine worker process exists twice while the engine has it (here and there).
         self.copies = 2 if any(e.copies_images for e in admission.engines) else 1
@@ -314,24 +325,52 @@ class OcrService:
 
     async def document(
         self, request: OcrRequest, data: bytes, *, password: str | None, pages: str | None, dpi: int,
-        options: PostOptions,
+        options: PostOptions, deadline: Deadline | None = None, owner: str = "", filename: str | None = None,
+        form: Any = None,
     ) -> DocumentRun:
-        """Open the PDF (in a render process), check the selection, OCR the pages in order."""
+        """Open the PDF (in a render process), check the selection, OCR the pages in order. At `deadline` the
+        finished pages go to the job handoff (`owner`'s job), when the app has one."""
         started = time.perf_counter()
         async with self.render_pool.document(data, password=password, max_pages=self.settings.max_pdf_pages) as doc:
             selected = images.parse_page_ranges(pages, doc.page_count)
-            work = functools.partial(self._page_of, request, doc, dpi, options)
-            results = await in_window(selected, self.window, work)
-            notes = list(doc.warnings[:20])
-            if doc.repaired:
-                notes.insert(0, "The PDF was damaged: MuPDF repaired its cross-reference table; check the pages")
+            notes = document_notes(doc)
+
+            async def page(number: int) -> ItemResult:
+                return await self.page(request, doc, number, dpi=dpi, options=options)
+
+            async def leftover(done: dict[int, ItemResult]) -> None:
+                await hand_off(self.handoff, Leftover(
+                    kind="pdf", request=request, post=options, owner=owner, filenames=[filename or "document.pdf"],
+                    inputs=[data], done=done, deadline=deadline, pages=selected, dpi=dpi, selection=pages,
+                    password=password, page_count=doc.page_count, warnings=notes, form=form))
+
+            results = await run_items(selected, page, window=self.window, deadline=deadline,
+                                      on_deadline=leftover)
         run = DocumentRun(request.mode.name, doc.page_count, dpi, results, notes, started,
                           max_answer_bytes=self.settings.max_answer_bytes)
         log.info("PDF: %d of %d pages, %s, %.1f s", len(results), run.page_count, run.counts(), run.elapsed_s)
         return run
 
-    async def _page_of(self, request: OcrRequest, doc: Any, dpi: int, options: PostOptions, page: int) -> ItemResult:
-        return await self.page(request, doc, page, dpi=dpi, options=options)
+    async def batch(
+        self, request: OcrRequest, reads: Sequence[Callable[[], Awaitable[bytes]]], options: PostOptions, *,
+        labels: list[str], filenames: list[str], deadline: Deadline | None = None, owner: str = "", form: Any = None,
+    ) -> list[ItemResult]:
+        """Every file through `file` (labelled with its ZIP stem); results in input order. At `deadline` the
+        finished files go to the job handoff, with the others read again (`reads` re-read from the start)."""
+
+        async def one(index: int) -> ItemResult:
+            return await self.file(request, reads[index], options, label=labels[index])
+
+        async def leftover(done: dict[int, ItemResult]) -> None:
+            if self.handoff is None:  # no job runner (or it stopped meanwhile): the plain 504
+                return
+            inputs = [b"" if index in done else await read() for index, read in enumerate(reads)]
+            await hand_off(self.handoff, Leftover(kind="batch", request=request, post=options, owner=owner,
+                                                  filenames=filenames, inputs=inputs, done=done, deadline=deadline,
+                                                  form=form))
+
+        return await run_items(range(len(reads)), one, window=self.window, deadline=deadline,
+                               on_deadline=leftover)
 
     def _observe(self, kind: str, result: ItemResult, mode: ModeSpec) -> None:
         for observer in self.observers:

@@ -1,4 +1,5 @@
-"""What an item becomes: `ItemResult` with the one status vocabulary, and `DocumentRun` for a PDF's pages."""
+"""What an item becomes: `ItemResult` with the one status vocabulary; `DocumentRun` for a PDF's pages and
+`BatchRun` for a batch's files."""
 
 from __future__ import annotations
 
@@ -91,6 +92,18 @@ class DocumentRun:
 
     def counts(self) -> dict[str, int]:
         return {s: sum(p.status == s for p in self.pages) for s in ITEM_STATUSES}
+
+
+@dataclass
+class BatchRun:
+    """The files of one batch request, in the order sent (`results[i].label` is file i's stem)."""
+
+    filenames: list[str]
+    results: list[ItemResult]
+    prompt: str
+    mode: str
+    clean_formulas: bool
+    elapsed_s: float
 
 
 def bug(exc: Exception) -> OcrError:

@@ -10,13 +10,14 @@ import base64
 import json
 import urllib.parse
 from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
 import ocr_utils
 from engines.base import Usage
-from service.results import DocumentRun, ItemResult, PagePost
+from outputs.archive import SUMMARY_MEMBER, stem_members
+from outputs.archive import download_stem as download_stem  # the routes name their downloads through here
+from outputs.archive import member_stems as member_stems
+from service.results import BatchRun, DocumentRun, ItemResult, PagePost
 from web.schemas.batch import (
     BatchFileResult,
     BatchResponse,
@@ -269,12 +270,6 @@ def pdf_zip(run: DocumentRun, stem: str, searchable: bytes | None = None) -> byt
     return ocr_utils.build_zip(members)
 
 
-def download_stem(filename: str | None) -> str:
-    """The upload's name without folder or extension, safe as a ZIP member and file name."""
-    base = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-    return ocr_utils.safe_member_name(PurePosixPath(base).stem or "document", set()).replace("/", "_")
-
-
 def attachment(filename: str) -> str:
     """Content-Disposition for `filename`; a non-ASCII name also goes in `filename*` (RFC 6266)."""
     ascii_name = filename.encode("ascii", "replace").decode("ascii").replace("?", "_")
@@ -285,49 +280,6 @@ def attachment(filename: str) -> str:
 
 
 # --------------------------------------------------------------------------------------- batches
-
-SUMMARY_MEMBER = "summary.json"
-MAX_STEM = 80  # leaves room for "_det.md" / ".error.json" under ocr_utils' 100-character part cap
-
-
-@dataclass
-class BatchRun:
-    """The files of one batch request, in the order sent (`results[i].label` is file i's stem)."""
-
-    filenames: list[str]
-    results: list[ItemResult]
-    prompt: str
-    mode: str
-    clean_formulas: bool
-    elapsed_s: float
-
-
-def stem_members(stem: str) -> tuple[str, str, str, str]:
-    return f"{stem}.md", f"{stem}_det.md", f"{stem}.error.json", f"{stem}_searchable.pdf"
-
-
-def member_stems(filenames: list[str]) -> list[str]:
-    """One stem per file, distinct (case-insensitively) and safe, at the ZIP's root.
-
-    Each name goes through `ocr_utils.safe_member_name` (no absolute paths, `..`, backslashes or control
-    characters), is flattened (folders become `_`, so `{stem}.md` sits beside `images/` and its links resolve)
-    and loses its extension. A stem is taken only when all of its members are free: `x_det.png` must not
-    overwrite the `x_det.md` of `x.png`. Crops `images/{stem}_{n}.jpg` of distinct stems never collide.
-    """
-    used: set[str] = {SUMMARY_MEMBER}
-    stems: list[str] = []
-    for index, name in enumerate(filenames):
-        flat = ocr_utils.safe_member_name(name or f"file_{index}", set()).replace("/", "_")
-        candidate = (flat.rpartition(".")[0] or flat)[:MAX_STEM].rstrip(". ") or f"file_{index}"
-        while True:
-            stem = ocr_utils.safe_member_name(f"{candidate}.md", used).removesuffix(".md")
-            others = [m.casefold() for m in stem_members(stem)[1:]]
-            if not used.intersection(others):
-                used.update(others)
-                stems.append(stem)
-                break
-    return stems
-
 
 def batch_totals(results: list[ItemResult]) -> dict[str, Any]:
     return BatchTotals(

@@ -2,7 +2,8 @@
 
 Settings and the service come from `app.state` (never a global); the service dependency refuses work up
 front when no engine is ready or too much is waiting; uploads are read under their size limit; shared form
-fields are declared once; deadlines end in 504; a form field no route declares is a 422, not ignored.
+fields are declared once; deadlines end in 504 (`service.run.deadline`); a form field no route declares is a
+422, not ignored; the owner of a request (its API key's hash) is passed on explicitly.
 
 The option fields (and their Swagger UI pre-fills) are typed once in `service/options.py` and turned into
 form fields by `web/forms.py`; the file fields are declared here. Swagger UI's "Try it out": file arrays
@@ -14,9 +15,8 @@ its pre-fill, a text part, and an empty array as one empty part (`files=`, even 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
+import hashlib
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated
 
 from fastapi import Depends, File, Request, UploadFile
@@ -27,9 +27,10 @@ from pydantic import BaseModel, ValidationError, ValidatorFunctionWrapHandler, W
 from pydantic_core import PydanticCustomError
 
 from config import Settings
-from errors import BadRequest, DeadlineExceeded, PayloadTooLarge, ValidationFailed
+from errors import BadRequest, PayloadTooLarge, ValidationFailed
 from service.ocr import OcrService
 from service.options import PROMPT_MAX_CHARS  # noqa: F401  # the faces' prompt cap, typed once
+from service.run import deadline as deadline  # the routes' plain deadline (504), kept in the service
 
 _CHUNK = 1 << 20
 
@@ -165,14 +166,30 @@ def _too_large(what: str, name: str | None, size: int, settings: Settings) -> Pa
     )
 
 
-@contextlib.asynccontextmanager
-async def deadline(seconds: float, setting: str) -> AsyncIterator[None]:
-    """504 when the block runs past `seconds`; the cancellation aborts the engine work inside it."""
-    try:
-        async with asyncio.timeout(seconds):
-            yield
-    except TimeoutError:
-        raise DeadlineExceeded(
-            f"the request did not finish within {seconds:g} s ({setting}); its engine work was aborted. "
-            f"Send less work per request or raise {setting}"
-        ) from None
+def upload_reader(file: UploadFile, settings: Settings) -> Callable[[], Awaitable[bytes]]:
+    """`read_upload` from the start each time it is called: the deadline handoff reads a file again."""
+
+    async def read() -> bytes:
+        await file.seek(0)
+        return await read_upload(file, settings)
+
+    return read
+
+
+def owner_of(settings: Settings, headers: Mapping[str, str]) -> str:
+    """Who sent a request (their jobs are theirs): a hash of the API key sent (keys are never stored); ''
+    when the server has no keys."""
+    if not settings.api_keys:
+        return ""
+    given = headers.get("x-api-key", "")
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    return hashlib.sha256(given.encode()).hexdigest()
+
+
+def request_owner(request: Request) -> str:
+    return owner_of(request.app.state.settings, request.headers)
+
+
+OwnerDep = Annotated[str, Depends(request_owner)]

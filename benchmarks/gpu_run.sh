@@ -10,10 +10,10 @@
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
 #               pages/s on the 256-page PDF                                                ~8 min
-#        workers  pytest -m gpu tests/test_gpu_workers.py: a vLLM worker per GPU, engine core killed, healed ~5 min
+#        workers  pytest -m gpu tests/workers/test_gpu_workers.py: a vLLM worker per GPU, engine core killed, healed ~5 min
 #        ngram  the n-gram guard's cost: raw vLLM, 128 pages, batched vs per-request (vllm) processor,
 #               guard on and off, median of 3 runs each (one engine per processor)         ~8 min
-#        ngram-test  pytest -m gpu tests/test_gpu_ngram.py: batched bans == vLLM's per request  ~4 min
+#        ngram-test  pytest -m gpu tests/engines/test_gpu_ngram.py: batched bans == vLLM's per request  ~4 min
 #        ray1 / ray2  ORCHESTRATOR=ray (nvidia-h200-x2): a one-host Ray cluster holding both GPUs, the
 #               1,024-page PDF through POST /pdf/ocr on one actor (ray1), then on two (ray2)  ~6-8 min each
 #        pair   (nvidia-h200-x2, standing in for two nvidia-h200 at once) raw LLM.generate on GPU 0 and cores
@@ -304,7 +304,7 @@ case "$phase" in
     ;;
   workers)
     real_ckpt
-    GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/test_gpu_workers.py -v -rs \
+    GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/workers/test_gpu_workers.py -v -rs \
       -p no:cacheprovider 2>&1 | tee "$OUT/workers.log"
     ;;
   ngram)  # PAGES, MAX_TOKENS, IMPLS, T1 change the run (2026-12-06, BENCHMARKS section 16: PAGES=256
@@ -382,7 +382,7 @@ case "$phase" in
     ;;
   ngram-test)
     real_ckpt
-    GPU_TEST_MODEL="$CK/real" timeout 570 python3 -m pytest -m gpu tests/test_gpu_ngram.py -v -s -rs \
+    GPU_TEST_MODEL="$CK/real" timeout 570 python3 -m pytest -m gpu tests/engines/test_gpu_ngram.py -v -s -rs \
       -p no:cacheprovider 2>&1 | tee "$OUT/ngram-test.log"
     ;;
   *)

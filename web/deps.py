@@ -10,7 +10,7 @@ form fields by `web/forms.py`; the file fields are declared here. Swagger UI's "
 declare `format: binary` items, which Swagger UI renders as file pickers; an item without a file goes out as
 its pre-fill, a text part, and an empty array as one empty part (`files=`, even beside `file` on
 `POST /jobs`). So the items carry `examples: [""]`, and `files_field` reads empty parts as absent
-(tests/test_swagger_browser.py drives the real page).
+(tests/web/test_swagger_browser.py drives the real page).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def files_field(description: str) -> object:
 
     An item's pre-fill is empty, not Swagger UI's made-up `string`; empty parts are dropped (see
     `_drop_empty_parts`). A browser's file input with nothing picked (no name, no bytes) FastAPI drops
-    itself (tests/test_swagger_forms.py checks both).
+    itself (tests/web/test_swagger_forms.py checks both).
     """
     binary = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream", "examples": [""]}
     field = File(description=description, json_schema_extra={"items": binary})

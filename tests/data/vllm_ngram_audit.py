@@ -1,4 +1,4 @@
-"""GPU helper for tests/test_gpu_ngram.py: one vLLM engine, greedy requests with mixed n-gram settings.
+"""GPU helper for tests/engines/test_gpu_ngram.py: one vLLM engine, greedy requests with mixed n-gram settings.
 
     python tests/data/vllm_ngram_audit.py --model DIR --impl audit|vllm|batched --out FILE.json
 

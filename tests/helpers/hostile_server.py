@@ -1,4 +1,4 @@
-"""The harness of tests/test_hostile_server.py: a real `uvicorn serve_ocr:app` process with the Makefile's
+"""The harness of tests/web/test_hostile_server.py: a real `uvicorn serve_ocr:app` process with the Makefile's
 connection options, and a watch over it while a hostile request runs.
 
 `Watch` polls `/health` every 100 ms from a thread (each answer must come within 1 s), samples the server's

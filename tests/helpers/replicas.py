@@ -1,5 +1,5 @@
 """Where API replicas run: a `uvicorn serve_ocr:app` process per replica sharing one job store
-(tests/test_jobs_replicas.py, tests/test_cluster.py)."""
+(tests/jobs/test_jobs_replicas.py, tests/workers/test_cluster.py)."""
 
 from __future__ import annotations
 

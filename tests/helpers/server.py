@@ -133,7 +133,7 @@ def make_settings(model_path: Path | str | None, **overrides: object):
         # The engine in the test's own process: seconds saved per app. Worker processes (the default) have
         # their own tests (test_workers.py), and every `serve_process` server runs them.
         "engine_workers": "inline",
-        # Render processes on the first PDF: most test apps never see one (tests/test_engine_fill.py checks the
+        # Render processes on the first PDF: most test apps never see one (tests/service/test_engine_fill.py checks the
         # service's default, prestarted).
         "pdf_render_prestart": False,
     }

@@ -24,7 +24,7 @@ from helpers.server import make_settings, serve_app, show
 
 from serve_ocr import create_app
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROBLEM = "application/problem+json"
 TEXT = "<|ref|>title<|/ref|><|det|>[[100, 50, 900, 120]]<|/det|>\n# Title\n"
 

@@ -6,7 +6,7 @@ a burst of requests spread over them; then twice the vLLM engine core under an i
 the request gets a 503 with Retry-After, the supervisor replaces the worker without a server restart, other
 requests are served, and after the second death the input is quarantined (422 naming its hash).
 ENFORCE_EAGER keeps each engine start short (no CUDA graphs): this file checks behaviour, not speed.
-Run on the GPU machine: `python -m pytest -m gpu tests/test_gpu_workers.py -v`.
+Run on the GPU machine: `python -m pytest -m gpu tests/workers/test_gpu_workers.py -v`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Searchable PDFs through the routes, on the tiny checkpoint: the layer holds what the answer says.
 
-`outputs/searchable.py` itself is tested on known text at known places in tests/test_searchable_pdf.py; here the
+`outputs/searchable.py` itself is tested on known text at known places in tests/outputs/test_searchable_pdf.py; here the
 real service makes the text, and each page's extracted text must equal the plain text of that page's answer
 (whitespace aside: the layer wraps lines to the block's box).
 """

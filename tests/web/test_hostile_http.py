@@ -1,4 +1,4 @@
-"""Issue 18 pieces checked below the full HTTP scenarios of tests/test_hostile_server.py (which covers every
+"""Issue 18 pieces checked below the full HTTP scenarios of tests/web/test_hostile_server.py (which covers every
 finding against a real server): an item over the whole pixel budget, `API_KEY` spellings that hold no key,
 the JSON answer cap, the pixel budget's order and cancellation. A server process with the Makefile's uvicorn
 options is started here; the options and the PNG writer are in tests/helpers/.
@@ -24,7 +24,7 @@ from helpers.images import png_image
 from helpers.server import data_dir, free_port, scratch_root, show
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ weights loops, so the guard bans a lot), each in a child process (tests/data/vll
 2. vllm: the per-request processor alone. Its greedy outputs must equal the audit run's, token for token.
 Both runs' outputs must obey the rule at every position (checked here in Python). 16 requests with mixed
 sizes, windows, whitelists and the guard off, through max_num_seqs 8, so rows are refilled and condensed.
-Run: `GPU_TEST_MODEL=DIR python -m pytest -m gpu tests/test_gpu_ngram.py -v` (about 4 min on an H200).
+Run: `GPU_TEST_MODEL=DIR python -m pytest -m gpu tests/engines/test_gpu_ngram.py -v` (about 4 min on an H200).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HELPER = ROOT / "tests" / "data" / "vllm_ngram_audit.py"
 
 
@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _gpu_ready(), reason="need
 
 
 def reference_bans(output: list[int], n: int, window: int, whitelist: set[int]) -> set[int]:
-    """vLLM's rule (see tests/test_vllm_ngram.py): n = 1 bans nothing."""
+    """vLLM's rule (see tests/engines/test_vllm_ngram.py): n = 1 bans nothing."""
     if len(output) < n or n == 1:
         return set()
     prefix = output[len(output) - (n - 1) :]

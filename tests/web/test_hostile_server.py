@@ -302,7 +302,7 @@ def test_filenames_with_lf_and_esc_stay_one_log_line(server: Server) -> None:
 
 def test_api_key_that_holds_no_key_stops_the_server() -> None:
     """`API_KEY=" "` silently opened every route: the server process now exits at start-up, saying why (","
-    and other spellings: tests/test_hostile_http.py, through `create_app`)."""
+    and other spellings: tests/web/test_hostile_http.py, through `create_app`)."""
     key = " "
     command = [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--port", "9"]
     run = subprocess.run(command, cwd=ROOT, env={**os.environ, "API_KEY": key}, capture_output=True, text=True,

@@ -19,7 +19,7 @@ READY_S = 120.0  # the engine worker loads the tiny checkpoint
 def hide_httpx(folder: Path) -> str:
     """A PYTHONPATH on which `import httpx` raises ImportError (the server's children inherit it)."""
     folder.mkdir()
-    (folder / "httpx.py").write_text('raise ImportError("httpx is hidden by tests/test_health.py")\n')
+    (folder / "httpx.py").write_text('raise ImportError("httpx is hidden by tests/web/test_health.py")\n')
     return os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
 
 

@@ -22,7 +22,7 @@ from engines.vllm import modes as vllm_modes
 from engines.vllm.modes import GUNDAM, ViewSizes, count_placeholders, mode_kwargs, write_dist_info
 from process.modes import MODES, choose_grid, count_image_tokens
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = [(1, 1), (64, 64), (600, 500), (640, 640), (641, 640), (640, 641), (1024, 1024), (1190, 1684),
          (1684, 1190), (1200, 800), (8000, 300), (300, 2000), (100, 3000), (2000, 2000), (5000, 5000)]
 # FACTS section 3: modes without tiles have one count whatever the image.

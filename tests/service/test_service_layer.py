@@ -7,7 +7,6 @@ PyTorch engines on the tiny checkpoint.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import threading
 import time
@@ -410,62 +409,6 @@ def test_a_photo_does_not_wait_behind_pdf_pages_for_pixel_budget(tiny_checkpoint
     # The first or second engine slot freed after it was posted (a page takes 0.4 s: at most one more
     # starts while the photo's upload is read); in arrival order, behind the `queued` pages.
     assert started <= at <= started + 1, (started, at, queued, len(sizes))
-
-
-# --------------------------------------------------------------------------------------- the import graph
-
-PACKAGES = ("engines", "process", "web", "jobs", "workers")
-
-
-def project_modules() -> dict[str, Path]:
-    found = {p.stem: p for p in ROOT.glob("*.py")}
-    for package in PACKAGES:
-        for p in (ROOT / package).glob("*.py"):
-            found[package if p.stem == "__init__" else f"{package}.{p.stem}"] = p
-    return found
-
-
-def imports_of(path: Path, known: set[str]) -> set[str]:
-    """Every project module `path` imports, at module level or inside functions (a lazy import is an edge)."""
-    edges: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        edges.update(n for n in names if n in known)
-    return edges
-
-
-def test_no_import_cycle_among_project_modules() -> None:
-    modules = project_modules()
-    graph = {name: imports_of(path, set(modules)) - {name} for name, path in modules.items()}
-    state: dict[str, int] = {}
-    cycle: list[str] = []
-
-    def visit(node: str, stack: list[str]) -> bool:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                cycle.extend([*stack[stack.index(nxt):], node, nxt] if nxt in stack else [node, nxt])
-                return True
-            if state.get(nxt) is None and visit(nxt, [*stack, node]):
-                return True
-        state[node] = 2
-        return False
-
-    for name in sorted(graph):
-        if state.get(name) is None and visit(name, []):
-            break
-    assert not cycle, " -> ".join(cycle)
-    assert graph["workers.start"] >= {"engines.base"} and "workers.start" not in graph["engines.torch_engine"], graph
-
-
-def test_no_module_but_the_model_over_500_lines() -> None:
-    sizes = {name: len(p.read_text().splitlines()) for name, p in project_modules().items()}
-    over = {name: n for name, n in sizes.items() if n > 500 and name != "deepseek_ocr"}
-    assert not over, over
 
 
 @pytest.mark.parametrize("route", ["/ocr/status", "/pdf/status", "/batch/status"])

@@ -92,3 +92,28 @@ def test_the_layout_check_finds_each_kind_of_cross_import(tmp_path: Path) -> Non
         "test_b.py:2 imports test_a",
         "test_b.py:3 imports conftest",
     ]
+
+
+def test_every_import_in_the_tests_resolves() -> None:
+    """An import inside a function runs only when its test does: a name that no longer exists (a builder moved to
+    tests/helpers/, a product module renamed) would fail that one test late, or hide behind a skip. Every
+    absolute import a test or helper names must be found: the standard library, an installed package, a product
+    module (the repository root), or `helpers`. vLLM and Ray are optional (GPU and cluster tests)."""
+    import importlib.util
+    import sys
+
+    optional = {"vllm", "ray", "triton"}
+    roots = [str(TESTS.parent), str(TESTS)]
+    sys.path[:0] = [r for r in roots if r not in sys.path]
+    missing = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in optional or top in sys.stdlib_module_names or top.startswith("test_"):
+                    continue  # test_* imports: the test above
+                if importlib.util.find_spec(top) is None:
+                    missing.append(f"{path.relative_to(TESTS)}:{node.lineno} imports {name}")
+    assert not missing, "\n".join(missing)

@@ -151,7 +151,7 @@ def test_without_pymupdf_the_pdf_router_drops_out_and_the_rest_works(tiny_checkp
 def test_a_searchable_pdf_past_its_deadline_is_a_504_naming_the_setting(tiny_checkpoint: Path) -> None:
     """A render process that does not finish the text layer in time is killed: a problem naming the setting, not a
     500 or a hung request; the pages' OCR still answers without it, on a fresh render process."""
-    from server import make_settings, serve_app
+    from helpers.server import make_settings, serve_app
 
     from serve_ocr import create_app
 

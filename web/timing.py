@@ -27,7 +27,7 @@ def stamped(answer: M) -> M:
 
 
 def header_value(figures: dict[str, float]) -> str:
-    return ", ".join(f"{name};dur={ms:g}" for name, ms in figures.items())
+    return ", ".join(f"{name};dur={ms}" for name, ms in figures.items())  # the JSON `timing` figures exactly
 
 
 def response_header(clock: timing.RequestTiming, content_type: bytes) -> tuple[bytes, bytes]:

@@ -13,10 +13,12 @@ from config import Settings
 from service.ocr import OcrService
 from service.options import GenerateOptions
 from service.request import OcrRequest
+from service.timing import measure
 from web.answers import usage_model
 from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, read_upload
 from web.forms import form_of
 from web.schemas.common import EngineState, GenerateRequest, GenerateResponse, HealthResponse, RootResponse
+from web.timing import stamped
 from workers.start import DEMO_NOTICE
 
 __version__ = "1.0.0"
@@ -133,7 +135,8 @@ async def generate(body: GenerateRequest, service: ServiceDep, settings: Setting
     req = service.admit(req)
     image = None
     if body.image_base64 is not None:
-        data = images.decode_base64_image(body.image_base64, max_bytes=settings.max_upload_bytes)
+        with measure("read"):  # the upload's bytes out of the JSON body
+            data = images.decode_base64_image(body.image_base64, max_bytes=settings.max_upload_bytes)
         image = await service.blocking(images.decode_image, data, max_pixels=settings.max_image_pixels)
     return await _generate(service, req, image)
 
@@ -150,7 +153,8 @@ async def generate_with_file(
     options: Annotated[GenerateOptions, Depends(form_of(GenerateOptions))],
 ) -> GenerateResponse:
     req = service.admit(options.request(settings))
-    data = await read_upload(file, settings)
+    with measure("read"):
+        data = await read_upload(file, settings)
     image = await service.blocking(images.decode_image, data, max_pixels=settings.max_image_pixels)
     return await _generate(service, req, image)
 
@@ -158,10 +162,10 @@ async def generate_with_file(
 async def _generate(service: OcrService, req: OcrRequest, image: Any) -> GenerateResponse:
     async with deadline(service.settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
         result = await service.complete(req, image)
-    return GenerateResponse(
+    return stamped(GenerateResponse(
         result=result.text,
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         mode=req.mode.name,  # type: ignore[arg-type]
         usage=usage_model(result.usage),
         elapsed_s=result.elapsed_s,
-    )
+    ))

@@ -27,6 +27,7 @@ from web.deps import KnownFieldsOnly, OwnerDep, ServiceDep, files_field, upload_
 from web.forms import form_of
 from web.schemas.batch import BatchResponse, BatchSimpleResponse
 from web.status import add_status_routes
+from web.timing import stamped
 
 router = APIRouter(prefix="/batch", tags=["batch OCR"], dependencies=[KnownFieldsOnly])
 
@@ -72,7 +73,7 @@ async def run_batch(
 @router.post("/ocr", response_model=BatchResponse, summary="OCR many images to markdown (JSON, one entry per file)")
 async def batch_ocr(service: ServiceDep, files: FilesField, options: FullOptions, owner: OwnerDep) -> BatchResponse:
     run = await run_batch(service, files, options, PostOptions(clean_formulas=options.clean_formulas), owner)
-    return batch_response(run)
+    return stamped(batch_response(run))
 
 
 @router.post(
@@ -95,7 +96,7 @@ async def batch_ocr_simple(
     options: Annotated[BatchSimpleOptions, Depends(form_of(BatchSimpleOptions))],
     owner: OwnerDep,
 ) -> BatchSimpleResponse:
-    return batch_simple_response(await run_batch(service, files, options, PostOptions(), owner))
+    return stamped(batch_simple_response(await run_batch(service, files, options, PostOptions(), owner)))
 
 
 def _parameters(s: Settings) -> dict[str, str]:

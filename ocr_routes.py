@@ -12,11 +12,13 @@ from service.ocr import OcrService
 from service.options import ImageOptions, ImageSimpleOptions
 from service.postprocess import PostOptions
 from service.results import only
+from service.timing import measure
 from web.answers import image_response, usage_model
 from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, read_upload
 from web.forms import form_of
 from web.schemas.common import ImageOcrResponse, SimpleTextResponse
 from web.status import add_status_routes
+from web.timing import stamped
 
 router = APIRouter(prefix="/ocr", tags=["image OCR"], dependencies=[KnownFieldsOnly])
 
@@ -39,7 +41,8 @@ def mode_for(mode: str | None, crop_mode: str | None, service: OcrService, setti
 
 
 async def decoded(service: OcrService, file: UploadFile) -> object:
-    data = await read_upload(file, service.settings)
+    with measure("read"):
+        data = await read_upload(file, service.settings)
     return await service.blocking(images.decode_image, data, max_pixels=service.settings.max_image_pixels)
 
 
@@ -58,7 +61,7 @@ async def image_advanced(
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
         result = only(await service.image(req, image, PostOptions(draw=options.draw_boxes, crop=options.crop_regions)))
-    return image_response(result, req.mode.name, settings.max_answer_bytes)
+    return stamped(image_response(result, req.mode.name, settings.max_answer_bytes))
 
 
 @router.post("/image/simple", response_model=SimpleTextResponse, summary="Plain text of an image, no tags")
@@ -72,13 +75,13 @@ async def image_simple(
     image = await decoded(service, file)
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
         result = only(await service.image(req, image, PostOptions()))
-    return SimpleTextResponse(
+    return stamped(SimpleTextResponse(
         text=result.post.plain if result.post else "",
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         mode=result.mode or req.mode.name,  # type: ignore[arg-type]
         usage=usage_model(result.usage),
         elapsed_s=result.elapsed_s,
-    )
+    ))
 
 
 def _parameters(s: Settings) -> dict[str, str]:

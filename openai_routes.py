@@ -30,6 +30,7 @@ from engines.base import EngineChunk, Usage
 from errors import BadRequest, DeadlineExceeded, OcrError
 from service.ocr import OcrService
 from service.request import OcrRequest
+from service.timing import measure
 from web.deps import PROMPT_MAX_CHARS, ServiceDep, SettingsDep, deadline
 from web.schemas.openai import (
     ERROR_RESPONSES,
@@ -44,6 +45,7 @@ from web.schemas.openai import (
     ModelNotFound,
     openai_error,
 )
+from web.timing import stamped
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
 _STARTED = int(time.time())
@@ -121,7 +123,8 @@ async def decode_url(service: OcrService, url: str) -> Image.Image:
     """Base64 data URL -> RGB image, in the worker pool (a 50 MB string is not decoded on the event loop),
     its pixels reserved in the decoded-pixel budget (MAX_DECODED_MPIX) first, like every route's uploads."""
     settings = service.settings
-    data = await service.blocking(images.decode_base64_image, url, max_bytes=settings.max_upload_bytes)
+    with measure("read"):  # the upload's bytes out of the data URL
+        data = await service.blocking(images.decode_base64_image, url, max_bytes=settings.max_upload_bytes)
     return await service.decode(data, max_pixels=settings.max_image_pixels, wait_s=settings.generate_timeout_s)
 
 
@@ -175,11 +178,11 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, set
         )
     async with deadline(settings.generate_timeout_s, "GENERATE_TIMEOUT_S"):
         out = await service.complete(req, image, kind="chat")
-    return ChatCompletion(
+    return stamped(ChatCompletion(
         **head,
         choices=[Choice(message=AssistantMessage(content=out.text), finish_reason=_finish(out.finish_reason))],
         usage=completion_usage(out.usage),
-    )
+    ))
 
 
 def completion_usage(usage: Usage) -> CompletionUsage:

@@ -19,11 +19,13 @@ from service.options import PdfOptions, PdfSimpleOptions
 from service.postprocess import PostOptions
 from service.results import DocumentRun
 from service.run import Deadline
+from service.timing import measure
 from web.answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
 from web.deps import KnownFieldsOnly, OwnerDep, ServiceDep, file_field, read_upload
 from web.forms import form_of
 from web.schemas.pdf import PdfOcrResponse, PdfSimpleResponse
 from web.status import add_status_routes
+from web.timing import stamped
 
 # PyMuPDF is this router's own dependency, imported only by render processes: the app leaves the router out,
 # saying why, when they cannot import it.
@@ -45,7 +47,8 @@ async def ocr_pdf(
     """Validate the options, read the upload and OCR the selected pages under PDF_TIMEOUT_S."""
     settings = service.settings
     req = service.admit(options.request(settings))
-    data = await read_upload(file, settings)
+    with measure("read"):
+        data = await read_upload(file, settings)
     full = isinstance(options, PdfOptions)  # /pdf/ocr/simple draws nothing and crops nothing
     draw, crop = full and options.draw_layouts, full and options.extract_images
     post = PostOptions(draw=draw, annotated_format="jpeg", crop=crop)
@@ -62,7 +65,7 @@ async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions, owne
     searchable = None
     if options.searchable_pdf:
         searchable = await searchable_document(service.render_pool, run, data, options.password)
-    return await service.blocking(pdf_response, run, searchable)
+    return stamped(await service.blocking(pdf_response, run, searchable))
 
 
 @router.post(
@@ -88,7 +91,7 @@ async def pdf_simple(
     owner: OwnerDep,
 ) -> PdfSimpleResponse:
     run, _ = await ocr_pdf(service, file, options, owner)
-    return pdf_simple_response(run)
+    return stamped(pdf_simple_response(run))
 
 
 def _parameters(s: Settings) -> dict[str, str]:

@@ -39,6 +39,8 @@ class EngineRequest:
     stream: bool = False
     # Content hash of the image: an input in flight when an engine dies gets a strike (engines.supervisor).
     input_hash: str | None = None
+    # Seconds spent sending it to where the engine runs (a worker process's socket); set by such engines.
+    transfer_s: float = 0.0
 
 
 @dataclass
@@ -64,6 +66,11 @@ class EngineResult:
     usage: Usage
     elapsed_s: float
     worker: str | None = None  # the engine worker that ran it (its `result_worker`): a job page's `worker` field
+    # Seconds from the call to its first piece (less the transfer) and from there to the end. Where the engine
+    # sends only its final piece (vLLM without per-step deltas), the whole generation is `ttft_s`.
+    transfer_s: float = 0.0
+    ttft_s: float = 0.0
+    gen_s: float = 0.0
 
 
 @dataclass
@@ -241,13 +248,19 @@ class BaseEngine:
 
     async def generate(self, request: EngineRequest) -> EngineResult:
         start = time.perf_counter()
+        first: float | None = None
         parts: list[str] = []
         finish, usage = "length", Usage()
         async for chunk in self.stream(request):
+            if first is None:
+                first = time.perf_counter()
             parts.append(chunk.text)
             if chunk.finish_reason is not None:
                 finish, usage = chunk.finish_reason, chunk.usage or usage
-        return EngineResult("".join(parts), finish, usage, round(time.perf_counter() - start, 4))
+        end = time.perf_counter()
+        first = end if first is None else first
+        return EngineResult("".join(parts), finish, usage, round(end - start, 4), transfer_s=request.transfer_s,
+                            ttft_s=max(0.0, first - start - request.transfer_s), gen_s=end - first)
 
 
 def not_ready(engine: Engine) -> ModelNotReady:

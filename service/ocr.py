@@ -30,12 +30,14 @@ from errors import Aborted, OcrError, Overloaded, ServiceUnavailable
 from images import content_hash
 from process.modes import ModeSpec
 from service import retry_ladder
+from service import timing as request_timing
 from service.admission import Admission
 from service.pixel_budget import PixelBudget, release_soon
 from service.postprocess import PostOptions, postprocess
 from service.request import OcrRequest, check_ngram, fill_ngram
 from service.results import ABORTED, DocumentRun, ItemResult, bug, item_status
 from service.run import Deadline, Handoff, Leftover, hand_off, run_items
+from service.timing import Timing, measure
 
 if TYPE_CHECKING:  # PyMuPDF is optional to this module: the PDF routes degrade without it
     from pdf.render_pool import PdfDocument
@@ -113,16 +115,19 @@ class OcrService:
         return await loop.run_in_executor(self.executor, call)
 
     async def decode(self, data: bytes, *, max_pixels: int | None = None, wait_s: float | None = None,
-                     flow: object = None) -> Image.Image:
+                     flow: object = None, timing: Timing | None = None) -> Image.Image:
         """Decode an upload in the worker pool with its pixels (read from the header) reserved first; held until
         `image` post-processed it or the image is freed; a cancelled decode holds them until its thread ends.
         `wait_s` bounds the wait for budget where no request deadline does (503 with Retry-After past it).
-        `flow`: the request it belongs to, for the budget's turn (None: a request of its own)."""
+        `flow`: the request it belongs to, for the budget's turn (None: a request of its own). `timing`: the
+        item's stages (None: the request's)."""
         limit = max_pixels or self.settings.max_image_pixels
-        info = await self.blocking(images.image_info, data, max_pixels=limit)
+        with measure("decode", timing):
+            info = await self.blocking(images.image_info, data, max_pixels=limit)
         try:
-            async with asyncio.timeout(wait_s):
-                reservation = await self.pixels.reserve(info.pixels, self.copies, flow)
+            with measure("wait", timing):
+                async with asyncio.timeout(wait_s):
+                    reservation = await self.pixels.reserve(info.pixels, self.copies, flow)
         except TimeoutError:
             raise Overloaded(f"no decoded-pixel budget came free in {wait_s:g} s (MAX_DECODED_MPIX); retry later",
                              retry_after=5) from None
@@ -130,7 +135,8 @@ class OcrService:
         call = functools.partial(contextvars.copy_context().run, images.decode_image, data, max_pixels=limit)
         work = self.executor.submit(call)
         try:
-            image = await asyncio.wrap_future(work)
+            with measure("decode", timing):
+                image = await asyncio.wrap_future(work)
         except BaseException:
             if work.done():
                 reservation.release()
@@ -141,16 +147,23 @@ class OcrService:
         return image
 
     async def generate(
-        self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
+        self, request: OcrRequest, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None,
+        timing: Timing | None = None,
     ) -> EngineResult:
-        """One engine call on one admission slot; a quarantined input is refused before it can crash anything."""
+        """One engine call on one admission slot; a quarantined input is refused before it can crash anything.
+        `timing`: the item's stages, which get the slot wait and the engine's figures."""
         if input_hash is None and image is not None:
-            input_hash = await self.blocking(content_hash, image)
+            with measure("decode", timing):  # hashing the pixels readies the input, as decoding does
+                input_hash = await self.blocking(content_hash, image)
         self.supervisor.check(input_hash)
+        asked = time.perf_counter()
         async with self.admission.slot(request.mode, request.model, request.flow) as slot:
+            waited = time.perf_counter() - asked
             out = await slot.engine.generate(request.engine_request(image, stream=stream, input_hash=input_hash))
             out.worker = slot.engine.result_worker  # engines that name their results (Ray)
-            return out
+        if timing is not None:
+            timing.engine(waited, out.transfer_s, out.ttft_s, out.gen_s)
+        return out
 
     @property
     def models(self) -> list[Any]:
@@ -168,7 +181,8 @@ class OcrService:
         A consumer that stops early calls `aclose()` (the engine's generation is aborted).
         `deltas=False`: the engine sends only the final piece (vLLM's FINAL_ONLY)."""
         if input_hash is None and image is not None:
-            input_hash = await self.blocking(content_hash, image)
+            with measure("decode"):
+                input_hash = await self.blocking(content_hash, image)
         self.supervisor.check(input_hash)
         return self._pieces(request, image, deltas, input_hash, kind)
 
@@ -179,17 +193,26 @@ class OcrService:
         result = ItemResult(None, width=image.width if image else None, height=image.height if image else None,
                             mode=request.mode.name)
         finish, usage = "length", Usage()
+        first: float | None = None
         try:
             async with self.admission.slot(request.mode, request.model, request.flow) as slot:
-                pieces = slot.engine.stream(request.engine_request(image, stream=deltas, input_hash=input_hash))
+                slotted = time.perf_counter()
+                engine_request = request.engine_request(image, stream=deltas, input_hash=input_hash)
+                pieces = slot.engine.stream(engine_request)
                 try:
                     async for piece in pieces:
+                        if first is None:
+                            first = time.perf_counter()
                         if piece.finish_reason is not None:
                             finish, usage = piece.finish_reason, piece.usage or usage
                         yield piece
                 finally:
                     await pieces.aclose()
                 result.worker = slot.engine.result_worker
+                end = time.perf_counter()
+                first = end if first is None else first
+                transfer = engine_request.transfer_s
+                result.timing.engine(slotted - started, transfer, max(0.0, first - slotted - transfer), end - first)
         finally:
             if image is not None:
                 self.pixels.release_for(image)  # the engine is done with it: its pixels leave the budget
@@ -216,24 +239,27 @@ class OcrService:
 
     async def image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None = None,
-        kind: str = "image", dpi: int | None = None, input_hash: str | None = None,
+        kind: str = "image", dpi: int | None = None, input_hash: str | None = None, timing: Timing | None = None,
     ) -> ItemResult:
         """Engine (with the retry ladder) + post-processing of one decoded image; errors propagate.
-        `input_hash`: the image's `content_hash` where its producer computed it (a PDF render process)."""
+        `input_hash`: the image's `content_hash` where its producer computed it (a PDF render process).
+        `timing`: the item's stages so far (its read, decode or render), which its result carries on."""
         try:
-            return await self._image(request, image, options, label=label, kind=kind, dpi=dpi, input_hash=input_hash)
+            return await self._image(request, image, options, label=label, kind=kind, dpi=dpi, input_hash=input_hash,
+                                     timing=timing or Timing())
         finally:
             self.pixels.release_for(image)  # post-processed (or failed): its pixels leave the budget
 
     async def _image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None,
-        kind: str, dpi: int | None, input_hash: str | None,
+        kind: str, dpi: int | None, input_hash: str | None, timing: Timing,
     ) -> ItemResult:
         started = time.perf_counter()
-        result = ItemResult(label, width=image.width, height=image.height, dpi=dpi)
+        result = ItemResult(label, width=image.width, height=image.height, dpi=dpi, timing=timing)
         if input_hash is None:
-            input_hash = await self.blocking(content_hash, image)
-        out = await self.generate(request, image, input_hash=input_hash)
+            with measure("decode", result.timing):  # readying the input, as decoding does
+                input_hash = await self.blocking(content_hash, image)
+        out = await self.generate(request, image, input_hash=input_hash, timing=result.timing)
         result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
         result.worker = out.worker
         result.status = item_status(out.finish_reason)
@@ -244,7 +270,8 @@ class OcrService:
         ran_away = retry_ladder.runaway(out.text, out.finish_reason, out.usage.completion_tokens)
         if self.settings.retry_ladder and ran_away:
             await self._climb(request, image, input_hash, result)
-        result.post = await self.blocking(postprocess, result.text, image, label=label, options=options, dpi=dpi)
+        with measure("post", result.timing):
+            result.post = await self.blocking(postprocess, result.text, image, label=label, options=options, dpi=dpi)
         result.elapsed_s = round(time.perf_counter() - started, 4)
         self._observe(kind, result, request.mode)
         return result
@@ -252,7 +279,7 @@ class OcrService:
     async def _climb(self, request: OcrRequest, image: Image.Image, input_hash: str, result: ItemResult) -> None:
         """A runaway result: the ladder's attempts in turn; the first that does not run away is kept."""
         for step in retry_ladder.steps(request, self.admission.served_modes):
-            out = await self.generate(step.request, image, input_hash=input_hash)
+            out = await self.generate(step.request, image, input_hash=input_hash, timing=result.timing)
             result.attempts += 1
             result.retries.append(
                 {"attempt": result.attempts, "change": step.change, "finish_reason": out.finish_reason,
@@ -270,9 +297,9 @@ class OcrService:
         """Render (no engine slot), then OCR one PDF page; its failure is a `failed` result."""
         result = ItemResult(page, dpi=dpi)
         try:
-            rendered = await self._render(doc, page, dpi, request.flow)
+            rendered = await self._render(doc, page, dpi, request.flow, result.timing)
             result = await self.image(request, rendered.image, options, label=page, kind="page", dpi=rendered.dpi,
-                                      input_hash=rendered.content_hash)
+                                      input_hash=rendered.content_hash, timing=result.timing)
             result.note, result.render_warnings = rendered.note, rendered.warnings
         except ServiceUnavailable:
             raise  # the engine went away: the request is a 503, not N failed pages
@@ -283,7 +310,7 @@ class OcrService:
             self._observe("page", result.fail(bug(exc)), request.mode)
         return result
 
-    async def _render(self, doc: PdfDocument, page: int, dpi: int, flow: object = None) -> Any:
+    async def _render(self, doc: PdfDocument, page: int, dpi: int, flow: object, timing: Timing) -> Any:
         """Render a page with its pixels reserved first (from the page's size when the PDF gives it, else
         the most a render returns), then held at the real size until post-processed. A page that would not
         fit in the whole budget (MAX_DECODED_MPIX under MAX_IMAGE_PIXELS) is rendered at the dpi that fits,
@@ -291,10 +318,14 @@ class OcrService:
         copies = self.copies
         limit = max(1, min(self.settings.max_image_pixels, self.pixels.max_pixels // copies))
         expected = doc.expected_pixels(page, dpi, limit)
+        asked = time.perf_counter()
         async with self.pixels.hold(expected, copies, flow) as reservation:
-            rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
+            timing.wait += time.perf_counter() - asked
+            with measure("decode", timing):  # a page's render is its decode
+                rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
             actual = rendered.image.width * rendered.image.height
-            reservation = await self.pixels.settle(reservation, actual, copies)
+            with measure("wait", timing):
+                reservation = await self.pixels.settle(reservation, actual, copies)
         self.pixels.hold_for(rendered.image, reservation)
         return rendered
 
@@ -304,14 +335,17 @@ class OcrService:
         """Read, decode (worker pool, no engine slot) and OCR one uploaded image; its failure is `failed`."""
         result = ItemResult(label)
         try:
-            data = await read()
-            image = await self.decode(data, flow=request.flow)
-            result = await self.image(request, image, options, label=label, kind="file")
+            with measure("read", result.timing):
+                data = await read()
+            image = await self.decode(data, flow=request.flow, timing=result.timing)
+            result = await self.image(request, image, options, label=label, kind="file", timing=result.timing)
             del image  # out of the budget since `image` returned: free the pixels too
             if options.searchable and result.post is not None and self.render_pool.unavailable is None:
                 # Written by a render process (MuPDF never runs here), which decodes the upload again where PDF
                 # cannot embed it as it is, under that process's memory limit. Without PyMuPDF: no searchable PDF.
-                result.post.searchable_pdf = await self.render_pool.searchable_image(data, result.text)
+                # The item was counted already: the request's stages get this time too.
+                with measure("post", result.timing), measure("post"):
+                    result.post.searchable_pdf = await self.render_pool.searchable_image(data, result.text)
             del data
         except ServiceUnavailable:
             raise
@@ -332,6 +366,7 @@ class OcrService:
         finished pages go to the job handoff (`owner`'s job), when the app has one."""
         started = time.perf_counter()
         async with self.render_pool.document(data, password=password, max_pages=self.settings.max_pdf_pages) as doc:
+            request_timing.add("decode", time.perf_counter() - started)  # opening the PDF readies its pages
             selected = images.parse_page_ranges(pages, doc.page_count)
             notes = document_notes(doc)
 
@@ -373,5 +408,8 @@ class OcrService:
                                on_deadline=leftover)
 
     def _observe(self, kind: str, result: ItemResult, mode: ModeSpec) -> None:
+        """An item is done (once per item): counted by the observers, its stages added to its request's."""
+        if (clock := request_timing.current()) is not None:
+            clock.absorb(result.timing)
         for observer in self.observers:
             observer(kind, result, mode)

@@ -10,6 +10,7 @@ from typing import Any, Literal, get_args
 import ocr_utils
 from engines.base import Usage
 from errors import Aborted, OcrError
+from service.timing import Timing
 
 # The one item status vocabulary of every route, job page, metric label and MCP answer.
 ItemStatus = Literal["ok", "truncated", "failed", "aborted", "retried", "degraded"]
@@ -55,6 +56,7 @@ class ItemResult:
     attempts: int = 1
     retries: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt after the first
     worker: str | None = None  # the engine worker that ran the kept attempt (jobs' per-page `worker`)
+    timing: Timing = field(default_factory=Timing)  # its stages, every attempt's included
 
     def fail(self, exc: OcrError) -> ItemResult:
         self.status, self.error, self.problem = "failed", exc.detail, exc.to_problem()

@@ -21,7 +21,9 @@ from fastapi import FastAPI
 import logging_config
 from config import Settings
 from errors import PROBLEM_MEDIA_TYPE, OcrError, PayloadTooLarge, Unauthorized
+from service import timing
 from web import metrics
+from web.timing import response_header
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -230,6 +232,7 @@ class ObservabilityMiddleware:
         rid = logging_config.accept_request_id(dict(scope.get("headers") or []).get(b"x-request-id"))
         token = logging_config.bind_request_id(rid)
         metrics.current_scope.set(scope)
+        clock = timing.begin()  # the service adds the request's stages; the answer's header shows them
         status: int | None = None
         start = time.perf_counter()
 
@@ -238,7 +241,10 @@ class ObservabilityMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [h for h in message.get("headers") or [] if h[0].lower() != b"x-request-id"]
-                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+                headers.append((b"x-request-id", rid.encode()))
+                if clock.used:  # an OCR answer
+                    headers.append(response_header(clock, dict(headers).get(b"content-type", b"")))
+                message = {**message, "headers": headers}
             await send(message)
 
         failed = False
@@ -257,16 +263,19 @@ class ObservabilityMiddleware:
             raise
         finally:
             # No answer at all: the client went away first (499, nginx's code for it).
-            self.account(scope, status or 499, time.perf_counter() - start)
+            self.account(scope, status or 499, time.perf_counter() - start, clock)
             if not failed:
                 logging_config.reset_request_id(token)
 
     @staticmethod
-    def account(scope: Scope, status: int, elapsed: float) -> None:
+    def account(scope: Scope, status: int, elapsed: float, clock: timing.RequestTiming | None = None) -> None:
         app_metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
         if app_metrics is not None:
             method = scope["method"] if scope["method"] in _METHODS else "other"  # any token is a method in HTTP
-            app_metrics.observe_request(metrics.route_template(scope), method, status, elapsed)
+            route = metrics.route_template(scope)
+            app_metrics.observe_request(route, method, status, elapsed)
+            if clock is not None and clock.used:  # once per OCR request; a stream's figures are final only now
+                app_metrics.observe_stages(route, clock.freeze())
         quiet = scope["path"] in _QUIET_PATHS and status < 400
         level = logging.DEBUG if quiet else logging.INFO
         access_log.log(level, "%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)

@@ -55,6 +55,8 @@ TOKEN_KINDS = ("prompt", "image", "completion")
 # Image tokens per mode (FACTS): tiny 73, small 111, base 273, large 421, gundam 273 + 110 per tile (2..6).
 IMAGE_TOKEN_BUCKETS = (73, 111, 273, 421, 493, 603, 713, 823, 933, 2048)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Stages run from tens of microseconds (a transfer) to minutes (a PDF's summed generation).
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, *LATENCY_BUCKETS)
 
 StateSource = Callable[[], dict[str, Any]]
 JobsSource = Callable[[], dict[str, int]]
@@ -98,6 +100,14 @@ class Metrics:
             buckets=IMAGE_TOKEN_BUCKETS,
             registry=r,
         )
+        self.stages = Histogram(
+            f"{p}_stage_seconds",
+            "Time per stage of an OCR request (read, decode, wait, transfer, ttft, gen, post, encode, total), by "
+            "route template; a PDF's or batch's stages are sums over its items",
+            ["stage", "route"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
         for kind in TOKEN_KINDS:
             self.tokens.labels(kind)  # present at 0 from the start, so rate() works on the first scrape
         self._state_source: StateSource | None = None
@@ -125,6 +135,11 @@ class Metrics:
                 self.tokens.labels(kind).inc(count)
         if image_tokens:
             self.image_tokens.labels(mode).observe(image_tokens)
+
+    def observe_stages(self, route: str, figures: dict[str, float]) -> None:
+        """One OCR request's stages (`service.timing.STAGES` and `total`, in ms as the header has them)."""
+        for stage, ms in figures.items():
+            self.stages.labels(stage, route).observe(ms / 1000)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ class WorkerEngine(BaseEngine):
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request.request_id] = queue
         try:
+            sending = time.perf_counter()
             head, image = request_frames(request)
             async with self._send_lock:  # header and pixels together: no other message between them
                 if self._writer is None:
@@ -179,6 +181,7 @@ class WorkerEngine(BaseEngine):
                 except (ConnectionError, OSError, RuntimeError):
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} died",
                                         retry_after=10) from None
+            request.transfer_s = time.perf_counter() - sending  # the lock wait included: other sends hold it
             del image
             while True:
                 item = await queue.get()

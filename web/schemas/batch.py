@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from web.schemas.common import STATUS_TEXT, FinishReason, ItemStatus, RetryModel, UsageModel
+from web.schemas.common import STATUS_TEXT, TIMING, FinishReason, ItemStatus, RetryModel, StageTimes, UsageModel
 
 FileStatus = ItemStatus
 _STATUS = STATUS_TEXT
@@ -59,6 +59,7 @@ class BatchResponse(BatchTotals):
 
     results: list[BatchFileResult] = Field(description="One entry per file, in the order sent")
     elapsed_s: float = Field(description="Server time spent on the batch, seconds", examples=[12.5])
+    timing: StageTimes | None = Field(None, description=TIMING)
 
 
 class BatchSimpleResult(BaseModel):
@@ -76,6 +77,7 @@ class BatchSimpleResponse(BatchTotals):
 
     results: list[BatchSimpleResult] = Field(description="One entry per file, in the order sent")
     elapsed_s: float = Field(description="Server time spent on the batch, seconds", examples=[12.5])
+    timing: StageTimes | None = Field(None, description=TIMING)
 
 
 class ZipMembers(BaseModel):

@@ -38,6 +38,32 @@ class Problem(BaseModel):
     instance: str | None = Field(None, description="The request path")
 
 
+_SUMS = "; on a PDF or a batch the sum over its items (which overlap in time, so a sum may exceed `total`)"
+
+
+class StageTimes(BaseModel):
+    """Where the request's time went, in milliseconds: the figures of its `Server-Timing` header."""
+
+    read: float = Field(description="Reading the upload (a base64 body's decoding included)" + _SUMS, examples=[1.2])
+    decode: float = Field(description="Decoding the image (a PDF: opening it and rendering pages)" + _SUMS,
+                          examples=[8.5])
+    wait: float = Field(description="Waiting for the decoded-pixel budget and an engine slot" + _SUMS,
+                        examples=[0.3])
+    transfer: float = Field(description="Sending the image to the engine worker process (0 inline)" + _SUMS,
+                            examples=[2.1])
+    ttft: float = Field(description="Engine time to the first token (the whole generation where the engine "
+                        "sends only its final output: vLLM off the streaming routes)" + _SUMS, examples=[95.0])
+    gen: float = Field(description="Engine time from the first token to the end" + _SUMS, examples=[1180.0])
+    post: float = Field(description="Post-processing: markdown, boxes, drawing, crops, searchable PDF" + _SUMS,
+                        examples=[12.4])
+    encode: float = Field(description="Building the answer (JSON model, ZIP) after the last item", examples=[0.8])
+    total: float = Field(description="The request from its arrival to this answer", examples=[1310.0])
+    items: int = Field(description="Items (images, pages, files) summed", examples=[1])
+
+
+TIMING = "Where the time went, milliseconds (the `Server-Timing` header's figures); absent on old servers"
+
+
 class UsageModel(BaseModel):
     prompt_tokens: int = Field(description="Tokens of the prompt, image tokens included", examples=[912])
     image_tokens: int = Field(description="Vision tokens the image became (FACTS table)", examples=[903])
@@ -85,6 +111,7 @@ class GenerateResponse(BaseModel):
     mode: ModeName = Field(description="Resolution mode used")
     usage: UsageModel
     elapsed_s: float = Field(description="Server time spent on this request, seconds", examples=[1.42])
+    timing: StageTimes | None = Field(None, description=TIMING)
 
 
 class RouterState(BaseModel):
@@ -242,6 +269,7 @@ class ImageOcrResponse(BaseModel):
     attempts: int = Field(1, description="Generations run for it (more than 1 when the retry ladder ran)")
     retries: list[RetryModel] = Field(default_factory=list, description="The retry ladder's attempts, if any")
     elapsed_s: float
+    timing: StageTimes | None = Field(None, description=TIMING)
 
 
 class SimpleTextResponse(BaseModel):
@@ -252,3 +280,4 @@ class SimpleTextResponse(BaseModel):
     mode: ModeName
     usage: UsageModel
     elapsed_s: float
+    timing: StageTimes | None = Field(None, description=TIMING)

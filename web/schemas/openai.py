@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE, OcrError
-from web.schemas.common import EXAMPLE_PNG_BASE64
+from web.schemas.common import EXAMPLE_PNG_BASE64, TIMING, StageTimes
 
 OPENAI_PREFIX = "/v1/"
 
@@ -118,6 +118,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: CompletionUsage
+    timing: StageTimes | None = Field(None, description=TIMING + " (not an OpenAI field; SDKs ignore it)")
 
 
 class ModelCard(BaseModel):

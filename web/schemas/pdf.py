@@ -6,12 +6,14 @@ from pydantic import BaseModel, Field
 
 from web.schemas.common import (
     STATUS_TEXT,
+    TIMING,
     BlockModel,
     CropModel,
     FinishReason,
     ItemStatus,
     ModeName,
     RetryModel,
+    StageTimes,
     UsageModel,
 )
 
@@ -75,6 +77,7 @@ class PdfOcrResponse(BaseModel):
     mode: ModeName = Field(description="Resolution mode used")
     warnings: list[str] = Field(description="Document-level notes (a damaged PDF that MuPDF repaired, ...)")
     elapsed_s: float = Field(description="Server time spent on this request, seconds", examples=[8.4])
+    timing: StageTimes | None = Field(None, description=TIMING)
 
 
 class PdfSimplePage(BaseModel):
@@ -97,3 +100,4 @@ class PdfSimpleResponse(BaseModel):
     pages_failed: int = Field(description="Pages with status `failed`")
     mode: ModeName = Field(description="Resolution mode used")
     elapsed_s: float = Field(description="Server time spent on this request, seconds")
+    timing: StageTimes | None = Field(None, description=TIMING)

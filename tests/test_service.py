@@ -84,9 +84,14 @@ SEED_CURL = [
 
 @pytest.fixture(scope="module")
 def readme_server(tiny_checkpoint: Path):
-    """The service started the README way (`uvicorn serve_ocr:app`), on port 8000 when it is free."""
+    """The service started the README way (`uvicorn serve_ocr:app`), on port 8000 when it is free.
+
+    With the demo's DEFAULT_MAX_TOKENS (64, as `make serve` sets it for the random checkpoint): the seed's
+    custom script sends no `max_tokens`, and random weights rarely stop by themselves, so at the production
+    default (8192) its one request is minutes of CPU decoding on a 2-core machine, past GENERATE_TIMEOUT_S."""
     port = 8000 if port_is_free(8000) else None
-    with serve_process({"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch"}, port=port) as url:
+    env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEFAULT_MAX_TOKENS": "64"}
+    with serve_process(env, port=port) as url:
         yield url
 
 

@@ -31,7 +31,10 @@ def app_with(tmp_path: Path, engine: ReplayEngine | None = None, **overrides: ob
 
 def test_limits_are_problem_json(tmp_path: Path) -> None:
     engine = ReplayEngine(TEXT, delay_s=1.0, max_concurrency=1)
-    with serve_app(app_with(tmp_path, engine, max_job_pages=3, max_jobs_queued=1)) as url:
+    # No restarts: the last check is the answer while the engine is dead. With ENGINE_RESTART the supervisor
+    # (every 0.25 s) could bring it back between kill() and that POST, which then got its 202 (a CI flake).
+    settings = {"max_job_pages": 3, "max_jobs_queued": 1, "engine_restart": False}
+    with serve_app(app_with(tmp_path, engine, **settings)) as url:
         problem(httpx.post(f"{url}/jobs", files={"file": ("a.pdf", make_pdf(4))}), 413, "MAX_JOB_PAGES")
         first = submit(url, make_pdf(3))
         r = httpx.post(f"{url}/jobs", files={"file": ("b.pdf", make_pdf(1))})

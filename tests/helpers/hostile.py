@@ -40,22 +40,15 @@ def one_page(content: bytes, resources: bytes = b"<< >>", **more: bytes) -> byte
     return build_pdf(objects)
 
 
-def objstm_bomb(zero_bytes: int) -> bytes:
-    """The catalog in an object stream, after `zero_bytes` of NULs (PDF whitespace), behind an xref stream."""
-    catalog = b"<< /Type /Catalog /Pages 2 0 R >>"
-    header = b"1 %d\n" % zero_bytes
-    packer = zlib.compressobj(9)
-    packed = packer.compress(header)
-    chunk = bytes(1 << 20)
-    for _ in range(zero_bytes >> 20):
-        packed += packer.compress(chunk)
-    packed += packer.compress(bytes(zero_bytes & 0xFFFFF) + catalog) + packer.flush()
+def objstm_pdf(packed: bytes, first: int) -> bytes:
+    """A one-page PDF whose catalog (object 1) lives in the zlib stream `packed` (an object stream whose
+    header is `first` bytes), found through an xref stream: what the object-stream bombs are wrapped in."""
     out = bytearray(b"%PDF-1.7\n")
     offsets = {}
     bodies = {
         2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
-        4: stream(packed, b"/Type /ObjStm /N 1 /First %d /Filter /FlateDecode" % len(header)),
+        4: stream(packed, b"/Type /ObjStm /N 1 /First %d /Filter /FlateDecode" % first),
     }
     for number, body in bodies.items():
         offsets[number] = len(out)
@@ -66,6 +59,19 @@ def objstm_bomb(zero_bytes: int) -> bytes:
     out += b"5 0 obj\n%s\nendobj\n" % stream(b"".join(rows), b"/Type /XRef /Size 6 /W [1 4 2] /Root 1 0 R")
     out += b"startxref\n%d\n%%%%EOF\n" % offsets[5]
     return bytes(out)
+
+
+def objstm_bomb(zero_bytes: int) -> bytes:
+    """The catalog in an object stream, after `zero_bytes` of NULs (PDF whitespace), behind an xref stream."""
+    catalog = b"<< /Type /Catalog /Pages 2 0 R >>"
+    header = b"1 %d\n" % zero_bytes
+    packer = zlib.compressobj(9)
+    packed = packer.compress(header)
+    chunk = bytes(1 << 20)
+    for _ in range(zero_bytes >> 20):
+        packed += packer.compress(chunk)
+    packed += packer.compress(bytes(zero_bytes & 0xFFFFF) + catalog) + packer.flush()
+    return objstm_pdf(packed, len(header))
 
 
 def progressive_jpeg(extra_scans: int, size: tuple[int, int] = (64, 64)) -> bytes:

@@ -28,7 +28,7 @@ import httpx
 import psutil
 from PIL import Image
 
-from helpers.hostile import stream
+from helpers.hostile import objstm_pdf
 from helpers.server import free_port, scratch_root, show
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -252,19 +252,4 @@ def deflated_zeros_pdf(zero_bytes: int) -> bytes:
     b = (b + (zero_bytes - zero_bytes % mib) * a) % 65521  # the whole blocks; the tail goes through zlib
     adler = zlib.adler32(tail_data, (b << 16) | a)
     packed = b"\x78\xda" + head + block * (zero_bytes // mib) + tail + adler.to_bytes(4, "big")
-    out = bytearray(b"%PDF-1.7\n")
-    offsets = {}
-    bodies = {
-        2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
-        4: stream(packed, b"/Type /ObjStm /N 1 /First %d /Filter /FlateDecode" % len(header)),
-    }
-    for number, body in bodies.items():
-        offsets[number] = len(out)
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    offsets[5] = len(out)
-    rows = [b"\x00" + bytes(4) + b"\xff\xff", b"\x02" + (4).to_bytes(4, "big") + bytes(2)]
-    rows += [b"\x01" + offsets[n].to_bytes(4, "big") + bytes(2) for n in (2, 3, 4, 5)]
-    out += b"5 0 obj\n%s\nendobj\n" % stream(b"".join(rows), b"/Type /XRef /Size 6 /W [1 4 2] /Root 1 0 R")
-    out += b"startxref\n%d\n%%%%EOF\n" % offsets[5]
-    return bytes(out)
+    return objstm_pdf(packed, len(header))

@@ -452,94 +452,6 @@ def stop_profile(profilers: list[subprocess.Popen[bytes]]) -> None:
             profiler.kill()
 
 
-# --------------------------------------------------------------------------------------- interactive
-
-
-def page_png(args: argparse.Namespace) -> bytes:
-    """The first page of the benchmark PDF as the PNG a client would upload (A4 at --dpi)."""
-    import io
-
-    from pdf import render_process
-
-    with render_process.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
-        image = render_process.render_page(source, 1, dpi=args.dpi, max_pixels=40_000_000).image
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
-
-
-Round = tuple[list[tuple[float, int]], float, list[tuple[float, int]]]  # (64-client load, its wall, one client)
-
-
-def _interactive_figures(path: str, rounds: list[Round]) -> dict[str, Any]:
-    """The round of median pages/s under load for the load figures; the one-client figure is the median of
-    the rounds' medians; every round's figures beside them."""
-    import statistics
-
-    per_round = [(len(load) / wall, statistics.median(t for t, _ in single)) for load, wall, single in rounds]
-    load, wall, single = sorted(rounds, key=lambda r: len(r[0]) / r[1])[len(rounds) // 2]
-    return {
-        "path": path, "clients": INTERACTIVE_CLIENTS, "requests": len(load), "elapsed_s": round(wall, 2),
-        "pages_per_s": round(len(load) / wall, 3),
-        "mean_completion_tokens": round(sum(n for _, n in load) / len(load), 1),
-        "p50_s_under_load": round(statistics.median(t for t, _ in load), 3),
-        "one_client_median_s": round(statistics.median(m for _, m in per_round), 4),
-        "one_client_runs_s": [round(t, 4) for t, _ in single],
-        "one_client_tokens": sorted({n for _, n in single}),
-        "rounds_pages_per_s": [round(p, 3) for p, _ in per_round],
-        "rounds_one_client_median_s": [round(m, 4) for _, m in per_round],
-    }
-
-
-INTERACTIVE_CLIENTS = 64
-
-
-def run_interactive_raw(args: argparse.Namespace) -> dict[str, Any]:
-    """vLLM's AsyncLLM with the service's engine settings: 64 concurrent single-page requests (the image
-    prompt in Gundam, n-gram 30/90 as the image routes default), then one client alone."""
-    import asyncio
-    import io
-
-    from PIL import Image
-
-    from config import IMAGE_PROMPT, MODES
-    from engines.vllm.engine import PromptBuilder, vllm_image
-
-    png = page_png(args)
-    gundam = MODES["gundam"]
-    builder = PromptBuilder.from_checkpoint(args.model)
-    params = page_params(args, builder)
-
-    async def main() -> dict[str, Any]:
-        engine, start_s = async_engine(args)
-
-        def view() -> Image.Image:
-            return vllm_image(Image.open(io.BytesIO(png)).convert("RGB"), gundam)
-
-        async def one() -> tuple[float, int]:
-            t = time.perf_counter()
-            # Decoding the upload and the view preparation are counted, as the service counts them; both run
-            # off the event loop, and the image processor in vLLM's renderer threads (as `vllm serve` does).
-            prompt = builder.prompt(IMAGE_PROMPT, await asyncio.to_thread(view), gundam)
-            (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
-            tokens = 0
-            async for out in engine.generate(engine_input, params, uuid.uuid4().hex):
-                tokens = len(out.outputs[0].token_ids)
-            return time.perf_counter() - t, tokens
-
-        try:
-            await asyncio.gather(*(one() for _ in range(4)))  # warm-up
-            rounds: list[Round] = []
-            for _ in range(args.rounds):
-                load, wall = await _closed_loop(one, args.requests)
-                rounds.append((load, wall, [await one() for _ in range(args.latency_runs)]))
-        finally:
-            engine.shutdown()
-        return {**_interactive_figures("raw AsyncLLM", rounds), "engine_start_s": round(start_s, 1)}
-
-    return asyncio.run(main())
-
-
 def run_dp(args: argparse.Namespace) -> dict[str, Any]:
     """vLLM's own data parallelism: one AsyncLLM with `data_parallel_size` = --dp (one engine core per GPU,
     vLLM's internal load balancing; for an MoE model its ranks step in lockstep), fed every page of --files
@@ -586,98 +498,6 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
         return median_run(runs)
 
     return asyncio.run(main())
-
-
-async def _closed_loop(one: Any, requests: int) -> tuple[list[tuple[float, int]], float]:
-    """INTERACTIVE_CLIENTS clients, each sending its next request when its last one is answered."""
-    import asyncio
-
-    left = list(range(requests))
-    results: list[tuple[float, int]] = []
-
-    async def client() -> None:
-        while left:
-            left.pop()
-            results.append(await one())
-
-    t = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(INTERACTIVE_CLIENTS)))
-    return results, time.perf_counter() - t
-
-
-def run_interactive_service(args: argparse.Namespace) -> dict[str, Any]:
-    """The same page posted to `/ocr/image/advanced` by 64 clients (threads, one request each at a time),
-    then by one client; a last one-client series with the default boxes drawing on."""
-    import statistics
-
-    png = page_png(args)
-    fields = {"max_tokens": str(args.max_tokens), "ngram_size": str(args.ngram[0]),
-              "ngram_window": str(args.ngram[1]), "mode": "gundam", "draw_boxes": "false",
-              "crop_regions": "false"}
-
-    def post(url: str, extra: dict[str, str] | None = None) -> tuple[float, int]:
-        body, ctype = multipart({**fields, **(extra or {})}, "file", "page.png", png, "image/png")
-        t = time.perf_counter()
-        status, raw = http("POST", url + "/ocr/image/advanced", body, {"Content-Type": ctype}, timeout=600)
-        elapsed = time.perf_counter() - t
-        if status != 200:
-            raise RuntimeError(f"/ocr/image/advanced answered {status}: {raw[:2000]!r}")
-        return elapsed, int(json.loads(raw)["usage"]["completion_tokens"])
-
-    t = time.perf_counter()
-    with service(args, Path(args.log)) as url:
-        start_s = time.perf_counter() - t
-        with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda _: post(url), range(4)))  # warm-up
-        rounds: list[Round] = []
-        for _ in range(args.rounds):
-            left = list(range(args.requests))
-            load: list[tuple[float, int]] = []
-
-            def client(left: list[int] = left, load: list[tuple[float, int]] = load) -> None:
-                while True:
-                    try:
-                        left.pop()
-                    except IndexError:
-                        return
-                    load.append(post(url))
-
-            t = time.perf_counter()
-            with ThreadPoolExecutor(INTERACTIVE_CLIENTS) as pool:
-                for f in [pool.submit(client) for _ in range(INTERACTIVE_CLIENTS)]:
-                    f.result()
-            wall = time.perf_counter() - t
-            rounds.append((load, wall, [post(url) for _ in range(args.latency_runs)]))
-        drawn = [post(url, {"draw_boxes": "true", "crop_regions": "true"}) for _ in range(args.latency_runs)]
-    return {**_interactive_figures("service /ocr/image/advanced", rounds),
-            "one_client_median_s_with_drawing": round(statistics.median(t for t, _ in drawn), 4),
-            "engine_start_s": round(start_s, 1), "jit_lines_after_ready": jit_after_ready(Path(args.log))}
-
-
-def interactive(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Raw AsyncLLM in a child process (its GPU memory goes with it), then the service; the comparison."""
-    results = []
-    if args.only in (None, "raw"):
-        raw_json = Path(args.pdf).with_suffix(".interactive-raw.json")
-        cmd = [sys.executable, __file__, "interactive", *sys.argv[2:], "--only", "raw-child", "--out", str(raw_json)]
-        if subprocess.run(cmd).returncode == 0:
-            results.append(json.loads(raw_json.read_text())[0])
-    if args.only in (None, "service"):
-        results.append(run_interactive_service(args))
-        print(json.dumps(results[-1]), flush=True)
-    if len(results) == 2:
-        a, b = results
-        print(f"\ninteractive: one A4 page a request, max_tokens {args.max_tokens}, n-gram {args.ngram[0]}/"
-              f"{args.ngram[1]}, {INTERACTIVE_CLIENTS} clients x {args.requests} requests, then one client")
-        for r in results:
-            print(f"  {r['path']:28} {r['pages_per_s']:7.3f} pages/s  one client median "
-                  f"{r['one_client_median_s']:.4f} s  mean {r['mean_completion_tokens']} tokens")
-        results.append({"ratio_pages_per_s": round(b["pages_per_s"] / a["pages_per_s"], 3),
-                        "one_client_median_over_raw_ms": round(1000 * (b["one_client_median_s"]
-                                                                        - a["one_client_median_s"]), 1)})
-        print(f"  service/raw pages/s {results[-1]['ratio_pages_per_s']:.3f}; one client, median over raw "
-              f"{results[-1]['one_client_median_over_raw_ms']} ms")
-    return results
 
 
 # --------------------------------------------------------------------------------------- n-gram guard
@@ -756,6 +576,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="interactive: rounds of (64 clients, then one "
                         "client) on one start; the figures are medians over the rounds")
     parser.add_argument("--only", choices=["raw", "service", "raw-child"], help="interactive: one side")
+    parser.add_argument("--rounds-out", help="interactive: append each round here (JSON lines) as it ends")
     parser.add_argument("--dp", type=int, default=2, help="dp: vLLM data_parallel_size (GPUs)")
     args = parser.parse_args()
     args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
@@ -766,7 +587,10 @@ def main() -> int:
     if args.what == "ngram":
         return ngram_table(args)
     if args.what == "interactive":
-        results = [run_interactive_raw(args)] if args.only == "raw-child" else interactive(args)
+        import bench_interactive
+
+        results = ([bench_interactive.run_raw(args)] if args.only == "raw-child"
+                   else bench_interactive.interactive(args, __file__))
         print(json.dumps(results[-1]), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))

@@ -187,12 +187,13 @@ case "$phase" in
     done
     ray stop --force > /dev/null 2>&1
     ;;
-  inter)
+  inter)  # issue 29: raw AsyncLLM then the service on one start each, ROUNDS (3) rounds, each written as it ends
     real_ckpt; bench_pdf
-    CUDA_VISIBLE_DEVICES=0 timeout 560 python3 benchmarks/bench_vllm.py interactive --model "$CK/real" \
-      --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 --requests 256 \
-      --latency-runs 20 --rounds "${REPEAT:-1}" --log "$OUT/service-interactive.log" --out "$OUT/interactive.json" 2>&1 |
-      grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
+    CUDA_VISIBLE_DEVICES=0 timeout "${T_TOTAL:-570}" python3 benchmarks/bench_vllm.py interactive --model "$CK/real" \
+      --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 \
+      --requests "${REQUESTS:-192}" --latency-runs "${LATENCY_RUNS:-12}" --rounds "${ROUNDS:-${REPEAT:-3}}" \
+      --rounds-out "$OUT/interactive-rounds.jsonl" --log "$OUT/service-interactive.log" \
+      --out "$OUT/interactive.json" 2>&1 | grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
     grep -h "warm-up took" "$OUT/service-interactive.log" | cut -c1-600
     ;;
   scale)  # local workers only since 2026-11-30 (Ray: ray12); its first run also had Ray and cut this at 280 s

@@ -1,0 +1,297 @@
+"""The interactive path on the GPU (issue 29): one A4 page a request, raw vLLM AsyncLLM against the service.
+
+Per path, on one engine start, --rounds rounds of:
+  load      64 clients in a closed loop (each sends its next page when its last is answered), --requests pages;
+  one       one client alone, --latency-runs pages: the client's end-to-end seconds; for raw also its time to
+            the first token, for the service the `Server-Timing` stages of every answer;
+  v1        (service only) one client streaming `/v1/chat/completions`: the time to the first SSE chunk and to
+            the first chunk that carries text, against raw's time to first token.
+Raw runs in a child process first (its GPU memory goes with it), then the service. Each round is printed and
+appended to --rounds-out (JSON lines) the moment it ends, so a call cut by its limit keeps what it measured;
+the summary (medians over rounds, and the comparison) comes last.
+
+    python benchmarks/bench_vllm.py interactive --model DIR --pages 256 --max-tokens 256 --ngram 30 90 \
+        --requests 192 --latency-runs 12 --rounds 3 --rounds-out rounds.jsonl --out interactive.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import io
+import json
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+CLIENTS = 64
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 4) if values else float("nan")
+
+
+def emit(args: argparse.Namespace, row: dict[str, Any]) -> None:
+    """One finished round: printed and appended at once (a cut call keeps it)."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if args.rounds_out:
+        with open(args.rounds_out, "a") as f:
+            f.write(line + "\n")
+
+
+def page_png(args: argparse.Namespace) -> bytes:
+    """The first page of the benchmark PDF as the PNG a client would upload (A4 at --dpi)."""
+    from pdf import render_process
+
+    with render_process.open_pdf(Path(args.pdf).read_bytes(), max_pages=100_000) as source:
+        image = render_process.render_page(source, 1, dpi=args.dpi, max_pixels=40_000_000).image
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------- raw AsyncLLM
+
+
+def run_raw(args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM's AsyncLLM with the service's engine settings, the image prompt in Gundam, as the image routes."""
+    import asyncio
+
+    from bench_vllm import async_engine, page_params
+    from PIL import Image
+
+    from config import IMAGE_PROMPT, MODES
+    from engines.vllm.engine import PromptBuilder, vllm_image
+
+    png = page_png(args)
+    gundam = MODES["gundam"]
+    builder = PromptBuilder.from_checkpoint(args.model)
+    params = page_params(args, builder)
+
+    async def main() -> dict[str, Any]:
+        engine, start_s = async_engine(args)
+
+        def view() -> Image.Image:
+            return vllm_image(Image.open(io.BytesIO(png)).convert("RGB"), gundam)
+
+        async def one() -> tuple[float, float, int]:
+            """(seconds, seconds to the first token, tokens); decoding the upload and preparing the views
+            are counted, as the service counts them, off the event loop like the service's."""
+            t = time.perf_counter()
+            prompt = builder.prompt(IMAGE_PROMPT, await asyncio.to_thread(view), gundam)
+            (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
+            tokens, first = 0, 0.0
+            async for out in engine.generate(engine_input, params, uuid.uuid4().hex):
+                tokens = len(out.outputs[0].token_ids)
+                if tokens and not first:
+                    first = time.perf_counter() - t
+            return time.perf_counter() - t, first, tokens
+
+        async def load() -> tuple[list[tuple[float, float, int]], float]:
+            left = list(range(args.requests))
+            results: list[tuple[float, float, int]] = []
+
+            async def client() -> None:
+                while left:
+                    left.pop()
+                    results.append(await one())
+
+            t = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(CLIENTS)))
+            return results, time.perf_counter() - t
+
+        rows = []
+        try:
+            await asyncio.gather(*(one() for _ in range(4)))  # warm-up
+            for n in range(args.rounds):
+                loaded, wall = await load()
+                single = [await one() for _ in range(args.latency_runs)]
+                rows.append({"path": "raw", "round": n + 1, "pages": len(loaded), "elapsed_s": round(wall, 2),
+                             "pages_per_s": round(len(loaded) / wall, 3),
+                             "mean_completion_tokens": round(sum(r[2] for r in loaded) / len(loaded), 1),
+                             "one_client_median_s": _median([r[0] for r in single]),
+                             "ttft_median_s": _median([r[1] for r in single]),
+                             "one_client_tokens": sorted({r[2] for r in single})})
+                emit(args, rows[-1])
+        finally:
+            engine.shutdown()
+        return summary("raw AsyncLLM", rows) | {"engine_start_s": round(start_s, 1)}
+
+    return asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------- the service
+
+
+def server_timing(header: str | None) -> dict[str, float]:
+    """`name;dur=ms, ...` -> {name: ms}."""
+    stages: dict[str, float] = {}
+    for part in (header or "").split(","):
+        name, _, rest = part.strip().partition(";")
+        if rest.startswith("dur="):
+            stages[name] = float(rest[4:])
+    return stages
+
+
+class Client:
+    """One keep-alive HTTP connection, as `requests.Session` or an SDK keeps one."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+
+    def post(self, path: str, body: bytes, ctype: str) -> http.client.HTTPResponse:
+        """Sent again once on a new connection when the kept one was closed by the server while idle
+        (uvicorn's keep-alive timeout is 5 s), as urllib3's pool does."""
+        for attempt in (1, 2):
+            try:
+                self.conn.request("POST", path, body=body, headers={"Content-Type": ctype})
+                return self.conn.getresponse()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                self.conn.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def run_service(args: argparse.Namespace) -> dict[str, Any]:
+    from bench_vllm import jit_after_ready, multipart, service
+
+    from config import IMAGE_PROMPT
+
+    png = page_png(args)
+    fields = {"max_tokens": str(args.max_tokens), "ngram_size": str(args.ngram[0]),
+              "ngram_window": str(args.ngram[1]), "mode": "gundam", "draw_boxes": "false",
+              "crop_regions": "false"}
+    chat = json.dumps({
+        "model": "deepseek-ocr", "stream": True, "max_tokens": args.max_tokens, "mode": "gundam",
+        "ngram_size": args.ngram[0], "ngram_window": args.ngram[1],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": IMAGE_PROMPT.replace("<image>", "").strip()},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+        ]}]}).encode()
+
+    def page(client: Client) -> tuple[float, int, dict[str, float]]:
+        body, ctype = multipart(fields, "file", "page.png", png, "image/png")
+        t = time.perf_counter()
+        resp = client.post("/ocr/image/advanced", body, ctype)
+        raw = resp.read()
+        elapsed = time.perf_counter() - t
+        if resp.status != 200:
+            raise RuntimeError(f"/ocr/image/advanced answered {resp.status}: {raw[:2000]!r}")
+        return elapsed, int(json.loads(raw)["usage"]["completion_tokens"]), server_timing(
+            resp.getheader("server-timing"))
+
+    def stream(client: Client) -> tuple[float, float, float]:
+        """(seconds to the first chunk, to the first chunk with text, to [DONE])."""
+        t = time.perf_counter()
+        resp = client.post("/v1/chat/completions", chat, "application/json")
+        if resp.status != 200:
+            raise RuntimeError(f"/v1/chat/completions answered {resp.status}: {resp.read()[:2000]!r}")
+        first = text = 0.0
+        while line := resp.readline():
+            if not line.startswith(b"data: "):
+                continue
+            now = time.perf_counter() - t
+            first = first or now
+            if line.strip() == b"data: [DONE]":
+                break
+            delta = (json.loads(line[6:]).get("choices") or [{}])[0].get("delta", {})
+            if delta.get("content") and not text:
+                text = now
+        resp.read()
+        return first, text, time.perf_counter() - t
+
+    t = time.perf_counter()
+    with service(args, Path(args.log)) as url:
+        start_s = time.perf_counter() - t
+        clients = [Client(url) for _ in range(CLIENTS)]
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(page, clients[:4]))  # warm-up
+            stream(clients[0])
+            rows = []
+            for n in range(args.rounds):
+                left = list(range(args.requests))
+                loaded: list[tuple[float, int, dict[str, float]]] = []
+
+                def closed_loop(client: Client, left: list[int] = left, loaded: list = loaded) -> None:
+                    while True:
+                        try:
+                            left.pop()
+                        except IndexError:
+                            return
+                        loaded.append(page(client))
+
+                t = time.perf_counter()
+                for f in [pool.submit(closed_loop, c) for c in clients]:
+                    f.result()
+                wall = time.perf_counter() - t
+                single = [page(clients[0]) for _ in range(args.latency_runs)]
+                streams = [stream(clients[0]) for _ in range(args.latency_runs)]
+                stages = sorted({name for _, _, st in single for name in st})
+                rows.append({
+                    "path": "service", "round": n + 1, "pages": len(loaded), "elapsed_s": round(wall, 2),
+                    "pages_per_s": round(len(loaded) / wall, 3),
+                    "mean_completion_tokens": round(sum(r[1] for r in loaded) / len(loaded), 1),
+                    "one_client_median_s": _median([r[0] for r in single]),
+                    "one_client_tokens": sorted({r[1] for r in single}),
+                    "server_timing_median_ms": {s: _median([st.get(s, 0.0) for _, _, st in single]) for s in stages},
+                    "server_timing_under_load_median_ms": {
+                        s: _median([st.get(s, 0.0) for _, _, st in loaded]) for s in stages},
+                    "v1_first_chunk_median_s": _median([r[0] for r in streams]),
+                    "v1_first_text_median_s": _median([r[1] for r in streams]),
+                    "v1_total_median_s": _median([r[2] for r in streams])})
+                emit(args, rows[-1])
+    return summary("service /ocr/image/advanced", rows) | {
+        "engine_start_s": round(start_s, 1), "jit_lines_after_ready": jit_after_ready(Path(args.log))}
+
+
+# --------------------------------------------------------------------------------------- both
+
+
+def summary(path: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over the rounds of every numeric figure; the rounds beside them."""
+    out: dict[str, Any] = {"path": path, "clients": CLIENTS, "rounds": rows}
+    for key in ("pages_per_s", "one_client_median_s", "ttft_median_s", "v1_first_chunk_median_s",
+                "v1_first_text_median_s", "mean_completion_tokens"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key] = _median(values)
+    return out
+
+
+def interactive(args: argparse.Namespace, script: str) -> list[dict[str, Any]]:
+    results = []
+    if args.only in (None, "raw"):
+        raw_json = Path(args.pdf).with_suffix(".interactive-raw.json")
+        cmd = [sys.executable, script, "interactive", *sys.argv[2:], "--only", "raw-child", "--out", str(raw_json)]
+        if subprocess.run(cmd).returncode == 0:
+            results.append(json.loads(raw_json.read_text())[0])
+    if args.only in (None, "service"):
+        results.append(run_service(args))
+    if len(results) == 2:
+        raw, svc = results
+        cmp = {"ratio_pages_per_s": round(svc["pages_per_s"] / raw["pages_per_s"], 3),
+               "one_client_over_raw_ms": round(1000 * (svc["one_client_median_s"] - raw["one_client_median_s"]), 1),
+               "v1_first_chunk_over_raw_ttft_ms": round(
+                   1000 * (svc["v1_first_chunk_median_s"] - raw["ttft_median_s"]), 1),
+               "v1_first_text_over_raw_ttft_ms": round(
+                   1000 * (svc["v1_first_text_median_s"] - raw["ttft_median_s"]), 1)}
+        results.append(cmp)
+        print(f"\ninteractive: one A4 page a request, max_tokens {args.max_tokens}, n-gram {args.ngram[0]}/"
+              f"{args.ngram[1]}, {CLIENTS} clients x {args.requests} pages, then one client x {args.latency_runs}; "
+              f"medians of {args.rounds} rounds")
+        for r in (raw, svc):
+            print(f"  {r['path']:28} {r['pages_per_s']:7.3f} pages/s  one client {r['one_client_median_s']:.4f} s")
+        print(f"  service/raw pages/s {cmp['ratio_pages_per_s']}; one client over raw {cmp['one_client_over_raw_ms']} "
+              f"ms; /v1 first chunk over raw TTFT {cmp['v1_first_chunk_over_raw_ttft_ms']} ms (first text "
+              f"{cmp['v1_first_text_over_raw_ttft_ms']} ms)")
+    return results

@@ -31,9 +31,9 @@ $(DEMO_DIR)/config.json: | setup
 
 demo-model: $(DEMO_DIR)/config.json
 
-# With MODEL_PATH set, serve those weights; without it, serve the tiny random-weights demo checkpoint.
+# With MODEL_PATH (or MODELS) set, serve those weights; without, serve the tiny random-weights demo checkpoint.
 serve: setup
-	@if [ -z "$$MODEL_PATH" ]; then \
+	@if [ -z "$$MODEL_PATH$$MODELS" ]; then \
 	  $(MAKE) --no-print-directory demo-model; \
 	  echo "MODEL_PATH is not set: serving the RANDOM-WEIGHTS DEMO checkpoint $(DEMO_DIR); its text is meaningless."; \
 	  export MODEL_PATH=$(DEMO_DIR) DEFAULT_MAX_TOKENS=$${DEFAULT_MAX_TOKENS:-64}; \

@@ -227,6 +227,9 @@ def test_readme_quick_start_runs_as_written_on_a_fresh_clone() -> None:
                 assert len(done.stdout.encode()) < 8192, f"{command!r} printed {len(done.stdout)} bytes"
                 assert json.loads(done.stdout)["text"] is not None, done.stdout[:2000]
         assert list((clone / "results").glob("*.md")), "the client wrote no markdown under results/"
+        # Text logs: the curl request has one access line, ours (uvicorn's `"POST /ocr/... HTTP/1.1" 200` is off).
+        access = [line for line in log.read_text().splitlines() if "POST /ocr/image/advanced" in line]
+        assert len(access) == 1 and "deepseek_ocr.access" in access[0] and "pages=1" in access[0], access
     finally:
         code = stop_group(server, signal.SIGINT)
     text = log.read_text()

@@ -2,13 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-HOST ?= 0.0.0.0
+# This machine only, unless HOST says otherwise (HOST=0.0.0.0: every interface; then set API_KEY too).
+HOST ?= 127.0.0.1
 PORT ?= 8000
 DEMO_DIR ?= models/demo-tiny-random
 # Connection limits (serve_ocr.uvicorn_options says why; the Dockerfile's CMD passes the same).
 UVICORN_LIMITS = --http h11 --h11-max-incomplete-event-size 65536 --limit-concurrency $${LIMIT_CONCURRENCY:-1000} --timeout-keep-alive 5
 
-.PHONY: setup setup-dev serve test lint fuzz demo-model clean
+.PHONY: setup setup-dev serve test lint fuzz demo-model clean test-ocr client
 
 $(VENV)/.setup: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,14 +31,22 @@ $(DEMO_DIR)/config.json: | setup
 
 demo-model: $(DEMO_DIR)/config.json
 
-# With MODEL_PATH set, serve those weights; without it, serve the tiny random-weights demo checkpoint.
+# With MODEL_PATH (or MODELS) set, serve those weights; without, serve the tiny random-weights demo checkpoint.
 serve: setup
-	@if [ -z "$$MODEL_PATH" ]; then \
+	@if [ -z "$$MODEL_PATH$$MODELS" ]; then \
 	  $(MAKE) --no-print-directory demo-model; \
 	  echo "MODEL_PATH is not set: serving the RANDOM-WEIGHTS DEMO checkpoint $(DEMO_DIR); its text is meaningless."; \
 	  export MODEL_PATH=$(DEMO_DIR) DEFAULT_MAX_TOKENS=$${DEFAULT_MAX_TOKENS:-64}; \
 	fi; \
 	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} exec $(VENV)/bin/uvicorn serve_ocr:app --host $(HOST) --port $(PORT) $(UVICORN_LIMITS)
+
+# The seed's test program and the client CLI, from the venv (no need to activate it), against URL.
+URL ?= http://localhost:$(PORT)
+test-ocr: setup
+	$(PY) test_ocr.py --url $(URL) $(ARGS)
+
+client: setup
+	$(PY) -m ocr_client --url $(URL) $(ARGS)
 
 # Lint: ruff, and deptry: every package the product imports is named in requirements.txt itself (.ci/deptry.toml).
 lint: setup-dev

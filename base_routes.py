@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 
 import images
 from config import Settings
@@ -25,13 +25,27 @@ __version__ = "1.0.0"
 router = APIRouter(tags=["base"], dependencies=[KnownFieldsOnly])
 
 
-@router.get("/", response_model=RootResponse, summary="Service information")
-async def root(request: Request) -> RootResponse:
+# Pages left out of the OpenAPI document that a person should still find from `/`.
+PAGES = ("/ui", "/docs", "/redoc")
+
+
+@router.get(
+    "/",
+    response_model=RootResponse,
+    summary="Service information",
+    responses={307: {"description": "A browser (`Accept: text/html` without JSON) is sent to `/ui`"}},
+)
+async def root(request: Request) -> Any:
+    pages = {getattr(r, "path", None) for r in request.app.routes} & set(PAGES)
+    if "/ui" in pages and wants_html(request.headers.get("accept", "")):
+        return RedirectResponse("/ui", status_code=307)
     service: OcrService = request.app.state.service
     engine = service.admission.primary
     s: Settings = request.app.state.settings
     paths = request.app.openapi()["paths"]
-    endpoints = sorted(f"{method.upper()} {path}" for path, item in paths.items() for method in item)
+    endpoints = sorted(
+        {f"{method.upper()} {path}" for path, item in paths.items() for method in item} | {f"GET {p}" for p in pages}
+    )
     return RootResponse(
         name="DeepSeek-OCR API",
         version=__version__,
@@ -46,6 +60,12 @@ async def root(request: Request) -> RootResponse:
         models=service.admission.model_infos(),
         endpoints=endpoints,
     )
+
+
+def wants_html(accept: str) -> bool:
+    """A browser's Accept names text/html; curl (`*/*`), httpx and JSON clients do not, and get JSON."""
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")}
+    return "text/html" in types and "application/json" not in types
 
 
 @router.get("/health", response_model=HealthResponse, summary="Liveness and model state (always 200)")

@@ -21,6 +21,7 @@ Importing this module is cheap: torch is imported, nothing is built; the image a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -1497,13 +1498,33 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _stage(what: str, started: float, every_s: float = 15.0) -> Iterator[None]:
+    """`run`'s progress on stderr (stdout keeps only the answer): the stage, a line every `every_s` while it
+    lasts (a real model on a CPU takes minutes and would otherwise look hung), and its end; seconds since start."""
+    print(f"[{time.perf_counter() - started:6.1f}s] {what} ...", file=sys.stderr, flush=True)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            print(f"[{time.perf_counter() - started:6.1f}s] still {what.split(' ', 1)[0]}", file=sys.stderr, flush=True)
+
+    threading.Thread(target=tick, daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+    print(f"[{time.perf_counter() - started:6.1f}s] {what.split(' ', 1)[0]}: done", file=sys.stderr, flush=True)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from PIL import Image, ImageOps
 
     with Image.open(args.image) as img:
         image = ImageOps.exif_transpose(img).convert("RGB")
     started = time.perf_counter()
-    ocr = DeepseekOCR.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    with _stage(f"loading {args.model} ({args.device}, {args.dtype})", started):
+        ocr = DeepseekOCR.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     if args.mode not in ocr.modes:
         print(f"mode {args.mode!r} is not served by this {ocr.arch} model; modes: {list(ocr.modes)}", file=sys.stderr)
         return 2
@@ -1511,7 +1532,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     base_size, image_size, crop = spec.base_size, spec.image_size, spec.crop
     sampling = SamplingParams(max_tokens=args.max_tokens, ngram_size=args.ngram_size, ngram_window=args.ngram_window)
     request = ocr.prepare(args.prompt, image, base_size=base_size, image_size=image_size, crop=crop, sampling=sampling)
-    out = ocr.generate([request])[0]
+    with _stage(f"generating (mode {args.mode}, up to {args.max_tokens} tokens)", started):
+        out = ocr.generate([request])[0]
     if args.json:
         print(
             json.dumps(

@@ -104,7 +104,8 @@ def _escape_not_tab(match: re.Match[str]) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, request_id, exception."""
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, request_id, exception, and the
+    record's `fields` (the access line: method, path, status, duration_s, pages, tokens)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -114,6 +115,9 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": _record_id(record),
         }
+        fields = getattr(record, "fields", None)  # structured fields a record carries (the access line's)
+        if isinstance(fields, dict):
+            entry.update({k: v for k, v in fields.items() if k not in entry})
         extra = _exception_text(self, record)
         if extra:
             entry["exception"] = extra
@@ -152,8 +156,9 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def configure_logging(settings: Settings) -> logging.Handler:
     """Install the service's one root handler (replacing the one a previous call installed); returns it.
 
-    With LOG_FORMAT=json uvicorn's own loggers go through it too, so the whole stream parses as JSON; its
-    access log is then dropped because the middleware writes one per request, with the request id.
+    With LOG_FORMAT=json uvicorn's own loggers go through it too, so the whole stream parses as JSON. Uvicorn's
+    access log is off in both formats: the middleware writes the one line per request, with the request id,
+    pages and tokens (two lines per request read as two requests).
     """
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_deepseek_ocr", False)]:
@@ -168,5 +173,5 @@ def configure_logging(settings: Settings) -> logging.Handler:
         for name in ("uvicorn", "uvicorn.error"):
             logging.getLogger(name).handlers.clear()
             logging.getLogger(name).propagate = True
-        logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.access").disabled = True
     return handler

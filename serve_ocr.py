@@ -302,7 +302,54 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.subsystems_down = {}  # what is not a router and failed to start (the job runner), with why
     app.state.mcp_sessions = mount_mcp(app)
     install_security_schemes(app, settings)
+    install_announcer(settings)
     return app
+
+
+LOOPBACK_HOSTS = {"localhost", "::1"}
+
+
+class StartupAnnouncer(logging.Filter):
+    """Watches for uvicorn's "Uvicorn running on http://HOST:PORT" record and adds the service's own lines after
+    it: the address to open in a browser and, when the socket is reachable from other machines without an
+    API key, a warning. Uvicorn knows the real host and port only once it is bound (after the lifespan
+    started), whichever way it was launched (`uvicorn serve_ocr:app`, `python serve_ocr.py`, the image)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Uvicorn running on %s://%s:%d") and len(record.args or ()) == 3:
+            scheme, host, port = record.args  # type: ignore[misc]
+            try:  # after uvicorn's own line, which is being emitted now
+                asyncio.get_running_loop().call_soon(announce, self.settings, str(scheme), str(host), int(port))
+            except RuntimeError:
+                announce(self.settings, str(scheme), str(host), int(port))
+        return True
+
+
+def announce(settings: Settings, scheme: str, host: str, port: int) -> None:
+    shown = "localhost" if host in ("0.0.0.0", "::", "") else f"[{host}]" if ":" in host else host
+    log.info("open %s://%s:%d/ui", scheme, shown, port)
+    if not settings.api_keys and not is_loopback(host):
+        log.warning(
+            "listening on %s:%d, reachable from other machines, without API_KEY: anyone who can reach this port "
+            "can run OCR and read every job. Set API_KEY, or HOST=127.0.0.1 to listen on this machine only",
+            host, port,
+        )
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def install_announcer(settings: Settings) -> None:
+    """One announcer on uvicorn's logger, for the latest app (tests build many apps in one process)."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    for old in [f for f in uvicorn_log.filters if isinstance(f, StartupAnnouncer)]:
+        uvicorn_log.removeFilter(old)
+    uvicorn_log.addFilter(StartupAnnouncer(settings))
 
 
 def install_security_schemes(app: FastAPI, settings: Settings) -> None:

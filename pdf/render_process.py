@@ -336,6 +336,9 @@ def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits:
     OcrError class name, detail, extra), or
     ("memory", detail), after which the worker exits (its heap is suspect) and the parent replaces it.
     """
+    # Ctrl-C in a terminal reaches the whole process group: the server shuts down and closes the pipe (EOF
+    # below), or sends SIGTERM; a KeyboardInterrupt here would only print a traceback per render process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):  # Linux: die with the server, even on kill -9
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:

@@ -177,3 +177,35 @@ def test_compose_cluster_profile_is_valid_and_configures_ray() -> None:
     # `docker compose up` alone stays the one-host service: every other service is in the profile
     assert {name for name, s in services.items() if not s.get("profiles")} == {"deepseek-ocr"}, services
     assert all(s["profiles"] == ["cluster"] for name, s in services.items() if name != "deepseek-ocr")
+
+
+def test_compose_keeps_jobs_in_a_named_volume_on_port_8000() -> None:
+    """`DATA_DIR` (job store, uploads, results) is a named volume: `docker compose up -d --build` keeps the jobs;
+    the host port is the 8000 of every README example."""
+    done = compose("config")
+    assert done.returncode == 0, done.stdout + done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    service = resolved["services"]["deepseek-ocr"]
+    data_dir = service["environment"]["DATA_DIR"]
+    named = [v for v in map(str, service["volumes"]) if v.split(":")[1] == data_dir]
+    assert named and named[0].split(":")[0] in resolved["volumes"], service["volumes"]
+    assert service["ports"][0]["published"] == 8000, service["ports"]
+
+
+def test_compose_passes_every_setting_through_from_a_dot_env(tmp_path: Path) -> None:
+    """Every setting but the two the image fixes (MODEL_PATH, DATA_DIR: paths inside the container) reaches the
+    service, from the shell or from a `.env` (Compose reads the one beside the file; here one named with
+    --env-file). A new setting needs its `NAME: ${NAME:-}` line in docker-compose.yml."""
+    from config import Settings
+
+    fixed = {"model_path", "data_dir"}
+    env_file = tmp_path / ".env"
+    env_file.write_text("".join(f"{name.upper()}=from-dot-env-{name}\n" for name in Settings.model_fields))
+    done = compose("--env-file", str(env_file), "config")
+    assert done.returncode == 0, done.stdout + done.stderr
+    environment = yaml.safe_load(done.stdout)["services"]["deepseek-ocr"]["environment"]
+    missing = [n.upper() for n in Settings.model_fields if n not in fixed and n.upper() not in environment]
+    assert not missing, f"settings docker-compose.yml does not pass through: {missing}"
+    passed = {n for n in Settings.model_fields if environment.get(n.upper()) == f"from-dot-env-{n}"}
+    assert passed == set(Settings.model_fields) - fixed, sorted(set(Settings.model_fields) - fixed - passed)
+    assert environment["MODEL_PATH"] == "/app/models/deepseek-ocr" and environment["DATA_DIR"] == "/data"

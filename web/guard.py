@@ -278,7 +278,12 @@ class ObservabilityMiddleware:
                 app_metrics.observe_stages(route, clock.freeze())
         quiet = scope["path"] in _QUIET_PATHS and status < 400
         level = logging.DEBUG if quiet else logging.INFO
-        access_log.log(level, "%s %s %d %.3fs", scope["method"], scope["path"], status, elapsed)
+        counts = scope.get(metrics.ACCESS_COUNTS) or {"pages": 0, "tokens": 0}
+        fields = {"method": scope["method"], "path": scope["path"], "status": status,
+                  "duration_s": round(elapsed, 3), **counts}
+        # The one access line per request (uvicorn's own is off: logging_config); JSON logs get `fields` as keys.
+        access_log.log(level, "%s %s %d %.3fs pages=%d tokens=%d", scope["method"], scope["path"], status, elapsed,
+                       counts["pages"], counts["tokens"], extra={"fields": fields})
 
 
 def install_middleware(app: FastAPI, settings: Settings) -> None:

@@ -33,6 +33,7 @@ log = logging.getLogger("deepseek_ocr.metrics")
 
 # The ASGI scope of the request being served: items counted deep in the service are labelled with its route
 # template, read when they finish (routing has set `scope["route"]` by then).
+ACCESS_COUNTS = "deepseek_ocr.access"  # scope key: items and generated tokens of the request so far
 current_scope: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("current_scope", default=None)
 
 
@@ -251,6 +252,10 @@ def item_observer(metrics: Metrics) -> Callable[[str, Any, Any], None]:
         u = result.usage
         scope = current_scope.get()
         route = route_template(scope) if scope is not None else "background"
+        if scope is not None:  # the request's access log line reports them (web/guard.py)
+            counts = scope.setdefault(ACCESS_COUNTS, {"pages": 0, "tokens": 0})
+            counts["pages"] += 1
+            counts["tokens"] += u.completion_tokens
         metrics.record_item(route, mode.name, result.status, result.finish_reason, u.prompt_tokens,
                             u.image_tokens, u.completion_tokens)
 

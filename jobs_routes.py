@@ -49,7 +49,8 @@ router = APIRouter(
     responses={
         404: {**_PROBLEM, "description": "No such job (or page), or another key's job"},
         409: {**_PROBLEM, "description": "The job is not in a state that allows this (ended, page not done)"},
-        429: {**_PROBLEM, "description": "Too many jobs queued (MAX_JOBS_QUEUED)"},
+        429: {**_PROBLEM, "description": "Too many jobs queued (MAX_JOBS_QUEUED), or event streams open "
+                                         "(SSE_MAX_STREAMS_PER_KEY, SSE_MAX_STREAMS)"},
     },
 )
 STATUSES = (*ACTIVE, *TERMINAL)
@@ -213,7 +214,8 @@ async def job_events(
 ) -> Response:
     runner, _ = await load_job(request, job_id)
     start = events.last_event_id(last_event_id, after)
-    return events.response(runner, job_id, start)
+    key = owner_filter(request) or f"client:{request.client.host if request.client else ''}"
+    return events.response(events.streams_of(request.app, runner), key, job_id, start)
 
 
 @router.get(

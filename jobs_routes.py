@@ -95,7 +95,7 @@ def _parameters(s: Any) -> dict[str, str]:
         "options": "As /pdf/ocr (prompt, mode, dpi, pages, password, max_tokens, draw_layouts, extract_images, "
         "ngram_size/ngram_window) and /batch/ocr (clean_formulas)",
         "webhook_url": f"POSTed the summary when the job ends; allowed hosts: {s.webhook_allow or 'none'} "
-        "(WEBHOOK_ALLOW), signed `X-Signature-256: sha256=<hex>` under WEBHOOK_SECRET",
+        "(WEBHOOK_ALLOW), signed `X-Signature-256: t=<unix>,v1=<hex>` under WEBHOOK_SECRET",
         "limits": f"{s.max_job_pages} pages per job (MAX_JOB_PAGES), {s.max_jobs_queued} jobs queued or running "
         f"(MAX_JOBS_QUEUED), results kept {s.job_ttl_s:g} s after the end (JOB_TTL_S)",
         "replicas": "API servers sharing JOB_STORE_URL (PostgreSQL) and DATA_DIR all answer every job; one that "

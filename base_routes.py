@@ -25,6 +25,8 @@ __version__ = "1.0.0"
 router = APIRouter(tags=["base"], dependencies=[KnownFieldsOnly])
 
 
+# HEAD answers like GET (uvicorn drops the body): load balancers and `curl -I` probe with it.
+@router.head("/", include_in_schema=False)
 @router.get("/", response_model=RootResponse, summary="Service information")
 async def root(request: Request) -> RootResponse:
     service: OcrService = request.app.state.service
@@ -48,11 +50,13 @@ async def root(request: Request) -> RootResponse:
     )
 
 
+@router.head("/health", include_in_schema=False)
 @router.get("/health", response_model=HealthResponse, summary="Liveness and model state (always 200)")
 async def health(request: Request) -> HealthResponse:
     return health_body(request)
 
 
+@router.head("/ready", include_in_schema=False)
 @router.get(
     "/ready",
     response_model=HealthResponse,

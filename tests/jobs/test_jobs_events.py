@@ -143,28 +143,30 @@ def test_streams_past_the_caps_get_429_and_health_answers(tmp_path: Path) -> Non
 
 
 def test_hundreds_of_idle_streams_with_the_defaults(tmp_path: Path) -> None:
-    """Defaults without API keys: the per-key cap (32) applies per client address; over several keys the
-    total (500) holds, and the idle listeners cost no CPU (a property with a wide margin: before, every listener
-    read the store every second)."""
+    """1,000 streams asked for with the defaults, 50 by each of 20 keys: 32 of each key's open (its cap), 500 in
+    all (the server's), the rest get 429; `/health` answers meanwhile, and the idle listeners cost no CPU (a
+    property with a wide margin: before, every listener read the store every second)."""
     keys = [f"k{i}" for i in range(20)]
     with held_server(tmp_path, api_key=",".join(keys)) as (url, proc):
         # One job per key (JOBS_RUNNING=4 run, the rest stay queued: idle streams either way).
-        jobs = {k: submit(url, png(), "page.png", headers={"X-API-Key": k})["id"] for k in keys[:16]}
+        jobs = {k: submit(url, png(), "page.png", headers={"X-API-Key": k})["id"] for k in keys}
 
         async def scenario() -> None:
             async with contextlib.AsyncExitStack() as outer:
                 opened_all: list[httpx.Response] = []
-                for key in keys[:16]:  # 16 x 32 = 512 asked, 500 may open
-                    headers = {"X-API-Key": key}
-                    opened, refused, stack, _ = await open_streams(url, jobs[key], 32, headers)
+                for key in keys:
+                    opened, refused, stack, _ = await open_streams(url, jobs[key], 50, {"X-API-Key": key})
                     await outer.enter_async_context(stack)
                     opened_all += opened
+                    assert len(opened) == min(32, 500 - len(opened_all) + len(opened)), (key, len(opened))
                     assert all(r.status_code == 429 for r in refused), show(refused[0])
                 assert len(opened_all) == 500, len(opened_all)
                 cpu = proc.cpu_times()
                 await asyncio.sleep(10)
                 used = sum(proc.cpu_times()[:2]) - sum(cpu[:2])
-                assert used < 3.0, f"{used:.2f} s of server CPU in 10 s with 500 idle streams"
+                # Measured 0.19 s here; a store read per listener per second cost ~2.9 s (issue 26: 52% of a core at
+                # 900). CPU time, not wall time: a loaded machine slows the server but does not add to it.
+                assert used < 1.5, f"{used:.2f} s of server CPU in 10 s with 500 idle streams"
                 async with httpx.AsyncClient(timeout=30) as client:
                     started = time.monotonic()
                     health = await client.get(f"{url}/health")

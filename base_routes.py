@@ -29,6 +29,8 @@ router = APIRouter(tags=["base"], dependencies=[KnownFieldsOnly])
 PAGES = ("/ui", "/docs", "/redoc")
 
 
+# HEAD answers like GET (uvicorn drops the body): load balancers and `curl -I` probe with it.
+@router.head("/", include_in_schema=False)
 @router.get(
     "/",
     response_model=RootResponse,
@@ -68,11 +70,13 @@ def wants_html(accept: str) -> bool:
     return "text/html" in types and "application/json" not in types
 
 
+@router.head("/health", include_in_schema=False)
 @router.get("/health", response_model=HealthResponse, summary="Liveness and model state (always 200)")
 async def health(request: Request) -> HealthResponse:
     return health_body(request)
 
 
+@router.head("/ready", include_in_schema=False)
 @router.get(
     "/ready",
     response_model=HealthResponse,

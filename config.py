@@ -236,6 +236,15 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of X-Signature-256")
     webhook_retries: int = Field(5, ge=0, le=50)
     webhook_backoff_s: float = Field(2.0, ge=0, le=3600, description="First retry delay; doubles each time")
+    sse_max_streams_per_key: int = Field(32, ge=1, le=100_000, description="Open /jobs/{id}/events streams of one "
+                                         "API key (without API_KEY: of one client address); more get a 429")
+    sse_max_streams: int = Field(500, ge=1, le=1_000_000, description="Open event streams in total; more get a 429 "
+                                 "(keep it under LIMIT_CONCURRENCY so other requests still get in)")
+    sse_idle_timeout_s: float = Field(300.0, gt=0, le=86_400, description="An event stream with no event for this "
+                                      "long closes (the client resumes with Last-Event-ID)")
+    sse_ping_s: float = Field(15.0, gt=0, le=3600, description="Interval of `: ping` keep-alive comments")
+    sse_poll_s: float = Field(2.0, gt=0, le=3600, description="How often one watcher per watched job reads the "
+                              "store for events written by another replica (this server's own wake it at once)")
 
     # Engine workers (workers/): one process per GPU, the HTTP edge apart.
     engine_workers: Literal["process", "inline"] = Field(

@@ -49,7 +49,8 @@ router = APIRouter(
     responses={
         404: {**_PROBLEM, "description": "No such job (or page), or another key's job"},
         409: {**_PROBLEM, "description": "The job is not in a state that allows this (ended, page not done)"},
-        429: {**_PROBLEM, "description": "Too many jobs queued (MAX_JOBS_QUEUED)"},
+        429: {**_PROBLEM, "description": "Too many jobs queued (MAX_JOBS_QUEUED), or event streams open "
+                                         "(SSE_MAX_STREAMS_PER_KEY, SSE_MAX_STREAMS)"},
     },
 )
 STATUSES = (*ACTIVE, *TERMINAL)
@@ -94,7 +95,7 @@ def _parameters(s: Any) -> dict[str, str]:
         "options": "As /pdf/ocr (prompt, mode, dpi, pages, password, max_tokens, draw_layouts, extract_images, "
         "ngram_size/ngram_window) and /batch/ocr (clean_formulas)",
         "webhook_url": f"POSTed the summary when the job ends; allowed hosts: {s.webhook_allow or 'none'} "
-        "(WEBHOOK_ALLOW), signed `X-Signature-256: sha256=<hex>` under WEBHOOK_SECRET",
+        "(WEBHOOK_ALLOW), signed `X-Signature-256: t=<unix>,v1=<hex>` under WEBHOOK_SECRET",
         "limits": f"{s.max_job_pages} pages per job (MAX_JOB_PAGES), {s.max_jobs_queued} jobs queued or running "
         f"(MAX_JOBS_QUEUED), results kept {s.job_ttl_s:g} s after the end (JOB_TTL_S)",
         "replicas": "API servers sharing JOB_STORE_URL (PostgreSQL) and DATA_DIR all answer every job; one that "
@@ -213,7 +214,8 @@ async def job_events(
 ) -> Response:
     runner, _ = await load_job(request, job_id)
     start = events.last_event_id(last_event_id, after)
-    return events.response(runner, job_id, start)
+    key = owner_filter(request) or f"client:{request.client.host if request.client else ''}"
+    return events.response(events.streams_of(request.app, runner), key, job_id, start)
 
 
 @router.get(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import urllib.parse
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,6 +53,7 @@ FilePath = Annotated[str | None, Field(description="A file under the server's MC
 Prompt = Annotated[str, Field(description="Prompt; empty = the route's default (grounded markdown)")]
 Mode = Annotated[str | None, Field(description="Resolution mode (tiny, small, base, large, gundam); default server's")]
 MaxTokens = Annotated[int | None, Field(ge=1, description="Most tokens to generate per image or page")]
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # jobs/submit.py makes ids as uuid4().hex
 Pages = Annotated[str | None, Field(description="Pages, 1-based: `1-3,7`; default all")]
 
 
@@ -88,8 +89,13 @@ def build_server(settings: Settings, connect: Connect, *, lifespan: Any = None) 
     @server.tool()
     async def get_job_result(ctx: Context, job_id: Annotated[str, Field(min_length=1, max_length=200)]) -> str:
         """A job's markdown so far (pages finished while it runs), from GET /jobs/{id}/result."""
+        # Checked before it becomes part of a URL: `../metrics` would otherwise reach another route and come
+        # back as that route's error, which names the wrong problem.
+        if not JOB_ID.fullmatch(job_id):
+            raise ToolError(f"job_id {job_id[:80]!r} is not a job id: send the `id` POST /jobs answered "
+                            "(32 lowercase hexadecimal characters)")
         client = connect(ctx)
-        answer = await call(client, "GET", f"/jobs/{urllib.parse.quote(job_id, safe='')}/result", jobs=True)
+        answer = await call(client, "GET", f"/jobs/{job_id}/result", jobs=True)
         if "pages" in answer:
             return pdf_markdown(answer, f"job {job_id}")
         if "results" in answer:

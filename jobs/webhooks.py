@@ -1,9 +1,16 @@
 """Webhooks: when a job ends, its summary is POSTed to the job's `webhook_url`, signed, retried with backoff.
 
 Only hosts listed in WEBHOOK_ALLOW may be called (nothing when it is unset), so a client cannot make the
-server send requests to internal addresses; redirects are not followed for the same reason. The body is
-signed with HMAC-SHA256 under WEBHOOK_SECRET: `X-Signature-256: sha256=<hex>` (the GitHub convention), so
-a receiver can check that the summary came from this server and was not altered.
+server send requests to internal addresses; redirects are not followed for the same reason. An entry `host`
+allows only the scheme's default port (80 for http, 443 for https); `host:port` allows that port. The URL is
+checked at submit with httpx's own parser, the one the sender uses, so a URL the sender would refuse is a 422
+then, not a webhook that cannot be sent.
+
+Each attempt is signed with HMAC-SHA256 under WEBHOOK_SECRET over `<t>.<body>`, where `t` is the attempt's
+Unix time: `X-Signature-256: t=<t>,v1=<hex>` (Stripe's scheme), so a receiver checks that the summary came
+from this server unaltered, and refuses a replay whose `t` is too old. An attempt that fails in any way
+(refused, timed out, an answer other than 2xx, any error) is retried; after WEBHOOK_RETRIES the webhook is
+`failed` and the log says why.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
-import urllib.parse
+import time
 from typing import Any
 
 import httpx
@@ -28,25 +35,37 @@ def allowed_hosts(setting: str | None) -> set[str]:
     return {h.strip().lower() for h in (setting or "").split(",") if h.strip()}
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
 def check_url(url: str, allow: str | None) -> str:
-    """The webhook URL when its host (or host:port) is in WEBHOOK_ALLOW; 422 saying why otherwise."""
-    parsed = urllib.parse.urlsplit(url.strip())
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ValidationFailed(f"webhook_url {url!r} is not an http(s) URL")
+    """The webhook URL when its host and port are allowed by WEBHOOK_ALLOW; 422 saying why otherwise."""
+    text = url.strip()
+    try:  # the sender's parser: what it refuses (a tab, a bad port, a malformed host) is refused now
+        parsed = httpx.Request("POST", text).url
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as exc:
+        raise ValidationFailed(f"webhook_url {text[:200]!r} is not a valid URL: {exc}") from None
+    if parsed.scheme not in DEFAULT_PORTS or not parsed.host:
+        raise ValidationFailed(f"webhook_url {text[:200]!r} is not an http(s) URL with a host")
     hosts = allowed_hosts(allow)
-    host = parsed.hostname.lower()
-    netloc = f"{host}:{parsed.port}" if parsed.port else host
-    if host not in hosts and netloc not in hosts:
+    host = parsed.host.lower()
+    port = parsed.port or DEFAULT_PORTS[parsed.scheme]
+    netloc = f"{host}:{port}"
+    bare_ok = host in hosts and port == DEFAULT_PORTS[parsed.scheme]  # a bare host: the default port only
+    if not bare_ok and netloc not in hosts:
         allowed = ", ".join(sorted(hosts)) or "none (WEBHOOK_ALLOW is unset)"
         raise ValidationFailed(
-            f"webhook_url host {netloc!r} is not allowed; allowed hosts: {allowed}. "
-            "The server's operator lists them in WEBHOOK_ALLOW (comma-separated host or host:port)"
+            f"webhook_url host and port {netloc!r} are not allowed; allowed: {allowed}. The server's operator "
+            "lists them in WEBHOOK_ALLOW (comma-separated `host` for the scheme's default port 80/443, or `host:port`)"
         )
-    return url.strip()
+    return text
 
 
-def sign(body: bytes, secret: str) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def sign(body: bytes, secret: str, timestamp: int) -> str:
+    """`t=<unix time>,v1=<hex HMAC-SHA256 of "<t>.<body>">`: the time is signed too, so a receiver can refuse
+    an old message replayed."""
+    mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={mac}"
 
 
 async def deliver(
@@ -54,20 +73,21 @@ async def deliver(
 ) -> tuple[bool, int]:
     """POST `summary` until a 2xx answer or `retries` more attempts; returns (delivered, attempts)."""
     body = json.dumps(summary, ensure_ascii=False).encode()
-    headers = {"Content-Type": "application/json", "User-Agent": "deepseek-ocr-jobs"}
-    if secret:
-        headers[SIGNATURE_HEADER] = sign(body, secret)
     attempts = 0
     async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False, trust_env=False) as client:
         for attempt in range(retries + 1):
             attempts += 1
+            headers = {"Content-Type": "application/json", "User-Agent": "deepseek-ocr-jobs"}
+            if secret:  # signed per attempt: a late retry carries its own time
+                headers[SIGNATURE_HEADER] = sign(body, secret, int(time.time()))
             try:
                 response = await client.post(url, content=body, headers=headers)
                 if 200 <= response.status_code < 300:
                     return True, attempts
                 log.warning("webhook %s answered %d (attempt %d)", url, response.status_code, attempts)
-            except httpx.HTTPError as exc:
-                log.warning("webhook %s failed: %s (attempt %d)", url, exc, attempts)
+            except Exception as exc:  # any failure is one failed attempt; a webhook must never stay `pending`
+                log.warning("webhook %s failed: %s: %s (attempt %d)", url, type(exc).__name__, exc, attempts)
             if attempt < retries:
                 await asyncio.sleep(backoff_s * 2**attempt)
+    log.warning("webhook %s failed after %d attempts; its status is `failed`", url, attempts)
     return False, attempts

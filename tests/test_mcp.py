@@ -124,8 +124,12 @@ def test_tool_errors_say_what_to_send(url: str, allowed: Path) -> None:
             ]:
                 result = await mcp.call_tool("ocr_image", args)
                 assert result.is_error and says in text_of(result), (args, text_of(result))
-            job = await mcp.call_tool("get_job_result", {"job_id": "abc"})
+            job = await mcp.call_tool("get_job_result", {"job_id": "0" * 32})  # well-formed, unknown
             assert job.is_error and "HTTP 404" in text_of(job) and "no jobs API" not in text_of(job), text_of(job)
+            # Not an id: refused by its format, never sent on as a path (`../metrics` reached /metrics).
+            for bad in ("../metrics", "abc", "..%2Fmetrics", "A" * 32, "0" * 31 + "/"):
+                job = await mcp.call_tool("get_job_result", {"job_id": bad})
+                assert job.is_error and "is not a job id" in text_of(job) and "HTTP" not in text_of(job), text_of(job)
 
     anyio.run(run)
 

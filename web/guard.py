@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 import logging_config
 from config import Settings
-from errors import PROBLEM_MEDIA_TYPE, OcrError, PayloadTooLarge, Unauthorized
+from errors import PROBLEM_MEDIA_TYPE, BadRequest, OcrError, PayloadTooLarge, Unauthorized
 from service import timing
 from web import metrics
 from web.timing import response_header
@@ -37,6 +37,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 OPEN_PATHS = frozenset({"/health", "/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/ui"})
 OPEN_PREFIXES = ("/static/",)  # web.STATIC_PREFIX: public files only
 _FORM_MARGIN = 1 << 20  # room for the form fields beside the file
+# The headers a key comes in. Each at most once: with two, one reader could check the key of one copy while
+# another (web.deps.owner_of, which names the job's owner) reads the other.
+KEY_HEADERS = (b"authorization", b"x-api-key")
 # Probes and scrapes hit every few seconds: their successful answers are logged at DEBUG only.
 _QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
 access_log = logging.getLogger("deepseek_ocr.access")
@@ -90,6 +93,13 @@ class GuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        repeated = [name.decode() for name in KEY_HEADERS
+                    if sum(1 for k, _ in scope.get("headers") or [] if k.lower() == name) > 1]
+        if self.keys and repeated:
+            await send_problem(send, scope, BadRequest(
+                f"the {' and '.join(repeated)} header came more than once; send the API key once, as "
+                "`Authorization: Bearer <key>` or `X-API-Key: <key>`", header=repeated[0]))
             return
         if not self.authorised(scope):
             await send_problem(

@@ -151,7 +151,8 @@ def test_webhook_signed_retried_and_hosts_allowed(tmp_path: Path) -> None:
             assert state["webhook"]["attempts"] == 3, state
         assert len(Receiver.calls) == 3, Receiver.calls  # two failures, then the one delivery
         for headers, body in Receiver.calls:
-            expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+            t = headers["X-Signature-256"].split(",")[0].removeprefix("t=")
+            expected = f"t={t},v1=" + hmac.new(b"s3cret", t.encode() + b"." + body, hashlib.sha256).hexdigest()
             assert hmac.compare_digest(headers["X-Signature-256"], expected), headers
         summary = json.loads(Receiver.calls[-1][1])
         assert summary["id"] == job["id"] and summary["status"] == "done" and summary["pages_done"] == 2, summary

@@ -246,6 +246,14 @@ class Settings(BaseSettings):
     sse_poll_s: float = Field(2.0, gt=0, le=3600, description="How often one watcher per watched job reads the "
                               "store for events written by another replica (this server's own wake it at once)")
 
+    # Jobs' disk (jobs/quota.py): what one key and everyone together may keep under DATA_DIR.
+    max_jobs_queued_per_key: int = Field(20, ge=1, le=1_000_000, description="Jobs one key has queued or running")
+    job_quota_jobs_per_key: int = Field(1_000, ge=1, le=10_000_000, description="Jobs one key keeps (any status)")
+    job_quota_bytes_per_key: int = Field(5 * 1024**3, ge=1, description="Bytes of uploads and results one key keeps")
+    data_quota_jobs: int = Field(10_000, ge=1, le=100_000_000, description="Jobs kept by every key together")
+    data_quota_bytes: int = Field(50 * 1024**3, ge=1, description="Bytes of uploads and results of every job")
+    data_min_free_gb: float = Field(1.0, ge=0, description="New jobs get 507 while DATA_DIR's disk has less free")
+
     # Engine workers (workers/): one process per GPU, the HTTP edge apart.
     engine_workers: Literal["process", "inline"] = Field(
         "process", description="process: each engine in its own worker process, one per GPU; inline: in the server"

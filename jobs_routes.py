@@ -16,23 +16,24 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import images
 from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
-from jobs import events, results, views, webhooks
+from jobs import events, quota, results, views, webhooks
 from jobs.schemas import JobDetail, JobList, JobSummary
 from jobs.spec import JobSpec
 from jobs.store import ACTIVE, TERMINAL
 from jobs.submit import create_job
+from outputs.archive import stream_zip
 from service.ocr import document_notes
 from service.options import JobForm
 from web.answers import (
     BatchRun,
     attachment,
+    batch_members,
     batch_response,
-    batch_zip,
     download_stem,
     member_stems,
     page_model,
+    pdf_members,
     pdf_response,
-    pdf_zip,
 )
 from web.deps import KnownFieldsOnly, ServiceDep, file_field, files_field, owner_of, read_upload
 from web.forms import form_of
@@ -49,8 +50,10 @@ router = APIRouter(
     responses={
         404: {**_PROBLEM, "description": "No such job (or page), or another key's job"},
         409: {**_PROBLEM, "description": "The job is not in a state that allows this (ended, page not done)"},
-        429: {**_PROBLEM, "description": "Too many jobs queued (MAX_JOBS_QUEUED), or event streams open "
-                                         "(SSE_MAX_STREAMS_PER_KEY, SSE_MAX_STREAMS)"},
+        429: {**_PROBLEM, "description": "Too many jobs queued (MAX_JOBS_QUEUED, MAX_JOBS_QUEUED_PER_KEY), a key's "
+              "quota used up (JOB_QUOTA_JOBS_PER_KEY, JOB_QUOTA_BYTES_PER_KEY), or event streams open "
+              "(SSE_MAX_STREAMS_PER_KEY, SSE_MAX_STREAMS)"},
+        507: {**_PROBLEM, "description": "No room: DATA_QUOTA_JOBS, DATA_QUOTA_BYTES or DATA_MIN_FREE_GB"},
     },
 )
 STATUSES = (*ACTIVE, *TERMINAL)
@@ -119,7 +122,8 @@ add_status_routes(
         "GET /jobs/{id}/result": "The answer so far, shaped like /pdf/ocr (or /batch/ocr)",
         "GET /jobs/{id}/download": "The ZIP of /pdf/ocr/download (or /batch/ocr/download)",
         "GET /jobs/{id}/pages/{n}": "One page (PDF page number, or batch file index)",
-        "DELETE /jobs/{id}": "Cancel: engine work stops, finished pages stay",
+        "DELETE /jobs/{id}": "Cancel a running job (engine work stops, finished pages stay); purge an ended "
+        "one: 204, its uploads, results and record gone",
     },
     parameters=_parameters,
     examples=[
@@ -240,18 +244,19 @@ async def job_result(request: Request, job_id: str) -> Any:
     summary="The ZIP of /pdf/ocr/download (or /batch/...)",
 )
 async def job_download(request: Request, job_id: str) -> Response:
+    """Streamed: members are read from the job's files as the ZIP is sent (`outputs.archive.stream_zip`)."""
     runner, job = await load_job(request, job_id)
     pages = await runner.store.call(runner.store.pages, job_id)
     if job["kind"] == "pdf":
         stem = JobSpec.load(job["spec"], job_id).stem
-        run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages,
-                                    max_answer_bytes=runner.settings.max_answer_bytes)
+        run = await asyncio.to_thread(views.document_run, runner.data_dir, job, pages, files=True)
         searchable = await asyncio.to_thread(views.searchable_of_document, runner.data_dir, job_id)
-        archive, name = await asyncio.to_thread(pdf_zip, run, stem, searchable), f"{stem}.zip"
+        members, name = pdf_members(run, stem, searchable), f"{stem}.zip"
     else:
-        run = await asyncio.to_thread(views.batch_run, runner.data_dir, job, pages)
-        archive, name = await asyncio.to_thread(batch_zip, run), "batch_results.zip"
-    return Response(archive, media_type="application/zip", headers={"Content-Disposition": attachment(name)})
+        run = await asyncio.to_thread(views.batch_run, runner.data_dir, job, pages, files=True)
+        members, name = batch_members(run), "batch_results.zip"
+    return StreamingResponse(stream_zip(members), media_type="application/zip",
+                             headers={"Content-Disposition": attachment(name)})
 
 
 @router.get(
@@ -280,13 +285,14 @@ async def job_page(request: Request, job_id: str, n: int) -> Any:
 @router.delete(
     "/{job_id}",
     response_model=JobSummary,
-    summary="Cancel a job: engine work stops, finished pages stay readable",
+    responses={204: {"description": "The job had ended: its uploads, results and record are gone"}},
+    summary="Cancel a running job (finished pages stay readable), or purge an ended one (204)",
 )
-async def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+async def cancel_job(request: Request, job_id: str) -> Any:
     runner, job = await load_job(request, job_id)
-    if job["status"] in ("done", "failed"):
-        raise JobConflict(f"job {job_id} already ended ({job['status']}); nothing to cancel", job_status=job["status"])
-    if job["status"] in ACTIVE:
-        await runner.cancel(job)
+    if job["status"] in TERMINAL:
+        await runner.store.call(quota.purge, runner.store, runner.data_dir, job_id)
+        return Response(status_code=204)
+    await runner.cancel(job)
     fresh = await runner.store.call(runner.store.get, job_id)
     return views.summary(fresh or job)

@@ -117,8 +117,9 @@ def save_result(data_dir: Path, job_id: str, index: int, result: ItemResult) -> 
     return str((folder / "result.json").relative_to(data_dir))
 
 
-def load_result(data_dir: Path, relative: str, *, images: bool = True) -> ItemResult:
-    """One stored result back as an `ItemResult` (crops and drawing read only with `images`)."""
+def load_result(data_dir: Path, relative: str, *, images: bool = True, files: bool = False) -> ItemResult:
+    """One stored result back as an `ItemResult` (crops and drawing read only with `images`). With `files`,
+    the drawing and crops are their paths instead of their bytes: a download streams them from disk."""
     path = data_dir / relative
     record = json.loads(path.read_text(encoding="utf-8"))
     result = ItemResult(
@@ -154,13 +155,14 @@ def load_result(data_dir: Path, relative: str, *, images: bool = True) -> ItemRe
             height=post["height"],
         )
         if images:
+            read = (lambda p: p) if files else (lambda p: p.read_bytes())
             if post["annotated_jpeg"]:
-                result.post.annotated_jpeg = (folder / "annotated.jpg").read_bytes()
-            if post["annotated_png"]:
+                result.post.annotated_jpeg = read(folder / "annotated.jpg")
+            if post["annotated_png"] and not files:  # a download has no use for the PNG
                 result.post.annotated_png = (folder / "annotated.png").read_bytes()
             result.post.crops = [
                 ocr_utils.Crop(c["name"], c["label"], tuple(c["box"]), c["width"], c["height"],
-                               (folder / f"crop{n}.jpg").read_bytes())
+                               read(folder / f"crop{n}.jpg"))
                 for n, c in enumerate(post["crops"])
             ]
     return result

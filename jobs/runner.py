@@ -31,7 +31,7 @@ from typing import Any
 
 from config import Settings
 from errors import ServiceUnavailable
-from jobs import results, views, webhooks
+from jobs import quota, results, views, webhooks
 from jobs.spec import JobSpec, JobSpecUnreadable
 from jobs.store import TERMINAL, LeaseLost, Store, now
 from jobs.submit import page_event, page_fields, progress_event
@@ -71,6 +71,7 @@ class Runner:
         """Jobs left by a crashed process (this one before a restart, or another replica) are claimed by the
         loop once their lease expired; their pages left `running` run again then."""
         log.info("jobs: replica %s (lease %g s)", self.replica_id, self.lease_s)
+        await asyncio.to_thread(quota.sweep, self.store, self.data_dir)
         self._loop_task = asyncio.create_task(self._loop(), name="jobs-runner")
         self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="jobs-heartbeat")
 
@@ -305,6 +306,7 @@ class Runner:
         """A finished page: its files on disk, then its row and events in one transaction."""
         idx = row["idx"]
         path = await asyncio.to_thread(results.save_result, self.data_dir, job_id, idx, result)
+        over = await asyncio.to_thread(quota.count_page, self.settings, self.store, self.data_dir, job_id, path)
         event = page_event(row, result)
         result.post = None  # the files hold it now
         fields = {**page_fields(result, path), "worker": self.page_worker(result)}
@@ -313,6 +315,8 @@ class Runner:
                                  self.replica_id) is None:
             raise LeaseLost(job_id)
         self.notify(job_id)
+        if over:
+            raise quota.QuotaExceeded(over)
 
     async def _attempt(self, job_id: str, row: dict, request: Any, options: Any, spec: JobSpec, doc: Any
                        ) -> ItemResult:
@@ -330,7 +334,8 @@ class Runner:
             return
         # The searchable PDFs come from the upload: made before the end is stored, so that a client that reads
         # the download at the terminal event finds them.
-        await self._write_searchable(job)
+        if (unwritten := await self._write_searchable(job)) and status == "done":
+            status, error = "failed", unwritten  # never `done` without its files
         fresh = {**job, "status": status, "finished_at": now(), "error": error}
         if await self.store.call(
             self.store.set_status, job_id, status, [(status, views.summary(fresh))], finished_at=fresh["finished_at"],
@@ -339,10 +344,14 @@ class Runner:
             log.info("jobs: %s %s (%d pages, %d failed)", job_id, status, job["pages_done"], job["pages_failed"])
             await self._ended(job_id)
 
-    async def _write_searchable(self, job: dict[str, Any]) -> None:
+    async def _write_searchable(self, job: dict[str, Any]) -> str | None:
+        """None, or why the searchable PDF could not be stored (a full disk: the job must not end `done`)."""
         pages = await self.store.call(self.store.pages, job["id"])
         try:  # in render processes: an image PDF cannot embed as it is is decoded there, under their memory limit
             await views.write_searchable(self.service.render_pool, self.data_dir, job, pages)
+        except OSError as exc:
+            log.error("jobs: %s: the searchable PDF could not be written: %s", job["id"], exc)
+            return f"the searchable PDF could not be written under DATA_DIR: {exc}"
         except Exception:  # the text results stand without it; the download then has no searchable PDF
             log.exception("jobs: %s: the searchable PDF could not be made", job["id"])
 
@@ -351,6 +360,7 @@ class Runner:
         replica holding the job (`_after`), or by any replica's loop when none does."""
         self.notify(job_id)
         await asyncio.to_thread(results.drop_inputs, self.data_dir, job_id)
+        await asyncio.to_thread(quota.recount, self.store, self.data_dir, job_id)
         job = await self.store.call(self.store.get, job_id)
         if job is None:
             return

@@ -32,6 +32,9 @@ from service.results import ITEM_STATUSES
 T = TypeVar("T")
 ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
+# A job whose upload is being written (N9: the row comes first, so every file under DATA_DIR/jobs has a row and
+# a start-up sweep may remove folders without one). Neither listed nor run; `Store.admit` makes it `queued`.
+UPLOADING = "uploading"
 PAGE_FINISHED = ITEM_STATUSES
 # A page with text: kept even when a cancel came first.
 RESULTS = tuple(s for s in ITEM_STATUSES if s not in ("failed", "aborted"))
@@ -58,6 +61,7 @@ jobs_t = sa.Table(
     sa.Column("webhook_attempts", sa.Integer, nullable=False, default=0),
     sa.Column("lease_owner", sa.String(128)),  # the replica running the job (or sending its webhook)
     sa.Column("lease_expires", sa.Float),  # its heartbeat pushes this on; past it, another replica may claim
+    sa.Column("bytes", sa.BigInteger),  # its uploads and results on disk (the quotas of jobs/quota.py)
 )
 pages_t = sa.Table(
     "pages", meta,
@@ -159,10 +163,52 @@ class Store:
     def create(self, job: dict[str, Any], pages: list[dict[str, Any]], events: Iterable[tuple[str, dict]] = ()) -> None:
         def go(conn: sa.Connection) -> None:
             conn.execute(jobs_t.insert().values(**job))
-            conn.execute(pages_t.insert(), [{"job_id": job["id"], **p} for p in pages])
+            if pages:
+                conn.execute(pages_t.insert(), [{"job_id": job["id"], **p} for p in pages])
             _add_events(conn, job["id"], events)
 
         self._write(go)
+
+    def admit(self, job_id: str, status: str, pages: list[dict[str, Any]], events: Iterable[tuple[str, dict]],
+              size: int, pages_done: int, pages_failed: int) -> None:
+        """An `uploading` job whose files are written: its pages and events, and it becomes `status`."""
+        def go(conn: sa.Connection) -> None:
+            self._lock_job(conn, job_id)
+            conn.execute(pages_t.insert(), [{"job_id": job_id, **p} for p in pages])
+            conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(
+                status=status, bytes=size, pages_done=pages_done, pages_failed=pages_failed))
+            _add_events(conn, job_id, events)
+
+        self._write(go)
+
+    def add_bytes(self, job_id: str, size: int) -> None:
+        self._write(lambda conn: conn.execute(jobs_t.update().where(jobs_t.c.id == job_id).values(
+            bytes=sa.func.coalesce(jobs_t.c.bytes, 0) + size)))
+
+    def usage(self, owner: str) -> dict[str, int]:
+        """Jobs kept (any status), jobs active and bytes on disk: of `owner` (`key_*`) and of everyone."""
+        active = sa.func.sum(sa.case((jobs_t.c.status.in_(ACTIVE), 1), else_=0))
+        size = sa.func.sum(sa.func.coalesce(jobs_t.c.bytes, 0))
+        mine = sa.func.sum(sa.case((jobs_t.c.owner == owner, 1), else_=0))
+        mine_active = sa.func.sum(sa.case((sa.and_(jobs_t.c.owner == owner, jobs_t.c.status.in_(ACTIVE)), 1),
+                                          else_=0))
+        mine_size = sa.func.sum(sa.case((jobs_t.c.owner == owner, sa.func.coalesce(jobs_t.c.bytes, 0)), else_=0))
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(sa.func.count(), active, size, mine, mine_active, mine_size)).one()
+        names = ("jobs", "active", "bytes", "key_jobs", "key_active", "key_bytes")
+        return {name: int(value or 0) for name, value in zip(names, row, strict=True)}
+
+    def uploading_before(self, before: float) -> list[str]:
+        """Jobs whose upload never completed (their server died while writing it)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs_t.c.id).where(jobs_t.c.status == UPLOADING,
+                                                            jobs_t.c.created_at < before))
+            return [r[0] for r in rows]
+
+    def known(self, job_ids: Iterable[str]) -> set[str]:
+        ids = list(job_ids)
+        with self.engine.connect() as conn:
+            return {r[0] for r in conn.execute(sa.select(jobs_t.c.id).where(jobs_t.c.id.in_(ids)))} if ids else set()
 
     def claim_page(self, job_id: str, idx: int, owner: str, worker: str) -> bool:
         """The page starts (again) on `worker`: its attempt is counted before any engine work. False (nothing
@@ -284,7 +330,7 @@ class Store:
 
     # --- reads ----------------------------------------------------------------------------------
     def get(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
-        query = sa.select(jobs_t).where(jobs_t.c.id == job_id)
+        query = sa.select(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.status != UPLOADING)
         if owner is not None:
             query = query.where(jobs_t.c.owner == owner)
         with self.engine.connect() as conn:
@@ -305,7 +351,7 @@ class Store:
         return dict(row) if row else None
 
     def list(self, owner: str | None, status: str | None, limit: int, offset: int) -> tuple[list[dict], int]:
-        query = sa.select(jobs_t)
+        query = sa.select(jobs_t).where(jobs_t.c.status != UPLOADING)
         if owner is not None:
             query = query.where(jobs_t.c.owner == owner)
         if status:
@@ -334,7 +380,8 @@ class Store:
     def count_by_status(self) -> dict[str, int]:
         """Jobs of every replica by status (the `ocr_jobs` gauge), each status present, 0 when none."""
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs_t.c.status, sa.func.count()).group_by(jobs_t.c.status))
+            rows = conn.execute(sa.select(jobs_t.c.status, sa.func.count()).where(jobs_t.c.status != UPLOADING)
+                                .group_by(jobs_t.c.status))
             return {**dict.fromkeys((*ACTIVE, *TERMINAL), 0), **{status: n for status, n in rows}}
 
     def expired(self, before: float) -> list[str]:

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from errors import OcrError, PayloadTooLarge
-from jobs import results, views
+from jobs import quota, results, views
 from jobs.spec import JobSpec
+from jobs.store import UPLOADING
 from service.results import ItemResult
 
 
@@ -59,7 +60,8 @@ async def create_job(
     done: dict[int, ItemResult] | None = None,
     started_at: float | None = None,
 ) -> dict[str, Any]:
-    """Store a new job (its inputs on disk, one row per page) and wake the runner; 413/429 over the limits."""
+    """Store a new job (its inputs on disk, one row per page) and wake the runner; 413 past MAX_JOB_PAGES, 429 or
+    507 past a quota (`jobs.quota`)."""
     settings, store = runner.settings, runner.store
     if len(items) > settings.max_job_pages:
         raise PayloadTooLarge(
@@ -73,11 +75,48 @@ async def create_job(
             f"{active} jobs are queued or running (MAX_JOBS_QUEUED={settings.max_jobs_queued}); retry later",
             headers={"Retry-After": "30"},
         )
+    data_dir = runner.data_dir
+    await asyncio.to_thread(quota.check_new_job, settings, store, data_dir, owner, sum(len(b) for b in inputs))
     job_id = uuid.uuid4().hex
+    job = {
+        "id": job_id, "owner": owner, "kind": kind, "status": UPLOADING,
+        "spec": spec.dump(), "filename": filename, "page_count": page_count,
+        "pages_total": len(items),
+        "pages_done": 0, "pages_failed": 0, "created_at": time.time(), "started_at": started_at,
+        "finished_at": None, "error": None, "webhook_url": webhook_url, "webhook_status": None, "webhook_attempts": 0,
+    }
+    # The row first, its files after: a file under DATA_DIR/jobs always has a row, and one that fails to be
+    # written (a dropped client, a full disk) takes its row and files with it.
+    await store.call(store.create, job, [])
+    try:
+        rows, events = await _write_files(runner, job_id, inputs, items, done or {})
+        job["pages_done"] = sum(1 for r in rows if r["status"] != "queued")
+        job["pages_failed"] = sum(1 for r in rows if r["status"] == "failed")
+        job["status"] = "running" if started_at else "queued"
+        if events:
+            events.append(("progress", progress_event(job)))
+        size = await asyncio.to_thread(quota.folder_bytes, results.job_dir(data_dir, job_id))
+        await store.call(store.admit, job_id, job["status"], rows, events, size, job["pages_done"],
+                         job["pages_failed"])
+    except BaseException as exc:
+        # Blocking on purpose: a cancelled handler (the client went away) still removes what it wrote.
+        results.remove_job(data_dir, job_id)
+        store.delete(job_id)
+        if isinstance(exc, OSError):
+            raise quota.InsufficientStorage(f"the job's files could not be written under DATA_DIR: {exc}",
+                                            setting="DATA_DIR") from exc
+        raise
+    runner.kick()
+    return job
+
+
+
+async def _write_files(runner: Any, job_id: str, inputs: Sequence[bytes], items: list[dict[str, Any]],
+                       done: dict[int, ItemResult]) -> tuple[list[dict[str, Any]], list[tuple[str, Any]]]:
+    """The job's uploads and the results a sync request already finished, on disk; its page rows and events."""
     data_dir = runner.data_dir
     for index, data in enumerate(inputs):
         await asyncio.to_thread(results.save_input, data_dir, job_id, index, data)
-    done = done or {}
     rows, events = [], []
     for idx, item in enumerate(items):
         # Every row has every column: an executemany takes its columns from the first row.
@@ -89,18 +128,4 @@ async def create_job(
             row.update(page_fields(done[idx], path), attempts=1, worker=runner.page_worker(done[idx]))
             events.append(("page", page_event(row, done[idx])))
         rows.append(row)
-    finished = sum(1 for r in rows if r["status"] != "queued")
-    failed = sum(1 for r in rows if r["status"] == "failed")
-    job = {
-        "id": job_id, "owner": owner, "kind": kind, "status": "running" if started_at else "queued",
-        "spec": spec.dump(), "filename": filename, "page_count": page_count,
-        "pages_total": len(items),
-        "pages_done": finished, "pages_failed": failed, "created_at": time.time(), "started_at": started_at,
-        "finished_at": None, "error": None, "webhook_url": webhook_url, "webhook_status": None, "webhook_attempts": 0,
-    }
-    if events:
-        events.append(("progress", progress_event(job)))
-    await store.call(store.create, job, rows, events)
-    runner.kick()
-    return job
-
+    return rows, events

@@ -89,12 +89,14 @@ def finished(pages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def document_run(
-    data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]], *, max_answer_bytes: int | None = None
+    data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]], *, max_answer_bytes: int | None = None,
+    files: bool = False,
 ) -> DocumentRun:
     """The finished pages as the `DocumentRun` `/pdf/ocr` answers from (read from disk; CPU: worker pool).
-    `max_answer_bytes` (MAX_ANSWER_MB) caps the images of the JSON answer built from it, as for /pdf/ocr."""
+    `max_answer_bytes` (MAX_ANSWER_MB) caps the images of the JSON answer built from it, as for /pdf/ocr.
+    With `files`, images are paths (`jobs.results.load_result`): the download streams them."""
     spec = JobSpec.load(job["spec"], job["id"])
-    items = [results.load_result(data_dir, p["result_path"]) for p in finished(pages)]
+    items = [results.load_result(data_dir, p["result_path"], files=files) for p in finished(pages)]
     end = job["finished_at"] or time.time()
     run = DocumentRun(spec.mode_name, job["page_count"] or 0, spec.options.dpi, items, list(spec.warnings),
                       time.perf_counter(), max_answer_bytes=max_answer_bytes)
@@ -127,19 +129,21 @@ async def write_searchable(render_pool: Any, data_dir: Path, job: dict[str, Any]
         await asyncio.to_thread(results.write_atomic, folder / "searchable" / f"{p['idx']}.pdf", pdf)
 
 
-def searchable_of_document(data_dir: Path, job_id: str) -> bytes | None:
+def searchable_of_document(data_dir: Path, job_id: str) -> Path | None:
     path = results.job_dir(data_dir, job_id) / "searchable.pdf"
-    return path.read_bytes() if path.is_file() else None
+    return path if path.is_file() else None
 
 
-def batch_run(data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]]) -> BatchRun:
+def batch_run(data_dir: Path, job: dict[str, Any], pages: list[dict[str, Any]], *, files: bool = False) -> BatchRun:
+    """The finished files as `/batch/ocr`'s run; with `files`, images and searchable PDFs are paths (a download
+    streams them)."""
     spec = JobSpec.load(job["spec"], job["id"])
     done = finished(pages)
-    items = [results.load_result(data_dir, p["result_path"]) for p in done]
+    items = [results.load_result(data_dir, p["result_path"], files=files) for p in done]
     for p, item in zip(done, items, strict=True):
         path = results.job_dir(data_dir, job["id"]) / "searchable" / f"{p['idx']}.pdf"
-        if item.post is not None and path.is_file():
-            item.post.searchable_pdf = path.read_bytes()
+        if item.post is not None and files and path.is_file():
+            item.post.searchable_pdf = path  # type: ignore[assignment]
     end = job["finished_at"] or time.time()
     elapsed = round(end - (job["started_at"] or job["created_at"]), 3)
     return BatchRun([spec.filenames[p["idx"]] for p in done], items, spec.prompt_text, spec.mode_name,

@@ -11,11 +11,16 @@ import re
 import time
 import unicodedata
 import zipfile
-from collections.abc import Iterable
-from pathlib import PurePosixPath
+from collections.abc import Iterable, Iterator
+from pathlib import Path, PurePosixPath
 
 import img2pdf
+import zipstream
 from PIL import Image
+
+# A member's data: bytes, a file on disk (read in chunks as the ZIP is written), or chunks made as it is written.
+MemberData = bytes | Path | Iterable[bytes]
+CHUNK = 1 << 20
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -57,6 +62,60 @@ def layout_pdf(jpeg_pages: Iterable[bytes]) -> bytes:
         raise ValueError("layout_pdf needs at least one page")
     # The internal engine: with pikepdf installed img2pdf would use it, at twice the peak memory.
     return img2pdf.convert(pages, engine=img2pdf.Engine.internal)
+
+
+def stream_layout_pdf(jpegs: Iterable[Path]) -> Iterator[bytes]:
+    """`layout_pdf` for JPEGs on disk, written as it is read: one page per JPEG, embedded as is, sized from
+    its dpi (96 without one, as img2pdf does). img2pdf holds every page until it writes; this holds one."""
+    offsets: list[int] = []
+    written = 0
+
+    def obj(body: bytes) -> bytes:
+        offsets.append(written)
+        return f"{len(offsets)} 0 obj\n".encode() + body + b"\nendobj\n"
+
+    paths = list(jpegs)
+    if not paths:
+        raise ValueError("stream_layout_pdf needs at least one page")
+    # Objects: 1 catalog, 2 pages, then per page: page, image, content.
+    kids = " ".join(f"{3 + 3 * n} 0 R" for n in range(len(paths)))
+    head = b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"
+    written = len(head)
+    first = obj(b"<< /Type /Catalog /Pages 2 0 R >>")
+    written += len(first)
+    second = obj(f"<< /Type /Pages /Kids [{kids}] /Count {len(paths)} >>".encode())
+    written += len(second)
+    yield head + first + second
+    for n, path in enumerate(paths):
+        with Image.open(path) as image:
+            (width, height), mode = image.size, image.mode
+            dpi = float((image.info.get("dpi") or (96, 96))[0]) or 96.0
+        space = {"L": "/DeviceGray", "CMYK": "/DeviceCMYK"}.get(mode, "/DeviceRGB")
+        w, h = width * 72 / dpi, height * 72 / dpi
+        number = 3 + 3 * n
+        draw = f"q {w:.4f} 0 0 {h:.4f} 0 0 cm /Im0 Do Q".encode()
+        page = obj(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 {w:.4f} {h:.4f}] /Resources << /XObject "
+                   f"<< /Im0 {number + 1} 0 R >> >> /Contents {number + 2} 0 R >>".encode())
+        size = path.stat().st_size
+        offsets.append(written + len(page))
+        image_head = (f"{number + 1} 0 obj\n<< /Type /XObject /Subtype /Image /Width {width} /Height {height} "
+                      f"/ColorSpace {space} /BitsPerComponent 8 /Filter /DCTDecode /Length {size} >>\n"
+                      "stream\n").encode()
+        yield page + image_head
+        written += len(page) + len(image_head)
+        for chunk in _chunks(path):
+            written += len(chunk)
+            yield chunk
+        tail = b"\nendstream\nendobj\n"
+        written += len(tail)
+        yield tail
+        content = obj(f"<< /Length {len(draw)} >>\nstream\n".encode() + draw + b"\nendstream")
+        written += len(content)
+        yield content
+    xref = [f"xref\n0 {len(offsets) + 1}\n0000000000 65535 f \n".encode()]
+    xref += [f"{o:010d} 00000 n \n".encode() for o in offsets]
+    trailer = f"trailer\n<< /Size {len(offsets) + 1} /Root 1 0 R >>\nstartxref\n{written}\n%%EOF\n"
+    yield b"".join(xref) + trailer.encode()
 
 
 # ---------------------------------------------------------------------------------------- ZIP
@@ -105,9 +164,10 @@ def safe_member_name(name: str, used: set[str]) -> str:
     return candidate
 
 
-def build_zip(members: Iterable[tuple[str, bytes]]) -> bytes:
-    """A deflated ZIP of (name, data) pairs. Every name goes through `safe_member_name` here, so a
-    caller cannot produce an unsafe archive; read the final names back from the archive if needed.
+def build_zip(members: Iterable[tuple[str, MemberData]]) -> bytes:
+    """A deflated ZIP of (name, data) pairs, in memory (sync answers, whose results are in memory anyway).
+    Every name goes through `safe_member_name` here, so a caller cannot produce an unsafe archive; read the
+    final names back from the archive if needed.
     """
     used: set[str] = set()
     buffer = io.BytesIO()
@@ -116,8 +176,35 @@ def build_zip(members: Iterable[tuple[str, bytes]]) -> bytes:
             info = zipfile.ZipInfo(safe_member_name(name, used), date_time=_zip_time())
             info.compress_type = zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16  # a regular file readable by all, as a user expects
-            archive.writestr(info, data)
+            if isinstance(data, bytes):
+                archive.writestr(info, data)
+                continue
+            with archive.open(info, "w") as out:
+                for chunk in _chunks(data):
+                    out.write(chunk)
     return buffer.getvalue()
+
+
+def stream_zip(members: Iterable[tuple[str, MemberData]]) -> Iterator[bytes]:
+    """The same ZIP as `build_zip`, made as it is sent: files are read from disk in 1 MiB chunks and deflated on
+    the way, so memory holds one chunk, never the archive (four downloads of a 150-page job's 490 MB ZIP built
+    in memory took the server from 2.5 to 6.8 GB). A blocking iterator: Starlette runs it in its thread pool."""
+    used: set[str] = set()
+    archive = zipstream.ZipStream(compress_type=zipstream.ZIP_DEFLATED)
+    for name, data in members:
+        archive.add(_chunks(data), safe_member_name(name, used))
+    yield from archive
+
+
+def _chunks(data: MemberData) -> Iterator[bytes]:
+    if isinstance(data, bytes):
+        yield data
+    elif isinstance(data, Path):
+        with data.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+    else:
+        yield from data
 
 
 def _zip_time() -> tuple[int, int, int, int, int, int]:

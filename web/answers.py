@@ -10,11 +10,12 @@ import base64
 import json
 import urllib.parse
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import ocr_utils
 from engines.base import Usage
-from outputs.archive import SUMMARY_MEMBER, stem_members
+from outputs.archive import SUMMARY_MEMBER, MemberData, stem_members, stream_layout_pdf
 from outputs.archive import download_stem as download_stem  # the routes name their downloads through here
 from outputs.archive import member_stems as member_stems
 from service.results import BatchRun, DocumentRun, ItemResult, PagePost
@@ -182,11 +183,14 @@ def pdf_totals(run: DocumentRun) -> dict[str, Any]:
     }
 
 
-def take_layout_pdf(run: DocumentRun, budget: AnswerBudget | None = None) -> bytes | None:
+def take_layout_pdf(run: DocumentRun, budget: AnswerBudget | None = None) -> MemberData | None:
     """The pages' drawings as one PDF; the per-page JPEGs are dropped as it is made (a 300-page PDF's
     drawings are ~130 MB, and the PDF and its base64 copy come on top). With a `budget`, only the pages
-    that fit in it (the layout PDF embeds each JPEG as is)."""
+    that fit in it (the layout PDF embeds each JPEG as is). Drawings that are files (a job's, read for its
+    download) give a PDF written as the ZIP is sent."""
     jpegs = [p.post.annotated_jpeg for p in run.pages if p.post is not None and p.post.annotated_jpeg]
+    if jpegs and all(isinstance(j, Path) for j in jpegs):
+        return stream_layout_pdf(jpegs)  # type: ignore[arg-type]
     if budget is not None:
         jpegs = [j for j in jpegs if budget.take(j)]
     for p in run.pages:
@@ -249,10 +253,10 @@ def pdf_simple_response(run: DocumentRun) -> PdfSimpleResponse:
     )
 
 
-def pdf_zip(run: DocumentRun, stem: str, searchable: bytes | None = None) -> bytes:
+def pdf_members(run: DocumentRun, stem: str, searchable: bytes | Path | None = None) -> list[tuple[str, Any]]:
     """`{stem}.md`, `{stem}_det.mmd` (raw tagged text), `{stem}_layouts.pdf`, `{stem}_searchable.pdf`,
-    `images/...`, `pages.json`."""
-    members = [
+    `images/...`, `pages.json`: bytes, or files read as the ZIP is written (a job's, `stream_zip`)."""
+    members: list[tuple[str, Any]] = [
         (f"{stem}.md", ocr_utils.join_pages(page_markdown(p) for p in run.pages).encode()),
         (f"{stem}_det.mmd", ocr_utils.join_pages(p.text for p in run.pages).encode()),
     ]
@@ -267,7 +271,11 @@ def pdf_zip(run: DocumentRun, stem: str, searchable: bytes | None = None) -> byt
         "pages": [page_model(p).model_dump(exclude={"text", "markdown"}) for p in run.pages],
     }
     members.append(("pages.json", json.dumps(manifest, ensure_ascii=False, indent=1).encode()))
-    return ocr_utils.build_zip(members)
+    return members
+
+
+def pdf_zip(run: DocumentRun, stem: str, searchable: bytes | None = None) -> bytes:
+    return ocr_utils.build_zip(pdf_members(run, stem, searchable))
 
 
 def attachment(filename: str) -> str:
@@ -325,8 +333,13 @@ def batch_simple_response(run: BatchRun) -> BatchSimpleResponse:
 
 
 def batch_zip(run: BatchRun) -> bytes:
-    """`summary.json` first, then each file's members in input order. Names are final (see `member_stems`)."""
-    members: list[tuple[str, bytes]] = []
+    return ocr_utils.build_zip(batch_members(run))
+
+
+def batch_members(run: BatchRun) -> list[tuple[str, Any]]:
+    """`summary.json` first, then each file's members in input order. Names are final (see `member_stems`).
+    Crops and searchable PDFs are bytes, or files read as the ZIP is written (a job's, `stream_zip`)."""
+    members: list[tuple[str, Any]] = []
     entries: list[BatchSummaryFile] = []
     for i, (name, r) in enumerate(zip(run.filenames, run.results, strict=True)):
         markdown, raw, error, searchable = stem_members(str(r.label))
@@ -349,4 +362,4 @@ def batch_zip(run: BatchRun) -> bytes:
         clean_formulas=run.clean_formulas,
         **batch_totals(run.results),
     )
-    return ocr_utils.build_zip([(SUMMARY_MEMBER, summary.model_dump_json(indent=2).encode()), *members])
+    return [(SUMMARY_MEMBER, summary.model_dump_json(indent=2).encode()), *members]

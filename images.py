@@ -207,8 +207,8 @@ def check_shape(size: tuple[int, int], max_aspect: float | None) -> None:
     ratio = max(width, height) / max(1, min(width, height))
     if ratio > max_aspect:
         raise PayloadTooLarge(
-            f"The image is {width}x{height}, {ratio:,.0f} times longer than wide; the limit is {max_aspect:g} "
-            "(MAX_IMAGE_ASPECT). Split it into pieces (a long receipt or screenshot into pages) or pad it.",
+            f"The image is {width}x{height}: its long side is {ratio:,.0f} times its short side; the limit is "
+            f"{max_aspect:g} (MAX_IMAGE_ASPECT). Split it into pieces (a long receipt into pages) or pad it.",
             width=width, height=height, aspect=round(ratio, 1), max_aspect=max_aspect,
         )
 

@@ -186,6 +186,15 @@ class Settings(BaseSettings):
         description="Decoded pixels held at once, all requests; unset = 400 MP (~1.2 GB RGB) or 5 MP per engine "
         "sequence (MAX_CONCURRENCY x workers), whichever is more",
     )
+    max_image_aspect: float = Field(
+        100.0, ge=1, le=1_000_000,
+        description="Longest side over shortest of an image upload; longer strips get a 413 before decoding",
+    )
+    max_photo_mpix: float = Field(
+        120.0, gt=0, le=100_000,
+        description="Largest HEIF photo read reduced past MAX_IMAGE_PIXELS (decoded whole first); JPEGs past "
+        "MAX_IMAGE_PIXELS are read at 1/2 to 1/8 in the decoder",
+    )
     max_answer_mb: float = Field(
         64.0, gt=0, le=65536, description="Annotated images and crops in one JSON answer; past it they are dropped"
     )

@@ -26,18 +26,19 @@ import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
+import image_pixels
 from errors import BadRequest, InvalidImage, InvalidPageRange, PayloadTooLarge, UnsupportedMediaType
+from image_pixels import exif_transposed, to_rgb
 
 log = logging.getLogger(__name__)
 
 # Pillow format names we hand to `Image.open(formats=...)`. Restricting the plugins matters for
 # safety, not only for the message: without it Pillow would also try EPS (runs Ghostscript), FITS,
 # PSD and ~30 other parsers on attacker-controlled bytes. MPO is what phones' multi-picture JPEGs
-# identify as; PPM covers PBM/PGM/PPM/PNM.
-ACCEPTED_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "TIFF", "BMP", "GIF", "PPM")
+# identify as; PPM covers PBM/PGM/PPM/PNM; HEIF (iPhone photos) comes from pillow-heif (`image_pixels`).
+ACCEPTED_IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "TIFF", "BMP", "GIF", "PPM", "HEIF")
 # MPO has no opener of its own: the JPEG opener returns an MPO image when it finds MP data.
 _PILLOW_OPENERS: tuple[str, ...] = tuple(f for f in ACCEPTED_IMAGE_FORMATS if f != "MPO")
 _ACCEPTED_TEXT = ", ".join(ACCEPTED_IMAGE_FORMATS)
@@ -54,6 +55,12 @@ JPEG_MAX_SCANS = 100
 # --------------------------------------------------------------------------------------------
 
 
+# Pillow allocates each image row on its own: beside its pixels (~5 B each through decoding, conversion and
+# resizing) a row cost ~23 B more, measured with decode_image + preprocess (gundam and tiny), peak RSS: 40 MP as
+# 6325x6325, 632x63245 and 200x200000 took +196 to +201 MB; as 1x40,000,000, +1073 MB. Charged as pixels.
+ROW_COST_PIXELS = 6
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     """What the header says, read without decoding pixels."""
@@ -63,24 +70,35 @@ class ImageInfo:
     height: int
     frames: int = 1
     orientation: int = 1  # EXIF orientation (1-8); 5-8 swap width and height when displayed
+    reduce_by: int = 1  # a photo over the pixel limit is read at 1/reduce_by (`image_pixels`)
 
     @property
     def pixels(self) -> int:
-        """Pixels `decode_image` will produce (one frame): what admission counts before decoding."""
-        return self.width * self.height
+        """Pixels `decode_image` will produce (one frame): what is held once it has returned."""
+        return math.prod(image_pixels.reduced_size((self.width, self.height), self.reduce_by))
+
+    @property
+    def decoded_pixels(self) -> int:
+        """Pixels the decoder holds on the way (a HEIF is decoded whole, then reduced), each row charged
+        ROW_COST_PIXELS more: what admission counts."""
+        size = (self.width, self.height)
+        rows = image_pixels.reduced_size(size, self.reduce_by)[1]
+        return image_pixels.decoded_pixels(self.format, size, self.reduce_by) + ROW_COST_PIXELS * rows
 
     @property
     def displayed_size(self) -> tuple[int, int]:
         return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
 
 
-def image_info(data: bytes, *, max_pixels: int | None = None) -> ImageInfo:
+def image_info(data: bytes, *, max_pixels: int | None = None, max_photo_pixels: int = 0,
+               max_aspect: float | None = None) -> ImageInfo:
     """Identify an upload from its header only. Raises like `decode_image` for empty, unsupported,
-    unreadable-header and (when `max_pixels` is given) too-large images."""
+    unreadable-header, too-large (when `max_pixels` is given) and too-elongated images. A photo over
+    `max_pixels` comes back with the reduction `decode_image` will apply (see `image_pixels`)."""
     with _open_lazy(data, max_pixels) as im:
-        if max_pixels is not None:
-            _check_pixels(im.size, max_pixels)
-        return ImageInfo(im.format or "", im.width, im.height, getattr(im, "n_frames", 1), _orientation(im))
+        check_shape(im.size, max_aspect)
+        factor = 1 if max_pixels is None else _reduction(im, max_pixels, max_photo_pixels)
+        return ImageInfo(im.format or "", im.width, im.height, getattr(im, "n_frames", 1), _orientation(im), factor)
 
 
 HASH_CHUNK_PIXELS = 1 << 18  # ~1 MB of RGB: one `tobytes` call holds the GIL for about a millisecond
@@ -135,15 +153,20 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, max_photo_pixels: int = 0,
+                 max_aspect: float | None = None) -> Image.Image:
     """Decode an uploaded image to RGB as the user sees it; animated images give their first frame.
 
-    The pixel limit is checked on the header before any pixel is decoded.
+    The pixel and shape limits are checked on the header before any pixel is decoded. A photo (JPEG, HEIF)
+    over `max_pixels` is read reduced to fit it (HEIF only up to `max_photo_pixels`); its `info["note"]`
+    says so. Other formats over `max_pixels` are refused.
     """
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     with _open_lazy(data, max_pixels) as im:
-        _check_pixels(im.size, max_pixels)
+        check_shape(im.size, max_aspect)
+        original, factor = im.size, _reduction(im, max_pixels, max_photo_pixels)
+        image_pixels.start(im, factor)
         try:
             im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -153,16 +176,48 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 f"The {im.format} image is truncated or corrupt and could not be decoded ({exc}). "
                 "Send the complete, undamaged file."
             ) from exc
+        reduced = image_pixels.finish(im, factor)
         # Re-check what was decoded, not only what the header claimed (a plugin may adjust the size).
-        _check_pixels(im.size, max_pixels)
-        oriented = _exif_transposed(im)
-        return _to_rgb(oriented)
+        _check_pixels(reduced.size, max_pixels)
+        rgb = to_rgb(exif_transposed(reduced))
+        if factor > 1:
+            rgb.info["note"] = image_pixels.note(original, reduced.size)
+        return rgb
+
+
+def _reduction(im: Image.Image, max_pixels: int, max_photo_pixels: int) -> int:
+    """1, or the factor a photo over `max_pixels` is read at; 413 naming the limit when it cannot be."""
+    factor = image_pixels.reduction(im.format or "", im.size, max_pixels, max_photo_pixels)
+    if factor is None:
+        photo = im.format in image_pixels.REDUCIBLE_FORMATS
+        raise _too_many_pixels(im.size, max_photo_pixels if photo else max_pixels,
+                               " (MAX_PHOTO_MPIX: a HEIF photo is decoded whole before it is reduced)"
+                               if photo and im.format == "HEIF" else " (MAX_IMAGE_PIXELS)")
+    return factor
+
+
+def check_shape(size: tuple[int, int], max_aspect: float | None) -> None:
+    """Refuse an image far longer than wide (or the reverse) before decoding it. A 77 KB PNG of 1 x 40,000,000
+    pixels held ~650 MB through decoding, conversion and resizing (each image row is an allocation of its own
+    in Pillow, and the resizers keep per-row tables), and no page of text has that shape: the model sees it as
+    a line a pixel thick."""
+    if max_aspect is None:
+        return
+    width, height = size
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > max_aspect:
+        raise PayloadTooLarge(
+            f"The image is {width}x{height}: its long side is {ratio:,.0f} times its short side; the limit is "
+            f"{max_aspect:g} (MAX_IMAGE_ASPECT). Split it into pieces (a long receipt into pages) or pad it.",
+            width=width, height=height, aspect=round(ratio, 1), max_aspect=max_aspect,
+        )
 
 
 def _open_lazy(data: bytes, max_pixels: int | None) -> ImageFile.ImageFile:
     """`Image.open` (lazy: parses the header only) restricted to the accepted formats."""
     if not data:
         raise InvalidImage(f"The file is empty (0 bytes). Send an image; accepted formats: {_ACCEPTED_TEXT}.")
+    image_pixels.register_heif()
     try:
         im = Image.open(io.BytesIO(data), formats=list(_PILLOW_OPENERS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -262,56 +317,6 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
         except Exception:
             continue
     return None
-
-
-def _exif_transposed(im: Image.Image) -> Image.Image:
-    """Apply EXIF orientation; a malformed EXIF block only costs the rotation, never the request."""
-    try:
-        return ImageOps.exif_transpose(im)
-    except Exception as exc:  # EXIF parsing raises a zoo of types on garbage (struct, Syntax, Value...)
-        log.warning("ignoring unreadable EXIF orientation: %s", exc)
-        return im
-
-
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-_HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any decoded mode to RGB the way it looks on screen."""
-    if im.mode in _HIGH_DEPTH_MODES:
-        return Image.fromarray(_to_uint8(im)).convert("RGB")
-    if im.mode in _ALPHA_MODES or "transparency" in im.info:
-        # Flatten on white: documents are dark ink on paper; transparent areas as black would hide text.
-        rgba = im.convert("RGBA")
-        flat = Image.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
-        return flat
-    try:
-        return im.convert("RGB")  # 1, L, P, CMYK (Adobe-inverted JPEGs are un-inverted by Pillow), YCbCr
-    except ValueError as exc:
-        raise UnsupportedMediaType(
-            f"The image's colour mode {im.mode} cannot be converted to RGB. Send an RGB or grayscale image."
-        ) from exc
-
-
-def _to_uint8(im: Image.Image) -> np.ndarray:
-    """Scale 16/32-bit integer and float grayscale to 8 bit. Pillow's own convert("L") clips values
-    above 255, which turns any 16-bit scan white."""
-    arr = np.asarray(im)
-    if arr.dtype.kind in "ui":
-        lo, hi = int(arr.min()), int(arr.max())
-        if im.mode.startswith("I;16") or (lo >= 0 and hi <= 65535):
-            # Full 16-bit range (Pillow also scales 16-bit PGM into it); x/257 maps 65535 -> 255.
-            return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    values = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    lo_f, hi_f = float(values.min()), float(values.max())
-    if im.mode == "F" and lo_f >= 0.0 and hi_f <= 1.0:
-        return np.round(values * 255.0).astype(np.uint8)
-    if hi_f <= lo_f:
-        return np.zeros(values.shape, np.uint8)
-    # Unknown range (32-bit integers, arbitrary floats): stretch what is there.
-    return np.round((values - lo_f) * (255.0 / (hi_f - lo_f))).astype(np.uint8)
 
 
 _SIGNATURES: tuple[tuple[int, bytes, str], ...] = (

@@ -4,7 +4,10 @@ MuPDF offers no limit on decompressed stream size, xref size or image dimensions
 - `prescan` reads the raw file: an xref /Size or object number over `max_objects` (MuPDF allocates its
   xref table for it: /Size 8388607 costs ~350 MB per open), and any Flate stream inflating past
   `max_stream_mb` (inflated into a bounded buffer, so an object stream of ~20 GB of zeros is refused
-  after max_stream_mb of work instead of 36 s of it);
+  after max_stream_mb of work instead of 36 s of it). The /Filter is read as MuPDF reads it: a name, an
+  array (`[/AHx /Fl]`: the ASCII decoders in front are undone first) or an indirect reference (`5 0 R`,
+  followed; one that cannot be followed in the raw bytes, e.g. into an object stream, is tried as each of
+  Flate, hex + Flate and ASCII85 + Flate). Abbreviated names count (`/Fl`, `/AHx`, `/A85`);
 - `check_page_images` reads each image a page uses before rendering it: /Width x /Height and, for
   JPX/DCT/JBIG2, the size in the codestream itself (a dictionary can lie), against `max_image_pixels`; and a
   JPEG's scan count against `max_jpeg_scans` (each scan of a progressive JPEG costs a pass over all
@@ -15,6 +18,8 @@ worker's deadline and RLIMIT_AS. Each refusal is a 413 naming its environment va
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import mmap
 import re
@@ -53,7 +58,13 @@ _SIZE = re.compile(rb"/Size\s+(\d{1,15})")
 _OBJ = re.compile(rb"obj\b")
 _OBJ_NUMBER = re.compile(rb"(\d{1,15})\s+\d{1,5}\s+$")  # "N G " just before an "obj" keyword
 _STREAM = re.compile(rb"stream(?:\r\n|\n|\r)")
-_FLATE_FIRST = re.compile(rb"/Filter\s*\[?\s*/(?:FlateDecode|Fl)(?![A-Za-z])")
+_FILTER = re.compile(rb"/Filter\s*(\[[^\]]{0,512}\]|/[A-Za-z0-9]+|\d{1,10}\s+\d{1,5}\s+R)")
+_FILTER_NAME = re.compile(rb"/([A-Za-z0-9]+)")
+_FILTER_VALUE = re.compile(rb"\s*(\[[^\]]{0,512}\]|/[A-Za-z0-9]+)")
+_LONG_NAMES = {b"Fl": b"FlateDecode", b"AHx": b"ASCIIHexDecode", b"A85": b"ASCII85Decode"}
+_ASCII_DECODERS = (b"ASCIIHexDecode", b"ASCII85Decode")
+# An unresolvable filter is tried as each of these chains (the ones that cost MuPDF a bomb's inflation).
+_GUESSES = ([b"FlateDecode"], [b"ASCIIHexDecode", b"FlateDecode"], [b"ASCII85Decode", b"FlateDecode"])
 
 
 def prescan(data: bytes | mmap.mmap, limits: PdfLimits) -> None:
@@ -76,7 +87,7 @@ def prescan(data: bytes | mmap.mmap, limits: PdfLimits) -> None:
             continue
         head = data[max(0, start - 1024) : start]
         head = head[head.rfind(b"obj") + 1 :]
-        if b"/Fl" in head and _FLATE_FIRST.search(head) and _inflated_size(data, found.end(), cap) > cap:
+        if b"/Filter" in head and _decoded_size(data, found.end(), _filters(data, head), cap) > cap:
             raise PayloadTooLarge(
                 f"A stream in the PDF (at byte {start}) decompresses to more than {limits.max_stream_mb} MB, "
                 "over the cap on one decompressed stream (PDF_MAX_STREAM_MB). The file is a decompression bomb "
@@ -90,6 +101,63 @@ def _too_many_objects(what: str, limits: PdfLimits) -> PayloadTooLarge:
         f"The PDF {what}, over the cap of {limits.max_objects} objects (PDF_MAX_OBJECTS).",
         max_objects=limits.max_objects,
     )
+
+
+def _filters(data: bytes | mmap.mmap, head: bytes) -> list[list[bytes]]:
+    """The filter chains a stream whose dictionary is `head` may have: one when its /Filter can be read (an
+    indirect reference followed to its "N G obj" in the raw bytes), else every chain of `_GUESSES`."""
+    found = _FILTER.search(head)
+    if found is None:
+        return []
+    value: bytes | None = found[1]
+    if value is not None and value.endswith(b"R"):
+        number, generation = value.split()[:2]
+        value = None
+        for target in re.finditer(rb"%s\s+%s\s+obj" % (number, generation), data):
+            at = target.start()
+            if at == 0 or not data[at - 1 : at].isdigit():  # "15 0 obj" is not object 5
+                body = _FILTER_VALUE.match(data[target.end() : target.end() + 600])
+                value = body[1] if body else None
+                break
+    if value is None:
+        return list(_GUESSES)
+    return [[_LONG_NAMES.get(name, name) for name in _FILTER_NAME.findall(value)]]
+
+
+def _decoded_size(data: bytes | mmap.mmap, start: int, chains: list[list[bytes]], cap: int) -> int:
+    """The most any of `chains` makes of the stream at `start` through its first Flate (ASCII decoders in front
+    undone first), counted up to cap + 1. Chains without Flate in that place count 0."""
+    largest = 0
+    for chain in chains:
+        ascii_front = 0
+        while ascii_front < len(chain) and chain[ascii_front] in _ASCII_DECODERS:
+            ascii_front += 1
+        if chain[ascii_front : ascii_front + 1] != [b"FlateDecode"]:
+            continue
+        if ascii_front == 0:
+            size = _inflated_size(data, start, cap)
+        else:
+            end = data.find(b"endstream", start)
+            raw = bytes(data[start : end if end >= 0 else len(data)])
+            for name in chain[:ascii_front]:
+                raw = _ascii_decoded(name, raw)
+            size = _inflated_size(raw, 0, cap)
+        largest = max(largest, size)
+        if largest > cap:
+            break
+    return largest
+
+
+def _ascii_decoded(name: bytes, raw: bytes) -> bytes:
+    """ASCIIHex or ASCII85 as MuPDF reads them: whitespace skipped, stop at the end marker; garbage is b""."""
+    try:
+        if name == b"ASCIIHexDecode":
+            text = bytes(raw.split(b">", 1)[0].translate(None, b" \t\r\n\f\x00"))
+            return binascii.unhexlify(text + b"0" * (len(text) % 2))
+        text = raw.split(b"~>", 1)[0].translate(None, b" \t\r\n\f\x00")
+        return base64.a85decode(text.removeprefix(b"<~"))
+    except (binascii.Error, ValueError):
+        return b""
 
 
 def _inflated_size(data: bytes | mmap.mmap, start: int, cap: int) -> int:

@@ -121,18 +121,23 @@ class OcrService:
         `wait_s` bounds the wait for budget where no request deadline does (503 with Retry-After past it).
         `flow`: the request it belongs to, for the budget's turn (None: a request of its own). `timing`: the
         item's stages (None: the request's)."""
-        limit = max_pixels or self.settings.max_image_pixels
+        limits = {"max_pixels": max_pixels or self.settings.max_image_pixels,
+                  "max_photo_pixels": int(self.settings.max_photo_mpix * 1_000_000),
+                  "max_aspect": self.settings.max_image_aspect}
         with measure("decode", timing):
-            info = await self.blocking(images.image_info, data, max_pixels=limit)
+            info = await self.blocking(images.image_info, data, **limits)
+        # What the decoder holds on the way (a HEIF photo whole), or the image handed on with its copies, shrunk
+        # to the latter once decoded.
+        held = info.pixels * self.copies
         try:
             with measure("wait", timing):
                 async with asyncio.timeout(wait_s):
-                    reservation = await self.pixels.reserve(info.pixels, self.copies, flow)
+                    reservation = await self.pixels.reserve(max(info.decoded_pixels, held), flow=flow)
         except TimeoutError:
             raise Overloaded(f"no decoded-pixel budget came free in {wait_s:g} s (MAX_DECODED_MPIX); retry later",
                              retry_after=5) from None
         loop = asyncio.get_running_loop()
-        call = functools.partial(contextvars.copy_context().run, images.decode_image, data, max_pixels=limit)
+        call = functools.partial(contextvars.copy_context().run, images.decode_image, data, **limits)
         work = self.executor.submit(call)
         try:
             with measure("decode", timing):
@@ -143,6 +148,7 @@ class OcrService:
             else:  # cancelled while the thread decodes: free the budget when the pixels are gone
                 work.add_done_callback(lambda _: release_soon(loop, reservation))
             raise
+        reservation.resize(held)
         self.pixels.hold_for(image, reservation)
         return image
 
@@ -255,7 +261,8 @@ class OcrService:
         kind: str, dpi: int | None, input_hash: str | None, timing: Timing,
     ) -> ItemResult:
         started = time.perf_counter()
-        result = ItemResult(label, width=image.width, height=image.height, dpi=dpi, timing=timing)
+        result = ItemResult(label, width=image.width, height=image.height, dpi=dpi, timing=timing,
+                            note=image.info.get("note"))  # a photo read reduced says so (images.decode_image)
         if input_hash is None:
             with measure("decode", result.timing):  # readying the input, as decoding does
                 input_hash = await self.blocking(content_hash, image)

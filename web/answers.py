@@ -125,6 +125,7 @@ def image_response(result: ItemResult, mode: str, max_bytes: int | None = None) 
         crops=crops,
         width=post.width,
         height=post.height,
+        note=result.note,
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         mode=result.mode or mode,  # type: ignore[arg-type]
         usage=usage_model(result.usage),

@@ -40,23 +40,30 @@ def one_page(content: bytes, resources: bytes = b"<< >>", **more: bytes) -> byte
     return build_pdf(objects)
 
 
-def objstm_pdf(packed: bytes, first: int) -> bytes:
-    """A one-page PDF whose catalog (object 1) lives in the zlib stream `packed` (an object stream whose
-    header is `first` bytes), found through an xref stream: what the object-stream bombs are wrapped in."""
+def objstm_pdf(
+    packed: bytes, first: int, filters: bytes = b"/FlateDecode", filter_object: bytes | None = None
+) -> bytes:
+    """A one-page PDF whose catalog (object 1) lives in the stream `packed` (an object stream whose header is
+    `first` bytes, encoded by `filters`), found through an xref stream: what the object-stream bombs are wrapped
+    in. `filter_object`: the body of an object 6 (a /Filter the stream's dictionary refers to as `6 0 R`)."""
     out = bytearray(b"%PDF-1.7\n")
     offsets = {}
     bodies = {
         2: b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         3: b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
-        4: stream(packed, b"/Type /ObjStm /N 1 /First %d /Filter /FlateDecode" % first),
+        4: stream(packed, b"/Type /ObjStm /N 1 /First %d /Filter %s" % (first, filters)),
     }
+    if filter_object is not None:
+        bodies[6] = filter_object
     for number, body in bodies.items():
         offsets[number] = len(out)
         out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
     offsets[5] = len(out)
+    listed = (2, 3, 4, 5, 6) if filter_object is not None else (2, 3, 4, 5)
     rows = [b"\x00" + bytes(4) + b"\xff\xff", b"\x02" + (4).to_bytes(4, "big") + bytes(2)]
-    rows += [b"\x01" + offsets[n].to_bytes(4, "big") + bytes(2) for n in (2, 3, 4, 5)]
-    out += b"5 0 obj\n%s\nendobj\n" % stream(b"".join(rows), b"/Type /XRef /Size 6 /W [1 4 2] /Root 1 0 R")
+    rows += [b"\x01" + offsets[n].to_bytes(4, "big") + bytes(2) for n in listed]
+    out += b"5 0 obj\n%s\nendobj\n" % stream(b"".join(rows), b"/Type /XRef /Size %d /W [1 4 2] /Root 1 0 R"
+                                               % (len(listed) + 2))
     out += b"startxref\n%d\n%%%%EOF\n" % offsets[5]
     return bytes(out)
 

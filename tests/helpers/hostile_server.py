@@ -9,6 +9,8 @@ left busy and no spill file is left behind.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import os
@@ -232,10 +234,12 @@ def concurrently(n: int, fn: Callable[[int], Any]) -> list[Any]:
         return list(pool.map(fn, range(n)))
 
 
-def deflated_zeros_pdf(zero_bytes: int) -> bytes:
-    """hostile.objstm_bomb's PDF (the catalog in an object stream after `zero_bytes` of NULs) built in
-    O(output) time: each 1 MB of zeros compresses to the same bytes after a full flush, so the block is
-    repeated instead of compressed again, and the zlib wrapper's Adler-32 is computed arithmetically
+def deflated_zeros_pdf(zero_bytes: int, how: str = "literal") -> bytes:
+    """hostile.objstm_bomb's PDF (the catalog in an object stream after `zero_bytes` of NULs); `how` its /Filter:
+    "literal" (/FlateDecode), "indirect" (6 0 R, object 6 being /FlateDecode), "ahx-fl" ([/AHx /Fl], the
+    stream hex-encoded), "long-array" ([/ASCIIHexDecode /FlateDecode]), "a85-indirect" (6 0 R to
+    [/A85 /Fl]). Built in O(output) time: each 1 MB of zeros compresses to the same bytes after a full flush,
+    so the block is repeated instead of compressed again, and the zlib wrapper's Adler-32 is computed arithmetically
     (zeros leave its `a` unchanged and add `a` to `b` per byte). 20 GB of zeros make a ~20 MB file."""
     catalog = b"<< /Type /Catalog /Pages 2 0 R >>"
     header = b"1 %d\n" % zero_bytes
@@ -252,4 +256,11 @@ def deflated_zeros_pdf(zero_bytes: int) -> bytes:
     b = (b + (zero_bytes - zero_bytes % mib) * a) % 65521  # the whole blocks; the tail goes through zlib
     adler = zlib.adler32(tail_data, (b << 16) | a)
     packed = b"\x78\xda" + head + block * (zero_bytes // mib) + tail + adler.to_bytes(4, "big")
-    return objstm_pdf(packed, len(header))
+    if how == "literal":
+        return objstm_pdf(packed, len(header))
+    if how == "indirect":
+        return objstm_pdf(packed, len(header), b"6 0 R", b"/FlateDecode")
+    if how == "a85-indirect":
+        return objstm_pdf(base64.a85encode(packed, wrapcol=76) + b"~>", len(header), b"6 0 R", b"[/A85 /Fl]")
+    filters = b"[/AHx /Fl]" if how == "ahx-fl" else b"[/ASCIIHexDecode /FlateDecode]"
+    return objstm_pdf(binascii.hexlify(packed) + b">", len(header), filters)

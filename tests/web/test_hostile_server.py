@@ -145,15 +145,48 @@ def test_hostile_input_is_refused_while_the_service_stays_up(server: Server, cas
     print(case[0], watch.summary())
 
 
-def test_png_strips_of_1_by_40M_six_at_once(server: Server) -> None:
-    """4. Six concurrent 77 KB PNG strips of 1 x 40,000,000 took the server from 1.1 to 6.17 GB. Now each
-    waits for the decoded-pixel budget (MAX_DECODED_MPIX) and is resized with a reducing gap."""
+# Issue 26 H4: strips of 1 x 40,000,000 cost 5.4x their pixel count (1073 MB each through decoding and preprocessing
+# against 196-201 MB for 40 MP of any shape up to 1:1000; images.ROW_COST_PIXELS) and took the server + children
+# from 1.26 to 5.18 GB (six) and 6.6 GB (sixteen). They are refused from the header (MAX_IMAGE_ASPECT).
+STRIP_MB = 1500
+
+
+def photo_jpeg(size: tuple[int, int]) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, "white").save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("copies", [6, 16])
+def test_png_strips_of_1_by_40M_are_refused_by_their_shape(server: Server, copies: int) -> None:
     strip = png_image(40_000_000, 1)
-    with Watch(server, rss_bound_mb=PIXEL_HEAVY_MB, ordinary_bound_s=ORDINARY_S) as watch:
-        answers = concurrently(6, lambda _: post_image(server.url, strip, mode="tiny"))
-    for r in answers:
-        assert r.status_code == 200, show(r)
-    print("strips", watch.summary())
+    beside = photo_jpeg((640, 480))
+    with Watch(server, rss_bound_mb=STRIP_MB, ordinary_bound_s=ORDINARY_S) as watch:
+        answers = concurrently(copies + 1, lambda i: post_image(server.url, beside if i == copies else strip,
+                                                                 name="p.jpg" if i == copies else "h.png"))
+    for r in answers[:copies]:
+        problem(r, 413, "MAX_IMAGE_ASPECT", "40000000x1")
+    assert answers[copies].status_code == 200, show(answers[copies])
+    print(f"{copies} strips", watch.summary())
+
+
+FILTER_BOMBS = ["indirect", "ahx-fl", "long-array", "a85-indirect"]
+
+
+@pytest.mark.parametrize("how", FILTER_BOMBS)
+def test_object_stream_bombs_behind_any_filter_spelling_are_refused(server: Server, how: str) -> None:
+    """Issue 26 N6: 2 GB of zeros in an object stream whose /Filter is `6 0 R` or an array (`[/AHx /Fl]`) passed
+    the prescan and cost 17-30 s of MuPDF per render process. Now a 413 naming PDF_MAX_STREAM_MB, and a normal
+    PDF sent alongside is read."""
+    bomb = deflated_zeros_pdf(2 << 30, how)
+    normal = h.text_pdf()
+    with Watch(server, rss_bound_mb=RENDER_MB, ordinary_bound_s=ORDINARY_S) as watch:
+        answers = concurrently(3, lambda i: post_pdf(server.url, normal if i == 2 else bomb))
+    for r in answers[:2]:
+        problem(r, 413, "PDF_MAX_STREAM_MB")
+    assert answers[2].status_code == 200, show(answers[2])
+    assert answers[2].json()["pages"][0]["status"] in ("ok", "truncated"), show(answers[2])
+    print(how, watch.summary())
 
 
 def test_batch_of_twelve_40MP_pngs(server: Server) -> None:

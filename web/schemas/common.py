@@ -263,6 +263,7 @@ class ImageOcrResponse(BaseModel):
     crops: list[CropModel] = Field(description="Regions labelled `image` (crop_regions)")
     width: int = Field(description="Image width as the user sees it (EXIF applied)")
     height: int = Field(description="Image height as the user sees it (EXIF applied)")
+    note: str | None = Field(None, description="Why the image was read reduced (a photo over MAX_IMAGE_PIXELS)")
     finish_reason: FinishReason
     mode: ModeName
     usage: UsageModel

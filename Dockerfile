@@ -14,8 +14,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# LibreOffice (core, writer, impress, calc) converts office files to PDF (pdf/office.py): DOCX, PPTX, XLSX, ODF, RTF.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential curl \
+    libreoffice-core libreoffice-writer libreoffice-impress libreoffice-calc \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 

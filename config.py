@@ -216,6 +216,11 @@ class Settings(BaseSettings):
     pdf_max_stream_mb: int = Field(256, ge=1, le=65536, description="Largest decompressed stream of a PDF")
     pdf_max_objects: int = Field(1_000_000, ge=1000, le=100_000_000, description="Largest xref /Size of a PDF")
     pdf_max_image_pixels: int = Field(100_000_000, ge=1_000_000, le=2_000_000_000, description="Largest PDF image")
+    # Office files (pdf/office.py): converted to PDF by LibreOffice headless, then OCR'd as PDFs.
+    office_binary: str = Field("soffice", description="LibreOffice's soffice (a name on PATH or a path)")
+    office_timeout_s: float = Field(120.0, gt=0, le=3600, description="Longest one office-to-PDF conversion")
+    office_memory_mb: int = Field(2048, ge=256, le=65536, description="Address space and largest file of one")
+    office_concurrency: int = Field(2, ge=1, le=64, description="Office conversions at once (each a LibreOffice)")
 
     retry_ladder: bool = Field(True, description="Retry runaway pages: tighter n-gram guard, other mode, Free OCR")
     engine_restart: bool = Field(True, description="Restart a dead engine in place, with backoff")

@@ -22,6 +22,7 @@ from jobs.spec import JobSpec
 from jobs.store import ACTIVE, TERMINAL
 from jobs.submit import create_job
 from outputs.archive import stream_zip
+from pdf.office import office_kind
 from service.ocr import document_notes
 from service.options import JobForm
 from web.answers import (
@@ -35,7 +36,7 @@ from web.answers import (
     pdf_members,
     pdf_response,
 )
-from web.deps import KnownFieldsOnly, ServiceDep, file_field, files_field, owner_of, read_upload
+from web.deps import KnownFieldsOnly, OfficeDep, ServiceDep, file_field, files_field, owner_of, read_upload
 from web.forms import form_of
 from web.schemas.batch import BatchFileResult, BatchResponse
 from web.schemas.common import Problem
@@ -144,6 +145,7 @@ add_status_routes(
 async def submit(
     request: Request,
     service: ServiceDep,
+    office: OfficeDep,
     form: Annotated[JobForm, Depends(form_of(JobForm))],
     file: Annotated[UploadFile | None, file_field("One PDF or image (or send `files` instead)")] = None,
     files: Annotated[list[UploadFile] | None, files_field("Several images, the field repeated (or send `file`)")]
@@ -157,6 +159,8 @@ async def submit(
     options = form.job_options()
     uploads = [file] if file is not None else list(files or [])
     blobs = [await read_upload(u, settings) for u in uploads]
+    if file is not None:  # an office file (DOCX, PPTX, ...) is stored and run as its PDF
+        blobs[0] = await office.as_pdf(blobs[0], file.filename)
     kind = "pdf" if file is not None and blobs[0][:1024].find(b"%PDF-") >= 0 else "batch"
     # Bound to its model: the mode and n-gram guard the pages will run with.
     req = service.admit(options.request(settings, kind=kind))
@@ -172,6 +176,8 @@ async def submit(
         for name, blob in zip(names, blobs, strict=True):
             if blob[:1024].find(b"%PDF-") >= 0:
                 raise UnsupportedMediaType(f"{name} is a PDF; send one PDF per job as `file` (not in `files`)")
+            if kind_of := office_kind(blob, name):
+                raise UnsupportedMediaType(f"{name} is a {kind_of.upper()} document; send it as `file`, one per job")
         items = [{"file": name} for name in names]
     spec = JobSpec.admitted(kind, options, req, filenames=names, stems=member_stems(names),
                             stem=download_stem(names[0]), warnings=warnings)

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Response, UploadFile
 
 from config import DOCUMENT_PROMPT, FREE_PROMPT, MODES, NGRAM_PDF, Settings
+from pdf.office import OfficeConverter
 from pdf.render_pool import mupdf_missing
 from service.ocr import OcrService
 from service.options import PdfOptions, PdfSimpleOptions
@@ -21,7 +22,7 @@ from service.results import DocumentRun
 from service.run import Deadline
 from service.timing import measure
 from web.answers import attachment, download_stem, pdf_response, pdf_simple_response, pdf_zip, searchable_document
-from web.deps import KnownFieldsOnly, OwnerDep, ServiceDep, file_field, read_upload
+from web.deps import KnownFieldsOnly, OfficeDep, OwnerDep, ServiceDep, file_field, read_upload
 from web.forms import form_of
 from web.schemas.pdf import PdfOcrResponse, PdfSimpleResponse
 from web.status import add_status_routes
@@ -35,20 +36,24 @@ if (_missing := mupdf_missing()) is not None:
 router = APIRouter(prefix="/pdf", tags=["PDF OCR"], dependencies=[KnownFieldsOnly])
 
 PdfFile = Annotated[
-    UploadFile, file_field("The PDF; at most MAX_UPLOAD_MB and MAX_PDF_PAGES pages (long documents: `/jobs`)")
+    UploadFile,
+    file_field("The PDF, or an office file (DOCX, PPTX, XLSX, ODT, ODP, ODS, RTF: converted to PDF first); at most "
+               "MAX_UPLOAD_MB and MAX_PDF_PAGES pages (long documents: `/jobs`)"),
 ]
 ZIP_RESPONSE = {200: {"content": {"application/zip": {}}, "description": "ZIP: markdown, raw text, layouts, images"}}
 FullOptions = Annotated[PdfOptions, Depends(form_of(PdfOptions))]
 
 
 async def ocr_pdf(
-    service: OcrService, file: UploadFile, options: PdfSimpleOptions, owner: str
+    service: OcrService, file: UploadFile, options: PdfSimpleOptions, owner: str, office: OfficeConverter
 ) -> tuple[DocumentRun, bytes]:
-    """Validate the options, read the upload and OCR the selected pages under PDF_TIMEOUT_S."""
+    """Validate the options, read the upload (an office file: as its PDF) and OCR the pages under PDF_TIMEOUT_S."""
     settings = service.settings
     req = service.admit(options.request(settings))
     with measure("read"):
         data = await read_upload(file, settings)
+    with measure("decode"):  # turning an office file into pages, like rendering one
+        data = await office.as_pdf(data, file.filename)
     full = isinstance(options, PdfOptions)  # /pdf/ocr/simple draws nothing and crops nothing
     draw, crop = full and options.draw_layouts, full and options.extract_images
     post = PostOptions(draw=draw, annotated_format="jpeg", crop=crop)
@@ -60,8 +65,10 @@ async def ocr_pdf(
 
 
 @router.post("/ocr", response_model=PdfOcrResponse, summary="OCR a PDF: per-page text, markdown, boxes, figures")
-async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions, owner: OwnerDep) -> PdfOcrResponse:
-    run, data = await ocr_pdf(service, file, options, owner)
+async def pdf_ocr(
+    service: ServiceDep, file: PdfFile, options: FullOptions, owner: OwnerDep, office: OfficeDep
+) -> PdfOcrResponse:
+    run, data = await ocr_pdf(service, file, options, owner, office)
     searchable = None
     if options.searchable_pdf:
         searchable = await searchable_document(service.render_pool, run, data, options.password)
@@ -75,8 +82,10 @@ async def pdf_ocr(service: ServiceDep, file: PdfFile, options: FullOptions, owne
     summary="OCR a PDF and download a ZIP: {name}.md, {name}_det.mmd, {name}_layouts.pdf, {name}_searchable.pdf, "
     "images/, pages.json",
 )
-async def pdf_download(service: ServiceDep, file: PdfFile, options: FullOptions, owner: OwnerDep) -> Response:
-    run, data = await ocr_pdf(service, file, options, owner)
+async def pdf_download(
+    service: ServiceDep, file: PdfFile, options: FullOptions, owner: OwnerDep, office: OfficeDep
+) -> Response:
+    run, data = await ocr_pdf(service, file, options, owner, office)
     stem = download_stem(file.filename)
     searchable = await searchable_document(service.render_pool, run, data, options.password)
     archive = await service.blocking(pdf_zip, run, stem, searchable)
@@ -89,14 +98,17 @@ async def pdf_simple(
     file: PdfFile,
     options: Annotated[PdfSimpleOptions, Depends(form_of(PdfSimpleOptions))],
     owner: OwnerDep,
+    office: OfficeDep,
 ) -> PdfSimpleResponse:
-    run, _ = await ocr_pdf(service, file, options, owner)
+    run, _ = await ocr_pdf(service, file, options, owner, office)
     return stamped(pdf_simple_response(run))
 
 
 def _parameters(s: Settings) -> dict[str, str]:
     return {
-        "file": f"The PDF (required); at most {s.max_upload_mb:g} MB and {s.max_pdf_pages} pages (MAX_PDF_PAGES)",
+        "file": f"The PDF (required); at most {s.max_upload_mb:g} MB and {s.max_pdf_pages} pages (MAX_PDF_PAGES). "
+        "DOCX, PPTX, XLSX, ODT, ODP, ODS and RTF are converted to PDF by LibreOffice first "
+        f"({s.office_timeout_s:g} s, OFFICE_TIMEOUT_S)",
         "prompt": f"Default {DOCUMENT_PROMPT!r} (ocr, download), {FREE_PROMPT!r} (simple)",
         "dpi": f"72..300, default 144; lowered per page to stay under {s.max_image_pixels:,} pixels",
         "pages": "1-based selection such as 1-3,7 or 5- ; default all pages",

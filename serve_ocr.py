@@ -35,6 +35,7 @@ from engines.base import UnavailableEngine
 from engines.supervisor import EngineSupervisor
 from errors import PROBLEM_MEDIA_TYPE, OcrError
 from pdf.limits import PdfLimits
+from pdf.office import office_converter
 from pdf.render_pool import RenderPool
 from service.admission import Admission
 from service.ocr import OcrService
@@ -300,6 +301,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.include_router(base_routes.router)
     app.state.routers = include_routers(app)
     app.state.subsystems_down = {}  # what is not a router and failed to start (the job runner), with why
+    app.state.office = office_converter(settings)  # office files -> PDF (LibreOffice), for the PDF routes and jobs
+    if app.state.office.unavailable:
+        app.state.subsystems_down["office conversion"] = app.state.office.unavailable
     app.state.mcp_sessions = mount_mcp(app)
     install_security_schemes(app, settings)
     install_announcer(settings)

@@ -7,6 +7,7 @@ which the caller retries (`follow`) or reports.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,12 +30,34 @@ class ApiError(Exception):
 
     def __init__(self, response: requests.Response) -> None:
         self.status = response.status_code
+        self.problem: dict[str, Any] = {}
         try:
             body = response.json()
             detail = body.get("detail") or body.get("title") or response.text
+            self.problem = body if isinstance(body, dict) else {}
         except ValueError:
             detail = response.text[:500]
         super().__init__(f"HTTP {self.status}: {detail}")
+
+
+def plain_error(error: requests.RequestException, url: str) -> str:
+    """One line for a connection failure, in the user's terms: never urllib3's text or a traceback."""
+    url = url.rstrip("/")
+    if isinstance(error, requests.Timeout):
+        return f"the server at {url} did not answer in time (--timeout)"
+    cause: BaseException | None = error
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:  # requests wraps urllib3 wraps the socket error
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return f"the server at {url} refused the connection (is it running? set the address with --url or OCR_URL)"
+        if isinstance(cause, socket.gaierror):
+            return f"the host of {url} could not be found (--url or OCR_URL)"
+        nested = next((a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)), None)
+        cause = getattr(cause, "reason", None) or nested or cause.__cause__ or cause.__context__
+    if isinstance(error, requests.ConnectionError):
+        return f"could not connect to the server at {url} (--url or OCR_URL)"
+    return f"the request to {url} failed: {type(error).__name__}"
 
 
 class Lost(Exception):

@@ -36,7 +36,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status == "done" and not any(s in BAD_PAGE for s in self.statuses)
+        return self.status in ("done", "skipped") and not any(s in BAD_PAGE for s in self.statuses)
 
     def line(self) -> str:
         """The summary line: what ended how, page counts by status, and where the outputs went."""
@@ -44,9 +44,9 @@ class Outcome:
         for s in self.statuses:
             counts[s] = counts.get(s, 0) + 1
         pages = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no pages"
-        mark = "OK  " if self.ok else "FAIL"
+        mark = "SKIP" if self.status == "skipped" else "OK  " if self.ok else "FAIL"
         parts = [f"{mark} {self.target.source}: {self.status}"]
-        if self.status != "error":
+        if self.status not in ("error", "skipped"):
             parts.append(f"{len(self.statuses)} page(s): {pages}")
         if self.job_id:
             parts.append(f"job {self.job_id}" + (" (resumed)" if self.resumed else ""))
@@ -83,6 +83,12 @@ def find_or_submit(client: Client, target: Target, options: dict[str, Any], out:
     return job
 
 
+def outputs_exist(target: Target, want_zip: bool, want_searchable: bool) -> bool:
+    """Every output the run would write is there (`--skip-existing`); a failed document has none."""
+    wanted = [".md"] + [".zip"] * want_zip + ["_searchable.pdf"] * want_searchable
+    return all(target.output(suffix).is_file() for suffix in wanted)
+
+
 def write_outputs(client: Client, target: Target, job_id: str, want_zip: bool, want_searchable: bool,
                   out: Outcome) -> None:
     result = client.result(job_id)
@@ -92,6 +98,10 @@ def write_outputs(client: Client, target: Target, job_id: str, want_zip: bool, w
         entries = result.get("results", [])
         markdown = "\n".join(r["markdown"] for r in entries)
         out.statuses = [r["status"] for r in entries]
+    if out.status != "done" or all(s in BAD_PAGE for s in out.statuses):
+        # Nothing was read: an empty file would pass for a result (and `--skip-existing` would keep it).
+        out.notes.append("no output written")
+        return
     md = target.output(".md")
     write_atomic(md, markdown.encode())
     out.written.append(md)
@@ -129,12 +139,13 @@ def await_searchable(client: Client, job_id: str, archive: bytes, wait_s: float 
 
 
 def run(client: Client, target: Target, options: dict[str, Any], *, want_zip: bool = False,
-        want_searchable: bool = False, retries: int = 8, poll: bool = False, quiet: bool = False) -> Outcome:
+        want_searchable: bool = False, retries: int = 8, poll: bool = False, quiet: bool = False,
+        position: int | None = None) -> Outcome:
     """Process one input; `Outcome.line()` says how it went. KeyboardInterrupt passes through (state kept)."""
     out = Outcome(target)
     job = find_or_submit(client, target, options, out)
     bar = tqdm(total=job.get("pages_total") or None, initial=job.get("pages_done") or 0, desc=target.source.name,
-               unit="page", file=sys.stderr, disable=quiet, leave=True, dynamic_ncols=True)
+               unit="page", file=sys.stderr, disable=quiet, leave=True, dynamic_ncols=True, position=position)
 
     def on_event(kind: str, data: Any) -> None:
         if isinstance(data, dict) and "pages_done" in data:

@@ -1,6 +1,6 @@
 """Which files a run works on and where each one's outputs go.
 
-A folder contributes its images and PDFs (its subfolders too with `--recursive`, mirrored under `--out`).
+A folder contributes its images, PDFs and office files (its subfolders too with `--recursive`, mirrored under `--out`).
 Two inputs that would write the same `{stem}.md` (`a.png` and `a.pdf` side by side) get their extension in
 the stem (`a_png`, `a_pdf`), so no output overwrites another.
 """
@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-SUFFIXES = IMAGE_SUFFIXES | {".pdf"}
+# Office files run as PDFs on the server (converted by its LibreOffice), so PDF options apply to them.
+OFFICE_SUFFIXES = frozenset({".docx", ".pptx", ".xlsx", ".odt", ".odp", ".ods", ".rtf"})
+SUFFIXES = IMAGE_SUFFIXES | OFFICE_SUFFIXES | {".pdf"}
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class Target:
 
     @property
     def is_pdf(self) -> bool:
-        return self.source.suffix.lower() == ".pdf"
+        return self.source.suffix.lower() in OFFICE_SUFFIXES | {".pdf"}
 
     def output(self, suffix: str) -> Path:
         return self.out_dir / f"{self.stem}{suffix}"

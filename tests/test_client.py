@@ -230,3 +230,82 @@ def test_inputs_recursive_mirrored_and_clashing_stems_kept_apart(tmp_path: Path)
         ("a.pdf", "a_pdf", tmp_path / "in"), ("a.png", "a_png", tmp_path / "in")]
     deep = collect([tmp_path / "in"], tmp_path / "out", recursive=True)
     assert [(t.stem, t.out_dir) for t in deep][-1] == ("c", tmp_path / "out" / "sub")
+
+
+def test_workers_run_documents_at_once_and_skip_existing_submits_nothing(tmp_path: Path) -> None:
+    engine = ReplayEngine(TEXT, delay_s=1.0, max_concurrency=8)  # each job lasts seconds: easy to see at once
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    for n in range(4):
+        (inbox / f"doc{n}.pdf").write_bytes(make_pdf(4))
+    app = create_app(make_settings(None, data_dir=str(tmp_path / "data"), jobs_running=4),
+                     engine_factory=factory(engine))
+    with serve_app(app) as url:
+        most = 0
+        stop = threading.Event()
+
+        def watch() -> None:  # the server's view: how many of the client's jobs are active at one moment
+            nonlocal most
+            while not stop.is_set():
+                active = [j for j in httpx.get(f"{url}/jobs", timeout=30).json()["jobs"]
+                          if j["status"] in ("queued", "running")]
+                most = max(most, len(active))
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            done = cli(url, inbox, "--out", out, "--workers", "3", "--dpi", "72", "-q", timeout=120)
+        finally:
+            stop.set()
+            watcher.join(30)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert most == 3, f"at most {most} jobs were active at once; --workers 3 should keep three in flight"
+        assert len(jobs(url)) == 4 and "4 of 4 document(s) OK" in done.stdout, done.stdout
+        assert sorted(p.name for p in out.iterdir()) == [f"doc{n}.md" for n in range(4)]
+
+        (out / "doc3.md").unlink()  # one output lost: only that document runs again
+        again = cli(url, inbox, "--out", out, "--workers", "3", "--skip-existing", "-q", timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert len(jobs(url)) == 5, jobs(url)
+        assert again.stdout.count("SKIP") == 3 and "OK   " in again.stdout, again.stdout
+        rerun = cli(url, inbox, "--out", out, "--skip-existing", "-q")
+        assert rerun.returncode == 0 and rerun.stdout.count("SKIP") == 4, rerun.stdout + rerun.stderr
+        assert len(jobs(url)) == 5, jobs(url)  # nothing submitted
+
+
+def test_a_failed_document_leaves_no_output(tmp_path: Path) -> None:
+    engine = ReplayEngine(TEXT, fail_on_size=(64, 48))  # the one image below: its only page fails
+    (tmp_path / "bad.png").write_bytes(image_bytes(size=(64, 48), seed=1))
+    (tmp_path / "good.png").write_bytes(image_bytes(size=(80, 40), seed=2))
+    app = create_app(make_settings(None, data_dir=str(tmp_path / "data")), engine_factory=factory(engine))
+    with serve_app(app) as url:
+        done = cli(url, tmp_path / "bad.png", tmp_path / "good.png", "-q")
+    assert done.returncode == 1 and "1 of 2 document(s) OK" in done.stdout, done.stdout + done.stderr
+    assert "no output written" in done.stdout, done.stdout
+    assert not (tmp_path / "bad.md").exists() and (tmp_path / "good.md").is_file()
+    assert not (tmp_path / ".bad.job.json").exists()  # the job ended: nothing to resume
+
+
+def test_refused_connection_is_one_plain_line(tmp_path: Path) -> None:
+    (tmp_path / "x.png").write_bytes(image_bytes())
+    down = cli("http://127.0.0.1:9", tmp_path / "x.png", "--retries", "0")
+    both = down.stdout + down.stderr
+    assert down.returncode == 1, both
+    assert "the server at http://127.0.0.1:9 refused the connection" in down.stdout, both
+    for noise in ("Traceback", "urllib3", "HTTPConnectionPool", "Max retries", "NewConnectionError"):
+        assert noise not in both, both
+
+
+def test_encrypted_pdf_names_the_password_flag(tmp_path: Path) -> None:
+    (tmp_path / "locked.pdf").write_bytes(
+        make_pdf(1, encryption=pymupdf.PDF_ENCRYPT_AES_256, owner_pw="owner", user_pw="secret"))
+    app = create_app(make_settings(None, data_dir=str(tmp_path / "data")), engine_factory=factory(ReplayEngine(TEXT)))
+    with serve_app(app) as url:
+        bare = cli(url, tmp_path / "locked.pdf", "-q")
+        wrong = cli(url, tmp_path / "locked.pdf", "-q", "--password", "nope")
+        right = cli(url, tmp_path / "locked.pdf", "-q", "--password", "secret")
+    assert bare.returncode == 1 and "run again with --password" in bare.stdout, bare.stdout + bare.stderr
+    assert "`password` field" not in bare.stdout, bare.stdout
+    assert wrong.returncode == 1 and "--password is wrong" in wrong.stdout, wrong.stdout + wrong.stderr
+    assert right.returncode == 0, right.stdout + right.stderr

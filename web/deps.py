@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from config import Settings
 from errors import BadRequest, PayloadTooLarge, ValidationFailed
+from pdf.office import OfficeConverter
 from service.ocr import OcrService
 from service.options import PROMPT_MAX_CHARS  # noqa: F401  # the faces' prompt cap, typed once
 from service.run import deadline as deadline  # the routes' plain deadline (504), kept in the service
@@ -46,8 +47,13 @@ def get_service(request: Request) -> OcrService:
     return service
 
 
+def get_office(request: Request) -> OfficeConverter:
+    return request.app.state.office
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[OcrService, Depends(get_service)]
+OfficeDep = Annotated[OfficeConverter, Depends(get_office)]  # office files -> PDF on the PDF routes and jobs
 
 def file_field(description: str) -> object:
     return File(description=description, json_schema_extra={"format": "binary"})

@@ -8,7 +8,8 @@ Per path, on one engine start, --rounds rounds of:
             the first chunk that carries text, against raw's time to first token.
 Raw runs in a child process first (its GPU memory goes with it), then the service. Each round is printed and
 appended to --rounds-out (JSON lines) the moment it ends, so a call cut by its limit keeps what it measured;
-the summary (medians over rounds, and the comparison) comes last.
+the summary (medians over rounds, and the comparison) comes last. With --profile, the service's second round
+under load runs under py-spy (the server and its children, the first --profile-s seconds).
 
     python benchmarks/bench_vllm.py interactive --model DIR --pages 256 --max-tokens 256 --ngram 30 90 \
         --requests 192 --latency-runs 12 --rounds 3 --rounds-out rounds.jsonl --out interactive.json
@@ -74,7 +75,8 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     png = page_png(args)
     gundam = MODES["gundam"]
     builder = PromptBuilder.from_checkpoint(args.model)
-    params = page_params(args, builder)
+    params = page_params(args, builder)  # FINAL_ONLY, as the image routes ask
+    streamed = page_params(args, builder, delta=True)  # per-step deltas, as /v1 streaming asks: its first token
 
     async def main() -> dict[str, Any]:
         engine, start_s = async_engine(args)
@@ -82,15 +84,15 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
         def view() -> Image.Image:
             return vllm_image(Image.open(io.BytesIO(png)).convert("RGB"), gundam)
 
-        async def one() -> tuple[float, float, int]:
-            """(seconds, seconds to the first token, tokens); decoding the upload and preparing the views
-            are counted, as the service counts them, off the event loop like the service's."""
+        async def one(stream: bool = False) -> tuple[float, float, int]:
+            """(seconds, seconds to the first token (streamed only), tokens); decoding the upload and preparing
+            the views are counted, as the service counts them, off the event loop like the service's."""
             t = time.perf_counter()
             prompt = builder.prompt(IMAGE_PROMPT, await asyncio.to_thread(view), gundam)
             (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
             tokens, first = 0, 0.0
-            async for out in engine.generate(engine_input, params, uuid.uuid4().hex):
-                tokens = len(out.outputs[0].token_ids)
+            async for out in engine.generate(engine_input, streamed if stream else params, uuid.uuid4().hex):
+                tokens += len(out.outputs[0].token_ids)
                 if tokens and not first:
                     first = time.perf_counter() - t
             return time.perf_counter() - t, first, tokens
@@ -114,11 +116,13 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
             for n in range(args.rounds):
                 loaded, wall = await load()
                 single = [await one() for _ in range(args.latency_runs)]
+                streams = [await one(stream=True) for _ in range(args.latency_runs)]
                 rows.append({"path": "raw", "round": n + 1, "pages": len(loaded), "elapsed_s": round(wall, 2),
                              "pages_per_s": round(len(loaded) / wall, 3),
                              "mean_completion_tokens": round(sum(r[2] for r in loaded) / len(loaded), 1),
                              "one_client_median_s": _median([r[0] for r in single]),
-                             "ttft_median_s": _median([r[1] for r in single]),
+                             "ttft_median_s": _median([r[1] for r in streams]),
+                             "streamed_total_median_s": _median([r[0] for r in streams]),
                              "one_client_tokens": sorted({r[2] for r in single})})
                 emit(args, rows[-1])
         finally:
@@ -163,7 +167,7 @@ class Client:
 
 
 def run_service(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_vllm import jit_after_ready, multipart, service
+    from bench_vllm import jit_after_ready, multipart, service, start_profile, stop_profile
 
     from config import IMAGE_PROMPT
 
@@ -230,10 +234,12 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                             return
                         loaded.append(page(client))
 
+                profilers = start_profile(args) if args.profile and n == min(1, args.rounds - 1) else []
                 t = time.perf_counter()
                 for f in [pool.submit(closed_loop, c) for c in clients]:
                     f.result()
                 wall = time.perf_counter() - t
+                stop_profile(profilers)
                 single = [page(clients[0]) for _ in range(args.latency_runs)]
                 streams = [stream(clients[0]) for _ in range(args.latency_runs)]
                 stages = sorted({name for _, _, st in single for name in st})

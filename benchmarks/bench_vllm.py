@@ -86,13 +86,14 @@ def rendered_pages(args: argparse.Namespace) -> list[Any]:
                 for p in range(1, source.page_count + 1)]
 
 
-def page_params(args: argparse.Namespace, builder: Any) -> Any:
-    """vLLM sampling parameters for --max-tokens and --ngram, as the service builds them."""
+def page_params(args: argparse.Namespace, builder: Any, delta: bool = False) -> Any:
+    """vLLM sampling parameters for --max-tokens and --ngram, as the service builds them (delta: per-step
+    pieces, as a streamed request asks; else the final output only)."""
     from engines.base import SamplingParams as Sampling
     from engines.vllm.engine import sampling_params
 
     return sampling_params(Sampling(max_tokens=args.max_tokens, ngram_size=args.ngram[0],
-                                    ngram_window=args.ngram[1]), builder.whitelist, delta=False)
+                                    ngram_window=args.ngram[1]), builder.whitelist, delta=delta)
 
 
 def async_engine(args: argparse.Namespace, **extra: Any) -> tuple[Any, float]:

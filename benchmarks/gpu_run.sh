@@ -187,14 +187,21 @@ case "$phase" in
     done
     ray stop --force > /dev/null 2>&1
     ;;
-  inter)  # issue 29: raw AsyncLLM then the service on one start each, ROUNDS (3) rounds, each written as it ends
+  inter)  # issue 29: raw AsyncLLM then the service on one start each, ROUNDS (3) rounds, each written as it ends;
+    # PROFILE=1: the service's second round under load under py-spy (first PROFILE_S=12 s), summarised
     real_ckpt; bench_pdf
+    prof=(); [ -n "${PROFILE:-}" ] && prof=(--profile "$OUT/prof-inter" --profile-s "${PROFILE_S:-12}")
     CUDA_VISIBLE_DEVICES=0 timeout "${T_TOTAL:-570}" python3 benchmarks/bench_vllm.py interactive --model "$CK/real" \
       --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 \
       --requests "${REQUESTS:-192}" --latency-runs "${LATENCY_RUNS:-12}" --rounds "${ROUNDS:-${REPEAT:-3}}" \
       --rounds-out "$OUT/interactive-rounds.jsonl" --log "$OUT/service-interactive.log" \
-      --out "$OUT/interactive.json" 2>&1 | grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
+      --out "$OUT/interactive.json" "${prof[@]}" 2>&1 | grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
     grep -h "warm-up took" "$OUT/service-interactive.log" | cut -c1-600
+    if [ -n "${PROFILE:-}" ]; then
+      python3 benchmarks/profile_summary.py "$OUT"/prof-inter.*.txt --seconds "${PROFILE_S:-12}" --top 25 \
+        > "$OUT/profile-inter-summary.txt" 2>&1
+      tar czf "$OUT/prof-inter.tgz" -C "$OUT" $(cd "$OUT" && ls prof-inter.*) && rm -f "$OUT"/prof-inter.*.txt
+    fi
     ;;
   scale)  # local workers only since 2026-11-30 (Ray: ray12); its first run also had Ray and cut this at 280 s
     real_ckpt; bench_pdf

@@ -27,7 +27,8 @@ RULES = (  # (kind, regex on one frame "function (file:line)"), leaf-first match
     ("worker transport (pickle frames)", r"workers/wire|workers/client|workers/host|pickle"),
     ("PDF render pool", r"pdf_render|pdf_worker|pymupdf|fitz"),
     ("post-processing (parse, markdown, answers)", r"ocr_utils|answers\.py|pipeline\.py:.*postprocess|searchable"),
-    ("service (pipeline, admission)", r"pipeline\.py|admission\.py|engines/"),
+    ("image decode and views (images.py, process/)", r"/images\.py|image_pixels|process/image_process"),
+    ("service (service/, web/, jobs/, engines/)", r"/service/|/web/|/jobs/|engines/|pipeline\.py|admission\.py"),
     ("HTTP (uvicorn, starlette, multipart, json)", r"uvicorn|starlette|fastapi|h11|httptools|multipart|json/"),
     ("asyncio event loop", r"asyncio/"),
     ("torch", r"torch/"),
@@ -61,8 +62,11 @@ def main() -> None:
     parser.add_argument("profiles", nargs="+", help="py-spy raw files, one per process")
     parser.add_argument("--rate", type=float, default=40.0, help="py-spy's --rate")
     parser.add_argument("--seconds", type=float, help="the recording's length: prints each GIL's busy share")
+    parser.add_argument("--top", type=int, default=0, help="also the N most sampled frames of each process "
+                        "(a frame counts once per sample it is on: inclusive time)")
     args = parser.parse_args()
     per_process: dict[str, Counter[str]] = defaultdict(Counter)
+    frames_of: dict[str, Counter[str]] = defaultdict(Counter)
     for path in args.profiles:
         name = _process_name(path)
         for line in open(path, encoding="utf-8", errors="replace"):
@@ -71,12 +75,16 @@ def main() -> None:
                 continue
             frames = stack.split(";")
             per_process[name][kind_of(frames)] += int(count)
+            for frame in set(frames):
+                frames_of[name][frame] += int(count)
     for process, kinds in sorted(per_process.items(), key=lambda kv: -sum(kv[1].values())):
         total = sum(kinds.values())
         busy = f", GIL busy {100 * total / args.rate / args.seconds:.0f}%" if args.seconds else ""
         print(f"\n{process[:110]}  ({total} samples = {total / args.rate:.1f} s{busy})")
         for kind, n in kinds.most_common():
             print(f"  {100 * n / total:5.1f}%  {kind}")
+        for frame, n in frames_of[process].most_common(args.top):
+            print(f"      {100 * n / total:5.1f}%  {frame[:150]}")
 
 
 if __name__ == "__main__":

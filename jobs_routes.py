@@ -14,16 +14,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-import images
-from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, UnsupportedMediaType, ValidationFailed
+from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, ValidationFailed
 from jobs import events, quota, results, views, webhooks
 from jobs.schemas import JobDetail, JobList, JobSummary
 from jobs.spec import JobSpec
 from jobs.store import ACTIVE, TERMINAL
-from jobs.submit import create_job
+from jobs.submit import create_job, plan_items
 from outputs.archive import stream_zip
-from pdf.office import office_kind
-from service.ocr import document_notes
 from service.options import JobForm
 from web.answers import (
     BatchRun,
@@ -165,20 +162,7 @@ async def submit(
     # Bound to its model: the mode and n-gram guard the pages will run with.
     req = service.admit(options.request(settings, kind=kind))
     names = [u.filename or f"file_{i}" for i, u in enumerate(uploads)]
-    warnings: list[str] = []
-    page_count = None
-    if kind == "pdf":
-        async with service.render_pool.document(blobs[0], password=options.password, max_pages=10**9) as doc:
-            page_count = doc.page_count
-            items = [{"page": n} for n in images.parse_page_ranges(options.pages, page_count)]
-            warnings = document_notes(doc)
-    else:
-        for name, blob in zip(names, blobs, strict=True):
-            if blob[:1024].find(b"%PDF-") >= 0:
-                raise UnsupportedMediaType(f"{name} is a PDF; send one PDF per job as `file` (not in `files`)")
-            if kind_of := office_kind(blob, name):
-                raise UnsupportedMediaType(f"{name} is a {kind_of.upper()} document; send it as `file`, one per job")
-        items = [{"file": name} for name in names]
+    items, page_count, warnings = await plan_items(service, options.pages, options.password, kind, names, blobs)
     spec = JobSpec.admitted(kind, options, req, filenames=names, stems=member_stems(names),
                             stem=download_stem(names[0]), warnings=warnings)
     job = await create_job(runner, owner=owner_of(settings, request.headers), kind=kind, spec=spec, inputs=blobs,

@@ -13,15 +13,34 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from errors import OcrError, PayloadTooLarge
+import images
+from errors import OcrError, PayloadTooLarge, UnsupportedMediaType
 from jobs import quota, results, views
 from jobs.spec import JobSpec
 from jobs.store import UPLOADING
+from pdf.office import office_kind
+from service.ocr import OcrService, document_notes
 from service.results import ItemResult
 
 
 class TooManyJobs(OcrError):
     status, slug, title = 429, "too-many-jobs", "Too many jobs are waiting"
+
+
+async def plan_items(service: OcrService, pages: str | None, password: str | None, kind: str, names: list[str],
+                     blobs: list[bytes]) -> tuple[list[dict[str, Any]], int | None, list[str]]:
+    """The job's item rows, its page count and the document's notes: a PDF's selected pages (opened in a
+    render process), or one row per image of a batch (a PDF or office file there is a 415)."""
+    if kind == "pdf":
+        async with service.render_pool.document(blobs[0], password=password, max_pages=10**9) as doc:
+            items = [{"page": n} for n in images.parse_page_ranges(pages, doc.page_count)]
+            return items, doc.page_count, document_notes(doc)
+    for name, blob in zip(names, blobs, strict=True):
+        if blob[:1024].find(b"%PDF-") >= 0:
+            raise UnsupportedMediaType(f"{name} is a PDF; send one PDF per job as `file` (not in `files`)")
+        if kind_of := office_kind(blob, name):
+            raise UnsupportedMediaType(f"{name} is a {kind_of.upper()} document; send it as `file`, one per job")
+    return [{"file": name} for name in names], None, []
 
 
 def page_fields(result: ItemResult, path: str) -> dict[str, Any]:

@@ -61,6 +61,14 @@ export PYTHONUNBUFFERED=1
 "transformers", transformers.__version__)' 2>&1 | tail -1
 } > "$OUT/env-$phase.log" 2>&1
 
+# The service must import with this kit before a phase spends its call: a kit built before a requirement
+# was added (2026-12-06: zipstream) otherwise fails only when the server starts, minutes in.
+if ! python3 -c "import serve_ocr" > "$OUT/preflight.log" 2>&1; then
+  tail -3 "$OUT/preflight.log"
+  echo "the service does not import with this kit: rebuild it (bash ../shared/gpu-kit/build.sh requirements.txt)"
+  exit 3
+fi
+
 # Real SAM/CLIP sizes + a 2-layer real-width decoder with real random weights (equivalence).
 small_ckpt() {
   [ -f "$CK/small/model.safetensors" ] ||

@@ -83,8 +83,8 @@
     try {
       const health = await (await fetch("health")).json();
       $("demo").hidden = !health.demo;
-      $("demo").textContent = health.demo ? "Demo: " + (health.notice || "the model has random weights, so "
-        + "the text is noise; the pages, boxes and downloads work as they will with the real weights.") : "";
+      $("demo").textContent = health.demo ? (health.notice || "Demo: the model has random weights.")
+        + " The pages, boxes, queue and downloads work as they will with the real weights." : "";
     } catch (_) { /* the notice is a courtesy */ }
     try {
       const root = await (await api("./")).json();
@@ -564,7 +564,11 @@
   keyInput.addEventListener("input", () => {
     sessionStorage.setItem(KEY, keyInput.value);
     clearTimeout(keyTimer);
-    keyTimer = setTimeout(() => { say(""); loadInfo(); refreshQueue(); }, 400);
+    keyTimer = setTimeout(() => {
+      if ($("message").dataset.kind === "key") say(""); // a key message is answered again below; others stay
+      loadInfo();
+      refreshQueue();
+    }, 400);
   });
 
   loadInfo();

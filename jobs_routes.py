@@ -262,7 +262,8 @@ async def job_page(request: Request, job_id: str, n: int) -> Any:
     return BatchFileResult(**{**body.model_dump(), "index": n})
 
 
-@router.get("/{job_id}/pages/{n}/image", response_class=FileResponse, responses={200: {"content": {"image/jpeg": {}}}},
+@router.get("/{job_id}/pages/{n}/image", response_class=FileResponse,
+            responses={200: {"content": {"image/jpeg": {}}, "description": "The page as it was rendered"}},
             summary="A PDF page's image as rendered (JPEG, long side <= 1024 px)")
 async def job_page_image(request: Request, job_id: str, n: int) -> FileResponse:
     runner, _, row = await finished_page(request, job_id, n)

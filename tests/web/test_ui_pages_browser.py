@@ -14,6 +14,7 @@ With UI_SCREENSHOT=docs/ui.png the first test saves the page as the README's pic
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 import time
@@ -199,11 +200,21 @@ def check_copy_and_markdown(browser, url: str, job_id: str) -> None:
     copied = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0], "
                                           "e => arguments[0]('failed: ' + e))")
     assert copied == result["markdown"], (copied, result["markdown"])
-    browser.find_element("css selector", '#doc-actions [data-doc="md"]').click()
-    browser.find_element("css selector", '#page-2 [data-page="md"]').click()
-    saved = wait_for_files(browser.downloads, ["report.md", "report_p2.md"])
+    for selector in ('#doc-actions [data-doc="md"]', '#page-2 [data-page="md"]', '#doc-actions [data-doc="json"]',
+                     '#page-2 [data-page="txt"]', '#doc-actions [data-doc="searchable"]'):
+        browser.find_element("css selector", selector).click()
+    saved = wait_for_files(browser.downloads, ["report.md", "report_p2.md", "report.json", "report_p2.txt",
+                                               "report_searchable.pdf"])
     assert saved["report.md"] == result["markdown"], saved
     assert saved["report_p2.md"] == result["pages"][1]["markdown"], saved
+    assert json.loads(saved["report.json"])["markdown"] == result["markdown"], saved
+    shown = "Quarterly report figure images/2_0.jpg (in the ZIP) Revenue grew in every region."
+    assert saved["report_p2.txt"].split() == shown.split(), saved  # the page as shown, without markup
+    # The searchable PDF, read out of the job's ZIP (deflated) by the page itself: a whole PDF of the 3 pages.
+    import pymupdf
+
+    with pymupdf.open(browser.downloads / "report_searchable.pdf") as doc:
+        assert doc.page_count == 3 and "Revenue grew" in doc[0].get_text(), doc[0].get_text()
 
 
 def save_screenshot(browser, path: Path) -> None:
@@ -275,6 +286,16 @@ def test_two_files_two_jobs_history_keys_and_phone_width(server: str, browser, t
     key.send_keys(KEY)
     wait_until(browser, "document.getElementById('message').textContent === ''", 30)
 
+    # Dark mode follows the system's preference.
+    background = "return getComputedStyle(document.body).backgroundColor"
+    assert browser.execute_script(background) == "rgb(244, 245, 247)"
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                            {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    try:
+        assert browser.execute_script(background) == "rgb(21, 23, 27)"
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
     # A phone: one column, nothing wider than the screen.
     browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                             {"width": 420, "height": 900, "deviceScaleFactor": 1, "mobile": True})
@@ -290,6 +311,6 @@ def wait_for_files(folder: Path, names: list[str], timeout: float = 30.0) -> dic
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if all((folder / n).is_file() for n in names):
-            return {n: (folder / n).read_text(encoding="utf-8") for n in names}
+            return {n: (folder / n).read_text(encoding="utf-8", errors="replace") for n in names}
         time.sleep(0.1)
     raise AssertionError(f"downloads {names} not saved; the folder has {sorted(p.name for p in folder.iterdir())}")

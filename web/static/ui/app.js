@@ -134,25 +134,33 @@
     }
   }
 
+  /* Entries are kept and updated in place (a redraw would take the focus and the hover from under the user). */
   function drawQueue(ids) {
     const list = $("queue");
-    list.replaceChildren();
-    for (const id of ids) {
+    const old = new Map([...list.children].map((item) => [item.dataset.jobId, item]));
+    ids.forEach((id, at) => {
       const job = jobs.get(id);
-      const item = list.appendChild(document.createElement("li"));
-      item.dataset.jobId = id;
-      item.classList.toggle("current", !!view && view.job.id === id);
-      const button = item.appendChild(document.createElement("button"));
-      button.type = "button";
-      button.className = "queue-item";
-      button.appendChild(document.createElement("span")).className = "name";
-      button.lastChild.textContent = job.name || job.filename || (job.kind === "batch" ? "images" : id);
-      setStatus(button.appendChild(document.createElement("span")), job.status);
-      const count = button.appendChild(document.createElement("span"));
-      count.className = "count";
+      let item = old.get(id);
+      if (!item) {
+        item = document.createElement("li");
+        item.dataset.jobId = id;
+        const button = item.appendChild(document.createElement("button"));
+        button.type = "button";
+        button.className = "queue-item";
+        button.appendChild(document.createElement("span")).className = "name";
+        button.appendChild(document.createElement("span"));
+        button.appendChild(document.createElement("span")).className = "count";
+        button.addEventListener("click", () => show(jobs.get(id)));
+      }
+      const [name, status, count] = item.firstChild.children;
+      name.textContent = job.name || job.filename || (job.kind === "batch" ? "images" : id);
+      setStatus(status, job.status);
       count.textContent = job.pages_done + "/" + job.pages_total;
-      button.addEventListener("click", () => show(job));
-    }
+      item.classList.toggle("current", !!view && view.job.id === id);
+      if (list.children[at] !== item) list.insertBefore(item, list.children[at] || null);
+      old.delete(id);
+    });
+    for (const item of old.values()) item.remove();
     $("queue-empty").hidden = ids.length > 0;
     $("queue-empty").textContent = "No jobs yet.";
   }

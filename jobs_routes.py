@@ -12,7 +12,7 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from errors import PROBLEM_MEDIA_TYPE, OcrError, ServiceUnavailable, ValidationFailed
 from jobs import events, quota, results, views, webhooks
@@ -120,6 +120,7 @@ add_status_routes(
         "GET /jobs/{id}/result": "The answer so far, shaped like /pdf/ocr (or /batch/ocr)",
         "GET /jobs/{id}/download": "The ZIP of /pdf/ocr/download (or /batch/ocr/download)",
         "GET /jobs/{id}/pages/{n}": "One page (PDF page number, or batch file index)",
+        "GET /jobs/{id}/pages/{n}/image": "A PDF page's image (JPEG, long side <= 1024 px)",
         "DELETE /jobs/{id}": "Cancel a running job (engine work stops, finished pages stay); purge an ended "
         "one: 204, its uploads, results and record gone",
     },
@@ -212,11 +213,8 @@ async def job_events(
     return events.response(events.streams_of(request.app, runner), key, job_id, start)
 
 
-@router.get(
-    "/{job_id}/result",
-    response_model=PdfOcrResponse | BatchResponse,
-    summary="The job's answer so far, shaped like /pdf/ocr (or /batch/ocr)",
-)
+@router.get("/{job_id}/result", response_model=PdfOcrResponse | BatchResponse,
+            summary="The job's answer so far, shaped like /pdf/ocr (or /batch/ocr)")
 async def job_result(request: Request, job_id: str) -> Any:
     runner, job = await load_job(request, job_id)
     pages = await runner.store.call(runner.store.pages, job_id)
@@ -249,27 +247,38 @@ async def job_download(request: Request, job_id: str) -> Response:
                              headers={"Content-Disposition": attachment(name)})
 
 
-@router.get(
-    "/{job_id}/pages/{n}",
-    response_model=PdfPageModel | BatchFileResult,
-    summary="One page's result: a PDF page number, or a batch file's index",
-)
+@router.get("/{job_id}/pages/{n}", response_model=PdfPageModel | BatchFileResult,
+            summary="One page's result: a PDF page number, or a batch file's index")
 async def job_page(request: Request, job_id: str, n: int) -> Any:
-    runner, job = await load_job(request, job_id)
-    pages = await runner.store.call(runner.store.pages, job_id)
-    key = "page" if job["kind"] == "pdf" else "idx"
-    row = next((p for p in pages if p[key] == n), None)
-    if row is None:
-        allowed = "its selected page numbers" if key == "page" else f"file indexes 0..{len(pages) - 1}"
-        raise JobNotFound(f"job {job_id} has no page {n}; allowed: {allowed}")
-    if not views.finished([row]):
-        raise JobConflict(f"page {n} of job {job_id} is {row['status']}; it has no result", page_status=row["status"])
+    runner, job, row = await finished_page(request, job_id, n)
     item = await asyncio.to_thread(results.load_result, runner.data_dir, row["result_path"])
-    if key == "page":
+    if job["kind"] == "pdf":
         return page_model(item)
     filename = JobSpec.load(job["spec"], job_id).filenames[n]
     body = batch_response(BatchRun([filename], [item], "", "", False, 0.0)).results[0]
     return BatchFileResult(**{**body.model_dump(), "index": n})
+
+
+@router.get("/{job_id}/pages/{n}/image", response_class=FileResponse,
+            responses={200: {"content": {"image/jpeg": {}}, "description": "The page as it was rendered"}},
+            summary="A PDF page's image as rendered (JPEG, long side <= 1024 px)")
+async def job_page_image(request: Request, job_id: str, n: int) -> FileResponse:
+    runner, _, row = await finished_page(request, job_id, n)
+    if (path := await asyncio.to_thread(results.preview_path, runner.data_dir, row["result_path"])) is None:
+        raise JobNotFound(f"page {n} of job {job_id} has no image (image jobs and pages that failed to render don't)")
+    return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def finished_page(request: Request, job_id: str, n: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    runner, job = await load_job(request, job_id)
+    pages = await runner.store.call(runner.store.pages, job_id)
+    key = "page" if job["kind"] == "pdf" else "idx"
+    if (row := next((p for p in pages if p[key] == n), None)) is None:
+        allowed = "its selected page numbers" if key == "page" else f"file indexes 0..{len(pages) - 1}"
+        raise JobNotFound(f"job {job_id} has no page {n}; allowed: {allowed}")
+    if not views.finished([row]):
+        raise JobConflict(f"page {n} of job {job_id} is {row['status']}; it has no result", page_status=row["status"])
+    return runner, job, row
 
 
 @router.delete(

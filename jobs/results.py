@@ -19,6 +19,8 @@ import ocr_utils
 from engines.base import Usage
 from service.results import ItemResult, PagePost
 
+PREVIEW = "preview.jpg"  # a PDF page as rendered, long side <= pdf.render_process.PREVIEW_SIDE
+
 
 def job_dir(data_dir: Path, job_id: str) -> Path:
     return data_dir / "jobs" / job_id
@@ -90,7 +92,10 @@ def save_result(data_dir: Path, job_id: str, index: int, result: ItemResult) -> 
         "retries": result.retries,
         "worker": result.worker,
         "post": None,
+        "preview": bool(result.preview),
     }
+    if result.preview:
+        write_atomic(folder / PREVIEW, result.preview)
     if post is not None:
         for n, crop in enumerate(post.crops):
             write_atomic(folder / f"crop{n}.jpg", crop.jpeg)
@@ -115,6 +120,13 @@ def save_result(data_dir: Path, job_id: str, index: int, result: ItemResult) -> 
     # The JSON last: its presence says the page's files are complete.
     write_atomic(folder / "result.json", json.dumps(record, ensure_ascii=False).encode())
     return str((folder / "result.json").relative_to(data_dir))
+
+
+def preview_path(data_dir: Path, relative: str) -> Path | None:
+    """A stored page's preview JPEG (the page image /ui shows), or None: an image job's file, a page stored
+    before previews were kept, or one that failed before it was rendered."""
+    path = (data_dir / relative).parent / PREVIEW
+    return path if path.is_file() else None
 
 
 def load_result(data_dir: Path, relative: str, *, images: bool = True, files: bool = False) -> ItemResult:

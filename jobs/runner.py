@@ -308,7 +308,7 @@ class Runner:
         path = await asyncio.to_thread(results.save_result, self.data_dir, job_id, idx, result)
         over = await asyncio.to_thread(quota.count_page, self.settings, self.store, self.data_dir, job_id, path)
         event = page_event(row, result)
-        result.post = None  # the files hold it now
+        result.post = result.preview = None  # the files hold them now
         fields = {**page_fields(result, path), "worker": self.page_worker(result)}
         if await self.store.call(self.store.finish_page, job_id, idx, fields,
                                  [("page", lambda _job: event), ("progress", progress_event)],
@@ -321,7 +321,8 @@ class Runner:
     async def _attempt(self, job_id: str, row: dict, request: Any, options: Any, spec: JobSpec, doc: Any
                        ) -> ItemResult:
         if doc is not None:
-            return await self.service.page(request, doc, row["page"], dpi=spec.options.dpi, options=options)
+            return await self.service.page(request, doc, row["page"], dpi=spec.options.dpi, options=options,
+                                           preview=True)
 
         async def read() -> bytes:
             return await asyncio.to_thread(results.read_input, self.data_dir, job_id, row["idx"])

@@ -454,14 +454,15 @@ class PdfDocument:
         zoom = dpi / 72
         return min(max_pixels, (math.ceil(width * zoom) + 2) * (math.ceil(height * zoom) + 2))
 
-    async def render(self, page: int, *, dpi: int, max_pixels: int) -> RenderedPage:
-        """Render one 1-based page in a worker (see `pdf.render_process.render_page` for dpi reduction and refusals)."""
+    async def render(self, page: int, *, dpi: int, max_pixels: int, preview: bool = False) -> RenderedPage:
+        """Render one 1-based page in a worker (see `pdf.render_process.render_page` for dpi reduction and refusals);
+        with `preview`, the worker also makes the page's small JPEG (`render_process.preview_jpeg`)."""
         check_render_args(page, self.page_count, dpi=dpi, max_pixels=max_pixels)
-        message = ("render", self._id, self._path, self._password, page, dpi, max_pixels)
+        message = ("render", self._id, self._path, self._password, page, dpi, max_pixels, preview)
         reply = await self._pool._run(self._id, message, self._pool.page_timeout_s)
-        _, size, number, used_dpi, requested, reduced, note, warnings, digest, pixels = reply
+        _, size, number, used_dpi, requested, reduced, note, warnings, digest, small, pixels = reply
         return RenderedPage(Image.frombytes("RGB", size, pixels), number, used_dpi, requested, reduced, note, warnings,
-                            digest)
+                            digest, small)
 
 
 def _fresh_spill_dir(base: str) -> str:

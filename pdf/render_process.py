@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import math
 import mmap
 import os
@@ -42,6 +43,8 @@ MUPDF_LOCK = threading.RLock()
 PDF_EOF_WINDOW = 1024  # the PDF spec lets readers find %%EOF within the last 1024 bytes
 _MAX_WARNINGS = 20  # a damaged content stream can emit hundreds of identical lines
 KEEP_OPEN = 8  # documents one worker keeps open (least recently used closed first); the parent mirrors it
+PREVIEW_SIDE = 1024  # the long side of a page preview (jobs keep one per page for /ui), in pixels
+PREVIEW_QUALITY = 80
 
 
 @dataclass(eq=False)
@@ -98,6 +101,7 @@ class RenderedPage:
     note: str | None = None  # why the dpi was reduced, for the response
     warnings: tuple[str, ...] = ()  # MuPDF warnings while rendering (damaged content streams...)
     content_hash: str | None = None  # `images.content_hash` of `image`, where the renderer computed it
+    preview: bytes | None = None  # a small JPEG of the page (`preview_jpeg`), where the caller asked for one
 
 
 # ------------------------------------------------------------------------------------ open
@@ -331,8 +335,8 @@ def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits:
     """A render worker: answer ("open" | "render" | "searchable") messages one at a time; "forget" has no answer.
 
     Replies are tuples: ("opened", page_count, metadata, repaired, warnings, page sizes), ("page", size, page, dpi,
-    requested_dpi, reduced, note, warnings, content hash) followed by the RGB bytes as one raw message,
-    ("searchable",) followed by the PDF's bytes as one raw message, ("error",
+    requested_dpi, reduced, note, warnings, content hash, preview JPEG or None) followed by the RGB bytes as one
+    raw message, ("searchable",) followed by the PDF's bytes as one raw message, ("error",
     OcrError class name, detail, extra), or
     ("memory", detail), after which the worker exits (its heap is suspect) and the parent replaces it.
     """
@@ -388,12 +392,23 @@ def _handle(docs: OrderedDict[str, PdfSource], op: str, doc_id: str, args: list,
         docs.popitem(last=False)[1].close()
     if op == "open":
         return ("opened", source.page_count, source.metadata, source.repaired, source.warnings, source.page_sizes())
-    page, dpi, max_pixels = rest
+    page, dpi, max_pixels, preview = rest
     size, samples, used_dpi, note, warnings = render_samples(
         source, page, dpi=dpi, max_pixels=max_pixels, limits=limits
     )
     digest = pixels_hash("RGB", size, samples)  # here, not in the server: see `images.pixels_hash`
-    return ("page", size, page, used_dpi, dpi, used_dpi < dpi, note, warnings, digest), samples
+    small = preview_jpeg(size, samples) if preview else None
+    return ("page", size, page, used_dpi, dpi, used_dpi < dpi, note, warnings, digest, small), samples
+
+
+def preview_jpeg(size: tuple[int, int], samples: bytes, side: int = PREVIEW_SIDE) -> bytes:
+    """The page as a JPEG whose long side is at most `side` pixels: what a job keeps for /ui to show beside the
+    text. Made here, from the pixels just rendered, so the server never decodes or resizes a page itself."""
+    image = Image.frombytes("RGB", size, samples)
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=PREVIEW_QUALITY, optimize=True)
+    return out.getvalue()
 
 
 def text_layer(path: str, password: str | None, kind: str, pages: list[tuple[int, str]], *, limits: PdfLimits) -> bytes:

@@ -300,14 +300,17 @@ class OcrService:
                 return
         log.info("item %s ran away on all %d attempts; the first is kept, truncated", result.label, result.attempts)
 
-    async def page(self, request: OcrRequest, doc: Any, page: int, *, dpi: int, options: PostOptions) -> ItemResult:
-        """Render (no engine slot), then OCR one PDF page; its failure is a `failed` result."""
+    async def page(self, request: OcrRequest, doc: Any, page: int, *, dpi: int, options: PostOptions,
+                   preview: bool = False) -> ItemResult:
+        """Render (no engine slot), then OCR one PDF page; its failure is a `failed` result. With `preview` the
+        result carries the page's small JPEG (a job keeps it for /ui; a sync answer holding one per page would not
+        be small)."""
         result = ItemResult(page, dpi=dpi)
         try:
-            rendered = await self._render(doc, page, dpi, request.flow, result.timing)
+            rendered = await self._render(doc, page, dpi, request.flow, result.timing, preview)
             result = await self.image(request, rendered.image, options, label=page, kind="page", dpi=rendered.dpi,
                                       input_hash=rendered.content_hash, timing=result.timing)
-            result.note, result.render_warnings = rendered.note, rendered.warnings
+            result.note, result.render_warnings, result.preview = rendered.note, rendered.warnings, rendered.preview
         except ServiceUnavailable:
             raise  # the engine went away: the request is a 503, not N failed pages
         except OcrError as exc:
@@ -317,7 +320,8 @@ class OcrService:
             self._observe("page", result.fail(bug(exc)), request.mode)
         return result
 
-    async def _render(self, doc: PdfDocument, page: int, dpi: int, flow: object, timing: Timing) -> Any:
+    async def _render(self, doc: PdfDocument, page: int, dpi: int, flow: object, timing: Timing,
+                      preview: bool = False) -> Any:
         """Render a page with its pixels reserved first (from the page's size when the PDF gives it, else
         the most a render returns), then held at the real size until post-processed. A page that would not
         fit in the whole budget (MAX_DECODED_MPIX under MAX_IMAGE_PIXELS) is rendered at the dpi that fits,
@@ -329,7 +333,7 @@ class OcrService:
         async with self.pixels.hold(expected, copies, flow) as reservation:
             timing.wait += time.perf_counter() - asked
             with measure("decode", timing):  # a page's render is its decode
-                rendered = await doc.render(page, dpi=dpi, max_pixels=limit)
+                rendered = await doc.render(page, dpi=dpi, max_pixels=limit, preview=preview)
             actual = rendered.image.width * rendered.image.height
             with measure("wait", timing):
                 reservation = await self.pixels.settle(reservation, actual, copies)

@@ -57,6 +57,7 @@ class ItemResult:
     retries: list[dict[str, Any]] = field(default_factory=list)  # one entry per attempt after the first
     worker: str | None = None  # the engine worker that ran the kept attempt (jobs' per-page `worker`)
     timing: Timing = field(default_factory=Timing)  # its stages, every attempt's included
+    preview: bytes | None = None  # a PDF page's small JPEG, rendered for a job (never for a sync answer)
 
     def fail(self, exc: OcrError) -> ItemResult:
         self.status, self.error, self.problem = "failed", exc.detail, exc.to_problem()

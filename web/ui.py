@@ -1,5 +1,8 @@
-"""The `/ui` page: drop an image or PDF, watch it run as a job page by page, read the markdown, see the boxes,
-download the ZIP. Plain HTML, CSS and JavaScript served from the package (web/static/ui), nothing from a CDN.
+"""The `/ui` page: drop images or PDFs (several at once, each its own job), pick the options `POST /jobs` takes,
+follow the queue and the history (`GET /jobs`), read each page's text beside its image (a PDF page's preview is
+kept with the job, `GET /jobs/{id}/pages/{n}/image`) with the layout boxes over it, copy or download the text, the
+JSON, the searchable PDF and the ZIP. Plain HTML, CSS and JavaScript served from the package (web/static/ui),
+nothing from a CDN.
 
 The page itself holds no data, so it and its assets are open (middleware.OPEN_PATHS has `/ui`; the assets sit
 under the open `/static/` prefix); every API call it makes sends the key the user typed in

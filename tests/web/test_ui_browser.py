@@ -17,10 +17,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers.browser import CHROMEDRIVER, CHROMIUM, foreign, requested_urls
+from helpers.browser import allow_only, foreign, requested_urls, start_chromium
 from helpers.replay import ReplayEngine, factory
 from helpers.server import make_settings, scratch_root, serve_app, show
-from selenium import webdriver
 
 from serve_ocr import create_app
 
@@ -37,24 +36,7 @@ REPLAY = (
 
 @pytest.fixture(scope="module")
 def browser():
-    from selenium.webdriver.chrome.service import Service
-
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
-    downloads = Path(tempfile.mkdtemp(prefix="ui-downloads-", dir=scratch_root()))
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--window-size=1280,1600",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
-        options.add_argument(arg)
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.execute_cdp_cmd("Network.enable", {})
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    driver.downloads = downloads
+    driver = start_chromium(Path(tempfile.mkdtemp(prefix="ui-downloads-", dir=scratch_root())))
     try:
         yield driver
     finally:
@@ -77,13 +59,6 @@ def make_png(path: Path) -> Path:
 
     Image.new("RGB", (400, 300), "white").save(path)
     return path
-
-
-def allow_only(driver, base_url: str) -> None:
-    """Block every URL but the test server's and the page's own blob: URLs (the uploaded image, the ZIP)."""
-    patterns = [{"urlPattern": base_url + "/*", "block": False}, {"urlPattern": "blob:*",
-                "block": False}, {"urlPattern": "*://*:*", "block": True}]
-    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urlPatterns": patterns})
 
 
 def wait_until(browser, script: str, timeout: float = 30.0):

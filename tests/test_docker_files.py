@@ -23,6 +23,7 @@ import httpx
 import pytest
 import yaml
 from helpers.server import ROOT, free_port, show
+from helpers.tools import missing_tool
 
 KEY = "docker-files-key"
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -90,8 +91,9 @@ def run_healthcheck(port: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["sh", "-c", healthcheck_command()], env=env, capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (the image installs it)")
 def test_healthcheck_passes_with_api_key_against_the_images_cmd(tiny_checkpoint: Path) -> None:
+    if shutil.which("curl") is None:
+        missing_tool("curl is not installed (the image and .ci/run install it)")
     port = free_port()
     with image_cmd_server(tiny_checkpoint, port) as url:
         locked = httpx.post(url + "/generate", json={"prompt": "hi"}, timeout=30)
@@ -107,7 +109,7 @@ def test_healthcheck_passes_with_api_key_against_the_images_cmd(tiny_checkpoint:
 def compose(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.skip("docker-compose is not installed (.ci/run installs Debian's docker-compose package)")
+        missing_tool("docker-compose is not installed (.ci/run installs Debian's docker-compose package)")
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"), **(env or {})}
     return subprocess.run(
         [exe, "-f", str(COMPOSE), *args], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=60

@@ -231,7 +231,8 @@ def test_decompression_bomb_refused_before_decoding(small_limits_url: str) -> No
 @pytest.fixture()
 def busy_url(tiny_checkpoint: Path):
     app = create_app(
-        make_settings(tiny_checkpoint, max_concurrency=1, max_queue=1, generate_timeout_s=2.0, default_max_tokens=6000)
+        # 6 s: long enough that a loaded machine still sees the second request wait before the first's deadline
+        make_settings(tiny_checkpoint, max_concurrency=1, max_queue=1, generate_timeout_s=6.0, default_max_tokens=6000)
     )
     with serve_app(app) as url:
         yield url
@@ -264,7 +265,7 @@ def test_backpressure_503_with_retry_after(busy_url: str) -> None:
     assert int(refused.headers["retry-after"]) >= 1, body
     first.join(60)
     second.join(60)
-    assert [getattr(r, "status_code", r) for r in results] == [504, 504]  # both ran into the 2 s deadline
+    assert [getattr(r, "status_code", r) for r in results] == [504, 504]  # both ran into the 6 s deadline
     wait_for(lambda: engine_idle(busy_url))
     good_request_works(busy_url)
 

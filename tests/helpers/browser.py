@@ -1,3 +1,4 @@
+
 """The headless Chromium of the docs and UI browser tests, and what its performance log shows."""
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ def foreign(urls: list[str], base_url: str) -> list[str]:
 
 def start_chromium(downloads, *, width: int = 1280, height: int = 1600):
     """Headless Chromium under chromedriver that saves downloads into `downloads` and can reach only
-    127.0.0.1 (every other host name resolves to nothing); skips the test where Chromium is not installed."""
-    import pytest
+    127.0.0.1 (every other host name resolves to nothing); skips the test where Chromium is not installed
+    (fails it on CI)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    from helpers.tools import missing_tool
+
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
+        missing_tool("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",

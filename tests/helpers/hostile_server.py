@@ -200,7 +200,7 @@ class Watch:
                 f"{len(times)} max {max(times, default=0):.2f} s; RSS +{self.peak_rss - self.start_rss:.0f} MB")
 
 
-def settled(server: Server, *, within_s: float = 3.0) -> None:
+def settled(server: Server, *, within_s: float = 15.0) -> None:
     """No render worker still busy (a killed request's work went with it) and no spill file left."""
     deadline = time.monotonic() + within_s
     while True:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import uvicorn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -148,3 +149,18 @@ def curl_form_string(command: str) -> str:
     curl itself fail (exit 26, no request sent) on any server; `--form-string` sends the text as typed.
     """
     return command.replace('-F "prompt=<', '--form-string "prompt=<')
+
+
+def survivors(procs: list[psutil.Process], within_s: float = 15.0) -> list[psutil.Process]:
+    """The processes of `procs` still running after up to `within_s`: a zombie (dead, not yet reaped by a
+    PID 1 that may never reap it) counts as dead, and a busy machine gets time to deliver the signals."""
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = []
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)

@@ -21,6 +21,7 @@ import pytest
 from helpers.jobs import postgres, sse, submit, wait
 from helpers.pdfs import make_pdf
 from helpers.server import ROOT, free_port
+from helpers.tools import missing_tool
 
 FIELDS = {"mode": "tiny", "dpi": "72", "max_tokens": "40"}
 
@@ -61,7 +62,7 @@ def test_sigkill_mid_job_then_restart_finishes_without_redoing_pages(
         if store == "postgresql":
             url = stack.enter_context(postgres())
             if url is None:
-                pytest.skip(f"PostgreSQL test skipped: {postgres.reason}")
+                missing_tool(f"PostgreSQL test skipped: {postgres.reason}")
             env["JOB_STORE_URL"] = url
         log, pdf = tmp_path / "server.log", make_pdf(10)
         with server(env, log) as (base, proc):

@@ -32,6 +32,7 @@ from helpers.jobs import idle, postgres, sse, submit, wait
 from helpers.pdfs import make_pdf
 from helpers.replicas import TERMINAL, Replica, home_and_other, stop
 from helpers.server import ROOT, free_port, show
+from helpers.tools import missing_tool
 
 LEASE_S = 2.0
 FIELDS = {"mode": "tiny", "dpi": "72", "max_tokens": "8"}
@@ -90,7 +91,7 @@ def cluster(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     try:
         with postgres() as store:
             if store is None:
-                pytest.skip(f"PostgreSQL tests skipped: {postgres.reason}")
+                missing_tool(f"PostgreSQL tests skipped: {postgres.reason}")
             env = {**base_env(tiny_checkpoint, root), "JOB_STORE_URL": store,
                    "WEBHOOK_ALLOW": f"127.0.0.1:{receiver.server_port}"}
             with replicas(env, root) as pair:
@@ -259,7 +260,7 @@ def test_claims_are_atomic_and_event_ids_gapless_across_stores(kind: str, tmp_pa
     with contextlib.ExitStack() as stack:
         url = f"sqlite:///{tmp_path / 'jobs.sqlite'}" if kind == "sqlite" else stack.enter_context(postgres())
         if url is None:
-            pytest.skip(f"PostgreSQL test skipped: {postgres.reason}")
+            missing_tool(f"PostgreSQL test skipped: {postgres.reason}")
         stores = [Store(url) for _ in range(6)]  # each creates (or finds) the tables: they start together
         for store in stores:
             stack.callback(store.close)

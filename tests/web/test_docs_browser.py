@@ -17,6 +17,7 @@ import httpx
 import pytest
 from helpers.browser import CHROMEDRIVER, CHROMIUM, foreign, requested_urls
 from helpers.server import make_settings, serve_app, show
+from helpers.tools import missing_tool
 from selenium import webdriver
 
 from serve_ocr import create_app
@@ -36,7 +37,7 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
+        missing_tool("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM

@@ -24,6 +24,7 @@ import httpx
 import pytest
 from helpers.images import png_bytes
 from helpers.server import ROOT, free_port, scratch_root, show
+from helpers.tools import missing_tool
 
 SETTINGS_ENV = ("MODEL_PATH", "MODELS", "API_KEY", "DATA_DIR", "HOST", "PORT", "LOG_FORMAT", "LOG_LEVEL", "URL")
 
@@ -184,7 +185,7 @@ def fresh_clone(into: Path) -> Path:
             shutil.copy2(ROOT / name, clone / name)
     venv = (ROOT / ".venv").resolve()
     if not (venv / ".setup").is_file():
-        pytest.skip(f"{venv} was not made by `make setup` (no .setup mark): a fresh clone would install packages")
+        missing_tool(f"{venv} was not made by `make setup` (no .setup mark): a fresh clone would install packages")
     (clone / ".venv").symlink_to(venv)
     for req in clone.glob("requirements*.txt"):
         os.utime(req, (0, 0))
@@ -194,13 +195,13 @@ def fresh_clone(into: Path) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("make") is None or shutil.which("git") is None or shutil.which("curl") is None,
-                    reason="needs make, git and curl (.ci/run installs curl)")
 def test_readme_quick_start_runs_as_written_on_a_fresh_clone() -> None:
     """Every quick-start command, as the README writes it, in a fresh clone: `make serve` in the background (on
     127.0.0.1 by default: no HOST set), then the others, each exiting 0; the curl answer fits a terminal
     (< 8 KB). Only the port differs when the README's 8000 is taken: `PORT` for make, and the URL of the curl
     line. Ctrl-C to the server's group ends it without a traceback."""
+    if not all(shutil.which(tool) for tool in ("make", "git", "curl")):
+        missing_tool("needs make, git and curl (.ci/run installs curl)")
     commands = quick_start_commands()
     assert commands and commands[0] == "make serve", commands
     assert any(c.startswith("curl ") for c in commands), commands

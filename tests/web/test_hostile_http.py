@@ -21,7 +21,7 @@ import psutil
 import pytest
 from helpers.hostile_server import makefile_options
 from helpers.images import png_image
-from helpers.server import data_dir, free_port, scratch_root, show
+from helpers.server import data_dir, free_port, scratch_root, show, survivors
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def serve_with_limits(env: dict[str, str]) -> Iterator[tuple[str, psutil.Process
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        alive = survivors(children)
         assert not alive, f"workers left after the server stopped: {alive}"
         log.close()
         os.unlink(log.name)

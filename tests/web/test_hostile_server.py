@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pymupdf
 import pytest
 from helpers import hostile as h
@@ -42,7 +41,7 @@ from helpers.hostile_server import (
     start,
 )
 from helpers.images import png_image
-from helpers.server import data_dir, show
+from helpers.server import data_dir, show, survivors
 from PIL import Image
 
 # An ordinary request takes 0.2-0.4 s on an idle 2-core box; beside the CPU-bound hostile work here (two cores
@@ -219,7 +218,7 @@ def test_client_leaving_mid_render_stops_its_worker(server: Server) -> None:
     watch = Watch(server, rss_bound_mb=RENDER_MB, ordinary_bound_s=ORDINARY_S)
     with watch, contextlib.suppress(httpx.TimeoutException):
         post_pdf_with_timeout(server.url, heavy, 1.0)
-    settled(server, within_s=1.5)
+    settled(server, within_s=8.0)  # well under the page's ~20 s of rendering: only a kill ends it sooner
 
 
 def test_answer_of_a_six_page_pdf_is_capped(server: Server) -> None:
@@ -358,7 +357,7 @@ def test_kill_9_leaves_no_render_worker_and_no_spill_file(tiny_checkpoint: Path,
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    _, alive = psutil.wait_procs(workers, timeout=2)
+    alive = survivors(workers)
     assert not alive, f"render workers outlived the killed server: {alive}"
     assert victim.spill_files()  # the dead server could not clean up
     with serving({**env, "DATA_DIR": str(tmp_path / "data2")}) as fresh:

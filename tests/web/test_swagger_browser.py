@@ -20,6 +20,7 @@ import pymupdf
 import pytest
 from helpers.browser import CHROMEDRIVER, CHROMIUM
 from helpers.server import make_settings, serve_app
+from helpers.tools import missing_tool
 from PIL import Image
 from selenium import webdriver
 
@@ -41,7 +42,7 @@ def browser() -> Iterator[Any]:
     from selenium.webdriver.chrome.service import Service
 
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
+        missing_tool("Debian's chromium and chromium-driver are not installed (.ci/run installs them with apt-get)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",

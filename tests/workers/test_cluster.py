@@ -38,6 +38,7 @@ from helpers.jobs import postgres, submit, wait
 from helpers.pdfs import make_pdf
 from helpers.replicas import Replica, home_and_other, stop
 from helpers.server import ROOT, free_port, show
+from helpers.tools import missing_tool
 
 pytest.importorskip("ray", reason="Ray is optional: pip install -r requirements-cluster.txt")
 
@@ -123,7 +124,7 @@ def cluster(tiny_checkpoint: Path) -> Iterator[dict]:
     try:
         with postgres() as store:
             if store is None:
-                pytest.skip(f"PostgreSQL tests skipped: {postgres.reason}")
+                missing_tool(f"PostgreSQL tests skipped: {postgres.reason}")
             nodes["a"] = ray_node(["--head", f"--port={port}", f"--node-ip-address={HEAD}",
                                    '--resources={"node_a": 1}', f"--temp-dir={temp_dir}", "--include-dashboard=false",
                                    f"--ray-client-server-port={free_port()}",

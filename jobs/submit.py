@@ -31,6 +31,7 @@ def page_fields(result: ItemResult, path: str) -> dict[str, Any]:
         "elapsed": result.elapsed_s,
         "error": result.error,
         "result_path": path,
+        "confidence": result.confidence.summary() if result.confidence is not None else None,
     }
 
 

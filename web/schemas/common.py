@@ -66,8 +66,24 @@ TIMING = "Where the time went, milliseconds (the `Server-Timing` header's figure
 
 class UsageModel(BaseModel):
     prompt_tokens: int = Field(description="Tokens of the prompt, image tokens included", examples=[912])
-    image_tokens: int = Field(description="Vision tokens the image became (FACTS table)", examples=[903])
+    image_tokens: int = Field(description="Vision tokens the image became (FACTS table); every image's "
+                              "together in a prompt of several", examples=[903])
     completion_tokens: int = Field(description="Tokens generated", examples=[512])
+    per_image: list[int] = Field(default_factory=list, description="Vision tokens of each image of the prompt, "
+                                 "in order (empty in totals over pages or files)", examples=[[903]])
+
+
+CONFIDENCE = ("How sure the model was of this page: its sampled tokens' log-probabilities (null where the engine "
+              "scored none, e.g. a failed page)")
+
+
+class ConfidenceModel(BaseModel):
+    mean_logprob: float = Field(description="Mean log-probability of the generated tokens (0 = certain)",
+                                examples=[-0.08])
+    min_logprob: float = Field(description="The lowest token log-probability", examples=[-3.2])
+    low_share: float = Field(description="Share of tokens with probability under 0.5 (log-probability < -0.693)",
+                             examples=[0.02])
+    tokens: int = Field(description="Tokens scored (the EOS is not)", examples=[512])
 
 
 # A 32x16 PNG (a black bar on white): the example body must be one Swagger UI's "Try it out" can send as is.
@@ -110,6 +126,7 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason = Field(description="`stop` at end of text, `length` at max_tokens")
     mode: ModeName = Field(description="Resolution mode used")
     usage: UsageModel
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     elapsed_s: float = Field(description="Server time spent on this request, seconds", examples=[1.42])
     timing: StageTimes | None = Field(None, description=TIMING)
 
@@ -266,6 +283,7 @@ class ImageOcrResponse(BaseModel):
     finish_reason: FinishReason
     mode: ModeName
     usage: UsageModel
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     attempts: int = Field(1, description="Generations run for it (more than 1 when the retry ladder ran)")
     retries: list[RetryModel] = Field(default_factory=list, description="The retry ladder's attempts, if any")
     elapsed_s: float
@@ -279,5 +297,6 @@ class SimpleTextResponse(BaseModel):
     finish_reason: FinishReason
     mode: ModeName
     usage: UsageModel
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     elapsed_s: float
     timing: StageTimes | None = Field(None, description=TIMING)

@@ -1320,7 +1320,7 @@ class DeepseekOCR:
             several = isinstance(image, (list, tuple))
             pictures = list(image) if several else [image]
             if prompt.count(IMAGE_TAG) != len(pictures) or not pictures:
-                self.prompts.token_ids(prompt, [1] * len(pictures))  # raises the tag error before any pixel work
+                self.prompts.token_ids(prompt, [1] * len(pictures) if several else 1)  # the tag error, before pixels
             inputs = [self._preprocess(p, base_size, image_size, crop, min_crops, max_crops) for p in pictures]
             ids = self.prompts.token_ids(prompt, [i.image_tokens for i in inputs])
             images = inputs if several else inputs[0]

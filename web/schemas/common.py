@@ -24,6 +24,8 @@ class RetryModel(BaseModel):
     change: str = Field(description="What this attempt changed", examples=["n-gram guard 10/256"])
     finish_reason: str = Field(description="How that attempt ended", examples=["stop"])
     completion_tokens: int = Field(description="Tokens that attempt generated", examples=[812])
+    mean_logprob: float | None = Field(None, description="That attempt's mean token log-probability (null: unscored)",
+                                       examples=[-0.12])
 FinishReason = Literal["stop", "length", "abort"]
 
 

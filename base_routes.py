@@ -19,10 +19,11 @@ from web.answers import confidence_model, usage_model
 from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, files_field, read_upload
 from web.forms import form_of
 from web.schemas.common import EngineState, GenerateRequest, GenerateResponse, HealthResponse, RootResponse
+from web.status import VERSION, build_info
 from web.timing import stamped
 from workers.start import DEMO_NOTICE
 
-__version__ = "1.0.0"
+__version__ = VERSION
 router = APIRouter(tags=["base"], dependencies=[KnownFieldsOnly])
 
 
@@ -74,7 +75,10 @@ def health_body(request: Request) -> HealthResponse:
     restarting = not ready and any(e.restarting for e in admission.engines)
     unavailable = unavailable_parts(request.app)
     degraded = "failed to load: " + "; ".join(f"{name} ({why})" for name, why in unavailable.items())
+    info = build_info(request.app.state.settings)
     return HealthResponse(
+        version=info["version"],
+        commit=info["commit"] or None,
         status=("degraded" if unavailable else "ok") if ready else "restarting" if restarting else "not_ready",
         ready=ready,
         engine=engine.name,

@@ -72,6 +72,8 @@ class OcrService:
         self.executor = executor
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
+        # A job ended: (kind, status, seconds from its submission); /metrics' job durations.
+        self.job_observers: list[Callable[[str, str, float], None]] = []
         # Takes a sync request over at its deadline: the lifespan sets it when the job runner started.
         self.handoff: Handoff | None = None
         self.pixels = PixelBudget(settings.max_decoded_pixels(admission.capacity))  # held at once (MAX_DECODED_MPIX)

@@ -175,6 +175,8 @@ class EngineState(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    version: str = Field(description="The service's version", examples=["1.0.0"])
+    commit: str | None = Field(None, description="The build's git commit (GIT_COMMIT, or the checkout's HEAD)")
     status: Literal["ok", "degraded", "not_ready", "restarting"] = Field(
         description="`ok` when OCR requests can be served and every router and subsystem loaded; `degraded` when "
         "OCR can be served but some failed to load (`unavailable` says which and why); `restarting` while a dead "

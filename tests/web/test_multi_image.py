@@ -12,7 +12,7 @@ import openai
 import pytest
 from helpers.facts import facts_image_tokens
 from helpers.images import png_bytes
-from helpers.server import make_settings, serve_app, show
+from helpers.server import make_settings, serve_app, serve_process, show
 
 from serve_ocr import create_app
 
@@ -91,3 +91,18 @@ def test_openai_sdk_two_image_parts(url: str) -> None:
     with pytest.raises(openai.UnprocessableEntityError) as bad:
         client.chat.completions.create(model="deepseek-ocr", messages=messages, max_tokens=4)
     assert "1 <image> tag(s) for 2 images" in bad.value.message, bad.value.body
+
+
+def test_two_images_through_an_engine_worker_process(tiny_checkpoint: Path) -> None:
+    """The default placement: the engine in a worker process. The second image crosses the socket with the
+    request (the first as raw pixels), and the confidence comes back with the last piece."""
+    env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "DEFAULT_MAX_TOKENS": "4",
+           "DATA_DIR": str(tiny_checkpoint.parent / "multi-image-data")}
+    with serve_process(env) as base:
+        workers = httpx.get(base + "/health").json()["engines"]
+        assert workers and all(e["detail"].get("pid") for e in workers), workers  # not inline
+        r = httpx.post(base + "/generate_with_file", files=files(WIDE, SMALL),
+                       data={"prompt": "<image>\n<image>\nFree OCR."}, timeout=120)
+    assert r.status_code == 200, show(r)
+    assert r.json()["usage"]["per_image"] == [WIDE_TOKENS, SMALL_TOKENS], show(r)
+    assert r.json()["confidence"]["tokens"] >= 1, show(r)

@@ -1155,10 +1155,13 @@ class _DecodeBatch:
 
     def _emit(self, logits: torch.Tensor) -> list[TokenEvent]:
         """Sample one token per active row, turn them into events and drop the rows that finished."""
-        # One log_softmax per step over (B, V), before the guard bans anything: the sampled tokens' scores.
-        scores = logits.float().log_softmax(dim=-1)
+        # The sampled tokens' log-probabilities under the distribution before the guard (vLLM's raw_logprobs):
+        # logit - logsumexp, with no (B, V) output. The guard bans in place, so the norm is taken first; a sampled
+        # token was never banned, so its logit after the guard is still the raw one.
+        norm = torch.logsumexp(logits.float(), dim=-1)  # (B,)
         tokens = self.ocr._sample(logits, self.active)
-        logprobs = scores.gather(1, torch.tensor(tokens, device=scores.device)[:, None])[:, 0].tolist()
+        picked = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].float()  # (B,)
+        logprobs = (picked - norm).tolist()
         ocr, events, keep = self.ocr, [], []
         for i, (row, token) in enumerate(zip(self.active, tokens, strict=True)):
             row.token_ids.append(token)

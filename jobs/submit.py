@@ -84,7 +84,7 @@ async def create_job(
         # Every row has every column: an executemany takes its columns from the first row.
         row = {"idx": idx, "page": item.get("page"), "file": item.get("file"), "status": "queued", "attempts": 0,
                "finish_reason": None, "tokens": None, "elapsed": None, "error": None, "result_path": None,
-               "worker": None}
+               "worker": None, "confidence": None}
         if idx in done:
             path = await asyncio.to_thread(results.save_result, data_dir, job_id, idx, done[idx])
             row.update(page_fields(done[idx], path), attempts=1, worker=runner.page_worker(done[idx]))

@@ -10,18 +10,20 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 import images
 from config import Settings
+from errors import ValidationFailed
 from service.ocr import OcrService
 from service.options import GenerateOptions
 from service.request import OcrRequest
 from service.timing import measure
-from web.answers import usage_model
-from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, read_upload
+from web.answers import confidence_model, usage_model
+from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, files_field, read_upload
 from web.forms import form_of
 from web.schemas.common import EngineState, GenerateRequest, GenerateResponse, HealthResponse, RootResponse
+from web.status import VERSION, build_info
 from web.timing import stamped
 from workers.start import DEMO_NOTICE
 
-__version__ = "1.0.0"
+__version__ = VERSION
 router = APIRouter(tags=["base"], dependencies=[KnownFieldsOnly])
 
 
@@ -97,7 +99,10 @@ def health_body(request: Request) -> HealthResponse:
     restarting = not ready and any(e.restarting for e in admission.engines)
     unavailable = unavailable_parts(request.app)
     degraded = "failed to load: " + "; ".join(f"{name} ({why})" for name, why in unavailable.items())
+    info = build_info(request.app.state.settings)
     return HealthResponse(
+        version=info["version"],
+        commit=info["commit"] or None,
         status=("degraded" if unavailable else "ok") if ready else "restarting" if restarting else "not_ready",
         ready=ready,
         engine=engine.name,
@@ -173,14 +178,26 @@ async def generate(body: GenerateRequest, service: ServiceDep, settings: Setting
 async def generate_with_file(
     service: ServiceDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, file_field("Image: PNG, JPEG, WebP, TIFF, BMP, GIF. PDFs go to `/pdf/ocr`")],
     options: Annotated[GenerateOptions, Depends(form_of(GenerateOptions))],
+    file: Annotated[
+        UploadFile | None, file_field("Image: PNG, JPEG, WebP, TIFF, BMP, GIF. PDFs go to `/pdf/ocr`")
+    ] = None,
+    files: Annotated[list[UploadFile] | None, files_field(
+        "Several images for one prompt (repeat the field), with one `<image>` tag in the prompt per image, "
+        "filled in the order sent; `file` first where both are sent. At most MAX_IMAGES_PER_PROMPT")] = None,
 ) -> GenerateResponse:
-    req = service.admit(options.request(settings))
-    with measure("read"):
-        data = await read_upload(file, settings)
-    image = await service.blocking(images.decode_image, data, max_pixels=settings.max_image_pixels)
-    return await _generate(service, req, image)
+    uploads = ([file] if file is not None else []) + list(files or [])
+    if not uploads:
+        raise ValidationFailed("no image was sent; send one as `file`, or several as `files` (one <image> tag each)",
+                               errors=[{"field": "file", "msg": "Field required"}])
+    req = service.admit(options.request(settings, images=len(uploads)))
+    pictures = []
+    for upload in uploads:
+        with measure("read"):
+            data = await read_upload(upload, settings)
+        pictures.append(await service.blocking(images.decode_image, data, max_pixels=settings.max_image_pixels))
+        del data
+    return await _generate(service, req, pictures if len(pictures) > 1 else pictures[0])
 
 
 async def _generate(service: OcrService, req: OcrRequest, image: Any) -> GenerateResponse:
@@ -191,5 +208,6 @@ async def _generate(service: OcrService, req: OcrRequest, image: Any) -> Generat
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         mode=req.mode.name,  # type: ignore[arg-type]
         usage=usage_model(result.usage),
+        confidence=confidence_model(result.confidence),
         elapsed_s=result.elapsed_s,
     ))

@@ -228,6 +228,15 @@ class Settings(BaseSettings):
     log_level: Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     metrics_public: bool = Field(False, description="Serve /metrics without the API key (for a scraper)")
+    max_images_per_prompt: int = Field(
+        4, ge=1, le=16, description="Images one prompt may hold (generate_with_file `files`, /v1 parts); 413 past it"
+    )
+    confidence_retry_below: float | None = Field(
+        None, le=0, description="A page whose mean token log-probability is under this climbs the retry ladder as a "
+        "runaway does (e.g. -1.0); unset = off",
+    )
+    git_commit: str | None = Field(None, description="The build's git commit for build_info (set at image build); "
+                                   "unset = `git rev-parse HEAD` where the source is a checkout")
 
     # The OpenAI-compatible API and the MCP server.
     served_model_name: str = Field(

@@ -991,9 +991,9 @@ def load_model(
 
 @dataclass
 class GenerationRequest:
-    input_ids: list[int]  # bos + text with image_tokens <image> ids in place of the tag
-    images: ImageInputs | None
-    image_tokens: int
+    input_ids: list[int]  # bos + text with each image's <image> ids in place of its tag
+    images: ImageInputs | list[ImageInputs] | None  # a list where the prompt has several images, in tag order
+    image_tokens: int  # every image's together
     sampling: SamplingParams
     cancelled: threading.Event = field(default_factory=threading.Event)  # checked before every decode step
 
@@ -1004,6 +1004,8 @@ class TokenEvent:
     token_id: int  # -1 on an "abort" event (no token was produced)
     text: str  # newly decoded text; "" while a multi-byte character is incomplete
     finish_reason: str | None  # None while running; "stop" (EOS), "length", "abort" (cancelled)
+    # log p(token) under the model's distribution before the n-gram guard (vLLM's raw_logprobs); 0.0 on "abort"
+    logprob: float = 0.0
 
 
 @dataclass
@@ -1097,7 +1099,7 @@ class _DecodeBatch:
         keep, events = [], []
         for i, row in enumerate(rows):
             if row.request.cancelled.is_set():
-                events.append(TokenEvent(row.index, -1, row.detok.flush(), "abort"))
+                events.append(TokenEvent(row.index, -1, row.detok.flush(), "abort", 0.0))
             else:
                 keep.append(i)
         return keep, events
@@ -1154,7 +1156,13 @@ class _DecodeBatch:
 
     def _emit(self, logits: torch.Tensor) -> list[TokenEvent]:
         """Sample one token per active row, turn them into events and drop the rows that finished."""
+        # The sampled tokens' log-probabilities under the distribution before the guard (vLLM's raw_logprobs):
+        # logit - logsumexp, with no (B, V) output. The guard bans in place, so the norm is taken first; a sampled
+        # token was never banned, so its logit after the guard is still the raw one.
+        norm = torch.logsumexp(logits.float(), dim=-1)  # (B,)
         tokens = self.ocr._sample(logits, self.active)
+        picked = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].float()  # (B,)
+        logprobs = (picked - norm).tolist()
         ocr, events, keep = self.ocr, [], []
         for i, (row, token) in enumerate(zip(self.active, tokens, strict=True)):
             row.token_ids.append(token)
@@ -1170,7 +1178,7 @@ class _DecodeBatch:
                 ):
                     reason = "length"
                     text += row.detok.flush()
-            events.append(TokenEvent(row.index, token, text, reason))
+            events.append(TokenEvent(row.index, token, text, reason, logprobs[i]))
             if reason is None:
                 keep.append(i)
         self.last = torch.tensor(tokens, device=ocr.device)
@@ -1190,7 +1198,7 @@ class _DecodeBatch:
 
 
 class PromptBuilder:
-    """Prompt token ids for both engines: bos + text, the single `<image>` tag replaced by placeholder ids.
+    """Prompt token ids for both engines: bos + text, each `<image>` tag replaced by its image's placeholder ids.
 
     The PyTorch engine asks for the full image-token count; vLLM expands one placeholder itself, so its
     engine asks for `token_ids(prompt, 1)`. `whitelist` holds the ids the n-gram guard never bans.
@@ -1201,6 +1209,7 @@ class PromptBuilder:
 
         self.tokenizer = tokenizer
         self.bos_id: int = _token_id(tokenizer, tokenizer.bos_token, "bos")
+        self.eos_id: int = _token_id(tokenizer, tokenizer.eos_token, "eos")
         self.image_id: int = _token_id(tokenizer, IMAGE_TAG, "image")
         self.whitelist: list[int] = sorted(NoRepeatNGramProcessor.from_tokenizer(tokenizer).whitelist)
 
@@ -1208,19 +1217,28 @@ class PromptBuilder:
         """Plain text ids (no bos; tags like `<|grounding|>` are single special ids)."""
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    def token_ids(self, prompt: str, image_tokens: int | None) -> list[int]:
-        """bos + `prompt` with `image_tokens` image ids at its one `<image>` tag; None = a text-only prompt."""
+    def token_ids(self, prompt: str, image_tokens: int | Sequence[int] | None) -> list[int]:
+        """bos + `prompt` with each image's ids at its `<image>` tag: an int for a prompt of one image, one
+        count per tag (in order) for several; None = a text-only prompt."""
         tags = prompt.count(IMAGE_TAG)
         if image_tokens is None:
             if tags:
                 raise ValueError(f"prompt has {tags} {IMAGE_TAG} tag(s) but no image was given")
             return [self.bos_id, *self.encode(prompt)]
-        if not isinstance(image_tokens, int) or isinstance(image_tokens, bool) or image_tokens < 1:
-            raise ValueError(f"image_tokens must be an integer >= 1 (or None for no image), got {image_tokens!r}")
-        if tags != 1:
+        single = isinstance(image_tokens, int)
+        counts = [image_tokens] if single else list(image_tokens)  # type: ignore[arg-type]
+        for n in counts:
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"image_tokens must be an integer >= 1 (or None for no image), got {image_tokens!r}")
+        if single and tags != 1:
             raise ValueError(f"prompt must contain exactly one {IMAGE_TAG} tag when an image is given, got {tags}")
-        before, after = prompt.split(IMAGE_TAG)
-        return [self.bos_id, *self.encode(before), *[self.image_id] * image_tokens, *self.encode(after)]
+        if tags != len(counts):
+            raise ValueError(f"prompt must hold one {IMAGE_TAG} tag per image: {len(counts)} image(s), {tags} tag(s)")
+        texts = prompt.split(IMAGE_TAG)
+        ids = [self.bos_id, *self.encode(texts[0])]
+        for n, text in zip(counts, texts[1:], strict=True):
+            ids += [self.image_id] * n + self.encode(text)
+        return ids
 
 
 class DeepseekOCR:
@@ -1281,7 +1299,7 @@ class DeepseekOCR:
     def prepare(
         self,
         prompt: str,
-        image: Image.Image | None,
+        image: Image.Image | Sequence[Image.Image] | None,
         *,
         base_size: int | None = None,
         image_size: int | None = None,
@@ -1290,26 +1308,32 @@ class DeepseekOCR:
         max_crops: int = 6,
         sampling: SamplingParams | None = None,
     ) -> GenerationRequest:
-        """Tokenise `prompt` with the image's placeholder ids at its single `<image>` tag.
+        """Tokenise `prompt` with each image's placeholder ids at its `<image>` tag (one tag per image, in order;
+        a list of images for several, each preprocessed in the same mode).
 
         base_size / image_size / crop left None take the model's default mode (gundam for both archs);
         DeepSeek-OCR-2 serves only its one mode (1024 / 768 / crop).
         """
         sampling = sampling or SamplingParams()
         sampling.check()
-        images = None
+        images: ImageInputs | list[ImageInputs] | None = None
         if image is None:
             ids = self.prompts.token_ids(prompt, None)
+            total = 0
         else:
-            if prompt.count(IMAGE_TAG) != 1:
-                self.prompts.token_ids(prompt, 1)  # raises the tag error before any pixel work
-            images = self._preprocess(image, base_size, image_size, crop, min_crops, max_crops)
-            ids = self.prompts.token_ids(prompt, images.image_tokens)
+            several = isinstance(image, (list, tuple))
+            pictures = list(image) if several else [image]
+            if prompt.count(IMAGE_TAG) != len(pictures) or not pictures:
+                self.prompts.token_ids(prompt, [1] * len(pictures) if several else 1)  # the tag error, before pixels
+            inputs = [self._preprocess(p, base_size, image_size, crop, min_crops, max_crops) for p in pictures]
+            ids = self.prompts.token_ids(prompt, [i.image_tokens for i in inputs])
+            images = inputs if several else inputs[0]
+            total = sum(i.image_tokens for i in inputs)
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(
                 f"prompt is {len(ids)} tokens, which leaves no room under max_model_len {self.max_model_len}"
             )
-        return GenerationRequest(ids, images, images.image_tokens if images else 0, sampling)
+        return GenerationRequest(ids, images, total, sampling)
 
     def _preprocess(
         self,
@@ -1352,16 +1376,16 @@ class DeepseekOCR:
                 f"image_tokens is {request.image_tokens} but images is "
                 f"{'missing' if request.images is None else 'given'}"
             )
-        if request.images is not None and request.images.image_tokens != request.image_tokens:
-            raise ValueError(
-                f"images produce {request.images.image_tokens} tokens, request says {request.image_tokens}"
-            )
+        made = sum(i.image_tokens for i in _image_list(request.images))
+        if request.images is not None and made != request.image_tokens:
+            raise ValueError(f"images produce {made} tokens, request says {request.image_tokens}")
 
     def _prompt_embeddings(self, request: GenerationRequest) -> torch.Tensor:
         ids = torch.tensor(request.input_ids, device=self.device)
         x = self.model.model.embed_tokens(ids)  # (P, H)
         if request.images is not None:
-            feats = self.model.model.encode_image(request.images)  # (image_tokens, H)
+            # Each image's run of placeholders in tag order: its embeddings concatenated in the same order.
+            feats = torch.cat([self.model.model.encode_image(i) for i in _image_list(request.images)])  # (N, H)
             slots = ids == self.image_token_id
             if feats.shape[0] != int(slots.sum()):
                 raise ValueError(
@@ -1436,6 +1460,17 @@ class DeepseekOCR:
             if row.request.sampling.temperature > 0:
                 tokens[i] = _top_p_sample(logits[i], row.request.sampling, row.generator)
         return tokens
+
+
+def _image_list(images: ImageInputs | list[ImageInputs] | None) -> list[ImageInputs]:
+    if images is None:
+        return []
+    return images if isinstance(images, list) else [images]
+
+
+def image_token_counts(request: GenerationRequest) -> list[int]:
+    """Image tokens of each image of a prepared request, in prompt order."""
+    return [i.image_tokens for i in _image_list(request.images)]
 
 
 def _token_id(tokenizer: Any, token: str | None, what: str) -> int:

@@ -13,7 +13,7 @@ from service.options import ImageOptions, ImageSimpleOptions
 from service.postprocess import PostOptions
 from service.results import only
 from service.timing import measure
-from web.answers import image_response, usage_model
+from web.answers import confidence_model, image_response, usage_model
 from web.deps import KnownFieldsOnly, ServiceDep, SettingsDep, deadline, file_field, read_upload
 from web.forms import form_of
 from web.schemas.common import ImageOcrResponse, SimpleTextResponse
@@ -80,6 +80,7 @@ async def image_simple(
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         mode=result.mode or req.mode.name,  # type: ignore[arg-type]
         usage=usage_model(result.usage),
+        confidence=confidence_model(result.confidence),
         elapsed_s=result.elapsed_s,
     ))
 

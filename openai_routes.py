@@ -31,6 +31,7 @@ from errors import BadRequest, DeadlineExceeded, OcrError
 from service.ocr import OcrService
 from service.request import OcrRequest
 from service.timing import measure
+from web.answers import confidence_model
 from web.deps import PROMPT_MAX_CHARS, ServiceDep, SettingsDep, deadline
 from web.schemas.openai import (
     ERROR_RESPONSES,
@@ -78,9 +79,10 @@ def check_model(name: str, service: OcrService) -> str | None:
 # --------------------------------------------------------------------------------------- request parsing
 
 
-def split_messages(messages: list[ChatMessage]) -> tuple[str | None, str]:
-    """(the one image's URL or None, the prompt): the image may sit in any message, the prompt is the
-    last user message's text. The model keeps no conversation, so earlier turns only lend their image."""
+def split_messages(messages: list[ChatMessage]) -> tuple[list[str], str]:
+    """(the images' URLs in order, the prompt): images may sit in any message, the prompt is the last user
+    message's text. The model keeps no conversation, so earlier turns only lend their images. Several images
+    and a prompt without `<image>` tags: one tag per image goes in front, in order."""
     images: list[str] = []
     for message in messages:
         if isinstance(message.content, list):
@@ -88,8 +90,6 @@ def split_messages(messages: list[ChatMessage]) -> tuple[str | None, str]:
             bad = sorted({p.type for p in message.content if p.type not in ("text", "image_url")})
             if bad:
                 raise BadRequest(f"content parts of type {', '.join(bad)} are not supported; send text and image_url")
-    if len(images) > 1:
-        raise BadRequest(f"the messages hold {len(images)} images; one image per request is supported")
     users = [m for m in messages if m.role == "user"]
     if not users:
         raise BadRequest("the messages have no user message; send the prompt and image as a user message")
@@ -100,7 +100,9 @@ def split_messages(messages: list[ChatMessage]) -> tuple[str | None, str]:
         text = content or ""
     if len(text) > PROMPT_MAX_CHARS:
         raise BadRequest(f"the prompt has {len(text)} characters; at most {PROMPT_MAX_CHARS} are accepted")
-    return (images[0] if images else None), text
+    if len(images) > 1 and "<image>" not in text:
+        text = "<image>\n" * len(images) + text
+    return images, text
 
 
 def _image_url(value: Any) -> str:
@@ -152,12 +154,13 @@ async def get_model(model: str, request: Request) -> ModelCard:
 )
 async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, settings: SettingsDep) -> Any:
     served = check_model(body.model, service)
-    url, prompt = split_messages(body.messages)
+    urls, prompt = split_messages(body.messages)
     req = OcrRequest.build(
         settings,
         prompt=prompt,
         default_prompt=FREE_PROMPT,
-        has_image=url is not None,
+        has_image=bool(urls),
+        images=max(1, len(urls)),
         mode=body.mode,
         max_tokens=body.max_completion_tokens or body.max_tokens,
         temperature=body.temperature,
@@ -166,7 +169,8 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, set
         model=served,
     )
     req = service.admit(req)
-    image = await decode_url(service, url) if url is not None else None
+    pictures = [await decode_url(service, url) for url in urls]
+    image: Image.Image | list[Image.Image] | None = pictures if len(pictures) > 1 else pictures[0] if pictures else None
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -182,6 +186,7 @@ async def chat_completions(body: ChatCompletionRequest, service: ServiceDep, set
         **head,
         choices=[Choice(message=AssistantMessage(content=out.text), finish_reason=_finish(out.finish_reason))],
         usage=completion_usage(out.usage),
+        confidence=confidence_model(out.confidence),
     ))
 
 
@@ -190,6 +195,8 @@ def completion_usage(usage: Usage) -> CompletionUsage:
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        image_tokens=usage.image_tokens,
+        per_image=usage.per_image,
     )
 
 

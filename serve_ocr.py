@@ -101,7 +101,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(prestart), PRESTART_WAIT_S)
     app.state.service = service = build_service(settings, engines, executor, render_pool)
-    service.observers.append(metrics.item_observer(app.state.metrics))
+    metrics.watch_service(app.state.metrics, service)
     service.supervisor.start()
     scaler = start_scaler(settings, service)
     mcp_sessions = app.state.mcp_sessions

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,13 +42,62 @@ class EngineRequest:
     input_hash: str | None = None
     # Seconds spent sending it to where the engine runs (a worker process's socket); set by such engines.
     transfer_s: float = 0.0
+    # The prompt's second and later images, in the order of its `<image>` tags (`image` is the first). They
+    # cross to a worker process pickled with the request header; the first goes as raw pixels (workers/wire).
+    more_images: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """Every image of the prompt, in tag order."""
+        return [] if self.image is None else [self.image, *self.more_images]
 
 
 @dataclass
 class Usage:
     prompt_tokens: int = 0
-    image_tokens: int = 0
+    image_tokens: int = 0  # every image of the prompt together
     completion_tokens: int = 0
+    per_image: list[int] = field(default_factory=list)  # image tokens of each image, in prompt order
+
+
+# A sampled token under this log-probability (probability 0.5) counts as unsure in `Confidence.low_share`.
+# Fixed, not a setting, so that the share means the same on every server and in every stored job.
+LOW_LOGPROB = math.log(0.5)
+
+
+@dataclass
+class Confidence:
+    """How sure the model was of one generation: the log-probabilities of the tokens it sampled, under the
+    model's own distribution before the n-gram guard (what vLLM returns with `logprobs=0`). Engines add each
+    sampled token; the service reads the summary. A generation of no tokens has none (`tokens == 0`)."""
+
+    tokens: int = 0
+    sum_logprob: float = 0.0
+    min_logprob: float = 0.0
+    low: int = 0  # tokens under LOW_LOGPROB
+
+    def add(self, logprob: float) -> None:
+        if not math.isfinite(logprob):  # -inf: a token the distribution ruled out (a sampling bug upstream)
+            logprob = -1e4
+        self.min_logprob = logprob if self.tokens == 0 else min(self.min_logprob, logprob)
+        self.tokens += 1
+        self.sum_logprob += logprob
+        self.low += logprob < LOW_LOGPROB
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / self.tokens if self.tokens else 0.0
+
+    @property
+    def low_share(self) -> float:
+        return self.low / self.tokens if self.tokens else 0.0
+
+    def summary(self) -> dict[str, float | int] | None:
+        """The answer's `confidence` object, or None where no token was scored."""
+        if not self.tokens:
+            return None
+        return {"mean_logprob": round(self.mean_logprob, 4), "min_logprob": round(self.min_logprob, 4),
+                "low_share": round(self.low_share, 4), "tokens": self.tokens}
 
 
 @dataclass
@@ -57,6 +107,7 @@ class EngineChunk:
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    confidence: Confidence | None = None  # on the last piece, where the engine scores its tokens
 
 
 @dataclass
@@ -71,6 +122,7 @@ class EngineResult:
     transfer_s: float = 0.0
     ttft_s: float = 0.0
     gen_s: float = 0.0
+    confidence: Confidence | None = None
 
 
 @dataclass
@@ -250,17 +302,18 @@ class BaseEngine:
         start = time.perf_counter()
         first: float | None = None
         parts: list[str] = []
-        finish, usage = "length", Usage()
+        finish, usage, confidence = "length", Usage(), None
         async for chunk in self.stream(request):
             if first is None:
                 first = time.perf_counter()
             parts.append(chunk.text)
             if chunk.finish_reason is not None:
-                finish, usage = chunk.finish_reason, chunk.usage or usage
+                finish, usage, confidence = chunk.finish_reason, chunk.usage or usage, chunk.confidence
         end = time.perf_counter()
         first = end if first is None else first
         return EngineResult("".join(parts), finish, usage, round(end - start, 4), transfer_s=request.transfer_s,
-                            ttft_s=max(0.0, first - start - request.transfer_s), gen_s=end - first)
+                            ttft_s=max(0.0, first - start - request.transfer_s), gen_s=end - first,
+                            confidence=confidence)
 
 
 def not_ready(engine: Engine) -> ModelNotReady:

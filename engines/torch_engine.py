@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from config import Settings
-from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, Usage
+from engines.base import BaseEngine, Confidence, EngineChunk, EngineHealth, EngineRequest, Usage
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
 
 log = logging.getLogger("deepseek_ocr.engine.torch")
@@ -173,7 +173,7 @@ class TorchEngine(BaseEngine):
         r = job.request
         prepared = self.runtime.prepare(
             r.prompt,
-            r.image,
+            r.images if r.more_images else r.image,  # a list only where the prompt has several images
             base_size=r.mode.base_size,
             image_size=r.mode.image_size,
             crop=r.mode.crop,
@@ -196,7 +196,10 @@ class TorchEngine(BaseEngine):
                 self._deliver(job, BadRequest(str(exc)))
         if not prepared:
             return
-        usage = [Usage(len(p.input_ids), p.image_tokens, 0) for p in prepared]
+        from deepseek_ocr import image_token_counts
+
+        usage = [Usage(len(p.input_ids), p.image_tokens, 0, image_token_counts(p)) for p in prepared]
+        scores = [Confidence() for _ in prepared]
         self.batches += 1
         self.decoding = len(prepared)
         try:
@@ -209,9 +212,11 @@ class TorchEngine(BaseEngine):
                     u = usage[ev.index]
                     if ev.finish_reason not in ("abort", "stop"):  # the EOS is not part of the answer
                         u.completion_tokens += 1
+                        scores[ev.index].add(ev.logprob)
                     done = ev.finish_reason is not None
                     self.decoding -= done
-                    self._deliver(jobs[ev.index], EngineChunk(ev.text, ev.finish_reason, u if done else None))
+                    self._deliver(jobs[ev.index], EngineChunk(ev.text, ev.finish_reason, u if done else None,
+                                                              scores[ev.index] if done else None))
         finally:
             self.decoding = 0
             _release_free_memory()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import ocr_utils
-from engines.base import Usage
+from engines.base import Confidence, Usage
 from service.results import ItemResult, PagePost
 
 PREVIEW = "preview.jpg"  # a PDF page as rendered, long side <= pdf.render_process.PREVIEW_SIDE
@@ -81,6 +81,7 @@ def save_result(data_dir: Path, job_id: str, index: int, result: ItemResult) -> 
         "text": result.text,
         "finish_reason": result.finish_reason,
         "usage": vars(result.usage),
+        "confidence": vars(result.confidence) if result.confidence is not None else None,
         "width": result.width,
         "height": result.height,
         "dpi": result.dpi,
@@ -153,6 +154,8 @@ def load_result(data_dir: Path, relative: str, *, images: bool = True, files: bo
         attempts=record.get("attempts", 1),
         retries=record.get("retries", []),
         worker=record.get("worker"),
+        # Results stored before confidence was kept have none.
+        confidence=Confidence(**record["confidence"]) if record.get("confidence") else None,
     )
     post = record["post"]
     if post is not None:

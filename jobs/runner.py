@@ -343,6 +343,8 @@ class Runner:
             error=error, webhook_status="pending" if job["webhook_url"] else None, owner=self.replica_id,
         ):
             log.info("jobs: %s %s (%d pages, %d failed)", job_id, status, job["pages_done"], job["pages_failed"])
+            for observe in self.service.job_observers:
+                observe(job["kind"], status, fresh["finished_at"] - job["created_at"])
             await self._ended(job_id)
 
     async def _write_searchable(self, job: dict[str, Any]) -> str | None:

@@ -45,6 +45,9 @@ class JobPage(BaseModel):
     elapsed_s: float | None
     error: str | None
     attempts: int = Field(description="Times the page was started (a crash mid-page makes 2)")
+    confidence: dict[str, float | int] | None = Field(
+        None, description="How sure the model was of the page: mean_logprob, min_logprob, low_share (tokens with "
+        "probability under 0.5), tokens; null until it ran or where the engine scored no token")
     worker: str | None = Field(None, description="Who ran the page's last attempt: the API replica "
                                "(host:pid:random) and its engine worker (`w0 (gpu 0)`), or a Ray worker "
                                "(`ray/<node ip>/<node id>/a0`)")

@@ -77,6 +77,7 @@ pages_t = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("result_path", sa.String(512)),
     sa.Column("worker", sa.String(256)),  # who ran the page's last attempt (replica and engine)
+    sa.Column("confidence", sa.JSON),  # the page's `confidence` summary (mean/min log-probability, low share)
 )
 events_t = sa.Table(
     "events", meta,

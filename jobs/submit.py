@@ -51,6 +51,7 @@ def page_fields(result: ItemResult, path: str) -> dict[str, Any]:
         "elapsed": result.elapsed_s,
         "error": result.error,
         "result_path": path,
+        "confidence": result.confidence.summary() if result.confidence is not None else None,
     }
 
 
@@ -141,7 +142,7 @@ async def _write_files(runner: Any, job_id: str, inputs: Sequence[bytes], items:
         # Every row has every column: an executemany takes its columns from the first row.
         row = {"idx": idx, "page": item.get("page"), "file": item.get("file"), "status": "queued", "attempts": 0,
                "finish_reason": None, "tokens": None, "elapsed": None, "error": None, "result_path": None,
-               "worker": None}
+               "worker": None, "confidence": None}
         if idx in done:
             path = await asyncio.to_thread(results.save_result, data_dir, job_id, idx, done[idx])
             row.update(page_fields(done[idx], path), attempts=1, worker=runner.page_worker(done[idx]))

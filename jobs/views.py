@@ -63,6 +63,7 @@ def page_entry(row: dict[str, Any]) -> dict[str, Any]:
         "error": row["error"],
         "attempts": row["attempts"],
         "worker": row["worker"],
+        "confidence": row.get("confidence"),
     }
 
 

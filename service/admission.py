@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from config import ModelSpec
@@ -86,6 +86,7 @@ class Admission:
             raise ValueError("admission needs at least one engine")
         self.engines: list[Engine] = list(engines)
         self.max_queue = max_queue
+        self.wait_observers: list[Callable[[float], None]] = []  # seconds from asking for a slot to getting it
         self._busy: dict[int, int] = {id(e): 0 for e in self.engines}
         self._turns = FlowTurns()  # items in flight per flow, and when each was last served
         # Waiting items by flow, each flow's in arrival order: a freed slot compares flows, not items, so a
@@ -237,7 +238,10 @@ class Admission:
     @contextlib.asynccontextmanager
     async def slot(self, mode: ModeSpec | None = None, model: str | None = None,
                    flow: object = None) -> AsyncIterator[Slot]:
+        asked = time.perf_counter()
         token = await self.acquire(mode, model, flow)
+        for observe in self.wait_observers:  # /metrics' queue wait
+            observe(time.perf_counter() - asked)
         try:
             yield token
         finally:

@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import dataclasses
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
@@ -71,6 +72,8 @@ class OcrService:
         self.executor = executor
         self.render_pool = render_pool
         self.observers: list[Callable[[str, ItemResult, ModeSpec], None]] = []
+        # A job ended: (kind, status, seconds from its submission); /metrics' job durations.
+        self.job_observers: list[Callable[[str, str, float], None]] = []
         # Takes a sync request over at its deadline: the lifespan sets it when the job runner started.
         self.handoff: Handoff | None = None
         self.pixels = PixelBudget(settings.max_decoded_pixels(admission.capacity))  # held at once (MAX_DECODED_MPIX)
@@ -177,27 +180,36 @@ class OcrService:
         return self.admission.models
 
     async def stream(
-        self, request: OcrRequest, image: Image.Image | None, *, deltas: bool = True, input_hash: str | None = None,
-        kind: str = "generate",
+        self, request: OcrRequest, image: Image.Image | list[Image.Image] | None, *, deltas: bool = True,
+        input_hash: str | None = None, kind: str = "generate",
     ) -> AsyncGenerator[EngineChunk, None]:
         """One generation piece by piece, for the faces that answer a prompt and an image (`/v1`, `/generate`).
         Awaiting it refuses a quarantined input (422) before any answer starts; iterating it takes one admission
         slot, keeps the input in flight on the engine (a crash strikes it) and counts the item with the
         observers at its end. An abort by the engine is `Aborted` (503, Retry-After) after the pieces so far.
         A consumer that stops early calls `aclose()` (the engine's generation is aborted).
-        `deltas=False`: the engine sends only the final piece (vLLM's FINAL_ONLY)."""
+        `deltas=False`: the engine sends only the final piece (vLLM's FINAL_ONLY). `image`: a list for a prompt of
+        several images (in tag order); their hashes together are the input's identity for quarantine."""
         if input_hash is None and image is not None:
             with measure("decode"):
-                input_hash = await self.blocking(content_hash, image)
+                if isinstance(image, list):
+                    hashes = [await self.blocking(content_hash, i) for i in image]
+                    joined = "+".join(hashes).encode()
+                    input_hash = hashes[0] if len(hashes) == 1 else hashlib.sha256(joined).hexdigest()
+                else:
+                    input_hash = await self.blocking(content_hash, image)
         self.supervisor.check(input_hash)
         return self._pieces(request, image, deltas, input_hash, kind)
 
     async def _pieces(
-        self, request: OcrRequest, image: Image.Image | None, deltas: bool, input_hash: str | None, kind: str
+        self, request: OcrRequest, image: Image.Image | list[Image.Image] | None, deltas: bool,
+        input_hash: str | None, kind: str,
     ) -> AsyncGenerator[EngineChunk, None]:
         started = time.perf_counter()
-        result = ItemResult(None, width=image.width if image else None, height=image.height if image else None,
-                            mode=request.mode.name)
+        pictures = image if isinstance(image, list) else [] if image is None else [image]
+        first_image = pictures[0] if pictures else None
+        result = ItemResult(None, width=first_image.width if first_image else None,
+                            height=first_image.height if first_image else None, mode=request.mode.name)
         finish, usage = "length", Usage()
         first: float | None = None
         try:
@@ -211,6 +223,7 @@ class OcrService:
                             first = time.perf_counter()
                         if piece.finish_reason is not None:
                             finish, usage = piece.finish_reason, piece.usage or usage
+                            result.confidence = piece.confidence
                         yield piece
                 finally:
                     await pieces.aclose()
@@ -220,28 +233,31 @@ class OcrService:
                 transfer = engine_request.transfer_s
                 result.timing.engine(slotted - started, transfer, max(0.0, first - slotted - transfer), end - first)
         finally:
-            if image is not None:
-                self.pixels.release_for(image)  # the engine is done with it: its pixels leave the budget
+            for picture in pictures:
+                self.pixels.release_for(picture)  # the engine is done with it: its pixels leave the budget
         result.finish_reason, result.usage, result.status = finish, usage, item_status(finish)
         result.elapsed_s = round(time.perf_counter() - started, 4)
         self._observe(kind, result, request.mode)
         if result.status == "aborted":
             raise Aborted(ABORTED)
 
-    async def complete(self, request: OcrRequest, image: Image.Image | None, *, kind: str = "generate") -> EngineResult:
+    async def complete(
+        self, request: OcrRequest, image: Image.Image | list[Image.Image] | None, *, kind: str = "generate"
+    ) -> EngineResult:
         """`stream` gathered into one answer (`/generate`, `/v1` without `stream`)."""
         started = time.perf_counter()
         parts: list[str] = []
-        finish, usage = "length", Usage()
+        finish, usage, confidence = "length", Usage(), None
         pieces = await self.stream(request, image, deltas=False, kind=kind)
         try:
             async for piece in pieces:
                 parts.append(piece.text)
                 if piece.finish_reason is not None:
-                    finish, usage = piece.finish_reason, piece.usage or usage
+                    finish, usage, confidence = piece.finish_reason, piece.usage or usage, piece.confidence
         finally:
             await pieces.aclose()
-        return EngineResult("".join(parts), finish, usage, round(time.perf_counter() - started, 4))
+        return EngineResult("".join(parts), finish, usage, round(time.perf_counter() - started, 4),
+                            confidence=confidence)
 
     async def image(
         self, request: OcrRequest, image: Image.Image, options: PostOptions, *, label: int | str | None = None,
@@ -274,8 +290,8 @@ class OcrService:
             result.problem = Aborted(ABORTED).to_problem()
             result.error = ABORTED
         result.mode = request.mode.name
-        ran_away = retry_ladder.runaway(out.text, out.finish_reason, out.usage.completion_tokens)
-        if self.settings.retry_ladder and ran_away:
+        result.confidence = out.confidence
+        if self.settings.retry_ladder and retry_ladder.needs_retry(out, self.settings.confidence_retry_below):
             await self._climb(request, image, input_hash, result)
         with measure("post", result.timing):
             result.post = await self.blocking(postprocess, result.text, image, label=label, options=options, dpi=dpi)
@@ -284,21 +300,25 @@ class OcrService:
         return result
 
     async def _climb(self, request: OcrRequest, image: Image.Image, input_hash: str, result: ItemResult) -> None:
-        """A runaway result: the ladder's attempts in turn; the first that does not run away is kept."""
+        """A runaway (or unsure) result: the ladder's attempts in turn; the first that is neither is kept."""
+        below = self.settings.confidence_retry_below
         for step in retry_ladder.steps(request, self.admission.served_modes):
             out = await self.generate(step.request, image, input_hash=input_hash, timing=result.timing)
             result.attempts += 1
             result.retries.append(
                 {"attempt": result.attempts, "change": step.change, "finish_reason": out.finish_reason,
-                 "completion_tokens": out.usage.completion_tokens}
+                 "completion_tokens": out.usage.completion_tokens,
+                 "mean_logprob": round(out.confidence.mean_logprob, 4) if out.confidence else None}
             )
-            if not retry_ladder.runaway(out.text, out.finish_reason, out.usage.completion_tokens):
+            if not retry_ladder.needs_retry(out, below):
                 result.text, result.finish_reason, result.usage = out.text, out.finish_reason, out.usage
+                result.confidence = out.confidence
                 result.worker = out.worker
                 result.mode = step.request.mode.name
                 result.status = "degraded" if step.degraded else "retried"
                 return
-        log.info("item %s ran away on all %d attempts; the first is kept, truncated", result.label, result.attempts)
+        log.info("item %s ran away (or stayed unsure) on all %d attempts; the first is kept", result.label,
+                 result.attempts)
 
     async def page(self, request: OcrRequest, doc: Any, page: int, *, dpi: int, options: PostOptions,
                    preview: bool = False) -> ItemResult:

@@ -85,10 +85,10 @@ class Options(BaseModel):
 
     def request(
         self, settings: Settings, *, mode: str | ModeSpec | None = None, has_image: bool = True,
-        kind: str | None = None,
+        kind: str | None = None, images: int = 1,
     ) -> OcrRequest:
         """The validated request these options ask for (`mode` overrides the field, e.g. from crop_mode;
-        `kind` the model's, for a job, whose kind is known once its upload is read)."""
+        `kind` the model's, for a job, whose kind is known once its upload is read; `images` the prompt's)."""
         return OcrRequest.build(
             settings,
             prompt=getattr(self, "prompt", ""),
@@ -101,6 +101,7 @@ class Options(BaseModel):
             ngram=self.ngram,
             model=self.model,
             kind=kind or self.kind,
+            images=images,
         )
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from config import NGRAM_DEFAULTS, Settings
 from engines.base import EngineRequest, SamplingParams
-from errors import BadRequest, ValidationFailed
+from errors import BadRequest, PayloadTooLarge, ValidationFailed
 from process.modes import MODES, ModeSpec
 
 SAMPLING_EPS = 1e-5  # below vLLM's sampling epsilon a temperature means greedy
@@ -24,20 +24,37 @@ def resolve_mode(name: str | None, settings: Settings) -> ModeSpec:
     return MODES[key]
 
 
-def normalize_prompt(prompt: str | None, default: str, *, has_image: bool) -> str:
+def normalize_prompt(prompt: str | None, default: str, *, has_image: bool, images: int = 1) -> str:
     """The prompt the model sees: the default when empty, `<image>\\n` in front when an image has no tag.
+    `images` > 1: a prompt of several images, which must hold one `<image>` tag per image (422 otherwise).
 
     A literal backslash-n typed after `<image>` in a shell (`-F "prompt=<image>\\n..."`) means a newline.
     """
     text = (prompt or "").strip() or default
     text = text.replace("<image>\\n", "<image>\n")
+    if images > 1:
+        if (tags := text.count("<image>")) != images:
+            raise ValidationFailed(
+                f"the prompt has {tags} <image> tag(s) for {images} images; put one <image> tag in the prompt for "
+                "each image, where it belongs (the images fill the tags in the order they were sent)"
+            )
+        return text
     if has_image and "<image>" not in text:
         text = "<image>\n" + text
     if not has_image and "<image>" in text:
         raise BadRequest("the prompt has an <image> tag but no image was sent; send an image or drop the tag")
     if text.count("<image>") > 1:
-        raise BadRequest("the prompt has several <image> tags; one image per request is supported")
+        raise BadRequest("the prompt has several <image> tags but one image was sent; send one image per tag")
     return text
+
+
+def check_image_count(count: int, settings: Settings) -> None:
+    """413 for a prompt of more images than MAX_IMAGES_PER_PROMPT: each adds up to ~933 tokens and a decode."""
+    if count > settings.max_images_per_prompt:
+        raise PayloadTooLarge(
+            f"{count} images in one prompt; at most {settings.max_images_per_prompt} are allowed "
+            "(MAX_IMAGES_PER_PROMPT); send the others in further requests"
+        )
 
 
 def fill_ngram(sent: tuple[int | None, int | None], default: tuple[int, int]) -> tuple[int, int]:
@@ -82,13 +99,16 @@ class OcrRequest:
         ngram: tuple[int | None, int | None] | None = None,
         model: str | None = None,
         kind: str = "image",
+        images: int = 1,
     ) -> OcrRequest:
-        """`ngram` parts left None take the model's defaults for `kind` when `OcrService.admit` binds it."""
+        """`ngram` parts left None take the model's defaults for `kind` when `OcrService.admit` binds it.
+        `images`: how many images the prompt holds (several: one `<image>` tag each, MAX_IMAGES_PER_PROMPT)."""
         spec = mode if isinstance(mode, ModeSpec) else resolve_mode(mode, settings)
         sent = ngram if ngram is not None else (None, None)
         given = sent[0] is not None and sent[1] is not None
         ngram = fill_ngram(sent, NGRAM_DEFAULTS["ocr"][kind])
-        text = normalize_prompt(prompt, default_prompt, has_image=has_image)
+        check_image_count(images, settings)
+        text = normalize_prompt(prompt, default_prompt, has_image=has_image, images=images)
         limit = settings.max_model_len
         if max_tokens is not None and not 1 <= max_tokens <= limit:
             raise ValidationFailed(f"max_tokens={max_tokens} is out of range; allowed 1..{limit} (MAX_MODEL_LEN)")
@@ -106,7 +126,11 @@ class OcrRequest:
         return cls(text, spec, sampling, model or None, kind, bool(mode), given, sent)
 
     def engine_request(
-        self, image: Image.Image | None, *, stream: bool = False, input_hash: str | None = None
+        self, image: Image.Image | list[Image.Image] | None, *, stream: bool = False, input_hash: str | None = None
     ) -> EngineRequest:
+        """`image`: a list for a prompt of several images (in tag order)."""
         sampling = SamplingParams(**vars(self.sampling))  # engines may not share one mutable object
-        return EngineRequest(self.prompt, image, self.mode, sampling, stream=stream, input_hash=input_hash)
+        several = list(image) if isinstance(image, list) else []
+        first = several[0] if several else image
+        return EngineRequest(self.prompt, first, self.mode, sampling, stream=stream, input_hash=input_hash,  # type: ignore[arg-type]
+                             more_images=several[1:])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import ocr_utils
-from engines.base import Usage
+from engines.base import Confidence, Usage
 from errors import Aborted, OcrError
 from service.timing import Timing
 
@@ -45,6 +45,7 @@ class ItemResult:
     text: str = ""
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
+    confidence: Confidence | None = None  # the kept attempt's token log-probabilities, where the engine scores them
     post: PagePost | None = None
     width: int | None = None
     height: int | None = None

@@ -1,6 +1,7 @@
 """Second chances for runaway pages, the most reported DeepSeek-OCR failure (a line repeated to max_tokens).
 
-A result is a runaway when it stopped at max_tokens and its text ends in a repeating cycle. It is tried
+A result is a runaway when it stopped at max_tokens and its text ends in a repeating cycle; with
+CONFIDENCE_RETRY_BELOW set, a result whose mean token log-probability is under it climbs too. It is tried
 again with a tighter n-gram guard, then in another served mode, then with the plain "Free OCR." prompt.
 The first attempt that does not run away is kept (`retried`, or `degraded` when only the plain prompt
 worked: its text has no layout); when every attempt runs away, the first one is kept, marked `truncated`.
@@ -42,6 +43,18 @@ def repeating_tail(text: str) -> bool:
 
 def runaway(text: str, finish_reason: str | None, completion_tokens: int = MIN_TOKENS) -> bool:
     return finish_reason == "length" and completion_tokens >= MIN_TOKENS and repeating_tail(text)
+
+
+def unsure(confidence: Any, below: float | None) -> bool:
+    """The model was unsure of the page: its mean token log-probability under CONFIDENCE_RETRY_BELOW (off when
+    unset). A page of fewer than MIN_TOKENS scored tokens is not judged, as a short budget is not a runaway."""
+    return below is not None and confidence is not None and confidence.tokens >= MIN_TOKENS and \
+        confidence.mean_logprob < below
+
+
+def needs_retry(out: Any, below: float | None) -> bool:
+    """A result (`EngineResult`) the ladder should try again: a runaway, or an unsure page."""
+    return runaway(out.text, out.finish_reason, out.usage.completion_tokens) or unsure(out.confidence, below)
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,29 @@ class TestService:
         assert set(body) >= {"result", "finish_reason", "mode", "usage", "elapsed_s"}, body
         assert body["usage"]["image_tokens"] == gundam_tokens(900, 700), body
 
+    def test_two_images_one_prompt(self, url: str) -> None:
+        """Issue 28: two images fill two `<image>` tags (vLLM gets multi_modal_data {"image": [a, b]}); the image
+        tokens are the FACTS count of each, in order, and the answer carries the sampled tokens' confidence."""
+        sizes = [(600, 500), (1190, 1684)]
+        want = [facts_tokens("gundam", size) for size in sizes]
+        files = [("files", (f"p{i}.png", png(*size, seed=i), "image/png")) for i, size in enumerate(sizes)]
+        r = httpx.post(url + "/generate_with_file", files=files,
+                       data={"prompt": "<image>\n<image>\nFree OCR.", "max_tokens": "16"}, timeout=120)
+        assert r.status_code == 200, show(r)
+        usage = r.json()["usage"]
+        assert usage["image_tokens"] == sum(want) and usage["per_image"] == want, r.json()
+        confidence = r.json()["confidence"]
+        assert confidence is not None and confidence["tokens"] >= 1, r.json()
+        assert confidence["min_logprob"] <= confidence["mean_logprob"] <= 0, confidence
+        parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(
+            png(*size, seed=i)).decode()}} for i, size in enumerate(sizes)]
+        chat = {"model": "deepseek-ocr", "max_tokens": 16,
+                "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "Free OCR."}]}]}
+        r = httpx.post(url + "/v1/chat/completions", json=chat, timeout=120)
+        assert r.status_code == 200, show(r)
+        assert r.json()["usage"]["image_tokens"] == sum(want), r.json()
+        assert r.json()["usage"]["per_image"] == want, r.json()
+
     @pytest.mark.parametrize("size,facts", [((640, 640), 273), ((600, 500), 273), ((1190, 1684), 903),
                                             ((1684, 1190), None), ((300, 2000), 933), ((8000, 300), None),
                                             ((1024, 1024), None), ((1200, 800), None)])

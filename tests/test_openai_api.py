@@ -95,14 +95,15 @@ def test_models_list_and_unknown_model(client: openai.OpenAI, tiny_checkpoint: P
     assert "this server serves 'deepseek-ocr'" in missing.value.message
 
 
-def test_remote_url_and_two_images_refused(client: openai.OpenAI) -> None:
+def test_remote_url_and_too_many_images_refused(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as remote:
         client.chat.completions.create(model="deepseek-ocr", messages=user(url="https://example.com/scan.png"))
     assert "remote image URLs are not fetched" in remote.value.message, remote.value.body
-    two = user() + user(text=None)
-    with pytest.raises(openai.BadRequestError) as several:
-        client.chat.completions.create(model="deepseek-ocr", messages=two)
-    assert "2 images; one image per request" in several.value.message, several.value.body
+    five = user(text=None) * 4 + user()  # MAX_IMAGES_PER_PROMPT is 4 by default
+    with pytest.raises(openai.APIStatusError) as several:
+        client.chat.completions.create(model="deepseek-ocr", messages=five)
+    assert several.value.status_code == 413, several.value.body
+    assert "5 images in one prompt; at most 4" in several.value.message, several.value.body
 
 
 def test_wrong_key_refused(url: str) -> None:

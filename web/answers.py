@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import ocr_utils
-from engines.base import Usage
+from engines.base import Confidence, Usage
 from outputs.archive import SUMMARY_MEMBER, MemberData, stem_members, stream_layout_pdf
 from outputs.archive import download_stem as download_stem  # the routes name their downloads through here
 from outputs.archive import member_stems as member_stems
@@ -29,7 +29,7 @@ from web.schemas.batch import (
     BatchTotals,
     ZipMembers,
 )
-from web.schemas.common import BlockModel, BoxModel, CropModel, ImageOcrResponse, UsageModel
+from web.schemas.common import BlockModel, BoxModel, ConfidenceModel, CropModel, ImageOcrResponse, UsageModel
 from web.schemas.pdf import PdfOcrResponse, PdfPageModel, PdfSimplePage, PdfSimpleResponse
 
 # MAX_ANSWER_MB's default, for callers that pass no cap (the PDF run carries the setting's value).
@@ -77,12 +77,18 @@ def usage_model(usage: Usage) -> UsageModel:
     return UsageModel(**vars(usage))
 
 
+def confidence_model(confidence: Confidence | None) -> ConfidenceModel | None:
+    summary = confidence.summary() if confidence is not None else None
+    return ConfidenceModel(**summary) if summary is not None else None
+
+
 def total_usage(items: Iterable[ItemResult]) -> UsageModel:
     total = Usage()
     for item in items:
-        for key, value in vars(item.usage).items():
-            setattr(total, key, getattr(total, key) + value)
-    return usage_model(total)
+        total.prompt_tokens += item.usage.prompt_tokens
+        total.image_tokens += item.usage.image_tokens
+        total.completion_tokens += item.usage.completion_tokens
+    return usage_model(total)  # no per-image list: one entry per page of a long document says nothing new
 
 
 def block_models(post: PagePost | None) -> list[BlockModel]:
@@ -129,6 +135,7 @@ def image_response(result: ItemResult, mode: str, max_bytes: int | None = None) 
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         mode=result.mode or mode,  # type: ignore[arg-type]
         usage=usage_model(result.usage),
+        confidence=confidence_model(result.confidence),
         elapsed_s=result.elapsed_s,
         attempts=result.attempts,
         retries=result.retries,
@@ -161,6 +168,7 @@ def page_model(p: ItemResult) -> PdfPageModel:
         note=p.note,
         finish_reason=p.finish_reason,  # type: ignore[arg-type]
         usage=usage_model(p.usage),
+        confidence=confidence_model(p.confidence),
         attempts=p.attempts,
         retries=p.retries,
     )
@@ -241,6 +249,7 @@ def pdf_simple_response(run: DocumentRun) -> PdfSimpleResponse:
             status=p.status,
             finish_reason=p.finish_reason,  # type: ignore[arg-type]
             error=p.error,
+            confidence=confidence_model(p.confidence),
         )
         for p in run.pages
     ]
@@ -310,6 +319,7 @@ def file_fields(index: int, filename: str, r: ItemResult) -> dict[str, Any]:
         "error": r.problem,
         "finish_reason": r.finish_reason,
         "usage": usage_model(r.usage) if r.finish_reason is not None else None,
+        "confidence": confidence_model(r.confidence),
         "width": r.width,
         "height": r.height,
         "attempts": r.attempts,
@@ -327,7 +337,8 @@ def batch_response(run: BatchRun) -> BatchResponse:
 
 def batch_simple_response(run: BatchRun) -> BatchSimpleResponse:
     results = [
-        BatchSimpleResult(index=i, filename=name, text=r.post.plain if r.post else "", status=r.status, error=r.problem)
+        BatchSimpleResult(index=i, filename=name, text=r.post.plain if r.post else "", status=r.status, error=r.problem,
+                          confidence=confidence_model(r.confidence))
         for i, (name, r) in enumerate(zip(run.filenames, run.results, strict=True))
     ]
     return BatchSimpleResponse(results=results, elapsed_s=run.elapsed_s, **batch_totals(run.results))

@@ -18,16 +18,21 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    GCCollector,
     Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import Match
 
 from config import Settings
 from service.results import ITEM_STATUSES
+from web.status import build_info
 
 log = logging.getLogger("deepseek_ocr.metrics")
 
@@ -58,6 +63,9 @@ IMAGE_TOKEN_BUCKETS = (73, 111, 273, 421, 493, 603, 713, 823, 933, 2048)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # Stages run from tens of microseconds (a transfer) to minutes (a PDF's summed generation).
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, *LATENCY_BUCKETS)
+# A job runs from seconds (one page) to hours (a 10,000-page PDF).
+JOB_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+JOBS_ROUTE = "/jobs"  # the route label of pages a job runs (no HTTP request is current while they run)
 
 StateSource = Callable[[], dict[str, Any]]
 JobsSource = Callable[[], dict[str, int]]
@@ -109,6 +117,25 @@ class Metrics:
             buckets=STAGE_BUCKETS,
             registry=r,
         )
+        self.queue_wait = Histogram(
+            f"{p}_queue_wait_seconds", "Seconds from asking admission for an engine slot to getting one",
+            buckets=STAGE_BUCKETS, registry=r,
+        )
+        self.item_seconds = Histogram(
+            f"{p}_item_seconds", "Seconds per page or image, from its start to its post-processed result, by route",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.job_seconds = Histogram(
+            f"{p}_job_duration_seconds", "Seconds from a job's submission to its end, by kind and final status",
+            ["kind", "status"], buckets=JOB_BUCKETS, registry=r,
+        )
+        self.build = Info(f"{p}_build", "The build serving: version, git commit, torch and vLLM installed",
+                          registry=r)  # exposed as ocr_build_info
+        # The process's memory, CPU, open files and start time, the interpreter and its garbage collector: on
+        # this registry, as the global one is not what /metrics serves.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         for kind in TOKEN_KINDS:
             self.tokens.labels(kind)  # present at 0 from the start, so rate() works on the first scrape
         self._state_source: StateSource | None = None
@@ -177,6 +204,14 @@ class _CallbackCollector(Collector):
             if key in state:
                 family.add_metric([], float(state[key]))
             yield family
+        restarts = CounterMetricFamily(f"{p}_engine_restarts", "Dead engines restarted in place by the supervisor")
+        quarantined = GaugeMetricFamily(f"{p}_quarantined_inputs",
+                                        "Inputs quarantined after engine deaths (refused with 422 until a restart)")
+        if "restarts" in state:
+            restarts.add_metric([], float(state["restarts"]))
+            quarantined.add_metric([], float(state["quarantined"]))
+        yield restarts
+        yield quarantined
         ready = GaugeMetricFamily(f"{p}_worker_ready", "1 when this engine worker can serve", labels=["worker"])
         busy = GaugeMetricFamily(f"{p}_worker_in_flight", "Items on this engine worker now", labels=["worker"])
         for worker, (is_ready, in_flight) in sorted(state.get("workers", {}).items()):
@@ -211,7 +246,8 @@ def engine_state(app: FastAPI) -> StateSource:
         # Per worker (engine workers, Ray actors: named with their host or node), else per engine name.
         workers = {str(e.worker_id or e.name): (e.ready, a.busy(e)) for e in a.engines}
         return {"in_flight": a.in_flight, "waiting": a.waiting, "engine_ready": a.ready, "engines": len(a.engines),
-                "workers": workers}
+                "workers": workers, "restarts": service.supervisor.restarts,
+                "quarantined": len(service.supervisor.quarantined)}
 
     return read
 
@@ -223,6 +259,7 @@ def install(app: FastAPI, settings: Settings) -> Metrics:
     """
     metrics = Metrics()
     metrics.set_state_source(engine_state(app))
+    metrics.build.info(build_info(settings))
     app.state.metrics = metrics
 
     @app.get(
@@ -251,12 +288,21 @@ def item_observer(metrics: Metrics) -> Callable[[str, Any, Any], None]:
     def observe(kind: str, result: Any, mode: Any) -> None:
         u = result.usage
         scope = current_scope.get()
-        route = route_template(scope) if scope is not None else "background"
+        route = route_template(scope) if scope is not None else JOBS_ROUTE
         if scope is not None:  # the request's access log line reports them (web/guard.py)
             counts = scope.setdefault(ACCESS_COUNTS, {"pages": 0, "tokens": 0})
             counts["pages"] += 1
             counts["tokens"] += u.completion_tokens
         metrics.record_item(route, mode.name, result.status, result.finish_reason, u.prompt_tokens,
                             u.image_tokens, u.completion_tokens)
+        metrics.item_seconds.labels(route).observe(result.elapsed_s)
 
     return observe
+
+
+def watch_service(metrics: Metrics, service: Any) -> None:
+    """Count what the service does: items (`item_observer`), admission's queue waits and the jobs that end."""
+    service.observers.append(item_observer(metrics))
+    service.admission.wait_observers.append(metrics.queue_wait.observe)
+    service.job_observers.append(lambda kind, status, seconds: metrics.job_seconds.labels(kind, status).observe(
+        max(0.0, seconds)))

@@ -1,4 +1,5 @@
-"""The `/status` and `/info` routes of the image, PDF and batch routers, written once.
+"""The `/status` and `/info` routes of the image, PDF and batch routers, written once; and the build's
+identity (`VERSION`, `build_info`) that `/`, `/health` and `/metrics` show.
 
 Each router calls `add_status_routes` with what is its own (features, description, endpoints, the
 parameter help built from the settings, curl examples); the answers' shared parts come from here.
@@ -6,13 +7,48 @@ parameter help built from the settings, curl examples); the answers' shared part
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 
 from config import MODES, PROMPTS, Settings
 from service.ocr import OcrService
 from web.schemas.common import LimitsModel, RouteInfo, RouteStatus
+
+VERSION = "1.0.0"
+_SOURCE = Path(__file__).resolve().parents[1]
+
+
+def package_version(name: str) -> str:
+    """An installed package's version from its metadata, "" when absent: the HTTP process never imports torch
+    or vLLM (they load in engine workers) just to name them."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+@functools.cache
+def git_commit(configured: str | None) -> str:
+    """GIT_COMMIT as the image build set it, else the checkout's HEAD where the source is one, else ""."""
+    if configured:
+        return configured.strip()
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_SOURCE, capture_output=True, text=True, timeout=5,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def build_info(settings: Settings) -> dict[str, str]:
+    """The labels of `ocr_build_info`: version, commit, and the torch and vLLM installed ("" when not)."""
+    return {"version": VERSION, "commit": git_commit(settings.git_commit), "torch": package_version("torch"),
+            "vllm": package_version("vllm")}
 
 
 def limits(settings: Settings) -> LimitsModel:

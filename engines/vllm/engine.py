@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import deepseek_ocr
 from config import MODES, ModeSpec, Settings, vllm_renderer_threads
-from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
+from engines.base import BaseEngine, Confidence, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
 from engines.vllm import modes as vllm_modes
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
 
@@ -82,7 +82,7 @@ def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides
         # One image per request and no reuse between requests: caches would only cost memory and hashing.
         "enable_prefix_caching": False,
         "mm_processor_cache_gb": 0,
-        "limit_mm_per_prompt": {"image": 1},
+        "limit_mm_per_prompt": {"image": settings.max_images_per_prompt},
         "logits_processors": [] if impl == "off" else [ngram_processor],
         # Image preprocessing runs in the renderer's threads (async path); several pages decode at once.
         "renderer_num_workers": vllm_renderer_threads(),
@@ -198,13 +198,15 @@ class PromptBuilder(deepseek_ocr.PromptBuilder):
                 arch = "ocr"  # vLLM itself will say what is wrong with the checkpoint
         return cls(deepseek_ocr.load_tokenizer(path), arch)
 
-    def prompt(self, prompt: str, image: Image.Image | None, mode: ModeSpec,
+    def prompt(self, prompt: str, image: Image.Image | Sequence[Image.Image] | None, mode: ModeSpec,
                extra_ids: Sequence[int] = ()) -> dict[str, Any]:
-        """A vLLM `TokensPrompt` dict; `image` must already be `vllm_image(image, mode)`."""
-        ids = self.token_ids(prompt, 1 if image is not None else None)
+        """A vLLM `TokensPrompt` dict; `image` must already be `vllm_image(image, mode)`: a list for a prompt of
+        several images (one `<image>` id at each tag, vLLM expands each in order)."""
+        several = isinstance(image, (list, tuple))
+        ids = self.token_ids(prompt, None if image is None else [1] * len(image) if several else 1)
         out: dict[str, Any] = {"prompt_token_ids": [*ids, *extra_ids]}
         if image is not None:
-            out["multi_modal_data"] = {"image": image}
+            out["multi_modal_data"] = {"image": list(image) if several else image}
             if (kwargs := mm_processor_kwargs(mode, self.arch)) is not None:
                 out["mm_processor_kwargs"] = kwargs
         return out
@@ -228,6 +230,9 @@ def sampling_params(sampling: SamplingParams, whitelist: Sequence[int], *, delta
         spaces_between_special_tokens=False,
         output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
         extra_args=args,
+        # The sampled token's own log-probability only (0 = no alternatives): the page's `confidence`. vLLM's
+        # default logprobs_mode (raw_logprobs) scores it before the logits processors, as TorchEngine does.
+        logprobs=0,
         **extra,
     )
 
@@ -396,16 +401,20 @@ class VllmEngine(BaseEngine):
         engine, prompts = self._engine, self._prompts
         if engine is None or prompts is None:
             raise ModelNotReady(self._reason or "the vLLM engine is not running", retry_after=30)
-        image = None
-        if request.image is not None:
+        image: Any = None
+        if request.more_images:
+            image = [await asyncio.to_thread(vllm_image, i, request.mode) for i in request.images]
+        elif request.image is not None:
             image = await asyncio.to_thread(vllm_image, request.image, request.mode)
         params = sampling_params(request.sampling, prompts.whitelist, delta=request.stream)
         completion = 0
+        confidence = Confidence()
         try:
             engine_input = await self._render(prompts.prompt(request.prompt, image, request.mode))
             async for out in engine.generate(engine_input, params, request.request_id):
                 piece = out.outputs[0]
                 completion += len(piece.token_ids)
+                score_tokens(confidence, piece.token_ids, piece.logprobs, skip=prompts.eos_id)
                 if not out.finished:
                     if piece.text:
                         yield EngineChunk(piece.text)
@@ -417,8 +426,9 @@ class VllmEngine(BaseEngine):
                     image_tokens=sum(1 for t in ids if t == prompts.image_id),
                     # The EOS that ends a "stop" is not part of the answer (as in TorchEngine).
                     completion_tokens=completion - (1 if finish == "stop" and completion else 0),
+                    per_image=per_image_tokens(out, ids, prompts.image_id),
                 )
-                yield EngineChunk(piece.text, finish, usage)
+                yield EngineChunk(piece.text, finish, usage, confidence)
                 return
         except EngineDeadError:
             self._mark_dead()
@@ -433,6 +443,38 @@ class VllmEngine(BaseEngine):
                 self._mark_dead()
                 raise ModelNotReady(self._reason or "the vLLM engine core died", retry_after=60) from None
             raise OcrError(f"the vLLM engine failed on this request: {exc.__cause__ or exc}") from exc
+
+
+def score_tokens(confidence: Confidence, token_ids: Sequence[int], logprobs: Any, *, skip: int | None = None) -> None:
+    """Add the sampled tokens' log-probabilities of one output (a DELTA's new positions, or all of them) to
+    `confidence`. With `logprobs=0` each position holds the sampled token's entry (a dict token id -> Logprob).
+    `skip`: the EOS id, which is no part of the answer (TorchEngine leaves it out too)."""
+    for token, position in zip(token_ids, logprobs or (), strict=False):
+        if token == skip:
+            continue
+        entry = position.get(token) if hasattr(position, "get") else None
+        if entry is None and position:
+            entry = next(iter(position.values()))
+        if entry is not None:
+            confidence.add(float(getattr(entry, "logprob", entry)))
+
+
+def per_image_tokens(out: Any, ids: Sequence[int], image_id: int) -> list[int]:
+    """Placeholder tokens of each image of the prompt, in order: vLLM's placeholder ranges where it gives them,
+    else the runs of the image id in the expanded prompt (adjacent images would merge there; tags are apart)."""
+    ranges = (getattr(out, "multi_modal_placeholders", None) or {}).get("image")
+    if ranges:
+        return [int(getattr(r, "length", 0)) for r in ranges]
+    runs: list[int] = []
+    previous = None
+    for t in ids:
+        if t == image_id:
+            if previous == image_id:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        previous = t
+    return runs
 
 
 def _finish_reason(reason: str | None) -> str:

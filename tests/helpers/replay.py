@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from engines.base import BaseEngine, EngineChunk, EngineRequest, Usage
+from engines.base import BaseEngine, Confidence, EngineChunk, EngineRequest, Usage
 from errors import OcrError
 
 
@@ -26,6 +26,7 @@ class ReplayEngine(BaseEngine):
         fail_on_size: tuple[int, int] | None = None,
         delay_s: float = 0.0,
         crash_on: Callable[[EngineRequest], bool] | None = None,
+        logprob: float | Callable[[EngineRequest], float] | None = None,
     ) -> None:
         super().__init__(max_concurrency)
         self.text = text
@@ -38,6 +39,8 @@ class ReplayEngine(BaseEngine):
         self.starts = 0
         self.finish_for: Callable[[str], str] | None = None  # per-answer finish reason, else `finish_reason`
         self.crash_on = crash_on
+        # Each answer token's log-probability (a fixed one, or per request): the answer's confidence; None: none.
+        self.logprob = logprob
 
     async def start(self) -> None:
         self.starts += 1
@@ -64,7 +67,16 @@ class ReplayEngine(BaseEngine):
         for i in range(0, len(text), 40):
             yield EngineChunk(text[i : i + 40])
         finish = self.finish_for(text) if self.finish_for is not None else self.finish_reason
-        yield EngineChunk("", finish, Usage(**vars(self.usage)))
+        yield EngineChunk("", finish, Usage(**vars(self.usage)), self._confidence(request))
+
+    def _confidence(self, request: EngineRequest) -> Confidence | None:
+        if self.logprob is None:
+            return None
+        value = self.logprob(request) if callable(self.logprob) else self.logprob
+        confidence = Confidence()
+        for _ in range(self.usage.completion_tokens):
+            confidence.add(value)
+        return confidence
 
 
 def factory(*engines: BaseEngine) -> Callable[[object], list[BaseEngine]]:

@@ -36,7 +36,7 @@ from service.options import (
 
 # route -> (its options model, its file fields)
 FORMS: dict[str, tuple[type[BaseModel], set[str]]] = {
-    "/generate_with_file": (GenerateOptions, {"file"}),
+    "/generate_with_file": (GenerateOptions, {"file", "files"}),
     "/ocr/image/advanced": (ImageOptions, {"file"}),
     "/ocr/image/simple": (ImageSimpleOptions, {"file"}),
     "/pdf/ocr": (PdfOptions, {"file"}),

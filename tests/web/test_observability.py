@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from helpers.images import png_bytes
+from helpers.jobs import submit, wait
+from helpers.pdfs import make_pdf
+from helpers.replay import ReplayEngine, factory
 from helpers.server import make_settings, serve_app, show
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +38,17 @@ FAMILIES = {
     "ocr_engine_ready": "gauge",
     "ocr_engines": "gauge",
     "ocr_jobs": "gauge",
+    # The operator's view (issue 28).
+    "ocr_build_info": "gauge",
+    "ocr_engine_restarts_total": "counter",
+    "ocr_quarantined_inputs": "gauge",
+    "ocr_queue_wait_seconds": "histogram",
+    "ocr_item_seconds": "histogram",
+    "ocr_job_duration_seconds": "histogram",
+    "process_resident_memory_bytes": "gauge",
+    "process_open_fds": "gauge",
+    "python_info": "gauge",
+    "python_gc_collections_total": "counter",
 }
 
 
@@ -282,3 +298,63 @@ def test_metrics_public_setting_and_separate_registries(tiny_checkpoint: Path) -
         assert not any(key[0] == "ocr_http_requests_total" and "/echo/{item}" in str(key) for key in samples)
         r = httpx.get(url + "/")
         assert r.status_code == 401, show(r)
+
+
+def test_build_info_and_health_version(served) -> None:
+    _, url = served
+    after = scrape(url)
+    builds = [dict(labels) for (name, labels), value in after.items() if name == "ocr_build_info" and value == 1]
+    assert len(builds) == 1, builds
+    build = builds[0]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    assert build["version"] == "1.0.0" and build["commit"] == head, build
+    assert build["torch"] == importlib.metadata.version("torch"), build  # read from metadata, not by importing
+    health = httpx.get(url + "/health").json()
+    assert health["version"] == "1.0.0" and health["commit"] == (head or None), health
+    assert sample(after, "process_resident_memory_bytes") > 0 and sample(after, "process_open_fds") > 0
+
+
+def test_queue_wait_item_seconds_and_jobs_move(served) -> None:
+    _, url = served
+    before = scrape(url)
+    r = httpx.post(url + "/ocr/image/simple", files={"file": ("a.png", png_bytes())}, headers=AUTH, timeout=60)
+    assert r.status_code == 200, show(r)
+    job = submit(url, make_pdf(1), headers=AUTH)
+    done = wait(url, job["id"], headers=AUTH)
+    assert done["status"] == "done", done
+    after = scrape(url)
+    assert sample(after, "ocr_queue_wait_seconds_count") >= 2 + sample(before, "ocr_queue_wait_seconds_count")
+    route = {"route": "/ocr/image/simple"}
+    assert sample(after, "ocr_item_seconds_count", **route) == 1 + sample(before, "ocr_item_seconds_count", **route)
+    assert sample(after, "ocr_item_seconds_sum", **route) > sample(before, "ocr_item_seconds_sum", **route)
+    # A job's pages are counted under /jobs (no HTTP request is current while they run).
+    jobs = {"route": "/jobs"}
+    assert sample(after, "ocr_item_seconds_count", **jobs) == 1 + sample(before, "ocr_item_seconds_count", **jobs)
+    moved = sum(v for (name, labels), v in after.items() if name == "ocr_items_total" and ("route", "/jobs") in labels)
+    was = sum(v for (name, labels), v in before.items() if name == "ocr_items_total" and ("route", "/jobs") in labels)
+    assert moved == was + 1, after
+    ended = {"kind": "pdf", "status": "done"}
+    assert sample(after, "ocr_job_duration_seconds_count", **ended) == 1 + sample(
+        before, "ocr_job_duration_seconds_count", **ended)
+    assert not any(("route", "background") in labels for _, labels in after), "job pages still labelled background"
+
+
+def test_restarts_and_quarantine_move(tiny_checkpoint: Path) -> None:
+    poison_size = (77, 55)
+    engine = ReplayEngine("# fine\n", crash_on=lambda req: req.image is not None and req.image.size == poison_size)
+    app = create_app(make_settings(tiny_checkpoint, api_key=KEY), engine_factory=factory(engine))
+    poison = {"file": ("poison.png", png_bytes(*poison_size))}
+    with serve_app(app) as url:
+        before = scrape(url)
+        assert sample(before, "ocr_engine_restarts_total") == 0 and sample(before, "ocr_quarantined_inputs") == 0
+        for crash in (1, 2):
+            r = httpx.post(url + "/ocr/image/simple", files=poison, headers=AUTH, timeout=30)
+            assert r.status_code == 503, show(r)
+            deadline = time.monotonic() + 60
+            while sample(scrape(url), "ocr_engine_restarts_total") < crash or not engine.ready:
+                assert time.monotonic() < deadline, "the engine was not restarted"
+                time.sleep(0.1)
+        after = scrape(url)
+        assert sample(after, "ocr_engine_restarts_total") == 2, after
+        assert sample(after, "ocr_quarantined_inputs") == 1, after

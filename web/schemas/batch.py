@@ -10,7 +10,17 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from web.schemas.common import STATUS_TEXT, TIMING, FinishReason, ItemStatus, RetryModel, StageTimes, UsageModel
+from web.schemas.common import (
+    CONFIDENCE,
+    STATUS_TEXT,
+    TIMING,
+    ConfidenceModel,
+    FinishReason,
+    ItemStatus,
+    RetryModel,
+    StageTimes,
+    UsageModel,
+)
 
 FileStatus = ItemStatus
 _STATUS = STATUS_TEXT
@@ -48,6 +58,7 @@ class BatchFileResult(BaseModel):
     error: dict[str, Any] | None = Field(None, description=_ERROR, examples=[_PROBLEM_EXAMPLE])
     finish_reason: FinishReason | None = Field(None, description="`stop` at end of text, `length` at max_tokens")
     usage: UsageModel | None = Field(None, description="Tokens of this file; null when it never reached the model")
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     attempts: int = Field(1, description="Generations run for it (more than 1 when the retry ladder ran)")
     retries: list[RetryModel] = Field(default_factory=list, description="The retry ladder's attempts, if any")
     width: int | None = Field(None, description="Image width in pixels (EXIF applied); null if undecodable")
@@ -70,6 +81,7 @@ class BatchSimpleResult(BaseModel):
     text: str = Field(description="Plain text: no grounding tags, figure regions dropped", examples=["Invoice 7"])
     status: FileStatus = Field(description=_STATUS)
     error: dict[str, Any] | None = Field(None, description=_ERROR, examples=[_PROBLEM_EXAMPLE])
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
 
 
 class BatchSimpleResponse(BatchTotals):
@@ -97,6 +109,7 @@ class BatchSummaryFile(BaseModel):
     error: dict[str, Any] | None = Field(None, description=_ERROR)
     finish_reason: FinishReason | None = None
     usage: UsageModel | None = None
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     width: int | None = None
     height: int | None = None
     members: ZipMembers = Field(description="This file's members of the ZIP")

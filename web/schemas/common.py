@@ -24,6 +24,8 @@ class RetryModel(BaseModel):
     change: str = Field(description="What this attempt changed", examples=["n-gram guard 10/256"])
     finish_reason: str = Field(description="How that attempt ended", examples=["stop"])
     completion_tokens: int = Field(description="Tokens that attempt generated", examples=[812])
+    mean_logprob: float | None = Field(None, description="That attempt's mean token log-probability (null: unscored)",
+                                       examples=[-0.12])
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -66,8 +68,24 @@ TIMING = "Where the time went, milliseconds (the `Server-Timing` header's figure
 
 class UsageModel(BaseModel):
     prompt_tokens: int = Field(description="Tokens of the prompt, image tokens included", examples=[912])
-    image_tokens: int = Field(description="Vision tokens the image became (FACTS table)", examples=[903])
+    image_tokens: int = Field(description="Vision tokens the image became (FACTS table); every image's "
+                              "together in a prompt of several", examples=[903])
     completion_tokens: int = Field(description="Tokens generated", examples=[512])
+    per_image: list[int] = Field(default_factory=list, description="Vision tokens of each image of the prompt, "
+                                 "in order (empty in totals over pages or files)", examples=[[903]])
+
+
+CONFIDENCE = ("How sure the model was of this page: its sampled tokens' log-probabilities (null where the engine "
+              "scored none, e.g. a failed page)")
+
+
+class ConfidenceModel(BaseModel):
+    mean_logprob: float = Field(description="Mean log-probability of the generated tokens (0 = certain)",
+                                examples=[-0.08])
+    min_logprob: float = Field(description="The lowest token log-probability", examples=[-3.2])
+    low_share: float = Field(description="Share of tokens with probability under 0.5 (log-probability < -0.693)",
+                             examples=[0.02])
+    tokens: int = Field(description="Tokens scored (the EOS is not)", examples=[512])
 
 
 # A 32x16 PNG (a black bar on white): the example body must be one Swagger UI's "Try it out" can send as is.
@@ -110,6 +128,7 @@ class GenerateResponse(BaseModel):
     finish_reason: FinishReason = Field(description="`stop` at end of text, `length` at max_tokens")
     mode: ModeName = Field(description="Resolution mode used")
     usage: UsageModel
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     elapsed_s: float = Field(description="Server time spent on this request, seconds", examples=[1.42])
     timing: StageTimes | None = Field(None, description=TIMING)
 
@@ -156,6 +175,8 @@ class EngineState(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    version: str = Field(description="The service's version", examples=["1.0.0"])
+    commit: str | None = Field(None, description="The build's git commit (GIT_COMMIT, or the checkout's HEAD)")
     status: Literal["ok", "degraded", "not_ready", "restarting"] = Field(
         description="`ok` when OCR requests can be served and every router and subsystem loaded; `degraded` when "
         "OCR can be served but some failed to load (`unavailable` says which and why); `restarting` while a dead "
@@ -267,6 +288,7 @@ class ImageOcrResponse(BaseModel):
     finish_reason: FinishReason
     mode: ModeName
     usage: UsageModel
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     attempts: int = Field(1, description="Generations run for it (more than 1 when the retry ladder ran)")
     retries: list[RetryModel] = Field(default_factory=list, description="The retry ladder's attempts, if any")
     elapsed_s: float
@@ -280,5 +302,6 @@ class SimpleTextResponse(BaseModel):
     finish_reason: FinishReason
     mode: ModeName
     usage: UsageModel
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     elapsed_s: float
     timing: StageTimes | None = Field(None, description=TIMING)

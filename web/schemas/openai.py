@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE, OcrError
-from web.schemas.common import EXAMPLE_PNG_BASE64, TIMING, StageTimes
+from web.schemas.common import CONFIDENCE, EXAMPLE_PNG_BASE64, TIMING, ConfidenceModel, StageTimes
 
 OPENAI_PREFIX = "/v1/"
 
@@ -97,6 +97,9 @@ class CompletionUsage(BaseModel):
     prompt_tokens: int = Field(description="Prompt tokens, the image's vision tokens included")
     completion_tokens: int
     total_tokens: int
+    # Extensions (not OpenAI fields; the SDKs keep them as extra attributes).
+    image_tokens: int = Field(0, description="Vision tokens of every image of the prompt together")
+    per_image: list[int] = Field(default_factory=list, description="Vision tokens of each image, in order")
 
 
 class AssistantMessage(BaseModel):
@@ -118,6 +121,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: CompletionUsage
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE + " (not an OpenAI field)")
     timing: StageTimes | None = Field(None, description=TIMING + " (not an OpenAI field; SDKs ignore it)")
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from web.schemas.common import (
+    CONFIDENCE,
     STATUS_TEXT,
     TIMING,
     BlockModel,
+    ConfidenceModel,
     CropModel,
     FinishReason,
     ItemStatus,
@@ -40,6 +42,7 @@ class PdfPageModel(BaseModel):
         None, description="`stop` at end of text, `length` at max_tokens; null when generation did not run"
     )
     usage: UsageModel = Field(description="Tokens of this page (zeros when it failed before generation)")
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
     attempts: int = Field(1, description="Generations run for it (more than 1 when the retry ladder ran)")
     retries: list[RetryModel] = Field(default_factory=list, description="The retry ladder's attempts, if any")
 
@@ -86,6 +89,7 @@ class PdfSimplePage(BaseModel):
     status: PageStatus = Field(description=STATUS_TEXT)
     finish_reason: FinishReason | None = Field(None, description="`stop`, `length`; null when it failed")
     error: str | None = Field(None, description="Why the page failed (status `failed`)")
+    confidence: ConfidenceModel | None = Field(None, description=CONFIDENCE)
 
 
 class PdfSimpleResponse(BaseModel):

@@ -231,6 +231,8 @@ class Settings(BaseSettings):
     max_images_per_prompt: int = Field(
         4, ge=1, le=16, description="Images one prompt may hold (generate_with_file `files`, /v1 parts); 413 past it"
     )
+    confidence: bool = Field(True, description="Each page's `confidence` from its sampled tokens' log-probabilities "
+                             "(vLLM: logprobs=0 on every request); false: vLLM leaves it out (torch's is free)")
     confidence_retry_below: float | None = Field(
         None, le=0, description="A page whose mean token log-probability is under this climbs the retry ladder as a "
         "runaway does (e.g. -1.0); unset = off",

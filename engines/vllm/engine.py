@@ -212,8 +212,10 @@ class PromptBuilder(deepseek_ocr.PromptBuilder):
         return out
 
 
-def sampling_params(sampling: SamplingParams, whitelist: Sequence[int], *, delta: bool = True, **extra: Any) -> Any:
-    """vLLM `SamplingParams` for our `Sampling`; the n-gram guard rides in `extra_args` (off at size 0)."""
+def sampling_params(sampling: SamplingParams, whitelist: Sequence[int], *, delta: bool = True, logprobs: bool = True,
+                    **extra: Any) -> Any:
+    """vLLM `SamplingParams` for our `Sampling`; the n-gram guard rides in `extra_args` (off at size 0);
+    `logprobs`: the sampled tokens' log-probabilities for the page's confidence (CONFIDENCE)."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -232,7 +234,7 @@ def sampling_params(sampling: SamplingParams, whitelist: Sequence[int], *, delta
         extra_args=args,
         # The sampled token's own log-probability only (0 = no alternatives): the page's `confidence`. vLLM's
         # default logprobs_mode (raw_logprobs) scores it before the logits processors, as TorchEngine does.
-        logprobs=0,
+        logprobs=0 if logprobs else None,
         **extra,
     )
 
@@ -406,7 +408,8 @@ class VllmEngine(BaseEngine):
             image = [await asyncio.to_thread(vllm_image, i, request.mode) for i in request.images]
         elif request.image is not None:
             image = await asyncio.to_thread(vllm_image, request.image, request.mode)
-        params = sampling_params(request.sampling, prompts.whitelist, delta=request.stream)
+        params = sampling_params(request.sampling, prompts.whitelist, delta=request.stream,
+                                 logprobs=self.settings.confidence)
         completion = 0
         confidence = Confidence()
         try:

@@ -207,6 +207,9 @@ class Settings(BaseSettings):
     pdf_max_stream_mb: int = Field(256, ge=1, le=65536, description="Largest decompressed stream of a PDF")
     pdf_max_objects: int = Field(1_000_000, ge=1000, le=100_000_000, description="Largest xref /Size of a PDF")
     pdf_max_image_pixels: int = Field(100_000_000, ge=1_000_000, le=2_000_000_000, description="Largest PDF image")
+    pdf_render_per_document: int = Field(
+        0, ge=0, le=1024, description="Render processes one PDF may hold at once; 0 = all but one (at least one)"
+    )
 
     retry_ladder: bool = Field(True, description="Retry runaway pages: tighter n-gram guard, other mode, Free OCR")
     engine_restart: bool = Field(True, description="Restart a dead engine in place, with backoff")
@@ -236,6 +239,10 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key of X-Signature-256")
     webhook_retries: int = Field(5, ge=0, le=50)
     webhook_backoff_s: float = Field(2.0, ge=0, le=3600, description="First retry delay; doubles each time")
+    job_engine_slots: int = Field(
+        0, ge=0, le=100_000, description="Engine slots all jobs together may hold, the rest kept for sync requests; "
+        "0 = half of each engine's, at most one per core on a CPU engine"
+    )
 
     # Engine workers (workers/): one process per GPU, the HTTP edge apart.
     engine_workers: Literal["process", "inline"] = Field(

@@ -23,6 +23,7 @@ from helpers.server import data_dir, serve_process, show
 KEY_A, KEY_B = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
 LONG_PAGES = 60  # scaled down from the issue's 300: the job still outlasts the probes on the 2-core box
 BOMB = dict(repeats=100, pages=20)  # ~5 s of MuPDF a page: 100 s of rendering for one process
+PROBE_S = 60  # each probe's client gives up here: past every bound below, so a failure stays quick and clear
 
 
 class BatchClock:
@@ -58,9 +59,13 @@ class BatchClock:
         self._thread.join(15)
 
 
-def timed(fn) -> tuple[httpx.Response, float]:
+def timed(fn) -> tuple[httpx.Response | str, float]:
+    """The answer (or why none came: the client gives up after PROBE_S) and how long it took."""
     started = time.monotonic()
-    response = fn()
+    try:
+        response: httpx.Response | str = fn()
+    except httpx.TimeoutException as exc:
+        response = f"no answer in {PROBE_S} s ({type(exc).__name__})"
     return response, time.monotonic() - started
 
 
@@ -70,9 +75,9 @@ def test_sync_requests_and_other_keys_are_served_while_a_long_job_and_a_fill_bom
     png, one_page = picture_png(), make_pdf(1)
     with serve_process(env) as url:
         image = lambda: httpx.post(url + "/ocr/image/simple", files={"file": ("a.png", png)}, headers=KEY_A,  # noqa: E731
-                                   timeout=120)
+                                   timeout=PROBE_S)
         pdf = lambda: httpx.post(url + "/pdf/ocr", files={"file": ("one.pdf", one_page)}, headers=KEY_A,  # noqa: E731
-                                 timeout=120)
+                                 timeout=PROBE_S)
         r = image()  # warm: the engine's first batch, the render processes' first page
         assert r.status_code == 200, show(r)
         r = pdf()
@@ -85,7 +90,7 @@ def test_sync_requests_and_other_keys_are_served_while_a_long_job_and_a_fill_bom
             image_answer, image_s = timed(image)
             pdf_answer, pdf_s = timed(pdf)
             job_answer, job_s = timed(lambda: httpx.post(url + "/jobs", files={"file": ("b.pdf", one_page)},
-                                                        headers=KEY_B, timeout=120))
+                                                        headers=KEY_B, timeout=PROBE_S))
         long_state = httpx.get(f"{url}/jobs/{long_job['id']}", headers=KEY_A).json()
         bomb_state = httpx.get(f"{url}/jobs/{bomb_job['id']}", headers=KEY_A).json()
         timeline = (f"image {image_s:.1f} s, pdf {pdf_s:.1f} s, POST /jobs {job_s:.1f} s; longest engine batch "
@@ -94,10 +99,10 @@ def test_sync_requests_and_other_keys_are_served_while_a_long_job_and_a_fill_bom
         # The load was there the whole time: neither job had ended when the probes were done.
         assert long_state["status"] == "running" and bomb_state["status"] == "running", timeline
         assert clock.batches >= 2, timeline
-        assert image_answer.status_code == 200, show(image_answer)
         assert image_s <= clock.longest + 10, timeline
-        assert pdf_answer.status_code == 200, show(pdf_answer)
         assert pdf_s <= 30, timeline
-        assert job_answer.status_code == 202, show(job_answer)
         assert job_s <= 10, timeline
+        for answer, status in ((image_answer, 200), (pdf_answer, 200), (job_answer, 202)):
+            assert isinstance(answer, httpx.Response) and answer.status_code == status, (
+                f"{timeline}\n{show(answer) if isinstance(answer, httpx.Response) else answer}")
         print(timeline)

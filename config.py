@@ -221,6 +221,9 @@ class Settings(BaseSettings):
     office_timeout_s: float = Field(120.0, gt=0, le=3600, description="Longest one office-to-PDF conversion")
     office_memory_mb: int = Field(2048, ge=256, le=65536, description="Address space and largest file of one")
     office_concurrency: int = Field(2, ge=1, le=64, description="Office conversions at once (each a LibreOffice)")
+    pdf_render_per_document: int = Field(
+        0, ge=0, le=1024, description="Render processes one PDF may hold at once; 0 = all but one (at least one)"
+    )
 
     retry_ladder: bool = Field(True, description="Retry runaway pages: tighter n-gram guard, other mode, Free OCR")
     engine_restart: bool = Field(True, description="Restart a dead engine in place, with backoff")
@@ -278,6 +281,10 @@ class Settings(BaseSettings):
     data_quota_jobs: int = Field(10_000, ge=1, le=100_000_000, description="Jobs kept by every key together")
     data_quota_bytes: int = Field(50 * 1024**3, ge=1, description="Bytes of uploads and results of every job")
     data_min_free_gb: float = Field(1.0, ge=0, description="New jobs get 507 while DATA_DIR's disk has less free")
+    job_engine_slots: int = Field(
+        0, ge=0, le=100_000, description="Engine slots all jobs together may hold, the rest kept for sync requests; "
+        "0 = a GPU engine's all (sync requests go first), a CPU engine's half, at most one per core"
+    )
 
     # Engine workers (workers/): one process per GPU, the HTTP edge apart.
     engine_workers: Literal["process", "inline"] = Field(

@@ -75,7 +75,8 @@ PRESTART_WAIT_S = 30.0  # the longest start-up waits for the render processes on
 
 def build_service(settings: Settings, engines: list[Any], executor: Any, render_pool: Any) -> OcrService:
     supervisor = EngineSupervisor(engines, enabled=settings.engine_restart)
-    return OcrService(settings, Admission(engines, max_queue=settings.max_queue), executor, render_pool, supervisor)
+    admission = Admission(engines, max_queue=settings.max_queue, job_slots=settings.job_engine_slots)
+    return OcrService(settings, admission, executor, render_pool, supervisor)
 
 
 @contextlib.asynccontextmanager
@@ -88,6 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         open_timeout_s=settings.pdf_open_timeout_s,
         memory_limit_mb=settings.pdf_render_memory_mb,
         searchable_timeout_s=settings.pdf_searchable_timeout_s,
+        per_document=settings.pdf_render_per_document,
         limits=PdfLimits(
             max_stream_mb=settings.pdf_max_stream_mb,
             max_objects=settings.pdf_max_objects,

@@ -5,9 +5,11 @@ for images), in the service's one item loop (`service.run.run_items`), is writte
 finishes, and is recorded in the store with its events in one transaction. Nothing of a page stays in
 memory afterwards, so memory does not grow with page count.
 
-Fairness: pages of all jobs together are at most the service's window in flight (engine capacity plus the
-pages being rendered), taken in FIFO order, so several jobs interleave and a sync request waits for at most
-one engine step; JOB_MAX_INFLIGHT caps one job's share. JOBS_RUNNING jobs run at once, oldest first.
+Fairness (`service.fairness`): a job's pages are its own background flow, so at every queue (engine slots,
+the pixel budget, render processes) a sync request goes first and jobs share evenly. Pages of all jobs
+together are at most the jobs' engine slots (JOB_ENGINE_SLOTS) plus the render processes in
+flight: the rest of the engine stays free for sync requests, and pages that could not get a slot do not sit
+holding decoded pixels. JOB_MAX_INFLIGHT caps one job's share. JOBS_RUNNING jobs run at once, oldest first.
 Replicas: several server processes may share one store. A replica runs a job only while it holds the job's
 lease (`Store.claim`, one atomic UPDATE); its heartbeat renews the leases it holds every third of
 JOB_LEASE_S (at most every HEARTBEAT_MAX_S) and there notices a cancel made through another replica; a
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -35,6 +38,7 @@ from jobs import quota, results, views, webhooks
 from jobs.spec import JobSpec, JobSpecUnreadable
 from jobs.store import TERMINAL, LeaseLost, Store, now
 from jobs.submit import page_event, page_fields, progress_event
+from service.fairness import job_flow
 from service.ocr import OcrService
 from service.results import ItemResult
 from service.run import run_items
@@ -58,7 +62,7 @@ class Runner:
         self._wake = asyncio.Event()
         self._changed: dict[str, asyncio.Event] = {}
         self._loop_task: asyncio.Task[None] | None = None
-        self._window = asyncio.Semaphore(max(1, service.window))
+        self._window = asyncio.Semaphore(max(1, service.admission.job_slots + settings.render_processes))
         self._next_cleanup = 0.0
         self.replica_id = replica_id()
         self.lease_s = settings.job_lease_s
@@ -233,12 +237,13 @@ class Runner:
                 await self.store.call(self.store.set_status, job_id, "running", started_at=now(),
                                       owner=self.replica_id)
             pending = await self.store.call(self.store.pages, job_id, ("queued", "running"))
-            request = spec.request(self.settings)
+            request = dataclasses.replace(spec.request(self.settings), flow=job_flow(job_id))
             options = spec.post()
             if spec.kind == "pdf":
                 data = await asyncio.to_thread(results.read_input, self.data_dir, job_id, 0)
                 pool = self.service.render_pool
-                async with pool.document(data, password=spec.options.password, max_pages=10**9) as doc:
+                async with pool.document(data, password=spec.options.password, max_pages=10**9,
+                                         flow=job_flow(job_id)) as doc:
                     del data
                     await self._pages(job_id, pending, request, options, spec, doc)
             else:

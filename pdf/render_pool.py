@@ -12,7 +12,11 @@ The searchable PDF (the text layer) is a request of its own, written in a worker
     pdf = await pool.searchable_pdf(data, [(1, text_of_page_1), (3, text_of_page_3)], password=pw)
 
 Each worker keeps the documents it opened, so one request's PDF is parsed once per worker that renders
-it, and pages prefer a worker that has their document open. A deadline starts when the page is handed
+it, and pages prefer a worker that has their document open. Fairness (`service.fairness`): work waits for a
+process by its `flow` (a sync request's document, a job's pages); a freed process goes to sync work before a
+job's, then to the flow holding the fewest processes (round-robin among equals), and no flow holds more than
+PDF_RENDER_PER_DOCUMENT at once, so a PDF whose pages take MuPDF a minute each (a 44 KB fill bomb) can never
+take every process: other PDFs, and the open of `POST /jobs`, always find one. A deadline starts when the page is handed
 to a worker (never while it waits for one); past it, or when the awaiting task is cancelled (client
 gone, request deadline), that one worker is killed and later replaced. No other request's page shares
 that worker, so nothing else can fail with it. Workers run under RLIMIT_AS and die with the server
@@ -48,6 +52,7 @@ import errors
 from errors import DeadlineExceeded, InvalidPdf, OcrError, PayloadTooLarge, ServiceUnavailable
 from pdf.limits import PdfLimits
 from pdf.render_process import KEEP_OPEN, PDF_EOF_WINDOW, RenderedPage, check_pdf_header, check_render_args, worker_main
+from service.fairness import FlowQueue
 
 __all__ = ["PdfDocument", "PdfLimits", "RenderPool", "RenderedPage", "mupdf_missing"]
 
@@ -69,6 +74,7 @@ class _Worker:
     conn: Connection
     docs: OrderedDict[str, None] = field(default_factory=OrderedDict)  # mirrors the child's KEEP_OPEN LRU
     reading: Future | None = None  # the thread blocked in conn.recv(), if any
+    flow: object = None  # whose work it runs (None: idle); it counts in that flow's share until released
 
 
 class RenderPool:
@@ -84,6 +90,7 @@ class RenderPool:
         spill_dir: str | None = None,
         limits: PdfLimits | None = None,
         searchable_timeout_s: float = DEFAULT_SEARCHABLE_TIMEOUT_S,
+        per_document: int = 0,
     ) -> None:
         if workers < 1 or page_timeout_s <= 0 or open_timeout_s <= 0 or memory_limit_mb < 1:
             raise ValueError(
@@ -95,12 +102,16 @@ class RenderPool:
         self.open_timeout_s = open_timeout_s
         self.memory_limit_mb = memory_limit_mb
         self.searchable_timeout_s = searchable_timeout_s
+        # Processes one flow may hold at once (PDF_RENDER_PER_DOCUMENT; 0: all but one, so others find one).
+        self.per_document = min(workers, per_document or max(1, workers - 1))
         self.limits = limits or PdfLimits()
         self.spill_dir = _fresh_spill_dir(spill_dir or tempfile.gettempdir())
         self._idle: list[_Worker] = []
         self._all: set[_Worker] = set()
         self._starting = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        # Work waiting for a process, and the processes each flow holds (idle ones, or not started yet, are free).
+        self._queue = FlowQueue(lambda: len(self._idle) + self.workers - len(self._all) - self._starting,
+                                self.per_document)
         # One thread per worker, blocked in conn.recv() while that worker works (killing it ends the read).
         self._readers = ThreadPoolExecutor(workers + 1, thread_name_prefix="pdf-render-reader")
         # spawn, not fork: the server has threads (and maybe CUDA) that must not be forked.
@@ -112,8 +123,10 @@ class RenderPool:
         return [w.process.pid for w in self._all if w.process.pid is not None]
 
     @contextlib.asynccontextmanager
-    async def document(self, data: bytes, *, password: str | None, max_pages: int) -> AsyncIterator[PdfDocument]:
-        """Open and validate `data` in a worker; leaving the block frees it in every worker."""
+    async def document(self, data: bytes, *, password: str | None, max_pages: int,
+                       flow: object = None) -> AsyncIterator[PdfDocument]:
+        """Open and validate `data` in a worker; leaving the block frees it in every worker. `flow`: whose work
+        its open and renders are (`service.fairness.job_flow` for a job's; None: a sync document of its own)."""
         if max_pages <= 0:
             raise ValueError(f"max_pages must be positive, got {max_pages}")
         if self._closed:
@@ -123,9 +136,10 @@ class RenderPool:
         path = os.path.join(self.spill_dir, f"{doc_id}.pdf")
         try:
             await _finish_even_if_cancelled(asyncio.to_thread(self._spill, path, data))
-            reply = await self._run(doc_id, ("open", doc_id, path, password, max_pages), self.open_timeout_s)
+            flow = doc_id if flow is None else flow
+            reply = await self._run(doc_id, ("open", doc_id, path, password, max_pages), self.open_timeout_s, flow)
             _, page_count, metadata, repaired, warnings, sizes = reply
-            yield PdfDocument(self, doc_id, path, password, page_count, metadata, warnings, repaired, sizes)
+            yield PdfDocument(self, doc_id, path, password, page_count, metadata, warnings, repaired, sizes, flow)
         finally:
             self._forget(doc_id)
             with contextlib.suppress(OSError):
@@ -156,7 +170,7 @@ class RenderPool:
         try:
             await _finish_even_if_cancelled(asyncio.to_thread(self._spill, path, data))
             message = ("searchable", job_id, path, password, kind, pages)
-            return (await self._run(job_id, message, self.searchable_timeout_s))[-1]
+            return (await self._run(job_id, message, self.searchable_timeout_s, job_id))[-1]
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -182,9 +196,7 @@ class RenderPool:
         self._closed = True
         for worker in list(self._all):
             self._discard(worker)
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._queue.wake_all()  # each finds the pool closed
         self._readers.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
@@ -196,28 +208,24 @@ class RenderPool:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
 
-    async def _acquire(self, doc_id: str) -> _Worker:
-        """An idle worker, preferring one that has `doc_id` open; starts one while under `workers`."""
-        while True:
+    async def _acquire(self, doc_id: str, flow: object) -> _Worker:
+        """A worker for `flow` once its turn comes (`service.fairness.FlowQueue`), preferring one that has
+        `doc_id` open; starts one while under `workers`. It counts in `flow`'s share until released or discarded."""
+        await self._queue.wait(flow)
+        self._queue.taken()
+        try:
             if self._closed:
                 raise ServiceUnavailable("The PDF renderer is shutting down.")
             if self._idle:
                 worker = next((w for w in self._idle if doc_id in w.docs), self._idle[-1])
                 self._idle.remove(worker)
-                return worker
-            if len(self._all) + self._starting < self.workers:
-                return await self._start()
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake()  # we were woken for a worker we will not use: pass it on
-                raise
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+            else:
+                worker = await self._start()
+        except BaseException:
+            self._queue.give(flow)
+            raise
+        worker.flow = flow
+        return worker
 
     async def _start(self) -> _Worker:
         self._starting += 1
@@ -248,24 +256,25 @@ class RenderPool:
         return worker
 
     def _release(self, worker: _Worker) -> None:
-        if self._closed or worker not in self._all:
-            return
-        self._idle.append(worker)
-        self._wake()
-
-    def _wake(self) -> None:
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        flow, worker.flow = worker.flow, None
+        if not self._closed and worker in self._all:
+            self._idle.append(worker)
+        if flow is not None:
+            self._queue.give(flow)
+        else:
+            self._queue.dispatch()
 
     def _discard(self, worker: _Worker) -> None:
         """Kill a worker (it may be mid-render) and forget it; a later `_acquire` starts a replacement."""
+        flow, worker.flow = worker.flow, None
         if worker in self._all:
             self._all.discard(worker)
             with contextlib.suppress(ValueError):
                 self._idle.remove(worker)
-            self._wake()
+        if flow is not None:
+            self._queue.give(flow)
+        elif not self._closed:
+            self._queue.dispatch()  # room to start a replacement
         with contextlib.suppress(Exception):
             worker.process.kill()
         with contextlib.suppress(Exception):
@@ -280,10 +289,10 @@ class RenderPool:
         worker.reading = self._readers.submit(_receive, worker.conn)
         return await asyncio.wait_for(asyncio.wrap_future(worker.reading), limit_s)
 
-    async def _run(self, doc_id: str, message: tuple, limit_s: float) -> tuple:
+    async def _run(self, doc_id: str, message: tuple, limit_s: float, flow: object) -> tuple:
         """Send one message to a worker (preferring one that has `doc_id` open) and await its answer."""
         for _ in range(3):
-            worker = await self._acquire(doc_id)
+            worker = await self._acquire(doc_id, flow)
             if doc_id not in worker.docs and message[0] == "render":
                 # This worker must reopen the (already validated) file first: under PDF_OPEN_TIMEOUT_S, as its
                 # own step, so that the page's deadline starts when its render starts (a reopen used to add
@@ -440,6 +449,7 @@ class PdfDocument:
     warnings: tuple[str, ...]  # MuPDF warnings while opening
     repaired: bool  # MuPDF rebuilt the cross-reference table (damaged but complete file)
     page_sizes: tuple[tuple[float, float], ...] = ()  # crop boxes in points; empty when unknown
+    _flow: object = field(default=None, repr=False)  # whose work its renders are (`RenderPool.document`)
 
     @property
     def title(self) -> str | None:
@@ -459,7 +469,7 @@ class PdfDocument:
         with `preview`, the worker also makes the page's small JPEG (`render_process.preview_jpeg`)."""
         check_render_args(page, self.page_count, dpi=dpi, max_pixels=max_pixels)
         message = ("render", self._id, self._path, self._password, page, dpi, max_pixels, preview)
-        reply = await self._pool._run(self._id, message, self._pool.page_timeout_s)
+        reply = await self._pool._run(self._id, message, self._pool.page_timeout_s, self._flow or self._id)
         _, size, number, used_dpi, requested, reduced, note, warnings, digest, small, pixels = reply
         return RenderedPage(Image.frombytes("RGB", size, pixels), number, used_dpi, requested, reduced, note, warnings,
                             digest, small)

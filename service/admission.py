@@ -4,11 +4,15 @@ Every engine keeps its own in-flight limit (`engine.max_concurrency`). Work asks
 token (`async with admission.slot() as slot: await slot.engine.generate(...)`): it goes to the ready engine
 with the least work in flight, or waits. A freed slot goes to the waiting item whose request (its `flow`:
 one HTTP request's pages, one job) has the fewest items in flight; among equals, to the flow served longest
-ago (one never served first), then to the earliest arrival. So one photo posted while a 2,000-page PDF fills
-the engines waits for one free slot, not for the PDF's queue, and several big requests share the engines
-evenly. A new request is refused up front with 503 and `Retry-After` when MAX_QUEUE items already wait
-(`check`). Only engine work holds a slot: rendering, decoding and post-processing happen outside it, so they
-never hold an engine idle.
+ago (one never served first), then to the earliest arrival (`service.fairness`). So one photo posted while a
+2,000-page PDF fills the engines waits for one free slot, not for the PDF's queue, and several big requests
+share the engines evenly. Jobs (background flows) go after every sync request, and together hold at most
+JOB_ENGINE_SLOTS slots (by default half of each engine's, on a CPU engine one per core): the rest stay free
+for sync requests, and an image never queues behind many job pages inside an engine. An engine batches what
+it holds: on the 2-core box a CPU batch of 35 job pages ran past 45 s, so a photo behind it waited two
+such batches; with jobs at two pages a batch it is served within one short batch. A new request is refused
+up front with 503 and `Retry-After` when MAX_QUEUE items already wait (`check`). Only engine work holds a
+slot: rendering, decoding and post-processing happen outside it, so they never hold an engine idle.
 """
 
 from __future__ import annotations
@@ -21,48 +25,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-from config import ModelSpec
+from config import ModelSpec, usable_cpus
 from engines.base import Engine, not_ready
 from errors import Overloaded, UnknownModel, UnsupportedMode
 from process.modes import ModeSpec
+from service.fairness import FlowTurns, is_background
+
+__all__ = ["Admission", "FlowTurns", "Slot"]  # FlowTurns: `service.pixel_budget` takes it from here
 
 # How often a waiting item re-checks that some engine is still alive (a dead engine never frees its slots)
 # and hands out slots freed while no engine could take them.
 _RECHECK_S = 0.5
-
-
-class FlowTurns:
-    """Whose turn it is among requests (`flow`s) waiting for a shared capacity: the flow holding the least,
-    among equals the one served longest ago (one never served first). Engine slots (counted in items) and
-    the decoded-pixel budget (`service.pixel_budget`, counted in pixels) hand out what is freed in this order."""
-
-    def __init__(self) -> None:
-        self.held: dict[object, int] = {}  # what each flow holds (absent: nothing)
-        self.served: dict[object, int] = {}  # each flow's latest grant (a rising count), while it has any
-        self._grants = 0
-
-    def key(self, flow: object) -> tuple[int, int]:
-        """Lower goes first."""
-        return self.held.get(flow, 0), self.served.get(flow, -1)
-
-    def grant(self, flow: object, amount: int) -> None:
-        self.held[flow] = self.held.get(flow, 0) + amount
-        self._grants += 1
-        self.served[flow] = self._grants
-
-    def give(self, flow: object, amount: int) -> bool:
-        """`amount` given back by `flow`; True when it holds nothing any more."""
-        left = self.held.get(flow, 0) - amount
-        if left > 0:
-            self.held[flow] = left
-            return False
-        self.held.pop(flow, None)
-        return True
-
-    def forget(self, flow: object) -> None:
-        """Call when `flow` waits for nothing: holding nothing either, it is over (or between items)."""
-        if flow not in self.held:
-            self.served.pop(flow, None)
 
 
 @dataclass(eq=False)
@@ -81,12 +54,15 @@ class Slot:
 
 
 class Admission:
-    def __init__(self, engines: Sequence[Engine], *, max_queue: int) -> None:
+    def __init__(self, engines: Sequence[Engine], *, max_queue: int, job_slots: int = 0) -> None:
         if not engines:
             raise ValueError("admission needs at least one engine")
+        if job_slots < 0:
+            raise ValueError(f"job_slots must be >= 0 (0: automatic), got {job_slots}")
         self.engines: list[Engine] = list(engines)
         self.max_queue = max_queue
         self.wait_observers: list[Callable[[float], None]] = []  # seconds from asking for a slot to getting it
+        self.job_slots_set = job_slots  # JOB_ENGINE_SLOTS; 0: `job_slots` works it out per engine
         self._busy: dict[int, int] = {id(e): 0 for e in self.engines}
         self._turns = FlowTurns()  # items in flight per flow, and when each was last served
         # Waiting items by flow, each flow's in arrival order: a freed slot compares flows, not items, so a
@@ -167,6 +143,27 @@ class Admission:
         return sum(e.max_concurrency for e in self.engines if e.ready) or 1
 
     @property
+    def job_slots(self) -> int:
+        """Slots the jobs together may hold: JOB_ENGINE_SLOTS, or by engine: a GPU engine's all (it batches
+        continuously, so a sync request, served first, gets the next slot a finished sequence frees within a
+        step or two; a cap would only idle the GPU while no sync request waits), a CPU engine's half, at most
+        one per core (its static batch takes every waiting item and its time grows with each); at least one."""
+        if self.job_slots_set:
+            return self.job_slots_set
+        share = 0
+        for engine in self.engines:
+            if engine.ready:
+                if engine.health().detail.get("device") == "cpu":
+                    share += min(max(1, engine.max_concurrency // 2), usable_cpus())
+                else:
+                    share += engine.max_concurrency
+        return max(1, share)
+
+    def _job_room(self, flow: object) -> bool:
+        """False for a job's item while the jobs hold their share already."""
+        return not is_background(flow) or self._turns.background_held() < self.job_slots
+
+    @property
     def in_flight(self) -> int:
         return sum(self._busy.values())
 
@@ -203,7 +200,7 @@ class Admission:
         """A slot on the least busy ready engine of `model` serving `mode`. While all are full it waits, and
         a freed slot goes to the waiter whose `flow` has the fewest items in flight (None: a flow of its own)."""
         flow = object() if flow is None else flow
-        engine = self._free(mode, model) if not self.waiting else None
+        engine = self._free(mode, model) if not self.waiting and self._job_room(flow) else None
         if engine is not None:
             self._grant(engine, flow)
             self.admitted += 1
@@ -295,14 +292,16 @@ class Admission:
             self._turns.forget(flow)
 
     def _wake(self) -> None:
-        """Hand free slots to waiters, each to the first by (its flow's items in flight, its flow's latest
-        grant, arrival); a waiter whose mode no free engine serves is skipped."""
+        """Hand free slots to waiters, each to the first by (sync before jobs, its flow's items in flight, its
+        flow's latest grant, arrival); a waiter whose mode no free engine serves is skipped, and so is a job's
+        while the jobs hold their share."""
         while True:
             best: tuple[_Waiter, Engine] | None = None
-            best_key: tuple[float, float, int] = (math.inf, math.inf, 0)
+            best_key: tuple[float, ...] = (math.inf, math.inf, math.inf, 0)
+            room = self._turns.background_held() < self.job_slots
             for flow, queue in self._queues.items():
                 key = self._turns.key(flow)
-                if key > best_key[:2]:
+                if key > best_key[:3] or (key[0] and not room):
                     continue
                 for waiter in queue:  # this flow's first waiter that a free engine can take
                     if waiter.future.done():

@@ -54,7 +54,7 @@ lint: setup-dev
 	$(PY) -m deptry . --config .ci/deptry.toml
 
 test: lint
-	$(PY) -m pytest -q -rs --durations=25  # -rs: every skip listed with its reason
+	$(PY) -m pytest -q -rfEs --durations=25  # -rfEs: failures, errors and every skip listed with its reason
 
 fuzz: setup-dev
 	$(PY) -m pytest -q tests/test_fuzz.py

@@ -45,7 +45,12 @@ def folder_bytes(folder: Path) -> int:
 
 
 def free_bytes(data_dir: Path) -> int:
-    return shutil.disk_usage(data_dir).free
+    """Free bytes of the disk DATA_DIR is (or will be) on: its nearest existing folder, since DATA_DIR itself is
+    made with the first job's files when the job store is elsewhere (PostgreSQL)."""
+    path = data_dir.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def check_new_job(settings: Any, store: Store, data_dir: Path, owner: str, incoming: int) -> None:

@@ -134,7 +134,7 @@ def test_seed_batch_simple_requests_example(base_url: str, tmp_path: Path, monke
     assert "img1.jpg" in capsys.readouterr().out
     body = response.json()
     assert [(r["index"], r["filename"]) for r in body["results"]] == [(0, "img1.jpg"), (1, "img2.jpg")], body
-    assert all(set(r) == {"index", "filename", "text", "status", "error"} for r in body["results"]), body
+    assert all(set(r) == {"index", "filename", "text", "status", "error", "confidence"} for r in body["results"]), body
     assert all("<|ref|>" not in r["text"] and r["error"] is None for r in body["results"]), body
 
 

@@ -114,7 +114,7 @@ def test_page_selection_keeps_truncated_pages(base_url: str) -> None:
 def test_simple_text_per_page(base_url: str) -> None:
     r = post(base_url, "/pdf/ocr/simple", make_pdf(3), **FAST)
     body = assert_ok(r, [1, 2, 3])
-    assert set(body["pages"][0]) == {"page", "text", "status", "finish_reason", "error"}, show(r)
+    assert set(body["pages"][0]) == {"page", "text", "status", "finish_reason", "error", "confidence"}, show(r)
     assert body["text"] == PAGE_SPLIT.join(p["text"] for p in body["pages"]), show(r)
     assert "<|ref|>" not in body["text"] and "<|det|>" not in body["text"], show(r)
     assert body["page_count"] == 3 and body["pages_failed"] == 0, show(r)

@@ -352,6 +352,10 @@ def test_kill_9_leaves_no_render_worker_and_no_spill_file(tiny_checkpoint: Path,
     try:
         with contextlib.suppress(httpx.TimeoutException):
             post_pdf_with_timeout(victim.url, heavy_document(1), 1.5)  # the page keeps rendering (60 s allowed)
+        # The render has begun once its spill file exists; a loaded machine may take a while to get there.
+        deadline = time.monotonic() + 30
+        while not victim.spill_files() and time.monotonic() < deadline:
+            time.sleep(0.2)
         workers = victim.workers()
         assert workers and victim.spill_files(), (workers, victim.spill_files())
     finally:

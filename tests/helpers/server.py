@@ -75,19 +75,23 @@ def serve_app(app, *, timeout: float = 60.0) -> Iterator[str]:
 
 @contextlib.contextmanager
 def serve_process(env: dict[str, str], *, port: int | None = None, timeout: float = 120.0) -> Iterator[str]:
-    """`uvicorn serve_ocr:app` as a child process, the README way; yields the base URL once /health answers.
+    """`uvicorn serve_ocr:app` as a child process, the README way; yields the base URL once /health answers."""
+    port = port or free_port()
+    argv = [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)]
+    with child_server(argv, port, env, timeout=timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def child_server(argv: list[str], port: int, env: dict[str, str], *,
+                 timeout: float = 120.0) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A server started by `argv` on `port` as a child process (the environment's `env` on top); yields its
+    base URL and process once /health answers, and stops it after.
 
     Its output goes to a file, not a pipe: an unread pipe fills up and blocks the server's logging.
     """
-    port = port or free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="uvicorn-", suffix=".log", delete=False, dir=scratch_root())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "serve_ocr:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -100,7 +104,7 @@ def serve_process(env: dict[str, str], *, port: int | None = None, timeout: floa
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not come up:\n{Path(log.name).read_text()[-5000:]}")
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import io
 import os
-import subprocess
 import sys
 import textwrap
 import time
@@ -23,7 +22,7 @@ import httpx
 import psutil
 import pytest
 from helpers.jobs import problem, submit
-from helpers.server import ROOT, data_dir, free_port, scratch_root, show
+from helpers.server import ROOT, child_server, data_dir, free_port, show
 from PIL import Image
 
 PROBLEM = "application/problem+json"
@@ -45,29 +44,11 @@ def held_server(tmp_path: Path, **env: str) -> Iterator[tuple[str, psutil.Proces
     script = tmp_path / "launcher.py"
     script.write_text(LAUNCHER)
     port = free_port()
-    log = open(Path(scratch_root()) / f"events-{port}.log", "w+")  # noqa: SIM115 (closed below)
     settings_env = {"DATA_DIR": data_dir(), **{k.upper(): v for k, v in env.items()}}
     pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, str(script), str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **settings_env, "PYTHONPATH": pythonpath})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            assert time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
-            time.sleep(0.2)
+    with child_server([sys.executable, str(script), str(port)], port,
+                      {**settings_env, "PYTHONPATH": pythonpath}) as (url, proc):
         yield url, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def png() -> bytes:

@@ -178,7 +178,7 @@ async def list_jobs(
     request: Request,
     status: Annotated[str | None, Query(description=f"One of {', '.join(STATUSES)}")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> dict[str, Any]:
     if status is not None and status not in STATUSES:
         raise ValidationFailed(f"status {status!r} is not a job status; allowed: {', '.join(STATUSES)}")

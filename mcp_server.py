@@ -52,7 +52,7 @@ PdfB64 = Annotated[str | None, Field(description="The PDF as base64, raw or a da
 FilePath = Annotated[str | None, Field(description="A file under the server's MCP_ALLOWED_DIR, instead of base64")]
 Prompt = Annotated[str, Field(description="Prompt; empty = the route's default (grounded markdown)")]
 Mode = Annotated[str | None, Field(description="Resolution mode (tiny, small, base, large, gundam); default server's")]
-MaxTokens = Annotated[int | None, Field(ge=1, description="Most tokens to generate per image or page")]
+MaxTokens = Annotated[int | None, Field(ge=1, le=131072, description="Most tokens to generate per image or page")]
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # jobs/submit.py makes ids as uuid4().hex
 Pages = Annotated[str | None, Field(description="Pages, 1-based: `1-3,7`; default all")]
 

@@ -202,10 +202,7 @@ def _from_memfd(fd: int, mode: str, size: tuple[int, int], nbytes: int) -> Image
         if held != nbytes:
             raise ValueError(f"the worker image's memfd holds {held} bytes, not the {nbytes} announced")
         with mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ) as pixels, memoryview(pixels) as view:
-            image = Image.frombytes(mode, size, view)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("worker image %s %dx%d: pixels sha256 %s", mode, *size, pixel_digest(image))
-        return image
+            return Image.frombytes(mode, size, view)
     finally:
         os.close(fd)
 
@@ -247,6 +244,7 @@ async def read_request(message: tuple[Any, ...], reader: asyncio.StreamReader,
             request.image = await asyncio.to_thread(_from_memfd, fd, mode, (width, height), size)
         except (ValueError, OSError) as exc:
             raise RequestFailed(request, exc) from exc
+        await _log_digest(request.image, via)
         return request
     if height < 1 or width < 1 or row_bytes(mode, width) * height != size:
         raise ValueError(f"worker image of {width}x{height} ({mode}) cannot be {size} bytes")
@@ -257,7 +255,14 @@ async def read_request(message: tuple[Any, ...], reader: asyncio.StreamReader,
         await asyncio.to_thread(_paste, image, data, box)
         del data
     request.image = image
+    await _log_digest(image, via)
     return request
+
+
+async def _log_digest(image: Image.Image, via: str) -> None:
+    if log.isEnabledFor(logging.DEBUG):  # a hash of every image costs ~0.1 s on 40 MP: only when asked
+        digest = await asyncio.to_thread(pixel_digest, image)
+        log.debug("worker image %s %dx%d via %s: pixels sha256 %s", image.mode, *image.size, via, digest)
 
 
 class RequestFailed(Exception):

@@ -37,7 +37,10 @@ _DEAD = object()
 
 
 class WorkerEngine(BaseEngine):
-    copies_images = True  # an image it runs exists here and in the worker: the pixel budget counts it twice
+    # An image it runs exists here and in the worker: the pixel budget counts it twice. The memfd it crosses in
+    # stands in for the worker's copy until the worker copies out of it, then is closed: a third copy only for
+    # that one copy, one request at a time per worker (workers.wire, "pixels in a memfd").
+    copies_images = True
 
     def __init__(self, settings: Settings, kind: str, spec: WorkerSpec) -> None:
         super().__init__(settings.max_concurrency)

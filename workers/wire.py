@@ -151,12 +151,15 @@ def _fill_memfd(image: Image.Image) -> int:
     fd = os.memfd_create("deepseek-ocr-pixels", os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
-        with mmap.mmap(fd, size) as pixels:
-            offset = 0
-            for box in tiles(image.mode, *image.size):  # a band at a time: never a whole raw copy in bytes
-                data = _copy(image, box)
-                pixels[offset : offset + len(data)] = data
-                offset += len(data)
+        # pwrite, not a writable map: about twice as fast here (the kernel allocates the pages in one call per
+        # band), and a memory limit is an OSError rather than a fault on a mapped page.
+        offset = 0
+        for box in tiles(image.mode, *image.size):  # a band at a time: never a whole raw copy in bytes
+            data = _copy(image, box)
+            while data:
+                written = os.pwrite(fd, data, offset)
+                offset += written
+                data = data[written:]
     except BaseException:
         os.close(fd)
         raise

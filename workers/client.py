@@ -25,6 +25,7 @@ from typing import Any
 from config import Settings
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest
 from errors import ModelNotReady, OcrError
+from workers import wire
 from workers.plan import WorkerSpec
 from workers.wire import decode_error, frame, read_frame, request_frames, write_pixels
 
@@ -36,7 +37,10 @@ _DEAD = object()
 
 
 class WorkerEngine(BaseEngine):
-    copies_images = True  # an image it runs exists here and in the worker: the pixel budget counts it twice
+    # An image it runs exists here and in the worker: the pixel budget counts it twice. The memfd it crosses in
+    # stands in for the worker's copy until the worker copies out of it, then is closed: a third copy only for
+    # that one copy, one request at a time per worker (workers.wire, "pixels in a memfd").
+    copies_images = True
 
     def __init__(self, settings: Settings, kind: str, spec: WorkerSpec) -> None:
         super().__init__(settings.max_concurrency)
@@ -45,6 +49,7 @@ class WorkerEngine(BaseEngine):
         self.worker_id = f"{socket.gethostname()}/{spec.label}"
         self.process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._fds: socket.socket | None = None  # the descriptor channel: images' memfds (workers.wire)
         self._reader_task: asyncio.Task[None] | None = None
         self._streams: dict[str, asyncio.Queue[Any]] = {}
         self._send_lock = asyncio.Lock()
@@ -62,6 +67,13 @@ class WorkerEngine(BaseEngine):
         if not self.restarting:
             self._reason = f"starting engine worker {self.spec.label}"
         ours, theirs = socket.socketpair()
+        passed = [theirs]
+        fds_arg = "-"  # no descriptor channel: pixels cross the socket (workers.wire.HAS_MEMFD)
+        if wire.HAS_MEMFD:
+            self._fds, their_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self._fds.setblocking(False)
+            passed.append(their_fds)
+            fds_arg = str(their_fds.fileno())
         env = dict(os.environ)
         if self.spec.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.spec.gpus)
@@ -70,12 +82,14 @@ class WorkerEngine(BaseEngine):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         try:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "workers.main", str(theirs.fileno()), str(os.getpid()),
-                pass_fds=(theirs.fileno(),), env=env, cwd=str(ROOT), stdin=asyncio.subprocess.DEVNULL,
+                sys.executable, "-m", "workers.main", str(theirs.fileno()), str(os.getpid()), fds_arg,
+                pass_fds=tuple(s.fileno() for s in passed), env=env, cwd=str(ROOT),
+                stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # its own process group: killing it takes its engine core along
             )
         finally:
-            theirs.close()
+            for sock in passed:
+                sock.close()
         self._starts += 1
         reader, self._writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
         self._send(("start", self.settings, self.model, self.spec, self.kind))
@@ -118,6 +132,9 @@ class WorkerEngine(BaseEngine):
             self._reader_task = None
         if writer is not None:
             writer.close()
+        if self._fds is not None:
+            self._fds.close()
+            self._fds = None
 
     async def _reap(self) -> int | None:
         process = self.process
@@ -164,16 +181,25 @@ class WorkerEngine(BaseEngine):
     async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request.request_id] = queue
+        fd: int | None = None
         try:
+            # The transfer: the memfd's fill (off the loop, no lock held), the wait for the send lock and the send.
             sending = time.perf_counter()
-            head, image = request_frames(request)
-            async with self._send_lock:  # header and pixels together: no other message between them
-                if self._writer is None:
+            via = wire.VIA_MEMFD if self._fds is not None and request.image is not None else wire.VIA_SOCKET
+            head, image = request_frames(request, via)
+            if via == wire.VIA_MEMFD and image is not None:
+                fd, image = await wire.to_memfd(image), None
+            async with self._send_lock:  # the descriptor and the header together: no other message between them
+                channel = self._fds  # a worker restarted since the fill takes the same memfd
+                if self._writer is None or (fd is not None and channel is None):
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} is not running",
                                         retry_after=5)
                 try:
                     if self._writer.is_closing():
                         raise ConnectionResetError
+                    if fd is not None and channel is not None:
+                        # First, so that it is waiting when the worker reads the header (workers.wire).
+                        await wire.send_fd(channel, fd)
                     self._writer.write(head)
                     await write_pixels(self._writer, image)
                 # The worker went away before or during the send (its reader marks it dead). uvloop's
@@ -181,6 +207,10 @@ class WorkerEngine(BaseEngine):
                 except (ConnectionError, OSError, RuntimeError):
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} died",
                                         retry_after=10) from None
+                finally:
+                    if fd is not None:  # the worker holds its own descriptor now (or never will)
+                        os.close(fd)
+                        fd = None
             request.transfer_s = time.perf_counter() - sending  # the lock wait included: other sends hold it
             del image
             while True:
@@ -193,6 +223,8 @@ class WorkerEngine(BaseEngine):
                 if item.finish_reason is not None:
                     return
         finally:
+            if fd is not None:  # cancelled or refused before the send
+                os.close(fd)
             self._streams.pop(request.request_id, None)
 
     async def _read(self, reader: asyncio.StreamReader) -> None:

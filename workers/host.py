@@ -1,8 +1,9 @@
 """The worker side: one engine in this process, serving the server's requests over the worker socket.
 
 Messages from the server: ("start", settings, model spec, worker spec, engine kind) once, then
-("run", EngineRequest without its image, image mode and size, byte count) followed by the image's raw
-pixels, ("abort", request id) and ("close",). Answers: ("ready", info) or
+("run", EngineRequest without its image, image mode and size, byte count, "memfd" or "socket") with the
+image's raw pixels in a memfd passed just before it on the descriptor channel, or following it on the socket
+(workers.wire), ("abort", request id) and ("close",). Answers: ("ready", info) or
 ("failed", error) once, then ("chunk", request id, EngineChunk), ("error", request id, error, engine ready, reason) and
 ("health", ready, reason, running, detail) whenever the engine's state changes (and every few seconds).
 The engine is the ordinary `engines.registry.build_engine` one; this module only moves its work across the socket.
@@ -15,13 +16,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from typing import Any
 
 from config import Settings
 from engines.base import BaseEngine, EngineRequest
 from errors import OcrError
 from workers.plan import WorkerSpec
-from workers.wire import encode_error, frame, read_frame, read_request
+from workers.wire import RequestFailed, encode_error, frame, read_frame, read_request
 
 log = logging.getLogger("deepseek_ocr.worker")
 
@@ -53,8 +55,10 @@ async def stop_engine(engine: BaseEngine | None, tasks: dict[str, asyncio.Task[N
 
 
 class EngineHost:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 fds: socket.socket | None = None) -> None:
         self.reader, self.writer = reader, writer
+        self.fds = fds  # the descriptor channel: images' memfds, each passed just before its "run" frame
         self.engine: BaseEngine | None = None
         self.tasks: dict[str, asyncio.Task[None]] = {}
 
@@ -104,7 +108,12 @@ class EngineHost:
             message = await read_frame(self.reader)
             op = message[0]
             if op == "run":
-                request: EngineRequest = await read_request(message, self.reader)
+                try:
+                    request: EngineRequest = await read_request(message, self.reader, self.fds)
+                except RequestFailed as failed:  # this request's pixels only: the streams are still in step
+                    log.error("worker: request %s: %s", failed.request.request_id, failed)
+                    await self.send(("error", failed.request.request_id, encode_error(failed.cause), True, None))
+                    continue
                 task = asyncio.create_task(self._run(request))
                 self.tasks[request.request_id] = task
                 task.add_done_callback(lambda _, rid=request.request_id: self.tasks.pop(rid, None))
@@ -149,3 +158,5 @@ class EngineHost:
     async def _shutdown(self) -> None:
         await stop_engine(self.engine, self.tasks)
         self.writer.close()
+        if self.fds is not None:
+            self.fds.close()

@@ -4,6 +4,13 @@ Both ends are this project's processes on one host, started by the server over a
 is the encoding (PIL images pickle as their raw pixels, no PNG round trip). Errors cross as the `OcrError`
 class name, detail, headers and extra fields, and are rebuilt on the other side, so a worker's 400 is the
 client's 400.
+
+An image's pixels do not cross the socket on Linux: the server copies them into a memfd (an anonymous file
+in memory, `os.memfd_create`) off its event loop, passes the descriptor over a second socket pair that
+carries only descriptors (`send_fd`), and the worker maps it and builds its image in one thread hop
+(`read_request`). The send lock is held for two system calls, not for ~6 MB of socket writes: 64 requests
+queued 0.5 s each behind it on an H100 (issue 29). Where there is no memfd the pixels follow their header
+on the socket in tiles (`write_pixels`).
 """
 
 from __future__ import annotations
@@ -11,7 +18,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
+import logging
+import mmap
+import os
 import pickle
+import socket
 import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,9 +36,15 @@ from errors import OcrError
 if TYPE_CHECKING:
     from engines.base import EngineRequest
 
+log = logging.getLogger("deepseek_ocr.worker")
+
 _HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 31  # 2 GiB: larger than any image admission lets through
 CHUNK = 1 << 20  # image pixels cross the socket in bands of rows of about a megabyte
+# Pixels cross in a memfd where the OS has one (Linux). Elsewhere (macOS, a dev box) they cross the socket in
+# tiles: slower under load, the same pixels. Tests turn this off to check that path against a real worker.
+HAS_MEMFD = hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
+VIA_MEMFD, VIA_SOCKET = "memfd", "socket"
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
@@ -42,8 +60,9 @@ def frame(message: Any) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def request_frames(request: EngineRequest) -> tuple[bytes, Image.Image | None]:
-    """A ("run", ...) message, and the image whose raw pixels follow it (`write_pixels`).
+def request_frames(request: EngineRequest, via: str = VIA_SOCKET) -> tuple[bytes, Image.Image | None]:
+    """A ("run", request without its image, (mode, size), raw byte count, via) message, and the image whose
+    raw pixels cross `via` the memfd (`to_memfd`, `send_fd`) or the socket after it (`write_pixels`).
 
     The pixels are never pickled or copied whole: a 40 MP page is 120 MB, and pickling it on the event loop
     held the server's GIL for half a second per image (`/health` stalled 2 s on a batch of them), while one
@@ -51,10 +70,10 @@ def request_frames(request: EngineRequest) -> tuple[bytes, Image.Image | None]:
     """
     image = request.image
     if image is None:
-        return frame(("run", request, None, 0)), None
+        return frame(("run", request, None, 0, via)), None
     header = dataclasses.replace(request, image=None)
     size = row_bytes(image.mode, image.width) * image.height
-    return frame(("run", header, (image.mode, image.size), size)), image
+    return frame(("run", header, (image.mode, image.size), size, via)), image
 
 
 def row_bytes(mode: str, width: int) -> int:
@@ -88,7 +107,7 @@ def tiles(mode: str, width: int, height: int) -> Iterator[tuple[int, int, int, i
 async def write_pixels(writer: asyncio.StreamWriter, image: Image.Image | None) -> None:
     """Send the image's raw pixels a tile (about CHUNK bytes) at a time, draining between: neither this
     process nor the transport ever holds a second copy of the whole image. The caller holds the
-    connection's send lock from the header to the last tile."""
+    connection's send lock from the header to the last tile. Only where there is no memfd (`HAS_MEMFD`)."""
     if image is None:
         return
     for box in tiles(image.mode, *image.size):
@@ -106,15 +125,130 @@ def _paste(image: Image.Image, data: bytes, box: tuple[int, int, int, int]) -> N
     image.paste(Image.frombytes(image.mode, (right - left, bottom - top), data), (left, top))
 
 
-async def read_request(message: tuple[Any, ...], reader: asyncio.StreamReader) -> EngineRequest:
-    """The request of a ("run", ...) message, its image rebuilt tile by tile from the raw pixels that
-    follow it: the image and one tile exist here, never a whole raw copy beside the image."""
-    _, request, meta, size = message
+# --- pixels in a memfd ------------------------------------------------------------------------------------
+# The memfd is a third copy of the image beside the two the pixel budget counts (`copies_images`: the server's
+# image and the worker's). It lives from `to_memfd` until the worker has built its image from it: the server
+# closes its descriptor once it is sent, the worker closes its own and the map right after the copy. A worker
+# reads its requests one after another, so at most one memfd per worker is being copied into a worker image
+# at a time; the ones waiting stand in for worker images not yet made, which the budget already counts.
+async def to_memfd(image: Image.Image) -> int:
+    """A memfd holding the image's raw pixels, filled in one thread hop. The caller owns the descriptor."""
+    filling = asyncio.ensure_future(asyncio.to_thread(_fill_memfd, image))
+    try:
+        return await asyncio.shield(filling)
+    except asyncio.CancelledError:  # the request went away: the thread still finishes, and its fd is closed
+        filling.add_done_callback(_close_result)
+        raise
+
+
+def _close_result(filling: asyncio.Future[int]) -> None:
+    if not filling.cancelled() and filling.exception() is None:
+        os.close(filling.result())
+
+
+def _fill_memfd(image: Image.Image) -> int:
+    size = row_bytes(image.mode, image.width) * image.height
+    fd = os.memfd_create("deepseek-ocr-pixels", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)
+        # pwrite, not a writable map: about twice as fast here (the kernel allocates the pages in one call per
+        # band), and a memory limit is an OSError rather than a fault on a mapped page.
+        offset = 0
+        for box in tiles(image.mode, *image.size):  # a band at a time: never a whole raw copy in bytes
+            data = _copy(image, box)
+            while data:
+                written = os.pwrite(fd, data, offset)
+                offset += written
+                data = data[written:]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+async def send_fd(channel: socket.socket, fd: int) -> None:
+    """Pass `fd` to the worker over its descriptor channel (non-blocking), waiting for room if it is full."""
+    while True:
+        try:
+            socket.send_fds(channel, [b"\0"], [fd])
+            return
+        except BlockingIOError:
+            loop = asyncio.get_running_loop()
+            room = loop.create_future()
+            loop.add_writer(channel.fileno(), _set_once, room)
+            try:
+                await room
+            finally:
+                loop.remove_writer(channel.fileno())
+
+
+def _set_once(room: asyncio.Future[None]) -> None:
+    if not room.done():
+        room.set_result(None)
+
+
+def receive_fd(channel: socket.socket) -> int:
+    """The descriptor the server sent just before the "run" frame being read: it is already here."""
+    _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+    if len(fds) != 1:
+        for extra in fds:
+            os.close(extra)
+        raise ConnectionError(f"the descriptor channel gave {len(fds)} descriptors for a request, not 1")
+    return fds[0]
+
+
+def _from_memfd(fd: int, mode: str, size: tuple[int, int], nbytes: int) -> Image.Image:
+    """The image in the memfd, copied out of its map in one go (PIL decodes straight from the map: no bytes
+    copy beside it); the map and the descriptor are closed whatever happens."""
+    try:
+        held = os.fstat(fd).st_size
+        if held != nbytes:
+            raise ValueError(f"the worker image's memfd holds {held} bytes, not the {nbytes} announced")
+        with mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ) as pixels, memoryview(pixels) as view:
+            return Image.frombytes(mode, size, view)
+    finally:
+        os.close(fd)
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """SHA-256 of the image's raw pixels (`tobytes()`), a band at a time. Logged at DEBUG for each image a
+    worker receives, so the pixels the engine gets can be checked against the ones sent."""
+    digest = hashlib.sha256()
+    for box in tiles(image.mode, *image.size):
+        digest.update(_copy(image, box))
+    return digest.hexdigest()
+
+
+async def read_request(message: tuple[Any, ...], reader: asyncio.StreamReader,
+                       fds: socket.socket | None = None) -> EngineRequest:
+    """The request of a ("run", ...) message with its image: from the memfd the server passed on `fds`, or
+    rebuilt tile by tile from the raw pixels that follow the message on the socket (the image and one tile
+    exist here, never a whole raw copy beside the image).
+
+    A `RequestFailed` is this request's failure only (the streams are still in step); anything else means
+    the streams can no longer be trusted."""
+    _, request, meta, size, via = message
     if size > MAX_FRAME:
         raise ValueError(f"worker image of {size} bytes is over {MAX_FRAME}")
     if meta is None:
         return request
     mode, (width, height) = meta
+    if via == VIA_MEMFD:
+        if fds is None:
+            raise ValueError("a memfd image came, but this worker has no descriptor channel")
+        fd = receive_fd(fds)
+        try:
+            if height < 1 or width < 1 or row_bytes(mode, width) * height != size:
+                raise ValueError(f"worker image of {width}x{height} ({mode}) cannot be {size} bytes")
+        except ValueError as exc:
+            os.close(fd)
+            raise RequestFailed(request, exc) from exc
+        try:  # the thread owns the descriptor from here: it closes it even if this wait is cancelled
+            request.image = await asyncio.to_thread(_from_memfd, fd, mode, (width, height), size)
+        except (ValueError, OSError) as exc:
+            raise RequestFailed(request, exc) from exc
+        await _log_digest(request.image, via)
+        return request
     if height < 1 or width < 1 or row_bytes(mode, width) * height != size:
         raise ValueError(f"worker image of {width}x{height} ({mode}) cannot be {size} bytes")
     image = await asyncio.to_thread(Image.new, mode, (width, height))
@@ -124,7 +258,22 @@ async def read_request(message: tuple[Any, ...], reader: asyncio.StreamReader) -
         await asyncio.to_thread(_paste, image, data, box)
         del data
     request.image = image
+    await _log_digest(image, via)
     return request
+
+
+async def _log_digest(image: Image.Image, via: str) -> None:
+    if log.isEnabledFor(logging.DEBUG):  # a hash of every image costs ~0.1 s on 40 MP: only when asked
+        digest = await asyncio.to_thread(pixel_digest, image)
+        log.debug("worker image %s %dx%d via %s: pixels sha256 %s", image.mode, *image.size, via, digest)
+
+
+class RequestFailed(Exception):
+    """A request whose image could not be received; the worker answers it with an error and goes on."""
+
+    def __init__(self, request: EngineRequest, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.request, self.cause = request, cause
 
 
 def encode_error(exc: BaseException) -> tuple[str, str, dict[str, str], dict[str, Any]]:

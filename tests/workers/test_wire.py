@@ -1,9 +1,11 @@
-"""The worker socket's image transfer (`workers.wire`) over a real socket pair: pixels arrive exactly as
-sent, for every mode and for sizes around the band boundaries, and the next message still reads cleanly."""
+"""The worker socket's image transfer (`workers.wire`) over real socket pairs: pixels arrive exactly as
+sent, in a memfd passed on the descriptor channel and in tiles on the socket (where there is no memfd), for
+every mode and for sizes around the band boundaries, and the next message still reads cleanly."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 
 import numpy as np
@@ -20,15 +22,28 @@ def noise(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
     return Image.fromarray(rgb).convert(mode)
 
 
-async def send_and_read(images: list[Image.Image | None]) -> list[EngineRequest]:
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+async def send_and_read(images: list[Image.Image | None], via: str = wire.VIA_SOCKET) -> list[EngineRequest]:
+    """What `workers.client` and `workers.host` do with each image, over real socket pairs."""
     left, right = socket.socketpair()
+    fds, peer_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fds.setblocking(False)
+    peer_fds.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=left)
     peer_reader, peer_writer = await asyncio.open_connection(sock=right)
 
     async def send() -> None:
         for n, image in enumerate(images):
             request = EngineRequest(f"prompt {n}", image, MODES["base"], SamplingParams(max_tokens=4))
-            head, pixels = wire.request_frames(request)
+            head, pixels = wire.request_frames(request, via)
+            if via == wire.VIA_MEMFD and pixels is not None:
+                fd = await wire.to_memfd(pixels)
+                await wire.send_fd(fds, fd)
+                os.close(fd)
+                pixels = None
             writer.write(head)
             await wire.write_pixels(writer, pixels)
         writer.write(wire.frame(("end",)))
@@ -37,7 +52,7 @@ async def send_and_read(images: list[Image.Image | None]) -> list[EngineRequest]
     async def receive() -> list[EngineRequest]:
         got = []
         while (message := await wire.read_frame(peer_reader))[0] == "run":
-            got.append(await wire.read_request(message, peer_reader))
+            got.append(await wire.read_request(message, peer_reader, peer_fds))
         return got
 
     try:
@@ -45,21 +60,57 @@ async def send_and_read(images: list[Image.Image | None]) -> list[EngineRequest]
     finally:
         writer.close()
         peer_writer.close()
+        fds.close()
+        peer_fds.close()
     return received
 
 
+@pytest.mark.parametrize("via", [wire.VIA_MEMFD, wire.VIA_SOCKET])
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "I;16", "1"])
-def test_images_cross_the_socket_unchanged(mode: str) -> None:
+def test_images_cross_unchanged(mode: str, via: str) -> None:
     row = wire.CHUNK // 3  # an RGB row of a third of a band: bands of 3 rows, and a last short one
     # A strip whose one row is 2.5 bands (RGB) crosses in pieces of a row; a 1-bit row never splits.
     sizes = [(1, 1), (7, 5), (row, 7), (1190, 1684), (wire.CHUNK // 2 + 1, 3), (wire.CHUNK * 5 // 6, 2)]
     images = [noise(mode, size, seed) for seed, size in enumerate(sizes)]
-    received = asyncio.run(send_and_read([*images, None]))
+    before = open_fds()
+    received = asyncio.run(send_and_read([*images, None], via))
     assert [r.prompt for r in received] == [f"prompt {n}" for n in range(len(images) + 1)]
     for sent, got in zip(images, received, strict=False):
         assert got.image is not None and (got.image.mode, got.image.size) == (sent.mode, sent.size)
         assert got.image.tobytes() == sent.tobytes(), f"{mode} {sent.size}: pixels differ"
     assert received[-1].image is None
+    assert open_fds() == before  # every memfd closed on both sides
+
+
+def test_a_memfd_of_the_wrong_size_fails_that_request_only() -> None:
+    """A memfd that does not hold the bytes its header announces is refused for that request, its
+    descriptor closed, and the next request on the same channels still reads."""
+    async def scenario() -> None:
+        fds, peer_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        peer_fds.setblocking(False)
+        reader = asyncio.StreamReader()
+        try:
+            short = os.memfd_create("short")
+            os.ftruncate(short, 29)
+            socket.send_fds(fds, [b"\0"], [short])
+            os.close(short)
+            request = EngineRequest("p", None, MODES["base"], SamplingParams(max_tokens=4))
+            with pytest.raises(wire.RequestFailed, match="holds 29 bytes, not the 30 announced") as caught:
+                await wire.read_request(("run", request, ("RGB", (5, 2)), 30, wire.VIA_MEMFD), reader, peer_fds)
+            assert caught.value.request is request
+            good = noise("RGB", (5, 2))
+            fd = await wire.to_memfd(good)
+            await wire.send_fd(fds, fd)
+            os.close(fd)
+            after = await wire.read_request(("run", request, ("RGB", (5, 2)), 30, wire.VIA_MEMFD), reader, peer_fds)
+            assert after.image is not None and after.image.tobytes() == good.tobytes()
+        finally:
+            fds.close()
+            peer_fds.close()
+
+    before = open_fds()
+    asyncio.run(scenario())
+    assert open_fds() == before
 
 
 def test_a_size_that_does_not_match_the_image_is_refused() -> None:
@@ -68,7 +119,7 @@ def test_a_size_that_does_not_match_the_image_is_refused() -> None:
         reader.feed_data(b"\0" * 30)
         request = EngineRequest("p", None, MODES["base"], SamplingParams(max_tokens=4))
         with pytest.raises(ValueError, match="cannot be 31 bytes"):
-            await wire.read_request(("run", request, ("RGB", (5, 2)), 31), reader)
+            await wire.read_request(("run", request, ("RGB", (5, 2)), 31, wire.VIA_SOCKET), reader)
 
     asyncio.run(scenario())
 

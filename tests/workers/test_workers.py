@@ -2,13 +2,15 @@
 
 The plan of workers per GPU is a pure function, checked directly. The rest runs real worker processes on
 the tiny checkpoint: two CPU workers sharing a load, a worker SIGKILLed mid-load and mid-job (the server
-heals without a restart, the job completes), an input in flight at two worker deaths quarantined, and the
-workers dying with a `kill -9`ed server.
+heals without a restart, the job completes), an input in flight at two worker deaths quarantined, the
+workers dying with a `kill -9`ed server, images' pixels reaching the worker unchanged (memfd and the socket
+fallback), and no descriptor left open after requests that succeed, fail or are aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from helpers.images import png_bytes
 from helpers.jobs import submit, wait
@@ -24,11 +27,12 @@ from helpers.pdfs import make_pdf
 from helpers.server import make_settings, serve_app, serve_process, show
 from PIL import Image
 
-from config import Settings, usable_cpus
+from config import Settings, model_specs, usable_cpus
 from engines.base import EngineRequest, SamplingParams
-from errors import ModelNotReady
+from errors import BadRequest, ModelNotReady
 from process.modes import MODES
 from serve_ocr import create_app
+from workers import wire
 from workers.client import WorkerEngine
 from workers.plan import WorkerSpec, worker_plan
 
@@ -246,3 +250,94 @@ def test_workers_die_with_a_killed_server(tiny_checkpoint: Path) -> None:
         while any(alive(p) for p in pids):
             assert time.monotonic() < deadline, f"workers {pids} outlived their server"
             time.sleep(0.1)
+
+
+async def started_worker(settings: Settings) -> WorkerEngine:
+    engine = WorkerEngine(settings, "torch", WorkerSpec(0, ()))
+    engine.model = model_specs(None, settings.model_path)[0]
+    await engine.start()
+    return engine
+
+
+def page(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    rgb = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(rgb)
+
+
+def request(image: Image.Image | None, max_tokens: int = 1, prompt: str = "<image>\nFree OCR.") -> EngineRequest:
+    return EngineRequest(prompt, image, MODES["tiny"], SamplingParams(max_tokens=max_tokens))
+
+
+@pytest.mark.parametrize("via", [wire.VIA_MEMFD, wire.VIA_SOCKET])
+def test_pixels_reach_the_worker_unchanged(tiny_checkpoint: Path, via: str, capfd: pytest.CaptureFixture,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 x 40,000,000 strip and a 40 MP page cross to a real worker process; the worker logs (at DEBUG) a
+    hash of the pixels it built its image from, and which way they came. Without a memfd (macOS) they cross
+    the socket: that path is checked by turning the capability off, the worker being the real one."""
+    if via == wire.VIA_SOCKET:
+        monkeypatch.setattr(wire, "HAS_MEMFD", False)
+    elif not wire.HAS_MEMFD:
+        pytest.skip("no memfd on this OS")
+    settings = make_settings(tiny_checkpoint, engine_workers="process", log_level="DEBUG")
+    images = [page((40_000_000, 1), 1), page((7300, 5480), 2)]
+    digests = [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
+
+    async def scenario() -> None:
+        engine = await started_worker(settings)
+        try:
+            for image in images:
+                try:
+                    await engine.generate(request(image))
+                except BadRequest:  # the model may refuse a strip's shape; its pixels crossed first
+                    pass
+            assert engine.ready, engine.health()
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())
+    err = capfd.readouterr().err
+    for image, digest in zip(images, digests, strict=True):
+        line = f"worker image RGB {image.width}x{image.height} via {via}: pixels sha256 {digest}"
+        assert line in err, (line, [x for x in err.splitlines() if "worker image" in x])
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_no_descriptor_is_left_open(tiny_checkpoint: Path) -> None:
+    """After requests that succeed, fail in the worker, are aborted mid-generation or while their pixels are
+    being copied, the server's and the worker's open descriptors are back to where they were."""
+    settings = make_settings(tiny_checkpoint, engine_workers="process")
+    a4 = page((1190, 1684))
+
+    async def scenario() -> None:
+        engine = await started_worker(settings)
+        try:
+            assert engine.process is not None
+            worker = engine.process.pid
+            await engine.generate(request(a4))  # the engine's lazy start-up (threads, files) before counting
+            before = open_fds(os.getpid()), open_fds(worker)
+            for _ in range(3):
+                assert (await engine.generate(request(a4, 2))).finish_reason in ("stop", "length")
+                with pytest.raises(BadRequest):  # an image without its <image> tag: the worker refuses it
+                    await engine.generate(request(a4, prompt="Free OCR."))
+                running = asyncio.create_task(engine.generate(request(a4, 4000)))
+                deadline = time.monotonic() + 60
+                while engine.health().detail["worker_running"] == 0:  # generating in the worker
+                    assert time.monotonic() < deadline and not running.done(), engine.health()
+                    await asyncio.sleep(0.02)
+                running.cancel()
+                copying = asyncio.create_task(engine.generate(request(page((4000, 3000)))))
+                await asyncio.sleep(0)  # its memfd is being filled
+                copying.cancel()
+                await asyncio.gather(running, copying, return_exceptions=True)
+            deadline = time.monotonic() + 60
+            while (now := (open_fds(os.getpid()), open_fds(worker))) != before:
+                assert time.monotonic() < deadline, f"descriptors (server, worker): {before} before, {now} after"
+                await asyncio.sleep(0.1)
+            assert engine.ready, engine.health()
+        finally:
+            await engine.close()
+
+    asyncio.run(scenario())

@@ -181,38 +181,38 @@ class WorkerEngine(BaseEngine):
     async def _stream(self, request: EngineRequest) -> AsyncIterator[EngineChunk]:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request.request_id] = queue
-        fd: int | None = None
+        fds: list[int] = []
         try:
             # The transfer: the memfd's fill (off the loop, no lock held), the wait for the send lock and the send.
             sending = time.perf_counter()
             via = wire.VIA_MEMFD if self._fds is not None and request.image is not None else wire.VIA_SOCKET
-            head, image = request_frames(request, via)
-            if via == wire.VIA_MEMFD and image is not None:
-                fd, image = await wire.to_memfd(image), None
+            head, images = request_frames(request, via)
+            if via == wire.VIA_MEMFD:
+                fds, images = await wire.to_memfds(images), []
             async with self._send_lock:  # the descriptor and the header together: no other message between them
                 channel = self._fds  # a worker restarted since the fill takes the same memfd
-                if self._writer is None or (fd is not None and channel is None):
+                if self._writer is None or (fds and channel is None):
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} is not running",
                                         retry_after=5)
                 try:
                     if self._writer.is_closing():
                         raise ConnectionResetError
-                    if fd is not None and channel is not None:
-                        # First, so that it is waiting when the worker reads the header (workers.wire).
-                        await wire.send_fd(channel, fd)
+                    if fds and channel is not None:
+                        # First, so that they are waiting when the worker reads the header (workers.wire).
+                        await wire.send_fds(channel, fds)
                     self._writer.write(head)
-                    await write_pixels(self._writer, image)
+                    await write_pixels(self._writer, images)
                 # The worker went away before or during the send (its reader marks it dead). uvloop's
                 # transport says so with a RuntimeError ("the handler is closed") where asyncio's says nothing.
                 except (ConnectionError, OSError, RuntimeError):
                     raise ModelNotReady(self._reason or f"engine worker {self.spec.label} died",
                                         retry_after=10) from None
                 finally:
-                    if fd is not None:  # the worker holds its own descriptor now (or never will)
+                    for fd in fds:  # the worker holds its own descriptors now (or never will)
                         os.close(fd)
-                        fd = None
+                    fds = []
             request.transfer_s = time.perf_counter() - sending  # the lock wait included: other sends hold it
-            del image
+            del images
             while True:
                 item = await queue.get()
                 if item is _DEAD:
@@ -223,7 +223,7 @@ class WorkerEngine(BaseEngine):
                 if item.finish_reason is not None:
                     return
         finally:
-            if fd is not None:  # cancelled or refused before the send
+            for fd in fds:  # cancelled or refused before the send
                 os.close(fd)
             self._streams.pop(request.request_id, None)
 

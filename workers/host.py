@@ -1,8 +1,8 @@
 """The worker side: one engine in this process, serving the server's requests over the worker socket.
 
 Messages from the server: ("start", settings, model spec, worker spec, engine kind) once, then
-("run", EngineRequest without its image, image mode and size, byte count, "memfd" or "socket") with the
-image's raw pixels in a memfd passed just before it on the descriptor channel, or following it on the socket
+("run", EngineRequest without its images, [(mode, size, byte count) per image], "memfd" or "socket") with the
+images' raw pixels in memfds passed just before it on the descriptor channel, or following it on the socket
 (workers.wire), ("abort", request id) and ("close",). Answers: ("ready", info) or
 ("failed", error) once, then ("chunk", request id, EngineChunk), ("error", request id, error, engine ready, reason) and
 ("health", ready, reason, running, detail) whenever the engine's state changes (and every few seconds).

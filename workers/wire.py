@@ -7,7 +7,7 @@ client's 400.
 
 An image's pixels do not cross the socket on Linux: the server copies them into a memfd (an anonymous file
 in memory, `os.memfd_create`) off its event loop, passes the descriptor over a second socket pair that
-carries only descriptors (`send_fd`), and the worker maps it and builds its image in one thread hop
+carries only descriptors (`send_fds`), and the worker maps it and builds its image in one thread hop
 (`read_request`). The send lock is held for two system calls, not for ~6 MB of socket writes: 64 requests
 queued 0.5 s each behind it on an H100 (issue 29). Where there is no memfd the pixels follow their header
 on the socket in tiles (`write_pixels`).
@@ -60,20 +60,22 @@ def frame(message: Any) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def request_frames(request: EngineRequest, via: str = VIA_SOCKET) -> tuple[bytes, Image.Image | None]:
-    """A ("run", request without its image, (mode, size), raw byte count, via) message, and the image whose
-    raw pixels cross `via` the memfd (`to_memfd`, `send_fd`) or the socket after it (`write_pixels`).
+def request_frames(request: EngineRequest, via: str = VIA_SOCKET) -> tuple[bytes, list[Image.Image]]:
+    """A ("run", request without its images, [(mode, size, raw byte count) per image], via) message, and the
+    prompt's images (`EngineRequest.images`, in tag order), whose raw pixels cross `via` memfds (`to_memfds`,
+    `send_fds`) or the socket after the message (`write_pixels`). A multi-image prompt's later images cross the
+    same way as its first: pickled in the header, a 40 MP one held the event loop half a second.
 
     The pixels are never pickled or copied whole: a 40 MP page is 120 MB, and pickling it on the event loop
     held the server's GIL for half a second per image (`/health` stalled 2 s on a batch of them), while one
     `tobytes` copy doubled the page in the server for as long as it took to send.
     """
-    image = request.image
-    if image is None:
-        return frame(("run", request, None, 0, via)), None
-    header = dataclasses.replace(request, image=None)
-    size = row_bytes(image.mode, image.width) * image.height
-    return frame(("run", header, (image.mode, image.size), size, via)), image
+    images = request.images
+    if not images:
+        return frame(("run", request, [], via)), []
+    header = dataclasses.replace(request, image=None, more_images=[])
+    shapes = [(image.mode, image.size, row_bytes(image.mode, image.width) * image.height) for image in images]
+    return frame(("run", header, shapes, via)), images
 
 
 def row_bytes(mode: str, width: int) -> int:
@@ -104,16 +106,16 @@ def tiles(mode: str, width: int, height: int) -> Iterator[tuple[int, int, int, i
             yield left, top, min(width, left + step), top + 1
 
 
-async def write_pixels(writer: asyncio.StreamWriter, image: Image.Image | None) -> None:
-    """Send the image's raw pixels a tile (about CHUNK bytes) at a time, draining between: neither this
-    process nor the transport ever holds a second copy of the whole image. The caller holds the
-    connection's send lock from the header to the last tile. Only where there is no memfd (`HAS_MEMFD`)."""
-    if image is None:
-        return
-    for box in tiles(image.mode, *image.size):
-        # Off the event loop: an A4 page's copies take ~5 ms, which the loop has better uses for.
-        writer.write(await asyncio.to_thread(_copy, image, box))
-        await writer.drain()
+async def write_pixels(writer: asyncio.StreamWriter, images: list[Image.Image]) -> None:
+    """Send the images' raw pixels, one image after another, a tile (about CHUNK bytes) at a time, draining
+    between: neither this process nor the transport ever holds a second copy of a whole image. The caller
+    holds the connection's send lock from the header to the last tile. Only where there is no memfd
+    (`HAS_MEMFD`)."""
+    for image in images:
+        for box in tiles(image.mode, *image.size):
+            # Off the event loop: an A4 page's copies take ~5 ms, which the loop has better uses for.
+            writer.write(await asyncio.to_thread(_copy, image, box))
+            await writer.drain()
 
 
 def _copy(image: Image.Image, box: tuple[int, int, int, int]) -> bytes:
@@ -127,23 +129,36 @@ def _paste(image: Image.Image, data: bytes, box: tuple[int, int, int, int]) -> N
 
 # --- pixels in a memfd ------------------------------------------------------------------------------------
 # The memfd is a third copy of the image beside the two the pixel budget counts (`copies_images`: the server's
-# image and the worker's). It lives from `to_memfd` until the worker has built its image from it: the server
+# image and the worker's). It lives from `to_memfds` until the worker has built its image from it: the server
 # closes its descriptor once it is sent, the worker closes its own and the map right after the copy. A worker
 # reads its requests one after another, so at most one memfd per worker is being copied into a worker image
 # at a time; the ones waiting stand in for worker images not yet made, which the budget already counts.
-async def to_memfd(image: Image.Image) -> int:
-    """A memfd holding the image's raw pixels, filled in one thread hop. The caller owns the descriptor."""
-    filling = asyncio.ensure_future(asyncio.to_thread(_fill_memfd, image))
+async def to_memfds(images: list[Image.Image]) -> list[int]:
+    """A memfd per image holding its raw pixels, all filled in one thread hop. The caller owns the descriptors."""
+    filling = asyncio.ensure_future(asyncio.to_thread(_fill_memfds, images))
     try:
         return await asyncio.shield(filling)
-    except asyncio.CancelledError:  # the request went away: the thread still finishes, and its fd is closed
+    except asyncio.CancelledError:  # the request went away: the thread still finishes, and its fds are closed
         filling.add_done_callback(_close_result)
         raise
 
 
-def _close_result(filling: asyncio.Future[int]) -> None:
+def _close_result(filling: asyncio.Future[list[int]]) -> None:
     if not filling.cancelled() and filling.exception() is None:
-        os.close(filling.result())
+        for fd in filling.result():
+            os.close(fd)
+
+
+def _fill_memfds(images: list[Image.Image]) -> list[int]:
+    fds: list[int] = []
+    try:
+        for image in images:
+            fds.append(_fill_memfd(image))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def _fill_memfd(image: Image.Image) -> int:
@@ -166,11 +181,12 @@ def _fill_memfd(image: Image.Image) -> int:
     return fd
 
 
-async def send_fd(channel: socket.socket, fd: int) -> None:
-    """Pass `fd` to the worker over its descriptor channel (non-blocking), waiting for room if it is full."""
+async def send_fds(channel: socket.socket, fds: list[int]) -> None:
+    """Pass a request's `fds` to the worker in one message on its descriptor channel (non-blocking), waiting
+    for room if it is full. MAX_IMAGES_PER_PROMPT keeps them far below the kernel's 253 a message."""
     while True:
         try:
-            socket.send_fds(channel, [b"\0"], [fd])
+            socket.send_fds(channel, [b"\0"], fds)
             return
         except BlockingIOError:
             loop = asyncio.get_running_loop()
@@ -187,27 +203,33 @@ def _set_once(room: asyncio.Future[None]) -> None:
         room.set_result(None)
 
 
-def receive_fd(channel: socket.socket) -> int:
-    """The descriptor the server sent just before the "run" frame being read: it is already here."""
-    _, fds, _, _ = socket.recv_fds(channel, 1, 1)
-    if len(fds) != 1:
+def receive_fds(channel: socket.socket, count: int) -> list[int]:
+    """The descriptors the server sent just before the "run" frame being read: they are already here."""
+    _, fds, _, _ = socket.recv_fds(channel, 1, count)
+    if len(fds) != count:
         for extra in fds:
             os.close(extra)
-        raise ConnectionError(f"the descriptor channel gave {len(fds)} descriptors for a request, not 1")
-    return fds[0]
+        raise ConnectionError(f"the descriptor channel gave {len(fds)} descriptors for a request, not {count}")
+    return fds
+
+
+def _from_memfds(fds: list[int], shapes: list[tuple[str, tuple[int, int], int]]) -> list[Image.Image]:
+    """The images in the memfds; every descriptor is closed whatever happens."""
+    try:
+        return [_from_memfd(fd, mode, size, nbytes) for fd, (mode, size, nbytes) in zip(fds, shapes, strict=True)]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _from_memfd(fd: int, mode: str, size: tuple[int, int], nbytes: int) -> Image.Image:
     """The image in the memfd, copied out of its map in one go (PIL decodes straight from the map: no bytes
-    copy beside it); the map and the descriptor are closed whatever happens."""
-    try:
-        held = os.fstat(fd).st_size
-        if held != nbytes:
-            raise ValueError(f"the worker image's memfd holds {held} bytes, not the {nbytes} announced")
-        with mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ) as pixels, memoryview(pixels) as view:
-            return Image.frombytes(mode, size, view)
-    finally:
-        os.close(fd)
+    copy beside it); the map is closed whatever happens, the descriptor is the caller's."""
+    held = os.fstat(fd).st_size
+    if held != nbytes:
+        raise ValueError(f"the worker image's memfd holds {held} bytes, not the {nbytes} announced")
+    with mmap.mmap(fd, nbytes, access=mmap.ACCESS_READ) as pixels, memoryview(pixels) as view:
+        return Image.frombytes(mode, size, view)
 
 
 def pixel_digest(image: Image.Image) -> str:
@@ -221,45 +243,53 @@ def pixel_digest(image: Image.Image) -> str:
 
 async def read_request(message: tuple[Any, ...], reader: asyncio.StreamReader,
                        fds: socket.socket | None = None) -> EngineRequest:
-    """The request of a ("run", ...) message with its image: from the memfd the server passed on `fds`, or
-    rebuilt tile by tile from the raw pixels that follow the message on the socket (the image and one tile
+    """The request of a ("run", ...) message with its images: from the memfds the server passed on `fds`, or
+    rebuilt tile by tile from the raw pixels that follow the message on the socket (an image and one tile
     exist here, never a whole raw copy beside the image).
 
     A `RequestFailed` is this request's failure only (the streams are still in step); anything else means
     the streams can no longer be trusted."""
-    _, request, meta, size, via = message
-    if size > MAX_FRAME:
-        raise ValueError(f"worker image of {size} bytes is over {MAX_FRAME}")
-    if meta is None:
+    _, request, shapes, via = message
+    if sum(nbytes for *_, nbytes in shapes) > MAX_FRAME:
+        raise ValueError(f"worker images of {sum(nbytes for *_, nbytes in shapes)} bytes are over {MAX_FRAME}")
+    if not shapes:
         return request
-    mode, (width, height) = meta
     if via == VIA_MEMFD:
         if fds is None:
             raise ValueError("a memfd image came, but this worker has no descriptor channel")
-        fd = receive_fd(fds)
+        received = receive_fds(fds, len(shapes))
         try:
-            if height < 1 or width < 1 or row_bytes(mode, width) * height != size:
-                raise ValueError(f"worker image of {width}x{height} ({mode}) cannot be {size} bytes")
+            for shape in shapes:
+                _check_shape(*shape)
         except ValueError as exc:
-            os.close(fd)
+            for fd in received:
+                os.close(fd)
             raise RequestFailed(request, exc) from exc
-        try:  # the thread owns the descriptor from here: it closes it even if this wait is cancelled
-            request.image = await asyncio.to_thread(_from_memfd, fd, mode, (width, height), size)
+        try:  # the thread owns the descriptors from here: it closes them even if this wait is cancelled
+            images = await asyncio.to_thread(_from_memfds, received, shapes)
         except (ValueError, OSError) as exc:
             raise RequestFailed(request, exc) from exc
-        await _log_digest(request.image, via)
-        return request
-    if height < 1 or width < 1 or row_bytes(mode, width) * height != size:
-        raise ValueError(f"worker image of {width}x{height} ({mode}) cannot be {size} bytes")
-    image = await asyncio.to_thread(Image.new, mode, (width, height))
-    for box in tiles(mode, width, height):
-        left, top, right, bottom = box
-        data = await reader.readexactly(row_bytes(mode, right - left) * (bottom - top))
-        await asyncio.to_thread(_paste, image, data, box)
-        del data
-    request.image = image
-    await _log_digest(image, via)
+    else:
+        images = []
+        for mode, (width, height), nbytes in shapes:
+            _check_shape(mode, (width, height), nbytes)
+            image = await asyncio.to_thread(Image.new, mode, (width, height))
+            for box in tiles(mode, width, height):
+                left, top, right, bottom = box
+                data = await reader.readexactly(row_bytes(mode, right - left) * (bottom - top))
+                await asyncio.to_thread(_paste, image, data, box)
+                del data
+            images.append(image)
+    request.image, request.more_images = images[0], images[1:]
+    for image in images:
+        await _log_digest(image, via)
     return request
+
+
+def _check_shape(mode: str, size: tuple[int, int], nbytes: int) -> None:
+    width, height = size
+    if height < 1 or width < 1 or row_bytes(mode, width) * height != nbytes:
+        raise ValueError(f"worker image of {width}x{height} ({mode}) cannot be {nbytes} bytes")
 
 
 async def _log_digest(image: Image.Image, via: str) -> None:

@@ -26,8 +26,10 @@ def open_fds() -> set[int]:
     return {int(name) for name in os.listdir("/proc/self/fd")}
 
 
-async def send_and_read(images: list[Image.Image | None], via: str = wire.VIA_SOCKET) -> list[EngineRequest]:
-    """What `workers.client` and `workers.host` do with each image, over real socket pairs."""
+async def send_and_read(images: list[Image.Image | list[Image.Image] | None],
+                        via: str = wire.VIA_SOCKET) -> list[EngineRequest]:
+    """What `workers.client` and `workers.host` do with each request's images (one, a prompt's several as a
+    list, or none), over real socket pairs."""
     left, right = socket.socketpair()
     fds, peer_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     fds.setblocking(False)
@@ -37,13 +39,16 @@ async def send_and_read(images: list[Image.Image | None], via: str = wire.VIA_SO
 
     async def send() -> None:
         for n, image in enumerate(images):
-            request = EngineRequest(f"prompt {n}", image, MODES["base"], SamplingParams(max_tokens=4))
+            several = image if isinstance(image, list) else [image] if image is not None else []
+            request = EngineRequest(f"prompt {n}", several[0] if several else None, MODES["base"],
+                                    SamplingParams(max_tokens=4), more_images=several[1:])
             head, pixels = wire.request_frames(request, via)
-            if via == wire.VIA_MEMFD and pixels is not None:
-                fd = await wire.to_memfd(pixels)
-                await wire.send_fd(fds, fd)
-                os.close(fd)
-                pixels = None
+            if via == wire.VIA_MEMFD and pixels:
+                sent = await wire.to_memfds(pixels)
+                await wire.send_fds(fds, sent)
+                for fd in sent:
+                    os.close(fd)
+                pixels = []
             writer.write(head)
             await wire.write_pixels(writer, pixels)
         writer.write(wire.frame(("end",)))
@@ -82,6 +87,32 @@ def test_images_cross_unchanged(mode: str, via: str) -> None:
     assert open_fds() == before  # every memfd closed on both sides
 
 
+@pytest.mark.parametrize("via", [wire.VIA_MEMFD, wire.VIA_SOCKET])
+def test_a_prompts_several_images_cross_in_order(via: str) -> None:
+    """A multi-image prompt's later images cross like its first (not pickled in the header), in tag order,
+    beside single-image and image-less requests."""
+    first, second, third = noise("RGB", (1190, 1684), 1), noise("L", (7, 5), 2), noise("RGB", (300, 40), 3)
+    alone = noise("RGB", (9, 9), 4)
+    before = open_fds()
+    received = asyncio.run(send_and_read([[first, second, third], None, alone, [second, first]], via))
+    assert [len(r.images) for r in received] == [3, 0, 1, 2]
+    for got, sent in zip(received, [[first, second, third], [], [alone], [second, first]], strict=True):
+        assert [(i.mode, i.size, i.tobytes()) for i in got.images] == [(i.mode, i.size, i.tobytes()) for i in sent]
+    assert open_fds() == before
+
+
+def test_the_header_carries_no_pixels() -> None:
+    """The ("run", ...) frame is the request without its images: a 40 MP second image adds no bytes to it."""
+    small = EngineRequest("p", noise("RGB", (8, 8)), MODES["base"], SamplingParams(max_tokens=4),
+                          more_images=[noise("RGB", (8, 8))])
+    large = EngineRequest("p", noise("RGB", (8, 8)), MODES["base"], SamplingParams(max_tokens=4),
+                          more_images=[Image.new("RGB", (8000, 5000))])
+    head_small, _ = wire.request_frames(small, wire.VIA_MEMFD)
+    head_large, images = wire.request_frames(large, wire.VIA_MEMFD)
+    assert len(head_large) < len(head_small) + 64 and len(head_large) < 4096, len(head_large)
+    assert [i.size for i in images] == [(8, 8), (8000, 5000)]
+
+
 def test_a_memfd_of_the_wrong_size_fails_that_request_only() -> None:
     """A memfd that does not hold the bytes its header announces is refused for that request, its
     descriptor closed, and the next request on the same channels still reads."""
@@ -96,13 +127,13 @@ def test_a_memfd_of_the_wrong_size_fails_that_request_only() -> None:
             os.close(short)
             request = EngineRequest("p", None, MODES["base"], SamplingParams(max_tokens=4))
             with pytest.raises(wire.RequestFailed, match="holds 29 bytes, not the 30 announced") as caught:
-                await wire.read_request(("run", request, ("RGB", (5, 2)), 30, wire.VIA_MEMFD), reader, peer_fds)
+                await wire.read_request(("run", request, [("RGB", (5, 2), 30)], wire.VIA_MEMFD), reader, peer_fds)
             assert caught.value.request is request
             good = noise("RGB", (5, 2))
-            fd = await wire.to_memfd(good)
-            await wire.send_fd(fds, fd)
+            [fd] = await wire.to_memfds([good])
+            await wire.send_fds(fds, [fd])
             os.close(fd)
-            after = await wire.read_request(("run", request, ("RGB", (5, 2)), 30, wire.VIA_MEMFD), reader, peer_fds)
+            after = await wire.read_request(("run", request, [("RGB", (5, 2), 30)], wire.VIA_MEMFD), reader, peer_fds)
             assert after.image is not None and after.image.tobytes() == good.tobytes()
         finally:
             fds.close()
@@ -119,7 +150,7 @@ def test_a_size_that_does_not_match_the_image_is_refused() -> None:
         reader.feed_data(b"\0" * 30)
         request = EngineRequest("p", None, MODES["base"], SamplingParams(max_tokens=4))
         with pytest.raises(ValueError, match="cannot be 31 bytes"):
-            await wire.read_request(("run", request, ("RGB", (5, 2)), 31, wire.VIA_SOCKET), reader)
+            await wire.read_request(("run", request, [("RGB", (5, 2), 31)], wire.VIA_SOCKET), reader)
 
     asyncio.run(scenario())
 

@@ -9,15 +9,16 @@ check what the service answers, under bounds generous enough for a loaded machin
 Each scenario starts a fresh server the `make serve` way on the tiny random checkpoint: the Makefile's uvicorn
 options, MALLOC_ARENA_MAX=2, DEFAULT_MAX_TOKENS=64, every other setting its default (N3 shortens
 SSE_IDLE_TIMEOUT_S; N4 sets two API keys). Around each scenario a thread asks `/health` every ~0.25 s (max,
-p50, p95; a failed probe counts as infinite) and another samples the RSS of the server and its children (render
-and engine processes) every 50 ms (growth = peak - before). Each scenario prints one JSON line, flushed when it
-ends, with the measured figures, the issue's target beside each (`target_*`), the CPU count and the load
+p50, p95 of the answered probes; those that got no 200 are counted in `health_failed`) and another samples
+the RSS of the server and its children (render and engine processes) every 50 ms (growth = peak - before).
+Each scenario prints one JSON line, flushed when it ends, with the measured figures, the issue's target
+beside each (`target_*`), the CPU count and the load
 average. `--quick` runs each at a small scale (a smoke run while developing; its figures mean nothing).
 
 - h4: six, then sixteen PNG strips of 1 x 40,000,000 at once, with an ordinary 640x480 JPEG beside them.
 - n1: a 150-page job at dpi 200 (pages that render to incompressible PNGs, as a scan does), then four parallel
   downloads of its ZIP.
-- n3: 1,000 event streams asked for (20 keys x 50) on queued jobs, SSE_IDLE_TIMEOUT_S=20: opened, refused with
+- n3: 1,000 event streams asked for at once (20 keys x 50) on queued jobs, SSE_IDLE_TIMEOUT_S=20: opened, refused with
   429, `/health`, and when the idle streams end against the setting. Four fill-bomb jobs of another key hold the
   job runner's JOBS_RUNNING=4 slots so the listened jobs stay queued (no event: idle streams); they load the CPU.
 - n4: a 300-page job and a 20-page fill-bomb job of key A; meanwhile three rounds of an image, a 1-page PDF and
@@ -160,7 +161,7 @@ class Monitor:
     def figures(self) -> dict[str, Any]:
         finite = [x for x in self.health if x != float("inf")]
         return {"health_samples": len(self.health), "health_failed": len(self.health) - len(finite),
-                "health_max_s": round(max(self.health), 3) if self.health else None,
+                "health_max_s": round(max(finite), 3) if finite else None,  # failed probes: health_failed
                 "health_p50_s": pct(finite, 0.5), "health_p95_s": pct(finite, 0.95),
                 "rss_before_mb": round(self.before), "rss_peak_mb": round(self.peak),
                 "rss_growth_mb": round(self.peak - self.before),

@@ -18,7 +18,8 @@ average. `--quick` runs each at a small scale (a smoke run while developing; its
 - h4: six, then sixteen PNG strips of 1 x 40,000,000 at once, with an ordinary 640x480 JPEG beside them.
 - n1: a 150-page job at dpi 200 (pages that render to incompressible PNGs, as a scan does), then four parallel
   downloads of its ZIP.
-- n3: 1,000 event streams asked for at once (20 keys x 50) on queued jobs, SSE_IDLE_TIMEOUT_S=20: opened, refused with
+- n3: 1,000 event streams asked for at once (20 keys x 50) on queued jobs, SSE_IDLE_TIMEOUT_S=20, then again
+  asked key by key (the next key's once the last key's were answered): opened, refused with
   429, `/health`, and when the idle streams end against the setting. Four fill-bomb jobs of another key hold the
   job runner's JOBS_RUNNING=4 slots so the listened jobs stay queued (no event: idle streams); they load the CPU.
 - n4: a 300-page job and a 20-page fill-bomb job of key A; meanwhile three rounds of an image, a 1-page PDF and
@@ -298,6 +299,13 @@ def server_data_dir(server: Server) -> str:
 
 
 def n3(quick: bool) -> None:
+    for asking in ("at once", "by key"):
+        n3_streams(quick, asking)
+
+
+def n3_streams(quick: bool, asking: str) -> None:
+    """`asking`: "at once" (every stream asked for together) or "by key" (a key's streams together, the next key
+    once they have all been answered; the open ones stay open), as tests/jobs/test_jobs_events.py does."""
     keys = [f"k{i}" for i in range(5 if quick else 20)]
     per_key, idle_s = (40, 5.0) if quick else (50, 20.0)
     started = time.monotonic()
@@ -314,25 +322,35 @@ def n3(quick: bool) -> None:
         async def scenario() -> list[dict]:
             limits = httpx.Limits(max_connections=len(keys) * per_key + 10, max_keepalive_connections=0)
             async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60, read=None)) as client:
-                async def one(key: str) -> dict:
+                async def one(key: str, answered: asyncio.Event) -> dict:
                     asked = time.monotonic()
-                    async with client.stream("GET", f"{url}/jobs/{jobs[key]}/events",
-                                             headers={"X-API-Key": key}) as r:
-                        out = {"status": r.status_code, "answered": time.monotonic() - asked}
-                        if r.status_code != 200:
-                            body = await r.aread()
-                            out["problem_json"] = r.headers.get("content-type", "").startswith(
-                                "application/problem+json")
-                            out["setting"] = json.loads(body).get("setting") if out["problem_json"] else None
+                    try:
+                        async with client.stream("GET", f"{url}/jobs/{jobs[key]}/events",
+                                                 headers={"X-API-Key": key}) as r:
+                            out = {"status": r.status_code, "answered": time.monotonic() - asked}
+                            answered.set()
+                            if r.status_code != 200:
+                                body = await r.aread()
+                                out["problem_json"] = r.headers.get("content-type", "").startswith(
+                                    "application/problem+json")
+                                out["setting"] = json.loads(body).get("setting") if out["problem_json"] else None
+                                return out
+                            opened, events, pings = time.monotonic(), 0, 0
+                            async for line in r.aiter_lines():
+                                events += line.startswith("data:")
+                                pings += line.startswith(": ping")
+                            out.update(lasted=time.monotonic() - opened, events=events, pings=pings)
                             return out
-                        opened, events, pings = time.monotonic(), 0, 0
-                        async for line in r.aiter_lines():
-                            events += line.startswith("data:")
-                            pings += line.startswith(": ping")
-                        out.update(lasted=time.monotonic() - opened, events=events, pings=pings)
-                        return out
+                    finally:
+                        answered.set()
 
-                return await asyncio.gather(*(one(k) for k in keys for _ in range(per_key)))
+                tasks = []
+                for key in keys:
+                    flags = [asyncio.Event() for _ in range(per_key)]
+                    tasks += [asyncio.create_task(one(key, flag)) for flag in flags]
+                    if asking == "by key":
+                        await asyncio.gather(*(flag.wait() for flag in flags))
+                return await asyncio.gather(*tasks)
 
         with Monitor(server) as mon:
             streams = asyncio.run(scenario())
@@ -341,10 +359,12 @@ def n3(quick: bool) -> None:
     opened = [s for s in streams if s["status"] == 200]
     refused = [s for s in streams if s["status"] == 429]
     idle = [s["lasted"] for s in opened if s["events"] == 0]
-    emit({"scenario": "n3", "quick": quick, "keys": len(keys), "streams_asked": len(streams), "opened": len(opened),
-          "refused_429": len(refused), "refused_problem_json": sum(bool(s.get("problem_json")) for s in refused),
+    emit({"scenario": "n3", "quick": quick, "asked": asking, "keys": len(keys), "streams_asked": len(streams),
+          "opened": len(opened), "refused_429": len(refused),
+          "refused_problem_json": sum(bool(s.get("problem_json")) for s in refused),
           "refused_settings": sorted({s.get("setting") or "" for s in refused}),
-          "other_statuses": sorted({s["status"] for s in streams} - {200, 429}),
+          "uvicorn_503": sum(s["status"] == 503 for s in streams),
+          "other_statuses": sorted({s["status"] for s in streams} - {200, 429, 503}),
           "listened_jobs_queued": f"{queued}/{len(keys)}", "streams_with_events": len(opened) - len(idle),
           "sse_idle_timeout_s": idle_s, "idle_closed_min_s": round(min(idle), 2) if idle else None,
           "idle_closed_p50_s": pct(idle, 0.5), "idle_closed_max_s": round(max(idle), 2) if idle else None,

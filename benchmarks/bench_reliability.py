@@ -24,8 +24,8 @@ average. `--quick` runs each at a small scale (a smoke run while developing; its
   job runner's JOBS_RUNNING=4 slots so the listened jobs stay queued (no event: idle streams); they load the CPU.
 - n4: a 300-page job and a 20-page fill-bomb job of key A; meanwhile three rounds of an image, a 1-page PDF and
   key B's `POST /jobs`. The engine batch is the longest gap between two counts of `/health`'s `batches`.
-- n6: the indirect-filter, the two filter-array and the A85-behind-a-reference bombs (2 GB of zeros each) and a
-  normal 1-page PDF, all at once.
+- n6: the indirect-filter, the two filter-array and the A85-behind-a-reference bombs (2 GB of zeros each), each
+  alone (`alone_s`), then all four and a normal 1-page PDF at once.
 """
 
 from __future__ import annotations
@@ -416,6 +416,7 @@ def n6(quick: bool) -> None:
     started = time.monotonic()
     with serving() as server:
         send = lambda data: lambda: post_file(server.url, "/pdf/ocr", "h.pdf", data, dpi="72")  # noqa: E731
+        alone = {k: timed(send(d)) for k, d in bombs.items()}  # one at a time first: no queue for a process
         with Monitor(server) as mon:
             time.sleep(1.0)
             answers = at_once([*(lambda d=d: timed(send(d)) for d in bombs.values()),
@@ -425,6 +426,7 @@ def n6(quick: bool) -> None:
           "bomb_mb": {k: round(len(v) / MB, 1) for k, v in bombs.items()},
           "bomb_statuses": {k: v[0] for k, v in bomb_rows.items()},
           "bomb_s": {k: v[1] for k, v in bomb_rows.items()}, "bomb_max_s": max(v[1] for v in bomb_rows.values()),
+          "alone_statuses": {k: v[0] for k, v in alone.items()}, "alone_s": {k: v[1] for k, v in alone.items()},
           "bomb_detail": answers[0][2], "target_bomb_s": 5.0, "normal_status": answers[-1][0],
           "normal_s": answers[-1][1], "target_normal_s": 10.0, **mon.figures(),
           "wall_s": round(time.monotonic() - started, 1)})

@@ -401,6 +401,7 @@ def n4(quick: bool) -> None:
           "bomb_job_after": f"{bomb_state['status']} {bomb_state['pages_done']}/20",
           "engine_batch_longest_s": round(mon.longest_batch, 2), "engine_batches": mon.batches,
           **{f"{k}_statuses": [p[0] for p in v] for k, v in probes.items()},
+          **{f"{k}_s": [p[1] for p in v] for k, v in probes.items()},
           **{f"{k}_max_s": max(p[1] for p in v) for k, v in probes.items()},
           "target_image_s": round(mon.longest_batch + 10, 2), "target_pdf_s": 30.0,
           "health_max_s": figures["health_max_s"], "health_p50_s": figures["health_p50_s"],

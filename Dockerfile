@@ -55,4 +55,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD curl -fsS "http://127.0.0.1:${PORT:-8000}/ready" || exit 1
 
 # HOST and PORT (ENV above, or -e / compose) are honoured; the connection limits are serve_ocr.uvicorn_options'.
-CMD ["sh", "-c", "exec uvicorn serve_ocr:app --host \"${HOST:-0.0.0.0}\" --port \"${PORT:-8000}\" --http h11 --h11-max-incomplete-event-size 65536 --limit-concurrency \"${LIMIT_CONCURRENCY:-1000}\" --timeout-keep-alive 5"]
+CMD ["sh", "-c", "exec uvicorn serve_ocr:app --host \"${HOST:-0.0.0.0}\" --port \"${PORT:-8000}\" --http h11 --h11-max-incomplete-event-size 65536 --limit-concurrency \"${LIMIT_CONCURRENCY:-2000}\" --timeout-keep-alive 5"]

@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DEMO_DIR ?= models/demo-tiny-random
 # Connection limits (serve_ocr.uvicorn_options says why; the Dockerfile's CMD passes the same).
-UVICORN_LIMITS = --http h11 --h11-max-incomplete-event-size 65536 --limit-concurrency $${LIMIT_CONCURRENCY:-1000} --timeout-keep-alive 5
+UVICORN_LIMITS = --http h11 --h11-max-incomplete-event-size 65536 --limit-concurrency $${LIMIT_CONCURRENCY:-2000} --timeout-keep-alive 5
 
 .PHONY: setup setup-dev serve test lint fuzz demo-model clean test-ocr client
 

@@ -199,7 +199,9 @@ class Settings(BaseSettings):
         64.0, gt=0, le=65536, description="Annotated images and crops in one JSON answer; past it they are dropped"
     )
     body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest wait for the next piece of a body")
-    limit_concurrency: int = Field(1000, ge=1, le=1_000_000, description="Open connections; more get a 503")
+    # SSE_MAX_STREAMS idle event streams and room beside them: at 1000, a burst of 1,000 stream requests met
+    # uvicorn's plain-text 503 before the streams' own 429 could answer (benchmarks/bench_reliability.py n3).
+    limit_concurrency: int = Field(2000, ge=1, le=1_000_000, description="Open connections; more get a 503")
 
     generate_timeout_s: float = Field(60.0, gt=0, le=86_400)
     pdf_timeout_s: float = Field(300.0, gt=0, le=86_400)

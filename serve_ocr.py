@@ -410,7 +410,7 @@ def uvicorn_options() -> dict[str, object]:
     an incomplete event past 64 KB at once. LIMIT_CONCURRENCY connections at most (more get a 503), and an
     idle keep-alive connection is closed after 5 s.
     """
-    limit = os.environ.get("LIMIT_CONCURRENCY") or "1000"
+    limit = os.environ.get("LIMIT_CONCURRENCY") or "2000"
     return {"http": "h11", "h11_max_incomplete_event_size": 65536, "limit_concurrency": int(limit),
             "timeout_keep_alive": 5}
 

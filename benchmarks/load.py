@@ -162,7 +162,7 @@ def hostile_mix(max_tokens: int) -> list[Call]:
     ]
 
 
-UVICORN_LIMITS = ["--http", "h11", "--h11-max-incomplete-event-size", "65536", "--limit-concurrency", "1000",
+UVICORN_LIMITS = ["--http", "h11", "--h11-max-incomplete-event-size", "65536", "--limit-concurrency", "2000",
                   "--timeout-keep-alive", "5"]  # as in the Makefile and the Dockerfile
 
 

@@ -46,7 +46,7 @@ MIN_WATCH_S = 1.0  # watched at least this long, however fast the hostile reques
 def makefile_options() -> list[str]:
     """The uvicorn options of `make serve`, with the shell default of LIMIT_CONCURRENCY filled in."""
     line = next(ln for ln in (ROOT / "Makefile").read_text().splitlines() if ln.startswith("UVICORN_LIMITS"))
-    return shlex.split(line.split("=", 1)[1].replace("$${LIMIT_CONCURRENCY:-1000}", "1000"))
+    return shlex.split(line.split("=", 1)[1].replace("$${LIMIT_CONCURRENCY:-2000}", "2000"))
 
 
 def rss_mb(proc: psutil.Process) -> float:

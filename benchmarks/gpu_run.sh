@@ -35,6 +35,8 @@
 #               default), each on its own start, REPEAT (3) runs each; MOEAB_ORDER="tuned default" swaps ~8 min
 #        conc   MAX_CONCURRENCY 256 then 512 on the service (CONC="256 512"), FILES (2) copies of the 256-page
 #               PDF at once, REPEAT (1) runs on each start                                  ~6-8 min
+#        confidence  the service on the 256-page PDF with CONFIDENCE=false, then true, each on its own start,
+#               REPEAT (3) runs each; CONF_ORDER="true false" swaps                           ~8 min
 #        warmdump  py-spy dumps of an engine worker and its engine core every 4 s during the warm-up ~4 min
 #        scale12  (nvidia-h200-x2) 1,024 pages through the service on one local worker (GPUS=0), then on two
 #               (GPUS=0,1), each on its own start                                          ~8 min
@@ -47,7 +49,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|moetune|moeab|conc|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -376,6 +378,18 @@ case "$phase" in
       ab_run "conc-$c" "$limit" -- --pages 256 --max-tokens 1000 --concurrency "$c" \
         --ngram 20 50 --pdf /tmp/bench-256.pdf --files "${FILES:-2}" --repeat "${REPEAT:-1}"
       names+=("conc-$c")
+      ab_summary "${names[@]}"
+    done
+    ;;
+  confidence)  # the cost of CONFIDENCE (vLLM logprobs=0 on every request): the 256-page service run with it
+    # off then on (CONF_ORDER swaps), each on its own start, REPEAT (3) runs each
+    real_ckpt; bench_pdf
+    names=()
+    for v in ${CONF_ORDER:-false true}; do
+      limit=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-290}" ] && limit=${T1:-290}
+      ab_run "conf-$v" "$limit" CONFIDENCE="$v" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
+      names+=("conf-$v")
       ab_summary "${names[@]}"
     done
     ;;

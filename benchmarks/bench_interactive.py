@@ -234,7 +234,7 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                             return
                         loaded.append(page(client))
 
-                profilers = start_profile(args) if args.profile and n == min(1, args.rounds - 1) else []
+                profilers = start_profile(args, url) if args.profile and n == min(1, args.rounds - 1) else []
                 t = time.perf_counter()
                 for f in [pool.submit(closed_loop, c) for c in clients]:
                     f.result()

@@ -44,12 +44,13 @@
 #               PROFILE=1 adds a run under py-spy (first PROFILE_S=20 s), summarised in profile-scaleN-summary.txt
 #        dp     (nvidia-h200-x2) vLLM's own data parallelism (data_parallel_size=2, one AsyncLLM) on the
 #               1,024 pages, to set against scale12's two independent workers            ~5 min
+#        interconf  inter's service half only, CONFIDENCE=true then false, ROUNDS (2) each  ~7 min
 #        inter  the interactive run alone (GPU 0, a quiet machine for the one-client latency)    ~6 min
 #               REPEAT=3: three rounds on each start, medians over them                          ~8 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -208,6 +209,28 @@ case "$phase" in
       --out "$OUT/interactive.json" "${prof[@]}" 2>&1 | grep -v "^INFO\|^(EngineCore" | tee "$OUT/interactive.log"
     grep -h "warm-up took" "$OUT/service-interactive.log" | cut -c1-600
     if [ -n "${PROFILE:-}" ]; then
+      python3 benchmarks/profile_summary.py "$OUT"/prof-inter.*.txt --seconds "${PROFILE_S:-12}" --top 25 \
+        > "$OUT/profile-inter-summary.txt" 2>&1
+      tar czf "$OUT/prof-inter.tgz" -C "$OUT" $(cd "$OUT" && ls prof-inter.*) && rm -f "$OUT"/prof-inter.*.txt
+    fi
+    ;;
+  interconf)  # the interactive run's service half only, CONFIDENCE=true then false (CONF_ORDER), each on its own
+    # start, ROUNDS (2) rounds each; PROFILE=1 puts the first start's second loaded round under py-spy
+    real_ckpt; bench_pdf
+    first=1
+    for v in ${CONF_ORDER:-true false}; do
+      prof=(); [ -n "${PROFILE:-}" ] && [ "$first" = 1 ] && prof=(--profile "$OUT/prof-inter" --profile-s "${PROFILE_S:-12}")
+      limit=$(( ${T_TOTAL:-560} - SECONDS ))
+      [ "$first" = 1 ] && [ "$limit" -gt "${T1:-300}" ] && limit=${T1:-300}
+      echo "=== interconf CONFIDENCE=$v: up to $limit s, $(date -u +%T)"
+      CONFIDENCE="$v" CUDA_VISIBLE_DEVICES=0 timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py interactive \
+        --only service --model "$CK/real" --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 \
+        --ngram 30 90 --requests "${REQUESTS:-160}" --latency-runs "${LATENCY_RUNS:-10}" --rounds "${ROUNDS:-2}" \
+        --rounds-out "$OUT/interconf-$v-rounds.jsonl" --log "$OUT/service-interconf-$v.log" \
+        --out "$OUT/interconf-$v.json" "${prof[@]}" 2>&1 | grep -v "^INFO\|^(EngineCore" | tee "$OUT/interconf-$v.log"
+      first=0
+    done
+    if [ -n "${PROFILE:-}" ] && ls "$OUT"/prof-inter.*.txt > /dev/null 2>&1; then
       python3 benchmarks/profile_summary.py "$OUT"/prof-inter.*.txt --seconds "${PROFILE_S:-12}" --top 25 \
         > "$OUT/profile-inter-summary.txt" 2>&1
       tar czf "$OUT/prof-inter.tgz" -C "$OUT" $(cd "$OUT" && ls prof-inter.*) && rm -f "$OUT"/prof-inter.*.txt

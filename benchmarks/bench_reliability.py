@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import hostile as h  # noqa: E402
+from helpers.health_clock import HealthClock  # noqa: E402
 from helpers.hostile_server import Server, deflated_zeros_pdf, start, stop  # noqa: E402
 from helpers.images import png_image  # noqa: E402
 from helpers.pdfs import make_pdf, picture_png  # noqa: E402
@@ -107,40 +108,25 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 class Monitor:
-    """`/health` every ~0.25 s (its latency, and the engine's batch counter: the longest gap between two counts
-    is the longest engine batch seen, idle gaps included) and RSS every 50 ms, server alone and with children."""
+    """`/health` every ~0.25 s (`HealthClock`: its latency and the engine's longest batch) and RSS every 50 ms,
+    server alone and with children."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.health: list[float] = []
-        self.longest_batch, self.batches = 0.0, 0
+        self.clock = HealthClock(server.url, timeout_s=PROBE_S)
         self.before = rss_mb(server.proc)
         self.before_server = rss_mb(server.proc, children=False)
         self.peak, self.peak_server = self.before, self.before_server
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._health, daemon=True),
-                         threading.Thread(target=self._rss, daemon=True)]
+        self._thread = threading.Thread(target=self._rss, daemon=True)
 
-    def _health(self) -> None:
-        last_count, last_at = None, time.monotonic()
-        with httpx.Client(timeout=PROBE_S) as client:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                count = last_count
-                try:
-                    r = client.get(self.server.url + "/health")
-                    took = time.monotonic() - started if r.status_code == 200 else float("inf")
-                    count = r.json().get("detail", {}).get("batches", last_count)
-                except (httpx.HTTPError, ValueError, AttributeError):
-                    took = float("inf")
-                self.health.append(took)
-                now = time.monotonic()
-                if count != last_count:
-                    if last_count is not None:
-                        self.longest_batch = max(self.longest_batch, now - last_at)
-                        self.batches += 1
-                    last_count, last_at = count, now
-                self._stop.wait(max(0.0, 0.25 - (time.monotonic() - started)))
+    @property
+    def longest_batch(self) -> float:
+        return self.clock.longest
+
+    @property
+    def batches(self) -> int:
+        return self.clock.batches
 
     def _rss(self) -> None:
         while not self._stop.is_set():
@@ -150,18 +136,19 @@ class Monitor:
             self._stop.wait(0.05)
 
     def __enter__(self) -> Monitor:
-        for t in self._threads:
-            t.start()
+        self.clock.__enter__()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        for t in self._threads:
-            t.join(PROBE_S + 5)
+        self.clock.__exit__(*exc)
+        self._thread.join(5)
 
     def figures(self) -> dict[str, Any]:
-        finite = [x for x in self.health if x != float("inf")]
-        return {"health_samples": len(self.health), "health_failed": len(self.health) - len(finite),
+        health = self.clock.latencies
+        finite = [x for x in health if x != float("inf")]
+        return {"health_samples": len(health), "health_failed": len(health) - len(finite),
                 "health_max_s": round(max(finite), 3) if finite else None,  # failed probes: health_failed
                 "health_p50_s": pct(finite, 0.5), "health_p95_s": pct(finite, 0.95),
                 "rss_before_mb": round(self.before), "rss_peak_mb": round(self.peak),

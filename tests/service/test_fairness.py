@@ -10,12 +10,12 @@ full batches and more), the PDF for every queued render of both jobs, and `POST 
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import httpx
 from helpers import hostile as h
+from helpers.health_clock import HealthClock
 from helpers.jobs import submit, wait
 from helpers.pdfs import make_pdf, picture_png
 from helpers.server import data_dir, serve_process, show
@@ -24,39 +24,6 @@ KEY_A, KEY_B = {"X-API-Key": "key-a"}, {"X-API-Key": "key-b"}
 LONG_PAGES = 60  # scaled down from the issue's 300: the job still outlasts the probes on the 2-core box
 BOMB = dict(repeats=100, pages=20)  # ~5 s of MuPDF a page: 100 s of rendering for one process
 PROBE_S = 60  # each probe's client gives up here: past every bound below, so a failure stays quick and clear
-
-
-class BatchClock:
-    """Samples the engine's batch counter (`/health` detail `batches`) in a thread: the longest time between
-    two counts is the longest engine batch seen under this load (idle gaps included: a generous measure)."""
-
-    def __init__(self, url: str) -> None:
-        self.url, self.longest, self.batches = url, 0.0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        last_count, last_at = None, time.monotonic()
-        while not self._stop.is_set():
-            try:
-                count = httpx.get(self.url + "/health", timeout=10).json()["detail"]["batches"]
-            except (httpx.HTTPError, KeyError, ValueError):
-                count = last_count
-            now = time.monotonic()
-            if count != last_count:
-                if last_count is not None:
-                    self.longest = max(self.longest, now - last_at)
-                    self.batches += 1
-                last_count, last_at = count, now
-            time.sleep(0.25)
-
-    def __enter__(self) -> BatchClock:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
 
 
 def timed(fn) -> tuple[httpx.Response | str, float]:
@@ -85,7 +52,7 @@ def test_sync_requests_and_other_keys_are_served_while_a_long_job_and_a_fill_bom
 
         long_job = submit(url, make_pdf(LONG_PAGES), "long.pdf", headers=KEY_A)
         bomb_job = submit(url, h.heavy_pdf(**BOMB), "bomb.pdf", headers=KEY_A)
-        with BatchClock(url) as clock:
+        with HealthClock(url, timeout_s=10) as clock:
             wait(url, long_job["id"], pages_done=1, timeout=60, headers=KEY_A)  # the job feeds the engine now
             image_answer, image_s = timed(image)
             pdf_answer, pdf_s = timed(pdf)

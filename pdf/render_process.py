@@ -352,6 +352,13 @@ def worker_main(conn: Connection, parent_pid: int, memory_limit_mb: int, limits:
     pymupdf.TOOLS.mupdf_display_errors(False)  # errors are collected as warnings and answered instead
     _limit_address_space(memory_limit_mb)
     docs: OrderedDict[str, PdfSource] = OrderedDict()
+    # The server closes its end when it shuts down or gives up on this worker, maybe mid-answer: a send then
+    # fails with EPIPE, and the worker ends quietly (a traceback per render process in the server's log else).
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        _serve(conn, docs, limits)
+
+
+def _serve(conn: Connection, docs: OrderedDict[str, PdfSource], limits: PdfLimits) -> None:
     conn.send(("ready", os.getpid()))
     while True:
         try:

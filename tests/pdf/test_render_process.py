@@ -28,7 +28,7 @@ def test_a_closed_pipe_mid_answer_ends_the_worker_quietly(tmp_path: Path) -> Non
             worker.start()
             theirs.close()
             assert ours.recv()[0] == "ready"
-            # A page at 300 dpi: its pixels (~8.7 MB) cannot fit the socket's buffer, so the send is under way
+            # A page at 300 dpi: its pixels (tens of MB) cannot fit the socket's buffer, so the send is under way
             # when our end closes, and a small reply after it meets the closed pipe in any case.
             ours.send(("render", "d1", {str(pdf)!r}, None, 1, 300, 40_000_000, False))
             ours.close()

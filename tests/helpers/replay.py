@@ -7,6 +7,7 @@ and is injected through `create_app(settings, engine_factory=...)`, so no real e
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 
 from engines.base import BaseEngine, Confidence, EngineChunk, EngineRequest, Usage
@@ -27,6 +28,7 @@ class ReplayEngine(BaseEngine):
         delay_s: float = 0.0,
         crash_on: Callable[[EngineRequest], bool] | None = None,
         logprob: float | Callable[[EngineRequest], float] | None = None,
+        hold: threading.Event | None = None,
     ) -> None:
         super().__init__(max_concurrency)
         self.text = text
@@ -41,6 +43,8 @@ class ReplayEngine(BaseEngine):
         self.crash_on = crash_on
         # Each answer token's log-probability (a fixed one, or per request): the answer's confidence; None: none.
         self.logprob = logprob
+        # While set to an unset Event, every request waits: a test does what it must mid-job, then sets it.
+        self.hold = hold
 
     async def start(self) -> None:
         self.starts += 1
@@ -60,6 +64,8 @@ class ReplayEngine(BaseEngine):
         if self.crash_on is not None and self.crash_on(request):
             self.kill("the replay engine crashed on this input")  # as a vLLM engine core dies on a poison image
             self.require_ready()
+        while self.hold is not None and not await asyncio.to_thread(self.hold.wait, 0.1):
+            pass  # a bounded wait each time: a test that never sets it leaves no thread blocked for good
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         self.require_ready()  # a kill() while this request waited ends it like a dead engine would

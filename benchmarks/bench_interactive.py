@@ -22,6 +22,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     """vLLM's AsyncLLM with the service's engine settings, the image prompt in Gundam, as the image routes."""
     import asyncio
 
-    from bench_vllm import async_engine, page_params
+    from bench_vllm import async_engine, page_params, start_profile, stop_profile
     from PIL import Image
 
     from config import IMAGE_PROMPT, MODES
@@ -114,12 +115,17 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
         try:
             await asyncio.gather(*(one() for _ in range(4)))  # warm-up
             for n in range(args.rounds):
-                loaded, wall = await load()
+                loaded, wall = await load() if args.requests else ([], 0.0)
                 single = [await one() for _ in range(args.latency_runs)]
                 streams = [await one(stream=True) for _ in range(args.latency_runs)]
+                if args.profile_single and n == 0:  # extra runs: the timed ones above are not profiled
+                    profilers = start_profile(args, pid=os.getpid())
+                    for _ in range(args.latency_runs):
+                        await one()
+                    stop_profile(profilers)
                 rows.append({"path": "raw", "round": n + 1, "pages": len(loaded), "elapsed_s": round(wall, 2),
-                             "pages_per_s": round(len(loaded) / wall, 3),
-                             "mean_completion_tokens": round(sum(r[2] for r in loaded) / len(loaded), 1),
+                             "pages_per_s": round(len(loaded) / wall, 3) if wall else None,
+                             "mean_completion_tokens": round(sum(r[2] for r in loaded) / max(1, len(loaded)), 1),
                              "one_client_median_s": _median([r[0] for r in single]),
                              "ttft_median_s": _median([r[1] for r in streams]),
                              "streamed_total_median_s": _median([r[0] for r in streams]),
@@ -234,7 +240,8 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                             return
                         loaded.append(page(client))
 
-                profilers = start_profile(args, url) if args.profile and n == min(1, args.rounds - 1) else []
+                loaded_profile = args.profile and not args.profile_single and n == min(1, args.rounds - 1)
+                profilers = start_profile(args, url) if loaded_profile else []
                 t = time.perf_counter()
                 for f in [pool.submit(closed_loop, c) for c in clients]:
                     f.result()
@@ -242,16 +249,22 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                 stop_profile(profilers)
                 single = [page(clients[0]) for _ in range(args.latency_runs)]
                 streams = [stream(clients[0]) for _ in range(args.latency_runs)]
+                if args.profile_single and n == 0:  # extra runs: the timed ones above are not profiled
+                    profilers = start_profile(args, url)
+                    for _ in range(args.latency_runs):
+                        page(clients[0])
+                    stop_profile(profilers)
                 stages = sorted({name for _, _, st in single for name in st})
                 rows.append({
-                    "path": "service", "round": n + 1, "pages": len(loaded), "elapsed_s": round(wall, 2),
-                    "pages_per_s": round(len(loaded) / wall, 3),
-                    "mean_completion_tokens": round(sum(r[1] for r in loaded) / len(loaded), 1),
+                    "path": f"service ({os.environ.get('ENGINE_WORKERS') or args.workers})", "round": n + 1,
+                    "pages": len(loaded), "elapsed_s": round(wall, 2),
+                    "pages_per_s": round(len(loaded) / wall, 3) if loaded else None,
+                    "mean_completion_tokens": round(sum(r[1] for r in loaded) / max(1, len(loaded)), 1),
                     "one_client_median_s": _median([r[0] for r in single]),
                     "one_client_tokens": sorted({r[1] for r in single}),
                     "server_timing_median_ms": {s: _median([st.get(s, 0.0) for _, _, st in single]) for s in stages},
                     "server_timing_under_load_median_ms": {
-                        s: _median([st.get(s, 0.0) for _, _, st in loaded]) for s in stages},
+                        s: _median([st.get(s, 0.0) for _, _, st in loaded]) for s in stages} if loaded else {},
                     "v1_first_chunk_median_s": _median([r[0] for r in streams]),
                     "v1_first_text_median_s": _median([r[1] for r in streams]),
                     "v1_total_median_s": _median([r[2] for r in streams])})
@@ -268,7 +281,7 @@ def summary(path: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"path": path, "clients": CLIENTS, "rounds": rows}
     for key in ("pages_per_s", "one_client_median_s", "ttft_median_s", "v1_first_chunk_median_s",
                 "v1_first_text_median_s", "mean_completion_tokens"):
-        values = [r[key] for r in rows if key in r]
+        values = [r[key] for r in rows if r.get(key) is not None]  # None: no loaded phase (--requests 0)
         if values:
             out[key] = _median(values)
     return out
@@ -283,7 +296,7 @@ def interactive(args: argparse.Namespace, script: str) -> list[dict[str, Any]]:
             results.append(json.loads(raw_json.read_text())[0])
     if args.only in (None, "service"):
         results.append(run_service(args))
-    if len(results) == 2:
+    if len(results) == 2 and args.requests:
         raw, svc = results
         cmp = {"ratio_pages_per_s": round(svc["pages_per_s"] / raw["pages_per_s"], 3),
                "one_client_over_raw_ms": round(1000 * (svc["one_client_median_s"] - raw["one_client_median_s"]), 1),

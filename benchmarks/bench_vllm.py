@@ -420,7 +420,7 @@ def jit_after_ready(log_path: Path) -> int:
     return count
 
 
-def start_profile(args: argparse.Namespace, url: str) -> list[subprocess.Popen[bytes]]:
+def start_profile(args: argparse.Namespace, url: str = "", pid: int | None = None) -> list[subprocess.Popen[bytes]]:
     """py-spy on the server and on each of its children (engine workers, vLLM engine cores, render
     processes), one non-blocking recorder per process (`--subprocesses` needs blocking mode), for the
     extra profiled run, or its first --profile-s seconds: `<profile>.<pid>.txt` each."""
@@ -431,7 +431,7 @@ def start_profile(args: argparse.Namespace, url: str) -> list[subprocess.Popen[b
     if shutil.which("py-spy") is None:
         print("py-spy is not on PATH: no profile", file=sys.stderr)
         return []
-    server = psutil.Process(args.server_pid)
+    server = psutil.Process(pid or args.server_pid)  # pid: a process of our own (raw AsyncLLM) and its children
     pids = [server.pid] + [p.pid for p in server.children(recursive=True)
                            if "resource_tracker" not in " ".join(p.cmdline())]
     Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
@@ -565,6 +565,9 @@ def main() -> int:
     parser.add_argument("--profile", help="service: one more run after the timed ones, under py-spy; its raw "
                         "stacks go here (<profile>.<pid>.txt)")
     parser.add_argument("--profile-s", type=int, default=0, help="profile only the profiled run's first seconds")
+    parser.add_argument("--profile-single", action="store_true",
+                        help="interactive: profile (--profile) --latency-runs extra one-client requests of the first "
+                             "round instead of a loaded round, on both paths (the raw side profiles itself)")
     parser.add_argument("--ngram-impl", choices=["batched", "vllm", "off"], default="batched",
                         help="the n-gram logits processor of the raw engine (engine_kwargs ngram_impl)")
     parser.add_argument("--repeat", type=lambda v: [int(x) for x in v.split(",")], default=[1],

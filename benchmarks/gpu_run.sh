@@ -44,13 +44,14 @@
 #               PROFILE=1 adds a run under py-spy (first PROFILE_S=20 s), summarised in profile-scaleN-summary.txt
 #        dp     (nvidia-h200-x2) vLLM's own data parallelism (data_parallel_size=2, one AsyncLLM) on the
 #               1,024 pages, to set against scale12's two independent workers            ~5 min
+#        single  one client only: service (process, profiled), raw (profiled), service inline  ~7 min
 #        interconf  inter's service half only, CONFIDENCE=true then false, ROUNDS (2) each  ~7 min
 #        inter  the interactive run alone (GPU 0, a quiet machine for the one-client latency)    ~6 min
 #               REPEAT=3: three rounds on each start, medians over them                          ~8 min
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -213,6 +214,29 @@ case "$phase" in
         > "$OUT/profile-inter-summary.txt" 2>&1
       tar czf "$OUT/prof-inter.tgz" -C "$OUT" $(cd "$OUT" && ls prof-inter.*) && rm -f "$OUT"/prof-inter.*.txt
     fi
+    ;;
+  single)  # issue 29's one-client gap located: no loaded rounds; the service with engine worker processes
+    # (profiled: LATENCY_RUNS extra requests under py-spy), raw AsyncLLM (profiled the same way), then the
+    # service with the engine in the server process (ENGINE_WORKERS=inline); each on its own start, written as
+    # it ends; ~7 min
+    real_ckpt; bench_pdf
+    for side in ${SINGLE_SIDES:-process raw inline}; do
+      limit=$(( ${T_TOTAL:-560} - SECONDS ))
+      [ "$limit" -lt 60 ] && break
+      only=service; [ "$side" = raw ] && only=raw
+      echo "=== single $side: up to $limit s, $(date -u +%T)"
+      CUDA_VISIBLE_DEVICES=0 timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py interactive \
+        --only "$only" --workers "$([ "$side" = inline ] && echo inline || echo process)" --model "$CK/real" \
+        --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 --requests 0 \
+        --latency-runs "${LATENCY_RUNS:-10}" --rounds 1 --rounds-out "$OUT/single-rounds.jsonl" \
+        --log "$OUT/service-single-$side.log" --out "$OUT/single-$side.json" \
+        $([ "$side" = inline ] || echo --profile "$OUT/prof-$side" --profile-single) 2>&1 |
+        grep -v "^INFO\|^(EngineCore" | tee "$OUT/single-$side.log"
+      if ls "$OUT"/prof-$side.*.txt > /dev/null 2>&1; then
+        python3 benchmarks/profile_summary.py "$OUT"/prof-$side.*.txt --top 25 > "$OUT/profile-$side-summary.txt" 2>&1
+        tar czf "$OUT/prof-$side.tgz" -C "$OUT" $(cd "$OUT" && ls prof-$side.*) && rm -f "$OUT"/prof-$side.*.txt
+      fi
+    done
     ;;
   interconf)  # the interactive run's service half only, CONFIDENCE=true then false (CONF_ORDER), each on its own
     # start, ROUNDS (2) rounds each; PROFILE=1 puts the first start's second loaded round under py-spy

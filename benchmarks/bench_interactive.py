@@ -263,7 +263,9 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                     stop_profile(profilers)
                 stages = sorted({name for _, _, st in single for name in st})
                 rows.append({
-                    "path": f"service ({os.environ.get('ENGINE_WORKERS') or args.workers})", "round": n + 1,
+                    "path": f"service ({args.workers}" + (f", OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})"
+                                                          if "OMP_NUM_THREADS" in os.environ else ")"),
+                    "round": n + 1,
                     "pages": len(loaded), "elapsed_s": round(wall, 2),
                     "pages_per_s": round(len(loaded) / wall, 3) if loaded else None,
                     "mean_completion_tokens": round(sum(r[1] for r in loaded) / max(1, len(loaded)), 1),

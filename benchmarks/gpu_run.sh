@@ -220,17 +220,19 @@ case "$phase" in
     # service with the engine in the server process (ENGINE_WORKERS=inline); each on its own start, written as
     # it ends; ~7 min
     real_ckpt; bench_pdf
+    # process1: the worker processes with OMP_NUM_THREADS=1 (what every vLLM worker had before 2026-12-06)
     for side in ${SINGLE_SIDES:-process raw inline}; do
       limit=$(( ${T_TOTAL:-560} - SECONDS ))
       [ "$limit" -lt 60 ] && break
       only=service; [ "$side" = raw ] && only=raw
+      omp=(); [ "$side" = process1 ] && omp=(OMP_NUM_THREADS=1)
       echo "=== single $side: up to $limit s, $(date -u +%T)"
-      CUDA_VISIBLE_DEVICES=0 timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py interactive \
+      env "${omp[@]}" CUDA_VISIBLE_DEVICES=0 timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py interactive \
         --only "$only" --workers "$([ "$side" = inline ] && echo inline || echo process)" --model "$CK/real" \
         --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 --requests 0 \
         --latency-runs "${LATENCY_RUNS:-10}" --rounds 1 --rounds-out "$OUT/single-rounds.jsonl" \
         --log "$OUT/service-single-$side.log" --out "$OUT/single-$side.json" \
-        $([ "$side" = inline ] || echo --profile "$OUT/prof-$side" --profile-single) 2>&1 |
+        $([ "$side" = inline ] || [ "$side" = process1 ] || echo --profile "$OUT/prof-$side" --profile-single) 2>&1 |
         grep -v "^INFO\|^(EngineCore" | tee "$OUT/single-$side.log"
       if ls "$OUT"/prof-$side.*.txt > /dev/null 2>&1; then
         python3 benchmarks/profile_summary.py "$OUT"/prof-$side.*.txt --top 25 > "$OUT/profile-$side-summary.txt" 2>&1

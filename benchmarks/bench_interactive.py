@@ -124,7 +124,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
                 loaded, wall = await load() if args.requests else ([], 0.0)
                 single = [await one() for _ in range(args.latency_runs)]
                 streams = [await one(stream=True) for _ in range(args.latency_runs)]
-                if args.profile_single and n == 0:  # extra runs: the timed ones above are not profiled
+                if args.profile and args.profile_single and n == 0:  # extra runs: the timed ones above are not profiled
                     profilers = start_profile(args, pid=os.getpid())
                     for _ in range(args.latency_runs):
                         await one()
@@ -256,7 +256,7 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                 stop_profile(profilers)
                 single = [page(clients[0]) for _ in range(args.latency_runs)]
                 streams = [stream(clients[0]) for _ in range(args.latency_runs)]
-                if args.profile_single and n == 0:  # extra runs: the timed ones above are not profiled
+                if args.profile and args.profile_single and n == 0:  # extra runs: the timed ones above are not profiled
                     profilers = start_profile(args, url)
                     for _ in range(args.latency_runs):
                         page(clients[0])

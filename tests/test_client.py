@@ -82,8 +82,8 @@ def test_a_folder_becomes_markdown_zips_and_searchable_pdfs(tiny_checkpoint: Pat
 
 @contextlib.contextmanager
 def terminal_sigint() -> Iterator[None]:
-    """Children started inside get SIGINT as a terminal's foreground job does: a suite started in the background
-    (`make test &`, nohup) runs with SIGINT ignored, which its children inherit, so Ctrl-C could not be tested."""
+    """Children started inside get SIGINT as a terminal's foreground job does, however the suite was started
+    (a shell's background job starts with SIGINT ignored, and a child inherits an ignored signal)."""
     kept = signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:

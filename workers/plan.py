@@ -79,11 +79,11 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
     count = len(chosen) // group
     # A vLLM worker alone on its host runs in raw vLLM's environment (OMP_NUM_THREADS unset): vLLM preprocesses
     # images with one thread per operation whatever the cores (its renderer's set_default_torch_num_threads),
-    # and its engine core, a child of the worker, keeps torch's default (OMP_NUM_THREADS=1 there cost one
-    # client ~45 ms a page on an H100: docs/BENCHMARKS.md section 21). Several vLLM workers on one host get one
-    # thread per operation each, as vLLM gives its own GPU worker processes and Ray its actors, which were the
-    # faster ones on two H200s (section 13). The PyTorch engine preprocesses in its own process, one page at a
-    # time: its share of the cores.
+    # and its engine core, a child of the worker, keeps torch's default (OMP_NUM_THREADS=1 there is the suspect
+    # for one client's +46 ms a page over raw on an H100, not yet measured on and off: docs/BENCHMARKS.md
+    # section 21). Several vLLM workers on one host get one thread per operation each, as vLLM gives its own
+    # GPU worker processes and Ray its actors, which were the faster ones on two H200s (section 13). The
+    # PyTorch engine preprocesses in its own process, one page at a time: its share of the cores.
     threads = (1 if count > 1 else None) if kind == "vllm" else max(1, cores // count)
     return [WorkerSpec(i, tuple(chosen[i * group:(i + 1) * group]), threads) for i in range(count)]
 

@@ -40,6 +40,41 @@ def _median(values: list[float]) -> float:
     return round(statistics.median(values), 4) if values else float("nan")
 
 
+def cpu_times(root: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system, all threads) so far of `root` and each of its descendants, by pid, with the
+    process's part: what the one-client runs cost each process, to tell a slow engine core from a busy
+    neighbour (section 22 of docs/BENCHMARKS.md: the service's engine core used ~1.6x raw's Python time per
+    page)."""
+    import psutil
+
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    out: dict[int, tuple[str, float]] = {}
+    for proc in procs:
+        try:
+            cmd, times = " ".join(proc.cmdline()), proc.cpu_times()
+        except psutil.Error:
+            continue
+        part = ("engine core" if "EngineCore" in cmd or "EngineCore" in proc.name() else
+                "main" if proc.pid == root else "engine worker" if "workers.main" in cmd else
+                "pool processes" if "spawn_main" in cmd else "other")
+        out[proc.pid] = (part, times.user + times.system)
+    return out
+
+
+def cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                    requests: int) -> dict[str, float]:
+    """Milliseconds of CPU a request, by process part, between two `cpu_times` (processes in both)."""
+    parts: dict[str, float] = {}
+    for pid, (part, seconds) in after.items():
+        if pid in before:
+            parts[part] = parts.get(part, 0.0) + seconds - before[pid][1]
+    return {part: round(1000 * seconds / max(1, requests), 1) for part, seconds in sorted(parts.items())}
+
+
 def emit(args: argparse.Namespace, row: dict[str, Any]) -> None:
     """One finished round: printed and appended at once (a cut call keeps it)."""
     line = json.dumps(row)
@@ -122,7 +157,9 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.gather(*(one() for _ in range(4)))  # warm-up
             for n in range(args.rounds):
                 loaded, wall = await load() if args.requests else ([], 0.0)
+                before = cpu_times(os.getpid())
                 single = [await one() for _ in range(args.latency_runs)]
+                cpu = cpu_per_request(before, cpu_times(os.getpid()), len(single))
                 streams = [await one(stream=True) for _ in range(args.latency_runs)]
                 if args.profile and args.profile_single and n == 0:  # extra runs: the timed ones above are not profiled
                     profilers = start_profile(args, pid=os.getpid())
@@ -136,6 +173,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
                              "ttft_median_s": _median([r[1] for r in streams]),
                              "first_text_median_s": _median(first_texts[-len(streams):]),
                              "streamed_total_median_s": _median([r[0] for r in streams]),
+                             "one_client_cpu_ms_per_request": cpu,
                              "one_client_tokens": sorted({r[2] for r in single})})
                 emit(args, rows[-1])
         finally:
@@ -254,7 +292,10 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                     f.result()
                 wall = time.perf_counter() - t
                 stop_profile(profilers)
+                before = cpu_times(args.server_pid)
                 single = [page(clients[0]) for _ in range(args.latency_runs)]
+                # The service's side only: the client's HTTP and threads are this process's.
+                cpu = cpu_per_request(before, cpu_times(args.server_pid), len(single))
                 streams = [stream(clients[0]) for _ in range(args.latency_runs)]
                 if args.profile and args.profile_single and n == 0:  # extra runs: the timed ones above are not profiled
                     profilers = start_profile(args, url)
@@ -271,6 +312,7 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                     "mean_completion_tokens": round(sum(r[1] for r in loaded) / max(1, len(loaded)), 1),
                     "one_client_median_s": _median([r[0] for r in single]),
                     "one_client_tokens": sorted({r[1] for r in single}),
+                    "one_client_cpu_ms_per_request": cpu,
                     "server_timing_median_ms": {s: _median([st.get(s, 0.0) for _, _, st in single]) for s in stages},
                     "server_timing_under_load_median_ms": {
                         s: _median([st.get(s, 0.0) for _, _, st in loaded]) for s in stages} if loaded else {},

@@ -227,6 +227,14 @@ case "$phase" in
       only=service; [ "$side" = raw ] && only=raw
       omp=(); [ "$side" = process1 ] && omp=(OMP_NUM_THREADS=1)
       echo "=== single $side: up to $limit s, $(date -u +%T)"
+      # The GPU's clocks, power and load each second, and once a minute the processes holding a CUDA context:
+      # a slower engine step with the same kernels (BENCHMARKS 22) is a clock or a neighbour on the GPU.
+      nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
+        --format=csv -l 1 > "$OUT/smi-$side.csv" 2>&1 &
+      smi=$!
+      (while sleep 60; do nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv; done) \
+        > "$OUT/smi-apps-$side.csv" 2>&1 &
+      apps=$!
       env "${omp[@]}" CUDA_VISIBLE_DEVICES=0 timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py interactive \
         --only "$only" --workers "$([ "$side" = inline ] && echo inline || echo process)" --model "$CK/real" \
         --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 --requests 0 \
@@ -234,6 +242,7 @@ case "$phase" in
         --log "$OUT/service-single-$side.log" --out "$OUT/single-$side.json" \
         $([ "$side" = inline ] || [ "$side" = process1 ] || echo --profile "$OUT/prof-$side" --profile-single) 2>&1 |
         grep -v "^INFO\|^(EngineCore" | tee "$OUT/single-$side.log"
+      kill "$smi" "$apps" 2> /dev/null || true
       if ls "$OUT"/prof-$side.*.txt > /dev/null 2>&1; then
         python3 benchmarks/profile_summary.py "$OUT"/prof-$side.*.txt --top 25 > "$OUT/profile-$side-summary.txt" 2>&1
         tar czf "$OUT/prof-$side.tgz" -C "$OUT" $(cd "$OUT" && ls prof-$side.*) && rm -f "$OUT"/prof-$side.*.txt

@@ -221,7 +221,13 @@ case "$phase" in
     # it ends; ~7 min
     real_ckpt; bench_pdf
     # process1: the worker processes with OMP_NUM_THREADS=1 (what every vLLM worker had before 2026-12-06)
+    # A side may come more than once (SINGLE_SIDES="raw process raw process": starts alternate); each start's
+    # files are named by its place, `<n>-<side>`; its rows in single-rounds.jsonl come in the same order.
+    # single-<n>-<side>-full.log keeps every line (raw's vLLM engine config among them, to compare with the
+    # service's log).
+    n=0
     for side in ${SINGLE_SIDES:-process raw inline}; do
+      n=$((n + 1)); tag="$n-$side"
       limit=$(( ${T_TOTAL:-560} - SECONDS ))
       [ "$limit" -lt 60 ] && break
       only=service; [ "$side" = raw ] && only=raw
@@ -230,22 +236,22 @@ case "$phase" in
       # The GPU's clocks, power and load each second, and once a minute the processes holding a CUDA context:
       # a slower engine step with the same kernels (BENCHMARKS 22) is a clock or a neighbour on the GPU.
       nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
-        --format=csv -l 1 > "$OUT/smi-$side.csv" 2>&1 &
+        --format=csv -l 1 > "$OUT/smi-$tag.csv" 2>&1 &
       smi=$!
       (while sleep 60; do nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv; done) \
-        > "$OUT/smi-apps-$side.csv" 2>&1 &
+        > "$OUT/smi-apps-$tag.csv" 2>&1 &
       apps=$!
       env "${omp[@]}" CUDA_VISIBLE_DEVICES=0 timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py interactive \
         --only "$only" --workers "$([ "$side" = inline ] && echo inline || echo process)" --model "$CK/real" \
         --pages 256 --pdf /tmp/bench-256.pdf --max-tokens 256 --concurrency 256 --ngram 30 90 --requests 0 \
         --latency-runs "${LATENCY_RUNS:-10}" --rounds 1 --rounds-out "$OUT/single-rounds.jsonl" \
-        --log "$OUT/service-single-$side.log" --out "$OUT/single-$side.json" \
-        $([ "$side" = inline ] || [ "$side" = process1 ] || echo --profile "$OUT/prof-$side" --profile-single) 2>&1 |
-        grep -v "^INFO\|^(EngineCore" | tee "$OUT/single-$side.log"
+        --log "$OUT/service-single-$tag.log" --out "$OUT/single-$tag.json" \
+        $([ "$side" = inline ] || [ "$side" = process1 ] || echo --profile "$OUT/prof-$tag" --profile-single) 2>&1 |
+        tee "$OUT/single-$tag-full.log" | grep -v "^INFO\|^(EngineCore" | tee "$OUT/single-$tag.log"
       kill "$smi" "$apps" 2> /dev/null || true
-      if ls "$OUT"/prof-$side.*.txt > /dev/null 2>&1; then
-        python3 benchmarks/profile_summary.py "$OUT"/prof-$side.*.txt --top 25 > "$OUT/profile-$side-summary.txt" 2>&1
-        tar czf "$OUT/prof-$side.tgz" -C "$OUT" $(cd "$OUT" && ls prof-$side.*) && rm -f "$OUT"/prof-$side.*.txt
+      if ls "$OUT"/prof-$tag.*.txt > /dev/null 2>&1; then
+        python3 benchmarks/profile_summary.py "$OUT"/prof-$tag.*.txt --top 25 > "$OUT/profile-$tag-summary.txt" 2>&1
+        tar czf "$OUT/prof-$tag.tgz" -C "$OUT" $(cd "$OUT" && ls prof-$tag.*) && rm -f "$OUT"/prof-$tag.*.txt
       fi
     done
     ;;

@@ -121,6 +121,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
             return vllm_image(Image.open(io.BytesIO(png)).convert("RGB"), gundam)
 
         first_texts: list[float] = []  # streamed runs: seconds to the first non-empty text (as /v1's first text)
+        prompt_lengths: set[int] = set()  # prompt tokens of every request: the same page as the service's?
 
         async def one(stream: bool = False) -> tuple[float, float, int]:
             """(seconds, seconds to the first token (streamed only), tokens); decoding the upload and preparing
@@ -130,6 +131,8 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
             (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
             tokens, first, text = 0, 0.0, 0.0
             async for out in engine.generate(engine_input, streamed if stream else params, uuid.uuid4().hex):
+                if out.prompt_token_ids:
+                    prompt_lengths.add(len(out.prompt_token_ids))
                 tokens += len(out.outputs[0].token_ids)
                 if tokens and not first:
                     first = time.perf_counter() - t
@@ -174,6 +177,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
                              "first_text_median_s": _median(first_texts[-len(streams):]),
                              "streamed_total_median_s": _median([r[0] for r in streams]),
                              "one_client_cpu_ms_per_request": cpu,
+                             "prompt_tokens": sorted(prompt_lengths),
                              "one_client_tokens": sorted({r[2] for r in single})})
                 emit(args, rows[-1])
         finally:
@@ -234,6 +238,8 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
         ]}]}).encode()
 
+    prompt_lengths: set[int] = set()  # prompt tokens of every page: the same prompt as raw's?
+
     def page(client: Client) -> tuple[float, int, dict[str, float]]:
         body, ctype = multipart(fields, "file", "page.png", png, "image/png")
         t = time.perf_counter()
@@ -242,7 +248,9 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
         elapsed = time.perf_counter() - t
         if resp.status != 200:
             raise RuntimeError(f"/ocr/image/advanced answered {resp.status}: {raw[:2000]!r}")
-        return elapsed, int(json.loads(raw)["usage"]["completion_tokens"]), server_timing(
+        usage = json.loads(raw)["usage"]
+        prompt_lengths.add(int(usage["prompt_tokens"]))
+        return elapsed, int(usage["completion_tokens"]), server_timing(
             resp.getheader("server-timing"))
 
     def stream(client: Client) -> tuple[float, float, float]:
@@ -313,6 +321,7 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                     "one_client_median_s": _median([r[0] for r in single]),
                     "one_client_tokens": sorted({r[1] for r in single}),
                     "one_client_cpu_ms_per_request": cpu,
+                    "prompt_tokens": sorted(prompt_lengths),
                     "server_timing_median_ms": {s: _median([st.get(s, 0.0) for _, _, st in single]) for s in stages},
                     "server_timing_under_load_median_ms": {
                         s: _median([st.get(s, 0.0) for _, _, st in loaded]) for s in stages} if loaded else {},

@@ -23,9 +23,11 @@ VERSION = "1.0.0"
 _SOURCE = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def package_version(name: str) -> str:
     """An installed package's version from its metadata, "" when absent: the HTTP process never imports torch
-    or vLLM (they load in engine workers) just to name them."""
+    or vLLM (they load in engine workers) just to name them. Read once: parsing torch's metadata took ~2 ms of
+    the event loop on every `/health` (a load balancer's probes, issue 29's loaded profile)."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

@@ -22,7 +22,8 @@ STAGES = ("read", "decode", "wait", "transfer", "ttft", "gen", "post", "encode")
 
 @dataclass
 class Timing:
-    """Seconds spent in each stage: `read` the upload, `decode` it (or render a PDF page), `wait` for the
+    """Seconds spent in each stage: `read` the upload (its arrival, from the request's headers to its body's
+    last byte, and reading it), `decode` it (or render a PDF page), `wait` for the
     pixel budget and an engine slot, `transfer` it to an engine worker process, the engine's time to first
     token (`ttft`) and the rest of its generation (`gen`), post-processing (`post`), building the answer
     (`encode`)."""
@@ -78,6 +79,13 @@ class RequestTiming:
         self.used = False  # the service or a route measured something: an OCR answer
         self._work_done: float | None = None
         self._frozen: dict[str, float] | None = None
+        self.body_received: float | None = None  # the body's last byte came (web/guard.py), perf_counter
+
+    def body_done(self) -> None:
+        """The request's body has all arrived: its arrival joins `read` (a slow or loaded client's upload,
+        which no other stage holds; the route starts only once the form is parsed)."""
+        if self.body_received is None:
+            self.body_received = time.perf_counter()
 
     def absorb(self, item: Timing) -> None:
         """An item was counted: its stages join the request's."""
@@ -95,6 +103,8 @@ class RequestTiming:
             return self._frozen
         now = time.perf_counter()
         stages = {f.name: getattr(self.stages, f.name) for f in fields(self.stages)}
+        if self.body_received is not None:
+            stages["read"] += self.body_received - self.started
         if self._work_done is not None:
             stages["encode"] += now - self._work_done
         figures = {name: round(seconds * 1000, 3) for name, seconds in stages.items()}

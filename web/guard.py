@@ -152,6 +152,8 @@ class _Exchange:
                 raise _BodyTooLarge()
             if not message.get("more_body", False):
                 self.body_done.set()
+                if (clock := timing.current()) is not None:
+                    clock.body_done()
         elif message["type"] == "http.disconnect":
             self.disconnected.set()
         return message

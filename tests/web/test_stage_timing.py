@@ -118,6 +118,29 @@ def test_a_batch_sums_its_items(url: str) -> None:
     assert timing["read"] >= 0 and timing["decode"] > 0 and timing["post"] > 0, timing
 
 
+def test_a_slow_upload_is_counted_in_read(url: str) -> None:
+    """The upload's arrival is part of `read`: a client that pauses 0.6 s mid-body makes `read` at least that
+    (no stage held it before, so a loaded or slow client's upload was in `total` only)."""
+    boundary = "stage-timing-boundary"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"max_tokens\"\r\n\r\n4\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode() + PNG
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    pause = 0.6
+
+    def body():
+        yield head
+        time.sleep(pause)
+        yield tail
+
+    r = httpx.post(url + "/ocr/image/simple", content=body(), timeout=120,
+                   headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 200, show(r)
+    figures = server_timing(r)
+    assert figures["read"] >= pause * 1000, figures
+    assert figures["total"] >= sum(figures[s] for s in STAGES), figures  # stages do not overlap on one image
+
+
 def test_a_stream_names_what_it_knows_before_its_first_chunk(url: str) -> None:
     route = "/v1/chat/completions"
     before = stage_counts(url, route)

@@ -325,6 +325,16 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
                     "server_timing_median_ms": {s: _median([st.get(s, 0.0) for _, _, st in single]) for s in stages},
                     "server_timing_under_load_median_ms": {
                         s: _median([st.get(s, 0.0) for _, _, st in loaded]) for s in stages} if loaded else {},
+                    # What the client waited beyond the server's `total` (connection, headers, the answer's
+                    # way back), and what `total` holds beyond its stages (the event loop between them).
+                    "outside_total_ms": {
+                        "one_client": _median([1000 * e - st.get("total", 0.0) for e, _, st in single]),
+                        "under_load": _median([1000 * e - st.get("total", 0.0) for e, _, st in loaded])},
+                    "total_beyond_stages_ms": {
+                        "one_client": _median([st.get("total", 0.0) - sum(v for k, v in st.items() if k != "total")
+                                               for _, _, st in single]),
+                        "under_load": _median([st.get("total", 0.0) - sum(v for k, v in st.items() if k != "total")
+                                               for _, _, st in loaded])},
                     "v1_first_chunk_median_s": _median([r[0] for r in streams]),
                     "v1_first_text_median_s": _median([r[1] for r in streams]),
                     "v1_total_median_s": _median([r[2] for r in streams])})

@@ -200,6 +200,20 @@ def server_timing(header: str | None) -> dict[str, float]:
     return stages
 
 
+def post_page(client: Client, fields: dict[str, str], png: bytes) -> tuple[float, dict[str, Any], dict[str, float]]:
+    """One page to `/ocr/image/advanced`: (the client's seconds, the answer's `usage`, its `Server-Timing`)."""
+    from bench_vllm import multipart
+
+    body, ctype = multipart(fields, "file", "page.png", png, "image/png")
+    t = time.perf_counter()
+    resp = client.post("/ocr/image/advanced", body, ctype)
+    raw = resp.read()
+    elapsed = time.perf_counter() - t
+    if resp.status != 200:
+        raise RuntimeError(f"/ocr/image/advanced answered {resp.status}: {raw[:2000]!r}")
+    return elapsed, json.loads(raw)["usage"], server_timing(resp.getheader("server-timing"))
+
+
 class Client:
     """One keep-alive HTTP connection, as `requests.Session` or an SDK keeps one."""
 
@@ -222,7 +236,7 @@ class Client:
 
 
 def run_service(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_vllm import jit_after_ready, multipart, service, start_profile, stop_profile
+    from bench_vllm import jit_after_ready, service, start_profile, stop_profile
 
     from config import IMAGE_PROMPT
 
@@ -241,17 +255,9 @@ def run_service(args: argparse.Namespace) -> dict[str, Any]:
     prompt_lengths: set[int] = set()  # prompt tokens of every page: the same prompt as raw's?
 
     def page(client: Client) -> tuple[float, int, dict[str, float]]:
-        body, ctype = multipart(fields, "file", "page.png", png, "image/png")
-        t = time.perf_counter()
-        resp = client.post("/ocr/image/advanced", body, ctype)
-        raw = resp.read()
-        elapsed = time.perf_counter() - t
-        if resp.status != 200:
-            raise RuntimeError(f"/ocr/image/advanced answered {resp.status}: {raw[:2000]!r}")
-        usage = json.loads(raw)["usage"]
+        elapsed, usage, stages = post_page(client, fields, png)
         prompt_lengths.add(int(usage["prompt_tokens"]))
-        return elapsed, int(usage["completion_tokens"]), server_timing(
-            resp.getheader("server-timing"))
+        return elapsed, int(usage["completion_tokens"]), stages
 
     def stream(client: Client) -> tuple[float, float, float]:
         """(seconds to the first chunk, to the first chunk with text, to [DONE])."""

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -68,30 +67,22 @@ def serve(port: int, engine_s: float, concurrency: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    from bench_vllm import free_port, http
+
     port = free_port()
     log = tempfile.NamedTemporaryFile("w+", prefix="bench-overhead-", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--engine-s", str(args.engine_s),
                              "--concurrency", str(args.concurrency)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        import http.client
-
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited: {Path(log.name).read_text()[-3000:]}")
             with contextlib.suppress(OSError):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/ready")
-                if conn.getresponse().status == 200:
+                if http("GET", url + "/ready", timeout=2)[0] == 200:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not come up: {Path(log.name).read_text()[-3000:]}")
@@ -108,18 +99,18 @@ def server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
 
 
 def _ms(values: list[float], q: float = 0.5) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return round(1000 * ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 1)
+    """The q-quantile of seconds, in ms (NaN for none)."""
+    from bench_transfer import percentile
+
+    return round(1000 * percentile(values, q), 1) if values else float("nan")
 
 
 def run(args: argparse.Namespace) -> None:
     import http.client
 
     import psutil
-    from bench_interactive import Client, page_png, server_timing
-    from bench_vllm import multipart, text_pdf
+    from bench_interactive import Client, page_png, post_page
+    from bench_vllm import text_pdf
 
     pdf = Path(tempfile.mkdtemp(prefix="bench-overhead-")) / "page.pdf"
     pdf.write_bytes(text_pdf(1))
@@ -128,14 +119,8 @@ def run(args: argparse.Namespace) -> None:
               "draw_boxes": "false", "crop_regions": "false"}
 
     def page(client: Client) -> tuple[float, dict[str, float]]:
-        body, ctype = multipart(fields, "file", "page.png", png, "image/png")
-        t = time.perf_counter()
-        resp = client.post("/ocr/image/advanced", body, ctype)
-        raw = resp.read()
-        elapsed = time.perf_counter() - t
-        if resp.status != 200:
-            raise RuntimeError(f"/ocr/image/advanced answered {resp.status}: {raw[:2000]!r}")
-        return elapsed, server_timing(resp.getheader("server-timing"))
+        elapsed, _usage, stages = post_page(client, fields, png)
+        return elapsed, stages
 
     with server(args) as (url, pid):
         port = int(url.rsplit(":", 1)[1])

@@ -119,7 +119,7 @@ def test_a_batch_sums_its_items(url: str) -> None:
 
 
 def test_a_slow_upload_is_counted_in_read(url: str) -> None:
-    """The upload's arrival is part of `read`: a client that pauses 0.6 s mid-body makes `read` at least that
+    """The upload's arrival is part of `read`: a client that pauses 0.6 s mid-body makes `read` about that
     (no stage held it before, so a loaded or slow client's upload was in `total` only)."""
     boundary = "stage-timing-boundary"
     head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"max_tokens\"\r\n\r\n4\r\n"
@@ -137,7 +137,9 @@ def test_a_slow_upload_is_counted_in_read(url: str) -> None:
                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert r.status_code == 200, show(r)
     figures = server_timing(r)
-    assert figures["read"] >= pause * 1000, figures
+    # The server's clock starts once it has parsed the request's head, a few ms after the client began its
+    # pause; without the upload in `read`, `read` is ~1 ms here.
+    assert figures["read"] >= pause * 1000 - 100, figures
     assert figures["total"] >= sum(figures[s] for s in STAGES), figures  # stages do not overlap on one image
 
 

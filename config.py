@@ -137,6 +137,10 @@ NGRAM_PDF = NGRAM_DEFAULTS["ocr"]["pdf"]  # (20, 50)
 NGRAM_BATCH = NGRAM_DEFAULTS["ocr"]["batch"]  # (40, 90)
 
 
+MAX_SEQUENCES = 4096  # the most MAX_CONCURRENCY may be, set or measured (auto)
+AUTO_SEQUENCES_BEFORE_START = 100  # MAX_CONCURRENCY=auto before an engine measured its KV cache (and torch's)
+
+
 def vllm_renderer_threads() -> int:
     """Threads of vLLM's async renderer (image preprocessing) in each engine's process."""
     return max(1, min(8, usable_cpus()))
@@ -170,7 +174,10 @@ class Settings(BaseSettings):
     min_crops: int = Field(2, ge=1, le=64)
     max_crops: int = Field(6, ge=1, le=64)
 
-    max_concurrency: int = Field(100, ge=1, le=4096, description="Engine sequences in flight at once")
+    max_concurrency: int | Literal["auto"] = Field(
+        100, description="Engine sequences in flight at once, 1..4096; auto (vLLM): as many as its KV cache holds "
+        "at MAX_MODEL_LEN tokens each, measured at start (the PyTorch engine takes 100)",
+    )
     max_queue: int = Field(512, ge=0, le=100_000, description="Sequences waiting beyond those in flight")
     num_workers: int = Field(64, ge=1, le=1024, description="Threads for decoding, rendering and drawing")
     max_model_len: int = Field(8192, ge=512, le=131072)
@@ -318,7 +325,25 @@ class Settings(BaseSettings):
         "default for the GPU (16,384 on H100/H200-class, 8,192 on smaller ones)",
     )
     quantization: str | None = None
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="vLLM's KV cache: auto (the model's dtype, bfloat16) or fp8 (e4m3, half the bytes a "
+        "token: about twice the sequences in the same memory)",
+    )
     load_format: str = Field("auto", description="'dummy' = random weights from config.json (tests only)")
+
+    @field_validator("max_concurrency", mode="before")
+    @classmethod
+    def _check_concurrency(cls, value: object) -> object:
+        """A whole number 1..4096, or auto (any case)."""
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(str(value).strip()) if not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None or not 1 <= number <= MAX_SEQUENCES:
+            raise ValueError(f"must be a whole number 1..{MAX_SEQUENCES} or auto")
+        return number
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -374,6 +399,12 @@ class Settings(BaseSettings):
     @property
     def default_mode(self) -> ModeSpec:
         return MODES[self.mode or DEFAULT_MODE]
+
+    @property
+    def sequences(self) -> int:
+        """MAX_CONCURRENCY as a number: the setting, or for `auto` the figure an engine takes until it has
+        measured its own (a vLLM engine once started) or where it cannot (the PyTorch engine)."""
+        return self.max_concurrency if isinstance(self.max_concurrency, int) else AUTO_SEQUENCES_BEFORE_START
 
     @property
     def workers(self) -> int:

@@ -384,10 +384,22 @@ def timed_pdf_run(url: str, pdf: bytes, fields: dict[str, str], files: int, args
     }
     engines = engines_of(url)
     run["max_num_batched_tokens"] = [(e.get("detail") or {}).get("max_num_batched_tokens") for e in engines]
+    # What each engine settled on: its sequences (MAX_CONCURRENCY=auto measures them), vLLM's max_num_seqs,
+    # the KV cache's dtype and tokens, async scheduling, and the fused-MoE table found (or None).
+    run["engines"] = [{"max_concurrency": e.get("max_concurrency"),
+                       **{k: (e.get("detail") or {}).get(k) for k in ("max_num_seqs", "kv_cache_dtype",
+                                                                     "kv_cache_tokens", "async_scheduling")},
+                       "moe_table_found": ((e.get("detail") or {}).get("moe_table") or {}).get("found")}
+                      for e in engines]
     timeline = sampler.summary(len(pages), sum(int(e.get("max_concurrency", 0)) for e in engines))
     print(json.dumps(run | {k: v for k, v in timeline.items() if k != "timeline"}), flush=True)
     run["fill"] = timeline
     return run
+
+
+def concurrency_arg(value: str) -> int | str:
+    """--concurrency: a number, or auto (MAX_CONCURRENCY=auto)."""
+    return "auto" if value.strip().lower() == "auto" else int(value)
 
 
 def engines_of(url: str) -> list[dict[str, Any]]:
@@ -549,7 +561,9 @@ def main() -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--pages", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=256, help="MAX_CONCURRENCY = vLLM max_num_seqs")
+    parser.add_argument("--concurrency", type=concurrency_arg, default=256,
+                        help="MAX_CONCURRENCY = vLLM max_num_seqs; auto: the service measures its KV cache "
+                             "(raw vLLM gets the service's ceiling for auto)")
     parser.add_argument("--ngram", type=int, nargs=2, default=(20, 50), metavar=("SIZE", "WINDOW"))
     parser.add_argument("--dpi", type=int, default=144)
     parser.add_argument("--gpu-mem", type=float, default=0.75, help="GPU_MEM_UTILIZATION for both paths")

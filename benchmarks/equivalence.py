@@ -10,9 +10,15 @@ n-gram off), and two probes of a balanced black/white page (its tiles' pixels su
 vLLM's own class took for "no image"), raw and through `vllm_image`.
 Acceptance: top-1 agreement >= 99 % per mode in float32 (the exit status says whether it held).
 
+`--kv-compare` (issue 30's KV_CACHE_DTYPE): vLLM against vLLM instead, bfloat16 with its KV cache in
+bfloat16 and then in fp8 (each in its own child), the same cases and continuations; top-1 agreement of fp8
+with bf16 at every teacher-forced position, per mode, and the greedy common prefix. Acceptance: >= 99 %
+every mode.
+
 vLLM runs in a child process per dtype (its GPU memory is gone when the child exits); our model runs in
 this process afterwards. Usage (GPU machine, kit installed):
     python benchmarks/equivalence.py --ckpt /tmp/eq-ckpt --dtypes float32,bfloat16 --out eq.json
+    python benchmarks/equivalence.py --ckpt /tmp/eq-ckpt --kv-compare --out kv.json
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ def balanced_page() -> Any:
 # ------------------------------------------------------------------------------------ vLLM (child)
 
 
-def run_vllm(ckpt: str, dtype: str, out: str, probe: bool) -> None:
+def run_vllm(ckpt: str, dtype: str, out: str, probe: bool, kv: str = "auto") -> None:
     from config import Settings
     from engines.base import SamplingParams as Sampling
     from engines.vllm.engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
@@ -122,14 +128,14 @@ def run_vllm(ckpt: str, dtype: str, out: str, probe: bool) -> None:
 
     started = time.perf_counter()
     settings = Settings(model_path=ckpt, dtype=dtype, max_concurrency=16, max_model_len=4096,
-                        gpu_mem_utilization=0.5, enforce_eager=True)
+                        gpu_mem_utilization=0.5, enforce_eager=True, kv_cache_dtype=kv)
     llm = LLM(**engine_kwargs(settings, seed=0))
     ready_s = time.perf_counter() - started
     builder = PromptBuilder.from_checkpoint(ckpt)
     forced = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=TOP_K, detokenize=False,
                             skip_special_tokens=False)
     greedy = sampling_params(Sampling(max_tokens=CONT_TOKENS, ngram_size=0), builder.whitelist, delta=False)
-    results: dict[str, Any] = {"dtype": dtype, "ready_s": round(ready_s, 1), "cases": {}}
+    results: dict[str, Any] = {"dtype": dtype, "kv_cache_dtype": kv, "ready_s": round(ready_s, 1), "cases": {}}
     # Every mode in one call: one engine, mixed batches, as the service runs it.
     forced_prompts, free_prompts = [], []
     for i, case in enumerate(CASES):
@@ -152,7 +158,8 @@ def run_vllm(ckpt: str, dtype: str, out: str, probe: bool) -> None:
     if probe:
         results["probe"] = probe_balanced(llm, builder)
     Path(out).write_text(json.dumps(results))
-    print(f"vllm {dtype}: ready in {ready_s:.0f}s, done in {time.perf_counter() - started:.0f}s", flush=True)
+    print(f"vllm {dtype} (KV cache {kv}): ready in {ready_s:.0f}s, done in {time.perf_counter() - started:.0f}s",
+          flush=True)
     # Stop the engine core explicitly (it may be dead after the probe), then leave without the
     # interpreter's slow teardown; the parent needs the GPU memory back.
     try:
@@ -287,6 +294,68 @@ def compare(ckpt: str, dtype: str, vres: dict[str, Any]) -> dict[str, Any]:
             "cases": rows}
 
 
+def top1(entries: list[list[Any]]) -> int:
+    """The top-ranked token of one position's prompt logprobs ([token, logprob, rank] entries)."""
+    return int(min(entries, key=lambda e: e[2] if e[2] is not None else 1 << 30)[0])
+
+
+def compare_kv(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, Any]:
+    """fp8 KV cache against bf16 (both vLLM, bfloat16 weights): top-1 agreement at every teacher-forced position,
+    per mode; the largest logprob difference of a token both list; the greedy common prefix."""
+    rows, per_mode = [], {}
+    for case in CASES:
+        a, b = base["cases"][case.name], fp8["cases"][case.name]
+        agree, diff = 0, 0.0
+        for pa, pb in zip(a["positions"], b["positions"], strict=True):
+            agree += top1(pa) == top1(pb)
+            lp_b = {t: lp for t, lp, _ in pb}
+            diff = max([diff] + [abs(lp - lp_b[t]) for t, lp, _ in pa if t in lp_b])
+        prefix = 0
+        for x, y in zip(a["greedy"], b["greedy"], strict=False):
+            if x != y:
+                break
+            prefix += 1
+        rows.append({"case": case.name, "mode": case.mode, "top1_agree": f"{agree}/{CONT_TOKENS}",
+                     "max_abs_logprob_diff": round(diff, 5),
+                     "greedy_common_prefix": f"{prefix}/{min(len(a['greedy']), len(b['greedy']))}",
+                     "ids_equal": a["prompt_token_ids"] == b["prompt_token_ids"]})
+        m = per_mode.setdefault(case.mode, [0, 0])
+        m[0] += agree
+        m[1] += CONT_TOKENS
+    modes = {m: {"top1_agreement": round(a / n, 4), "agree": a, "positions": n} for m, (a, n) in per_mode.items()}
+    ok = set(MODES) <= set(modes) and all(m["top1_agreement"] >= ACCEPT_TOP1 for m in modes.values())
+    total = sum(m["agree"] for m in modes.values()), sum(m["positions"] for m in modes.values())
+    return {"compare": "kv fp8 vs bf16 (vLLM, bfloat16 weights)", "top1_agreement": round(total[0] / total[1], 4),
+            "per_mode": modes, "accepted": ok, "cases": rows,
+            "ready_s": [base.get("ready_s"), fp8.get("ready_s")]}
+
+
+def print_kv(summary: dict[str, Any]) -> None:
+    print(f"\n=== {summary['compare']}: top-1 agreement {summary['top1_agreement']:.2%}")
+    for r in summary["cases"]:
+        print(f"{r['case']:16} {r['mode']:6} top1 {r['top1_agree']:6} maxdiff {r['max_abs_logprob_diff']:<8} "
+              f"greedy {r['greedy_common_prefix']:6} ids {'=' if r['ids_equal'] else 'DIFF'}")
+    for mode, m in summary["per_mode"].items():
+        print(f"mode {mode:6}: top-1 {m['agree']}/{m['positions']} = {m['top1_agreement']:.2%}")
+    print(f"ACCEPTANCE (every mode >= {ACCEPT_TOP1:.0%}): {'PASS' if summary['accepted'] else 'FAIL'}")
+
+
+def vllm_child(args: argparse.Namespace, dtype: str, out: Path, extra: list[str]) -> str | None:
+    """Run one vLLM child; None when it wrote `out`, else what went wrong."""
+    env = dict(os.environ)
+    if dtype == "float32":
+        env.setdefault("TRITON_F32_DEFAULT", "ieee")  # Triton dots (MoE, attention) would use TF32
+    cmd = [sys.executable, __file__, "--ckpt", args.ckpt, "--vllm-child", dtype, str(out), *extra]
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=args.child_timeout, capture_output=True, text=True)
+    except subprocess.TimeoutExpired as exc:
+        return f"vLLM child timed out after {args.child_timeout}s: {str(exc.stderr or b'')[-3000:]}"
+    if proc.returncode != 0 or not out.is_file():
+        return f"vLLM child exited {proc.returncode}: {proc.stderr[-4000:]}"
+    print(proc.stdout.strip(), flush=True)
+    return None
+
+
 def accepted(dtype: str, modes: dict[str, dict[str, Any]]) -> bool | None:
     """float32: every mode at ACCEPT_TOP1 or better, with identical prompt ids; other dtypes are informative."""
     if dtype != "float32":
@@ -325,9 +394,12 @@ def main() -> int:
     parser.add_argument("--vllm-child", nargs=2, metavar=("DTYPE", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-timeout", type=float, default=300)
+    parser.add_argument("--kv", default="auto", choices=["auto", "fp8"], help=argparse.SUPPRESS)
+    parser.add_argument("--kv-compare", action="store_true",
+                        help="vLLM bf16 with its KV cache in fp8 against bf16, instead of ours against vLLM")
     args = parser.parse_args()
     if args.vllm_child:
-        run_vllm(args.ckpt, args.vllm_child[0], args.vllm_child[1], args.probe)
+        run_vllm(args.ckpt, args.vllm_child[0], args.vllm_child[1], args.probe, args.kv)
         return 0
 
     if not (Path(args.ckpt) / "model.safetensors").is_file():
@@ -336,31 +408,30 @@ def main() -> int:
         t = time.perf_counter()
         make_tiny(args.ckpt, seed=0, vision="real", decoder="small")
         print(f"wrote checkpoint {args.ckpt} in {time.perf_counter() - t:.0f}s", flush=True)
+    if args.kv_compare:
+        outs = {kv: Path(args.ckpt) / f"vllm-bfloat16-kv-{kv}.json" for kv in ("auto", "fp8")}
+        for kv, out in outs.items():
+            error = vllm_child(args, "bfloat16", out, ["--kv", kv])
+            if error is not None:
+                print(f"=== KV cache {kv}: vLLM FAILED: {error}", flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps({"kv_cache_dtype": kv, "error": error}, indent=1))
+                return 1
+        summary = compare_kv(*(json.loads(out.read_text()) for out in outs.values()))
+        print_kv(summary)
+        if args.out:
+            Path(args.out).write_text(json.dumps(summary, indent=1))
+        return 0 if summary["accepted"] else 1
     summaries: list[dict[str, Any]] = []
     dtypes = args.dtypes.split(",")
     for n, dtype in enumerate(dtypes):
         out = Path(args.ckpt) / f"vllm-{dtype}.json"
-        env = dict(os.environ)
-        if dtype == "float32":
-            env.setdefault("TRITON_F32_DEFAULT", "ieee")  # Triton dots (MoE, attention) would use TF32
         # The probe may kill the engine core: only in the last child.
-        probe = ["--probe"] if n == len(dtypes) - 1 else []
-        cmd = [sys.executable, __file__, "--ckpt", args.ckpt, "--vllm-child", dtype, str(out), *probe]
-        try:
-            proc = subprocess.run(cmd, env=env, timeout=args.child_timeout, capture_output=True, text=True)
-        except subprocess.TimeoutExpired as exc:
-            tail = (exc.stderr or b"")[-3000:]
-            summaries.append({"dtype": dtype, "error": f"vLLM child timed out after {args.child_timeout}s",
-                              "stderr_tail": str(tail)})
-            print(summaries[-1], flush=True)
+        error = vllm_child(args, dtype, out, ["--probe"] if n == len(dtypes) - 1 else [])
+        if error is not None:
+            summaries.append({"dtype": dtype, "error": error})
+            print(f"=== dtype {dtype}: vLLM FAILED: {error}", flush=True)
             continue
-        if proc.returncode != 0 or not out.is_file():
-            summaries.append({"dtype": dtype, "error": f"vLLM child exited {proc.returncode}",
-                              "stderr_tail": proc.stderr[-4000:]})
-            print(f"=== dtype {dtype}: vLLM FAILED (exit {proc.returncode})\n{proc.stderr[-4000:]}",
-                  flush=True)
-            continue
-        print(proc.stdout.strip(), flush=True)
         summary = compare(args.ckpt, dtype, json.loads(out.read_text()))
         summaries.append(summary)
         print_summary(summary)

@@ -35,6 +35,11 @@
 #               default), each on its own start, REPEAT (3) runs each; MOEAB_ORDER="tuned default" swaps ~8 min
 #        conc   MAX_CONCURRENCY 256 then 512 on the service (CONC="256 512"), FILES (2) copies of the 256-page
 #               PDF at once, REPEAT (1) runs on each start                                  ~6-8 min
+#        kv     KV_CACHE_DTYPE auto (bf16) then fp8 (KV_ORDER swaps): the service on the 256-page PDF, each on its
+#               own start, REPEAT (3) runs each; with MAX_CONCURRENCY=auto (KV_CONC) both measure their own
+#               sequences at MAX_MODEL_LEN (2048 here: 903 image + 1,000 tokens fit)              ~8 min
+#        kvfp8  teacher-forced top-1 agreement of vLLM with its KV cache in fp8 against bf16, every mode, on
+#               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts)  ~4 min
 #        confidence  the service on the 256-page PDF with CONFIDENCE=false, then true, each on its own start,
 #               REPEAT (3) runs each; CONF_ORDER="true false" swaps                           ~8 min
 #        warmdump  py-spy dumps of an engine worker and its engine core every 4 s during the warm-up ~4 min
@@ -51,7 +56,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -444,6 +449,25 @@ case "$phase" in
       names+=("conc-$c")
       ab_summary "${names[@]}"
     done
+    ;;
+  kv)  # KV_CACHE_DTYPE auto against fp8 on the 256-page PDF: halving the KV cache's bytes halves the
+    # attention's reads of it, most of a decode step's memory traffic at 256 sequences (issue 30)
+    real_ckpt; bench_pdf
+    names=()
+    for v in ${KV_ORDER:-auto fp8}; do
+      limit=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-290}" ] && limit=${T1:-290}
+      ab_run "kv-$v" "$limit" KV_CACHE_DTYPE="$v" MAX_MODEL_LEN="${MAX_MODEL_LEN:-2048}" -- --pages 256 \
+        --max-tokens 1000 --concurrency "${KV_CONC:-256}" --ngram 20 50 --pdf /tmp/bench-256.pdf --files 1 \
+        --repeat "${REPEAT:-3}"
+      names+=("kv-$v")
+      ab_summary "${names[@]}"
+    done
+    ;;
+  kvfp8)
+    small_ckpt
+    timeout 560 python3 benchmarks/equivalence.py --ckpt "$CK/small" --kv-compare --child-timeout 250 \
+      --out "$OUT/kvfp8.json" 2>&1 | tee "$OUT/kvfp8.log"
     ;;
   confidence)  # the cost of CONFIDENCE (vLLM logprobs=0 on every request): the 256-page service run with it
     # off then on (CONF_ORDER swaps), each on its own start, REPEAT (3) runs each

@@ -39,7 +39,7 @@ class TorchEngine(BaseEngine):
     name = "torch"
 
     def __init__(self, settings: Settings, *, device: str | None = None, max_concurrency: int | None = None) -> None:
-        super().__init__(max_concurrency or settings.max_concurrency)
+        super().__init__(max_concurrency or settings.sequences)
         self.settings = settings
         self.model_path = settings.model_path
         self.runtime: Any = None

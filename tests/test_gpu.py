@@ -346,11 +346,11 @@ async def _in_process(model_dir: Path) -> None:
     from config import MODES, Settings
     from engines.base import EngineRequest
     from engines.base import SamplingParams as Sampling
-    from engines.vllm.engine import VllmEngine
+    from engines.vllm.engine import MOE_CONFIGS, VllmEngine
     from errors import ModelNotReady
 
     settings = Settings(model_path=str(model_dir), engine="vllm", load_format="dummy", mode="base",
-                        max_concurrency=4, enforce_eager=True, gpu_mem_utilization=0.5)
+                        max_concurrency="auto", max_model_len=4096, enforce_eager=True, gpu_mem_utilization=0.5)
     engine = VllmEngine(settings)
     await engine.start()
     try:
@@ -359,8 +359,21 @@ async def _in_process(model_dir: Path) -> None:
         from vllm import EngineArgs
         from vllm.usage.usage_lib import UsageContext
 
+        detail = engine.health().detail
         offline = EngineArgs.get_batch_defaults(1)[0][UsageContext.LLM_CLASS]
-        assert engine.health().detail["max_num_batched_tokens"] == offline >= 8192, engine.health()
+        assert detail["max_num_batched_tokens"] == offline >= 8192, detail
+        # MAX_CONCURRENCY=auto: as many sequences of MAX_MODEL_LEN as vLLM's measured cache holds (the ceiling
+        # vLLM was started with is above it: the weights are not in it), and the settings vLLM settled on.
+        assert detail["kv_cache_dtype"] == "auto" and detail["async_scheduling"] is True, detail
+        assert engine.max_concurrency == detail["kv_cache_tokens"] // 4096 < detail["max_num_seqs"], detail
+        assert engine.max_concurrency > 4, detail  # half an H100 holds ~70 sequences of 4,096 tokens
+        import torch
+
+        device = torch.cuda.get_device_name(0).replace(" ", "_")
+        assert detail["moe_table"]["file"].startswith("E=64,N=896,device_name="), detail
+        assert detail["moe_table"]["file"].split("device_name=")[1].split(".json")[0] in (device, "NVIDIA_H200")
+        shipped = MOE_CONFIGS / detail["moe_table"]["file"]  # used where it exists, else vLLM's own or none
+        assert (detail["moe_table"]["found"] == str(shipped)) == await asyncio.to_thread(shipped.is_file), detail
         page = Image.open(io.BytesIO(png(*PDF_PAGE_A4)))
 
         def request(max_tokens: int, mode: str = "base", stream: bool = True) -> EngineRequest:

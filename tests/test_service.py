@@ -297,8 +297,9 @@ def test_pdf_router_import_failure_degrades_gracefully(tiny_checkpoint: Path, mo
     [
         (
             {"MAX_CONCURRENCY": "0"},
-            "MAX_CONCURRENCY='0': Input should be greater than or equal to 1 (allowed: 1..4096)",
+            "MAX_CONCURRENCY='0': must be a whole number 1..4096 or auto",
         ),
+        ({"MAX_CONCURRENCY": "lots"}, "MAX_CONCURRENCY='lots': must be a whole number 1..4096 or auto"),
         ({"GPU_MEM_UTILIZATION": "1.5"}, "GPU_MEM_UTILIZATION"),
         ({"BASE_SIZE": "1280", "IMAGE_SIZE": "640"}, "allowed combinations"),
         ({"MODE": "huge"}, "MODE"),

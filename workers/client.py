@@ -43,7 +43,7 @@ class WorkerEngine(BaseEngine):
     copies_images = True
 
     def __init__(self, settings: Settings, kind: str, spec: WorkerSpec) -> None:
-        super().__init__(settings.max_concurrency)
+        super().__init__(settings.sequences)  # the worker's own once it started
         self.settings, self.kind, self.spec = settings, kind, spec
         self.name = kind
         self.worker_id = f"{socket.gethostname()}/{spec.label}"
@@ -104,6 +104,7 @@ class WorkerEngine(BaseEngine):
             raise decode_error(answer[1])
         info = answer[1]
         self._served = tuple(info["served_modes"])
+        self.max_concurrency = int(info.get("max_concurrency") or self.max_concurrency)  # MAX_CONCURRENCY=auto
         self._detail = {"pid": info["pid"]}
         self._reader_task = asyncio.create_task(self._read(reader), name=f"worker-{self.spec.index}")
         log.info("engine worker %s started: pid %d, %s engine, modes %s", self.spec.label, info["pid"],

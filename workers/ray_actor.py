@@ -51,7 +51,7 @@ class EngineActor:
         context = ray.get_runtime_context()
         info = {"name": self.engine.name, "served_modes": list(self.engine.served_modes), "pid": os.getpid(),
                 "node_id": context.get_node_id(), "node_ip": ray.util.get_node_ip_address(), "gpus": list(gpus),
-                "actor_id": context.get_actor_id()}
+                "actor_id": context.get_actor_id(), "max_concurrency": self.engine.max_concurrency}
         log.info("Ray engine worker a%d ready on node %s: %s engine, pid %d", index, info["node_ip"],
                  self.engine.name, os.getpid())
         return info

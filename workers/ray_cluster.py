@@ -169,7 +169,7 @@ class RayWorkerEngine(BaseEngine):
     copies_images = True  # an image it runs is also serialized into Ray's object store: the budget counts it twice
 
     def __init__(self, cluster: RayCluster, index: int, node_id: str | None) -> None:
-        super().__init__(cluster.settings.max_concurrency)
+        super().__init__(cluster.settings.sequences)  # the actor's own once it started
         self.cluster, self.index = cluster, index
         self.name = cluster.kind
         self.node_id = node_id  # where it runs (once started), or where it was asked to go
@@ -212,6 +212,7 @@ class RayWorkerEngine(BaseEngine):
                 raise RuntimeError(f"Ray engine worker a{self.index} failed to start: {exc}") from None
             raise
         self.node_id = self._info["node_id"]
+        self.max_concurrency = int(self._info.get("max_concurrency") or self.max_concurrency)  # MAX_CONCURRENCY=auto
         self.worker_id = f"ray/{self._info['node_ip']}/{self.node_id[:12]}/a{self.index}"
         self._monitor = asyncio.create_task(self._watch(actor), name=f"ray-worker-{self.index}")
         log.info("Ray engine worker %s started: pid %d, %s engine", self.worker_id, self._info["pid"],

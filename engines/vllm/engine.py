@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import deepseek_ocr
-from config import MODES, ModeSpec, Settings, vllm_renderer_threads
+from config import MAX_SEQUENCES, MODES, ModeSpec, Settings, vllm_renderer_threads
 from engines.base import BaseEngine, Confidence, EngineChunk, EngineHealth, EngineRequest, SamplingParams, Usage
 from engines.vllm import modes as vllm_modes
 from errors import BadRequest, ModelNotReady, OcrError, PromptTooLong
@@ -71,13 +71,15 @@ def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides
         "trust_remote_code": False,  # vLLM has the architecture built in; the config's auto_map is ignored
         "dtype": settings.dtype,  # "auto" = the checkpoint's torch_dtype (bfloat16)
         "gpu_memory_utilization": settings.gpu_mem_utilization,
-        "max_num_seqs": settings.max_concurrency,
+        "max_num_seqs": settings.max_concurrency if isinstance(settings.max_concurrency, int) else
+        auto_sequences_ceiling(settings),
         "max_num_batched_tokens": settings.max_num_batched_tokens or offline_batched_tokens(
             settings.tensor_parallel_size),
         "max_model_len": settings.max_model_len,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "enforce_eager": settings.enforce_eager,
         "quantization": settings.quantization,
+        "kv_cache_dtype": settings.kv_cache_dtype,
         "load_format": settings.load_format,
         # One image per request and no reuse between requests: caches would only cost memory and hashing.
         "enable_prefix_caching": False,
@@ -89,6 +91,60 @@ def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides
     }
     kwargs.update(overrides)
     return kwargs
+
+
+# Bytes of one element of the KV cache by its dtype (KV_CACHE_DTYPE, else the model's).
+_KV_BYTES = {"fp8": 1, "float16": 2, "bfloat16": 2, "float32": 4}
+
+
+def kv_bytes_per_token(settings: Settings, model_path: str | Path | None = None) -> int:
+    """KV cache bytes one token takes on one GPU: K and V of every decoder layer, the KV heads a tensor-parallel
+    rank holds (DeepSeek-OCR's decoder has no MLA: plain heads, 60 KiB a token in bfloat16)."""
+    path = Path(model_path or settings.model_path or "")
+    cfg = deepseek_ocr.DeepseekOCRConfig.from_pretrained(path)
+    dtype = settings.kv_cache_dtype if settings.kv_cache_dtype != "auto" else settings.dtype
+    if dtype == "auto":
+        dtype = checkpoint_dtype(path)
+    heads = max(1, cfg.num_key_value_heads // settings.tensor_parallel_size)
+    return 2 * cfg.num_hidden_layers * heads * cfg.head_dim * _KV_BYTES.get(dtype, 2)
+
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """The checkpoint's own dtype (config.json `torch_dtype`, or `dtype` in newer exports); bfloat16 if unnamed."""
+    import json
+
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "bfloat16"
+    lang = raw.get("language_config") or {}
+    for value in (raw.get("torch_dtype"), raw.get("dtype"), lang.get("torch_dtype")):
+        if isinstance(value, str) and value.removeprefix("torch.") in _KV_BYTES:
+            return value.removeprefix("torch.")
+    return "bfloat16"
+
+
+def auto_sequences_ceiling(settings: Settings, total_memory: int | None = None) -> int:
+    """vLLM's `max_num_seqs` for MAX_CONCURRENCY=auto, before vLLM has measured its KV cache: the sequences of
+    MAX_MODEL_LEN tokens that the GPU's whole memory at GPU_MEM_UTILIZATION would hold with no weights and no
+    activations, an upper bound of the measured figure (`measured_sequences`), which the engine then keeps
+    to. Not far above it (the weights are ~6 GB of 60-130 GB), so vLLM sizes its batch buffers and sampler
+    warm-up for about the batch it will run. `total_memory`: bytes of one GPU (default: NVML's, GPU 0 of
+    those this process sees)."""
+    if total_memory is None:
+        from vllm.platforms import current_platform
+
+        total_memory = int(current_platform.get_device_total_memory(0))
+    per_sequence = kv_bytes_per_token(settings) * settings.max_model_len
+    ceiling = int(total_memory * settings.gpu_mem_utilization) // per_sequence
+    return max(1, min(MAX_SEQUENCES, ceiling))
+
+
+def measured_sequences(kv_tokens: int, settings: Settings, max_num_seqs: int) -> int:
+    """MAX_CONCURRENCY=auto once vLLM has measured its cache: the sequences of MAX_MODEL_LEN tokens (the
+    longest a request may grow to) that `kv_tokens` hold, so that no sequence is ever preempted for room;
+    at most vLLM's `max_num_seqs`, at least one."""
+    return max(1, min(max_num_seqs, kv_tokens // settings.max_model_len))
 
 
 def offline_batched_tokens(world_size: int = 1) -> int | None:
@@ -125,6 +181,21 @@ def prepare_environment() -> None:
 
 
 MOE_CONFIGS = Path(__file__).resolve().parent.parent / "moe_configs"
+
+
+def moe_table(settings: Settings) -> dict[str, Any]:
+    """The fused-MoE tile table vLLM's Triton kernel takes for this model's experts on this GPU: the file name
+    vLLM looks for and where it found it (`found` None: vLLM's default tiles, with its "sub-optimal" warning).
+    The same two places vLLM searches, in its order: VLLM_TUNED_CONFIG_FOLDER (engines/moe_configs here),
+    then vLLM's own tables."""
+    from vllm.model_executor.layers.fused_moe import fused_moe
+
+    cfg = deepseek_ocr.DeepseekOCRConfig.from_pretrained(settings.model_path or "")
+    width = cfg.moe_intermediate_size // settings.tensor_parallel_size  # vLLM's N: one rank's expert width
+    name = fused_moe.get_config_file_name(cfg.n_routed_experts, width, None)
+    folders = [os.environ.get("VLLM_TUNED_CONFIG_FOLDER"), str(Path(fused_moe.__file__).resolve().parent / "configs")]
+    found = next((str(Path(f) / name) for f in folders if f and (Path(f) / name).is_file()), None)
+    return {"file": name, "found": found}
 
 
 def use_moe_configs() -> None:
@@ -248,12 +319,13 @@ class VllmEngine(BaseEngine):
     name = "vllm"
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__(settings.max_concurrency)
+        super().__init__(settings.sequences)
         self.settings = settings
         self.model_path = settings.model_path
         self._engine: Any = None
         self._prompts: PromptBuilder | None = None
         self._version = "?"
+        self._settled: dict[str, Any] = {}  # what vLLM settled on at start (/health)
 
     @property
     def arch(self) -> str:
@@ -282,12 +354,38 @@ class VllmEngine(BaseEngine):
         self._engine = AsyncLLM.from_engine_args(args)
         try:
             self._check_plugin(started)
+            self._settle()
             await self._warm_up()
         except BaseException:
             self._engine.shutdown()
             self._engine = None
             raise
         self.set_ready()
+
+    def _settle(self) -> None:
+        """Read back what vLLM settled on (for /health), and with MAX_CONCURRENCY=auto take as many sequences
+        as its measured KV cache holds at MAX_MODEL_LEN tokens each."""
+        config = self._engine.vllm_config
+        cache, scheduler = config.cache_config, config.scheduler_config
+        kv_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0)
+        if self.settings.max_concurrency == "auto" and kv_tokens:
+            self.max_concurrency = measured_sequences(kv_tokens, self.settings, scheduler.max_num_seqs)
+            log.info("MAX_CONCURRENCY=auto: %d sequences (%s KV cache tokens / MAX_MODEL_LEN %d; vLLM "
+                     "max_num_seqs %d)", self.max_concurrency, f"{kv_tokens:,}", self.settings.max_model_len,
+                     scheduler.max_num_seqs)
+        try:
+            moe = moe_table(self.settings)
+        except Exception as exc:  # another vLLM's layout: say so rather than guess
+            moe = {"file": None, "found": None, "error": f"{type(exc).__name__}: {exc}"}
+        self._settled = {
+            "max_num_seqs": scheduler.max_num_seqs,
+            "max_num_batched_tokens": scheduler.max_num_batched_tokens,
+            "async_scheduling": bool(scheduler.async_scheduling),
+            "kv_cache_dtype": cache.cache_dtype,
+            "kv_cache_tokens": kv_tokens,
+            "max_model_len": config.model_config.max_model_len,
+            "moe_table": moe,
+        }
 
     def _check_plugin(self, started: float) -> None:
         """The engine core (vLLM spawned it from this process) must have loaded the modes plugin: on vLLM's
@@ -359,13 +457,11 @@ class VllmEngine(BaseEngine):
             "vllm_version": self._version,
             "dtype": self.settings.dtype,
             "load_format": self.settings.load_format,
-            "max_num_seqs": self.settings.max_concurrency,
+            "max_concurrency_setting": self.settings.max_concurrency,
             "tensor_parallel_size": self.settings.tensor_parallel_size,
             "served_modes": list(self.served_modes),
+            **self._settled,  # what vLLM settled on: sequences, batched tokens, KV cache, the MoE table
         }
-        scheduler = getattr(getattr(self._engine, "vllm_config", None), "scheduler_config", None)
-        if scheduler is not None:  # what vLLM settled on (MAX_NUM_BATCHED_TOKENS, or its default)
-            h.detail["max_num_batched_tokens"] = scheduler.max_num_batched_tokens
         processor = getattr(self._engine, "output_processor", None)
         if processor is not None and hasattr(processor, "get_num_unfinished_requests"):
             # vLLM's own count: sequences it still holds (0 after every abort has landed).

@@ -37,8 +37,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     else:
         model_dir = make_tiny(tmp_path_factory.mktemp("real-config"), vision="real", decoder="real", weights=False)
     log = tmp_path_factory.mktemp("workers") / "server.log"
-    env = {"MAX_CONCURRENCY": "16", "GENERATE_TIMEOUT_S": "120", "DEFAULT_MAX_TOKENS": "16", "GPUS": "auto",
-           "ENFORCE_EAGER": "true", "GPU_MEM_UTILIZATION": "0.5"}
+    env = {"MAX_CONCURRENCY": "auto", "MAX_MODEL_LEN": "4096", "GENERATE_TIMEOUT_S": "120",
+           "DEFAULT_MAX_TOKENS": "16", "GPUS": "auto", "ENFORCE_EAGER": "true", "GPU_MEM_UTILIZATION": "0.5"}
     with serve(model_dir, log, **env) as url:
         yield url, log
 
@@ -67,6 +67,8 @@ def test_one_worker_per_gpu(served) -> None:
     assert len(engines) == gpu_count(), body
     assert sorted(tuple(e["detail"]["gpus"]) for e in engines) == [(str(i),) for i in range(gpu_count())], body
     pids = {e["detail"]["pid"] for e in engines}
+    # MAX_CONCURRENCY=auto: each worker measured its own and the server keeps to it.
+    assert all(e["max_concurrency"] == e["detail"]["kv_cache_tokens"] // 4096 > 4 for e in engines), body
     assert len(pids) == len(engines) and all(engine_cores(pid) for pid in pids), body
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda i: post_image(url, "/ocr/image/advanced", {"max_tokens": "32"},

@@ -341,3 +341,17 @@ def test_no_descriptor_is_left_open(tiny_checkpoint: Path) -> None:
             await engine.close()
 
     asyncio.run(scenario())
+
+
+def test_auto_concurrency_runs_the_torch_worker_at_its_default(tiny_checkpoint: Path) -> None:
+    """MAX_CONCURRENCY=auto, the README way, with the PyTorch engine in a worker process: the engine takes 100
+    (auto measures vLLM's KV cache; tests/test_gpu.py and tests/workers/test_gpu_workers.py check that), the
+    worker reports it to the server, and the limits say how it was set."""
+    env = {"MODEL_PATH": str(tiny_checkpoint), "ENGINE": "torch", "DEVICE": "cpu", "MAX_CONCURRENCY": "auto",
+           "DATA_DIR": str(tiny_checkpoint.parent / "auto-data")}
+    with serve_process(env) as url:
+        body = health(url)
+        assert [(e["max_concurrency"], bool(e["detail"].get("pid"))) for e in body["engines"]] == [(100, True)], body
+        status = httpx.get(url + "/ocr/status", timeout=10).json()
+        assert status["limits"]["max_concurrency"] == "auto", status
+        assert ocr(url).status_code == 200

@@ -217,7 +217,8 @@ class LimitsModel(BaseModel):
     max_pdf_pages: int
     max_batch_files: int
     max_model_len: int
-    max_concurrency: int
+    max_concurrency: int | Literal["auto"] = Field(
+        description="MAX_CONCURRENCY as set (each engine's own figure is under /health `engines`)")
     max_queue: int
 
 

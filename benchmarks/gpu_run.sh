@@ -35,6 +35,9 @@
 #               default), each on its own start, REPEAT (3) runs each; MOEAB_ORDER="tuned default" swaps ~8 min
 #        conc   MAX_CONCURRENCY 256 then 512 on the service (CONC="256 512"), FILES (2) copies of the 256-page
 #               PDF at once, REPEAT (1) runs on each start                                  ~6-8 min
+#        steps  issue 30's per-step profile: raw LLM.generate of the 256 pages unprofiled (pages/s, the engine
+#               core's CPU use), then again under vLLM's torch profiler for STEPS (45) steps after SKIP (5):
+#               step wall vs GPU busy, kernel time by class and by vLLM range, the memory-traffic bound ~5 min
 #        kv     KV_CACHE_DTYPE auto (bf16) then fp8 (KV_ORDER swaps): the service on the 256-page PDF, each on its
 #               own start, REPEAT (3) runs each; with MAX_CONCURRENCY=auto (KV_CONC) both measure their own
 #               sequences at MAX_MODEL_LEN (2048 here: 903 image + 1,000 tokens fit)              ~8 min
@@ -56,7 +59,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|steps|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -463,6 +466,15 @@ case "$phase" in
       names+=("kv-$v")
       ab_summary "${names[@]}"
     done
+    ;;
+  steps)
+    real_ckpt; bench_pdf
+    bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8 || echo 3.35)  # TB/s
+    rm -rf /tmp/step-trace
+    timeout "${T_TOTAL:-565}" python3 benchmarks/step_profile.py --model "$CK/real" "${big[@]}" \
+      --skip "${SKIP:-5}" --steps "${STEPS:-45}" --bandwidth-tbs "$bw" --trace-dir /tmp/step-trace \
+      --out "$OUT/steps.json" > "$OUT/steps-full.log" 2>&1
+    grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/steps-full.log" | tail -60
     ;;
   kvfp8)
     small_ckpt

@@ -1,0 +1,305 @@
+"""Where a vLLM engine step's time goes (issue 30): a window of steps under vLLM's torch profiler, summarised.
+
+Raw vLLM `LLM` with the service's engine settings (`engines.vllm.engine.engine_kwargs`, as bench_vllm's raw
+path), the A4 workload of the throughput benchmark (Gundam, --max-tokens a page, n-gram guard on). First one
+unprofiled timed `generate` of the pages (its pages/s, and the engine core's CPU use over it: CPU seconds per
+wall second of its process); then the same pages again with vLLM's profiler recording steps --skip ..
+--skip + --steps of that `generate` (`ProfilerConfig.delay_iterations` / `max_iterations`). The worker's trace
+(Chrome JSON, written by vLLM under --trace-dir) is read back and summarised by `summarize`:
+
+- steps: vLLM's step annotation (`execute_context_C(T)_generation_G(T)`, one per `execute_model`): its CPU span,
+  and its wall time (to the next step's start); steps with prefill (C > 0) apart from decode-only ones;
+- GPU busy: the union of the kernels each step launched (a kernel belongs to the step whose span holds its
+  launch, found by the kernel's correlation id: a CUDA graph's kernels share their graph launch's), over the
+  step's wall time;
+- kernel time per step by class (fused MoE, attention, GEMM, norms/activations/rotary, copies, other) and by
+  vLLM's range at the launch (`gpu_model_runner: preprocess` holds the vision encoder, `forward` the decoder,
+  `sample` the sampler with the logits processors (the n-gram guard) and the log-probabilities);
+- the memory-traffic bound of a decode step: every expert's weights (all are touched at these batches) plus the
+  KV cache the step reads, over --bandwidth-tbs (H100 SXM 3.35, H200 4.8): the fraction of it reached.
+
+The profiler slows the CPU side; the unprofiled run's pages/s is the figure to quote, the profile says where
+the time goes. Usage (GPU machine, kit installed; real-size config, random weights):
+    python benchmarks/step_profile.py --model /tmp/dsocr-ckpt/real --pages 256 --max-tokens 1000 \\
+        --skip 5 --steps 45 --trace-dir /tmp/step-trace --out step-profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import gzip
+import json
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+STEP_RE = re.compile(r"^execute_context_(\d+)\((\d+)\)_generation_(\d+)\((\d+)\)")
+RANGE_PREFIX = "gpu_model_runner: "
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+# Kernel classes by name, first match wins; the rest is "other".
+CLASSES = (
+    ("moe", re.compile(r"fused_moe|moe_align|moe_sum|topk_softmax|grouped_topk|count_and_sort|_moe_|moe_", re.I)),
+    ("attention", re.compile(r"flash|fmha|attn|attention|paged|reshape_and_cache|merge_attn", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|gemv|splitk|sm90_|sm80_|ampere_|wgmma", re.I)),
+    ("norm_act_rope", re.compile(r"rms_norm|layer_?norm|silu|gelu|act_and_mul|rotary|rope", re.I)),
+    ("copy", re.compile(r"^memcpy|^memset|copy|catarray|gather|scatter|index", re.I)),
+)
+
+
+def kernel_class(name: str) -> str:
+    return next((label for label, pattern in CLASSES if pattern.search(name)), "other")
+
+
+def load_trace(path: Path) -> dict[str, Any]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def union_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total
+
+
+def summarize(trace: dict[str, Any]) -> dict[str, Any]:
+    """The per-step figures of one worker trace (see the module's docstring); times in ms."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    steps = sorted((e for e in events if e.get("cat") == "user_annotation" and STEP_RE.match(e.get("name", ""))),
+                   key=lambda e: e["ts"])
+    if len(steps) < 2:
+        return {"error": f"{len(steps)} step annotations in the trace: need 2 or more"}
+    starts = [float(s["ts"]) for s in steps]
+    ranges = sorted(((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"][len(RANGE_PREFIX):])
+                     for e in events if e.get("name", "").startswith(RANGE_PREFIX)), key=lambda r: r[0])
+    range_starts = [r[0] for r in ranges]
+    launches = {e["args"]["correlation"]: float(e["ts"]) for e in events
+                if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})}
+    kernels = [e for e in events if e.get("cat") == "kernel" or e.get("cat") == "gpu_memcpy"
+               or e.get("cat") == "gpu_memset"]
+
+    # The last step has no next start: it is only the end of the others' window.
+    per_step: list[dict[str, Any]] = [
+        {"kind": "prefill" if int(STEP_RE.match(s["name"]).group(1)) else "decode",  # type: ignore[union-attr]
+         "context_requests": int(STEP_RE.match(s["name"]).group(1)),  # type: ignore[union-attr]
+         "context_tokens": int(STEP_RE.match(s["name"]).group(2)),  # type: ignore[union-attr]
+         "sequences": int(STEP_RE.match(s["name"]).group(3)),  # type: ignore[union-attr]
+         "cpu_ms": float(s["dur"]) / 1000, "wall_ms": (starts[i + 1] - starts[i]) / 1000,
+         "intervals": [], "by_class": defaultdict(float), "by_range": defaultdict(float)}
+        for i, s in enumerate(steps[:-1])
+    ]
+    unattributed = 0
+    for k in kernels:
+        launch = launches.get(k.get("args", {}).get("correlation"))
+        if launch is None:
+            unattributed += 1
+            continue
+        i = bisect.bisect_right(starts, launch) - 1
+        if not 0 <= i < len(per_step):
+            continue  # launched before the first step or in the last (unbounded) one
+        start, dur = float(k["ts"]), float(k.get("dur", 0))
+        step = per_step[i]
+        step["intervals"].append((start, start + dur))
+        step["by_class"][kernel_class(k.get("name", ""))] += dur / 1000
+        j = bisect.bisect_right(range_starts, launch) - 1
+        label = ranges[j][2] if j >= 0 and launch < ranges[j][1] else "outside vLLM's ranges"
+        step["by_range"][label] += dur / 1000
+    for step in per_step:
+        step["gpu_busy_ms"] = union_us(step.pop("intervals")) / 1000
+
+    def med(rows: list[dict[str, Any]], key: str) -> float | None:
+        return round(statistics.median(r[key] for r in rows), 3) if rows else None
+
+    def table(rows: list[dict[str, Any]], field: str) -> dict[str, float]:
+        names = sorted({n for r in rows for n in r[field]})
+        return {n: round(statistics.median(r[field].get(n, 0.0) for r in rows), 3) for n in names}
+
+    out: dict[str, Any] = {"steps": len(per_step), "kernels": len(kernels), "kernels_unattributed": unattributed}
+    for kind in ("decode", "prefill"):
+        rows = [s for s in per_step if s["kind"] == kind]
+        wall, busy = sum(r["wall_ms"] for r in rows), sum(r["gpu_busy_ms"] for r in rows)
+        out[kind] = {
+            "steps": len(rows),
+            "sequences_median": med(rows, "sequences"),
+            "context_tokens_median": med(rows, "context_tokens"),
+            "wall_ms_median": med(rows, "wall_ms"),
+            "cpu_span_ms_median": med(rows, "cpu_ms"),
+            "gpu_busy_ms_median": med(rows, "gpu_busy_ms"),
+            "gpu_busy_fraction": round(busy / wall, 3) if wall else None,
+            "kernel_ms_by_class_median": table(rows, "by_class"),
+            "kernel_ms_by_range_median": table(rows, "by_range"),
+        }
+    return out
+
+
+def memory_bound_ms(model: str, sequences: float, context_tokens: float, bandwidth_tbs: float,
+                    kv_bytes_token: int) -> dict[str, float]:
+    """The least time a decode step can take moving its bytes: every weight (all experts are touched at large
+    batches) and the KV cache of `sequences` sequences of `context_tokens` on average, at `bandwidth_tbs`."""
+    from deepseek_ocr import DeepseekOCRConfig
+
+    cfg = DeepseekOCRConfig.from_pretrained(model)
+    h, moe, dense = cfg.hidden_size, cfg.moe_intermediate_size, cfg.intermediate_size
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    expert = 3 * h * moe  # gate, up, down
+    attention = 4 * h * h  # q, k, v, o (no MLA; 10 heads of 128 = the hidden size)
+    params = (moe_layers * (cfg.n_routed_experts + cfg.n_shared_experts) * expert
+              + cfg.first_k_dense_replace * 3 * h * dense + cfg.num_hidden_layers * attention
+              + cfg.vocab_size * h)  # lm_head (the embedding table is only gathered from)
+    weights = 2 * params  # bfloat16
+    kv = kv_bytes_token * sequences * context_tokens
+    seconds = (weights + kv) / (bandwidth_tbs * 1e12)
+    return {"weights_gb": round(weights / 1e9, 2), "kv_gb": round(kv / 1e9, 2), "bound_ms": round(seconds * 1e3, 3)}
+
+
+# ------------------------------------------------------------------------------------------ the GPU run
+
+
+def engine_core_cpu() -> float:
+    """CPU seconds so far of this process's vLLM engine core child (its title is VLLM::EngineCore)."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "EngineCor" in child.name() + " ".join(child.cmdline()):
+                total += sum(child.cpu_times()[:2])
+        except psutil.Error:
+            continue
+    return total
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import bench_vllm
+
+    from config import DOCUMENT_PROMPT, MODES, Settings
+    from engines.vllm.engine import PromptBuilder, engine_kwargs, kv_bytes_per_token, prepare_environment, vllm_image
+
+    prepare_environment()
+    from vllm import LLM
+
+    args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
+    if not Path(args.pdf).is_file():
+        Path(args.pdf).write_bytes(bench_vllm.text_pdf(args.pages))
+    trace_dir = Path(args.trace_dir).resolve()
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    images = bench_vllm.rendered_pages(args)
+    gundam = MODES["gundam"]
+    builder = PromptBuilder.from_checkpoint(args.model)
+    params = bench_vllm.page_params(args, builder)
+    settings = bench_vllm.settings_for(args)
+    profiler = {"profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
+                "torch_profiler_dump_cuda_time_total": False, "ignore_frontend": True,
+                "delay_iterations": args.skip, "max_iterations": args.steps}
+    t = time.perf_counter()
+    llm = LLM(**engine_kwargs(settings, ngram_impl=args.ngram_impl), profiler_config=profiler)
+    result: dict[str, Any] = {"engine_start_s": round(time.perf_counter() - t, 1), "pages": len(images),
+                              "max_tokens": args.max_tokens, "ngram": list(args.ngram),
+                              "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
+                              "kv_cache_dtype": settings.kv_cache_dtype}
+
+    def prompts() -> list[dict[str, Any]]:
+        return [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
+
+    llm.generate(prompts()[:2], bench_vllm.page_params(argparse.Namespace(**{**vars(args), "max_tokens": 16}),
+                                                       builder), use_tqdm=False)
+    cpu0, t = engine_core_cpu(), time.perf_counter()
+    outs = llm.generate(prompts(), params, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    result["unprofiled"] = {"elapsed_s": round(elapsed, 2), "pages_per_s": round(len(outs) / elapsed, 3),
+                            "output_tokens_per_s": round(tokens / elapsed, 1),
+                            "mean_completion_tokens": round(tokens / len(outs), 1),
+                            "engine_core_cpu_per_wall_s": round((engine_core_cpu() - cpu0) / elapsed, 3)}
+    print(json.dumps({"unprofiled": result["unprofiled"]}), flush=True)
+
+    llm.start_profile()
+    t = time.perf_counter()
+    llm.generate(prompts(), params, use_tqdm=False)
+    result["profiled_elapsed_s"] = round(time.perf_counter() - t, 2)
+    llm.stop_profile()
+    deadline = time.monotonic() + 120  # the trace is written by the engine core after the stop
+    traces: list[Path] = []
+    while time.monotonic() < deadline:
+        traces = sorted(trace_dir.rglob("*.json*"), key=lambda p: p.stat().st_size)
+        if traces and all(time.time() - p.stat().st_mtime > 3 for p in traces):
+            break
+        time.sleep(1)
+    if not traces:
+        result["profile"] = {"error": f"no trace under {trace_dir}"}
+        return result
+    trace = traces[-1]  # the worker's (GPU kernels): the largest
+    result["trace"] = {"file": trace.name, "mb": round(trace.stat().st_size / 1e6, 1)}
+    summary = summarize(load_trace(trace))
+    result["profile"] = summary
+    decode = summary.get("decode") or {}
+    if decode.get("sequences_median"):
+        context = args.image_tokens + args.max_tokens / 2  # a page's mean context over its decoding
+        bound = memory_bound_ms(args.model, decode["sequences_median"], context, args.bandwidth_tbs,
+                                kv_bytes_per_token(Settings(model_path=args.model,
+                                                            kv_cache_dtype=settings.kv_cache_dtype)))
+        bound["fraction_of_bound_reached"] = round(bound["bound_ms"] / decode["wall_ms_median"], 3)
+        result["memory_bound"] = bound
+    return result
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    print(json.dumps({k: v for k, v in result.items() if k != "profile"}), flush=True)
+    profile = result.get("profile") or {}
+    for kind in ("decode", "prefill"):
+        row = profile.get(kind)
+        if not row or not row["steps"]:
+            continue
+        print(f"\n{kind}: {row['steps']} steps, median {row['sequences_median']} sequences, wall "
+              f"{row['wall_ms_median']} ms, CPU span {row['cpu_span_ms_median']} ms, GPU busy "
+              f"{row['gpu_busy_ms_median']} ms ({row['gpu_busy_fraction']} of the steps' wall time)")
+        for name, ms in sorted(row["kernel_ms_by_class_median"].items(), key=lambda kv: -kv[1]):
+            print(f"  class {name:24} {ms:9.3f} ms")
+        for name, ms in sorted(row["kernel_ms_by_range_median"].items(), key=lambda kv: -kv[1]):
+            print(f"  range {name:24} {ms:9.3f} ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--pages", type=int, default=256)
+    parser.add_argument("--max-tokens", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=256, help="MAX_CONCURRENCY = vLLM max_num_seqs")
+    parser.add_argument("--ngram", type=int, nargs=2, default=(20, 50), metavar=("SIZE", "WINDOW"))
+    parser.add_argument("--ngram-impl", default="batched", choices=["batched", "vllm", "off"])
+    parser.add_argument("--dpi", type=int, default=144)
+    parser.add_argument("--gpu-mem", type=float, default=0.75)
+    parser.add_argument("--load-format", default="dummy")
+    parser.add_argument("--pdf", help="the PDF; written when missing (default /tmp/bench-N.pdf)")
+    parser.add_argument("--skip", type=int, default=5, help="steps of the profiled generate before the window")
+    parser.add_argument("--steps", type=int, default=45, help="steps in the window (prefill ones, then decode)")
+    parser.add_argument("--image-tokens", type=int, default=903, help="a page's image tokens (A4 in Gundam)")
+    parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="GPU memory bandwidth, TB/s")
+    parser.add_argument("--trace-dir", default="/tmp/step-trace")
+    parser.add_argument("--summarize", help="only summarise this trace file (no GPU)")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    result = {"profile": summarize(load_trace(Path(args.summarize)))} if args.summarize else run(args)
+    print_summary(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0 if "error" not in (result.get("profile") or {}) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""benchmarks/step_profile.py's trace summary (the GPU run itself is on the GPU machine: `gpu_run.sh steps`).
+
+The trace is Chrome JSON as PyTorch's profiler writes it for a vLLM worker: step annotations
+(`execute_context_C(T)_generation_G(T)`), vLLM's `gpu_model_runner: *` ranges, kernel launches with their
+correlation ids, and the kernels (a CUDA graph's kernels share their graph launch's id). Built by hand here so
+that every figure the summary prints has a known answer.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import step_profile  # noqa: E402
+
+
+def x(cat: str, name: str, ts: float, dur: float, **args: object) -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 1, "args": args}
+
+
+def trace() -> dict:
+    """Three steps at t = 1,000 / 2,000 / 3,500 us (the third only closes the second): a prefill step, then a
+    decode step whose four kernels come from one graph launch and one plain launch."""
+    events = [
+        x("user_annotation", "execute_context_2(1806)_generation_254(254)", 1000, 600),
+        x("user_annotation", "gpu_model_runner: preprocess", 1010, 200),
+        x("cuda_runtime", "cudaLaunchKernel", 1020, 5, correlation=1),  # the vision encoder's GEMM
+        x("user_annotation", "gpu_model_runner: forward", 1300, 200),
+        x("cuda_driver", "cuLaunchKernel", 1310, 5, correlation=2),
+        x("kernel", "sm90_xmma_gemm_bf16bf16_bf16f32", 1100, 300, correlation=1),
+        x("kernel", "fused_moe_kernel", 1450, 400, correlation=2),
+        x("user_annotation", "execute_context_0(0)_generation_256(256)", 2000, 300),
+        x("user_annotation", "gpu_model_runner: forward", 2010, 100),
+        x("cuda_runtime", "cudaGraphLaunch", 2020, 10, correlation=3),
+        x("user_annotation", "gpu_model_runner: sample", 2200, 50),
+        x("cuda_runtime", "cudaLaunchKernel", 2210, 5, correlation=4),
+        # The graph's kernels: attention and MoE overlap by 100 us (two streams), then an RMS norm.
+        x("kernel", "flash_fwd_splitkv_kernel", 2100, 300, correlation=3),
+        x("kernel", "fused_moe_kernel", 2300, 500, correlation=3),
+        x("kernel", "rms_norm_kernel", 2800, 100, correlation=3),
+        x("kernel", "scatter_reduce_kernel", 2950, 50, correlation=4),  # the n-gram guard's bans: copy class
+        x("user_annotation", "execute_context_0(0)_generation_256(256)", 3500, 300),
+        x("kernel", "orphan_kernel", 3000, 10, correlation=99),  # no launch in the trace
+        x("cuda_runtime", "cudaLaunchKernel", 500, 5, correlation=5),  # before the first step: left out
+        x("kernel", "early_kernel", 600, 10, correlation=5),
+        {"ph": "i", "cat": "kernel", "name": "instant", "ts": 2500},  # not a span
+    ]
+    return {"traceEvents": events}
+
+
+def test_steps_are_split_by_kind_with_wall_cpu_and_gpu_busy() -> None:
+    out = step_profile.summarize(trace())
+    assert (out["steps"], out["kernels_unattributed"]) == (2, 1), out
+    prefill, decode = out["prefill"], out["decode"]
+    assert (prefill["steps"], prefill["sequences_median"], prefill["context_tokens_median"]) == (1, 254, 1806)
+    assert (prefill["wall_ms_median"], prefill["cpu_span_ms_median"]) == (1.0, 0.6)
+    assert prefill["gpu_busy_ms_median"] == 0.7  # 1,100-1,400 and 1,450-1,850
+    assert decode["steps"] == 1 and decode["sequences_median"] == 256
+    assert (decode["wall_ms_median"], decode["cpu_span_ms_median"]) == (1.5, 0.3)
+    assert decode["gpu_busy_ms_median"] == 0.85  # 2,100-2,900 (overlaps counted once) and 2,950-3,000
+    assert decode["gpu_busy_fraction"] == 0.567
+
+
+def test_kernel_time_by_class_and_by_vllm_range() -> None:
+    out = step_profile.summarize(trace())
+    assert out["prefill"]["kernel_ms_by_class_median"] == {"gemm": 0.3, "moe": 0.4}
+    assert out["prefill"]["kernel_ms_by_range_median"] == {"preprocess": 0.3, "forward": 0.4}
+    assert out["decode"]["kernel_ms_by_class_median"] == {"attention": 0.3, "moe": 0.5, "norm_act_rope": 0.1,
+                                                          "copy": 0.05}
+    assert out["decode"]["kernel_ms_by_range_median"] == {"forward": 0.9, "sample": 0.05}
+
+
+def test_a_trace_without_steps_says_so() -> None:
+    assert "error" in step_profile.summarize({"traceEvents": [x("kernel", "k", 0, 1, correlation=1)]})
+
+
+def test_union_counts_overlaps_once() -> None:
+    assert step_profile.union_us([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25
+    assert step_profile.union_us([]) == 0

@@ -206,11 +206,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "torch_profiler_dump_cuda_time_total": False, "ignore_frontend": True,
                 "delay_iterations": args.skip, "max_iterations": args.steps}
     t = time.perf_counter()
-    llm = LLM(**engine_kwargs(settings, ngram_impl=args.ngram_impl), profiler_config=profiler)
+    extra = {"async_scheduling": False} if args.async_scheduling == "off" else {}
+    llm = LLM(**engine_kwargs(settings, ngram_impl=args.ngram_impl, **extra), profiler_config=profiler)
     result: dict[str, Any] = {"engine_start_s": round(time.perf_counter() - t, 1), "pages": len(images),
                               "max_tokens": args.max_tokens, "ngram": list(args.ngram),
                               "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
-                              "kv_cache_dtype": settings.kv_cache_dtype}
+                              "kv_cache_dtype": settings.kv_cache_dtype,
+                              "async_scheduling": llm.llm_engine.vllm_config.scheduler_config.async_scheduling}
 
     def prompts() -> list[dict[str, Any]]:
         return [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
@@ -289,6 +291,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=45, help="steps in the window (prefill ones, then decode)")
     parser.add_argument("--image-tokens", type=int, default=903, help="a page's image tokens (A4 in Gundam)")
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="GPU memory bandwidth, TB/s")
+    parser.add_argument("--async-scheduling", default="auto", choices=["auto", "off"],
+                        help="auto: vLLM's choice (on in 0.26 for this engine); off: async_scheduling=False")
     parser.add_argument("--trace-dir", default="/tmp/step-trace")
     parser.add_argument("--summarize", help="only summarise this trace file (no GPU)")
     parser.add_argument("--out", help="write the figures as JSON here")

@@ -38,7 +38,8 @@
 #        steps  issue 30's per-step profile: raw LLM.generate of the 256 pages unprofiled (pages/s, the engine
 #               core's CPU use), then again under vLLM's torch profiler for STEPS (45) steps after SKIP (5):
 #               step wall vs GPU busy, kernel time by class and by vLLM range, the memory-traffic bound ~5 min
-#               ASYNC=off: the same with vLLM's async scheduling off (on by default in vLLM 0.26)
+#               ASYNC=off: the same with vLLM's async scheduling off (on by default in vLLM 0.26);
+#               STEPS_ARCH=ocr2: DeepSeek-OCR-2 on the same pages
 #        kv     KV_CACHE_DTYPE auto (bf16) then fp8 (KV_ORDER swaps): the service on the 256-page PDF, each on its
 #               own start, REPEAT (3) runs each; with MAX_CONCURRENCY=auto (KV_CONC) both measure their own
 #               sequences at MAX_MODEL_LEN (2048 here: 903 image + 1,000 tokens fit)              ~8 min
@@ -469,14 +470,17 @@ case "$phase" in
     done
     ;;
   steps)
-    real_ckpt; bench_pdf
+    bench_pdf
+    # STEPS_ARCH=ocr2: DeepSeek-OCR-2 (1,121 image tokens an A4 page), the issue's "profile it the same way"
+    if [ "${STEPS_ARCH:-ocr}" = ocr2 ]; then ocr2_real_ckpt; model=$CK/ocr2-real; itok=1121; else real_ckpt; model=$CK/real; itok=903; fi
     bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8 || echo 3.35)  # TB/s
+    tag=${STEPS_ARCH:-ocr}${ASYNC:+-async-$ASYNC}
     rm -rf /tmp/step-trace
-    timeout "${T_TOTAL:-565}" python3 benchmarks/step_profile.py --model "$CK/real" "${big[@]}" \
-      --skip "${SKIP:-5}" --steps "${STEPS:-45}" --bandwidth-tbs "$bw" --trace-dir /tmp/step-trace \
-      --async-scheduling "${ASYNC:-auto}" --out "$OUT/steps${ASYNC:+-async-$ASYNC}.json" \
-      > "$OUT/steps${ASYNC:+-async-$ASYNC}-full.log" 2>&1
-    grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/steps${ASYNC:+-async-$ASYNC}-full.log" | tail -60
+    timeout "${T_TOTAL:-565}" python3 benchmarks/step_profile.py --model "$model" "${big[@]}" \
+      --image-tokens "$itok" --skip "${SKIP:-5}" --steps "${STEPS:-45}" --bandwidth-tbs "$bw" \
+      --trace-dir /tmp/step-trace --async-scheduling "${ASYNC:-auto}" --out "$OUT/steps-$tag.json" \
+      > "$OUT/steps-$tag-full.log" 2>&1
+    grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/steps-$tag-full.log" | tail -60
     ;;
   kvfp8)
     small_ckpt

@@ -188,8 +188,7 @@ def moe_table(settings: Settings) -> dict[str, Any]:
     vLLM looks for and where it found it (`found` None: vLLM's default tiles, with its "sub-optimal" warning).
     The same two places vLLM searches, in its order: VLLM_TUNED_CONFIG_FOLDER (engines/moe_configs here),
     then vLLM's own tables."""
-    from vllm.model_executor.layers.fused_moe import fused_moe
-
+    fused_moe = importlib.import_module("vllm.model_executor.layers.fused_moe.fused_moe")  # the module itself
     cfg = deepseek_ocr.DeepseekOCRConfig.from_pretrained(settings.model_path or "")
     width = cfg.moe_intermediate_size // settings.tensor_parallel_size  # vLLM's N: one rank's expert width
     name = fused_moe.get_config_file_name(cfg.n_routed_experts, width, None)

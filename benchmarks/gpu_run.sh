@@ -38,7 +38,8 @@
 #        steps  issue 30's per-step profile: raw LLM.generate of the 256 pages unprofiled (pages/s, the engine
 #               core's CPU use), then again under vLLM's torch profiler for STEPS (45) steps after SKIP (5):
 #               step wall vs GPU busy, kernel time by class and by vLLM range, the memory-traffic bound ~5 min
-#               ASYNC=off: the same with vLLM's async scheduling off (on by default in vLLM 0.26);
+#               ASYNC=off: the same with vLLM's async scheduling off (on by default in vLLM 0.26); ASYNC="auto
+#               off": both in one call, each on its own start (~9 min);
 #               STEPS_ARCH=ocr2: DeepSeek-OCR-2 on the same pages
 #        kv     KV_CACHE_DTYPE auto (bf16) then fp8 (KV_ORDER swaps): the service on the 256-page PDF, each on its
 #               own start, REPEAT (3) runs each; with MAX_CONCURRENCY=auto (KV_CONC) both measure their own
@@ -474,13 +475,19 @@ case "$phase" in
     # STEPS_ARCH=ocr2: DeepSeek-OCR-2 (1,121 image tokens an A4 page), the issue's "profile it the same way"
     if [ "${STEPS_ARCH:-ocr}" = ocr2 ]; then ocr2_real_ckpt; model=$CK/ocr2-real; itok=1121; else real_ckpt; model=$CK/real; itok=903; fi
     bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8 || echo 3.35)  # TB/s
-    tag=${STEPS_ARCH:-ocr}${ASYNC:+-async-$ASYNC}
-    rm -rf /tmp/step-trace
-    timeout "${T_TOTAL:-565}" python3 benchmarks/step_profile.py --model "$model" "${big[@]}" \
-      --image-tokens "$itok" --skip "${SKIP:-5}" --steps "${STEPS:-45}" --bandwidth-tbs "$bw" \
-      --trace-dir /tmp/step-trace --async-scheduling "${ASYNC:-auto}" --out "$OUT/steps-$tag.json" \
-      > "$OUT/steps-$tag-full.log" 2>&1
-    grep -v "^INFO\|^(EngineCore\|^WARNING" "$OUT/steps-$tag-full.log" | tail -60
+    # ASYNC="auto off": both, each on its own engine start, in one call (a start only while 200 s are left)
+    for a in ${ASYNC:-auto}; do
+      left=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ "$left" -lt 200 ] && { echo "=== steps async=$a: not started, $left s left"; break; }
+      tag=${STEPS_ARCH:-ocr}-async-$a
+      rm -rf /tmp/step-trace
+      echo "=== steps $tag: up to $left s, $(date -u +%T)"
+      timeout -s INT -k 20 "$left" python3 benchmarks/step_profile.py --model "$model" "${big[@]}" \
+        --image-tokens "$itok" --skip "${SKIP:-5}" --steps "${STEPS:-45}" --bandwidth-tbs "$bw" \
+        --trace-dir /tmp/step-trace --async-scheduling "$a" --out "$OUT/steps-$tag.json" \
+        > "$OUT/steps-$tag-full.log" 2>&1
+      grep -v "^INFO\|^(EngineCore\|^WARNING\|^DEBUG" "$OUT/steps-$tag-full.log" | tail -40
+    done
     ;;
   kvfp8)
     small_ckpt

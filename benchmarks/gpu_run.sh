@@ -41,6 +41,8 @@
 #               ASYNC=off: the same with vLLM's async scheduling off (on by default in vLLM 0.26); ASYNC="auto
 #               off": both in one call, each on its own start (~9 min);
 #               STEPS_ARCH=ocr2: DeepSeek-OCR-2 on the same pages
+#        ngramstep  the n-gram guard's time a step by batch size, bans on the device against the host path
+#               (benchmarks/bench_ngram_step.py; no engine: the processor alone on the GPU)        ~1 min
 #        kv     KV_CACHE_DTYPE auto (bf16) then fp8 (KV_ORDER swaps): the service on the 256-page PDF, each on its
 #               own start, REPEAT (3) runs each; with MAX_CONCURRENCY=auto (KV_CONC) both measure their own
 #               sequences at MAX_MODEL_LEN (2048 here: 903 image + 1,000 tokens fit)              ~8 min
@@ -62,7 +64,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|steps|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|steps|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -488,6 +490,10 @@ case "$phase" in
         > "$OUT/steps-$tag-full.log" 2>&1
       grep -v "^INFO\|^(EngineCore\|^WARNING\|^DEBUG" "$OUT/steps-$tag-full.log" | tail -40
     done
+    ;;
+  ngramstep)
+    timeout 300 python3 benchmarks/bench_ngram_step.py --out "$OUT/ngramstep.json" 2>&1 | tee "$OUT/ngramstep.log"
+    timeout 200 python3 benchmarks/bench_ngram_step.py --ngram 20 50 --rows 1 8 16 32 256 2>&1 | tee -a "$OUT/ngramstep.log"
     ;;
   kvfp8)
     small_ckpt

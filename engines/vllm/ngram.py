@@ -11,6 +11,10 @@ computes the same bans for every guarded row of the batch at once:
   every position of the row's window (one `unfold` compare); a position whose predecessors equal the prefix
   has its token banned, unless whitelisted;
 - `apply_bans`: one `scatter_reduce_(amin)` writes -inf at every banned (row, token); duplicates are harmless.
+- few guarded rows (`host_rows`, 8): those tensor ops cost ~40 kernel launches a step whatever the batch, a
+  fifth of a lone sequence's engine-core time in a GPU profile (docs/BENCHMARKS.md section 22). Then each row's
+  bans come from its live output list in numpy (`host_bans`, the same rule), and one `index_fill_` writes them,
+  none when nothing is banned; the device history catches up from the lists when the batch grows again.
 
 The rule (vLLM's `NoRepeatNGramLogitsProcessor`, which this must equal ban for ban), with L output tokens
 (never prompt tokens), n = ngram_size, w = window_size: nothing is banned while L < n; otherwise every n-gram
@@ -53,6 +57,9 @@ except ImportError:  # pragma: no cover - exercised on machines without vLLM
 DEFAULT_WINDOW = 100  # vLLM's default window_size when a request names none
 # Elements of the (rows, window, n-1) compare held at once; larger problems are compared in chunks of n-1.
 _COMPARE_BUDGET = 1 << 26
+# Guarded rows up to which a step's bans are found on the host (numpy, ~20 us a row) instead of on the device
+# (a fixed ~40 small kernels and their launches).
+HOST_ROWS = 8
 
 
 # --------------------------------------------------------------------------------------- the pure core
@@ -100,6 +107,24 @@ def ngram_bans(
     if whitelist is not None and whitelist.numel():
         banned &= ~(tail.unsqueeze(2) == whitelist.unsqueeze(1)).any(dim=2)
     return banned
+
+
+def host_bans(output: list[int], n: int, window: int) -> list[int]:
+    """The tokens one row bans next, from its output list: `ngram_bans`' rule for one row, in plain Python
+    (a window of ~100 tokens: a loop of one comparison each beats numpy's per-call overhead several times).
+
+    With M = min(L, window): an n-gram starting at j of the last M tokens (0 <= j <= M - n) whose first n-1
+    tokens equal the last n-1 tokens bans its last token; negative tokens (an unrepaired async placeholder) are
+    never banned. Whitelists are the caller's. Repeated ids may appear.
+    """
+    length = len(output)
+    width = min(length, window)
+    if n < 2 or width < n:
+        return []
+    tail = output[length - width :]
+    last, prefix = tail[-1], tail[width - n + 1 :]
+    return [tail[j + n - 1] for j in range(width - n + 1)
+            if tail[j + n - 2] == last and tail[j : j + n - 1] == prefix and tail[j + n - 1] >= 0]
 
 
 def apply_bans(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
@@ -166,6 +191,7 @@ class NGramBatchProcessor(_Base):
     """
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        self.host_rows = HOST_ROWS  # up to this many guarded rows, bans are found on the host
         self.device = torch.device(device)
         self.pin = bool(is_pin_memory) and self.device.type == "cuda"
         self.capacity = int(vllm_config.model_config.max_model_len)  # no request outputs more tokens
@@ -215,9 +241,11 @@ class NGramBatchProcessor(_Base):
             self._batch = _Batch(self.guarded, self.capacity)
         batch = self._batch
         lengths = np.fromiter(map(len, batch.outputs), np.int64, batch.size)
-        index, tokens = batch.new_tokens(lengths)
         seen = np.minimum(lengths, batch.window)
         live = np.flatnonzero((seen >= batch.ngram) & (batch.rows < logits.shape[0]))
+        if live.size <= self.host_rows:
+            return self._apply_on_host(logits, batch, lengths, live)
+        index, tokens = batch.new_tokens(lengths)
         if not index.size and not live.size:
             return logits
         # Everything this step needs goes to the device in one copy.
@@ -238,6 +266,29 @@ class NGramBatchProcessor(_Base):
         banned = ngram_bans(tail, lens, ngram, window, data[2 * w + 5 * g :].view(whitelist.shape),
                             max_ngram=int(batch.ngram[live].max()))
         return apply_bans(logits, rows, tail, banned)
+
+    def _apply_on_host(self, logits: torch.Tensor, batch: _Batch, lengths: np.ndarray,
+                       live: np.ndarray) -> torch.Tensor:
+        """Few guarded rows: each one's bans from its live output list (`host_bans`), written in one
+        `index_fill_`. The device history is left behind; `new_tokens` catches it up from the lists when a step
+        takes the device path again. As there, a row's last token counts as not yet synced (vLLM may have
+        rewritten it in place: a repaired placeholder, a discarded token decoded again), and a shrunk list lowers
+        its row's count."""
+        np.minimum(batch.synced, np.maximum(lengths - 1, 0), out=batch.synced)
+        vocab = logits.shape[1]
+        found: list[int] = []
+        for i in live.tolist():
+            entry = batch.entries[i]
+            base = int(batch.rows[i]) * vocab
+            found += [base + t for t in host_bans(entry.output, entry.ngram, entry.window)
+                      if t < vocab and t not in entry.whitelist]
+        if not found:
+            return logits
+        if not logits.is_contiguous():
+            logits = logits.contiguous()
+        index = torch.tensor(found, dtype=torch.long).to(self.device)
+        logits.view(-1).index_fill_(0, index, float("-inf"))
+        return logits
 
     def _drop(self, row: int) -> None:
         entry = self.guarded.pop(row, None)

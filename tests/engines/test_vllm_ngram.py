@@ -21,9 +21,11 @@ import pytest
 import torch
 
 from engines.vllm.ngram import (
+    HOST_ROWS,
     MoveDirectionality,
     NGramBatchProcessor,
     apply_bans,
+    host_bans,
     ngram_bans,
     request_settings,
 )
@@ -162,6 +164,25 @@ def test_edge_cases() -> None:
     assert one([], 2, 10) == set()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_host_bans_equal_the_device_rule(seed: int) -> None:
+    """`host_bans` (few rows, numpy) bans what `ngram_bans` bans for the same row, placeholders (-1) included,
+    and what the reference bans where there are none; whitelists are the caller's in both."""
+    rng = random.Random(100 + seed)
+    for _ in range(300):
+        out = repetitive(rng, rng.choice([0, 1, 2, 3, 5, 9, 20, 40, 90, 150]))
+        if out and rng.random() < 0.3:  # unrepaired async placeholders, at the end or (discarded) inside
+            out[rng.choice([-1, rng.randrange(len(out))])] = -1
+        n, window = rng.randint(1, 6), rng.choice([1, 2, 3, 5, 8, 13, 30, 60, 200, 1000])
+        got = set(host_bans(out, n, window))
+        width = max(1, min(len(out), window))
+        tail = torch.tensor([([-7] * width + out)[-width:]])
+        mask = ngram_bans(tail, torch.tensor([len(out)]), torch.tensor([n]), torch.tensor([window]))
+        assert got == set(tail[mask].tolist()), (out, n, window)
+        if -1 not in out:
+            assert got == reference_bans(out, n, window, set()), (out, n, window)
+
+
 def test_request_settings_follow_vllm_checks() -> None:
     assert request_settings(None) is None and request_settings({}) is None
     assert request_settings({"window_size": 5}) is None
@@ -293,14 +314,19 @@ class FakeBatch:
                 out[-1] = request["stream"][(len(out) - 1) % 400]
 
 
+@pytest.mark.parametrize("host_rows", [0, HOST_ROWS, 10**6], ids=["device", "mixed", "host"])
 @pytest.mark.parametrize(("seed", "async_"), [(0, False), (1, True), (2, False), (3, True)])
-def test_processor_equals_per_request_processor(seed: int, async_: bool) -> None:
-    """A few hundred steps of a changing batch: batched and per-request processors give equal logits."""
+def test_processor_equals_per_request_processor(seed: int, async_: bool, host_rows: int) -> None:
+    """A few hundred steps of a changing batch (0 to 16 rows): batched and per-request processors give equal
+    logits, with the bans found on the device every step, on the host every step, or (the default) on the host
+    while few rows are guarded, so that the device history must catch up whenever the batch grows."""
     rng = random.Random(seed)
     slots = 16
     config = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=slots),
                              model_config=SimpleNamespace(max_model_len=1024))
     ours, theirs = NGramBatchProcessor(config, torch.device("cpu"), False), reference_processor()
+    ours.host_rows = host_rows
+    paths = {"host": 0, "device": 0}
     batch = FakeBatch(rng, slots, async_)
     banned_total = 0
     for step in range(300):
@@ -313,6 +339,8 @@ def test_processor_equals_per_request_processor(seed: int, async_: bool) -> None
         batch.repair()
         logits = torch.randn(len(batch.rows), VOCAB)
         want = theirs.apply(logits.clone())
+        live = sum(1 for g in ours.guarded.values() if min(len(g.output), g.window) >= g.ngram)
+        paths["host" if live <= host_rows else "device"] += 1
         got = ours.apply(logits.clone())
         banned_total += int(torch.isinf(want).sum())
         for row in range(len(batch.rows)):
@@ -322,6 +350,8 @@ def test_processor_equals_per_request_processor(seed: int, async_: bool) -> None
                 f"reference {set(torch.isinf(want[row]).nonzero().flatten().tolist())}"
             )
     assert banned_total > 500, banned_total  # the guard really banned things along the way
+    if host_rows == HOST_ROWS:  # both paths ran, and switched
+        assert min(paths.values()) > 20, paths
     assert sorted(ours.free + [g.slot for g in ours.guarded.values()]) == list(range(slots))  # no slot leaked
 
 

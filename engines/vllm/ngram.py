@@ -286,7 +286,10 @@ class NGramBatchProcessor(_Base):
             return logits
         if not logits.is_contiguous():
             logits = logits.contiguous()
-        index = torch.tensor(found, dtype=torch.long).to(self.device)
+        index = torch.tensor(found, dtype=torch.long)
+        # Pinned and non-blocking, as the device path's copy: a copy from pageable memory would wait for the
+        # forward pass queued before it, and with async scheduling the step's CPU work would wait with it.
+        index = index.pin_memory().to(self.device, non_blocking=True) if self.pin else index.to(self.device)
         logits.view(-1).index_fill_(0, index, float("-inf"))
         return logits
 

@@ -43,10 +43,17 @@ class AuditNGram(NGramBatchProcessor):
         from vllm.model_executor.models.deepseek_ocr import NGramPerReqLogitsProcessor
 
         super().__init__(vllm_config, device, is_pin_memory)
+        # Up to 4 guarded rows on the host, 5 to 8 (max_num_seqs) on the device: both paths, and the device
+        # history's catch-up each time the batch grows past 4, are audited on the GPU.
+        self.host_rows = 4
         self.reference = NGramPerReqLogitsProcessor(vllm_config, device, is_pin_memory)
         self.path = os.environ.get("NGRAM_AUDIT_OUT")
-        self.stats: dict[str, Any] = {"steps": 0, "row_checks": 0, "bans": 0, "mismatched_rows": 0,
-                                      "first_mismatches": []}
+        self.stats: dict[str, Any] = {"steps": 0, "host_steps": 0, "row_checks": 0, "bans": 0,
+                                      "mismatched_rows": 0, "first_mismatches": []}
+
+    def _apply_on_host(self, *args: Any) -> torch.Tensor:
+        self.stats["host_steps"] += 1
+        return super()._apply_on_host(*args)
 
     def update_state(self, batch_update: Any) -> None:
         super().update_state(batch_update)

@@ -1,6 +1,6 @@
 """Throughput of the vLLM path: one N-page A4 PDF through raw vLLM and through the service (GPU).
 
-(a) raw: vLLM's offline `LLM.generate` with the service's engine settings (`vllm_engine.engine_kwargs`:
+(a) raw: vLLM's offline `LLM.generate` with the service's engine settings (`engines.vllm.args.engine_kwargs`:
     max_num_seqs = MAX_CONCURRENCY, no prefix cache, the same n-gram logits processor), Gundam, greedy,
     the same prompt ids and images the service would send, every page rendered beforehand (144 dpi).
 (b) service: `uvicorn serve_ocr:app` (ENGINE=vllm) in a child process, `POST /pdf/ocr` with the PDF,
@@ -98,7 +98,7 @@ def page_params(args: argparse.Namespace, builder: Any, delta: bool = False) -> 
 
 def async_engine(args: argparse.Namespace, **extra: Any) -> tuple[Any, float]:
     """An AsyncLLM with the service's engine settings (and `extra` engine arguments), and its start time."""
-    from engines.vllm.engine import engine_kwargs, prepare_environment
+    from engines.vllm.args import engine_kwargs, prepare_environment
 
     prepare_environment()
     import vllm
@@ -115,7 +115,8 @@ def async_engine(args: argparse.Namespace, **extra: Any) -> tuple[Any, float]:
 def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     from config import DOCUMENT_PROMPT, MODES
     from engines.base import SamplingParams as Sampling
-    from engines.vllm.engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+    from engines.vllm.args import engine_kwargs, prepare_environment
+    from engines.vllm.engine import PromptBuilder, sampling_params, vllm_image
 
     prepare_environment()
     from vllm import LLM

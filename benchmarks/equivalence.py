@@ -121,7 +121,8 @@ def balanced_page() -> Any:
 def run_vllm(ckpt: str, dtype: str, out: str, probe: bool, kv: str = "auto") -> None:
     from config import Settings
     from engines.base import SamplingParams as Sampling
-    from engines.vllm.engine import PromptBuilder, engine_kwargs, prepare_environment, sampling_params, vllm_image
+    from engines.vllm.args import engine_kwargs, prepare_environment
+    from engines.vllm.engine import PromptBuilder, sampling_params, vllm_image
 
     prepare_environment()  # the per-request-mode plugin, here and in the engine core vLLM spawns
     from vllm import LLM, SamplingParams

@@ -1,6 +1,6 @@
 """Where a vLLM engine step's time goes (issue 30): a window of steps under vLLM's torch profiler, summarised.
 
-Raw vLLM `LLM` with the service's engine settings (`engines.vllm.engine.engine_kwargs`, as bench_vllm's raw
+Raw vLLM `LLM` with the service's engine settings (`engines.vllm.args.engine_kwargs`, as bench_vllm's raw
 path), the A4 workload of the throughput benchmark (Gundam, --max-tokens a page, n-gram guard on). First one
 unprofiled timed `generate` of the pages (its pages/s, and the engine core's CPU use over it: CPU seconds per
 wall second of its process); then the same pages again with vLLM's profiler recording steps --skip ..
@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import bench_vllm
 
     from config import DOCUMENT_PROMPT, MODES, Settings
-    from engines.vllm.engine import PromptBuilder, engine_kwargs, kv_bytes_per_token, prepare_environment, vllm_image
+    from engines.vllm.args import engine_kwargs, kv_bytes_per_token, prepare_environment
+    from engines.vllm.engine import PromptBuilder, vllm_image
 
     prepare_environment()
     from vllm import LLM

@@ -11,7 +11,7 @@ It also prints each batch size's time with vLLM's default configuration beside t
 
     python benchmarks/tune_moe.py --model /tmp/dsocr-ckpt/real --out /tmp/moe-configs [--budget-s 480]
 
-The service points vLLM at `engines/moe_configs/` (`engines.vllm.engine.prepare_environment`) when a table
+The service points vLLM at `engines/moe_configs/` (`engines.vllm.args.prepare_environment`) when a table
 for the GPU is there; docs/BENCHMARKS.md says whether one is shipped and what it changed.
 """
 

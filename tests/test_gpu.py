@@ -346,7 +346,8 @@ async def _in_process(model_dir: Path) -> None:
     from config import MODES, Settings
     from engines.base import EngineRequest
     from engines.base import SamplingParams as Sampling
-    from engines.vllm.engine import MOE_CONFIGS, VllmEngine
+    from engines.vllm.args import MOE_CONFIGS
+    from engines.vllm.engine import VllmEngine
     from errors import ModelNotReady
 
     settings = Settings(model_path=str(model_dir), engine="vllm", load_format="dummy", mode="base",
@@ -355,7 +356,7 @@ async def _in_process(model_dir: Path) -> None:
     await engine.start()
     try:
         assert engine.served_modes == tuple(MODES), engine.health()
-        # vLLM's offline step budget, not AsyncLLM's 2,048 (engines/vllm/engine.offline_batched_tokens).
+        # vLLM's offline step budget, not AsyncLLM's 2,048 (engines/vllm/args.offline_batched_tokens).
         from vllm import EngineArgs
         from vllm.usage.usage_lib import UsageContext
 

@@ -88,7 +88,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from config import Settings
-    from engines.vllm.engine import PromptBuilder, engine_kwargs, prepare_environment, vllm_image
+    from engines.vllm.args import engine_kwargs, prepare_environment
+    from engines.vllm.engine import PromptBuilder, vllm_image
 
     prepare_environment()
     from PIL import Image

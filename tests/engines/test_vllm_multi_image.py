@@ -14,7 +14,8 @@ from PIL import Image
 
 from config import Settings
 from engines.base import Confidence
-from engines.vllm.engine import PromptBuilder, engine_kwargs, per_image_tokens, score_tokens
+from engines.vllm.args import engine_kwargs
+from engines.vllm.engine import PromptBuilder, per_image_tokens, score_tokens
 from process.modes import MODES
 
 

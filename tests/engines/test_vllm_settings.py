@@ -1,5 +1,5 @@
 """vLLM engine settings that reach `vllm.AsyncEngineArgs`, checked on the CPU without vLLM
-(`engines.vllm.engine.engine_kwargs`); on the GPU, tests/test_gpu.py reads back what vLLM settled on."""
+(`engines.vllm.args.engine_kwargs`); on the GPU, tests/test_gpu.py reads back what vLLM settled on."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from config import Settings
-from engines.vllm.engine import engine_kwargs, offline_batched_tokens
+from engines.vllm.args import engine_kwargs, offline_batched_tokens
 
 
 def test_max_num_batched_tokens_setting_reaches_vllm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,14 +48,14 @@ def test_vllm_reads_the_shipped_moe_tables_unless_the_operator_points_elsewhere(
 ) -> None:
     """`prepare_environment` points vLLM's fused-MoE table lookup at engines/moe_configs; an operator's
     own folder wins."""
-    from engines.vllm import engine as vllm_engine
+    from engines.vllm import args as vllm_args
 
-    assert vllm_engine.MOE_CONFIGS.is_dir() and (vllm_engine.MOE_CONFIGS / "README.md").is_file()
+    assert vllm_args.MOE_CONFIGS.is_dir() and (vllm_args.MOE_CONFIGS / "README.md").is_file()
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
-    vllm_engine.use_moe_configs()
-    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(vllm_engine.MOE_CONFIGS)
+    vllm_args.use_moe_configs()
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(vllm_args.MOE_CONFIGS)
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
-    vllm_engine.use_moe_configs()
+    vllm_args.use_moe_configs()
     assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == str(tmp_path)
 
 
@@ -75,7 +75,7 @@ def test_kv_cache_dtype_reaches_vllm(real_config: Path) -> None:
 def test_kv_bytes_per_token_are_the_models(real_config: Path) -> None:
     """60 KiB a token in bfloat16 (FACTS: 10 KV heads x 128 x 12 layers, K and V), half in fp8; a tensor-parallel
     rank holds its share of the heads."""
-    from engines.vllm.engine import kv_bytes_per_token
+    from engines.vllm.args import kv_bytes_per_token
 
     path = str(real_config)
     assert kv_bytes_per_token(Settings(model_path=path)) == 10 * 128 * 12 * 2 * 2 == 61_440
@@ -87,7 +87,7 @@ def test_kv_bytes_per_token_are_the_models(real_config: Path) -> None:
 def test_auto_concurrency_ceiling_is_the_whole_memory_at_max_model_len(real_config: Path) -> None:
     """vLLM's max_num_seqs for MAX_CONCURRENCY=auto before it measured its cache: what 75 % of an 80 GiB GPU
     holds at MAX_MODEL_LEN tokens a sequence with nothing else in it (the measured figure is below: weights)."""
-    from engines.vllm.engine import auto_sequences_ceiling
+    from engines.vllm.args import auto_sequences_ceiling
 
     gib80 = 80 * 1024**3
     path = str(real_config)

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -69,33 +68,16 @@ def serve(port: int, engine_s: float, concurrency: int) -> None:
 
 @contextlib.contextmanager
 def server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
-    from bench_vllm import free_port, http
+    """This script's `--serve` in a child process (the tests' `child_server`: its log in a file, up once
+    /health answers, stopped after); yields its URL and pid."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.server import child_server, free_port
 
     port = free_port()
-    log = tempfile.NamedTemporaryFile("w+", prefix="bench-overhead-", suffix=".log", delete=False)  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--engine-s", str(args.engine_s),
-                             "--concurrency", str(args.concurrency)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {Path(log.name).read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                if http("GET", url + "/ready", timeout=2)[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not come up: {Path(log.name).read_text()[-3000:]}")
-            time.sleep(0.2)
+    argv = [sys.executable, __file__, "--serve", str(port), "--engine-s", str(args.engine_s),
+            "--concurrency", str(args.concurrency)]
+    with child_server(argv, port, {}) as (url, proc):
         yield url, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-        os.unlink(log.name)
 
 
 def _ms(values: list[float], q: float = 0.5) -> float:

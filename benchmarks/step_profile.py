@@ -89,19 +89,16 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
     range_starts = [r[0] for r in ranges]
     launches = {e["args"]["correlation"]: float(e["ts"]) for e in events
                 if e.get("cat") in LAUNCH_CATS and "correlation" in e.get("args", {})}
-    kernels = [e for e in events if e.get("cat") == "kernel" or e.get("cat") == "gpu_memcpy"
-               or e.get("cat") == "gpu_memset"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
 
     # The last step has no next start: it is only the end of the others' window.
-    per_step: list[dict[str, Any]] = [
-        {"kind": "prefill" if int(STEP_RE.match(s["name"]).group(1)) else "decode",  # type: ignore[union-attr]
-         "context_requests": int(STEP_RE.match(s["name"]).group(1)),  # type: ignore[union-attr]
-         "context_tokens": int(STEP_RE.match(s["name"]).group(2)),  # type: ignore[union-attr]
-         "sequences": int(STEP_RE.match(s["name"]).group(3)),  # type: ignore[union-attr]
-         "cpu_ms": float(s["dur"]) / 1000, "wall_ms": (starts[i + 1] - starts[i]) / 1000,
-         "intervals": [], "by_class": defaultdict(float), "by_range": defaultdict(float)}
-        for i, s in enumerate(steps[:-1])
-    ]
+    per_step: list[dict[str, Any]] = []
+    for i, s in enumerate(steps[:-1]):
+        context, tokens, sequences = (int(g) for g in STEP_RE.match(s["name"]).groups()[:3])  # type: ignore[union-attr]
+        per_step.append({"kind": "prefill" if context else "decode", "context_requests": context,
+                         "context_tokens": tokens, "sequences": sequences, "cpu_ms": float(s["dur"]) / 1000,
+                         "wall_ms": (starts[i + 1] - starts[i]) / 1000, "intervals": [],
+                         "by_class": defaultdict(float), "by_range": defaultdict(float)})
     unattributed = 0
     for k in kernels:
         launch = launches.get(k.get("args", {}).get("correlation"))

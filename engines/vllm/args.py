@@ -26,6 +26,7 @@ from engines.vllm import modes as vllm_modes
 
 log = logging.getLogger("deepseek_ocr.vllm")
 
+
 def engine_kwargs(settings: Settings, ngram_impl: str | None = None, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for `AsyncEngineArgs` / `EngineArgs` / `LLM`, from the service settings.
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -86,10 +87,12 @@ def head_ip(temp_dir: str) -> None:
 def alive_nodes(address: str, want: int, log: Path) -> None:
     script = ("import ray, time, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); t = time.time()\n"
               "while sum(n['Alive'] for n in ray.nodes()) < int(sys.argv[2]) and time.time() - t < 90: "
-              "time.sleep(0.5)\nprint(sum(n['Alive'] for n in ray.nodes()))")
+              "time.sleep(0.5)\nprint('alive nodes:', sum(n['Alive'] for n in ray.nodes()), flush=True)")
     out = subprocess.run([sys.executable, "-c", script, address, str(want)], capture_output=True, text=True,
                          timeout=150, env={**os.environ, **RAY_ENV})
-    assert out.stdout.strip().endswith(str(want)), out.stdout + out.stderr + log.read_text()[-3000:]
+    # Ray's driver may print the autoscaler's events to stdout after our line: read our line, not the last one
+    alive = re.findall(r"^alive nodes: (\d+)$", out.stdout, re.MULTILINE)
+    assert alive == [str(want)], out.stdout + out.stderr + log.read_text()[-3000:]
 
 
 def serve(env: dict[str, str], log: Path) -> Replica:

@@ -53,8 +53,13 @@ lint: setup-dev
 	$(PY) -m ruff check .
 	$(PY) -m deptry . --config .ci/deptry.toml
 
+# The suite in TEST_WORKERS processes (pytest-xdist), a test file to a process: its module fixtures (servers,
+# clusters) start once, as in one process. Most tests wait on servers they started, so 2 workers on 2 cores take
+# ~14 minutes where one took ~25. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q -rfEs --durations=25  # -rfEs: failures, errors and every skip listed with its reason
+	# -rfEs: failures, errors and every skip listed with its reason
+	$(PY) -m pytest -q -rfEs --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 fuzz: setup-dev
 	$(PY) -m pytest -q tests/test_fuzz.py

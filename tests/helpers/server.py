@@ -56,10 +56,13 @@ def port_is_free(port: int) -> bool:
 
 @contextlib.contextmanager
 def serve_app(app, *, timeout: float = 60.0) -> Iterator[str]:
-    """Run `app` with uvicorn on a free port in a thread; yields the base URL."""
-    port = free_port()
+    """Run `app` with uvicorn on a free port in a thread; yields the base URL. The socket is bound here and
+    handed to uvicorn, so no other server (another test process's) can take the port in between."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
@@ -71,6 +74,7 @@ def serve_app(app, *, timeout: float = 60.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+        sock.close()
 
 
 @contextlib.contextmanager
@@ -100,6 +104,9 @@ def child_server(argv: list[str], port: int, env: dict[str, str], *,
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log.name).read_text()[-5000:]}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    # the answer came from this child, not from another test process's server on the port
+                    if not listens_on(proc.pid, port):
+                        raise RuntimeError(f"port {port} answers, but not from this server (another took it)")
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not come up:\n{Path(log.name).read_text()[-5000:]}")
@@ -113,6 +120,20 @@ def child_server(argv: list[str], port: int, env: dict[str, str], *,
             proc.kill()
         log.close()
         os.unlink(log.name)
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process `pid` or one of its descendants listens on TCP `port`."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections("tcp")):
+                return True
+    return False
 
 
 def show(response: httpx.Response | object) -> str:

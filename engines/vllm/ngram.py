@@ -13,7 +13,7 @@ computes the same bans for every guarded row of the batch at once:
 - `apply_bans`: one `scatter_reduce_(amin)` writes -inf at every banned (row, token); duplicates are harmless.
 - few guarded rows (`host_rows`, 8): those tensor ops cost ~40 kernel launches a step whatever the batch, a
   fifth of a lone sequence's engine-core time in a GPU profile (docs/BENCHMARKS.md section 22). Then each row's
-  bans come from its live output list in numpy (`host_bans`, the same rule), and one `index_fill_` writes them,
+  bans come from its live output list in plain Python (`host_bans`, the same rule), and one `index_fill_` writes them,
   none when nothing is banned; the device history catches up from the lists when the batch grows again.
 
 The rule (vLLM's `NoRepeatNGramLogitsProcessor`, which this must equal ban for ban), with L output tokens
@@ -57,7 +57,7 @@ except ImportError:  # pragma: no cover - exercised on machines without vLLM
 DEFAULT_WINDOW = 100  # vLLM's default window_size when a request names none
 # Elements of the (rows, window, n-1) compare held at once; larger problems are compared in chunks of n-1.
 _COMPARE_BUDGET = 1 << 26
-# Guarded rows up to which a step's bans are found on the host (numpy, ~20 us a row) instead of on the device
+# Guarded rows up to which a step's bans are found on the host (plain Python, ~20 us a row) instead of on the device
 # (a fixed ~40 small kernels and their launches).
 HOST_ROWS = 8
 

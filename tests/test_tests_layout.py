@@ -98,12 +98,14 @@ def test_every_import_in_the_tests_resolves() -> None:
     """An import inside a function runs only when its test does: a name that no longer exists (a builder moved to
     tests/helpers/, a product module renamed) would fail that one test late, or hide behind a skip. Every
     absolute import a test or helper names must be found: the standard library, an installed package, a product
-    module (the repository root), or `helpers`. vLLM and Ray are optional (GPU and cluster tests)."""
+    module (the repository root), `helpers`, or a benchmark script (benchmarks/, which tests/benchmarks/ puts
+    on sys.path itself). vLLM and Ray are optional (GPU and cluster tests). The folders are put on sys.path
+    here, so the answer does not depend on which test files this process ran before."""
     import importlib.util
     import sys
 
     optional = {"vllm", "ray", "triton"}
-    roots = [str(TESTS.parent), str(TESTS)]
+    roots = [str(TESTS.parent), str(TESTS), str(TESTS.parent / "benchmarks")]
     sys.path[:0] = [r for r in roots if r not in sys.path]
     missing = []
     for path in sorted(TESTS.rglob("*.py")):

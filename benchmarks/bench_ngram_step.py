@@ -21,20 +21,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "tests"):  # the repository's modules; the tests' token streams
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from helpers import tokens  # noqa: E402
 
 
-def repetitive(rng: random.Random, length: int, vocab: int = 400) -> list[int]:
-    """Tokens with copied stretches, as a looping decoder writes them."""
-    out: list[int] = []
-    while len(out) < length:
-        if len(out) > 4 and rng.random() < 0.5:
-            start = rng.randrange(len(out))
-            out.extend(out[start : start + rng.randint(2, 40)])
-        else:
-            out.append(rng.randrange(vocab))
-    return out[:length]
+def repetitive(rng: random.Random, length: int) -> list[int]:
+    """Tokens with copied stretches of up to 40, as a looping decoder writes them (400 token ids)."""
+    return tokens.repetitive(rng, length, 400, longest_copy=40)
 
 
 def step_us(device: str, rows: int, steps: int, host_rows: int, ngram: tuple[int, int], vocab: int,

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import tokens
 
 from engines.vllm.ngram import (
     HOST_ROWS,
@@ -73,15 +74,7 @@ def expected_bans(output: list[int], n: int, window: int, whitelist: set[int]) -
 
 
 def repetitive(rng: random.Random, length: int) -> list[int]:
-    """Random tokens with copied stretches (as a looping decoder writes), so long n-grams recur."""
-    out: list[int] = []
-    while len(out) < length:
-        if len(out) > 4 and rng.random() < 0.5:
-            start = rng.randrange(len(out))
-            out.extend(out[start : start + rng.randint(2, 12)])
-        else:
-            out.append(rng.randrange(VOCAB))
-    return out[:length]
+    return tokens.repetitive(rng, length, VOCAB)
 
 
 def random_settings(rng: random.Random) -> dict[str, Any] | None:

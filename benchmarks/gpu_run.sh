@@ -46,6 +46,8 @@
 #        kv     KV_CACHE_DTYPE auto (bf16) then fp8 (KV_ORDER swaps): the service on the 256-page PDF, each on its
 #               own start, REPEAT (3) runs each; with MAX_CONCURRENCY=auto (KV_CONC) both measure their own
 #               sequences at MAX_MODEL_LEN (2048 here: 903 image + 1,000 tokens fit)              ~8 min
+#        ocr2ab  DeepSeek-OCR-2 against v1: the service on the 256 pages, each on its own start, REPEAT (3) runs
+#               each (OCR2AB="v1 ocr2 ocr2-vllmmask": OCR-2 with vLLM's own encoder-mask loop too)  ~8 min
 #        kvfp8  teacher-forced top-1 agreement of vLLM with its KV cache in fp8 against bf16, every mode, on
 #               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts)  ~4 min
 #        confidence  the service on the 256-page PDF with CONFIDENCE=false, then true, each on its own start,
@@ -64,7 +66,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|steps|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|steps|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -469,6 +471,22 @@ case "$phase" in
         --max-tokens 1000 --concurrency "${KV_CONC:-256}" --ngram 20 50 --pdf /tmp/bench-256.pdf --files 1 \
         --repeat "${REPEAT:-3}"
       names+=("kv-$v")
+      ab_summary "${names[@]}"
+    done
+    ;;
+  ocr2ab)  # issue 30: DeepSeek-OCR-2 against v1 through the service on the 256 pages, each on its own start,
+    # REPEAT (3) runs each; OCR2AB="v1 ocr2 ocr2-vllmmask" adds OCR-2 with vLLM's own encoder-mask loop
+    real_ckpt; ocr2_real_ckpt; bench_pdf
+    names=()
+    for v in ${OCR2AB:-v1 ocr2}; do
+      limit=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ "$limit" -lt 120 ] && { echo "=== ocr2ab-$v: not started, $limit s left"; break; }
+      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-240}" ] && limit=${T1:-240}
+      model=$CK/ocr2-real; mask=(-u DEEPSEEK_OCR_OCR2_MASK)
+      [ "$v" = v1 ] && model=$CK/real
+      [ "$v" = ocr2-vllmmask ] && mask=(DEEPSEEK_OCR_OCR2_MASK=vllm)
+      ab_run "ocr2ab-$v" "$limit" "${mask[@]}" -- "${big[@]}" --model "$model" --files 1 --repeat "${REPEAT:-3}"
+      names+=("ocr2ab-$v")
       ab_summary "${names[@]}"
     done
     ;;

@@ -7,7 +7,8 @@ processor's `__call__`), and its model takes the view sizes from the pixel tenso
 placeholder count from the request's sizes, and an encoder batch that never mixes modes (vLLM pads crops of
 different sizes into one tensor with zeros). `engines.vllm.modes_model` adds both by subclassing vLLM's
 DeepSeek-OCR classes; `register()` puts its model class in place of the built-in `DeepseekOCRForCausalLM`
-(`DeepseekOCR2ForCausalLM` is left alone).
+(`DeepseekOCR2ForCausalLM` keeps vLLM's class; only its encoder's mask is built by
+`engines.vllm.ocr2_encoder`, which `register()` also puts in place).
 
 vLLM spawns its engine core (and tensor-parallel workers) as new processes, so registering here is not
 enough: each vLLM process loads the entry points of group `vllm.general_plugins` on start-up
@@ -192,7 +193,10 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
+    from engines.vllm import ocr2_encoder
+
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    ocr2_encoder.register()  # DeepSeek-OCR-2's encoder mask without a GPU sync per query
     if multiprocessing.parent_process() is not None:
         _mark_registered()
 

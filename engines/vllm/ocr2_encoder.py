@@ -21,6 +21,7 @@ This module imports no vLLM at import time (`mask_from_types` is plain torch); `
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -28,6 +29,8 @@ import torch
 
 LAYER_NAME = "CustomQwen2Decoder"  # vLLM's class, the key of its out-of-tree registry
 SWITCH = "DEEPSEEK_OCR_OCR2_MASK"  # "vllm": keep vLLM's mask loop (to measure against it)
+# Under vLLM's logger, so the line shows in the engine core's log (vLLM configures "vllm" there, not ours).
+log = logging.getLogger("vllm.deepseek_ocr_service.ocr2_encoder")
 
 
 def mask_from_types(token_type_ids: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -66,6 +69,7 @@ def fast_decoder_class() -> type:
             super().__init__(*args, **kwargs)
             # An instance attribute wins over the inner class's method of the same name.
             self.model._create_custom_4d_mask = _fast_mask
+            log.info("DeepSeek-OCR-2 encoder: attention mask built in tensor ops (engines.vllm.ocr2_encoder)")
 
     return FastMaskQwen2Decoder
 

@@ -50,6 +50,9 @@ def _teacher_forced_top1(ocr: dso.DeepseekOCR, req: dso.GenerationRequest, token
 def main(out_dir: str) -> int:
     out = Path(out_dir)
     ckpt = dso.make_tiny(Path("/tmp/ocr2-small"), seed=0, vision="real", decoder="small", arch="ocr2")
+    from engines.vllm.args import prepare_environment
+
+    prepare_environment()  # the service's plugin: vLLM's OCR-2 with our encoder mask (engines/vllm/ocr2_encoder.py)
     from vllm import LLM, SamplingParams
 
     started = time.time()

@@ -46,7 +46,8 @@
 #        kv     KV_CACHE_DTYPE auto (bf16) then fp8 (KV_ORDER swaps): the service on the 256-page PDF, each on its
 #               own start, REPEAT (3) runs each; with MAX_CONCURRENCY=auto (KV_CONC) both measure their own
 #               sequences at MAX_MODEL_LEN (2048 here: 903 image + 1,000 tokens fit)              ~8 min
-#        ocr2ab  DeepSeek-OCR-2 against v1: the service on the 256 pages, each on its own start, REPEAT (3) runs
+#        ocr2ab  DeepSeek-OCR-2 against v1: the encoder stage a page with vLLM's mask loop and ours
+#               (benchmarks/bench_ocr2_mask.py), then the service on the 256 pages, each on its own start, REPEAT (3) runs
 #               each (OCR2AB="v1 ocr2 ocr2-vllmmask": OCR-2 with vLLM's own encoder-mask loop too)  ~8 min
 #        kvfp8  teacher-forced top-1 agreement of vLLM with its KV cache in fp8 against bf16, every mode, on
 #               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts)  ~4 min
@@ -477,6 +478,9 @@ case "$phase" in
   ocr2ab)  # issue 30: DeepSeek-OCR-2 against v1 through the service on the 256 pages, each on its own start,
     # REPEAT (3) runs each; OCR2AB="v1 ocr2 ocr2-vllmmask" adds OCR-2 with vLLM's own encoder-mask loop
     real_ckpt; ocr2_real_ckpt; bench_pdf
+    # first the encoder stage alone a page, both masks (no engine, ~30 s)
+    timeout 120 python3 benchmarks/bench_ocr2_mask.py --device cuda --repeat 10 --out "$OUT/ocr2-mask.json" 2>&1 |
+      grep -v "^INFO\|^WARNING\|warn" | tee "$OUT/ocr2-mask.log"
     names=()
     for v in ${OCR2AB:-v1 ocr2}; do
       limit=$(( ${T_TOTAL:-565} - SECONDS ))

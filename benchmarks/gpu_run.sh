@@ -49,6 +49,7 @@
 #        ocr2ab  DeepSeek-OCR-2 against v1: the encoder stage a page with vLLM's mask loop and ours
 #               (benchmarks/bench_ocr2_mask.py), then the service on the 256 pages, each on its own start, REPEAT (3) runs
 #               each (OCR2AB="v1 ocr2 ocr2-vllmmask": OCR-2 with vLLM's own encoder-mask loop too)  ~8 min
+#               MASK_BENCH=0 skips the encoder-stage benchmark
 #        kvfp8  teacher-forced top-1 agreement of vLLM with its KV cache in fp8 against bf16, every mode, on
 #               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts)  ~4 min
 #        confidence  the service on the 256-page PDF with CONFIDENCE=false, then true, each on its own start,
@@ -478,8 +479,9 @@ case "$phase" in
   ocr2ab)  # issue 30: DeepSeek-OCR-2 against v1 through the service on the 256 pages, each on its own start,
     # REPEAT (3) runs each; OCR2AB="v1 ocr2 ocr2-vllmmask" adds OCR-2 with vLLM's own encoder-mask loop
     real_ckpt; ocr2_real_ckpt; bench_pdf
-    # first the encoder stage alone a page, both masks (no engine, ~30 s)
-    timeout 120 python3 benchmarks/bench_ocr2_mask.py --device cuda --repeat 10 --out "$OUT/ocr2-mask.json" 2>&1 |
+    # first the encoder stage alone a page, both masks (no engine, ~30 s; MASK_BENCH=0 skips it)
+    [ "${MASK_BENCH:-1}" = 1 ] &&
+      timeout 120 python3 benchmarks/bench_ocr2_mask.py --device cuda --repeat 10 --out "$OUT/ocr2-mask.json" 2>&1 |
       grep -v "^INFO\|^WARNING\|warn" | tee "$OUT/ocr2-mask.log"
     names=()
     for v in ${OCR2AB:-v1 ocr2}; do

@@ -50,6 +50,9 @@
 #               (benchmarks/bench_ocr2_mask.py), then the service on the 256 pages, each on its own start, REPEAT (3) runs
 #               each (OCR2AB="v1 ocr2 ocr2-vllmmask": OCR-2 with vLLM's own encoder-mask loop too)  ~8 min
 #               MASK_BENCH=0 skips the encoder-stage benchmark
+#        encab  the DeepSeek-OCR encoder over the whole encoder batch (engines/vllm/encoder_batch.py) against
+#               vLLM's image-after-image loop (DEEPSEEK_OCR_ENCODER=vllm): the service on the 256-page PDF,
+#               each on its own start, REPEAT (3) runs each                                   ~8 min
 #        kvfp8  teacher-forced top-1 agreement of vLLM with its KV cache in fp8 against bf16, every mode, on
 #               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts)  ~4 min
 #        confidence  the service on the 256-page PDF with CONFIDENCE=false, then true, each on its own start,
@@ -68,7 +71,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|steps|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|steps|encab|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -143,7 +146,7 @@ ab_run() {
   env "${envs[@]}" timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py service --model "$CK/real" \
     --gpus 0 --log "$OUT/service-$name.log" --out "$OUT/$name.json" "$@" 2>&1 | grep -v '"timeline"' |
     tee "$OUT/$name.log"
-  grep -h "Using configuration from\|Using default MoE config\|Asynchronous scheduling\|warm-up took\|JIT compilation during inference\|Maximum concurrency for\|encoder: attention mask\|_ATTN\|FLASHINFER\|kv_cache_dtype=\|preempt" \
+  grep -h "Using configuration from\|Using default MoE config\|Asynchronous scheduling\|warm-up took\|JIT compilation during inference\|Maximum concurrency for\|encoder: attention mask\|encoder: the views\|_ATTN\|FLASHINFER\|kv_cache_dtype=\|preempt" \
     "$OUT/service-$name.log" | cut -c1-260 | sort | uniq -c | sort -rn | head -14
 }
 # Each start's runs (written as each ends: <name>.json.runs), one line each, and the median.
@@ -493,6 +496,21 @@ case "$phase" in
       [ "$v" = ocr2-vllmmask ] && mask=(DEEPSEEK_OCR_OCR2_MASK=vllm)
       ab_run "ocr2ab-$v" "$limit" "${mask[@]}" -- "${big[@]}" --model "$model" --files 1 --repeat "${REPEAT:-3}"
       names+=("ocr2ab-$v")
+      ab_summary "${names[@]}"
+    done
+    ;;
+  encab)  # issue 30: the DeepSeek-OCR encoder over the whole encoder batch (engines/vllm/encoder_batch.py) against
+    # vLLM's image-after-image loop (DEEPSEEK_OCR_ENCODER=vllm), the service on the 256 pages, each on its own
+    # start, REPEAT (3) runs each; ENCAB_ORDER="batched vllm" swaps
+    real_ckpt; bench_pdf
+    names=()
+    for v in ${ENCAB_ORDER:-vllm batched}; do
+      limit=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ "$limit" -lt 120 ] && { echo "=== encab-$v: not started, $limit s left"; break; }
+      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-290}" ] && limit=${T1:-290}
+      if [ "$v" = vllm ]; then set_env=(DEEPSEEK_OCR_ENCODER=vllm); else set_env=(-u DEEPSEEK_OCR_ENCODER); fi
+      ab_run "encab-$v" "$limit" "${set_env[@]}" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
+      names+=("encab-$v")
       ab_summary "${names[@]}"
     done
     ;;

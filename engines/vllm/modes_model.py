@@ -14,7 +14,9 @@ Imported only inside vLLM processes (through `engines.vllm.modes.register`): it 
 - `DeepseekOCRModesForCausalLM`: takes the extra field, and decides "no image" / "no tiles" by tensor sizes
   instead of vLLM's pixel sum (a view whose normalised pixels sum to exactly 0 made `embed_multimodal`
   return nothing and killed the engine core). Its encoder CUDA-graph path is Gundam-only in vLLM and is
-  refused (`compilation_config.cudagraph_mm_encoder` is off by default and in `engine_kwargs`).
+  refused (`compilation_config.cudagraph_mm_encoder` is off by default and in `engine_kwargs`). It encodes
+  all global views of an encoder batch in one pass and all tiles in another (`engines.vllm.encoder_batch`),
+  where vLLM's eager path runs the encoder image after image; the tile grids stay on the host.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, Mult
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.transformers_utils.processors.deepseek_ocr import MAX_CROPS, MIN_CROPS, count_tiles
 
+from engines.vllm import encoder_batch
 from engines.vllm.modes import GUNDAM, ViewSizes, count_placeholders
 
 VIEW_SIZES = "view_sizes"
@@ -137,6 +140,8 @@ class ModesMultiModalProcessor(DeepseekOCRMultiModalProcessor):
         images = 0 if pixels is None else len(pixels)
         # All images of one prompt share the prompt's kwargs, hence one value for them all.
         fields[VIEW_SIZES] = MultiModalFieldConfig.shared("image", batch_size=images, keep_on_cpu=True)
+        if encoder_batch.enabled():  # the tile grids are read on the host: no GPU wait for them in the step
+            fields["images_spatial_crop"] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
         return fields
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
@@ -163,6 +168,12 @@ class ModesMultiModalProcessor(DeepseekOCRMultiModalProcessor):
     dummy_inputs=DeepseekOCRDummyInputsBuilder,  # profiles with Gundam's largest image, as vLLM does
 )
 class DeepseekOCRModesForCausalLM(DeepseekOCRForCausalLM):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if encoder_batch.enabled():
+            encoder_batch.log.info("DeepSeek-OCR encoder: the views of a batch encoded together "
+                                   "(engines.vllm.encoder_batch)")
+
     def _parse_and_validate_image_input(self, **kwargs: object) -> DeepseekOCRImagePixelInputs | None:
         pixel_values = kwargs.pop("pixel_values", None)
         images_spatial_crop = kwargs.pop("images_spatial_crop", None)
@@ -187,13 +198,24 @@ class DeepseekOCRModesForCausalLM(DeepseekOCRForCausalLM):
             resolve_bindings={"base_size": pixel_values.shape[-1], "image_size": images_crop.shape[-1]},
         )
 
+    def _project_views(self, views: torch.Tensor) -> torch.Tensor:
+        """Square views (N, 3, S, S) -> projected features (N, (S/64)^2, C), as vLLM's model computes them."""
+        sam = self.sam_model(views)
+        clip = self.vision_model(views, sam)
+        return self.projector(torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1))
+
+    def _pixel_values_to_embedding(self, pixel_values: torch.Tensor, images_crop: torch.Tensor,
+                                   images_spatial_crop: torch.Tensor) -> list[torch.Tensor]:
+        if not encoder_batch.enabled():
+            return super()._pixel_values_to_embedding(pixel_values, images_crop, images_spatial_crop)
+        grids = [(int(w), int(h)) for w, h in images_spatial_crop.tolist()]  # on the host (fields config)
+        return encoder_batch.image_embeddings(self._project_views, pixel_values, images_crop, grids,
+                                              self.image_newline, self.view_seperator)
+
     def _encode_local_features(self, patches: torch.Tensor, crop_shape: torch.Tensor) -> torch.Tensor | None:
         if patches.numel() == 0:  # an image that was not tiled
             return None
-        sam = self.sam_model(patches)
-        clip = self.vision_model(patches, sam)
-        features = self.projector(torch.cat((clip[:, 1:], sam.flatten(2).permute(0, 2, 1)), dim=-1))
-        return self._assemble_patch_grid(features, crop_shape)
+        return self._assemble_patch_grid(self._project_views(patches), crop_shape)
 
     def get_encoder_cudagraph_config(self):
         raise NotImplementedError(

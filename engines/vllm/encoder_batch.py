@@ -1,0 +1,98 @@
+"""DeepSeek-OCR's vision encoder over a whole encoder batch at once, instead of image after image.
+
+vLLM 0.26's DeepSeek-OCR (`DeepseekOCRForCausalLM._pixel_values_to_embedding`, its eager path: the encoder
+CUDA graphs are Gundam-only and off here) runs SAM, CLIP and the projector once for each image's global view
+and once for its tiles, and reads each image's tile grid with two `.item()` calls. An engine step that
+prefills 17 A4 pages so runs the encoder 34 times, each run some two thousand small kernels launched from
+Python, with the GPU waiting for the host between them and a host wait for the GPU at each `.item()`;
+decoding sequences wait behind all of it. On an H100 a step that prefilled one page took ~105 ms of wall time
+with the GPU busy 31 ms of it (docs/BENCHMARKS.md section 26).
+
+`image_embeddings` runs the encoder on all the batch's global views together and on all its tiles together
+(in calls of at most `VIEW_BUDGET` attention cells, see `views_per_call`), then lays each image's features out
+exactly as vLLM does: the tile grid row by row with a newline column, the global view with its newline column,
+the view separator. The tile grids come from the CPU (the `images_spatial_crop` field is kept on the CPU by
+`engines.vllm.modes_model`), so nothing in it waits for the GPU.
+
+This module imports no vLLM: `engines.vllm.modes_model.DeepseekOCRModesForCausalLM` calls it with vLLM's
+modules; the CPU tests call it with ours (`deepseek_ocr.DeepseekOCRModel.view_features`) against our
+per-image `encode_image`. `DEEPSEEK_OCR_ENCODER=vllm` (a benchmark switch) keeps vLLM's per-image loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+SWITCH = "DEEPSEEK_OCR_ENCODER"  # "vllm": keep vLLM's image-after-image encoder (to measure against it)
+# SAM's global-attention layers build a (views, heads, T, T) bias, T = (side / 16)^2 patch tokens a view. A
+# call holds at most this many T*T cells: eight 1024 px views (T = 4,096; ~3.2 GB of bias in bfloat16), 52
+# 640 px tiles, three 1280 px views. vLLM's start-up profile runs the largest batch, so the KV cache is sized
+# with this peak in it.
+VIEW_BUDGET = 8 * 4096 * 4096
+log = logging.getLogger("vllm.deepseek_ocr_service.encoder_batch")
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH, "").strip().lower() != "vllm"
+
+
+def views_per_call(side: int, patch: int = 16) -> int:
+    """How many square views of `side` pixels one encoder call takes under VIEW_BUDGET (at least one)."""
+    tokens = math.ceil(side / patch) ** 2
+    return max(1, VIEW_BUDGET // (tokens * tokens))
+
+
+def project_views(project: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor) -> torch.Tensor:
+    """`project` (views (N, 3, S, S) -> features (N, q*q, C)) over `views` in calls of `views_per_call`."""
+    step = views_per_call(views.shape[-1])
+    if views.shape[0] <= step:
+        return project(views)
+    return torch.cat([project(views[i:i + step]) for i in range(0, views.shape[0], step)])
+
+
+def _with_newline(grid: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """(rows, cols, C) -> (rows * (cols + 1), C): a newline embedding closes every row."""
+    rows, _, dim = grid.shape
+    return torch.cat([grid, newline[None, None, :].expand(rows, 1, dim)], dim=1).view(-1, dim)
+
+
+def _square(features: torch.Tensor) -> int:
+    side = math.isqrt(features.shape[1])
+    if side * side != features.shape[1]:
+        raise ValueError(f"encoder features of {features.shape[1]} tokens a view are not a square grid")
+    return side
+
+
+def image_embeddings(project: Callable[[torch.Tensor], torch.Tensor], global_views: torch.Tensor,
+                     tiles: torch.Tensor, grids: Sequence[tuple[int, int]], newline: torch.Tensor,
+                     separator: torch.Tensor) -> list[torch.Tensor]:
+    """Each image's `<image>` embeddings, (tokens, C), as vLLM's per-image loop lays them out.
+
+    global_views: (N, 3, B, B), one per image; tiles: (P, 3, I, I), the tiled images' tiles in image order,
+    row by row; grids: each image's (tiles wide, tiles high), (1, 1) or less for an untiled image.
+    """
+    if len(grids) != global_views.shape[0]:
+        raise ValueError(f"{global_views.shape[0]} global views for {len(grids)} tile grids")
+    counts = [w * h if w > 1 or h > 1 else 0 for w, h in grids]
+    if sum(counts) != tiles.shape[0]:
+        raise ValueError(f"{tiles.shape[0]} tiles for grids {list(grids)} (expected {sum(counts)})")
+    glob = project_views(project, global_views)
+    side = _square(glob)
+    local = project_views(project, tiles) if sum(counts) else None
+    q = _square(local) if local is not None else 0
+    out, start = [], 0
+    for (w, h), count, features in zip(grids, counts, glob, strict=True):
+        parts = []
+        if count:
+            grid = local[start:start + count].view(h, w, q, q, -1)  # type: ignore[index]
+            start += count
+            parts.append(_with_newline(grid.permute(0, 2, 1, 3, 4).reshape(h * q, w * q, -1), newline))
+        parts.append(_with_newline(features.view(side, side, -1), newline))
+        parts.append(separator[None, :])
+        out.append(torch.cat(parts))
+    return out

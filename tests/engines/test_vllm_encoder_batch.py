@@ -1,0 +1,139 @@
+"""The DeepSeek-OCR encoder over a whole batch (`engines.vllm.encoder_batch`) against image-after-image encoding.
+
+On the CPU: against our model's per-image `encode_image` (tiny vision, random weights). Where vLLM imports
+(the GPU machine): against vLLM 0.26's own per-image loop (`DeepseekOCRForCausalLM._pixel_values_to_embedding`
+and its helpers), run over the same modules.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import deepseek_ocr as dso
+from engines.vllm import encoder_batch
+from process.image_process import ImageInputs
+from tiny_checkpoint import random_init_, tiny_config
+
+BASE, TILE = 256, 128  # small sides keep the CPU encoder fast (4x4 and 2x2 feature grids)
+GRIDS = [(3, 2), (1, 1), (2, 3), (1, 1), (2, 1)]  # (wide, high): tiled, untiled, tall, untiled, two tiles
+
+
+@pytest.fixture(scope="module")
+def model() -> dso.DeepseekOCRModel:
+    cfg = dso.DeepseekOCRConfig.from_dict(tiny_config())
+    # float64: batching changes the summation order of the matrix products; in float64 that stays far below
+    # the tolerance, so any layout difference (a swapped tile, a missing newline) shows
+    return random_init_(dso.DeepseekOCRModel(cfg), seed=3, std=0.2).double().eval()
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    global_views = torch.rand(len(GRIDS), 3, BASE, BASE, generator=gen, dtype=torch.float64) * 2 - 1
+    count = sum(w * h for w, h in GRIDS if w * h > 1)
+    return global_views, torch.rand(count, 3, TILE, TILE, generator=gen, dtype=torch.float64) * 2 - 1
+
+
+def _project(model: dso.DeepseekOCRModel):  # noqa: ANN202
+    return lambda views: model.view_features(views).flatten(1, 2)
+
+
+def _per_image(model: dso.DeepseekOCRModel, global_views: torch.Tensor, tiles: torch.Tensor) -> list[torch.Tensor]:
+    out, start = [], 0
+    for (w, h), view in zip(GRIDS, global_views, strict=True):
+        count = w * h if w * h > 1 else 0
+        image = ImageInputs(global_view=view, tiles=tiles[start:start + count] if count else None, grid=(w, h),
+                            base_size=BASE, image_size=TILE, image_tokens=0)
+        start += count
+        out.append(model.encode_image(image))
+    return out
+
+
+@pytest.mark.parametrize("budget", [encoder_batch.VIEW_BUDGET, 1])  # 1: every view in a call of its own
+def test_the_batch_gives_each_image_what_our_per_image_encoder_gives(model: dso.DeepseekOCRModel, budget: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encoder_batch, "VIEW_BUDGET", budget)
+    global_views, tiles = _inputs()
+    calls: list[int] = []
+    project = _project(model)
+
+    def counted(views: torch.Tensor) -> torch.Tensor:
+        calls.append(views.shape[0])
+        return project(views)
+
+    with torch.no_grad():
+        batched = encoder_batch.image_embeddings(counted, global_views, tiles, GRIDS, model.image_newline,
+                                                 model.view_seperator)
+        expected = _per_image(model, global_views, tiles)
+    # one call for the five global views and one for the 14 tiles, or one a view
+    assert calls == ([5, 14] if budget > 1 else [1] * 19)
+    assert [e.shape for e in batched] == [e.shape for e in expected]
+    # the token count the prompt's placeholders follow: tile rows x (columns + newline), the same for the
+    # global view, and the separator
+    q, qb = TILE // 64, BASE // 64
+    for (w, h), got in zip(GRIDS, batched, strict=True):
+        tiled = w * h > 1
+        assert got.shape[0] == (h * q * (w * q + 1) if tiled else 0) + qb * (qb + 1) + 1
+    for got, want in zip(batched, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_batch_without_tiles_encodes_no_tiles(model: dso.DeepseekOCRModel) -> None:
+    global_views, _ = _inputs()
+    calls: list[int] = []
+    project = _project(model)
+    with torch.no_grad():
+        no_tiles = torch.zeros(0, 3, TILE, TILE, dtype=torch.float64)
+        out = encoder_batch.image_embeddings(lambda v: calls.append(v.shape[0]) or project(v), global_views[:2],
+                                             no_tiles, [(1, 1), (1, 1)], model.image_newline, model.view_seperator)
+    assert calls == [2]
+    assert [o.shape[0] for o in out] == [(BASE // 64) * (BASE // 64 + 1) + 1] * 2
+
+
+def test_views_per_call_follows_the_attention_budget() -> None:
+    assert [encoder_batch.views_per_call(s) for s in (512, 640, 1024, 1280)] == [128, 52, 8, 3]
+    assert encoder_batch.views_per_call(4096) == 1  # never fewer than one view a call
+
+
+def test_tile_counts_that_do_not_match_the_grids_are_refused(model: dso.DeepseekOCRModel) -> None:
+    global_views, tiles = _inputs()
+    project = _project(model)
+    with pytest.raises(ValueError, match="13 tiles for grids"):
+        encoder_batch.image_embeddings(project, global_views, tiles[:13], GRIDS, model.image_newline,
+                                       model.view_seperator)
+    with pytest.raises(ValueError, match="5 global views for 4 tile grids"):
+        encoder_batch.image_embeddings(project, global_views, tiles, GRIDS[:4], model.image_newline,
+                                       model.view_seperator)
+
+
+def test_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(encoder_batch.SWITCH, raising=False)
+    assert encoder_batch.enabled()
+    monkeypatch.setenv(encoder_batch.SWITCH, "vllm")
+    assert not encoder_batch.enabled()
+
+
+def test_the_batch_lays_out_what_vllms_own_loop_lays_out(model: dso.DeepseekOCRModel) -> None:
+    """vLLM 0.26's per-image methods against the service's subclass (`DeepseekOCRModesForCausalLM`), both bound
+    to our modules (vLLM's `vision_model` takes the pixels and SAM's features; ours SAM's features alone)."""
+    vllm_ocr = pytest.importorskip("vllm.model_executor.models.deepseek_ocr")
+    cls = vllm_ocr.DeepseekOCRForCausalLM
+    shim = types.SimpleNamespace(sam_model=model.sam_model, vision_model=lambda px, sam: model.vision_model(sam),
+                                 projector=model.projector, image_newline=model.image_newline,
+                                 view_seperator=model.view_seperator)
+    for name in ("_encode_global_features", "_encode_local_features", "_assemble_patch_grid",
+                 "_pixel_values_to_embedding"):
+        setattr(shim, name, types.MethodType(getattr(cls, name), shim))
+    ours = types.SimpleNamespace(**vars(shim))  # the service's subclass, its own methods on the same modules
+    modes_model = pytest.importorskip("engines.vllm.modes_model")
+    for name in ("_project_views", "_pixel_values_to_embedding"):
+        setattr(ours, name, types.MethodType(getattr(modes_model.DeepseekOCRModesForCausalLM, name), ours))
+    global_views, tiles = _inputs()
+    with torch.no_grad():
+        theirs = shim._pixel_values_to_embedding(global_views, tiles, torch.tensor(GRIDS))
+        batched = ours._pixel_values_to_embedding(global_views, tiles, torch.tensor(GRIDS))
+    assert len(theirs) == len(batched) == len(GRIDS)
+    for got, want in zip(batched, theirs, strict=True):
+        torch.testing.assert_close(got, want)

@@ -503,6 +503,9 @@ case "$phase" in
     # vLLM's image-after-image loop (DEEPSEEK_OCR_ENCODER=vllm), the service on the 256 pages, each on its own
     # start, REPEAT (3) runs each; ENCAB_ORDER="batched vllm" swaps
     real_ckpt; bench_pdf
+    # first the layout check against vLLM's own per-image loop, with this machine's vLLM (~10 s)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/engines/test_vllm_encoder_batch.py 2>&1 |
+      tail -3 | tee "$OUT/encab-test.log"
     names=()
     for v in ${ENCAB_ORDER:-vllm batched}; do
       limit=$(( ${T_TOTAL:-565} - SECONDS ))

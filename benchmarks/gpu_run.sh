@@ -35,8 +35,9 @@
 #               default), each on its own start, REPEAT (3) runs each; MOEAB_ORDER="tuned default" swaps ~8 min
 #        conc   MAX_CONCURRENCY 256 then 512 on the service (CONC="256 512"), FILES (2) copies of the 256-page
 #               PDF at once, REPEAT (1) runs on each start                                  ~6-8 min
-#        steps  issue 30's per-step profile: raw LLM.generate of the 256 pages unprofiled (pages/s, the engine
-#               core's CPU use), then again under vLLM's torch profiler for STEPS (45) steps after SKIP (5):
+#        steps  issue 30's per-step profile: raw AsyncLLM with the 256 pages sent at once, unprofiled (pages/s,
+#               the engine core's CPU use), then again under vLLM's torch profiler in two windows by time after
+#               the send (FILL_WINDOW "0 3": the prefills; DECODE_WINDOW "12 13.5": the full batch decoding):
 #               step wall vs GPU busy, kernel time by class and by vLLM range, the memory-traffic bound ~5 min
 #               ASYNC=off: the same with vLLM's async scheduling off (on by default in vLLM 0.26); ASYNC="auto
 #               off": both in one call, each on its own start (~9 min);
@@ -530,10 +531,13 @@ case "$phase" in
       rm -rf /tmp/step-trace
       echo "=== steps $tag: up to $left s, $(date -u +%T)"
       timeout -s INT -k 20 "$left" python3 benchmarks/step_profile.py --model "$model" "${big[@]}" \
-        --image-tokens "$itok" --skip "${SKIP:-5}" --steps "${STEPS:-45}" --bandwidth-tbs "$bw" \
+        --image-tokens "$itok" --fill-window ${FILL_WINDOW:-0 3} --decode-window ${DECODE_WINDOW:-12 13.5} \
+        --bandwidth-tbs "$bw" \
         --trace-dir /tmp/step-trace --async-scheduling "$a" --out "$OUT/steps-$tag.json" \
         > "$OUT/steps-$tag-full.log" 2>&1
-      grep -v "^INFO\|^(EngineCore\|^WARNING\|^DEBUG" "$OUT/steps-$tag-full.log" | tail -40
+      grep -v "^INFO\|^(EngineCore\|^WARNING\|^DEBUG" "$OUT/steps-$tag-full.log" | tail -60
+      # the traces themselves, where they fit what comes back (16 MiB a file)
+      find /tmp/step-trace -name "*.json.gz" -size -15M -exec cp {} "$OUT/" \; 2>/dev/null
     done
     ;;
   ngramstep)

@@ -1,11 +1,14 @@
-"""Where a vLLM engine step's time goes (issue 30): a window of steps under vLLM's torch profiler, summarised.
+"""Where a vLLM engine step's time goes (issue 30): two windows of steps under vLLM's torch profiler, summarised.
 
-Raw vLLM `LLM` with the service's engine settings (`engines.vllm.args.engine_kwargs`, as bench_vllm's raw
-path), the A4 workload of the throughput benchmark (Gundam, --max-tokens a page, n-gram guard on). First one
-unprofiled timed `generate` of the pages (its pages/s, and the engine core's CPU use over it: CPU seconds per
-wall second of its process); then the same pages again with vLLM's profiler recording steps --skip ..
---skip + --steps of that `generate` (`ProfilerConfig.delay_iterations` / `max_iterations`). The worker's trace
-(Chrome JSON, written by vLLM under --trace-dir) is read back and summarised by `summarize`:
+Raw vLLM `AsyncLLM` with the service's engine settings (`engines.vllm.args.engine_kwargs`, as bench_vllm's raw
+paths), the A4 workload of the throughput benchmark (Gundam, --max-tokens a page, n-gram guard on), every page
+sent at once with its views and vLLM's processor in threads, as the service does, so that the engine holds the
+whole batch within seconds (the offline `LLM` preprocesses serially inside `generate`: its batch was still
+52 sequences 300 steps in, docs/BENCHMARKS.md section 26). First one unprofiled pass (its pages/s, and the
+engine core's CPU seconds per wall second); then the same pages again with vLLM's profiler on for two windows
+by time after the send (`--fill-window`: the prefills while the batch fills; `--decode-window`: the full batch
+decoding). vLLM's `gpu_model_runner: *` ranges are recorded (VLLM_CUSTOM_SCOPES_FOR_PROFILING=1). Each window's
+worker trace (Chrome JSON, written by vLLM under --trace-dir) is read back and summarised by `summarize`:
 
 - steps: vLLM's step annotation (`execute_context_C(T)_generation_G(T)`, one per `execute_model`): its CPU span,
   and its wall time (to the next step's start); steps with prefill (C > 0) apart from decode-only ones;
@@ -13,15 +16,15 @@ wall second of its process); then the same pages again with vLLM's profiler reco
   launch, found by the kernel's correlation id: a CUDA graph's kernels share their graph launch's), over the
   step's wall time;
 - kernel time per step by class (fused MoE, attention, GEMM, norms/activations/rotary, copies, other) and by
-  vLLM's range at the launch (`gpu_model_runner: preprocess` holds the vision encoder, `forward` the decoder,
-  `sample` the sampler with the logits processors (the n-gram guard) and the log-probabilities);
+  vLLM's range at the launch (`preprocess` holds the vision encoder, `forward` the decoder, `sample` the sampler
+  with the logits processors (the n-gram guard) and the log-probabilities);
 - the memory-traffic bound of a decode step: every expert's weights (all are touched at these batches) plus the
   KV cache the step reads, over --bandwidth-tbs (H100 SXM 3.35, H200 4.8): the fraction of it reached.
 
-The profiler slows the CPU side; the unprofiled run's pages/s is the figure to quote, the profile says where
+The profiler slows the CPU side; the unprofiled pass's pages/s is the figure to quote, the profile says where
 the time goes. Usage (GPU machine, kit installed; real-size config, random weights):
     python benchmarks/step_profile.py --model /tmp/dsocr-ckpt/real --pages 256 --max-tokens 1000 \\
-        --skip 5 --steps 45 --trace-dir /tmp/step-trace --out step-profile.json
+        --fill-window 0 3 --decode-window 12 13.5 --trace-dir /tmp/step-trace --out step-profile.json
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import re
 import statistics
 import sys
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -180,15 +184,32 @@ def engine_core_cpu() -> float:
     return total
 
 
+def _window_traces(trace_dir: Path, known: set[Path], timeout_s: float = 180) -> list[Path]:
+    """The trace files written under `trace_dir` since `known`, once none has changed for 3 s."""
+    deadline = time.monotonic() + timeout_s
+    fresh: list[Path] = []
+    while time.monotonic() < deadline:
+        fresh = sorted((p for p in trace_dir.rglob("*.json*") if p not in known), key=lambda p: p.stat().st_size)
+        if fresh and all(time.time() - p.stat().st_mtime > 3 for p in fresh):
+            break
+        time.sleep(1)
+    return fresh
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Raw vLLM `AsyncLLM` with the service's engine settings, every page sent at once (each page's views and
+    vLLM's processor in a thread, as the service's renderer does), so the engine holds the full batch within
+    seconds. One unprofiled pass (pages/s, the engine core's CPU), then a profiled pass with two windows by
+    time: WINDOWS (start, end) in seconds after the send; each window is one trace (the worker's)."""
+    import asyncio
+    import os
+
+    os.environ.setdefault("VLLM_CUSTOM_SCOPES_FOR_PROFILING", "1")  # vLLM's gpu_model_runner ranges
     import bench_vllm
 
     from config import DOCUMENT_PROMPT, MODES, Settings
-    from engines.vllm.args import engine_kwargs, kv_bytes_per_token, prepare_environment
+    from engines.vllm.args import kv_bytes_per_token
     from engines.vllm.engine import PromptBuilder, vllm_image
-
-    prepare_environment()
-    from vllm import LLM
 
     args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
     if not Path(args.pdf).is_file():
@@ -201,65 +222,87 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = bench_vllm.page_params(args, builder)
     settings = bench_vllm.settings_for(args)
     profiler = {"profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
-                "torch_profiler_dump_cuda_time_total": False, "ignore_frontend": True,
-                "delay_iterations": args.skip, "max_iterations": args.steps}
-    t = time.perf_counter()
-    extra = {"async_scheduling": False} if args.async_scheduling == "off" else {}
-    llm = LLM(**engine_kwargs(settings, ngram_impl=args.ngram_impl, **extra), profiler_config=profiler)
-    result: dict[str, Any] = {"engine_start_s": round(time.perf_counter() - t, 1), "pages": len(images),
-                              "max_tokens": args.max_tokens, "ngram": list(args.ngram),
-                              "max_num_seqs": llm.llm_engine.vllm_config.scheduler_config.max_num_seqs,
-                              "kv_cache_dtype": settings.kv_cache_dtype,
-                              "async_scheduling": llm.llm_engine.vllm_config.scheduler_config.async_scheduling}
+                "torch_profiler_dump_cuda_time_total": False, "ignore_frontend": True}
+    from vllm.config import ProfilerConfig
 
-    def prompts() -> list[dict[str, Any]]:
-        return [builder.prompt(DOCUMENT_PROMPT, vllm_image(im, gundam), gundam) for im in images]
+    extra: dict[str, Any] = {"profiler_config": ProfilerConfig(**profiler)}  # the engine args want the class
+    if args.async_scheduling == "off":
+        extra["async_scheduling"] = False
+    windows = [(args.fill_window[0], args.fill_window[1], "fill"), (args.decode_window[0], args.decode_window[1],
+                                                                       "decode")]
 
-    llm.generate(prompts()[:2], bench_vllm.page_params(argparse.Namespace(**{**vars(args), "max_tokens": 16}),
-                                                       builder), use_tqdm=False)
-    cpu0, t = engine_core_cpu(), time.perf_counter()
-    outs = llm.generate(prompts(), params, use_tqdm=False)
-    elapsed = time.perf_counter() - t
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    result["unprofiled"] = {"elapsed_s": round(elapsed, 2), "pages_per_s": round(len(outs) / elapsed, 3),
-                            "output_tokens_per_s": round(tokens / elapsed, 1),
-                            "mean_completion_tokens": round(tokens / len(outs), 1),
-                            "engine_core_cpu_per_wall_s": round((engine_core_cpu() - cpu0) / elapsed, 3)}
-    print(json.dumps({"unprofiled": result["unprofiled"]}), flush=True)
+    async def main() -> dict[str, Any]:
+        engine, start_s = bench_vllm.async_engine(args, **extra)
+        config = engine.vllm_config
+        result: dict[str, Any] = {"engine_start_s": round(start_s, 1), "pages": len(images),
+                                  "max_tokens": args.max_tokens, "ngram": list(args.ngram),
+                                  "max_num_seqs": config.scheduler_config.max_num_seqs,
+                                  "kv_cache_dtype": settings.kv_cache_dtype,
+                                  "async_scheduling": config.scheduler_config.async_scheduling,
+                                  "encoder": os.environ.get("DEEPSEEK_OCR_ENCODER", "") or "batched"}
 
-    llm.start_profile()
-    t = time.perf_counter()
-    llm.generate(prompts(), params, use_tqdm=False)
-    result["profiled_elapsed_s"] = round(time.perf_counter() - t, 2)
-    llm.stop_profile()
-    deadline = time.monotonic() + 120  # the trace is written by the engine core after the stop
-    traces: list[Path] = []
-    while time.monotonic() < deadline:
-        traces = sorted(trace_dir.rglob("*.json*"), key=lambda p: p.stat().st_size)
-        if traces and all(time.time() - p.stat().st_mtime > 3 for p in traces):
-            break
-        time.sleep(1)
-    if not traces:
-        result["profile"] = {"error": f"no trace under {trace_dir}"}
+        async def one(image: Any, max_tokens_params: Any = params) -> int:
+            prompt = builder.prompt(DOCUMENT_PROMPT, await asyncio.to_thread(vllm_image, image, gundam), gundam)
+            (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
+            tokens = 0
+            async for out in engine.generate(engine_input, max_tokens_params, uuid.uuid4().hex):
+                tokens = len(out.outputs[0].token_ids)
+            return tokens
+
+        async def profile_windows(t0: float) -> list[dict[str, Any]]:
+            marks = []
+            for begin, end, name in windows:
+                await asyncio.sleep(max(0.0, t0 + begin - time.perf_counter()))
+                began = time.perf_counter() - t0
+                await engine.start_profile()
+                await asyncio.sleep(max(0.0, t0 + end - time.perf_counter()))
+                await engine.stop_profile()
+                marks.append({"window": name, "asked_s": [begin, end],
+                              "started_s": round(began, 2), "stopped_s": round(time.perf_counter() - t0, 2)})
+            return marks
+
+        try:
+            short = bench_vllm.page_params(argparse.Namespace(**{**vars(args), "max_tokens": 16}), builder)
+            await asyncio.gather(*(one(image, short) for image in images[:4]))  # warm-up
+            cpu0, t = engine_core_cpu(), time.perf_counter()
+            tokens = await asyncio.gather(*(one(image) for image in images))
+            elapsed = time.perf_counter() - t
+            result["unprofiled"] = {"elapsed_s": round(elapsed, 2), "pages_per_s": round(len(images) / elapsed, 3),
+                                    "output_tokens_per_s": round(sum(tokens) / elapsed, 1),
+                                    "mean_completion_tokens": round(sum(tokens) / len(tokens), 1),
+                                    "engine_core_cpu_per_wall_s": round((engine_core_cpu() - cpu0) / elapsed, 3)}
+            print(json.dumps({"unprofiled": result["unprofiled"]}), flush=True)
+
+            known = set(trace_dir.rglob("*.json*"))
+            t = time.perf_counter()
+            _, marks = await asyncio.gather(asyncio.gather(*(one(image) for image in images)), profile_windows(t))
+            result["profiled_elapsed_s"] = round(time.perf_counter() - t, 2)
+        finally:
+            engine.shutdown()
+        traces = sorted(_window_traces(trace_dir, known), key=lambda p: p.stat().st_mtime)
+        result["windows"] = []
+        for mark, trace in zip(marks, traces, strict=False):  # written in window order
+            summary = summarize(load_trace(trace))
+            row = {**mark, "trace": {"file": trace.name, "mb": round(trace.stat().st_size / 1e6, 1)},
+                   "profile": summary}
+            decode = summary.get("decode") or {}
+            if decode.get("sequences_median") and decode.get("wall_ms_median"):
+                # a page's context over its decoding, averaged: image tokens + half the completion
+                context = args.image_tokens + args.max_tokens / 2
+                bound = memory_bound_ms(args.model, decode["sequences_median"], context, args.bandwidth_tbs,
+                                        kv_bytes_per_token(Settings(model_path=args.model,
+                                                                    kv_cache_dtype=settings.kv_cache_dtype)))
+                bound["fraction_of_bound_reached"] = round(bound["bound_ms"] / decode["wall_ms_median"], 3)
+                row["memory_bound"] = bound
+            result["windows"].append(row)
+        if len(traces) < len(marks):
+            result["windows"].append({"error": f"{len(traces)} traces for {len(marks)} windows under {trace_dir}"})
         return result
-    trace = traces[-1]  # the worker's (GPU kernels): the largest
-    result["trace"] = {"file": trace.name, "mb": round(trace.stat().st_size / 1e6, 1)}
-    summary = summarize(load_trace(trace))
-    result["profile"] = summary
-    decode = summary.get("decode") or {}
-    if decode.get("sequences_median"):
-        context = args.image_tokens + args.max_tokens / 2  # a page's mean context over its decoding
-        bound = memory_bound_ms(args.model, decode["sequences_median"], context, args.bandwidth_tbs,
-                                kv_bytes_per_token(Settings(model_path=args.model,
-                                                            kv_cache_dtype=settings.kv_cache_dtype)))
-        bound["fraction_of_bound_reached"] = round(bound["bound_ms"] / decode["wall_ms_median"], 3)
-        result["memory_bound"] = bound
-    return result
+
+    return asyncio.run(main())
 
 
-def print_summary(result: dict[str, Any]) -> None:
-    print(json.dumps({k: v for k, v in result.items() if k != "profile"}), flush=True)
-    profile = result.get("profile") or {}
+def _print_profile(profile: dict[str, Any]) -> None:
     for kind in ("decode", "prefill"):
         row = profile.get(kind)
         if not row or not row["steps"]:
@@ -271,6 +314,15 @@ def print_summary(result: dict[str, Any]) -> None:
             print(f"  class {name:24} {ms:9.3f} ms")
         for name, ms in sorted(row["kernel_ms_by_range_median"].items(), key=lambda kv: -kv[1]):
             print(f"  range {name:24} {ms:9.3f} ms")
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    print(json.dumps({k: v for k, v in result.items() if k not in ("profile", "windows")}), flush=True)
+    if "profile" in result:  # --summarize
+        _print_profile(result["profile"])
+    for window in result.get("windows", []):
+        print(f"\n=== window {json.dumps({k: v for k, v in window.items() if k != 'profile'})}")
+        _print_profile(window.get("profile") or {})
 
 
 def main() -> int:
@@ -285,8 +337,10 @@ def main() -> int:
     parser.add_argument("--gpu-mem", type=float, default=0.75)
     parser.add_argument("--load-format", default="dummy")
     parser.add_argument("--pdf", help="the PDF; written when missing (default /tmp/bench-N.pdf)")
-    parser.add_argument("--skip", type=int, default=5, help="steps of the profiled generate before the window")
-    parser.add_argument("--steps", type=int, default=45, help="steps in the window (prefill ones, then decode)")
+    parser.add_argument("--fill-window", type=float, nargs=2, default=(0.0, 3.0), metavar=("FROM", "TO"),
+                        help="seconds after the send: the first profiled window (the batch filling: prefills)")
+    parser.add_argument("--decode-window", type=float, nargs=2, default=(12.0, 13.5), metavar=("FROM", "TO"),
+                        help="seconds after the send: the second window (the full batch decoding)")
     parser.add_argument("--image-tokens", type=int, default=903, help="a page's image tokens (A4 in Gundam)")
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="GPU memory bandwidth, TB/s")
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "off"],
@@ -300,7 +354,8 @@ def main() -> int:
     print_summary(result)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0 if "error" not in (result.get("profile") or {}) else 1
+    profiles = [result.get("profile") or {}] if args.summarize else result.get("windows") or [{"error": "none"}]
+    return 0 if not any("error" in p or "error" in (p.get("profile") or {}) for p in profiles) else 1
 
 
 if __name__ == "__main__":

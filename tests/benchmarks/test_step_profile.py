@@ -81,3 +81,19 @@ def test_a_trace_without_steps_says_so() -> None:
 def test_union_counts_overlaps_once() -> None:
     assert step_profile.union_us([(0, 10), (5, 15), (20, 30), (22, 25)]) == 25
     assert step_profile.union_us([]) == 0
+
+
+def test_a_window_reads_only_the_traces_written_since_its_start(tmp_path: Path) -> None:
+    import os
+    import time
+
+    old = tmp_path / "old.pt.trace.json.gz"
+    old.write_bytes(b"x")
+    known = {old}
+    new = tmp_path / "sub" / "new.pt.trace.json.gz"
+    new.parent.mkdir()
+    new.write_bytes(b"yy")
+    stale = time.time() - 10  # written 10 s ago: no longer growing
+    os.utime(new, (stale, stale))
+    assert step_profile._window_traces(tmp_path, known, timeout_s=5) == [new]
+    assert step_profile._window_traces(tmp_path, known | {new}, timeout_s=0) == []

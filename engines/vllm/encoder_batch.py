@@ -17,6 +17,9 @@ the view separator. The tile grids come from the CPU (the `images_spatial_crop` 
 This module imports no vLLM: `engines.vllm.modes_model.DeepseekOCRModesForCausalLM` calls it with vLLM's
 modules; the CPU tests call it with ours (`deepseek_ocr.DeepseekOCRModel.view_features`) against our
 per-image `encode_image`. `DEEPSEEK_OCR_ENCODER=vllm` (a benchmark switch) keeps vLLM's per-image loop.
+
+With `engines.vllm.sam_attention` the peak of a call is far below the budget's figure (no bias tensor); the
+budget stays, as the bound for `DEEPSEEK_OCR_ENCODER=batched` (the batch with vLLM's attention).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-SWITCH = "DEEPSEEK_OCR_ENCODER"  # "vllm": keep vLLM's image-after-image encoder (to measure against it)
+# Benchmark switch: "vllm" keeps vLLM's encoder as it is (image after image, its SAM attention); "batched" the
+# batch only, with vLLM's SAM attention (engines.vllm.sam_attention off); anything else: both changes.
+SWITCH = "DEEPSEEK_OCR_ENCODER"
 # SAM's global-attention layers build a (views, heads, T, T) bias, T = (side / 16)^2 patch tokens a view. A
 # call holds at most this many T*T cells: eight 1024 px views (T = 4,096; ~3.2 GB of bias in bfloat16), 52
 # 640 px tiles, three 1280 px views. vLLM's start-up profile runs the largest batch, so the KV cache is sized
@@ -37,8 +42,18 @@ VIEW_BUDGET = 8 * 4096 * 4096
 log = logging.getLogger("vllm.deepseek_ocr_service.encoder_batch")
 
 
+def _switch() -> str:
+    return os.environ.get(SWITCH, "").strip().lower()
+
+
 def enabled() -> bool:
-    return os.environ.get(SWITCH, "").strip().lower() != "vllm"
+    """The encoder runs over the whole batch (not `DEEPSEEK_OCR_ENCODER=vllm`)."""
+    return _switch() != "vllm"
+
+
+def fused_attention() -> bool:
+    """SAM's relative-position attention without its bias tensor (`engines.vllm.sam_attention`)."""
+    return _switch() not in ("vllm", "batched")
 
 
 def views_per_call(side: int, patch: int = 16) -> int:

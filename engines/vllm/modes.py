@@ -8,7 +8,8 @@ placeholder count from the request's sizes, and an encoder batch that never mixe
 different sizes into one tensor with zeros). `engines.vllm.modes_model` adds both by subclassing vLLM's
 DeepSeek-OCR classes; `register()` puts its model class in place of the built-in `DeepseekOCRForCausalLM`
 (`DeepseekOCR2ForCausalLM` keeps vLLM's class; only its encoder's mask is built by
-`engines.vllm.ocr2_encoder`, which `register()` also puts in place).
+`engines.vllm.ocr2_encoder`, which `register()` also puts in place). Both models' SAM gets its attention from
+`engines.vllm.sam_attention` (the relative positions without a bias tensor), also put in place here.
 
 vLLM spawns its engine core (and tensor-parallel workers) as new processes, so registering here is not
 enough: each vLLM process loads the entry points of group `vllm.general_plugins` on start-up
@@ -193,10 +194,11 @@ def register() -> None:
     """
     from vllm import ModelRegistry
 
-    from engines.vllm import ocr2_encoder
+    from engines.vllm import ocr2_encoder, sam_attention
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     ocr2_encoder.register()  # DeepSeek-OCR-2's encoder mask without a GPU sync per query
+    sam_attention.register()  # SAM's relative positions without a (tokens x tokens) bias tensor
     if multiprocessing.parent_process() is not None:
         _mark_registered()
 

@@ -51,9 +51,11 @@
 #               (benchmarks/bench_ocr2_mask.py), then the service on the 256 pages, each on its own start, REPEAT (3) runs
 #               each (OCR2AB="v1 ocr2 ocr2-vllmmask": OCR-2 with vLLM's own encoder-mask loop too)  ~8 min
 #               MASK_BENCH=0 skips the encoder-stage benchmark
-#        encab  the DeepSeek-OCR encoder over the whole encoder batch (engines/vllm/encoder_batch.py) against
-#               vLLM's image-after-image loop (DEEPSEEK_OCR_ENCODER=vllm): the service on the 256-page PDF,
-#               each on its own start, REPEAT (3) runs each                                   ~8 min
+#        sam    vLLM's SAM-B on one step's 17 A4 pages: image after image, batched, batched + fused attention ~1 min
+#        encab  the encoder over the whole batch (engines/vllm/encoder_batch.py) and SAM's attention without its
+#               bias tensor (engines/vllm/sam_attention.py) against vLLM's encoder as it is
+#               (DEEPSEEK_OCR_ENCODER=vllm): the checks and `sam` first, then the service on the 256-page PDF,
+#               each on its own start, REPEAT (3) runs each (ENCAB_ORDER="vllm batched both": three) ~9 min
 #        kvfp8  teacher-forced top-1 agreement of vLLM with its KV cache in fp8 against bf16, every mode, on
 #               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts)  ~4 min
 #        confidence  the service on the 256-page PDF with CONFIDENCE=false, then true, each on its own start,
@@ -72,7 +74,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|steps|encab|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|steps|sam|encab|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -500,19 +502,27 @@ case "$phase" in
       ab_summary "${names[@]}"
     done
     ;;
-  encab)  # issue 30: the DeepSeek-OCR encoder over the whole encoder batch (engines/vllm/encoder_batch.py) against
-    # vLLM's image-after-image loop (DEEPSEEK_OCR_ENCODER=vllm), the service on the 256 pages, each on its own
-    # start, REPEAT (3) runs each; ENCAB_ORDER="batched vllm" swaps
+  sam)  # vLLM's SAM-B on one step's 17 A4 pages: image after image, batched, batched with the fused attention
+    timeout 300 python3 benchmarks/bench_sam.py --pages "${PAGES:-17}" --repeat 5 --out "$OUT/sam.json" 2>&1 |
+      grep -v "^INFO\|^WARNING\|warn" | tee "$OUT/sam.log"
+    ;;
+  encab)  # issue 30: the encoder changes (engines/vllm/encoder_batch.py, engines/vllm/sam_attention.py) against
+    # vLLM's encoder as it is (DEEPSEEK_OCR_ENCODER=vllm), the service on the 256 pages, each on its own
+    # start, REPEAT (3) runs each; ENCAB_ORDER="vllm batched both" adds the batch alone
     real_ckpt; bench_pdf
-    # first the layout check against vLLM's own per-image loop, with this machine's vLLM (~10 s)
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/engines/test_vllm_encoder_batch.py 2>&1 |
-      tail -3 | tee "$OUT/encab-test.log"
+    # first the checks against vLLM's own loop and attention with this machine's vLLM (~20 s), then vLLM's SAM
+    # on a step's 17 pages three ways (~1 min)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engines/test_vllm_encoder_batch.py \
+      tests/engines/test_vllm_sam_attention.py 2>&1 | tail -3 | tee "$OUT/encab-test.log"
+    [ "${SAM_BENCH:-1}" = 1 ] && timeout 150 python3 benchmarks/bench_sam.py --pages 17 --repeat 5 \
+      --out "$OUT/sam.json" 2>&1 | grep -v "^INFO\|^WARNING\|warn" | tee "$OUT/sam.log"
     names=()
-    for v in ${ENCAB_ORDER:-vllm batched}; do
+    # vllm: DEEPSEEK_OCR_ENCODER=vllm (vLLM's encoder as it is); batched: the batch alone; both: the default
+    for v in ${ENCAB_ORDER:-vllm both}; do
       limit=$(( ${T_TOTAL:-565} - SECONDS ))
       [ "$limit" -lt 120 ] && { echo "=== encab-$v: not started, $limit s left"; break; }
       [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-290}" ] && limit=${T1:-290}
-      if [ "$v" = vllm ]; then set_env=(DEEPSEEK_OCR_ENCODER=vllm); else set_env=(-u DEEPSEEK_OCR_ENCODER); fi
+      if [ "$v" = both ]; then set_env=(-u DEEPSEEK_OCR_ENCODER); else set_env=(DEEPSEEK_OCR_ENCODER="$v"); fi
       ab_run "encab-$v" "$limit" "${set_env[@]}" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
       names+=("encab-$v")
       ab_summary "${names[@]}"

@@ -149,7 +149,7 @@ ab_run() {
   env "${envs[@]}" timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py service --model "$CK/real" \
     --gpus 0 --log "$OUT/service-$name.log" --out "$OUT/$name.json" "$@" 2>&1 | grep -v '"timeline"' |
     tee "$OUT/$name.log"
-  grep -h "Using configuration from\|Using default MoE config\|Asynchronous scheduling\|warm-up took\|JIT compilation during inference\|Maximum concurrency for\|encoder: attention mask\|encoder: the views\|_ATTN\|FLASHINFER\|kv_cache_dtype=\|preempt" \
+  grep -h "Using configuration from\|Using default MoE config\|Asynchronous scheduling\|warm-up took\|JIT compilation during inference\|Maximum concurrency for\|encoder: attention mask\|encoder: the views\|SAM attention: relative\|_ATTN\|FLASHINFER\|kv_cache_dtype=\|preempt" \
     "$OUT/service-$name.log" | cut -c1-260 | sort | uniq -c | sort -rn | head -14
 }
 # Each start's runs (written as each ends: <name>.json.runs), one line each, and the median.

@@ -96,6 +96,23 @@ def page_params(args: argparse.Namespace, builder: Any, delta: bool = False) -> 
                                     ngram_window=args.ngram[1]), builder.whitelist, delta=delta)
 
 
+async def generate_page(engine: Any, builder: Any, image: Any, params: Any) -> int:
+    """One page through a raw AsyncLLM as the service sends it: the Gundam views and vLLM's processor off the
+    event loop, then the generation; its completion tokens."""
+    import asyncio
+
+    from config import DOCUMENT_PROMPT, MODES
+    from engines.vllm.engine import vllm_image
+
+    gundam = MODES["gundam"]
+    prompt = builder.prompt(DOCUMENT_PROMPT, await asyncio.to_thread(vllm_image, image, gundam), gundam)
+    (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
+    tokens = 0
+    async for out in engine.generate(engine_input, params, uuid.uuid4().hex):
+        tokens = len(out.outputs[0].token_ids)
+    return tokens
+
+
 def async_engine(args: argparse.Namespace, **extra: Any) -> tuple[Any, float]:
     """An AsyncLLM with the service's engine settings (and `extra` engine arguments), and its start time."""
     from engines.vllm.args import engine_kwargs, prepare_environment
@@ -474,11 +491,9 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
     preparation and vLLM's processor run per page inside the timing, off the event loop."""
     import asyncio
 
-    from config import DOCUMENT_PROMPT, MODES
-    from engines.vllm.engine import PromptBuilder, vllm_image
+    from engines.vllm.engine import PromptBuilder
 
     images = rendered_pages(args)
-    gundam = MODES["gundam"]
     builder = PromptBuilder.from_checkpoint(args.model)
     params = page_params(args, builder)
 
@@ -486,12 +501,7 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
         engine, start_s = async_engine(args, data_parallel_size=args.dp)
 
         async def one(image: Any) -> int:
-            prompt = builder.prompt(DOCUMENT_PROMPT, await asyncio.to_thread(vllm_image, image, gundam), gundam)
-            (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
-            tokens = 0
-            async for out in engine.generate(engine_input, params, uuid.uuid4().hex):
-                tokens = len(out.outputs[0].token_ids)
-            return tokens
+            return await generate_page(engine, builder, image, params)
 
         runs = []
         try:

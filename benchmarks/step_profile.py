@@ -37,7 +37,6 @@ import re
 import statistics
 import sys
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -207,9 +206,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CUSTOM_SCOPES_FOR_PROFILING", "1")  # vLLM's gpu_model_runner ranges
     import bench_vllm
 
-    from config import DOCUMENT_PROMPT, MODES, Settings
+    from config import Settings
     from engines.vllm.args import kv_bytes_per_token
-    from engines.vllm.engine import PromptBuilder, vllm_image
+    from engines.vllm.engine import PromptBuilder
 
     args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
     if not Path(args.pdf).is_file():
@@ -217,7 +216,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trace_dir = Path(args.trace_dir).resolve()
     trace_dir.mkdir(parents=True, exist_ok=True)
     images = bench_vllm.rendered_pages(args)
-    gundam = MODES["gundam"]
     builder = PromptBuilder.from_checkpoint(args.model)
     params = bench_vllm.page_params(args, builder)
     settings = bench_vllm.settings_for(args)
@@ -241,13 +239,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   "async_scheduling": config.scheduler_config.async_scheduling,
                                   "encoder": os.environ.get("DEEPSEEK_OCR_ENCODER", "") or "batched"}
 
-        async def one(image: Any, max_tokens_params: Any = params) -> int:
-            prompt = builder.prompt(DOCUMENT_PROMPT, await asyncio.to_thread(vllm_image, image, gundam), gundam)
-            (engine_input,) = await engine.renderer.render_cmpl_async([prompt])
-            tokens = 0
-            async for out in engine.generate(engine_input, max_tokens_params, uuid.uuid4().hex):
-                tokens = len(out.outputs[0].token_ids)
-            return tokens
+        async def one(image: Any, page_params: Any = params) -> int:
+            return await bench_vllm.generate_page(engine, builder, image, page_params)
 
         async def profile_windows(t0: float) -> list[dict[str, Any]]:
             marks = []

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from engines.vllm.layers import replace_layer
+
 LAYER_NAME = "CustomQwen2Decoder"  # vLLM's class, the key of its out-of-tree registry
 SWITCH = "DEEPSEEK_OCR_OCR2_MASK"  # "vllm": keep vLLM's mask loop (to measure against it)
 # Under vLLM's logger, so the line shows in the engine core's log (vLLM configures "vllm" there, not ours).
@@ -81,16 +83,5 @@ def register() -> type | None:
     (then nothing changes)."""
     if os.environ.get(SWITCH, "").strip().lower() == "vllm":
         return None
-    try:
-        from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
-        from vllm.model_executor.models.deepencoder2 import CustomQwen2Decoder
-    except ImportError:
-        return None
-    if CustomQwen2Decoder.__name__ != LAYER_NAME:
-        return None
-    current = op_registry_oot.get(LAYER_NAME)
-    if current is not None and current.__name__ == "FastMaskQwen2Decoder":
-        return current
-    if current is not None:  # someone else's replacement: leave it
-        return None
-    return PluggableLayer.register_oot(fast_decoder_class(), name=LAYER_NAME)
+    return replace_layer("vllm.model_executor.models.deepencoder2", LAYER_NAME, "FastMaskQwen2Decoder",
+                         fast_decoder_class)

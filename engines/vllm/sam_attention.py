@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.vllm import encoder_batch
+from engines.vllm.layers import replace_layer
 
 LAYER_NAME = "RelPosAttention"  # vLLM's class, the key of its out-of-tree registry
 log = logging.getLogger("vllm.deepseek_ocr_service.sam_attention")
@@ -104,16 +105,4 @@ def register() -> type | None:
     Returns the class registered, or None where this vLLM has no such layer or the switch keeps vLLM's."""
     if not encoder_batch.fused_attention():
         return None
-    try:
-        from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
-        from vllm.model_executor.models.deepencoder import RelPosAttention
-    except ImportError:
-        return None
-    if RelPosAttention.__name__ != LAYER_NAME:
-        return None
-    current = op_registry_oot.get(LAYER_NAME)
-    if current is not None and current.__name__ == "FusedRelPosAttention":
-        return current
-    if current is not None:  # someone else's replacement: leave it
-        return None
-    return PluggableLayer.register_oot(fused_class(), name=LAYER_NAME)
+    return replace_layer("vllm.model_executor.models.deepencoder", LAYER_NAME, "FusedRelPosAttention", fused_class)

@@ -99,3 +99,19 @@ def test_vllms_whole_sam_with_the_replacement_gives_its_own_features(monkeypatch
         fused.load_state_dict(stock.state_dict())
         x = torch.randn(1, 3, 256, 256, dtype=torch.float64)
         torch.testing.assert_close(fused(x), stock(x))
+
+
+def test_register_puts_the_replacement_in_place_once_and_leaves_others_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(encoder_batch.SWITCH, raising=False)
+    try:
+        from vllm.model_executor.custom_op import op_registry_oot
+    except ImportError:
+        assert sam_attention.register() is None  # the CPU suite: no vLLM, nothing to replace
+        return
+    monkeypatch.delitem(op_registry_oot, sam_attention.LAYER_NAME, raising=False)
+    first = sam_attention.register()
+    assert first is not None and first.__name__ == "FusedRelPosAttention"
+    assert sam_attention.register() is first
+    monkeypatch.setitem(op_registry_oot, sam_attention.LAYER_NAME, type("SomeoneElses", (), {}))
+    assert sam_attention.register() is None

@@ -84,12 +84,14 @@ def _square(features: torch.Tensor) -> int:
 
 
 def image_embeddings(project: Callable[[torch.Tensor], torch.Tensor], global_views: torch.Tensor,
-                     tiles: torch.Tensor, grids: Sequence[tuple[int, int]], newline: torch.Tensor,
+                     tiles: torch.Tensor, grids: Sequence[tuple[int, int]], newline: torch.Tensor | None,
                      separator: torch.Tensor) -> list[torch.Tensor]:
     """Each image's `<image>` embeddings, (tokens, C), as vLLM's per-image loop lays them out.
 
     global_views: (N, 3, B, B), one per image; tiles: (P, 3, I, I), the tiled images' tiles in image order,
     row by row; grids: each image's (tiles wide, tiles high), (1, 1) or less for an untiled image.
+    newline: DeepSeek-OCR's row-end embedding (features laid out as 2D grids, a newline closing each row);
+    None for DeepSeek-OCR-2 (each view's query outputs in their own order, tile after tile, no newlines).
     """
     if len(grids) != global_views.shape[0]:
         raise ValueError(f"{global_views.shape[0]} global views for {len(grids)} tile grids")
@@ -97,8 +99,15 @@ def image_embeddings(project: Callable[[torch.Tensor], torch.Tensor], global_vie
     if sum(counts) != tiles.shape[0]:
         raise ValueError(f"{tiles.shape[0]} tiles for grids {list(grids)} (expected {sum(counts)})")
     glob = project_views(project, global_views)
-    side = _square(glob)
     local = project_views(project, tiles) if sum(counts) else None
+    if newline is None:  # DeepSeek-OCR-2
+        out, start = [], 0
+        for count, features in zip(counts, glob, strict=True):
+            own = [local[start:start + count].flatten(0, 1)] if count else []  # type: ignore[index]
+            start += count
+            out.append(torch.cat([*own, features, separator[None, :]]))
+        return out
+    side = _square(glob)
     q = _square(local) if local is not None else 0
     out, start = [], 0
     for (w, h), count, features in zip(grids, counts, glob, strict=True):

@@ -7,7 +7,8 @@ processor's `__call__`), and its model takes the view sizes from the pixel tenso
 placeholder count from the request's sizes, and an encoder batch that never mixes modes (vLLM pads crops of
 different sizes into one tensor with zeros). `engines.vllm.modes_model` adds both by subclassing vLLM's
 DeepSeek-OCR classes; `register()` puts its model class in place of the built-in `DeepseekOCRForCausalLM`
-(`DeepseekOCR2ForCausalLM` keeps vLLM's class; only its encoder's mask is built by
+(`DeepseekOCR2ForCausalLM` gets `engines.vllm.ocr2_model`'s subclass of vLLM's class, which keeps vLLM's
+processor and one mode: its encoder runs over the whole batch; its encoder's mask is built by
 `engines.vllm.ocr2_encoder`, which `register()` also puts in place). Both models' SAM gets its attention from
 `engines.vllm.sam_attention` (the relative positions without a bias tensor), also put in place here.
 
@@ -41,6 +42,9 @@ from process.modes import ModeSpec
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (engines/vllm/modes.py)
 ARCHITECTURE = "DeepseekOCRForCausalLM"  # the checkpoint's architecture; OCR-2's is another name
 MODEL_CLASS = "engines.vllm.modes_model:DeepseekOCRModesForCausalLM"
+# DeepSeek-OCR-2 (vLLM's class, with the encoder over the whole batch and no pixel-sum checks)
+OCR2_ARCHITECTURE = "DeepseekOCR2ForCausalLM"
+OCR2_MODEL_CLASS = "engines.vllm.ocr2_model:DeepseekOCR2BatchedForCausalLM"
 PLUGIN_NAME = "deepseek_ocr_modes"  # the entry point's name: what VLLM_PLUGINS must list when it is set
 PLUGIN_GROUP = "vllm.general_plugins"
 # Its own distribution name: importlib.metadata keeps one distribution per name, so sharing the project's
@@ -197,6 +201,7 @@ def register() -> None:
     from engines.vllm import ocr2_encoder, sam_attention
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    ModelRegistry.register_model(OCR2_ARCHITECTURE, OCR2_MODEL_CLASS)
     ocr2_encoder.register()  # DeepSeek-OCR-2's encoder mask without a GPU sync per query
     sam_attention.register()  # SAM's relative positions without a (tokens x tokens) bias tensor
     if multiprocessing.parent_process() is not None:

@@ -36,6 +36,24 @@ def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     return global_views, torch.rand(count, 3, TILE, TILE, generator=gen, dtype=torch.float64) * 2 - 1
 
 
+def _bound(modules: dict, cls: type, names: tuple[str, ...]) -> types.SimpleNamespace:
+    """An object holding `modules` with `cls`'s methods `names` bound to it (a model without vLLM's engine)."""
+    obj = types.SimpleNamespace(**modules)
+    for name in names:
+        setattr(obj, name, types.MethodType(getattr(cls, name), obj))
+    return obj
+
+
+def _same_embeddings(theirs: object, ours: object, global_views: torch.Tensor, tiles: torch.Tensor,
+                     grids: list[tuple[int, int]]) -> None:
+    with torch.no_grad():
+        want = theirs._pixel_values_to_embedding(global_views, tiles, torch.tensor(grids))  # type: ignore[attr-defined]
+        got = ours._pixel_values_to_embedding(global_views, tiles, torch.tensor(grids))  # type: ignore[attr-defined]
+    assert len(want) == len(got) == len(grids)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def _project(model: dso.DeepseekOCRModel):  # noqa: ANN202
     return lambda views: model.view_features(views).flatten(1, 2)
 
@@ -120,20 +138,67 @@ def test_the_batch_lays_out_what_vllms_own_loop_lays_out(model: dso.DeepseekOCRM
     to our modules (vLLM's `vision_model` takes the pixels and SAM's features; ours SAM's features alone)."""
     vllm_ocr = pytest.importorskip("vllm.model_executor.models.deepseek_ocr")
     cls = vllm_ocr.DeepseekOCRForCausalLM
-    shim = types.SimpleNamespace(sam_model=model.sam_model, vision_model=lambda px, sam: model.vision_model(sam),
-                                 projector=model.projector, image_newline=model.image_newline,
-                                 view_seperator=model.view_seperator)
-    for name in ("_encode_global_features", "_encode_local_features", "_assemble_patch_grid",
-                 "_pixel_values_to_embedding"):
-        setattr(shim, name, types.MethodType(getattr(cls, name), shim))
-    ours = types.SimpleNamespace(**vars(shim))  # the service's subclass, its own methods on the same modules
     modes_model = pytest.importorskip("engines.vllm.modes_model")
-    for name in ("_project_views", "_pixel_values_to_embedding"):
-        setattr(ours, name, types.MethodType(getattr(modes_model.DeepseekOCRModesForCausalLM, name), ours))
-    global_views, tiles = _inputs()
+    modules = {"sam_model": model.sam_model, "vision_model": lambda px, sam: model.vision_model(sam),
+               "projector": model.projector, "image_newline": model.image_newline,
+               "view_seperator": model.view_seperator}
+    theirs = _bound(modules, cls, ("_encode_global_features", "_encode_local_features", "_assemble_patch_grid",
+                                   "_pixel_values_to_embedding"))
+    ours = _bound(modules, modes_model.DeepseekOCRModesForCausalLM, ("_project_views", "_pixel_values_to_embedding"))
+    _same_embeddings(theirs, ours, *_inputs(), GRIDS)
+
+
+# DeepSeek-OCR-2: 1024 px global views and 768 px tiles (the only sizes its learned queries exist for)
+OCR2_GRIDS = [(2, 1), (1, 1)]
+
+
+@pytest.fixture(scope="module")
+def model2() -> dso.DeepseekOCRModel:
+    cfg = dso.DeepseekOCRConfig.from_dict(tiny_config(arch="ocr2"))
+    return random_init_(dso.DeepseekOCRModel(cfg), seed=5, std=0.2).double().eval()
+
+
+def _ocr2_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(2)
+    global_views = torch.rand(len(OCR2_GRIDS), 3, 1024, 1024, generator=gen, dtype=torch.float64) * 2 - 1
+    count = sum(w * h for w, h in OCR2_GRIDS if w * h > 1)
+    return global_views, torch.rand(count, 3, 768, 768, generator=gen, dtype=torch.float64) * 2 - 1
+
+
+def test_ocr2_the_batch_gives_each_image_what_our_per_image_encoder_gives(model2: dso.DeepseekOCRModel) -> None:
+    global_views, tiles = _ocr2_inputs()
+    calls: list[int] = []
+
+    def counted(views: torch.Tensor) -> torch.Tensor:
+        calls.append(views.shape[0])
+        return model2.query_features(views)
+
     with torch.no_grad():
-        theirs = shim._pixel_values_to_embedding(global_views, tiles, torch.tensor(GRIDS))
-        batched = ours._pixel_values_to_embedding(global_views, tiles, torch.tensor(GRIDS))
-    assert len(theirs) == len(batched) == len(GRIDS)
-    for got, want in zip(batched, theirs, strict=True):
+        batched = encoder_batch.image_embeddings(counted, global_views, tiles, OCR2_GRIDS, None,
+                                                 model2.view_seperator)
+        expected, start = [], 0
+        for (w, h), view in zip(OCR2_GRIDS, global_views, strict=True):
+            count = w * h if w * h > 1 else 0
+            expected.append(model2.encode_image(ImageInputs(
+                global_view=view, tiles=tiles[start:start + count] if count else None, grid=(w, h),
+                base_size=1024, image_size=768, image_tokens=0)))
+            start += count
+    assert calls == [2, 2]
+    # 144 queries a tile, 256 for the global view, one separator; no newlines
+    assert [e.shape[0] for e in batched] == [2 * 144 + 257, 257]
+    for got, want in zip(batched, expected, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_ocr2_the_batch_lays_out_what_vllms_own_loop_lays_out(model2: dso.DeepseekOCRModel) -> None:
+    """vLLM 0.26's DeepSeek-OCR-2 per-image methods against the service's subclass
+    (`engines.vllm.ocr2_model`), both bound to our modules."""
+    vllm_ocr2 = pytest.importorskip("vllm.model_executor.models.deepseek_ocr2")
+    ocr2_model = pytest.importorskip("engines.vllm.ocr2_model")
+    modules = {"sam_model": model2.sam_model, "qwen2_model": model2.qwen2_model, "projector": model2.projector,
+               "view_seperator": model2.view_seperator}
+    theirs = _bound(modules, vllm_ocr2.DeepseekOCR2ForCausalLM,
+                    ("_encode_global_features", "_encode_local_features", "_pixel_values_to_embedding"))
+    ours = _bound(modules, ocr2_model.DeepseekOCR2BatchedForCausalLM,
+                  ("_project_views", "_pixel_values_to_embedding", "_encode_local_features"))
+    _same_embeddings(theirs, ours, *_ocr2_inputs(), OCR2_GRIDS)

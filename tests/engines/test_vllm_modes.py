@@ -187,6 +187,13 @@ def test_install_plugin_reaches_spawned_and_subprocess_children(tmp_path: Path) 
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     lines = log.read_text().splitlines()
-    # The parent (install_plugin registers directly), the spawned child and the subprocess child.
-    assert len(lines) == 3 and len({line.split()[0] for line in lines}) == 3, lines
-    assert all(line.split()[1:] == [vllm_modes.ARCHITECTURE, vllm_modes.MODEL_CLASS] for line in lines), lines
+    # The parent (install_plugin registers directly), the spawned child and the subprocess child, each both
+    # architectures.
+    assert len(lines) == 6 and len({line.split()[0] for line in lines}) == 3, lines
+    by_process: dict[str, list[list[str]]] = {}
+    for line in lines:
+        pid, *pair = line.split()
+        by_process.setdefault(pid, []).append(pair)
+    expected = [[vllm_modes.ARCHITECTURE, vllm_modes.MODEL_CLASS],
+                [vllm_modes.OCR2_ARCHITECTURE, vllm_modes.OCR2_MODEL_CLASS]]
+    assert all(pairs == expected for pairs in by_process.values()), lines

@@ -1,0 +1,64 @@
+"""vLLM 0.26's DeepSeek-OCR-2 model with its encoder over the whole batch and without pixel-sum checks.
+
+Imported only inside vLLM processes (`engines.vllm.modes.register` names it for `DeepseekOCR2ForCausalLM`): it
+imports vLLM at the top.
+
+vLLM's `DeepseekOCR2ForCausalLM` decides "no image" and "no tiles" by `torch.sum(pixels).item() == 0`: a GPU
+wait for each image of a batch, and a view whose normalised pixels sum to exactly 0 (half black, half white)
+is taken for no image, so `embed_multimodal` returns nothing and the engine core dies (the v1 model had the
+same, fixed in `engines.vllm.modes_model`). It also runs SAM and its Qwen2 stage image after image. Here the
+decisions come from the tensors' sizes, and `engines.vllm.encoder_batch.image_embeddings` encodes the batch's
+global views together and its tiles together, laid out as vLLM does (each view's query outputs in order,
+tile after tile, then the global view and the separator). `DEEPSEEK_OCR_ENCODER=vllm` keeps vLLM's loop
+(the size checks stay).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.models.deepseek_ocr import DeepseekOCRImagePixelInputs
+from vllm.model_executor.models.deepseek_ocr2 import DeepseekOCR2ForCausalLM
+
+from engines.vllm import encoder_batch
+
+
+class DeepseekOCR2BatchedForCausalLM(DeepseekOCR2ForCausalLM):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if encoder_batch.enabled():
+            encoder_batch.log.info("DeepSeek-OCR-2 encoder: the views of a batch encoded together "
+                                   "(engines.vllm.encoder_batch)")
+
+    def _parse_and_validate_image_input(self, **kwargs: object) -> DeepseekOCRImagePixelInputs | None:
+        pixel_values = kwargs.pop("pixel_values", None)
+        images_spatial_crop = kwargs.pop("images_spatial_crop", None)
+        images_crop = kwargs.pop("images_crop", None)
+        if pixel_values is None:
+            return None
+        if not isinstance(pixel_values, torch.Tensor) or not isinstance(images_crop, torch.Tensor):
+            raise ValueError(f"DeepSeek-OCR-2 image inputs are not one tensor each: pixel_values "
+                             f"{type(pixel_values).__name__}, images_crop {type(images_crop).__name__}")
+        if pixel_values.numel() == 0:
+            return None
+        return DeepseekOCRImagePixelInputs(type="pixel_values", data=pixel_values, images_crop=images_crop,
+                                           images_spatial_crop=images_spatial_crop,
+                                           resolve_bindings={"base_size": self.vision_config.image_size})
+
+    def _encode_local_features(self, patches: torch.Tensor) -> torch.Tensor | None:
+        if patches.numel() == 0:  # an image that was not tiled
+            return None
+        return self._project_views(patches).flatten(0, 1)
+
+    def _project_views(self, views: torch.Tensor) -> torch.Tensor:
+        """Square views (N, 3, S, S) -> projected query features (N, queries, C), as vLLM's model computes them."""
+        return self.projector(self.qwen2_model(self.sam_model(views)))
+
+    def _pixel_values_to_embedding(self, pixel_values: torch.Tensor, images_crop: torch.Tensor,
+                                   images_spatial_crop: torch.Tensor) -> list[torch.Tensor]:
+        if not encoder_batch.enabled():
+            return super()._pixel_values_to_embedding(pixel_values, images_crop, images_spatial_crop)
+        grids = [(int(w), int(h)) for w, h in images_spatial_crop.tolist()]  # one wait a batch, not per image
+        return encoder_batch.image_embeddings(self._project_views, pixel_values, images_crop, grids, None,
+                                              self.view_seperator)

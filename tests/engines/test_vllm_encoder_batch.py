@@ -202,3 +202,21 @@ def test_ocr2_the_batch_lays_out_what_vllms_own_loop_lays_out(model2: dso.Deepse
     ours = _bound(modules, ocr2_model.DeepseekOCR2BatchedForCausalLM,
                   ("_project_views", "_pixel_values_to_embedding", "_encode_local_features"))
     _same_embeddings(theirs, ours, *_ocr2_inputs(), OCR2_GRIDS)
+
+
+def test_ocr2_a_view_whose_pixels_sum_to_zero_is_still_an_image() -> None:
+    """vLLM's DeepSeek-OCR-2 took `torch.sum(pixels) == 0` for "no image" (a half-black, half-white view): the
+    engine core then died on the missing embeddings. The subclass decides by the tensors' sizes."""
+    ocr2_model = pytest.importorskip("engines.vllm.ocr2_model")
+    obj = _bound({"vision_config": types.SimpleNamespace(image_size=1024)}, ocr2_model.DeepseekOCR2BatchedForCausalLM,
+                 ("_parse_and_validate_image_input",))
+    half = torch.cat([-torch.ones(1, 3, 1024, 512), torch.ones(1, 3, 1024, 512)], dim=-1)
+    assert float(half.sum()) == 0.0
+    parsed = obj._parse_and_validate_image_input(pixel_values=half, images_crop=torch.zeros(0, 3, 768, 768),
+                                                 images_spatial_crop=torch.tensor([[1, 1]]))
+    assert parsed is not None and parsed.data is half
+    assert obj._parse_and_validate_image_input(pixel_values=None) is None
+    vllm_ocr2 = pytest.importorskip("vllm.model_executor.models.deepseek_ocr2")
+    stock = _bound({"vision_config": types.SimpleNamespace(image_size=1024)}, vllm_ocr2.DeepseekOCR2ForCausalLM,
+                   ("_parse_and_validate_image_input",))
+    assert stock._parse_and_validate_image_input(pixel_values=half) is None  # vLLM's own: "no image"

@@ -1,25 +1,29 @@
-"""DeepSeek-OCR's vision encoder over a whole encoder batch at once, instead of image after image.
+"""DeepSeek-OCR's and DeepSeek-OCR-2's vision encoders over a whole encoder batch, not image after image.
 
 vLLM 0.26's DeepSeek-OCR (`DeepseekOCRForCausalLM._pixel_values_to_embedding`, its eager path: the encoder
 CUDA graphs are Gundam-only and off here) runs SAM, CLIP and the projector once for each image's global view
-and once for its tiles, and reads each image's tile grid with two `.item()` calls. An engine step that
-prefills 17 A4 pages so runs the encoder 34 times, each run some two thousand small kernels launched from
-Python, with the GPU waiting for the host between them and a host wait for the GPU at each `.item()`;
-decoding sequences wait behind all of it. On an H100 a step that prefilled one page took ~105 ms of wall time
-with the GPU busy 31 ms of it (docs/BENCHMARKS.md section 26).
+and once for its tiles, and reads each image's tile grid with two `.item()` calls; its DeepSeek-OCR-2 does the
+same with SAM and its Qwen2 stage, after a `.item()` pixel sum for each image. An engine step that prefills
+17 A4 pages so runs the encoder 34 times, each run a long series of small kernels launched from Python, with
+host waits for the GPU in between; decoding sequences wait behind all of it. On an H100 a step that prefilled
+one page took ~105 ms of wall time with the GPU busy 31 ms of it, and vLLM's SAM alone took 29.5 ms a page
+image after image against 20.4 ms batched (docs/BENCHMARKS.md section 26).
 
 `image_embeddings` runs the encoder on all the batch's global views together and on all its tiles together
 (in calls of at most `VIEW_BUDGET` attention cells, see `views_per_call`), then lays each image's features out
-exactly as vLLM does: the tile grid row by row with a newline column, the global view with its newline column,
-the view separator. The tile grids come from the CPU (the `images_spatial_crop` field is kept on the CPU by
-`engines.vllm.modes_model`), so nothing in it waits for the GPU.
+exactly as vLLM does. DeepSeek-OCR: the tile grid row by row with a newline column, the global view with its
+newline column, the view separator. DeepSeek-OCR-2: each tile's query outputs in order, tile after tile, the
+global view's, the separator. The tile grids are read on the host: DeepSeek-OCR keeps its `images_spatial_crop`
+field on the CPU (`engines.vllm.modes_model`), so nothing waits; DeepSeek-OCR-2 reads it once a batch.
 
-This module imports no vLLM: `engines.vllm.modes_model.DeepseekOCRModesForCausalLM` calls it with vLLM's
-modules; the CPU tests call it with ours (`deepseek_ocr.DeepseekOCRModel.view_features`) against our
-per-image `encode_image`. `DEEPSEEK_OCR_ENCODER=vllm` (a benchmark switch) keeps vLLM's per-image loop.
+This module imports no vLLM: `engines.vllm.modes_model.DeepseekOCRModesForCausalLM` and
+`engines.vllm.ocr2_model.DeepseekOCR2BatchedForCausalLM` call it with vLLM's modules; the CPU tests call it with
+ours (`deepseek_ocr.DeepseekOCRModel.view_features` / `query_features`) against our per-image `encode_image`.
+`DEEPSEEK_OCR_ENCODER=vllm` (a benchmark switch) keeps vLLM's per-image loop.
 
-With `engines.vllm.sam_attention` the peak of a call is far below the budget's figure (no bias tensor); the
-budget stays, as the bound for `DEEPSEEK_OCR_ENCODER=batched` (the batch with vLLM's attention).
+With `engines.vllm.sam_attention` (no bias tensor) the peak of SAM over a step's 17 pages was about half of
+that with vLLM's attention (2.77 against 5.12 GiB, section 26); the budget stays, as the bound for
+`DEEPSEEK_OCR_ENCODER=batched` (the batch with vLLM's attention).
 """
 
 from __future__ import annotations

@@ -298,6 +298,35 @@ class SamPatchEmbed(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)  # (B, H, W, C)
 
 
+def fused_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
+                            rel_w: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + rel_h[:, :, :, row(k)] + rel_w[:, :, :, col(k)]) v, without the bias tensor.
+
+    q, k, v: (B, heads, H*W, d), tokens row by row; rel_h: (B, heads, H*W, H); rel_w: (B, heads, H*W, W).
+    Returns (B, heads, H*W, d). SAM's bias rel_h[q, row(k)] + rel_w[q, col(k)] is a dot product of
+    [rel_h[q], rel_w[q]] with the key's one-hot (row, column): appended to the pre-scaled queries and to the
+    keys, they give scaled-dot-product attention the exact scores with no (H*W)^2 bias tensor, so the fused
+    kernels run (a 1024 px global block needs no 800 MB mask). Also vLLM's SAM on the GPU
+    (`engines.vllm.sam_attention`).
+    """
+    batch, heads, tokens, dim = q.shape
+    height, width = rel_h.shape[-1], rel_w.shape[-1]
+    if height * width != tokens or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention over {tokens} tokens with q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} and a {height} x {width} position grid")
+    rows = F.one_hot(torch.arange(height, device=q.device).repeat_interleave(width), height)  # (H*W, H)
+    cols = F.one_hot(torch.arange(width, device=q.device).repeat(height), width)  # (H*W, W)
+    positions = torch.cat([rows, cols], dim=-1).to(q.dtype).expand(batch, heads, -1, -1)
+    q_wide = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)
+    k_wide = torch.cat([k, positions], dim=-1)
+    # One head size for q, k and v, a multiple of 8: what the flash and memory-efficient kernels take.
+    wide = -(-q_wide.shape[-1] // 8) * 8
+    q_wide = F.pad(q_wide, (0, wide - q_wide.shape[-1]))
+    k_wide = F.pad(k_wide, (0, wide - k_wide.shape[-1]))
+    out = F.scaled_dot_product_attention(q_wide, k_wide, F.pad(v, (0, wide - dim)), scale=1.0)
+    return out[..., :dim]
+
+
 class SamAttention(nn.Module):
     """Multi-head attention with SAM's decomposed relative position bias."""
 
@@ -317,22 +346,8 @@ class SamAttention(nn.Module):
         q_grid = q.reshape(n, self.heads, h, w, self.head_dim)
         rel_h = torch.einsum("nahwc,hkc->nahwk", q_grid, _rel_pos_table(h, self.rel_pos_h))  # (.., h, w, h)
         rel_w = torch.einsum("nahwc,wkc->nahwk", q_grid, _rel_pos_table(w, self.rel_pos_w))  # (.., h, w, w)
-        # The bias rel_h[q, key_row] + rel_w[q, key_col] equals a dot product of [rel_h, rel_w] with the
-        # key's one-hot (row, col): appending those to q and k gives SDPA the exact scores without an
-        # (h*w)^2 bias tensor, so fused kernels run and a 1024 px global block needs no 800 MB mask.
-        rows = F.one_hot(torch.arange(h, device=x.device).repeat_interleave(w), h).to(q.dtype)  # (h*w, h)
-        cols = F.one_hot(torch.arange(w, device=x.device).repeat(h), w).to(q.dtype)  # (h*w, w)
-        scale = self.head_dim**-0.5
-        q_aug = torch.cat(
-            [q * scale, rel_h.reshape(n, self.heads, h * w, h), rel_w.reshape(n, self.heads, h * w, w)], dim=-1
-        )
-        k_aug = torch.cat([k, rows.expand(n, self.heads, -1, -1), cols.expand(n, self.heads, -1, -1)], dim=-1)
-        # Same head dim for q, k and v (multiple of 8) keeps the flash / memory-efficient kernels eligible.
-        dim = -(-q_aug.shape[-1] // 8) * 8
-        q_aug = F.pad(q_aug, (0, dim - q_aug.shape[-1]))
-        k_aug = F.pad(k_aug, (0, dim - k_aug.shape[-1]))
-        v_pad = F.pad(v, (0, dim - self.head_dim))
-        out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, scale=1.0)[..., : self.head_dim]
+        out = fused_rel_pos_attention(q, k, v, rel_h.reshape(n, self.heads, h * w, h),
+                                      rel_w.reshape(n, self.heads, h * w, w), self.head_dim**-0.5)
         out = out.transpose(1, 2).reshape(n, h, w, c)  # (N, h, w, C)
         return self.proj(out)
 

@@ -8,10 +8,9 @@ global-attention layers that is 12 x 4,096 x 4,096 values a layer, about 400 MB 
 bfloat16, for every view.
 
 The bias is rel_h[q, row(k)] + rel_w[q, col(k)]: a dot product of [rel_h[q], rel_w[q]] with the key's one-hot
-(row, column). `fused_rel_pos_attention` appends those to the (pre-scaled) queries and the keys, so plain
-scaled-dot-product attention over the widened head gives exactly the same scores, and the flash or
-memory-efficient kernels run with no bias at all. Our own model (`deepseek_ocr.SamAttention`) computes SAM this
-way already.
+(row, column). `deepseek_ocr.fused_rel_pos_attention`, what our own model's SAM runs, appends those to the
+(pre-scaled) queries and the keys, so plain scaled-dot-product attention over the widened head gives exactly the
+same scores, and the flash or memory-efficient kernels run with no bias at all.
 
 `register()` (called by the vLLM plugin, `engines.vllm.modes.register`) makes vLLM build `FusedRelPosAttention`
 wherever its SAM asks for a `RelPosAttention` (`PluggableLayer`'s out-of-tree replacement, looked up by class
@@ -26,44 +25,14 @@ import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from deepseek_ocr import fused_rel_pos_attention
 from engines.vllm import encoder_batch
 from engines.vllm.layers import replace_layer
 
 LAYER_NAME = "RelPosAttention"  # vLLM's class, the key of its out-of-tree registry
 log = logging.getLogger("vllm.deepseek_ocr_service.sam_attention")
 _LOGGED: list[bool] = []
-
-
-def _key_positions(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(height * width, height + width): each key's one-hot row, then its one-hot column."""
-    rows = F.one_hot(torch.arange(height, device=device).repeat_interleave(width), height)
-    cols = F.one_hot(torch.arange(width, device=device).repeat(height), width)
-    return torch.cat([rows, cols], dim=-1).to(dtype)
-
-
-def fused_rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor,
-                            rel_w: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale + rel_h[:, :, :, row(k)] + rel_w[:, :, :, col(k)]) v, without the bias tensor.
-
-    q, k, v: (B, heads, H*W, d), tokens row by row; rel_h: (B, heads, H*W, H); rel_w: (B, heads, H*W, W).
-    Returns (B, heads, H*W, d).
-    """
-    batch, heads, tokens, dim = q.shape
-    height, width = rel_h.shape[-1], rel_w.shape[-1]
-    if height * width != tokens or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"attention over {tokens} tokens with q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                         f"v {tuple(v.shape)} and a {height} x {width} position grid")
-    positions = _key_positions(height, width, q.dtype, q.device).expand(batch, heads, -1, -1)
-    q_wide = torch.cat([q * scale, rel_h.to(q.dtype), rel_w.to(q.dtype)], dim=-1)
-    k_wide = torch.cat([k, positions], dim=-1)
-    # One head size for q, k and v, a multiple of 8: what the flash and memory-efficient kernels take.
-    wide = -(-q_wide.shape[-1] // 8) * 8
-    q_wide = F.pad(q_wide, (0, wide - q_wide.shape[-1]))
-    k_wide = F.pad(k_wide, (0, wide - k_wide.shape[-1]))
-    out = F.scaled_dot_product_attention(q_wide, k_wide, F.pad(v, (0, wide - dim)), scale=1.0)
-    return out[..., :dim]
 
 
 def fused_class() -> type:
@@ -96,7 +65,6 @@ def fused_class() -> type:
             return self.proj(out.reshape(batch, height, width, -1))
 
     return FusedRelPosAttention
-
 
 
 def register() -> type | None:

@@ -1,9 +1,9 @@
-"""SAM's relative-position attention without a bias tensor (`engines.vllm.sam_attention`).
+"""SAM's relative-position attention without a bias tensor (`deepseek_ocr.fused_rel_pos_attention`, which our
+model's SAM runs, and `engines.vllm.sam_attention`, which puts it into vLLM's SAM).
 
-On the CPU: `fused_rel_pos_attention` against the attention written out with its explicit (tokens x tokens)
-bias, in float64, for global and windowed grids; our model's `SamAttention` (the same formulation) against the
-explicit form too. Where vLLM imports (the GPU machine): vLLM 0.26's own `RelPosAttention` against the
-replacement, same weights.
+On the CPU: the function against the attention written out with its explicit (tokens x tokens) bias, in
+float64, for global and windowed grids. Where vLLM imports (the GPU machine): vLLM 0.26's own
+`RelPosAttention` and its whole SAM-B against the replacement, same weights.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import deepseek_ocr as dso
 from engines.vllm import encoder_batch, sam_attention
 
 
@@ -31,7 +32,7 @@ def test_the_fused_form_gives_the_explicit_bias_attention(batch: int, heads: int
     q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(3))
     rel_h = torch.randn(batch, heads, height * width, height, generator=gen, dtype=torch.float64) * 3
     rel_w = torch.randn(batch, heads, height * width, width, generator=gen, dtype=torch.float64) * 3
-    got = sam_attention.fused_rel_pos_attention(q, k, v, rel_h, rel_w, dim**-0.5)
+    got = dso.fused_rel_pos_attention(q, k, v, rel_h, rel_w, dim**-0.5)
     assert got.shape == shape
     torch.testing.assert_close(got, explicit(q, k, v, rel_h, rel_w, dim**-0.5))
     # the bias matters: without it the answer is another one
@@ -42,7 +43,7 @@ def test_the_fused_form_gives_the_explicit_bias_attention(batch: int, heads: int
 def test_shapes_that_do_not_fit_the_grid_are_refused() -> None:
     q = torch.zeros(1, 1, 12, 8)
     with pytest.raises(ValueError, match="4 x 4 position grid"):
-        sam_attention.fused_rel_pos_attention(q, q, q, torch.zeros(1, 1, 12, 4), torch.zeros(1, 1, 12, 4), 1.0)
+        dso.fused_rel_pos_attention(q, q, q, torch.zeros(1, 1, 12, 4), torch.zeros(1, 1, 12, 4), 1.0)
 
 
 def test_the_switch_keeps_vllms_attention(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,6 +60,25 @@ def fused_attention() -> bool:
     return _switch() not in ("vllm", "batched")
 
 
+def image_tensors(kwargs: dict[str, object], model: str) -> tuple[torch.Tensor, torch.Tensor, object] | None:
+    """(pixel_values, images_crop, images_spatial_crop) popped from a model's image kwargs; None where the batch
+    has no image. Decided by the tensors' sizes: vLLM's classes test `torch.sum(pixels).item() == 0`, a GPU wait,
+    and a view whose normalised pixels sum to exactly 0 (half black, half white) read as no image, so the
+    engine core died on the missing embeddings."""
+    pixel_values = kwargs.pop("pixel_values", None)
+    images_spatial_crop = kwargs.pop("images_spatial_crop", None)
+    images_crop = kwargs.pop("images_crop", None)
+    if pixel_values is None:
+        return None
+    if not isinstance(pixel_values, torch.Tensor) or not isinstance(images_crop, torch.Tensor):
+        # A list here means views of different sizes reached one batch (the modes' shared field prevents it).
+        raise ValueError(f"{model} image inputs are not one tensor each: pixel_values "
+                         f"{type(pixel_values).__name__}, images_crop {type(images_crop).__name__}")
+    if pixel_values.numel() == 0:
+        return None
+    return pixel_values, images_crop, images_spatial_crop
+
+
 def views_per_call(side: int, patch: int = 16) -> int:
     """How many square views of `side` pixels one encoder call takes under VIEW_BUDGET (at least one)."""
     tokens = math.ceil(side / patch) ** 2

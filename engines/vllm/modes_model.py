@@ -175,18 +175,11 @@ class DeepseekOCRModesForCausalLM(DeepseekOCRForCausalLM):
                                    "(engines.vllm.encoder_batch)")
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> DeepseekOCRImagePixelInputs | None:
-        pixel_values = kwargs.pop("pixel_values", None)
-        images_spatial_crop = kwargs.pop("images_spatial_crop", None)
-        images_crop = kwargs.pop("images_crop", None)
         view_sizes = kwargs.pop(VIEW_SIZES, None)
-        if pixel_values is None:
+        images = encoder_batch.image_tensors(kwargs, "DeepSeek-OCR")
+        if images is None:
             return None
-        if not isinstance(pixel_values, torch.Tensor) or not isinstance(images_crop, torch.Tensor):
-            # A list here means views of different sizes reached one batch: the shared field prevents that.
-            raise ValueError(f"DeepSeek-OCR image inputs are not one tensor each: pixel_values "
-                             f"{type(pixel_values).__name__}, images_crop {type(images_crop).__name__}")
-        if pixel_values.numel() == 0:
-            return None
+        pixel_values, images_crop, images_spatial_crop = images
         if view_sizes is not None and int(view_sizes[0]) != pixel_values.shape[-1]:
             raise ValueError(f"global views of {pixel_values.shape[-1]} px, expected {int(view_sizes[0])}")
         return DeepseekOCRImagePixelInputs(

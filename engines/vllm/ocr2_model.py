@@ -32,16 +32,10 @@ class DeepseekOCR2BatchedForCausalLM(DeepseekOCR2ForCausalLM):
                                    "(engines.vllm.encoder_batch)")
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> DeepseekOCRImagePixelInputs | None:
-        pixel_values = kwargs.pop("pixel_values", None)
-        images_spatial_crop = kwargs.pop("images_spatial_crop", None)
-        images_crop = kwargs.pop("images_crop", None)
-        if pixel_values is None:
+        images = encoder_batch.image_tensors(kwargs, "DeepSeek-OCR-2")
+        if images is None:
             return None
-        if not isinstance(pixel_values, torch.Tensor) or not isinstance(images_crop, torch.Tensor):
-            raise ValueError(f"DeepSeek-OCR-2 image inputs are not one tensor each: pixel_values "
-                             f"{type(pixel_values).__name__}, images_crop {type(images_crop).__name__}")
-        if pixel_values.numel() == 0:
-            return None
+        pixel_values, images_crop, images_spatial_crop = images
         return DeepseekOCRImagePixelInputs(type="pixel_values", data=pixel_values, images_crop=images_crop,
                                            images_spatial_crop=images_spatial_crop,
                                            resolve_bindings={"base_size": self.vision_config.image_size})

@@ -220,3 +220,16 @@ def test_ocr2_a_view_whose_pixels_sum_to_zero_is_still_an_image() -> None:
     stock = _bound({"vision_config": types.SimpleNamespace(image_size=1024)}, vllm_ocr2.DeepseekOCR2ForCausalLM,
                    ("_parse_and_validate_image_input",))
     assert stock._parse_and_validate_image_input(pixel_values=half) is None  # vLLM's own: "no image"
+
+
+def test_image_tensors_decides_by_sizes_not_by_a_pixel_sum() -> None:
+    half = torch.cat([-torch.ones(1, 3, 8, 4), torch.ones(1, 3, 8, 4)], dim=-1)  # sums to exactly 0
+    crops, grid = torch.zeros(0, 3, 4, 4), torch.tensor([[1, 1]])
+    kwargs: dict[str, object] = {"pixel_values": half, "images_crop": crops, "images_spatial_crop": grid, "x": 1}
+    got = encoder_batch.image_tensors(kwargs, "m")
+    assert got is not None and [a is b for a, b in zip(got, (half, crops, grid), strict=True)] == [True] * 3
+    assert kwargs == {"x": 1}  # the image fields are taken out, the rest left
+    assert encoder_batch.image_tensors({"pixel_values": None}, "m") is None
+    assert encoder_batch.image_tensors({"pixel_values": torch.zeros(0, 3, 8, 8), "images_crop": crops}, "m") is None
+    with pytest.raises(ValueError, match="m image inputs are not one tensor each"):
+        encoder_batch.image_tensors({"pixel_values": [half], "images_crop": crops}, "m")

@@ -9,8 +9,9 @@ is taken for no image, so `embed_multimodal` returns nothing and the engine core
 same, fixed in `engines.vllm.modes_model`). It also runs SAM and its Qwen2 stage image after image. Here the
 decisions come from the tensors' sizes, and `engines.vllm.encoder_batch.image_embeddings` encodes the batch's
 global views together and its tiles together, laid out as vLLM does (each view's query outputs in order,
-tile after tile, then the global view and the separator). `DEEPSEEK_OCR_ENCODER=vllm` keeps vLLM's loop
-(the size checks stay).
+tile after tile, then the global view and the separator). The tile grids (`images_spatial_crop`) stay on the
+host (`Ocr2MultiModalProcessor`), as for v1, so reading them waits for no GPU work. `DEEPSEEK_OCR_ENCODER=vllm`
+keeps vLLM's loop and its fields (the size checks stay).
 """
 
 from __future__ import annotations
@@ -19,10 +20,28 @@ from typing import Any
 
 import torch
 from vllm.model_executor.models.deepseek_ocr import DeepseekOCRImagePixelInputs
-from vllm.model_executor.models.deepseek_ocr2 import DeepseekOCR2ForCausalLM
+from vllm.model_executor.models.deepseek_ocr2 import (
+    DeepseekOCR2DummyInputsBuilder,
+    DeepseekOCR2ForCausalLM,
+    DeepseekOCR2MultiModalProcessor,
+    DeepseekOCR2ProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFieldConfig
 
 from engines.vllm import encoder_batch
 
+
+class Ocr2MultiModalProcessor(DeepseekOCR2MultiModalProcessor):
+    def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Any) -> dict[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        if encoder_batch.enabled():  # the tile grids are read on the host: no GPU wait for them in the step
+            fields["images_spatial_crop"] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+
+@MULTIMODAL_REGISTRY.register_processor(Ocr2MultiModalProcessor, info=DeepseekOCR2ProcessingInfo,
+                                        dummy_inputs=DeepseekOCR2DummyInputsBuilder)
 
 class DeepseekOCR2BatchedForCausalLM(DeepseekOCR2ForCausalLM):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -53,6 +72,6 @@ class DeepseekOCR2BatchedForCausalLM(DeepseekOCR2ForCausalLM):
                                    images_spatial_crop: torch.Tensor) -> list[torch.Tensor]:
         if not encoder_batch.enabled():
             return super()._pixel_values_to_embedding(pixel_values, images_crop, images_spatial_crop)
-        grids = [(int(w), int(h)) for w, h in images_spatial_crop.tolist()]  # one wait a batch, not per image
+        grids = [(int(w), int(h)) for w, h in images_spatial_crop.tolist()]  # on the host (fields config)
         return encoder_batch.image_embeddings(self._project_views, pixel_values, images_crop, grids, None,
                                               self.view_seperator)

@@ -233,3 +233,29 @@ def test_image_tensors_decides_by_sizes_not_by_a_pixel_sum() -> None:
     assert encoder_batch.image_tensors({"pixel_values": torch.zeros(0, 3, 8, 8), "images_crop": crops}, "m") is None
     with pytest.raises(ValueError, match="m image inputs are not one tensor each"):
         encoder_batch.image_tensors({"pixel_values": [half], "images_crop": crops}, "m")
+
+
+@pytest.mark.parametrize("which", ["v1", "ocr2"])
+def test_the_tile_grids_stay_on_the_host_while_the_batch_encoder_is_on(which: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both models' registered processors mark `images_spatial_crop` keep-on-CPU (the batch encoder reads the
+    grids with `.tolist()`, which would wait for the GPU), and leave vLLM's fields as they are with the switch
+    off. The registered processor is the one vLLM builds for the model class."""
+    pytest.importorskip("vllm.model_executor.models.deepseek_ocr2")
+    if which == "v1":
+        from engines.vllm.modes_model import DeepseekOCRModesForCausalLM as cls
+        from engines.vllm.modes_model import ModesMultiModalProcessor as processor
+    else:
+        from engines.vllm.ocr2_model import DeepseekOCR2BatchedForCausalLM as cls
+        from engines.vllm.ocr2_model import Ocr2MultiModalProcessor as processor
+    assert cls._processor_factory.processor is processor
+    made = object.__new__(processor)  # the fields config reads only its arguments
+    inputs = {"pixel_values": torch.zeros(2, 3, 8, 8), "images_spatial_crop": torch.tensor([[2, 1], [1, 1]])}
+
+    def grid_on_cpu() -> bool:
+        return made._get_mm_fields_config(inputs, {})["images_spatial_crop"].field.keep_on_cpu
+
+    monkeypatch.delenv(encoder_batch.SWITCH, raising=False)
+    assert grid_on_cpu()
+    monkeypatch.setenv(encoder_batch.SWITCH, "vllm")
+    assert not grid_on_cpu()

@@ -168,8 +168,9 @@ class ModesMultiModalProcessor(DeepseekOCRMultiModalProcessor):
     dummy_inputs=DeepseekOCRDummyInputsBuilder,  # profiles with Gundam's largest image, as vLLM does
 )
 class DeepseekOCRModesForCausalLM(DeepseekOCRForCausalLM):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        # vLLM passes these two by name only where the signature names them (model_loader's initialize_model)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         if encoder_batch.enabled():
             encoder_batch.log.info("DeepSeek-OCR encoder: the views of a batch encoded together "
                                    "(engines.vllm.encoder_batch)")

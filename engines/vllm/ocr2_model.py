@@ -44,8 +44,9 @@ class Ocr2MultiModalProcessor(DeepseekOCR2MultiModalProcessor):
                                         dummy_inputs=DeepseekOCR2DummyInputsBuilder)
 
 class DeepseekOCR2BatchedForCausalLM(DeepseekOCR2ForCausalLM):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        # vLLM passes these two by name only where the signature names them (model_loader's initialize_model)
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         if encoder_batch.enabled():
             encoder_batch.log.info("DeepSeek-OCR-2 encoder: the views of a batch encoded together "
                                    "(engines.vllm.encoder_batch)")

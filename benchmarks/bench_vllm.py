@@ -524,6 +524,74 @@ def run_dp(args: argparse.Namespace) -> dict[str, Any]:
     return asyncio.run(main())
 
 
+def run_shared(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Several raw AsyncLLM engines on one GPU (issue 30): for each K of --engines-per-gpu, K engines started
+    one after another in this process, each with --gpu-mem / K of the GPU's memory (vLLM's per-instance
+    limit) and --concurrency / K sequences, the pages dealt round-robin over them, all sent at once. The
+    question it answers: a decode step of 256 sequences is mostly the engine core's host time
+    (docs/BENCHMARKS.md section 27), so do two engine cores, each with its own host thread, on one GPU make
+    more pages a second than one? K = 1 is the baseline in the same call. --repeat timed passes per K after
+    a warm-up; each K's engines are shut down before the next K starts."""
+    import asyncio
+
+    from engines.vllm.engine import PromptBuilder
+
+    images = rendered_pages(args) * args.files[0]
+    builder = PromptBuilder.from_checkpoint(args.model)
+    params = page_params(args, builder)
+    results = []
+    for k in args.engines_per_gpu:
+        share = argparse.Namespace(**{**vars(args), "gpu_mem": args.gpu_mem / k,
+                                      "concurrency": max(1, args.concurrency // k)})
+
+        async def main(k: int = k, share: argparse.Namespace = share) -> dict[str, Any]:
+            engines, starts = [], []
+            try:
+                for _ in range(k):  # one after another: each profiles its memory with the others settled
+                    engine, start_s = async_engine(share)
+                    engines.append(engine)
+                    starts.append(round(start_s, 1))
+
+                async def one(i: int, image: Any) -> int:
+                    return await generate_page(engines[i % k], builder, image, params)
+
+                await asyncio.gather(*(one(i, images[0]) for i in range(2 * k)))  # warm-up, every engine
+                runs = []
+                for _ in range(repeats(args)[0]):
+                    t = time.perf_counter()
+                    tokens = await asyncio.gather(*(one(i, image) for i, image in enumerate(images)))
+                    elapsed = time.perf_counter() - t
+                    runs.append({"path": f"raw AsyncLLM x{k} on one GPU", "engines": k, "pages": len(images),
+                                 "gpu_mem_each": round(share.gpu_mem, 3), "max_num_seqs_each": share.concurrency,
+                                 "elapsed_s": round(elapsed, 2), "pages_per_s": round(len(images) / elapsed, 3),
+                                 "output_tokens_per_s": round(sum(tokens) / elapsed, 1),
+                                 "mean_completion_tokens": round(sum(tokens) / len(tokens), 1),
+                                 "engine_start_s": starts})
+                    print(json.dumps(runs[-1]), flush=True)
+                return median_run(runs)
+            finally:
+                for engine in engines:
+                    engine.shutdown()
+
+        results.append(asyncio.run(main()))
+        print(json.dumps({"median": results[-1]}), flush=True)
+        _wait_for_gpu_memory()
+    return results
+
+
+def _wait_for_gpu_memory(limit_s: float = 60.0) -> None:
+    """Until the GPU holds under 2 GiB (the engine cores just shut down free theirs as their processes exit),
+    so the next engines' memory check sees the whole GPU; nvidia-smi, not CUDA: this process stays without a
+    CUDA context, as vLLM's front end is."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, check=False).stdout.split()
+        if out and max(int(v) for v in out) < 2048:
+            return
+        time.sleep(1.0)
+
+
 # --------------------------------------------------------------------------------------- n-gram guard
 
 
@@ -565,7 +633,7 @@ def ngram_table(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["all", "raw", "service", "ngram", "interactive", "dp"],
+    parser.add_argument("what", choices=["all", "raw", "service", "ngram", "interactive", "dp", "shared"],
                         help="ngram: raw runs per --impls, guard on and off, median of --repeat (a table); "
                              "interactive: single pages from 64 clients, raw AsyncLLM vs /ocr/image/advanced; "
                              "dp: raw AsyncLLM with vLLM's data_parallel_size=--dp over --files copies")
@@ -607,6 +675,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["raw", "service", "raw-child"], help="interactive: one side")
     parser.add_argument("--rounds-out", help="interactive: append each round here (JSON lines) as it ends")
     parser.add_argument("--dp", type=int, default=2, help="dp: vLLM data_parallel_size (GPUs)")
+    parser.add_argument("--engines-per-gpu", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2],
+                        help="shared: the engine counts on one GPU to compare, in this order (\"1,2\")")
     args = parser.parse_args()
     args.pdf = args.pdf or f"/tmp/bench-{args.pages}.pdf"
     if not Path(args.pdf).is_file():
@@ -627,6 +697,8 @@ def main() -> int:
     if args.what == "dp":
         results.append(run_dp(args))
         print(json.dumps(results[-1]), flush=True)
+    if args.what == "shared":
+        results.extend(run_shared(args))
     if args.what == "raw":
         results.append(run_raw(args))
         print(json.dumps(results[-1]), flush=True)

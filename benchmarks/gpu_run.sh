@@ -42,6 +42,9 @@
 #               ASYNC=off: the same with vLLM's async scheduling off (on by default in vLLM 0.26); ASYNC="auto
 #               off": both in one call, each on its own start (~9 min);
 #               STEPS_ARCH=ocr2: DeepSeek-OCR-2 on the same pages
+#        shared  K raw AsyncLLM engines sharing one GPU, each with 1/K of its memory and sequences, the 256
+#               pages dealt over them (benchmarks/bench_vllm.py shared): SHARED="1,2" (K=1 the baseline in the
+#               same call), REPEAT (3) passes per K                                              ~6 min
 #        ngramstep  the n-gram guard's time a step by batch size, bans on the device against the host path
 #               (benchmarks/bench_ngram_step.py; no engine: the processor alone on the GPU)        ~1 min
 #        kv     KV_CACHE_DTYPE auto (bf16) then fp8 (KV_ORDER swaps): the service on the 256-page PDF, each on its
@@ -74,7 +77,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|steps|sam|encab|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|steps|shared|sam|encab|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -528,6 +531,16 @@ case "$phase" in
       names+=("encab-$v")
       ab_summary "${names[@]}"
     done
+    ;;
+  shared)  # issue 30: K raw AsyncLLM engines on one GPU (bench_vllm.py shared), K in SHARED (1,2), the 256
+    # pages dealt over them, REPEAT (3) passes per K, each K's engines shut down before the next
+    real_ckpt; bench_pdf
+    timeout -s INT -k 20 $(( ${T_TOTAL:-565} - SECONDS )) python3 benchmarks/bench_vllm.py shared --model "$CK/real" \
+      "${big[@]}" --files 1 --repeat "${REPEAT:-3}" --engines-per-gpu "${SHARED:-1,2}" --out "$OUT/shared.json" \
+      > "$OUT/shared-full.log" 2>&1
+    grep -v "^INFO\|^(EngineCore\|^WARNING\|^DEBUG" "$OUT/shared-full.log" | tail -30
+    grep -h "Maximum concurrency for\|KV cache\|JIT compilation during inference" "$OUT/shared-full.log" |
+      cut -c1-220 | sort | uniq -c | head
     ;;
   steps)
     bench_pdf

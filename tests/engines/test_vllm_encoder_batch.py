@@ -259,3 +259,25 @@ def test_the_tile_grids_stay_on_the_host_while_the_batch_encoder_is_on(which: st
     assert grid_on_cpu()
     monkeypatch.setenv(encoder_batch.SWITCH, "vllm")
     assert not grid_on_cpu()
+
+
+@pytest.mark.parametrize("which", ["v1", "ocr2"])
+def test_vllm_builds_the_subclasses_with_its_config(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM 0.26's `initialize_model` passes `vllm_config` and `prefix` only to a class whose `__init__`
+    signature names both; otherwise it guesses old-style arguments and the constructor fails (an engine that
+    never started on the GPU, docs/BENCHMARKS.md section 27). Its rule, and then a construction through
+    the signature it reads, with the parent's constructor recording what it got."""
+    import inspect
+
+    pytest.importorskip("vllm.model_executor.models.deepseek_ocr2")
+    if which == "v1":
+        from engines.vllm.modes_model import DeepseekOCRModesForCausalLM as cls
+    else:
+        from engines.vllm.ocr2_model import DeepseekOCR2BatchedForCausalLM as cls
+    params = inspect.signature(cls.__init__).parameters
+    assert "vllm_config" in params and "prefix" in params
+    got: dict[str, object] = {}
+    monkeypatch.setattr(cls.__mro__[1], "__init__",
+                        lambda self, *, vllm_config, prefix="": got.update(config=vllm_config, prefix=prefix))
+    cls(vllm_config="cfg", prefix="model")
+    assert got == {"config": "cfg", "prefix": "model"}

@@ -4,8 +4,9 @@ Raw vLLM `AsyncLLM` with the service's engine settings (`engines.vllm.args.engin
 paths), the A4 workload of the throughput benchmark (Gundam, --max-tokens a page, n-gram guard on), every page
 sent at once with its views and vLLM's processor in threads, as the service does, so that the engine holds the
 whole batch within seconds (the offline `LLM` preprocesses serially inside `generate`: its batch was still
-52 sequences 300 steps in, docs/BENCHMARKS.md section 26). First one unprofiled pass (its pages/s, and the
-engine core's CPU seconds per wall second); then the same pages again twice, with vLLM's profiler on for one
+52 sequences 300 steps in, docs/BENCHMARKS.md section 26). First --unprofiled passes (2: the first also
+compiles the large shapes on first use; each pass's pages/s, and the engine core's CPU seconds per wall
+second); then the same pages again twice, with vLLM's profiler on for one
 window by time after the send each pass (`--decode-window`: the full batch decoding, first; `--fill-window`: the
 prefills while the batch fills). vLLM's `gpu_model_runner: *` ranges are recorded
 (VLLM_CUSTOM_SCOPES_FOR_PROFILING=1). Each window's worker trace (Chrome JSON, written by vLLM under
@@ -16,13 +17,15 @@ prefills while the batch fills). vLLM's `gpu_model_runner: *` ranges are recorde
 - GPU busy: the union of the kernels each step launched (a kernel belongs to the step whose span holds its
   launch, found by the kernel's correlation id: a CUDA graph's kernels share their graph launch's), over the
   step's wall time;
+- host time per step by vLLM's range on the engine core's thread (`schedule: allocate_slots`, `gpu_model_runner:
+  preprocess`, ... and what no range holds: the scheduler's and the outputs' own Python);
 - kernel time per step by class (fused MoE, attention, GEMM, norms/activations/rotary, copies, other) and by
   vLLM's range at the launch (`preprocess` holds the vision encoder, `forward` the decoder, `sample` the sampler
   with the logits processors (the n-gram guard) and the log-probabilities);
 - the memory-traffic bound of a decode step: every expert's weights (all are touched at these batches) plus the
   KV cache the step reads, over --bandwidth-tbs (H100 SXM 3.35, H200 4.8): the fraction of it reached.
 
-The profiler slows the CPU side; the unprofiled pass's pages/s is the figure to quote, the profile says where
+The profiler slows the CPU side; the last unprofiled pass's pages/s is the figure to quote, the profile says where
 the time goes. Usage (GPU machine, kit installed; real-size config, random weights):
     python benchmarks/step_profile.py --model /tmp/dsocr-ckpt/real --pages 256 --max-tokens 1000 \\
         --fill-window 0 3 --decode-window 12 13.5 --trace-dir /tmp/step-trace --out step-profile.json
@@ -121,6 +124,7 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
         step["by_range"][label] += dur / 1000
     for step in per_step:
         step["gpu_busy_ms"] = union_us(step.pop("intervals")) / 1000
+    _host_by_range(events, steps, per_step)
 
     def med(rows: list[dict[str, Any]], key: str) -> float | None:
         return round(statistics.median(r[key] for r in rows), 3) if rows else None
@@ -143,8 +147,35 @@ def summarize(trace: dict[str, Any]) -> dict[str, Any]:
             "gpu_busy_fraction": round(busy / wall, 3) if wall else None,
             "kernel_ms_by_class_median": table(rows, "by_class"),
             "kernel_ms_by_range_median": table(rows, "by_range"),
+            "host_ms_by_range_median": table(rows, "host"),
         }
     return out
+
+
+def _host_by_range(events: list[dict[str, Any]], steps: list[dict[str, Any]], per_step: list[dict[str, Any]]) -> None:
+    """Each step's wall time on the steps' own thread (the engine core's, which runs the scheduler as well as the
+    model runner), by the outermost annotation holding it: vLLM's `gpu_model_runner: *` and `schedule: *` ranges
+    and any other, their "(...)" suffix dropped; the step annotation itself is not one (its ranges are inside
+    it, and with async scheduling the sampler runs after it). What no annotation holds is "(no range)": the
+    scheduler's and the outputs' own Python."""
+    thread = (steps[0].get("pid"), steps[0].get("tid"))
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e["name"].split("(")[0].strip())
+                   for e in events if e.get("cat") == "user_annotation" and (e.get("pid"), e.get("tid")) == thread
+                   and not STEP_RE.match(e.get("name", "")))
+    starts = [float(s["ts"]) for s in steps]
+    for i, step in enumerate(per_step):
+        begin, end = starts[i], starts[i + 1]
+        host: dict[str, float] = defaultdict(float)
+        reach = begin
+        for a, b, name in spans[bisect.bisect_left(spans, (begin,)):]:
+            if a >= end:
+                break
+            if a < reach:  # inside an annotation already counted
+                continue
+            host[name] += (min(b, end) - a) / 1000
+            reach = b
+        host["(no range)"] = step["wall_ms"] - sum(host.values())
+        step["host"] = host
 
 
 def memory_bound_ms(model: str, sequences: float, context_tokens: float, bandwidth_tbs: float,
@@ -199,8 +230,9 @@ def _window_traces(trace_dir: Path, known: set[Path], timeout_s: float = 180) ->
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Raw vLLM `AsyncLLM` with the service's engine settings, every page sent at once (each page's views and
     vLLM's processor in a thread, as the service's renderer does), so the engine holds the full batch within
-    seconds. One unprofiled pass (pages/s, the engine core's CPU), then one profiled pass a window (start and
-    end in seconds after the send), each window's trace (the worker's) read back before the next pass."""
+    seconds. --unprofiled passes (pages/s, the engine core's CPU; the last is the figure), then one profiled
+    pass a window (start and end in seconds after the send), each window's trace (the worker's) read back before
+    the next pass."""
     import asyncio
     import os
 
@@ -272,14 +304,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             short = bench_vllm.page_params(argparse.Namespace(**{**vars(args), "max_tokens": 16}), builder)
             await asyncio.gather(*(one(image, short) for image in images[:4]))  # warm-up
-            cpu0, t = engine_core_cpu(), time.perf_counter()
-            tokens = await asyncio.gather(*(one(image) for image in images))
-            elapsed = time.perf_counter() - t
-            result["unprofiled"] = {"elapsed_s": round(elapsed, 2), "pages_per_s": round(len(images) / elapsed, 3),
-                                    "output_tokens_per_s": round(sum(tokens) / elapsed, 1),
-                                    "mean_completion_tokens": round(sum(tokens) / len(tokens), 1),
-                                    "engine_core_cpu_per_wall_s": round((engine_core_cpu() - cpu0) / elapsed, 3)}
-            print(json.dumps({"unprofiled": result["unprofiled"]}), flush=True)
+            # --unprofiled passes; the last is the figure (the first full pass also compiles the large shapes'
+            # kernels on first use: 39.1 s against 33.2 for a later pass, docs/BENCHMARKS.md section 27)
+            result["unprofiled_passes"] = []
+            for _ in range(args.unprofiled):
+                cpu0, t = engine_core_cpu(), time.perf_counter()
+                tokens = await asyncio.gather(*(one(image) for image in images))
+                elapsed = time.perf_counter() - t
+                cpu = engine_core_cpu() - cpu0
+                result["unprofiled"] = {"elapsed_s": round(elapsed, 2),
+                                        "pages_per_s": round(len(images) / elapsed, 3),
+                                        "output_tokens_per_s": round(sum(tokens) / elapsed, 1),
+                                        "mean_completion_tokens": round(sum(tokens) / len(tokens), 1),
+                                        "engine_core_cpu_per_wall_s": round(cpu / elapsed, 3)}
+                result["unprofiled_passes"].append(result["unprofiled"])
+                print(json.dumps({"unprofiled": result["unprofiled"]}), flush=True)
             for begin, end, name in windows:  # one profiled pass a window, its trace read before the next
                 known = set(trace_dir.rglob("*.json*"))
                 t = time.perf_counter()
@@ -343,6 +382,8 @@ def main() -> int:
     parser.add_argument("--async-scheduling", default="auto", choices=["auto", "off"],
                         help="auto: vLLM's choice (on in 0.26 for this engine); off: async_scheduling=False")
     parser.add_argument("--trace-dir", default="/tmp/step-trace")
+    parser.add_argument("--unprofiled", type=int, default=2, choices=range(1, 6), metavar="N",
+                        help="unprofiled passes before the profiled ones; the last one's pages/s is the figure")
     parser.add_argument("--summarize", help="only summarise this trace file (no GPU)")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()

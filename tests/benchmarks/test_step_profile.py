@@ -74,6 +74,26 @@ def test_kernel_time_by_class_and_by_vllm_range() -> None:
     assert out["decode"]["kernel_ms_by_range_median"] == {"forward": 0.9, "sample": 0.05}
 
 
+def test_host_time_by_range_on_the_steps_thread() -> None:
+    """The prefill step's 1,000 us: preprocess 200 and forward 200 (inside the step annotation), the rest no
+    range. The decode step's 1,500 us: forward 100, sample 50, then the scheduler's `allocate_slots` twice (300
+    in all; the nested `allocate` inside it not counted again), a range on another thread ignored, and one that
+    runs past the next step's start cut there."""
+    events = trace()["traceEvents"] + [
+        x("user_annotation", "schedule: allocate_slots", 2400, 200),
+        x("user_annotation", "schedule: allocate", 2450, 50),  # nested: part of the one above
+        x("user_annotation", "schedule: allocate_slots", 2700, 100),
+        {**x("user_annotation", "gpu_model_runner: preprocess", 2900, 100), "tid": 2},  # another thread
+        x("user_annotation", "schedule: update_from_output", 3400, 300),  # 100 us before the next step
+    ]
+    out = step_profile.summarize({"traceEvents": events})
+    assert out["prefill"]["host_ms_by_range_median"] == {"(no range)": 0.6, "gpu_model_runner: forward": 0.2,
+                                                         "gpu_model_runner: preprocess": 0.2}
+    assert out["decode"]["host_ms_by_range_median"] == {
+        "(no range)": 0.95, "gpu_model_runner: forward": 0.1, "gpu_model_runner: sample": 0.05,
+        "schedule: allocate_slots": 0.3, "schedule: update_from_output": 0.1}
+
+
 def test_a_trace_without_steps_says_so() -> None:
     assert "error" in step_profile.summarize({"traceEvents": [x("kernel", "k", 0, 1, correlation=1)]})
 

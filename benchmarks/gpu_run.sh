@@ -558,8 +558,13 @@ case "$phase" in
         --image-tokens "$itok" --fill-window ${FILL_WINDOW:-0 3} --decode-window ${DECODE_WINDOW:-12 13.5} \
         --bandwidth-tbs "$bw" \
         --trace-dir /tmp/step-trace --async-scheduling "$a" --out "$OUT/steps-$tag.json" \
-        > "$OUT/steps-$tag-full.log" 2>&1
+        --pyspy "$OUT/pyspy-$tag" > "$OUT/steps-$tag-full.log" 2>&1
       grep -v "^INFO\|^(EngineCore\|^WARNING\|^DEBUG" "$OUT/steps-$tag-full.log" | tail -60
+      # the engine core's Python in the last unprofiled pass, by kind and by frame
+      for w in decode fill; do
+        [ -s "$OUT/pyspy-$tag.$w.txt" ] && python3 benchmarks/profile_summary.py "$OUT/pyspy-$tag.$w.txt" \
+          --rate 250 --top 25 2>&1 | tee "$OUT/pyspy-$tag.$w-summary.txt" | head -40
+      done
       # the traces themselves, where they fit what comes back (16 MiB a file)
       find /tmp/step-trace -name "*.json.gz" -size -15M -exec cp {} "$OUT/" \; 2>/dev/null
     done

@@ -201,6 +201,22 @@ def memory_bound_ms(model: str, sequences: float, context_tokens: float, bandwid
 # ------------------------------------------------------------------------------------------ the GPU run
 
 
+PYSPY_RATE = 250  # samples a second: ~6 a 24 ms decode step
+
+
+def engine_core_pid() -> int:
+    """The pid of this process's vLLM engine core child (its title is VLLM::EngineCore)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "EngineCor" in child.name() + " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    raise RuntimeError("no vLLM engine core among this process's children")
+
+
 def engine_core_cpu() -> float:
     """CPU seconds so far of this process's vLLM engine core child (its title is VLLM::EngineCore)."""
     import psutil
@@ -235,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     the next pass."""
     import asyncio
     import os
+    import shutil
 
     os.environ.setdefault("VLLM_CUSTOM_SCOPES_FOR_PROFILING", "1")  # vLLM's gpu_model_runner ranges
     import bench_vllm
@@ -292,6 +309,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         async def one(image: Any, page_params: Any = params) -> int:
             return await bench_vllm.generate_page(engine, builder, image, page_params)
 
+        async def timed_pass() -> tuple[list[int], float]:
+            tokens = await asyncio.gather(*(one(image) for image in images))
+            return tokens, time.perf_counter()
+
         async def profile_window(t0: float, begin: float, end: float, name: str) -> dict[str, Any]:
             await asyncio.sleep(max(0.0, t0 + begin - time.perf_counter()))
             began = time.perf_counter() - t0
@@ -301,16 +322,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return {"window": name, "asked_s": [begin, end], "started_s": round(began, 2),
                     "stopped_s": round(time.perf_counter() - t0, 2)}
 
+        async def pyspy_window(t0: float, begin: float, end: float, name: str) -> dict[str, Any]:
+            """py-spy on the engine core from `begin` to `end` s after the send, GIL-holding samples only (its
+            Python's time, not its waits): where the host time of an unprofiled step goes. A first pass's fill
+            window also holds the first-use compilations."""
+            await asyncio.sleep(max(0.0, t0 + begin - time.perf_counter()))
+            out = f"{args.pyspy}.{name}.txt"
+            if shutil.which("py-spy") is None:  # a profile is a bonus: the pass and its figures go on
+                return {"window": name, "error": "py-spy is not on PATH"}
+            cmd = ["py-spy", "record", "--pid", str(engine_core_pid()), "--gil", "--nonblocking", "--rate",
+                   str(PYSPY_RATE), "--duration", str(max(1, round(end - begin))), "--format", "raw", "--output", out]
+            proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL,
+                                                        stderr=asyncio.subprocess.STDOUT)
+            code = await proc.wait()
+            return {"window": name, "asked_s": [begin, end], "file": out, "rate": PYSPY_RATE, "exit": code}
+
         try:
             short = bench_vllm.page_params(argparse.Namespace(**{**vars(args), "max_tokens": 16}), builder)
             await asyncio.gather(*(one(image, short) for image in images[:4]))  # warm-up
             # --unprofiled passes; the last is the figure (the first full pass also compiles the large shapes'
             # kernels on first use: 39.1 s against 33.2 for a later pass, docs/BENCHMARKS.md section 27)
             result["unprofiled_passes"] = []
-            for _ in range(args.unprofiled):
+            for n in range(args.unprofiled):
                 cpu0, t = engine_core_cpu(), time.perf_counter()
-                tokens = await asyncio.gather(*(one(image) for image in images))
-                elapsed = time.perf_counter() - t
+                # py-spy on the first pass, so that the figure's (the last) runs without it
+                spy = args.pyspy and n == 0
+                spies = [pyspy_window(t, begin, end, name) for begin, end, name in windows] if spy else []
+                (tokens, done), *recorded = await asyncio.gather(timed_pass(), *spies)
+                elapsed = done - t
+                if recorded:
+                    result["pyspy"] = recorded
                 cpu = engine_core_cpu() - cpu0
                 result["unprofiled"] = {"elapsed_s": round(elapsed, 2),
                                         "pages_per_s": round(len(images) / elapsed, 3),
@@ -384,6 +425,8 @@ def main() -> int:
     parser.add_argument("--trace-dir", default="/tmp/step-trace")
     parser.add_argument("--unprofiled", type=int, default=2, choices=range(1, 6), metavar="N",
                         help="unprofiled passes before the profiled ones; the last one's pages/s is the figure")
+    parser.add_argument("--pyspy", metavar="PREFIX", help="py-spy the engine core (GIL samples) in both windows "
+                        "of the first unprofiled pass: PREFIX.decode.txt, PREFIX.fill.txt (profile_summary.py)")
     parser.add_argument("--summarize", help="only summarise this trace file (no GPU)")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()

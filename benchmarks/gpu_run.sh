@@ -61,6 +61,9 @@
 #               each on its own start, REPEAT (3) runs each (ENCAB_ORDER="vllm batched both": three) ~9 min
 #        kvfp8  teacher-forced top-1 agreement of vLLM with its KV cache in fp8 against bf16, every mode, on
 #               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts)  ~4 min
+#        pixab  the views as 8-bit values normalised on the GPU (DEEPSEEK_OCR_PIXELS=uint8) against vLLM's
+#               floats: tests/engines/test_vllm_pixels.py, then the service on the 256-page PDF, each on its own
+#               start, REPEAT (3) runs each                                                     ~9 min
 #        confidence  the service on the 256-page PDF with CONFIDENCE=false, then true, each on its own start,
 #               REPEAT (3) runs each; CONF_ORDER="true false" swaps                           ~8 min
 #        warmdump  py-spy dumps of an engine worker and its engine core every 4 s during the warm-up ~4 min
@@ -77,7 +80,7 @@
 # Logs go to $OUT (the device tool's folder; /tmp/gpu-out elsewhere). Checkpoints are written once into
 # /tmp/dsocr-ckpt and reused while the machine stays up.
 set -uo pipefail
-phase=${1:?usage: gpu_run.sh views|equiv|steps|shared|sam|encab|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
+phase=${1:?usage: gpu_run.sh views|equiv|steps|shared|pixab|sam|encab|ocr2ab|ngramstep|kv|kvfp8|tests|tests-v1|tests-v2|bench|workers|ocr2|ngram|ngram-test|ray1|ray2|pair|pair1024|solo|scale|scale12|dp|ray1i|ray12|inter|interconf|single|moetune|moeab|conc|confidence|warmdump}
 OUT=${OUT:-/tmp/gpu-out}
 CK=${CKPT_DIR:-/tmp/dsocr-ckpt}
 mkdir -p "$OUT" "$CK"
@@ -152,7 +155,7 @@ ab_run() {
   env "${envs[@]}" timeout -s INT -k 30 "$limit" python3 benchmarks/bench_vllm.py service --model "$CK/real" \
     --gpus 0 --log "$OUT/service-$name.log" --out "$OUT/$name.json" "$@" 2>&1 | grep -v '"timeline"' |
     tee "$OUT/$name.log"
-  grep -h "Using configuration from\|Using default MoE config\|Asynchronous scheduling\|warm-up took\|JIT compilation during inference\|Maximum concurrency for\|encoder: attention mask\|encoder: the views\|SAM attention: relative\|_ATTN\|FLASHINFER\|kv_cache_dtype=\|preempt" \
+  grep -h "Using configuration from\|Using default MoE config\|Asynchronous scheduling\|warm-up took\|JIT compilation during inference\|Maximum concurrency for\|encoder: attention mask\|encoder: the views\|SAM attention: relative\|views: 8-bit\|_ATTN\|FLASHINFER\|kv_cache_dtype=\|preempt" \
     "$OUT/service-$name.log" | cut -c1-260 | sort | uniq -c | sort -rn | head -14
 }
 # Each start's runs (written as each ends: <name>.json.runs), one line each, and the median.
@@ -577,6 +580,21 @@ case "$phase" in
     small_ckpt
     timeout 560 python3 benchmarks/equivalence.py --ckpt "$CK/small" --kv-compare --child-timeout 250 \
       --out "$OUT/kvfp8.json" 2>&1 | tee "$OUT/kvfp8.log"
+    ;;
+  pixab)  # issue 30: the views as 8-bit values (DEEPSEEK_OCR_PIXELS=uint8, engines/vllm/pixels.py) against vLLM's
+    # floats, the service on the 256 pages, each on its own start, REPEAT (3) runs each (PIXAB_ORDER swaps)
+    real_ckpt; bench_pdf
+    [ "${PIXAB_TESTS:-1}" = 1 ] && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/engines/test_vllm_pixels.py \
+      2>&1 | tail -3 | tee "$OUT/pixab-test.log"
+    names=()
+    for v in ${PIXAB_ORDER:-float uint8}; do
+      limit=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ "$limit" -lt 120 ] && { echo "=== pixab-$v: not started, $limit s left"; break; }
+      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-290}" ] && limit=${T1:-290}
+      ab_run "pixab-$v" "$limit" DEEPSEEK_OCR_PIXELS="$v" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
+      names+=("pixab-$v")
+      ab_summary "${names[@]}"
+    done
     ;;
   confidence)  # the cost of CONFIDENCE (vLLM logprobs=0 on every request): the 256-page service run with it
     # off then on (CONF_ORDER swaps), each on its own start, REPEAT (3) runs each

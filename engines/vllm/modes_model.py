@@ -42,7 +42,7 @@ from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems, Mult
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.transformers_utils.processors.deepseek_ocr import MAX_CROPS, MIN_CROPS, count_tiles
 
-from engines.vllm import encoder_batch
+from engines.vllm import encoder_batch, pixels
 from engines.vllm.modes import GUNDAM, ViewSizes, count_placeholders
 
 VIEW_SIZES = "view_sizes"
@@ -106,6 +106,7 @@ class ModesProcessingInfo(DeepseekOCRProcessingInfo):
         sizes = ViewSizes.from_kwargs(kwargs)
         # vLLM builds and caches this one (Gundam, its module defaults) once, at start-up.
         default = super().get_hf_processor(**{**kwargs, **GUNDAM.as_kwargs()})
+        pixels.install(default)  # before any copy is made: the copies share its view transform
         processor = resized_processor(default, sizes)
         got = (getattr(processor, "base_size", None), getattr(processor, "image_size", None))
         if got != (sizes.base_size, sizes.image_size):
@@ -130,6 +131,7 @@ class ModesMultiModalProcessor(DeepseekOCRMultiModalProcessor):
         # Explicit sizes and crop flag: the processor's `__call__` default for crop_mode is bound at import.
         out = super()._call_hf_processor(prompt, mm_data, {**mm_kwargs, **sizes.as_kwargs()}, tok_kwargs)
         _check_processed(out, mm_data, sizes)
+        pixels.uint8_outputs(out)
         out[VIEW_SIZES] = torch.tensor(sizes.as_list(), dtype=torch.int64)
         return out
 
@@ -171,9 +173,12 @@ class DeepseekOCRModesForCausalLM(DeepseekOCRForCausalLM):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         # vLLM passes these two by name only where the signature names them (model_loader's initialize_model)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.view_dtype = vllm_config.model_config.dtype  # 8-bit views are normalised into this (pixels)
         if encoder_batch.enabled():
             encoder_batch.log.info("DeepSeek-OCR encoder: the views of a batch encoded together "
                                    "(engines.vllm.encoder_batch)")
+        if pixels.uint8_enabled():
+            pixels.log.info("DeepSeek-OCR views: 8-bit from the front end, normalised on the GPU (engines.vllm.pixels)")
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> DeepseekOCRImagePixelInputs | None:
         view_sizes = kwargs.pop(VIEW_SIZES, None)
@@ -181,6 +186,8 @@ class DeepseekOCRModesForCausalLM(DeepseekOCRForCausalLM):
         if images is None:
             return None
         pixel_values, images_crop, images_spatial_crop = images
+        pixel_values = pixels.normalized(pixel_values, self.view_dtype)
+        images_crop = pixels.normalized(images_crop, self.view_dtype)
         if view_sizes is not None and int(view_sizes[0]) != pixel_values.shape[-1]:
             raise ValueError(f"global views of {pixel_values.shape[-1]} px, expected {int(view_sizes[0])}")
         return DeepseekOCRImagePixelInputs(

@@ -29,10 +29,22 @@ from vllm.model_executor.models.deepseek_ocr2 import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 
-from engines.vllm import encoder_batch
+from engines.vllm import encoder_batch, pixels
+
+
+class Ocr2ProcessingInfo(DeepseekOCR2ProcessingInfo):
+    def get_hf_processor(self, **kwargs: object) -> Any:
+        processor = super().get_hf_processor(**kwargs)
+        pixels.install(processor)
+        return processor
 
 
 class Ocr2MultiModalProcessor(DeepseekOCR2MultiModalProcessor):
+    def _call_hf_processor(self, prompt: str, mm_data: Any, mm_kwargs: Any, tok_kwargs: Any) -> Any:
+        out = super()._call_hf_processor(prompt, mm_data, mm_kwargs, tok_kwargs)
+        pixels.uint8_outputs(out)
+        return out
+
     def _get_mm_fields_config(self, hf_inputs: Any, hf_processor_mm_kwargs: Any) -> dict[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         if encoder_batch.enabled():  # the tile grids are read on the host: no GPU wait for them in the step
@@ -40,22 +52,28 @@ class Ocr2MultiModalProcessor(DeepseekOCR2MultiModalProcessor):
         return fields
 
 
-@MULTIMODAL_REGISTRY.register_processor(Ocr2MultiModalProcessor, info=DeepseekOCR2ProcessingInfo,
+@MULTIMODAL_REGISTRY.register_processor(Ocr2MultiModalProcessor, info=Ocr2ProcessingInfo,
                                         dummy_inputs=DeepseekOCR2DummyInputsBuilder)
 
 class DeepseekOCR2BatchedForCausalLM(DeepseekOCR2ForCausalLM):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         # vLLM passes these two by name only where the signature names them (model_loader's initialize_model)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.view_dtype = vllm_config.model_config.dtype  # 8-bit views are normalised into this (pixels)
         if encoder_batch.enabled():
             encoder_batch.log.info("DeepSeek-OCR-2 encoder: the views of a batch encoded together "
                                    "(engines.vllm.encoder_batch)")
+        if pixels.uint8_enabled():
+            pixels.log.info("DeepSeek-OCR-2 views: 8-bit from the front end, normalised on the GPU "
+                            "(engines.vllm.pixels)")
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> DeepseekOCRImagePixelInputs | None:
         images = encoder_batch.image_tensors(kwargs, "DeepSeek-OCR-2")
         if images is None:
             return None
         pixel_values, images_crop, images_spatial_crop = images
+        pixel_values = pixels.normalized(pixel_values, self.view_dtype)
+        images_crop = pixels.normalized(images_crop, self.view_dtype)
         return DeepseekOCRImagePixelInputs(type="pixel_values", data=pixel_values, images_crop=images_crop,
                                            images_spatial_crop=images_spatial_crop,
                                            resolve_bindings={"base_size": self.vision_config.image_size})

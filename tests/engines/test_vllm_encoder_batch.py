@@ -208,8 +208,8 @@ def test_ocr2_a_view_whose_pixels_sum_to_zero_is_still_an_image() -> None:
     """vLLM's DeepSeek-OCR-2 took `torch.sum(pixels) == 0` for "no image" (a half-black, half-white view): the
     engine core then died on the missing embeddings. The subclass decides by the tensors' sizes."""
     ocr2_model = pytest.importorskip("engines.vllm.ocr2_model")
-    obj = _bound({"vision_config": types.SimpleNamespace(image_size=1024)}, ocr2_model.DeepseekOCR2BatchedForCausalLM,
-                 ("_parse_and_validate_image_input",))
+    obj = _bound({"vision_config": types.SimpleNamespace(image_size=1024), "view_dtype": torch.float32},
+                 ocr2_model.DeepseekOCR2BatchedForCausalLM, ("_parse_and_validate_image_input",))
     half = torch.cat([-torch.ones(1, 3, 1024, 512), torch.ones(1, 3, 1024, 512)], dim=-1)
     assert float(half.sum()) == 0.0
     parsed = obj._parse_and_validate_image_input(pixel_values=half, images_crop=torch.zeros(0, 3, 768, 768),
@@ -279,5 +279,7 @@ def test_vllm_builds_the_subclasses_with_its_config(which: str, monkeypatch: pyt
     got: dict[str, object] = {}
     monkeypatch.setattr(cls.__mro__[1], "__init__",
                         lambda self, *, vllm_config, prefix="": got.update(config=vllm_config, prefix=prefix))
-    cls(vllm_config="cfg", prefix="model")
-    assert got == {"config": "cfg", "prefix": "model"}
+    config = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=torch.bfloat16))
+    model = cls(vllm_config=config, prefix="model")
+    assert got == {"config": config, "prefix": "model"}
+    assert model.view_dtype == torch.bfloat16  # what 8-bit views are normalised into (engines.vllm.pixels)

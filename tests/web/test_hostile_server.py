@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -349,9 +350,11 @@ def test_kill_9_leaves_no_render_worker_and_no_spill_file(tiny_checkpoint: Path,
     env = {**ENV, "MODEL_PATH": str(tiny_checkpoint), "DATA_DIR": str(tmp_path / "data"), "TMPDIR": str(tmp_path),
            "PDF_RENDER_TIMEOUT_S": "60"}
     proc, victim = start(env)
+    # The client stays connected until the kill: one that left after a fixed time could leave before a loaded
+    # machine had even started the render, and the server then drops the request with no spill file at all.
+    client = threading.Thread(target=post_until_killed, args=(victim.url, heavy_document(1)), daemon=True)
     try:
-        with contextlib.suppress(httpx.TimeoutException):
-            post_pdf_with_timeout(victim.url, heavy_document(1), 1.5)  # the page keeps rendering (60 s allowed)
+        client.start()
         # The render has begun once its spill file exists; a loaded machine may take a while to get there.
         deadline = time.monotonic() + 30
         while not victim.spill_files() and time.monotonic() < deadline:
@@ -361,6 +364,7 @@ def test_kill_9_leaves_no_render_worker_and_no_spill_file(tiny_checkpoint: Path,
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        client.join(30)
     alive = survivors(workers)
     assert not alive, f"render workers outlived the killed server: {alive}"
     assert victim.spill_files()  # the dead server could not clean up
@@ -390,6 +394,13 @@ def noisy_document(pages: int, side: int = 1000) -> bytes:
         page = doc.new_page(width=500, height=500)
         page.insert_image(page.rect, stream=buf.getvalue())
     return doc.tobytes()
+
+
+def post_until_killed(url: str, pdf: bytes) -> None:
+    """Send a PDF and wait for whatever ends the request: here, the server killed mid-render."""
+    with contextlib.suppress(httpx.HTTPError):
+        httpx.post(url + "/pdf/ocr", files={"file": ("h.pdf", pdf, "application/pdf")}, data={"dpi": "72"},
+                   timeout=90)
 
 
 def post_pdf_with_timeout(url: str, pdf: bytes, seconds: float) -> httpx.Response:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from engines.vllm import pixels
+
 # Benchmark switch: "vllm" keeps vLLM's encoder as it is (image after image, its SAM attention); "batched" the
 # batch only, with vLLM's SAM attention (engines.vllm.sam_attention off); anything else: both changes.
 SWITCH = "DEEPSEEK_OCR_ENCODER"
@@ -60,11 +62,21 @@ def fused_attention() -> bool:
     return _switch() not in ("vllm", "batched")
 
 
-def image_tensors(kwargs: dict[str, object], model: str) -> tuple[torch.Tensor, torch.Tensor, object] | None:
-    """(pixel_values, images_crop, images_spatial_crop) popped from a model's image kwargs; None where the batch
-    has no image. Decided by the tensors' sizes: vLLM's classes test `torch.sum(pixels).item() == 0`, a GPU wait,
-    and a view whose normalised pixels sum to exactly 0 (half black, half white) read as no image, so the
-    engine core died on the missing embeddings."""
+def announce(model: str) -> None:
+    """Log which of the plugin's encoder-side changes this engine runs (the benchmarks grep for these lines)."""
+    if enabled():
+        log.info("%s encoder: the views of a batch encoded together (engines.vllm.encoder_batch)", model)
+    if pixels.uint8_enabled():
+        pixels.log.info("%s views: 8-bit from the front end, normalised on the GPU (engines.vllm.pixels)", model)
+
+
+def image_tensors(kwargs: dict[str, object], model: str,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, object] | None:
+    """(pixel_values, images_crop, images_spatial_crop) popped from a model's image kwargs, 8-bit views
+    normalised into `dtype` (`engines.vllm.pixels`); None where the batch has no image. Decided by the tensors'
+    sizes: vLLM's classes test `torch.sum(pixels).item() == 0`, a GPU wait, and a view whose normalised pixels
+    sum to exactly 0 (half black, half white) read as no image, so the engine core died on the missing
+    embeddings."""
     pixel_values = kwargs.pop("pixel_values", None)
     images_spatial_crop = kwargs.pop("images_spatial_crop", None)
     images_crop = kwargs.pop("images_crop", None)
@@ -76,7 +88,7 @@ def image_tensors(kwargs: dict[str, object], model: str) -> tuple[torch.Tensor, 
                          f"{type(pixel_values).__name__}, images_crop {type(images_crop).__name__}")
     if pixel_values.numel() == 0:
         return None
-    return pixel_values, images_crop, images_spatial_crop
+    return pixels.normalized(pixel_values, dtype), pixels.normalized(images_crop, dtype), images_spatial_crop
 
 
 def views_per_call(side: int, patch: int = 16) -> int:

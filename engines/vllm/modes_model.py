@@ -60,9 +60,9 @@ def _check_processed(out: BatchFeature, mm_data: Mapping[str, object], sizes: Vi
     A disagreement would put a wrong number of placeholders in the prompt (or views of the wrong size in
     the encoder); refusing the request is better than answering from corrupted inputs.
     """
-    pixels = out.get("pixel_values")
-    if pixels is not None and pixels.shape[-1] != sizes.base_size:
-        raise ValueError(f"DeepSeek-OCR processor made {pixels.shape[-1]} px global views for a request "
+    views = out.get("pixel_values")
+    if views is not None and views.shape[-1] != sizes.base_size:
+        raise ValueError(f"DeepSeek-OCR processor made {views.shape[-1]} px global views for a request "
                          f"asking {sizes.base_size}")
     images = mm_data.get("images")
     counted = out.get("num_image_tokens")
@@ -138,8 +138,8 @@ class ModesMultiModalProcessor(DeepseekOCRMultiModalProcessor):
     def _get_mm_fields_config(self, hf_inputs: BatchFeature,
                               hf_processor_mm_kwargs: Mapping[str, object]) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        pixels = hf_inputs.get("pixel_values")
-        images = 0 if pixels is None else len(pixels)
+        views = hf_inputs.get("pixel_values")
+        images = 0 if views is None else len(views)
         # All images of one prompt share the prompt's kwargs, hence one value for them all.
         fields[VIEW_SIZES] = MultiModalFieldConfig.shared("image", batch_size=images, keep_on_cpu=True)
         if encoder_batch.enabled():  # the tile grids are read on the host: no GPU wait for them in the step
@@ -174,20 +174,14 @@ class DeepseekOCRModesForCausalLM(DeepseekOCRForCausalLM):
         # vLLM passes these two by name only where the signature names them (model_loader's initialize_model)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.view_dtype = vllm_config.model_config.dtype  # 8-bit views are normalised into this (pixels)
-        if encoder_batch.enabled():
-            encoder_batch.log.info("DeepSeek-OCR encoder: the views of a batch encoded together "
-                                   "(engines.vllm.encoder_batch)")
-        if pixels.uint8_enabled():
-            pixels.log.info("DeepSeek-OCR views: 8-bit from the front end, normalised on the GPU (engines.vllm.pixels)")
+        encoder_batch.announce("DeepSeek-OCR")
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> DeepseekOCRImagePixelInputs | None:
         view_sizes = kwargs.pop(VIEW_SIZES, None)
-        images = encoder_batch.image_tensors(kwargs, "DeepSeek-OCR")
+        images = encoder_batch.image_tensors(kwargs, "DeepSeek-OCR", self.view_dtype)
         if images is None:
             return None
         pixel_values, images_crop, images_spatial_crop = images
-        pixel_values = pixels.normalized(pixel_values, self.view_dtype)
-        images_crop = pixels.normalized(images_crop, self.view_dtype)
         if view_sizes is not None and int(view_sizes[0]) != pixel_values.shape[-1]:
             raise ValueError(f"global views of {pixel_values.shape[-1]} px, expected {int(view_sizes[0])}")
         return DeepseekOCRImagePixelInputs(

@@ -60,20 +60,13 @@ class DeepseekOCR2BatchedForCausalLM(DeepseekOCR2ForCausalLM):
         # vLLM passes these two by name only where the signature names them (model_loader's initialize_model)
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.view_dtype = vllm_config.model_config.dtype  # 8-bit views are normalised into this (pixels)
-        if encoder_batch.enabled():
-            encoder_batch.log.info("DeepSeek-OCR-2 encoder: the views of a batch encoded together "
-                                   "(engines.vllm.encoder_batch)")
-        if pixels.uint8_enabled():
-            pixels.log.info("DeepSeek-OCR-2 views: 8-bit from the front end, normalised on the GPU "
-                            "(engines.vllm.pixels)")
+        encoder_batch.announce("DeepSeek-OCR-2")
 
     def _parse_and_validate_image_input(self, **kwargs: object) -> DeepseekOCRImagePixelInputs | None:
-        images = encoder_batch.image_tensors(kwargs, "DeepSeek-OCR-2")
+        images = encoder_batch.image_tensors(kwargs, "DeepSeek-OCR-2", self.view_dtype)
         if images is None:
             return None
         pixel_values, images_crop, images_spatial_crop = images
-        pixel_values = pixels.normalized(pixel_values, self.view_dtype)
-        images_crop = pixels.normalized(images_crop, self.view_dtype)
         return DeepseekOCRImagePixelInputs(type="pixel_values", data=pixel_values, images_crop=images_crop,
                                            images_spatial_crop=images_spatial_crop,
                                            resolve_bindings={"base_size": self.vision_config.image_size})

@@ -226,13 +226,14 @@ def test_image_tensors_decides_by_sizes_not_by_a_pixel_sum() -> None:
     half = torch.cat([-torch.ones(1, 3, 8, 4), torch.ones(1, 3, 8, 4)], dim=-1)  # sums to exactly 0
     crops, grid = torch.zeros(0, 3, 4, 4), torch.tensor([[1, 1]])
     kwargs: dict[str, object] = {"pixel_values": half, "images_crop": crops, "images_spatial_crop": grid, "x": 1}
-    got = encoder_batch.image_tensors(kwargs, "m")
+    got = encoder_batch.image_tensors(kwargs, "m", torch.float32)
     assert got is not None and [a is b for a, b in zip(got, (half, crops, grid), strict=True)] == [True] * 3
     assert kwargs == {"x": 1}  # the image fields are taken out, the rest left
-    assert encoder_batch.image_tensors({"pixel_values": None}, "m") is None
-    assert encoder_batch.image_tensors({"pixel_values": torch.zeros(0, 3, 8, 8), "images_crop": crops}, "m") is None
+    assert encoder_batch.image_tensors({"pixel_values": None}, "m", torch.float32) is None
+    assert encoder_batch.image_tensors({"pixel_values": torch.zeros(0, 3, 8, 8), "images_crop": crops}, "m",
+                                      torch.float32) is None
     with pytest.raises(ValueError, match="m image inputs are not one tensor each"):
-        encoder_batch.image_tensors({"pixel_values": [half], "images_crop": crops}, "m")
+        encoder_batch.image_tensors({"pixel_values": [half], "images_crop": crops}, "m", torch.float32)
 
 
 @pytest.mark.parametrize("which", ["v1", "ocr2"])

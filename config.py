@@ -306,6 +306,12 @@ class Settings(BaseSettings):
     data_parallel_size: int | None = Field(
         None, ge=1, le=1024, description="Engine workers to run (each on its own GPUs); unset = one per GPU"
     )
+    engines_per_gpu: int = Field(
+        1, ge=1, le=8,
+        description="vLLM engine workers side by side on each GPU (per TENSOR_PARALLEL_SIZE GPUs), each with its "
+        "share of GPU_MEM_UTILIZATION and MAX_CONCURRENCY; a decode step is mostly its engine core's host time, "
+        "so a second engine core keeps the GPU busier. They start one after another",
+    )
     # Beyond one host (workers/ray_cluster.py): the engine workers as Ray actors across a cluster's nodes.
     orchestrator: Literal["local", "ray"] = Field(
         "local", description="local: engine workers on this host; ray: one Ray actor per GPU of the cluster "

@@ -64,6 +64,9 @@
 #        pixab  the views as 8-bit values normalised on the GPU (DEEPSEEK_OCR_PIXELS=uint8) against vLLM's
 #               floats: tests/engines/test_vllm_pixels.py, then the service on the 256-page PDF, each on its own
 #               start, REPEAT (3) runs each                                                     ~9 min
+#        epg    ENGINES_PER_GPU=2 (two vLLM engine workers sharing the GPU, each half its memory and sequences)
+#               then 1: the service on the 256-page PDF, each on its own start, REPEAT (3) runs each; GPU load
+#               each second in smi-epg.csv; EPG_ORDER="1 2" swaps                                ~9 min
 #        confidence  the service on the 256-page PDF with CONFIDENCE=false, then true, each on its own start,
 #               REPEAT (3) runs each; CONF_ORDER="true false" swaps                           ~8 min
 #        warmdump  py-spy dumps of an engine worker and its engine core every 4 s during the warm-up ~4 min
@@ -580,6 +583,24 @@ case "$phase" in
     small_ckpt
     timeout 560 python3 benchmarks/equivalence.py --ckpt "$CK/small" --kv-compare --child-timeout 250 \
       --out "$OUT/kvfp8.json" 2>&1 | tee "$OUT/kvfp8.log"
+    ;;
+  epg)  # issue 30: ENGINES_PER_GPU vLLM engine workers sharing the GPU (each half the memory and sequences)
+    # against one, the service on the 256 pages, each on its own start, REPEAT (3) runs each; EPG_ORDER (2 1)
+    real_ckpt; bench_pdf
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 > "$OUT/smi-epg.csv" 2>&1 &
+    smi=$!
+    names=()
+    for v in ${EPG_ORDER:-2 1}; do
+      limit=$(( ${T_TOTAL:-565} - SECONDS ))
+      [ "$limit" -lt 120 ] && { echo "=== epg-$v: not started, $limit s left"; break; }
+      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-310}" ] && limit=${T1:-310}
+      ab_run "epg-$v" "$limit" ENGINES_PER_GPU="$v" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
+      names+=("epg-$v")
+      ab_summary "${names[@]}"
+      grep -h "engine worker .* started\|GPU KV cache size\|Maximum concurrency for" "$OUT/service-epg-$v.log" |
+        cut -c1-200 | head -8
+    done
+    kill $smi 2>/dev/null
     ;;
   pixab)  # issue 30: the views as 8-bit values (DEEPSEEK_OCR_PIXELS=uint8, engines/vllm/pixels.py) against vLLM's
     # floats, the service on the 256 pages, each on its own start, REPEAT (3) runs each (PIXAB_ORDER swaps)

@@ -26,13 +26,14 @@ from config import Settings
 from engines.base import BaseEngine, EngineChunk, EngineHealth, EngineRequest
 from errors import ModelNotReady, OcrError
 from workers import wire
-from workers.plan import WorkerSpec
+from workers.plan import WorkerSpec, share_settings
 from workers.wire import decode_error, frame, read_frame, request_frames, write_pixels
 
 log = logging.getLogger("deepseek_ocr.workers")
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOSE_WAIT_S = 15.0  # a worker asked to close gets this long before it is killed
+GROUP_EXIT_WAIT_S = 15.0  # how long a killed worker's engine core may take to exit (its GPU memory to free)
 _DEAD = object()
 
 
@@ -43,6 +44,7 @@ class WorkerEngine(BaseEngine):
     copies_images = True
 
     def __init__(self, settings: Settings, kind: str, spec: WorkerSpec) -> None:
+        settings = share_settings(settings, spec)  # its share of a GPU that several engines use
         super().__init__(settings.sequences)  # the worker's own once it started
         self.settings, self.kind, self.spec = settings, kind, spec
         self.name = kind
@@ -142,7 +144,13 @@ class WorkerEngine(BaseEngine):
         if process is None:
             return None
         self.kill()
-        return await process.wait()
+        code = await process.wait()
+        if self.spec.shares > 1:
+            # Its engine core's GPU memory is free only once that process has exited too. A successor that
+            # starts sooner would see memory come free during vLLM's profiling run, which vLLM refuses
+            # ("Error in memory profiling"), and would size its cache by the wrong figure.
+            await _group_exited(process.pid, GROUP_EXIT_WAIT_S)
+        return code
 
     def kill(self) -> None:
         """SIGKILL the worker and everything it started (vLLM's engine core): its whole process group."""
@@ -281,3 +289,26 @@ class WorkerEngine(BaseEngine):
         for queue in self._streams.values():
             queue.put_nowait(_DEAD)
         self.kill()  # a worker whose engine died is replaced whole
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes (zombies aside) of process group `pgid`, from /proc; [] where there is no /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            members.append(int(stat.parent.name))
+    return members
+
+
+async def _group_exited(pgid: int, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while group_members(pgid):
+        if time.monotonic() > deadline:
+            log.warning("engine worker group %d: processes still running %.0f s after SIGKILL", pgid, limit_s)
+            return
+        await asyncio.sleep(0.05)
+

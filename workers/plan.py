@@ -3,7 +3,8 @@
 One Python process tops out near 4.3 pages/s on vLLM whatever GPU it drives: HTTP, the PDF pipeline,
 vLLM's frontend (tokenising, image preprocessing, detokenising) and our post-processing share one GIL.
 With `ENGINE_WORKERS=process` (the default) the server starts one worker process per GPU (`GPUS`, or
-`DATA_PARALLEL_SIZE`; `auto` = every visible GPU, one CPU worker where there is none). Each worker holds one
+`DATA_PARALLEL_SIZE`; `auto` = every visible GPU, one CPU worker where there is none), or `ENGINES_PER_GPU`
+vLLM workers per GPU, each with its share of the GPU's memory and sequences. Each worker holds one
 engine, vLLM or PyTorch, with its own image preprocessing, and talks to the server over a socket pair
 (`workers.wire`). In the server each worker is a `workers.client.WorkerEngine`: an ordinary engine to
 admission, which balances items over workers by in-flight work, and to the supervisor, which replaces a
@@ -29,11 +30,28 @@ class WorkerSpec:
     # Threads each torch/OpenMP operation of the worker may use (OMP_NUM_THREADS), so that workers together
     # do not oversubscribe the cores; None: the library's default (every core).
     threads: int | None = None
+    # Engines on these GPUs, this one included (ENGINES_PER_GPU): each takes its share of the GPU's memory
+    # and of its sequences (`share_settings`).
+    shares: int = 1
 
     @property
     def label(self) -> str:
         where = f"gpu {','.join(self.gpus)}" if self.gpus else "cpu" if self.gpus == () else "default device"
+        if self.shares > 1:
+            where += f", {self.index % self.shares + 1} of {self.shares}"
         return f"w{self.index} ({where})"
+
+
+def share_settings(settings: Settings, spec: WorkerSpec) -> Settings:
+    """The settings of one of `spec.shares` engines on the same GPUs: GPU_MEM_UTILIZATION and a numeric
+    MAX_CONCURRENCY divided between them, so that together they take what one engine would (`auto`: each
+    measures its own cache in its own share of the memory)."""
+    if spec.shares == 1:
+        return settings
+    update: dict[str, object] = {"gpu_mem_utilization": settings.gpu_mem_utilization / spec.shares}
+    if isinstance(settings.max_concurrency, int):
+        update["max_concurrency"] = max(1, settings.max_concurrency // spec.shares)
+    return settings.model_copy(update=update)
 
 
 def visible_gpus() -> list[str]:
@@ -48,7 +66,8 @@ def visible_gpus() -> list[str]:
 
 
 def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) -> list[WorkerSpec]:
-    """The workers for `settings`: one per GPU (per TENSOR_PARALLEL_SIZE GPUs for vLLM), or one CPU worker.
+    """The workers for `settings`: one per GPU (per TENSOR_PARALLEL_SIZE GPUs for vLLM; ENGINES_PER_GPU of
+    them for vLLM, side by side on the same GPUs), or one CPU worker.
 
     Raises ValueError naming the setting when GPUS asks for GPUs that are not there.
     """
@@ -76,7 +95,9 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
     if len(chosen) % group:
         raise ValueError(f"GPUS gives {len(chosen)} GPUs ({', '.join(chosen)}), not a multiple of "
                          f"TENSOR_PARALLEL_SIZE={group}: every worker needs {group}")
-    count = len(chosen) // group
+    groups = len(chosen) // group
+    shares = settings.engines_per_gpu if kind == "vllm" else 1
+    count = groups * shares
     # A vLLM worker alone on its host runs in raw vLLM's environment (OMP_NUM_THREADS unset): vLLM preprocesses
     # images with one thread per operation whatever the cores (its renderer's set_default_torch_num_threads),
     # and its engine core, a child of the worker, keeps torch's default (OMP_NUM_THREADS=1 there is the suspect
@@ -85,7 +106,10 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
     # GPU worker processes and Ray its actors, which were the faster ones on two H200s (section 13). The
     # PyTorch engine preprocesses in its own process, one page at a time: its share of the cores.
     threads = (1 if count > 1 else None) if kind == "vllm" else max(1, cores // count)
-    return [WorkerSpec(i, tuple(chosen[i * group:(i + 1) * group]), threads) for i in range(count)]
+    # A GPU's engines are neighbours in the list (w0, w1 on GPU 0, ...): `workers.start` starts them one after
+    # another, since vLLM sizes its cache by the GPU memory it sees free.
+    return [WorkerSpec(i, tuple(chosen[(i // shares) * group:(i // shares + 1) * group]), threads, shares)
+            for i in range(count)]
 
 
 def _chosen(settings: Settings, available: list[str], *, cpu: bool) -> list[str]:

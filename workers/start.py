@@ -36,6 +36,11 @@ EngineFactory = Callable[[Settings], list[Engine]]
 def default_factory(settings: Settings) -> list[Engine]:
     """One engine in this process (ENGINE_WORKERS=inline), one worker process per GPU (the default), or
     one Ray actor per GPU of a cluster (ORCHESTRATOR=ray; Ray is imported only then)."""
+    kind = engine_kind(settings)
+    if settings.engines_per_gpu > 1 and (settings.orchestrator == "ray" or settings.engine_workers == "inline"
+                                         or kind != "vllm"):
+        log.warning("ENGINES_PER_GPU=%d is for vLLM engine workers on this host (ENGINE_WORKERS=process, "
+                    "ORCHESTRATOR=local): one engine per GPU here", settings.engines_per_gpu)
     if settings.orchestrator == "ray":
         from workers.ray_cluster import ray_engines
 
@@ -45,7 +50,6 @@ def default_factory(settings: Settings) -> list[Engine]:
     from workers.client import WorkerEngine
     from workers.plan import worker_plan
 
-    kind = engine_kind(settings)
     return [WorkerEngine(settings, kind, spec) for spec in worker_plan(settings, kind)]
 
 
@@ -96,15 +100,14 @@ async def _start_model(settings: Settings, spec: ModelSpec) -> list[Engine]:
         return [_unavailable(f"{where}: {exc}", spec, engine_kind(settings))]
     for engine in engines:
         engine.model = spec
-    # Workers start side by side (a vLLM engine takes a minute or more each).
-    outcomes = await asyncio.gather(*(engine.start() for engine in engines), return_exceptions=True)
-    failed = [(e, o) for e, o in zip(engines, outcomes, strict=True) if isinstance(o, BaseException)]
+    outcomes = await start_side_by_side(engines)
+    failed = [(e, o) for e, o in zip(engines, outcomes, strict=True) if o is not None]
     for engine, exc in failed:
         log.error("model load failed: %s on %s: %s", where, engine.worker_id or engine.name, exc,
                   exc_info=exc)
         with contextlib.suppress(Exception):
             await engine.close()
-    engines = [e for e, o in zip(engines, outcomes, strict=True) if not isinstance(o, BaseException)]
+    engines = [e for e, o in zip(engines, outcomes, strict=True) if o is None]
     if not engines:
         exc = failed[0][1]
         reason = f"could not load {where} (MODEL_PATH={spec.path}): {exc}; {NO_MODEL_HINT}"
@@ -116,6 +119,29 @@ async def _start_model(settings: Settings, spec: ModelSpec) -> list[Engine]:
     if demo:
         log.warning("%s", DEMO_NOTICE)
     return engines
+
+
+async def start_side_by_side(engines: list[Engine]) -> list[BaseException | None]:
+    """Start `engines`, each outcome in their order (None: started). Workers on different GPUs start side by
+    side (a vLLM engine takes a minute or more); the ENGINES_PER_GPU workers of one GPU one after another,
+    since vLLM sizes its KV cache by the GPU memory it measures in use during its own profiling run, and a
+    neighbour loading at the same time would be counted as its own."""
+    queues: dict[object, list[int]] = {}
+    for i, engine in enumerate(engines):
+        spec = getattr(engine, "spec", None)
+        shared = spec is not None and getattr(spec, "shares", 1) > 1
+        queues.setdefault(("gpus", spec.gpus) if shared else i, []).append(i)
+    outcomes: list[BaseException | None] = [None] * len(engines)
+
+    async def in_turn(indices: list[int]) -> None:
+        for i in indices:
+            try:
+                await engines[i].start()
+            except Exception as exc:  # the next on its GPU still starts; the caller logs and closes this one
+                outcomes[i] = exc
+
+    await asyncio.gather(*(in_turn(indices) for indices in queues.values()))
+    return outcomes
 
 
 def _unavailable(reason: str, spec: ModelSpec, kind: str = "none") -> UnavailableEngine:

@@ -100,6 +100,92 @@ def test_gpus_setting_is_checked() -> None:
     assert load_settings(gpus=" AUTO ").gpus == " AUTO "
 
 
+def test_engines_per_gpu_puts_that_many_vllm_workers_on_each_gpu() -> None:
+    specs = plan(["0", "1"], engines_per_gpu=2)
+    assert where(specs) == [(0, ("0",)), (1, ("0",)), (2, ("1",)), (3, ("1",))]
+    assert [s.label for s in specs] == ["w0 (gpu 0, 1 of 2)", "w1 (gpu 0, 2 of 2)", "w2 (gpu 1, 1 of 2)",
+                                        "w3 (gpu 1, 2 of 2)"]
+    assert {s.shares for s in specs} == {2} and {s.threads for s in specs} == {1}
+    assert where(plan(["0", "1", "2", "3"], tensor_parallel_size=2, engines_per_gpu=3)) == [
+        (0, ("0", "1")), (1, ("0", "1")), (2, ("0", "1")), (3, ("2", "3")), (4, ("2", "3")), (5, ("2", "3"))]
+    assert where(plan(["0", "1", "2"], data_parallel_size=1, engines_per_gpu=2)) == [(0, ("0",)), (1, ("0",))]
+    # The PyTorch engine runs one per GPU (its memory is not divided up front): the setting is not applied.
+    assert plan(["0", "1"], "torch", engines_per_gpu=2) == plan(["0", "1"], "torch")
+    assert plan(["0"], engines_per_gpu=1) == [WorkerSpec(0, ("0",))]
+
+
+def test_engines_sharing_a_gpu_divide_its_memory_and_sequences() -> None:
+    from workers.plan import share_settings
+
+    spec = plan(["0"], engines_per_gpu=2)[1]
+    shared = share_settings(Settings(gpu_mem_utilization=0.8, max_concurrency=257), spec)
+    assert (shared.gpu_mem_utilization, shared.max_concurrency) == (0.4, 128)
+    auto = share_settings(Settings(gpu_mem_utilization=0.9, max_concurrency="auto"), spec)
+    assert (auto.gpu_mem_utilization, auto.max_concurrency) == (0.45, "auto")  # each measures its own cache
+    alone = Settings(max_concurrency=256)
+    assert share_settings(alone, plan(["0"])[0]) is alone
+    with pytest.raises(ValueError, match="less than or equal to 8"):
+        Settings(engines_per_gpu=9)
+
+
+def test_workers_sharing_a_device_start_one_after_another(tiny_checkpoint: Path) -> None:
+    """Real worker processes: the two that share a device start in turn (the second begins only once the
+    first is ready: vLLM measures the memory in use while it starts), each with its share of the sequences,
+    which reaches the worker and comes back as its figure; another device's worker starts beside them."""
+    from workers.start import start_side_by_side
+
+    settings = make_settings(tiny_checkpoint, engine_workers="process", max_concurrency=6)
+    engines = [WorkerEngine(settings, "torch", WorkerSpec(0, (), 1, shares=2)),
+               WorkerEngine(settings, "torch", WorkerSpec(1, (), 1, shares=2)),
+               WorkerEngine(settings, "torch", WorkerSpec(2, None, 1))]
+    began: dict[int, float] = {}
+    ready_at: dict[int, float] = {}
+
+    async def main() -> list:
+        for engine in engines:
+            start = engine.start
+
+            async def timed(engine: WorkerEngine = engine, start=start) -> None:
+                began[engine.spec.index] = time.monotonic()
+                await start()  # the real start: a worker process, its engine loaded, its "ready" answer
+                ready_at[engine.spec.index] = time.monotonic()
+
+            engine.start = timed  # type: ignore[method-assign]
+        try:
+            outcomes = await start_side_by_side(engines)
+            pids = {e.process.pid for e in engines if e.process is not None}
+            return [outcomes, len(pids), [e.max_concurrency for e in engines]]
+        finally:
+            await asyncio.gather(*(e.close() for e in engines))
+
+    outcomes, processes, sequences = asyncio.run(main())
+    assert outcomes == [None, None, None] and processes == 3
+    assert began[1] >= ready_at[0], (began, ready_at)
+    assert began[2] < ready_at[0] and began[0] < ready_at[2], (began, ready_at)  # the third did not wait
+    assert sequences == [3, 3, 6]
+
+
+def test_a_process_groups_members_are_found_until_they_exit() -> None:
+    """What a restart on a shared GPU waits for: every process of the killed worker's group (its engine core
+    holds the GPU memory) gone, zombies aside."""
+    import subprocess
+
+    from workers.client import group_members
+
+    leader = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(group_members(leader.pid)) < 3:
+        assert time.monotonic() < deadline, group_members(leader.pid)
+        time.sleep(0.02)
+    assert leader.pid in group_members(leader.pid) and os.getpid() not in group_members(leader.pid)
+    os.killpg(leader.pid, signal.SIGKILL)
+    leader.wait()
+    deadline = time.monotonic() + 10
+    while group_members(leader.pid):  # the two sleeps, reparented, exit on their own SIGKILL
+        assert time.monotonic() < deadline, group_members(leader.pid)
+        time.sleep(0.02)
+
+
 def ocr(url: str, size: tuple[int, int] = (200, 120), max_tokens: int = 16) -> httpx.Response:
     return httpx.post(url + "/ocr/image/advanced", files={"file": ("a.png", png_bytes(*size))},
                       data={"max_tokens": str(max_tokens)}, timeout=120)

@@ -10,7 +10,8 @@
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
 #               pages/s on the 256-page PDF                                                ~8 min
-#        workers  pytest -m gpu tests/workers/test_gpu_workers.py: a vLLM worker per GPU, engine core killed, healed ~5 min
+#        workers  pytest -m gpu tests/workers/test_gpu_workers.py tests/workers/test_gpu_shared.py: a vLLM worker per GPU,
+#               engine core killed, healed; two workers sharing GPU 0 (ENGINES_PER_GPU=2)           ~7 min
 #        ngram  the n-gram guard's cost: raw vLLM, 128 pages, batched vs per-request (vllm) processor,
 #               guard on and off, median of 3 runs each (one engine per processor)         ~8 min
 #        ngram-test  pytest -m gpu tests/engines/test_gpu_ngram.py: batched bans == vLLM's per request  ~4 min
@@ -418,7 +419,7 @@ case "$phase" in
     ;;
   workers)
     real_ckpt
-    GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/workers/test_gpu_workers.py -v -rs \
+    GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/workers/test_gpu_workers.py tests/workers/test_gpu_shared.py -v -rs \
       -p no:cacheprovider 2>&1 | tee "$OUT/workers.log"
     ;;
   ngram)  # PAGES, MAX_TOKENS, IMPLS, T1 change the run (2026-12-06, BENCHMARKS section 16: PAGES=256

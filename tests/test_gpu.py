@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers.gpu import ENGINE, GPU_ONLY, VLLM, png, post_image, post_pdf, serve, show
+from helpers.gpu import ENGINE, GPU_ONLY, VLLM, engine_cores, png, post_image, post_pdf, serve, show
 
 PDF_PAGE_A4 = (1190, 1684)  # an A4 page rendered at 144 dpi
 GENERATE_TIMEOUT_S = 10  # short, so the deadline test aborts quickly; the other requests take < 2 s
@@ -423,8 +423,7 @@ async def _in_process(model_dir: Path) -> None:
 
         children = psutil.Process().children(recursive=True)
         # vLLM titles it VLLM::EngineCore (setproctitle); else every child but multiprocessing's tracker.
-        cores = [p for p in children if "EngineCor" in p.name() + " ".join(p.cmdline())] or [
-            p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
+        cores = engine_cores() or [p for p in children if "resource_tracker" not in " ".join(p.cmdline())]
         assert cores, [(p.pid, p.name(), p.cmdline()) for p in children]
         for p in cores:
             p.kill()

@@ -68,6 +68,19 @@ def post_pdf(url: str, path: str, doc: bytes, data: dict[str, str]) -> httpx.Res
     return httpx.post(url + path, files={"file": ("r.pdf", doc, "application/pdf")}, data=data, timeout=180)
 
 
+def health(url: str) -> dict[str, Any]:
+    return httpx.get(url + "/health", timeout=10).json()
+
+
+def engine_cores(pid: int | None = None) -> list[Any]:
+    """vLLM's engine core processes below `pid` (default: this process), by the title vLLM gives them
+    (VLLM::EngineCore, setproctitle)."""
+    import psutil
+
+    children = psutil.Process(pid).children(recursive=True)
+    return [p for p in children if "EngineCor" in p.name() + " ".join(p.cmdline())]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

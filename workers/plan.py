@@ -104,8 +104,13 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
     # for one client's +46 ms a page over raw on an H100, not yet measured on and off: docs/BENCHMARKS.md
     # section 21). Several vLLM workers on one host get one thread per operation each, as vLLM gives its own
     # GPU worker processes and Ray its actors, which were the faster ones on two H200s (section 13). The
-    # PyTorch engine preprocesses in its own process, one page at a time: its share of the cores.
-    threads = (1 if count > 1 else None) if kind == "vllm" else max(1, cores // count)
+    # PyTorch engine preprocesses in its own process, one page at a time: its share of the cores. So do
+    # vLLM workers that share a GPU: their engine cores merge each step's page pixels into one pinned buffer
+    # on the CPU (~18 ms a page at 256 sequences, section 27), work that one thread would slow.
+    if kind != "vllm" or shares > 1:
+        threads: int | None = max(1, cores // count)
+    else:
+        threads = 1 if count > 1 else None
     # A GPU's engines are neighbours in the list (w0, w1 on GPU 0, ...): `workers.start` starts them one after
     # another, since vLLM sizes its cache by the GPU memory it sees free.
     return [WorkerSpec(i, tuple(chosen[(i // shares) * group:(i // shares + 1) * group]), threads, shares)

@@ -105,7 +105,7 @@ def test_engines_per_gpu_puts_that_many_vllm_workers_on_each_gpu() -> None:
     assert where(specs) == [(0, ("0",)), (1, ("0",)), (2, ("1",)), (3, ("1",))]
     assert [s.label for s in specs] == ["w0 (gpu 0, 1 of 2)", "w1 (gpu 0, 2 of 2)", "w2 (gpu 1, 1 of 2)",
                                         "w3 (gpu 1, 2 of 2)"]
-    assert {s.shares for s in specs} == {2} and {s.threads for s in specs} == {1}
+    assert {s.shares for s in specs} == {2} and {s.threads for s in specs} == {max(1, usable_cpus() // 4)}
     assert where(plan(["0", "1", "2", "3"], tensor_parallel_size=2, engines_per_gpu=3)) == [
         (0, ("0", "1")), (1, ("0", "1")), (2, ("0", "1")), (3, ("2", "3")), (4, ("2", "3")), (5, ("2", "3"))]
     assert where(plan(["0", "1", "2"], data_parallel_size=1, engines_per_gpu=2)) == [(0, ("0",)), (1, ("0",))]

@@ -10,8 +10,9 @@
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
 #               pages/s on the 256-page PDF                                                ~8 min
-#        workers  pytest -m gpu tests/workers/test_gpu_workers.py tests/workers/test_gpu_shared.py: a vLLM worker per GPU,
-#               engine core killed, healed; two workers sharing GPU 0 (ENGINES_PER_GPU=2)           ~7 min
+#        workers  pytest -m gpu tests/workers/test_gpu_workers.py: a vLLM worker per GPU, engine core killed, healed ~5 min
+#        workers-shared  pytest -m gpu tests/workers/test_gpu_shared.py: two workers sharing GPU 0 (ENGINES_PER_GPU=2),
+#               a burst, one engine core killed and healed beside its loaded neighbour             ~5-6 min
 #        ngram  the n-gram guard's cost: raw vLLM, 128 pages, batched vs per-request (vllm) processor,
 #               guard on and off, median of 3 runs each (one engine per processor)         ~8 min
 #        ngram-test  pytest -m gpu tests/engines/test_gpu_ngram.py: batched bans == vLLM's per request  ~4 min
@@ -419,8 +420,16 @@ case "$phase" in
     ;;
   workers)
     real_ckpt
-    GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/workers/test_gpu_workers.py tests/workers/test_gpu_shared.py -v -rs \
+    GPU_TEST_MODEL="$CK/real" timeout 560 python3 -m pytest -m gpu tests/workers/test_gpu_workers.py -v -rs \
       -p no:cacheprovider 2>&1 | tee "$OUT/workers.log"
+    ;;
+  workers-shared)  # ENGINES_PER_GPU=2: two workers on GPU 0, a burst, one engine core killed and healed
+    real_ckpt
+    rm -rf /tmp/pt-shared
+    GPU_TEST_MODEL="$CK/real" timeout 575 python3 -m pytest -m gpu tests/workers/test_gpu_shared.py -v -rs \
+      -p no:cacheprovider --basetemp /tmp/pt-shared --timeout 550 2>&1 | tail -60 | tee "$OUT/workers-shared.log"
+    find /tmp/pt-shared -name server.log -exec grep -v "^(EngineCore\|^INFO\|^DEBUG" {} \; | tail -200 \
+      > "$OUT/workers-shared-server.log"
     ;;
   ngram)  # PAGES, MAX_TOKENS, IMPLS, T1 change the run (2026-12-06, BENCHMARKS section 16: PAGES=256
     # MAX_TOKENS=1000 IMPLS=batched T1=330, the service benchmark's pages, ~5 min)

@@ -105,8 +105,9 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
     # section 21). Several vLLM workers on one host get one thread per operation each, as vLLM gives its own
     # GPU worker processes and Ray its actors, which were the faster ones on two H200s (section 13). The
     # PyTorch engine preprocesses in its own process, one page at a time: its share of the cores. So do
-    # vLLM workers that share a GPU: their engine cores merge each step's page pixels into one pinned buffer
-    # on the CPU (~18 ms a page at 256 sequences, section 27), work that one thread would slow.
+    # vLLM workers that share a GPU (as measured in section 28): their engine cores merge each step's page
+    # pixels into one pinned buffer on the CPU (~18 ms a page at 256 sequences, section 27), a copy torch
+    # spreads over its threads (one thread against the share not measured).
     if kind != "vllm" or shares > 1:
         threads: int | None = max(1, cores // count)
     else:

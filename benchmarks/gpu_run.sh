@@ -180,6 +180,21 @@ for name in sys.argv[2:]:
 PY
 }
 
+# One service start per value of an env variable (`ab_each PREFIX T1 VAR "VALUES" [more env]`): the 256 pages,
+# REPEAT (3) runs each, named PREFIX-VALUE; the first start gets at most T1 s, a start begins only with 120 s left.
+ab_each() {
+  local prefix=$1 t1=$2 var=$3 values=$4 names=() v limit
+  shift 4
+  for v in $values; do
+    limit=$(( ${T_TOTAL:-565} - SECONDS ))
+    [ "$limit" -lt 120 ] && { echo "=== $prefix-$v: not started, $limit s left"; break; }
+    [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-$t1}" ] && limit=${T1:-$t1}
+    ab_run "$prefix-$v" "$limit" "$var=$v" "$@" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
+    names+=("$prefix-$v")
+    ab_summary "${names[@]}"
+  done
+}
+
 case "$phase" in
   pair)
     real_ckpt; bench_pdf
@@ -599,45 +614,22 @@ case "$phase" in
     real_ckpt; bench_pdf
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -l 1 > "$OUT/smi-epg.csv" 2>&1 &
     smi=$!
-    names=()
-    for v in ${EPG_ORDER:-2 1}; do
-      limit=$(( ${T_TOTAL:-565} - SECONDS ))
-      [ "$limit" -lt 120 ] && { echo "=== epg-$v: not started, $limit s left"; break; }
-      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-310}" ] && limit=${T1:-310}
-      ab_run "epg-$v" "$limit" ENGINES_PER_GPU="$v" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
-      names+=("epg-$v")
-      ab_summary "${names[@]}"
-      grep -h "engine worker .* started\|GPU KV cache size\|Maximum concurrency for" "$OUT/service-epg-$v.log" |
-        cut -c1-200 | head -8
-    done
+    ab_each epg 310 ENGINES_PER_GPU "${EPG_ORDER:-2 1}"
     kill $smi 2>/dev/null
+    grep -h "engine worker .* started\|GPU KV cache size\|Maximum concurrency for" "$OUT"/service-epg-*.log |
+      cut -c1-200 | head -16
     ;;
   pixab)  # issue 30: the views as 8-bit values (DEEPSEEK_OCR_PIXELS=uint8, engines/vllm/pixels.py) against vLLM's
     # floats, the service on the 256 pages, each on its own start, REPEAT (3) runs each (PIXAB_ORDER swaps)
     real_ckpt; bench_pdf
     [ "${PIXAB_TESTS:-1}" = 1 ] && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/engines/test_vllm_pixels.py \
       2>&1 | tail -3 | tee "$OUT/pixab-test.log"
-    names=()
-    for v in ${PIXAB_ORDER:-float uint8}; do
-      limit=$(( ${T_TOTAL:-565} - SECONDS ))
-      [ "$limit" -lt 120 ] && { echo "=== pixab-$v: not started, $limit s left"; break; }
-      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-290}" ] && limit=${T1:-290}
-      ab_run "pixab-$v" "$limit" DEEPSEEK_OCR_PIXELS="$v" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
-      names+=("pixab-$v")
-      ab_summary "${names[@]}"
-    done
+    ab_each pixab 290 DEEPSEEK_OCR_PIXELS "${PIXAB_ORDER:-float uint8}"
     ;;
   confidence)  # the cost of CONFIDENCE (vLLM logprobs=0 on every request): the 256-page service run with it
     # off then on (CONF_ORDER swaps), each on its own start, REPEAT (3) runs each
     real_ckpt; bench_pdf
-    names=()
-    for v in ${CONF_ORDER:-false true}; do
-      limit=$(( ${T_TOTAL:-565} - SECONDS ))
-      [ ${#names[@]} = 0 ] && [ "$limit" -gt "${T1:-290}" ] && limit=${T1:-290}
-      ab_run "conf-$v" "$limit" CONFIDENCE="$v" -- "${big[@]}" --files 1 --repeat "${REPEAT:-3}"
-      names+=("conf-$v")
-      ab_summary "${names[@]}"
-    done
+    ab_each conf 290 CONFIDENCE "${CONF_ORDER:-false true}"
     ;;
   warmdump)  # where an engine's warm-up waits: py-spy dumps of the worker and its engine core every 4 s
     real_ckpt

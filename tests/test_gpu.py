@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers.gpu import ENGINE, GPU_ONLY, VLLM, engine_cores, png, post_image, post_pdf, serve, show
+from helpers.gpu import ENGINE, GPU_ONLY, VLLM, engine_cores, png, post_image, post_pdf, real_size_model, serve, show
 
 PDF_PAGE_A4 = (1190, 1684)  # an A4 page rendered at 144 dpi
 GENERATE_TIMEOUT_S = 10  # short, so the deadline test aborts quickly; the other requests take < 2 s
@@ -95,10 +95,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     if not VLLM:
         return make_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
-    given = os.environ.get("GPU_TEST_MODEL")
-    if given and (Path(given) / "config.json").is_file():
-        return Path(given)
-    return make_tiny(tmp_path_factory.mktemp("real-config"), vision="real", decoder="real", weights=False)
+    return real_size_model(tmp_path_factory)
 
 
 def wait_idle(url: str, seconds: float) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers.gpu import real_size_model
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPER = ROOT / "tests" / "data" / "vllm_ngram_audit.py"
@@ -59,12 +60,7 @@ def violations(output: list[int], args: dict[str, Any] | None) -> list[int]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    given = os.environ.get("GPU_TEST_MODEL")
-    if given and (Path(given) / "config.json").is_file():
-        return Path(given)
-    from deepseek_ocr import make_tiny
-
-    return make_tiny(tmp_path_factory.mktemp("real-config"), vision="real", decoder="real", weights=False)
+    return real_size_model(tmp_path_factory)
 
 
 def run_engine(model: Path, impl: str, tmp: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -68,6 +68,17 @@ def post_pdf(url: str, path: str, doc: bytes, data: dict[str, str]) -> httpx.Res
     return httpx.post(url + path, files={"file": ("r.pdf", doc, "application/pdf")}, data=data, timeout=180)
 
 
+def real_size_model(tmp_path_factory: Any) -> Path:
+    """The checkpoint GPU tests serve with LOAD_FORMAT=dummy: GPU_TEST_MODEL when it names one, else the released
+    model's config and tokenizer written to a temp dir (no weights)."""
+    given = os.environ.get("GPU_TEST_MODEL")
+    if given and (Path(given) / "config.json").is_file():
+        return Path(given)
+    from deepseek_ocr import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("real-config"), vision="real", decoder="real", weights=False)
+
+
 def health(url: str) -> dict[str, Any]:
     return httpx.get(url + "/health", timeout=10).json()
 

@@ -11,14 +11,12 @@ Run on the GPU machine: `python -m pytest -m gpu tests/workers/test_gpu_workers.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from helpers.gpu import VLLM, engine_cores, health, png, post_image, serve, show
+from helpers.gpu import VLLM, engine_cores, health, png, post_image, real_size_model, serve, show
 from helpers.gpu import gpu_ready as _gpu_ready
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not VLLM or not _gpu_ready(), reason="needs CUDA and vllm")]
@@ -27,13 +25,7 @@ POISON = (777, 555)
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    from deepseek_ocr import make_tiny
-
-    given = os.environ.get("GPU_TEST_MODEL")
-    if given and (Path(given) / "config.json").is_file():
-        model_dir = Path(given)
-    else:
-        model_dir = make_tiny(tmp_path_factory.mktemp("real-config"), vision="real", decoder="real", weights=False)
+    model_dir = real_size_model(tmp_path_factory)
     log = tmp_path_factory.mktemp("workers") / "server.log"
     env = {"MAX_CONCURRENCY": "auto", "MAX_MODEL_LEN": "4096", "GENERATE_TIMEOUT_S": "120",
            "DEFAULT_MAX_TOKENS": "16", "GPUS": "auto", "ENFORCE_EAGER": "true", "GPU_MEM_UTILIZATION": "0.5"}

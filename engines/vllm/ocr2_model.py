@@ -54,7 +54,6 @@ class Ocr2MultiModalProcessor(DeepseekOCR2MultiModalProcessor):
 
 @MULTIMODAL_REGISTRY.register_processor(Ocr2MultiModalProcessor, info=Ocr2ProcessingInfo,
                                         dummy_inputs=DeepseekOCR2DummyInputsBuilder)
-
 class DeepseekOCR2BatchedForCausalLM(DeepseekOCR2ForCausalLM):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         # vLLM passes these two by name only where the signature names them (model_loader's initialize_model)

@@ -138,7 +138,22 @@ NGRAM_BATCH = NGRAM_DEFAULTS["ocr"]["batch"]  # (40, 90)
 
 
 MAX_SEQUENCES = 4096  # the most MAX_CONCURRENCY may be, set or measured (auto)
+MAX_ENGINES_PER_GPU = 8
+
 AUTO_SEQUENCES_BEFORE_START = 100  # MAX_CONCURRENCY=auto before an engine measured its KV cache (and torch's)
+
+
+def _whole_or_auto(value: object, most: int) -> int | str:
+    """A whole number 1..most, or auto (any case)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = int(str(value).strip()) if not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not 1 <= number <= most:
+        raise ValueError(f"must be a whole number 1..{most} or auto")
+    return number
 
 
 def vllm_renderer_threads() -> int:
@@ -306,11 +321,9 @@ class Settings(BaseSettings):
     data_parallel_size: int | None = Field(
         None, ge=1, le=1024, description="Engine workers to run (each on its own GPUs); unset = one per GPU"
     )
-    engines_per_gpu: int = Field(
-        1, ge=1, le=8,
-        description="vLLM engine workers side by side on each GPU (per TENSOR_PARALLEL_SIZE GPUs), each with its "
-        "share of GPU_MEM_UTILIZATION and MAX_CONCURRENCY; a decode step is mostly its engine core's host time, "
-        "so a second engine core keeps the GPU busier. They start one after another",
+    engines_per_gpu: int | Literal["auto"] = Field(
+        1, description="vLLM engine workers side by side on each GPU (per TENSOR_PARALLEL_SIZE GPUs), 1..8, each with"
+        " its share of GPU_MEM_UTILIZATION and MAX_CONCURRENCY, started in turn; auto: 2 on GPUs of 64 GiB or more",
     )
     # Beyond one host (workers/ray_cluster.py): the engine workers as Ray actors across a cluster's nodes.
     orchestrator: Literal["local", "ray"] = Field(
@@ -340,16 +353,12 @@ class Settings(BaseSettings):
     @field_validator("max_concurrency", mode="before")
     @classmethod
     def _check_concurrency(cls, value: object) -> object:
-        """A whole number 1..4096, or auto (any case)."""
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        try:
-            number = int(str(value).strip()) if not isinstance(value, bool) else None
-        except ValueError:
-            number = None
-        if number is None or not 1 <= number <= MAX_SEQUENCES:
-            raise ValueError(f"must be a whole number 1..{MAX_SEQUENCES} or auto")
-        return number
+        return _whole_or_auto(value, MAX_SEQUENCES)
+
+    @field_validator("engines_per_gpu", mode="before")
+    @classmethod
+    def _check_engines_per_gpu(cls, value: object) -> object:
+        return _whole_or_auto(value, MAX_ENGINES_PER_GPU)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 
 from config import Settings, usable_cpus
-from engines.registry import nvml_gpu_count
+from engines.registry import nvml_gpu_count, nvml_gpu_memory_gib
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,33 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(nvml_gpu_count())]  # not torch: the server never imports it
 
 
-def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) -> list[WorkerSpec]:
+# ENGINES_PER_GPU=auto: two vLLM engines on each GPU with at least this much memory (NVML's total, GiB). On
+# 80 GB H100s two made 1.66x and 1.21x one engine's pages a second (docs/BENCHMARKS.md sections 28 and 29),
+# each with its own copy of the weights and activations (~18% of one engine's KV cache); smaller GPUs were not
+# measured, and give each engine less room for its cache.
+AUTO_SHARING_MIN_GIB = 64
+
+
+def engines_per_gpu(settings: Settings, kind: str, memory_gib: float | None) -> int:
+    """How many engines each GPU (each TENSOR_PARALLEL_SIZE group) runs: ENGINES_PER_GPU for vLLM, one for
+    the PyTorch engine (its memory is not divided up front). `auto`: two where the GPUs have
+    AUTO_SHARING_MIN_GIB (`memory_gib`, the smallest of them), one GPU a worker and room for two sequences;
+    else one."""
+    value = settings.engines_per_gpu
+    if kind != "vllm":
+        return 1
+    if value != "auto":
+        return value
+    few = isinstance(settings.max_concurrency, int) and settings.max_concurrency < 2
+    big = memory_gib is not None and memory_gib >= AUTO_SHARING_MIN_GIB
+    return 2 if big and settings.tensor_parallel_size == 1 and not few else 1
+
+
+def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None,
+                memory_gib: float | None = None) -> list[WorkerSpec]:
     """The workers for `settings`: one per GPU (per TENSOR_PARALLEL_SIZE GPUs for vLLM; ENGINES_PER_GPU of
-    them for vLLM, side by side on the same GPUs), or one CPU worker.
+    them for vLLM, side by side on the same GPUs), or one CPU worker. `memory_gib`: the GPUs' memory for
+    ENGINES_PER_GPU=auto (None: NVML's figure).
 
     Raises ValueError naming the setting when GPUS asks for GPUs that are not there.
     """
@@ -96,7 +120,9 @@ def worker_plan(settings: Settings, kind: str, gpus: list[str] | None = None) ->
         raise ValueError(f"GPUS gives {len(chosen)} GPUs ({', '.join(chosen)}), not a multiple of "
                          f"TENSOR_PARALLEL_SIZE={group}: every worker needs {group}")
     groups = len(chosen) // group
-    shares = settings.engines_per_gpu if kind == "vllm" else 1
+    if memory_gib is None and settings.engines_per_gpu == "auto":
+        memory_gib = nvml_gpu_memory_gib()
+    shares = engines_per_gpu(settings, kind, memory_gib)
     count = groups * shares
     # A vLLM worker alone on its host runs in raw vLLM's environment (OMP_NUM_THREADS unset): vLLM preprocesses
     # images with one thread per operation whatever the cores (its renderer's set_default_torch_num_threads),

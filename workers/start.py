@@ -37,9 +37,9 @@ def default_factory(settings: Settings) -> list[Engine]:
     """One engine in this process (ENGINE_WORKERS=inline), one worker process per GPU (the default), or
     one Ray actor per GPU of a cluster (ORCHESTRATOR=ray; Ray is imported only then)."""
     kind = engine_kind(settings)
-    if settings.engines_per_gpu > 1 and (settings.orchestrator == "ray" or settings.engine_workers == "inline"
-                                         or kind != "vllm"):
-        log.warning("ENGINES_PER_GPU=%d is for vLLM engine workers on this host (ENGINE_WORKERS=process, "
+    if settings.engines_per_gpu not in (1, "auto") and (settings.orchestrator == "ray" or kind != "vllm"
+                                                         or settings.engine_workers == "inline"):
+        log.warning("ENGINES_PER_GPU=%s is for vLLM engine workers on this host (ENGINE_WORKERS=process, "
                     "ORCHESTRATOR=local): one engine per GPU here", settings.engines_per_gpu)
     if settings.orchestrator == "ray":
         from workers.ray_cluster import ray_engines

@@ -39,8 +39,8 @@ from workers.plan import WorkerSpec, worker_plan
 POISON_SIZE = (321, 123)
 
 
-def plan(visible: list[str], kind: str = "vllm", **values: object) -> list[WorkerSpec]:
-    return worker_plan(Settings(**values), kind, visible)  # type: ignore[arg-type]
+def plan(visible: list[str], kind: str = "vllm", memory_gib: float | None = None, **values: object) -> list[WorkerSpec]:
+    return worker_plan(Settings(**values), kind, visible, memory_gib)  # type: ignore[arg-type]
 
 
 def where(specs: list[WorkerSpec]) -> list[tuple[int, tuple[str, ...] | None]]:
@@ -114,6 +114,42 @@ def test_engines_per_gpu_puts_that_many_vllm_workers_on_each_gpu() -> None:
     assert plan(["0"], engines_per_gpu=1) == [WorkerSpec(0, ("0",))]
 
 
+def test_engines_per_gpu_auto_shares_only_gpus_with_the_memory_for_two() -> None:
+    """auto: two engines on each GPU of 64 GiB or more (an 80 GB H100 reports 79.6), one where the GPU is
+    smaller, its memory unknown, a worker spans several GPUs, the engine is PyTorch, or one sequence is allowed."""
+    h100 = 79.6
+    assert where(plan(["0", "1"], memory_gib=h100, engines_per_gpu="auto")) == [
+        (0, ("0",)), (1, ("0",)), (2, ("1",)), (3, ("1",))]
+    assert {s.shares for s in plan(["0"], memory_gib=h100, engines_per_gpu=" AUTO ")} == {2}
+    assert plan(["0"], memory_gib=47.5, engines_per_gpu="auto") == plan(["0"])  # a 48 GB card
+    assert plan(["0"], memory_gib=None, engines_per_gpu="auto") == plan(["0"])
+    assert plan(["0", "1"], memory_gib=h100, engines_per_gpu="auto", tensor_parallel_size=2) == \
+        plan(["0", "1"], tensor_parallel_size=2)
+    assert plan(["0"], "torch", memory_gib=h100, engines_per_gpu="auto") == plan(["0"], "torch")
+    assert plan(["0"], memory_gib=h100, engines_per_gpu="auto", max_concurrency=1) == plan(["0"], max_concurrency=1)
+    assert {s.shares for s in plan(["0"], memory_gib=h100, engines_per_gpu="auto", max_concurrency="auto")} == {2}
+    # A number is taken as given, whatever the memory.
+    assert {s.shares for s in plan(["0"], memory_gib=16.0, engines_per_gpu=3)} == {3}
+
+
+@pytest.mark.parametrize("value", ["0", "9", "two", "1.5", True])
+def test_engines_per_gpu_refuses_what_is_not_1_to_8_or_auto(value: object) -> None:
+    from config import SettingsError, load_settings
+
+    with pytest.raises(SettingsError, match="ENGINES_PER_GPU.*whole number 1..8 or auto"):
+        load_settings(engines_per_gpu=value)
+
+
+def test_nvml_memory_answers_where_nvml_counts_gpus() -> None:
+    """NVML through the driver's library: no figure without a driver or GPU (this CPU machine), a positive one
+    for every machine with a GPU."""
+    from engines.registry import nvml_gpu_count, nvml_gpu_memory_gib
+
+    memory = nvml_gpu_memory_gib()
+    assert (memory is None) == (nvml_gpu_count() == 0)
+    assert memory is None or memory > 1
+
+
 def test_engines_sharing_a_gpu_divide_its_memory_and_sequences() -> None:
     from workers.plan import share_settings
 
@@ -124,7 +160,7 @@ def test_engines_sharing_a_gpu_divide_its_memory_and_sequences() -> None:
     assert (auto.gpu_mem_utilization, auto.max_concurrency) == (0.45, "auto")  # each measures its own cache
     alone = Settings(max_concurrency=256)
     assert share_settings(alone, plan(["0"])[0]) is alone
-    with pytest.raises(ValueError, match="less than or equal to 8"):
+    with pytest.raises(ValueError, match="whole number 1..8 or auto"):
         Settings(engines_per_gpu=9)
 
 

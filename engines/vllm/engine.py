@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("deepseek_ocr.vllm")
 
 GUNDAM = "gundam"
+# An A4 page at 144 dpi in Gundam: 903 image tokens and the prompt's text (docs/GPU_NOTES.md section 1).
+A4_GUNDAM_PROMPT_TOKENS = 914
 # vLLM's tiling grid is fixed at import (MIN_CROPS/MAX_CROPS bound into default arguments).
 VLLM_CROPS = (2, 6)
 # Above this view size the reference pads (aspect kept) where vLLM stretches; see vllm_image().
@@ -281,8 +283,13 @@ class VllmEngine(BaseEngine):
         lap("all at once")
         # A step of over 8,256 tokens (64 experts x 129: vLLM's default fused-MoE config switches to grouped
         # M tiles past 128 tokens per expert) is what a burst of PDF pages brings; twelve A4 pages give
-        # ~11,000 prefill tokens, so that kernel is compiled here and not mid-benchmark.
-        burst = min(12, self.max_concurrency)
+        # ~11,000 prefill tokens, so that kernel is compiled here and not mid-benchmark. The burst fills a whole
+        # step (max_num_batched_tokens: 18 A4 pages at 16,384), the largest a batch of pages brings: the suspect
+        # for every start's first 256-page run being 1-3 s slower than the next ones (docs/BENCHMARKS.md
+        # sections 28, 29) is what such a step allocates the first time (the pinned host buffer its pages'
+        # pixels are merged into, which torch caches by power-of-two size; the encoder's largest batch).
+        full_step = int(self._settled.get("max_num_batched_tokens") or 0) // A4_GUNDAM_PROMPT_TOKENS + 1
+        burst = min(max(12, full_step), self.max_concurrency)
         await asyncio.gather(*(run("<image>\nFree OCR.", modes[GUNDAM], (1190, 1684)) for _ in range(burst)))
         lap(f"burst of {burst}")
         log.info("vLLM warm-up took %.1f s (modes %s): %s", time.perf_counter() - started, ", ".join(modes),

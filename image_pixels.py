@@ -20,7 +20,7 @@ import logging
 import math
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from errors import UnsupportedMediaType
 
@@ -93,9 +93,15 @@ def note(original: tuple[int, int], reduced: tuple[int, int]) -> str:
             "(over MAX_IMAGE_PIXELS; the model's views are smaller still, so no detail it could use was lost).")
 
 
+_TRANSPOSED_ORIENTATIONS = range(2, 9)  # EXIF orientations 2-8 flip or rotate; 1 (and none) is as stored
+
+
 def exif_transposed(im: Image.Image) -> Image.Image:
-    """Apply EXIF orientation; a malformed EXIF block only costs the rotation, never the request."""
+    """Apply EXIF orientation; a malformed EXIF block only costs the rotation, never the request. An image with
+    no rotation to apply comes back as it is (Pillow's `exif_transpose` would copy it: ~6 MB for an A4 page)."""
     try:
+        if im.getexif().get(ExifTags.Base.Orientation, 1) not in _TRANSPOSED_ORIENTATIONS:
+            return im
         return ImageOps.exif_transpose(im)
     except Exception as exc:  # EXIF parsing raises a zoo of types on garbage (struct, Syntax, Value...)
         log.warning("ignoring unreadable EXIF orientation: %s", exc)

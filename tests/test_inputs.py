@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pymupdf
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import images
 from errors import (
@@ -187,6 +187,26 @@ def test_exif_orientation_6_is_applied() -> None:
     assert im.size == (200, 300)
     assert close_to(im.getpixel((200 - 15, 15)), RED)  # stored top-left is displayed top-right
     assert close_to(im.getpixel((15, 15)), WHITE)
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 2, 3, 4, 5, 6, 7, 8, 0, 9])
+def test_every_exif_orientation_is_displayed_as_pillow_displays_it(orientation: int | None) -> None:
+    """Each of the eight orientations flips or rotates as Pillow's `exif_transpose` does; none, 1 and values
+    outside 1-8 leave the stored pixels as they are (the decode then makes no copy for the rotation)."""
+    stored = Image.new("RGB", (30, 20), WHITE)
+    stored.paste(RED, (0, 0, 6, 4))  # a marker in the stored top-left corner, asymmetric
+    stored.paste((0, 0, 255), (24, 0, 30, 8))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    data = encode(stored, "PNG", exif=exif)
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    out = images.decode_image(data, max_pixels=BIG)
+    assert out.size == shown.size and out.tobytes() == shown.convert("RGB").tobytes()
+    if orientation not in range(2, 9):
+        assert out.tobytes() == stored.tobytes()
+    else:
+        assert out.tobytes() != stored.tobytes() or out.size != stored.size
 
 
 def test_exif_rotation_keeps_palette_transparency() -> None:

@@ -244,20 +244,27 @@ def test_the_replica_running_a_job_killed_the_other_completes_it(cluster: dict) 
 
 def test_a_node_that_joins_gets_a_worker_and_takes_pages(cluster: dict) -> None:
     survivor = next(r for r in cluster["replicas"] if r.proc.poll() is None)
+    survivor_log = cluster["root"] / f"{'ab'[cluster['replicas'].index(survivor)]}.log"
     job = submit(survivor.url, make_pdf(40), **FIELDS | {"max_tokens": "24"})  # running as the node joins
     address = f"127.0.0.1:{cluster['port']}"
+    node_log = cluster["root"] / "node_c.log"
     cluster["nodes"]["c"] = ray_node([f"--address={address}", '--resources={"node_c": 1}',
-                                      "--node-ip-address=127.0.0.3"], cluster["root"] / "node_c.log")
-    alive_nodes(address, 2, cluster["root"] / "node_c.log")  # a and c
+                                      "--node-ip-address=127.0.0.3"], node_log)
+    alive_nodes(address, 2, node_log)  # a and c
     head_ip(cluster["temp_dir"])
-    deadline = time.monotonic() + 120
-    while True:  # the scaler checks every few seconds and starts a worker there
+    # The scaler checks every few seconds and starts a worker there; its actor imports torch and loads the model
+    # on a box the other test files load too (25 s alone; one CI run passed 120 s without it).
+    deadline = time.monotonic() + 240
+    while True:
         health = httpx.get(f"{survivor.url}/health", timeout=10).json()
         ids = node_ids(health)
         if "node_c" in ids and any(e["ready"] and e["detail"].get("node_id") == ids["node_c"]
                                    for e in health["engines"]):
             break
-        assert time.monotonic() < deadline, health
+        engines = [(e.get("worker"), e["ready"], e.get("reason"), e["detail"].get("node_id"))
+                   for e in health["engines"]]
+        assert time.monotonic() < deadline, (ids, engines, survivor_log.read_text()[-3000:],
+                                             node_log.read_text()[-2000:])
         time.sleep(0.5)
     final = wait(survivor.url, job["id"], timeout=180)
     assert final["status"] == "done" and final["pages_failed"] == 0, final

@@ -311,4 +311,3 @@ async def _group_exited(pgid: int, limit_s: float) -> None:
             log.warning("engine worker group %d: processes still running %.0f s after SIGKILL", pgid, limit_s)
             return
         await asyncio.sleep(0.05)
-

@@ -40,7 +40,6 @@ GPU_ONLY = [
 VLLM = ENGINE == "vllm"
 
 
-
 def show(r: httpx.Response) -> str:
     return f"{r.request.method} {r.request.url} -> {r.status_code}: {r.text[:2000]}"
 
@@ -135,5 +134,3 @@ def serve(model: Path, log_path: Path, **env: str) -> Iterator[str]:
             proc.kill()
             proc.wait(10)
         log.close()
-
-

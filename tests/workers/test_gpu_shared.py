@@ -70,4 +70,3 @@ def test_two_engines_share_one_gpu(shared_gpu) -> None:
     assert min(after) > 0.8 * max(caches), (caches, after)
     ok = post_image(url, "/ocr/image/advanced", {"max_tokens": "8"}, png(640, 480, seed=8))
     assert ok.status_code == 200, show(ok)
-

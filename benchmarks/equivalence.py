@@ -300,15 +300,25 @@ def top1(entries: list[list[Any]]) -> int:
     return int(min(entries, key=lambda e: e[2] if e[2] is not None else 1 << 30)[0])
 
 
+def margin(entries: list[list[Any]]) -> float | None:
+    """Top-1 minus top-2 logprob of one position (0.0: a tie the engine breaks by index); None if one listed."""
+    lps = sorted((lp for _, lp, _ in entries), reverse=True)
+    return round(lps[0] - lps[1], 5) if len(lps) > 1 else None
+
+
 def compare_kv(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, Any]:
     """fp8 KV cache against bf16 (both vLLM, bfloat16 weights): top-1 agreement at every teacher-forced position,
-    per mode; the largest logprob difference of a token both list; the greedy common prefix."""
+    per mode; the largest logprob difference of a token both list; the greedy common prefix. Every flip is listed
+    with both runs' top-1 margins, so a tie broken the other way shows as one."""
     rows, per_mode = [], {}
     for case in CASES:
         a, b = base["cases"][case.name], fp8["cases"][case.name]
-        agree, diff = 0, 0.0
-        for pa, pb in zip(a["positions"], b["positions"], strict=True):
-            agree += top1(pa) == top1(pb)
+        agree, diff, flips = 0, 0.0, []
+        for pos, (pa, pb) in enumerate(zip(a["positions"], b["positions"], strict=True)):
+            same = top1(pa) == top1(pb)
+            agree += same
+            if not same:
+                flips.append({"position": pos, "bf16_margin": margin(pa), "fp8_margin": margin(pb)})
             lp_b = {t: lp for t, lp, _ in pb}
             diff = max([diff] + [abs(lp - lp_b[t]) for t, lp, _ in pa if t in lp_b])
         prefix = 0
@@ -319,7 +329,7 @@ def compare_kv(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, Any]:
         rows.append({"case": case.name, "mode": case.mode, "top1_agree": f"{agree}/{CONT_TOKENS}",
                      "max_abs_logprob_diff": round(diff, 5),
                      "greedy_common_prefix": f"{prefix}/{min(len(a['greedy']), len(b['greedy']))}",
-                     "ids_equal": a["prompt_token_ids"] == b["prompt_token_ids"]})
+                     "ids_equal": a["prompt_token_ids"] == b["prompt_token_ids"], "flips": flips})
         m = per_mode.setdefault(case.mode, [0, 0])
         m[0] += agree
         m[1] += CONT_TOKENS
@@ -336,6 +346,8 @@ def print_kv(summary: dict[str, Any]) -> None:
     for r in summary["cases"]:
         print(f"{r['case']:16} {r['mode']:6} top1 {r['top1_agree']:6} maxdiff {r['max_abs_logprob_diff']:<8} "
               f"greedy {r['greedy_common_prefix']:6} ids {'=' if r['ids_equal'] else 'DIFF'}")
+        for f in r["flips"]:
+            print(f"    flip at {f['position']}: top-1 margin bf16 {f['bf16_margin']}, fp8 {f['fp8_margin']}")
     for mode, m in summary["per_mode"].items():
         print(f"mode {mode:6}: top-1 {m['agree']}/{m['positions']} = {m['top1_agreement']:.2%}")
     print(f"ACCEPTANCE (every mode >= {ACCEPT_TOP1:.0%}): {'PASS' if summary['accepted'] else 'FAIL'}")

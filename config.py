@@ -346,7 +346,7 @@ class Settings(BaseSettings):
     quantization: str | None = None
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         "auto", description="vLLM's KV cache: auto (the model's dtype, bfloat16) or fp8 (e4m3, half the bytes a "
-        "token: about twice the sequences in the same memory)",
+        "token: about twice the sequences in the same memory; no faster on an H100, 99.4% of forced tokens as bf16)",
     )
     load_format: str = Field("auto", description="'dummy' = random weights from config.json (tests only)")
 

@@ -5,7 +5,8 @@
 #   bash .kit/bin/install.sh && source .kit/bin/env.sh && bash benchmarks/gpu_run.sh PHASE
 # PHASE: views  vLLM's DeepSeek-OCR processor vs our views and token counts, every mode (no engine) ~1 min
 #        equiv  teacher-forced equivalence, ours vs vLLM, every mode (float32, then bfloat16) ~6 min
-#        tests  pytest -m gpu tests/test_gpu.py tests/test_gpu_ocr2.py (real uvicorn, ENGINE=vllm) ~8-9 min
+#        tests  pytest -m gpu tests/test_gpu.py tests/test_gpu_ocr2.py (real uvicorn, ENGINE=vllm) ~11 min: over
+#               one call with the kit install since 2026-12-07 (27 + 8 tests, 473 + 193 s): run the halves
 #        tests-v1 / tests-v2  the same, one file each (when `tests` runs out of its 570 s)
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's

@@ -54,9 +54,9 @@ lint: setup-dev
 	$(PY) -m deptry . --config .ci/deptry.toml
 
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file to a process: its module fixtures (servers,
-# clusters) start once, as in one process. Most tests wait on servers they started, so 2 workers on 2 cores take
-# ~14 minutes where one took ~25. TEST_WORKERS=0: one process.
-TEST_WORKERS ?= 2
+# clusters) start once, as in one process. Most tests wait on servers they started: on 2 cores, 3 workers take
+# ~12 minutes (the cores busy throughout), 2 took ~17 and one ~25. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 3
 test: lint
 	# -rfEs: failures, errors and every skip listed with its reason
 	$(PY) -m pytest -q -rfEs --durations=25 -n $(TEST_WORKERS) --dist loadfile

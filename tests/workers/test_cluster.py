@@ -52,8 +52,17 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
+# Each node's workers and drivers take gRPC ports from a range of their own: the nodes share one host, and with
+# Ray's one default range (10002-19999) a port one raylet handed out could be handed out by the other too
+# (a replica died at start on "Address already in use" for 10008 under three test processes on two cores).
+WORKER_PORTS = {"127.0.0.1": (10002, 11999), "127.0.0.2": (12000, 13999), "127.0.0.3": (14000, 15999)}
+
+
 def ray_node(args: list[str], log: Path) -> subprocess.Popen:
     """`ray start ... --block` in its own process group: the node's raylet, agents and actors share it."""
+    ip = next(a.split("=", 1)[1] for a in args if a.startswith("--node-ip-address="))
+    low, high = WORKER_PORTS[ip]
+    args = [*args, f"--min-worker-port={low}", f"--max-worker-port={high}"]
     with open(log, "w") as out:
         return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--num-cpus=2",
                                  "--object-store-memory=80000000", *args], env={**os.environ, **RAY_ENV},

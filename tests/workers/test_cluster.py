@@ -113,15 +113,24 @@ def serve(env: dict[str, str], log: Path) -> Replica:
     return Replica(f"http://127.0.0.1:{port}", proc)
 
 
+def log_excerpt(log: Path, tail: int = 3000) -> str:
+    """A replica's log for a failure: its first error lines (a Ray crash ends in a long native backtrace that
+    buries the cause) and then its end."""
+    text = log.read_text(errors="replace")
+    causes = [line[:600] for line in text.splitlines()
+              if re.search(r"Check failed|Error|error|Traceback|Address already in use", line)][:8]
+    return "\n".join(["first error lines:", *causes, "...log end:", text[-tail:]])
+
+
 def workers_ready(r: Replica, log: Path, count: int = 2) -> dict:
     deadline = time.monotonic() + 180
     while True:
-        assert r.proc.poll() is None, log.read_text()[-5000:]
+        assert r.proc.poll() is None, log_excerpt(log)
         with contextlib.suppress(httpx.HTTPError):
             health = httpx.get(r.url + "/health", timeout=5).json()
             if sum(e["ready"] for e in health["engines"]) >= count:
                 return health
-        assert time.monotonic() < deadline, log.read_text()[-5000:]
+        assert time.monotonic() < deadline, log_excerpt(log)
         time.sleep(0.5)
 
 

@@ -55,7 +55,7 @@ lint: setup-dev
 
 # The suite in TEST_WORKERS processes (pytest-xdist), a test file to a process: its module fixtures (servers,
 # clusters) start once, as in one process. Most tests wait on servers they started: on 2 cores, 3 workers take
-# ~12 minutes (the cores busy throughout), 2 took ~17 and one ~25. TEST_WORKERS=0: one process.
+# ~13 minutes (741-804 s in CI; the cores busy throughout), 2 took ~17 and one ~25. TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
 test: lint
 	# -rfEs: failures, errors and every skip listed with its reason

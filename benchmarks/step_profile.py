@@ -391,6 +391,8 @@ def _print_profile(profile: dict[str, Any]) -> None:
             print(f"  class {name:24} {ms:9.3f} ms")
         for name, ms in sorted(row["kernel_ms_by_range_median"].items(), key=lambda kv: -kv[1]):
             print(f"  range {name:24} {ms:9.3f} ms")
+        for name, ms in sorted((row.get("host_ms_by_range_median") or {}).items(), key=lambda kv: -kv[1]):
+            print(f"  host  {name:45} {ms:9.3f} ms")
 
 
 def print_summary(result: dict[str, Any]) -> None:
@@ -404,7 +406,7 @@ def print_summary(result: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="the checkpoint's directory (needed unless --summarize)")
     parser.add_argument("--pages", type=int, default=256)
     parser.add_argument("--max-tokens", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=256, help="MAX_CONCURRENCY = vLLM max_num_seqs")
@@ -430,6 +432,8 @@ def main() -> int:
     parser.add_argument("--summarize", help="only summarise this trace file (no GPU)")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
+    if not args.model and not args.summarize:
+        parser.error("--model is required (or --summarize TRACE)")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     result = {"profile": summarize(load_trace(Path(args.summarize)))} if args.summarize else run(args)
     print_summary(result)

@@ -94,6 +94,26 @@ def test_host_time_by_range_on_the_steps_thread() -> None:
         "schedule: allocate_slots": 0.3, "schedule: update_from_output": 0.1}
 
 
+def test_the_command_summarizes_a_trace_file_without_a_model(tmp_path: Path) -> None:
+    """`step_profile.py --summarize TRACE` reads a gzipped trace on a machine without the checkpoint and prints
+    the host rows too; with neither --model nor --summarize it is a usage error."""
+    import gzip
+    import json
+    import subprocess
+
+    path = tmp_path / "rank0.pt.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(trace(), f)
+    script = str(BENCHMARKS / "step_profile.py")
+    done = subprocess.run([sys.executable, script, "--summarize", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "decode: 1 steps, median 256 sequences, wall 1.5 ms" in done.stdout, done.stdout
+    assert "host  gpu_model_runner: forward" in done.stdout, done.stdout
+    bare = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and "--model is required" in bare.stderr, bare.stderr
+
+
 def test_a_trace_without_steps_says_so() -> None:
     assert "error" in step_profile.summarize({"traceEvents": [x("kernel", "k", 0, 1, correlation=1)]})
 

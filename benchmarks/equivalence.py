@@ -13,12 +13,12 @@ Acceptance: top-1 agreement >= 99 % per mode in float32 (the exit status says wh
 `--kv-compare` (issue 30's KV_CACHE_DTYPE): vLLM against vLLM instead, bfloat16 with its KV cache in
 bfloat16 and then in fp8 (each in its own child), the same cases and continuations; top-1 agreement of fp8
 with bf16 at every teacher-forced position, per mode, and the greedy common prefix. Acceptance: >= 99 %
-every mode.
+every mode. `--kv-pages K` gives each case K pages and continuations (K x 64 positions a case).
 
 vLLM runs in a child process per dtype (its GPU memory is gone when the child exits); our model runs in
 this process afterwards. Usage (GPU machine, kit installed):
     python benchmarks/equivalence.py --ckpt /tmp/eq-ckpt --dtypes float32,bfloat16 --out eq.json
-    python benchmarks/equivalence.py --ckpt /tmp/eq-ckpt --kv-compare --out kv.json
+    python benchmarks/equivalence.py --ckpt /tmp/eq-ckpt --kv-compare --kv-pages 6 --out kv.json
 """
 
 from __future__ import annotations
@@ -73,6 +73,14 @@ CASES = (
 ACCEPT_TOP1 = 0.99  # per mode, float32
 
 
+def kv_items(pages: int) -> list[tuple[str, Case, int]]:
+    """The cases of a KV comparison: each case with `pages` different pages and continuations, as (key, case,
+    seed). The first page of a case is the one every other comparison uses (key = the case's name, seed = its
+    index); the k-th adds "#k" and seed index + 100 k."""
+    return [(case.name if k == 0 else f"{case.name}#{k}", case, i + 100 * k)
+            for i, case in enumerate(CASES) for k in range(pages)]
+
+
 def synth_page(size: tuple[int, int], seed: int) -> Any:
     """A white page with lines of random words and a box or two: text-like pixels at any aspect."""
     from PIL import Image, ImageDraw, ImageFont
@@ -118,7 +126,7 @@ def balanced_page() -> Any:
 # ------------------------------------------------------------------------------------ vLLM (child)
 
 
-def run_vllm(ckpt: str, dtype: str, out: str, probe: bool, kv: str = "auto") -> None:
+def run_vllm(ckpt: str, dtype: str, out: str, probe: bool, kv: str = "auto", pages: int = 1) -> None:
     from config import Settings
     from engines.base import SamplingParams as Sampling
     from engines.vllm.args import engine_kwargs, prepare_environment
@@ -139,22 +147,23 @@ def run_vllm(ckpt: str, dtype: str, out: str, probe: bool, kv: str = "auto") -> 
     results: dict[str, Any] = {"dtype": dtype, "kv_cache_dtype": kv, "ready_s": round(ready_s, 1), "cases": {}}
     # Every mode in one call: one engine, mixed batches, as the service runs it.
     forced_prompts, free_prompts = [], []
-    for i, case in enumerate(CASES):
+    items = kv_items(pages)
+    for _, case, seed in items:
         mode = MODES[case.mode]
-        image = vllm_image(synth_page(case.size, i), mode)
-        cont = continuation(builder.tokenizer, i)
+        image = vllm_image(synth_page(case.size, seed), mode)
+        cont = continuation(builder.tokenizer, seed)
         forced_prompts.append(builder.prompt(PROMPT, image, mode, extra_ids=cont))
         free_prompts.append(builder.prompt(PROMPT, image, mode))
     outs = llm.generate(forced_prompts, forced, use_tqdm=False)
     frees = llm.generate(free_prompts, greedy, use_tqdm=False)
-    for case, o, f in zip(CASES, outs, frees, strict=True):
+    for (key, _, _), o, f in zip(items, outs, frees, strict=True):
         ids = list(o.prompt_token_ids)
         start = len(ids) - CONT_TOKENS
         positions = []
         for j in range(CONT_TOKENS):
             entry = o.prompt_logprobs[start + j]
             positions.append([[int(t), float(lp.logprob), lp.rank] for t, lp in entry.items()])
-        results["cases"][case.name] = {"prompt_token_ids": ids, "positions": positions,
+        results["cases"][key] = {"prompt_token_ids": ids, "positions": positions,
                                        "greedy": list(f.outputs[0].token_ids)}
     if probe:
         results["probe"] = probe_balanced(llm, builder)
@@ -306,13 +315,13 @@ def margin(entries: list[list[Any]]) -> float | None:
     return round(lps[0] - lps[1], 5) if len(lps) > 1 else None
 
 
-def compare_kv(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, Any]:
+def compare_kv(base: dict[str, Any], fp8: dict[str, Any], pages: int = 1) -> dict[str, Any]:
     """fp8 KV cache against bf16 (both vLLM, bfloat16 weights): top-1 agreement at every teacher-forced position,
     per mode; the largest logprob difference of a token both list; the greedy common prefix. Every flip is listed
     with both runs' top-1 margins, so a tie broken the other way shows as one."""
     rows, per_mode = [], {}
-    for case in CASES:
-        a, b = base["cases"][case.name], fp8["cases"][case.name]
+    for key, case, _ in kv_items(pages):
+        a, b = base["cases"][key], fp8["cases"][key]
         agree, diff, flips = 0, 0.0, []
         for pos, (pa, pb) in enumerate(zip(a["positions"], b["positions"], strict=True)):
             same = top1(pa) == top1(pb)
@@ -326,7 +335,7 @@ def compare_kv(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, Any]:
             if x != y:
                 break
             prefix += 1
-        rows.append({"case": case.name, "mode": case.mode, "top1_agree": f"{agree}/{CONT_TOKENS}",
+        rows.append({"case": key, "mode": case.mode, "top1_agree": f"{agree}/{CONT_TOKENS}",
                      "max_abs_logprob_diff": round(diff, 5),
                      "greedy_common_prefix": f"{prefix}/{min(len(a['greedy']), len(b['greedy']))}",
                      "ids_equal": a["prompt_token_ids"] == b["prompt_token_ids"], "flips": flips})
@@ -337,7 +346,7 @@ def compare_kv(base: dict[str, Any], fp8: dict[str, Any]) -> dict[str, Any]:
     ok = set(MODES) <= set(modes) and all(m["top1_agreement"] >= ACCEPT_TOP1 for m in modes.values())
     total = sum(m["agree"] for m in modes.values()), sum(m["positions"] for m in modes.values())
     return {"compare": "kv fp8 vs bf16 (vLLM, bfloat16 weights)", "top1_agreement": round(total[0] / total[1], 4),
-            "per_mode": modes, "accepted": ok, "cases": rows,
+            "per_mode": modes, "accepted": ok, "pages_per_case": pages, "cases": rows,
             "ready_s": [base.get("ready_s"), fp8.get("ready_s")]}
 
 
@@ -410,9 +419,11 @@ def main() -> int:
     parser.add_argument("--kv", default="auto", choices=["auto", "fp8"], help=argparse.SUPPRESS)
     parser.add_argument("--kv-compare", action="store_true",
                         help="vLLM bf16 with its KV cache in fp8 against bf16, instead of ours against vLLM")
+    parser.add_argument("--kv-pages", type=int, default=1, choices=range(1, 33), metavar="K",
+                        help=f"--kv-compare: K pages and continuations a case (K x {CONT_TOKENS} positions; 1..32)")
     args = parser.parse_args()
     if args.vllm_child:
-        run_vllm(args.ckpt, args.vllm_child[0], args.vllm_child[1], args.probe, args.kv)
+        run_vllm(args.ckpt, args.vllm_child[0], args.vllm_child[1], args.probe, args.kv, args.kv_pages)
         return 0
 
     if not (Path(args.ckpt) / "model.safetensors").is_file():
@@ -424,13 +435,13 @@ def main() -> int:
     if args.kv_compare:
         outs = {kv: Path(args.ckpt) / f"vllm-bfloat16-kv-{kv}.json" for kv in ("auto", "fp8")}
         for kv, out in outs.items():
-            error = vllm_child(args, "bfloat16", out, ["--kv", kv])
+            error = vllm_child(args, "bfloat16", out, ["--kv", kv, "--kv-pages", str(args.kv_pages)])
             if error is not None:
                 print(f"=== KV cache {kv}: vLLM FAILED: {error}", flush=True)
                 if args.out:
                     Path(args.out).write_text(json.dumps({"kv_cache_dtype": kv, "error": error}, indent=1))
                 return 1
-        summary = compare_kv(*(json.loads(out.read_text()) for out in outs.values()))
+        summary = compare_kv(*(json.loads(out.read_text()) for out in outs.values()), pages=args.kv_pages)
         print_kv(summary)
         if args.out:
             Path(args.out).write_text(json.dumps(summary, indent=1))

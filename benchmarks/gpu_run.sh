@@ -63,7 +63,8 @@
 #               (DEEPSEEK_OCR_ENCODER=vllm): the checks and `sam` first, then the service on the 256-page PDF,
 #               each on its own start, REPEAT (3) runs each (ENCAB_ORDER="vllm batched both": three) ~9 min
 #        kvfp8  teacher-forced top-1 agreement of vLLM with its KV cache in fp8 against bf16, every mode, on
-#               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts)  ~4 min
+#               the small checkpoint (benchmarks/equivalence.py --kv-compare; two vLLM starts), KV_PAGES (6)
+#               pages a case, 64 positions each                                                    ~6-8 min
 #        pixab  the views as 8-bit values normalised on the GPU (DEEPSEEK_OCR_PIXELS=uint8) against vLLM's
 #               floats: tests/engines/test_vllm_pixels.py, then the service on the 256-page PDF, each on its own
 #               start, REPEAT (3) runs each                                                     ~9 min
@@ -607,8 +608,10 @@ case "$phase" in
     ;;
   kvfp8)
     small_ckpt
-    timeout 560 python3 benchmarks/equivalence.py --ckpt "$CK/small" --kv-compare --child-timeout 250 \
-      --out "$OUT/kvfp8.json" 2>&1 | tee "$OUT/kvfp8.log"
+    # KV_PAGES (6): pages and continuations a case, 64 forced positions each (Tiny: 2 cases x 6 x 64 = 768);
+    # 1 was section 31's run (Tiny's figure then rested on 128 positions)
+    timeout 560 python3 benchmarks/equivalence.py --ckpt "$CK/small" --kv-compare --kv-pages "${KV_PAGES:-6}" \
+      --child-timeout 250 --out "$OUT/kvfp8.json" 2>&1 | grep -v "^INFO\|^(EngineCore\|^WARNING" | tee "$OUT/kvfp8.log"
     ;;
   epg)  # issue 30: ENGINES_PER_GPU vLLM engine workers sharing the GPU (each half the memory and sequences)
     # against one, the service on the 256 pages, each on its own start, REPEAT (3) runs each; EPG_ORDER (2 1)

@@ -164,7 +164,7 @@ def run_vllm(ckpt: str, dtype: str, out: str, probe: bool, kv: str = "auto", pag
             entry = o.prompt_logprobs[start + j]
             positions.append([[int(t), float(lp.logprob), lp.rank] for t, lp in entry.items()])
         results["cases"][key] = {"prompt_token_ids": ids, "positions": positions,
-                                       "greedy": list(f.outputs[0].token_ids)}
+                                 "greedy": list(f.outputs[0].token_ids)}
     if probe:
         results["probe"] = probe_balanced(llm, builder)
     Path(out).write_text(json.dumps(results))

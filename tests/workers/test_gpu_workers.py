@@ -29,7 +29,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     model_dir = real_size_model(tmp_path_factory)
     log = tmp_path_factory.mktemp("workers") / "server.log"
     env = {"MAX_CONCURRENCY": "auto", "MAX_MODEL_LEN": str(MAX_MODEL_LEN), "GENERATE_TIMEOUT_S": "120",
-           "DEFAULT_MAX_TOKENS": "16", "GPUS": "auto", "ENFORCE_EAGER": "true", "GPU_MEM_UTILIZATION": "0.5"}
+           "DEFAULT_MAX_TOKENS": "16", "GPUS": "auto", "ENGINES_PER_GPU": "1", "ENFORCE_EAGER": "true",
+           "GPU_MEM_UTILIZATION": "0.5"}
     with serve(model_dir, log, **env) as url:
         yield url, log
 

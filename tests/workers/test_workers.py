@@ -150,6 +150,59 @@ def test_nvml_memory_answers_where_nvml_counts_gpus() -> None:
     assert memory is None or memory > 1
 
 
+class FakeNvml:
+    """The calls `engines.registry` makes of the driver's libnvidia-ml, answering for `sizes_gib` GPUs (None: a
+    GPU whose memory query fails). Return codes as NVML's: 0 success, 999 unknown error."""
+
+    def __init__(self, sizes_gib: list[float | None], init: int = 0) -> None:
+        self.sizes, self.init, self.shutdowns = sizes_gib, init, 0
+
+    def nvmlInit_v2(self) -> int:  # noqa: N802 - NVML's names
+        return self.init
+
+    def nvmlShutdown(self) -> int:  # noqa: N802
+        self.shutdowns += 1
+        return 0
+
+    def nvmlDeviceGetCount_v2(self, count) -> int:  # noqa: N802 - ctypes.byref(c_uint)
+        count._obj.value = len(self.sizes)
+        return 0
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index, handle) -> int:  # noqa: N802
+        handle._obj.value = 1000 + index.value
+        return 0
+
+    def nvmlDeviceGetMemoryInfo(self, handle, memory) -> int:  # noqa: N802 - memory: byref((c_ulonglong * 3)())
+        size = self.sizes[handle.value - 1000]  # the handle by value, as NVML takes it
+        if size is None:
+            return 999
+        memory._obj[0], memory._obj[1], memory._obj[2] = int(size * 2**30), 0, 0
+        return 0
+
+
+@pytest.mark.parametrize(("sizes", "init", "count", "memory"), [
+    ([79.6, 139.8], 0, 2, 79.6),  # an H100 beside an H200: the smaller decides ENGINES_PER_GPU=auto
+    ([None, 23.5], 0, 2, 23.5),  # a GPU whose query fails is left out
+    ([None], 0, 1, None),
+    ([], 0, 0, None),  # a driver without GPUs
+    ([80.0], 999, 0, None),  # nvmlInit fails: as no driver
+])
+def test_nvml_figures_from_the_drivers_answers(monkeypatch: pytest.MonkeyPatch, sizes: list, init: int,
+                                               count: int, memory: float | None) -> None:
+    """What `nvml_gpu_count` and `nvml_gpu_memory_gib` make of NVML's answers, the library stood in for by
+    FakeNvml (this machine has no driver): each call initialises NVML once and shuts it down after."""
+    import ctypes
+
+    from engines import registry
+
+    fake = FakeNvml(sizes, init)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: fake if name == "libnvidia-ml.so.1" else None)
+    assert registry.nvml_gpu_count() == count
+    got = registry.nvml_gpu_memory_gib()
+    assert got == (pytest.approx(memory) if memory is not None else None)
+    assert fake.shutdowns == (2 if init == 0 else 0)
+
+
 def test_engines_sharing_a_gpu_divide_its_memory_and_sequences() -> None:
     from workers.plan import share_settings
 

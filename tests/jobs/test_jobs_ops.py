@@ -5,6 +5,7 @@ machinery, not the text); routes, runner, store and files are the real ones.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import http.server
@@ -65,8 +66,26 @@ def test_a_batch_job_may_pass_max_upload_mb_in_all_but_not_per_file(tmp_path: Pa
         problem(httpx.post(f"{url}/jobs", files=big, timeout=60), 413, "MAX_UPLOAD_MB")
 
 
+class BackWhenLet(ReplayEngine):
+    """A replay engine whose restarts wait until the test lets it back: the supervisor restarts a dead engine
+    within its 0.25 s check, and the job could finish before the test looked at it paused (a CI flake)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.let_back = threading.Event()
+
+    async def start(self) -> None:
+        if self.starts:  # a restart: as an engine that takes its time to come back
+            deadline = time.monotonic() + 60
+            while not self.let_back.is_set():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the test never let the engine back")
+                await asyncio.sleep(0.05)
+        await super().start()
+
+
 def test_engine_gone_mid_job_pauses_it_and_it_resumes(tmp_path: Path) -> None:
-    engine = ReplayEngine(TEXT, delay_s=0.3, max_concurrency=1)
+    engine = BackWhenLet(TEXT, delay_s=0.3, max_concurrency=1)
     with serve_app(app_with(tmp_path, engine)) as url:
         job = submit(url, make_pdf(5))
         wait(url, job["id"], pages_done=1)
@@ -74,9 +93,11 @@ def test_engine_gone_mid_job_pauses_it_and_it_resumes(tmp_path: Path) -> None:
         time.sleep(1.0)
         paused = httpx.get(f"{url}/jobs/{job['id']}").json()
         assert paused["status"] == "running" and paused["pages_failed"] == 0, paused  # not N failed pages
-        engine._ready, engine._reason = True, None  # the engine is back (what a restarted engine looks like)
+        assert paused["pages_done"] < 5, paused
+        engine.let_back.set()  # the supervisor's restart now completes
         final = wait(url, job["id"])
         assert final["status"] == "done" and final["pages_done"] == 5 and final["pages_failed"] == 0, final
+        assert engine.starts == 2, engine.starts  # the first start and the supervisor's one restart
 
 
 def test_ttl_cleanup_removes_rows_and_files(tmp_path: Path) -> None:

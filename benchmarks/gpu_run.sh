@@ -8,6 +8,7 @@
 #        tests  pytest -m gpu tests/test_gpu.py tests/test_gpu_ocr2.py (real uvicorn, ENGINE=vllm) ~11 min: over
 #               one call with the kit install since 2026-12-07 (27 + 8 tests, 473 + 193 s): run the halves
 #        tests-v1 / tests-v2  the same, one file each (when `tests` runs out of its 570 s)
+#        tests-auto  tests/test_gpu.py's service tests with ENGINES_PER_GPU=auto (two engines a GPU) ~7 min
 #        bench  256-page PDF: raw vLLM LLM.generate vs the service's POST /pdf/ocr        ~8 min
 #        ocr2   DeepSeek-OCR-2: teacher-forced agreement ours vs vLLM (float32), then the service's
 #               pages/s on the 256-page PDF                                                ~8 min
@@ -391,6 +392,14 @@ case "$phase" in
     real_ckpt
     GPU_TEST_MODEL="$CK/real" timeout 570 python3 -m pytest -m gpu tests/test_gpu.py -v -rs -p no:cacheprovider \
       2>&1 | tee "$OUT/tests-v1.log"
+    ;;
+  tests-auto)  # issue 30: the service's GPU tests (TestService) with ENGINES_PER_GPU=auto: two engine workers on
+    # a GPU of 64 GiB or more; the server's log comes back as server-auto.log
+    real_ckpt
+    ENGINES_PER_GPU=auto GPU_TEST_LOG="$OUT/server-auto.log" GPU_TEST_MODEL="$CK/real" timeout 540 python3 -m pytest \
+      -m gpu tests/test_gpu.py -k TestService -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests-auto.log"
+    grep -h "engine worker .* started\|GPU KV cache size\|Maximum concurrency for\|JIT compilation during inf\|warm-up" \
+      "$OUT/server-auto.log" 2>/dev/null | cut -c1-220 | head -16
     ;;
   tests-v2)
     ocr2_small_ckpt

@@ -98,12 +98,19 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return real_size_model(tmp_path_factory)
 
 
+def unfinished(body: dict[str, Any]) -> int:
+    """vLLM's unfinished requests in a /health answer, over every engine (ENGINES_PER_GPU=2 runs two; the
+    top-level `detail` is the first engine's only)."""
+    details = [e["detail"] for e in body["engines"]] or [body["detail"]]
+    return sum(d.get("vllm_unfinished", 0) for d in details)
+
+
 def wait_idle(url: str, seconds: float) -> dict[str, Any]:
-    """/health once nothing is in flight (our counter and vLLM's own), or the last answer."""
+    """/health once nothing is in flight (our counter and vLLM's own, every engine), or the last answer."""
     deadline = time.monotonic() + seconds
     while True:
         body = httpx.get(url + "/health", timeout=5).json()
-        if body["in_flight"] == 0 and body["detail"].get("vllm_unfinished", 0) == 0:
+        if body["in_flight"] == 0 and unfinished(body) == 0:
             return body
         if time.monotonic() > deadline:
             return body
@@ -138,6 +145,8 @@ class TestService:
             health = httpx.get(url + "/health", timeout=10).json()
             assert health["detail"]["vllm_version"].startswith("0.26"), health
             assert health["detail"]["served_modes"] == ALL_MODES, health
+            # Every engine worker (ENGINES_PER_GPU may run several on the GPU), not only the first.
+            assert all(e["ready"] and e["detail"]["served_modes"] == ALL_MODES for e in health["engines"]), health
         for router in ("ocr", "pdf", "batch"):
             status = httpx.get(f"{url}/{router}/status", timeout=10).json()
             assert status["ready"] and status["modes"] == ALL_MODES, status
@@ -302,7 +311,7 @@ class TestService:
         # 30 s past the deadline leaves room for a busy GPU box and still tells the two apart.
         assert time.monotonic() - started < GENERATE_TIMEOUT_S + 30
         health = wait_idle(url, 5)
-        assert health["in_flight"] == 0 and health["detail"].get("vllm_unfinished", 0) == 0, health
+        assert health["in_flight"] == 0 and unfinished(health) == 0, health
         self._next_request_works(url)
 
     def test_client_disconnect_aborts_engine_work(self, url: str) -> None:
@@ -311,7 +320,7 @@ class TestService:
                        timeout=httpx.Timeout(60, read=2))
         # Well before GENERATE_TIMEOUT_S: only the disconnect can have stopped it.
         health = wait_idle(url, GENERATE_TIMEOUT_S - 4)
-        assert health["in_flight"] == 0 and health["detail"].get("vllm_unfinished", 0) == 0, health
+        assert health["in_flight"] == 0 and unfinished(health) == 0, health
         self._next_request_works(url)
 
     def test_balanced_page_does_not_kill_the_engine(self, url: str) -> None:

@@ -31,26 +31,30 @@ def app_with(tmp_path: Path, engine: ReplayEngine | None = None, **overrides: ob
 
 
 def test_limits_are_problem_json(tmp_path: Path) -> None:
-    engine = ReplayEngine(TEXT, delay_s=1.0, max_concurrency=1)
+    # 5 s a page: the first job (3 pages) is still running when the 429 is asked for, however slowly a loaded
+    # box inspects the next upload (it is deleted before the end).
+    engine = ReplayEngine(TEXT, delay_s=5.0, max_concurrency=1)
     # No restarts: the last check is the answer while the engine is dead. With ENGINE_RESTART the supervisor
     # (every 0.25 s) could bring it back between kill() and that POST, which then got its 202 (a CI flake).
     settings = {"max_job_pages": 3, "max_jobs_queued": 1, "engine_restart": False}
-    with serve_app(app_with(tmp_path, engine, **settings)) as url:
-        problem(httpx.post(f"{url}/jobs", files={"file": ("a.pdf", make_pdf(4))}), 413, "MAX_JOB_PAGES")
+    # A client that waits as long as `submit` does: each POST inspects its PDF in a render process, which on a
+    # loaded 2-core CI box once took past httpx's default 5 s (a flake); the answers' codes are what is checked.
+    with serve_app(app_with(tmp_path, engine, **settings)) as url, httpx.Client(timeout=60) as client:
+        problem(client.post(f"{url}/jobs", files={"file": ("a.pdf", make_pdf(4))}), 413, "MAX_JOB_PAGES")
         first = submit(url, make_pdf(3))
-        r = httpx.post(f"{url}/jobs", files={"file": ("b.pdf", make_pdf(1))})
+        r = client.post(f"{url}/jobs", files={"file": ("b.pdf", make_pdf(1))})
         assert "Retry-After" in r.headers, show(r)
         problem(r, 429, "MAX_JOBS_QUEUED")
-        problem(httpx.post(f"{url}/jobs", data={"prompt": "x"}), 422, "either `file`")
-        problem(httpx.post(f"{url}/jobs", files={"file": ("a.pdf", make_pdf(2))}, data={"pages": "7"}), 400, "")
+        problem(client.post(f"{url}/jobs", data={"prompt": "x"}), 422, "either `file`")
+        problem(client.post(f"{url}/jobs", files={"file": ("a.pdf", make_pdf(2))}, data={"pages": "7"}), 400, "")
         # Resume points outside any stream (found by the fuzzer: a huge id broke the stream mid-answer).
         events = f"{url}/jobs/{first['id']}/events"
-        problem(httpx.get(events, headers={"Last-Event-ID": 'zh2"(G]Qq'}), 422, "Last-Event-ID")
-        problem(httpx.get(events, headers={"Last-Event-ID": "6131694143044622808179015680"}), 422, "Last-Event-ID")
-        problem(httpx.get(events, params={"after": "6131694143044622808179015680"}), 422, "after")
-        httpx.delete(f"{url}/jobs/{first['id']}")
+        problem(client.get(events, headers={"Last-Event-ID": 'zh2"(G]Qq'}), 422, "Last-Event-ID")
+        problem(client.get(events, headers={"Last-Event-ID": "6131694143044622808179015680"}), 422, "Last-Event-ID")
+        problem(client.get(events, params={"after": "6131694143044622808179015680"}), 422, "after")
+        client.delete(f"{url}/jobs/{first['id']}")
         engine.kill()
-        problem(httpx.post(f"{url}/jobs", files={"file": ("b.pdf", make_pdf(1))}), 503, "died")
+        problem(client.post(f"{url}/jobs", files={"file": ("b.pdf", make_pdf(1))}), 503, "died")
 
 
 def test_a_batch_job_may_pass_max_upload_mb_in_all_but_not_per_file(tmp_path: Path) -> None:
